@@ -1,0 +1,249 @@
+//! Turning a committed local change into the change a node sends: stamping it, counting its
+//! deltas, versioning the columns it changed, and closing the review items it settles.
+
+use thiserror::Error;
+
+use crate::change::{CapturedChange, ChangeKind, RowChange};
+use crate::hlc::Hlc;
+use crate::merge::{diff_items, open_items};
+use crate::review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId};
+use crate::schema::TableDef;
+use crate::state::{Candidate, Cell, ColumnMeta, DeltaLedger, RowMeta, RowState};
+use crate::value::{as_amount, difference, ValueError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CaptureError {
+    #[error("{kind:?} on {table} lacks its {which} row image; is REPLICA IDENTITY FULL set on the table?")]
+    MissingImage {
+        table: String,
+        kind: ChangeKind,
+        which: &'static str,
+    },
+    #[error("{table}: the change has {found} columns, the table has {expected}")]
+    ColumnCount {
+        table: String,
+        found: usize,
+        expected: usize,
+    },
+    #[error("{table}.{column}: an insert must carry every value")]
+    MissingValue { table: String, column: String },
+    #[error("{table}.{column}: {source}")]
+    Value {
+        table: String,
+        column: String,
+        #[source]
+        source: ValueError,
+    },
+}
+
+/// A local change made ready to send: the row's new local metadata, the change for the peers, and
+/// what it does to the local review queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub meta: RowMeta,
+    pub change: RowChange,
+    pub review: Vec<ReviewAction>,
+}
+
+/// Captures one local change made to a row whose metadata was `prior` (`None`: accord has no
+/// metadata for it, a row older than accord or a new key). `stamp` is the change's HLC stamp, from
+/// the node's clock, and `seq` the next number of the node's outbound log. `resolving` lists the
+/// review items this write resolves (a reviewer's choice); other items it closes are superseded.
+///
+/// Returns `Ok(None)` when the change changes nothing accord tracks (an update to equal values, a
+/// delete of a row already deleted): nothing is sent and `seq` is not used.
+pub fn capture(
+    table: &TableDef,
+    prior: Option<&RowMeta>,
+    change: &CapturedChange,
+    stamp: Hlc,
+    seq: u64,
+    resolving: &[ReviewItemId],
+) -> Result<Option<Captured>, CaptureError> {
+    let node = stamp.node;
+    let image = |which: &'static str, cells: &Option<Vec<Cell>>| -> Result<Vec<Cell>, CaptureError> {
+        let cells = cells.as_ref().ok_or_else(|| CaptureError::MissingImage {
+            table: table.name.clone(),
+            kind: change.kind,
+            which,
+        })?;
+        if cells.len() != table.columns.len() {
+            return Err(CaptureError::ColumnCount {
+                table: table.name.clone(),
+                found: cells.len(),
+                expected: table.columns.len(),
+            });
+        }
+        Ok(cells.clone())
+    };
+    let value_err = |column: &str, source: ValueError| CaptureError::Value {
+        table: table.name.clone(),
+        column: column.to_owned(),
+        source,
+    };
+
+    let before = prior.cloned();
+    let mut meta = before.clone().unwrap_or_else(RowMeta::absent);
+    let mut closures = Vec::new();
+    let values: Vec<Cell>;
+
+    match change.kind {
+        ChangeKind::Insert => {
+            let new = image("new", &change.new)?;
+            // A live row we never saw deleted (a TRUNCATE, say) starts a new incarnation too.
+            meta.causal_length += if meta.is_alive() { 2 } else { 1 };
+            let version = meta.next_version(stamp);
+            meta.created = Some(version);
+            meta.columns = Vec::with_capacity(table.columns.len());
+            for (def, cell) in table.columns.iter().zip(&new) {
+                let value = cell.value().ok_or_else(|| CaptureError::MissingValue {
+                    table: table.name.clone(),
+                    column: def.name.clone(),
+                })?;
+                let column = match ColumnMeta::fresh(def.policy) {
+                    ColumnMeta::Lww(_) => ColumnMeta::Lww(Some(version)),
+                    ColumnMeta::Delta(mut ledger) => {
+                        // An insert counts as a delta from zero.
+                        let amount = as_amount(&def.ty, value).map_err(|e| value_err(&def.name, e))?;
+                        if !amount.is_zero() {
+                            record(&mut ledger, node, amount, &def.name, table)?;
+                        }
+                        ColumnMeta::Delta(ledger)
+                    }
+                    ColumnMeta::Review(mut reg) => {
+                        reg.write(
+                            node,
+                            Candidate {
+                                value: value.clone(),
+                                stamp,
+                            },
+                        );
+                        ColumnMeta::Review(reg)
+                    }
+                };
+                meta.columns.push(column);
+            }
+            values = new;
+        }
+        ChangeKind::Update => {
+            let new = image("new", &change.new)?;
+            let old = image("old", &change.old)?;
+            if !meta.is_alive() {
+                // No metadata yet (the row predates accord), or a tombstone for a row the database
+                // still had: either way the old image is the state this write builds on.
+                let causal_length = meta.causal_length + 1;
+                meta = RowMeta {
+                    causal_length,
+                    clock: meta.clock,
+                    stamp: meta.stamp,
+                    ..RowMeta::pre_existing(table)
+                };
+            }
+            let changed: Vec<usize> = (0..table.columns.len())
+                .filter(|&i| matches!((&new[i], &old[i]), (Cell::Value(n), o) if o.value() != Some(n)))
+                .collect();
+            if changed.is_empty() {
+                return Ok(None);
+            }
+            let version = meta.next_version(stamp);
+            for &i in &changed {
+                let def = &table.columns[i];
+                let Cell::Value(value) = &new[i] else { continue };
+                match &mut meta.columns[i] {
+                    ColumnMeta::Lww(v) => *v = Some(version),
+                    ColumnMeta::Delta(ledger) => {
+                        let old_value = old[i].value().ok_or_else(|| CaptureError::MissingImage {
+                            table: table.name.clone(),
+                            kind: change.kind,
+                            which: "old (delta column)",
+                        })?;
+                        let delta = difference(&def.ty, value, old_value).map_err(|e| value_err(&def.name, e))?;
+                        record(ledger, node, delta, &def.name, table)?;
+                    }
+                    ColumnMeta::Review(reg) => {
+                        if reg.is_in_conflict() {
+                            let item = ReviewItem::concurrent(&table.name, &change.key, &def.name, reg.candidates());
+                            let kind = if resolving.contains(&item.id) {
+                                ClosureKind::Resolved {
+                                    by: node,
+                                    stamp,
+                                    value: value.clone(),
+                                }
+                            } else {
+                                ClosureKind::Superseded {
+                                    stamp,
+                                    value: value.clone(),
+                                }
+                            };
+                            closures.push(ReviewClosure { item, kind });
+                        }
+                        reg.write(
+                            node,
+                            Candidate {
+                                value: value.clone(),
+                                stamp,
+                            },
+                        );
+                    }
+                }
+            }
+            values = new;
+        }
+        ChangeKind::Delete => {
+            if before.as_ref().is_some_and(|b| b.causal_length > 0 && !b.is_alive()) {
+                return Ok(None);
+            }
+            if meta.causal_length == 0 {
+                meta.causal_length = 1; // a row older than accord
+            }
+            meta.causal_length += 1;
+            meta.next_version(stamp);
+            meta.columns.clear();
+            meta.created = None;
+            values = Vec::new();
+        }
+    }
+
+    let before_state = RowState {
+        values: Vec::new(),
+        meta: before.unwrap_or_else(RowMeta::absent),
+    };
+    let after_state = RowState { meta, values };
+    let review = diff_items(
+        open_items(table, &change.key, &before_state),
+        open_items(table, &change.key, &after_state),
+        &closures,
+    );
+    let change = RowChange {
+        table: table.name.clone(),
+        key: change.key.clone(),
+        kind: change.kind,
+        origin: node,
+        stamp,
+        seq,
+        row: after_state.clone(),
+        closures,
+    };
+    Ok(Some(Captured {
+        meta: after_state.meta,
+        change,
+        review,
+    }))
+}
+
+fn record(
+    ledger: &mut DeltaLedger,
+    node: crate::hlc::NodeId,
+    amount: crate::value::Amount,
+    column: &str,
+    table: &TableDef,
+) -> Result<(), CaptureError> {
+    ledger.record(node, amount).ok_or_else(|| CaptureError::Value {
+        table: table.name.clone(),
+        column: column.to_owned(),
+        source: ValueError::Overflow {
+            ty: "delta contribution".into(),
+            value: "sum of this node's deltas".into(),
+        },
+    })
+}

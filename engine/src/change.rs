@@ -1,0 +1,70 @@
+//! Changes: what the capture reads from the database, and what one node sends the others.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::{Hlc, NodeId};
+use crate::review::ReviewClosure;
+use crate::state::{Cell, RowState};
+use crate::value::Value;
+
+/// The primary-key values of a row, in the table's key-column order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RowKey(pub Vec<Value>);
+
+impl RowKey {
+    pub(crate) fn hash_into(&self, hasher: &mut blake3::Hasher) {
+        hasher.update(&(self.0.len() as u64).to_be_bytes());
+        for v in &self.0 {
+            v.hash_into(hasher);
+        }
+    }
+}
+
+impl std::fmt::Display for RowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(")?;
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{v}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// A committed local row change as logical decoding delivers it, with the table's non-key columns
+/// in table order. `old` is the previous row version (the tables run with `REPLICA IDENTITY FULL`,
+/// so updates and deletes carry it); `new` is absent for a delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedChange {
+    pub kind: ChangeKind,
+    pub key: RowKey,
+    pub old: Option<Vec<Cell>>,
+    pub new: Option<Vec<Cell>>,
+}
+
+/// A stamped change as one node sends it to the others: the origin's whole state of the row after
+/// the write, so that a receiver converges whatever it received before or receives after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowChange {
+    /// Schema-qualified table name.
+    pub table: String,
+    pub key: RowKey,
+    pub kind: ChangeKind,
+    pub origin: NodeId,
+    pub stamp: Hlc,
+    /// The origin's gapless sequence number for its outbound changes.
+    pub seq: u64,
+    pub row: RowState,
+    /// Review items this write closed on its origin (resolved or superseded). Every node records
+    /// them, so the closed items are the same everywhere, whatever each node saw open.
+    pub closures: Vec<ReviewClosure>,
+}

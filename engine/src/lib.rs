@@ -1,0 +1,22 @@
+//! accord's engine: the merge rules and the replication logic of a node, as plain state machines.
+//!
+//! Nothing here does I/O, reads a clock or draws randomness: the service drives this code with
+//! PostgreSQL and QUIC, the simulator with simulated ones, and both get the same decisions.
+
+pub mod capture;
+pub mod change;
+pub mod hlc;
+pub mod merge;
+pub mod review;
+pub mod schema;
+pub mod state;
+pub mod value;
+
+pub use capture::{capture, CaptureError, Captured};
+pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
+pub use hlc::{ClockError, Hlc, HlcClock, NodeId, DEFAULT_MAX_OFFSET_MICROS};
+pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeError, MergeOutcome, Merged, RowAction};
+pub use review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId, ReviewKind};
+pub use schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, SchemaError, TableDef};
+pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};
+pub use value::{Amount, Value, ValueError};

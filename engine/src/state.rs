@@ -1,0 +1,347 @@
+//! What a node knows about one replicated row: its values and accord's metadata for them.
+//!
+//! The metadata is a state-based CRDT per row. Merging two states is commutative, associative and
+//! idempotent, so replicas converge whatever order, duplication or relaying their changes took:
+//! - the causal length orders incarnations (odd = alive, even = deleted), before anything else;
+//! - within an incarnation each column merges by its policy: an `lww` version, a `delta` ledger of
+//!   per-node cumulative contributions, a `review` multi-value register;
+//! - the row clock records which writes this state has absorbed, to tell concurrent overwrites
+//!   from sequential ones.
+
+use crdts::{CmRDT, CvRDT, MVReg, VClock};
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::{Hlc, NodeId};
+use crate::schema::{ColumnPolicy, TableDef};
+use crate::value::{Amount, Value};
+
+/// One write to a row: its stamp, and the writer's count of writes to this row (its dot in the
+/// row clock), which lets any state tell whether it has absorbed that write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub stamp: Hlc,
+    pub dot: u64,
+}
+
+impl Version {
+    pub fn node(&self) -> NodeId {
+        self.stamp.node
+    }
+
+    /// Whether a row clock has absorbed this write.
+    pub fn seen_by(&self, clock: &VClock<NodeId>) -> bool {
+        clock.get(&self.stamp.node) >= self.dot
+    }
+}
+
+/// A column value as a change carries it. Logical decoding does not send a TOASTed value that an
+/// update left unchanged; such a column arrives as `UnchangedToast` and keeps the value it has.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Cell {
+    Value(Value),
+    UnchangedToast,
+}
+
+impl Cell {
+    pub fn value(&self) -> Option<&Value> {
+        match self {
+            Cell::Value(v) => Some(v),
+            Cell::UnchangedToast => None,
+        }
+    }
+}
+
+impl From<Value> for Cell {
+    fn from(v: Value) -> Self {
+        Cell::Value(v)
+    }
+}
+
+/// One node's cumulative contribution to a `delta` column: how many of its writes it covers and
+/// their summed deltas. A node's entry only grows in `writes`, so the entry with more writes
+/// subsumes the other: that is what makes the merge idempotent under duplicates and relays.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Contribution {
+    pub writes: u64,
+    pub total: Amount,
+}
+
+/// The contributions of every node to one `delta` column in one incarnation of a row; the column's
+/// value is its value before accord (zero for rows inserted since) plus every total.
+///
+/// Hand-written rather than `crdts::PNCounter` because those count in `u64` steps, and a delta
+/// column needs exact signed decimals of any precision.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct DeltaLedger {
+    /// Sorted by node, at most one entry per node.
+    entries: Vec<(NodeId, Contribution)>,
+}
+
+impl DeltaLedger {
+    pub fn entries(&self) -> &[(NodeId, Contribution)] {
+        &self.entries
+    }
+
+    /// Records a local write of `delta` by `node`.
+    pub fn record(&mut self, node: NodeId, delta: Amount) -> Option<()> {
+        match self.entries.binary_search_by_key(&node, |(n, _)| *n) {
+            Ok(i) => {
+                let entry = &mut self.entries[i].1;
+                entry.total = entry.total.checked_add(&delta)?;
+                entry.writes += 1;
+            }
+            Err(i) => self.entries.insert(
+                i,
+                (
+                    node,
+                    Contribution {
+                        writes: 1,
+                        total: delta,
+                    },
+                ),
+            ),
+        }
+        Some(())
+    }
+
+    /// The amount that absorbing `remote` adds to the column: for every node whose remote entry
+    /// covers more writes, the difference of the totals. `None` if the amounts cannot be combined
+    /// (integer overflow of the ledger, or mixed integer and decimal amounts from a bad peer).
+    pub fn pending(&self, remote: &DeltaLedger, zero: &Amount) -> Option<Amount> {
+        let mut diff = zero.clone();
+        for (node, theirs) in &remote.entries {
+            match self.entries.binary_search_by_key(node, |(n, _)| *n) {
+                Ok(i) => {
+                    let ours = &self.entries[i].1;
+                    if theirs.writes > ours.writes {
+                        diff = diff.checked_add(&theirs.total.checked_sub(&ours.total)?)?;
+                    }
+                }
+                Err(_) => diff = diff.checked_add(&theirs.total)?,
+            }
+        }
+        Some(diff)
+    }
+
+    /// Takes every entry of `remote` that covers more writes than ours.
+    pub fn absorb(&mut self, remote: &DeltaLedger) {
+        for (node, theirs) in &remote.entries {
+            match self.entries.binary_search_by_key(node, |(n, _)| *n) {
+                Ok(i) => {
+                    if theirs.writes > self.entries[i].1.writes {
+                        self.entries[i].1 = theirs.clone();
+                    }
+                }
+                Err(i) => self.entries.insert(i, (*node, theirs.clone())),
+            }
+        }
+    }
+}
+
+/// A value written to a `review` column, with the stamp of the write that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    pub value: Value,
+    pub stamp: Hlc,
+}
+
+/// The causal state of one `review` column: the writes that no other write it knows of has seen.
+/// More than one such write with differing values is an open review item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReviewRegister {
+    reg: MVReg<Candidate, NodeId>,
+}
+
+impl ReviewRegister {
+    /// The concurrent candidates, in stamp order (the register's own order depends on merge order).
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let mut all = self.reg.read().val;
+        all.sort_by_key(|c| c.stamp);
+        all
+    }
+
+    /// The provisional value every node converges on: the candidate with the greatest stamp.
+    pub fn provisional(&self) -> Option<Candidate> {
+        self.reg.read().val.into_iter().max_by_key(|c| c.stamp)
+    }
+
+    /// Whether the candidates are concurrent writes of differing values.
+    pub fn is_in_conflict(&self) -> bool {
+        let all = self.reg.read().val;
+        all.iter().any(|c| c.value != all[0].value)
+    }
+
+    /// A local write: it has seen every candidate, so it replaces them all.
+    pub fn write(&mut self, node: NodeId, candidate: Candidate) {
+        let ctx = self.reg.read().derive_add_ctx(node);
+        let op = self.reg.write(candidate, ctx);
+        self.reg.apply(op);
+    }
+
+    pub fn merge(&mut self, other: &ReviewRegister) {
+        self.reg.merge(other.reg.clone());
+    }
+}
+
+/// accord's metadata for one column, by the column's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ColumnMeta {
+    /// The write that set the value; `None` for a value that predates accord, older than any write.
+    ///
+    /// Not a `crdts::LWWReg`: the value itself lives in the user's table, so only the version is
+    /// metadata, and comparing two versions is all the merge needs.
+    Lww(Option<Version>),
+    Delta(DeltaLedger),
+    Review(ReviewRegister),
+}
+
+impl ColumnMeta {
+    pub fn fresh(policy: ColumnPolicy) -> Self {
+        match policy {
+            ColumnPolicy::Lww => ColumnMeta::Lww(None),
+            ColumnPolicy::Delta => ColumnMeta::Delta(DeltaLedger::default()),
+            ColumnPolicy::Review => ColumnMeta::Review(ReviewRegister::default()),
+        }
+    }
+
+    pub fn policy(&self) -> ColumnPolicy {
+        match self {
+            ColumnMeta::Lww(_) => ColumnPolicy::Lww,
+            ColumnMeta::Delta(_) => ColumnPolicy::Delta,
+            ColumnMeta::Review(_) => ColumnPolicy::Review,
+        }
+    }
+}
+
+/// accord's metadata for one row: what the service keeps in its own tables beside the user's row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowMeta {
+    /// 0 = never seen, odd = alive, even = deleted.
+    pub causal_length: u64,
+    /// Per node, how many of its writes to this row this state has absorbed.
+    pub clock: VClock<NodeId>,
+    /// The greatest stamp of any write absorbed.
+    pub stamp: Option<Hlc>,
+    /// The insert that began this incarnation (the least, when inserts of one key met).
+    pub created: Option<Version>,
+    /// One per column of the table while alive; empty for a deleted row.
+    pub columns: Vec<ColumnMeta>,
+}
+
+impl RowMeta {
+    /// A row this node has never heard of.
+    pub fn absent() -> Self {
+        RowMeta {
+            causal_length: 0,
+            clock: VClock::new(),
+            stamp: None,
+            created: None,
+            columns: Vec::new(),
+        }
+    }
+
+    /// A row that existed before accord was set up: alive, with every value older than any write.
+    pub fn pre_existing(table: &TableDef) -> Self {
+        RowMeta {
+            causal_length: 1,
+            columns: table.columns.iter().map(|c| ColumnMeta::fresh(c.policy)).collect(),
+            ..RowMeta::absent()
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.causal_length % 2 == 1
+    }
+
+    /// Counts a new write by `node` and returns its version.
+    pub(crate) fn next_version(&mut self, stamp: Hlc) -> Version {
+        let dot = self.clock.inc(stamp.node);
+        let version = Version {
+            stamp,
+            dot: dot.counter,
+        };
+        self.clock.apply(dot);
+        self.stamp = self.stamp.max(Some(stamp));
+        version
+    }
+}
+
+/// A row as one node holds it: the values (from the user's table, or as a change carries them)
+/// and accord's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowState {
+    pub meta: RowMeta,
+    /// One per column of the table while alive; empty for a deleted row.
+    pub values: Vec<Cell>,
+}
+
+impl RowState {
+    pub fn absent() -> Self {
+        RowState {
+            meta: RowMeta::absent(),
+            values: Vec::new(),
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.meta.is_alive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bigdecimal::BigDecimal;
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+
+    #[test]
+    fn ledger_absorbs_each_contribution_once() {
+        let mut a = DeltaLedger::default();
+        a.record(A, Amount::Int(5)).unwrap();
+        let mut b = DeltaLedger::default();
+        b.record(B, Amount::Int(-2)).unwrap();
+        b.record(B, Amount::Int(10)).unwrap();
+
+        let zero = Amount::Int(0);
+        assert_eq!(a.pending(&b, &zero), Some(Amount::Int(8)));
+        a.absorb(&b);
+        assert_eq!(a.pending(&b, &zero), Some(Amount::Int(0)), "a duplicate adds nothing");
+        let mut older = DeltaLedger::default();
+        older.record(B, Amount::Int(-2)).unwrap();
+        assert_eq!(
+            a.pending(&older, &zero),
+            Some(Amount::Int(0)),
+            "an older entry adds nothing"
+        );
+    }
+
+    #[test]
+    fn ledger_refuses_mixed_amounts() {
+        let mut a = DeltaLedger::default();
+        a.record(A, Amount::Int(1)).unwrap();
+        assert_eq!(a.record(A, Amount::Decimal(BigDecimal::from(1))), None);
+    }
+
+    #[test]
+    fn register_keeps_concurrent_writes_and_a_local_write_replaces_them() {
+        let cand = |v: &str, t: u64, n: NodeId| Candidate {
+            value: Value::text(v),
+            stamp: Hlc::new(t, 0, n),
+        };
+        let mut a = ReviewRegister::default();
+        a.write(A, cand("x", 1, A));
+        let mut b = ReviewRegister::default();
+        b.write(B, cand("y", 2, B));
+        a.merge(&b);
+        assert!(a.is_in_conflict());
+        assert_eq!(a.candidates(), vec![cand("x", 1, A), cand("y", 2, B)]);
+        assert_eq!(a.provisional().unwrap().value, Value::text("y"));
+
+        a.write(A, cand("z", 3, A));
+        assert!(!a.is_in_conflict());
+        b.merge(&a);
+        assert_eq!(b.candidates(), vec![cand("z", 3, A)]);
+    }
+}
