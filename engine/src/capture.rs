@@ -139,8 +139,21 @@ pub fn capture(
                     ..RowMeta::pre_existing(table)
                 };
             }
+            // A reviewer may resolve an item by picking the value the column already holds: that
+            // is still a write, or the item would stay open everywhere else.
+            let resolves = |i: usize| match &meta.columns[i] {
+                ColumnMeta::Review(reg) if !resolving.is_empty() && reg.is_in_conflict() => {
+                    let item =
+                        ReviewItem::concurrent(&table.name, &change.key, &table.columns[i].name, reg.candidates());
+                    resolving.contains(&item.id)
+                }
+                _ => false,
+            };
             let changed: Vec<usize> = (0..table.columns.len())
-                .filter(|&i| matches!((&new[i], &old[i]), (Cell::Value(n), o) if o.value() != Some(n)))
+                .filter(|&i| match (&new[i], &old[i]) {
+                    (Cell::Value(n), o) => o.value() != Some(n) || resolves(i),
+                    (Cell::UnchangedToast, _) => false,
+                })
                 .collect();
             if changed.is_empty() {
                 return Ok(None);

@@ -176,7 +176,7 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
         match merge_columns(table, local, remote, &mut state, &mut conflicts) {
             Ok(writes) if writes.is_empty() => action = RowAction::Nothing,
             Ok(writes) => action = RowAction::Update(writes),
-            Err(parked) => return Ok(parked),
+            Err(why) => return Ok(park(table, remote, why)),
         }
         if let (Some(ours), Some(theirs)) = (local.meta.created, rem.meta.created) {
             if ours != theirs && !ours.seen_by(&rem.meta.clock) && !theirs.seen_by(&local.meta.clock) {
@@ -190,6 +190,8 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
             state.meta.created = Some(ours.min(theirs));
         }
     }
+    // Knowledge of writes only grows, whichever incarnation won.
+    state.meta.clock.merge(local.meta.clock.clone());
     state.meta.clock.merge(rem.meta.clock.clone());
     state.meta.stamp = state.meta.stamp.max(local.meta.stamp).max(rem.meta.stamp);
 
@@ -209,7 +211,7 @@ fn merge_columns(
     remote: &RowChange,
     state: &mut RowState,
     conflicts: &mut Vec<Conflict>,
-) -> Result<Vec<ColumnWrite>, MergeOutcome> {
+) -> Result<Vec<ColumnWrite>, Unapplicable> {
     let rem = &remote.row;
     let mut writes = Vec::new();
     for (i, def) in table.columns.iter().enumerate() {
@@ -240,7 +242,10 @@ fn merge_columns(
             }
             (ColumnMeta::Delta(ours), ColumnMeta::Delta(theirs)) => {
                 let zero = Amount::zero_for(&def.ty);
-                let parked = |error: String| park(table, remote, Some(&def.name), error);
+                let parked = |error: String| Unapplicable {
+                    column: def.name.clone(),
+                    error,
+                };
                 let diff = ours.pending(theirs, &zero).ok_or_else(|| {
                     parked(format!(
                         "the contributions to delta column {}.{} cannot be added: they overflow or mix integer and decimal amounts",
@@ -288,17 +293,23 @@ fn overwrite(column: &str, winner: Version, loser: Version) -> Conflict {
     }
 }
 
-fn park(table: &TableDef, remote: &RowChange, column: Option<&str>, error: String) -> MergeOutcome {
+/// Why a column of a change cannot be applied here.
+struct Unapplicable {
+    column: String,
+    error: String,
+}
+
+fn park(table: &TableDef, remote: &RowChange, why: Unapplicable) -> MergeOutcome {
     let item = ReviewItem::unapplicable(
         &table.name,
         &remote.key,
-        column,
+        Some(&why.column),
         remote.origin,
         remote.stamp,
         remote.seq,
-        error.clone(),
+        why.error.clone(),
     );
-    MergeOutcome::Parked { item, error }
+    MergeOutcome::Parked { item, error: why.error }
 }
 
 /// Whether `a` holds writes that `b` has not absorbed.

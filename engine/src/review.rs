@@ -118,10 +118,28 @@ pub enum ClosureKind {
     Superseded { stamp: Hlc, value: Value },
 }
 
+impl ClosureKind {
+    /// The stamp of the write that closed the item.
+    pub fn stamp(&self) -> Hlc {
+        match self {
+            ClosureKind::Resolved { stamp, .. } | ClosureKind::Superseded { stamp, .. } => *stamp,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReviewClosure {
     pub item: ReviewItem,
     pub kind: ClosureKind,
+}
+
+impl ReviewClosure {
+    /// Whether this closure replaces `recorded`, an earlier-recorded closure of the same item.
+    /// Writers on two nodes may close one item concurrently; every node keeps the closure with the
+    /// greatest stamp, so all record the same one whatever order the two arrived in.
+    pub fn replaces(&self, recorded: &ClosureKind) -> bool {
+        self.kind.stamp() > recorded.stamp()
+    }
 }
 
 /// What a merge or a capture does to the node's review queue.
@@ -132,7 +150,8 @@ pub enum ReviewAction {
     /// An open item that is no longer open without being closed: a further concurrent write
     /// extended it into a new item, or the row was deleted. Remove it.
     Withdraw(ReviewItemId),
-    /// Record the item as closed, whether or not this node had it open.
+    /// Record the item as closed, whether or not this node had it open, unless a closure of it
+    /// with a greater stamp is already recorded (see [`ReviewClosure::replaces`]).
     Close(ReviewClosure),
 }
 
