@@ -74,7 +74,8 @@ impl Node {
     }
 
     fn local(&mut self, kind: ChangeKind, new: Option<Vec<Cell>>, stamp: Hlc) -> RowChange {
-        self.local_resolving(kind, new, stamp, &[]).expect("the write changes something")
+        self.local_resolving(kind, new, stamp, &[])
+            .expect("the write changes something")
     }
 
     fn local_resolving(
@@ -90,8 +91,15 @@ impl Node {
             old: self.values(),
             new: new.clone(),
         };
-        let captured = capture(&self.table, self.state.as_ref().map(|s| &s.meta), &change, stamp, self.seq + 1, resolving)
-            .unwrap()?;
+        let captured = capture(
+            &self.table,
+            self.state.as_ref().map(|s| &s.meta),
+            &change,
+            stamp,
+            self.seq + 1,
+            resolving,
+        )
+        .unwrap()?;
         self.seq += 1;
         self.state = Some(RowState {
             meta: captured.meta,
@@ -123,7 +131,11 @@ fn lww_keeps_the_greatest_stamp_and_logs_a_concurrent_overwrite_on_both_sides() 
     let on_a = a.merge(&from_b);
     let on_b = b.merge(&from_a);
     assert_eq!(a.values(), b.values());
-    assert_eq!(a.values().unwrap()[0], Cell::Value(Value::text("from-b")), "node id breaks the tie");
+    assert_eq!(
+        a.values().unwrap()[0],
+        Cell::Value(Value::text("from-b")),
+        "node id breaks the tie"
+    );
     for merged in [&on_a, &on_b] {
         assert_eq!(merged.conflicts.len(), 1, "{:?}", merged.conflicts);
         assert_eq!(merged.conflicts[0].kind, ConflictKind::ConcurrentUpdate);
@@ -140,7 +152,13 @@ fn sequential_overwrites_are_not_conflicts() {
     let later = b.local(ChangeKind::Update, Some(row("y", 0, "1")), at(2, B));
     let merged = a.merge(&later);
     assert!(merged.conflicts.is_empty(), "{:?}", merged.conflicts);
-    assert_eq!(merged.action, RowAction::Update(vec![accord_engine::ColumnWrite { column: 0, value: Value::text("y") }]));
+    assert_eq!(
+        merged.action,
+        RowAction::Update(vec![accord_engine::ColumnWrite {
+            column: 0,
+            value: Value::text("y")
+        }])
+    );
     // The old change arriving again (a duplicate) changes nothing.
     let again = b.merge(&later);
     assert_eq!(again.action, RowAction::Nothing);
@@ -173,13 +191,28 @@ fn deltas_add_up_exactly_once_whatever_the_order_and_duplicates() {
 
 #[test]
 fn numeric_deltas_stay_exact() {
-    let t = table_with(ColumnType::Numeric { precision: Some(40), scale: Some(10) });
+    let t = table_with(ColumnType::Numeric {
+        precision: Some(40),
+        scale: Some(10),
+    });
     let num = |s: &str| Cell::Value(Value::Numeric(BigDecimal::from_str(s).unwrap()));
     let cells = |s: &str| vec![Cell::Value(Value::text("x")), num(s), Cell::Value(Value::text("1"))];
     let (mut a, mut b) = (Node::new(&t), Node::new(&t));
-    b.merge(&a.local(ChangeKind::Insert, Some(cells("123456789012345678901234567890.0000000001")), at(1, A)));
-    let from_a = a.local(ChangeKind::Update, Some(cells("123456789012345678901234567890.0000000002")), at(2, A));
-    let from_b = b.local(ChangeKind::Update, Some(cells("123456789012345678901234567889.0000000001")), at(2, B));
+    b.merge(&a.local(
+        ChangeKind::Insert,
+        Some(cells("123456789012345678901234567890.0000000001")),
+        at(1, A),
+    ));
+    let from_a = a.local(
+        ChangeKind::Update,
+        Some(cells("123456789012345678901234567890.0000000002")),
+        at(2, A),
+    );
+    let from_b = b.local(
+        ChangeKind::Update,
+        Some(cells("123456789012345678901234567889.0000000001")),
+        at(2, B),
+    );
     a.merge(&from_b);
     b.merge(&from_a);
     assert_eq!(a.values().unwrap()[1], num("123456789012345678901234567889.0000000002"));
@@ -234,7 +267,11 @@ fn concurrent_review_writes_open_the_same_item_on_every_node() {
     let item = &on_a[0];
     let values: Vec<&Value> = item.candidates().iter().map(|c| &c.value).collect();
     assert_eq!(values, [&Value::text("11"), &Value::text("12")]);
-    assert_eq!(a.values().unwrap()[2], Cell::Value(Value::text("12")), "provisional winner is the greater stamp");
+    assert_eq!(
+        a.values().unwrap()[2],
+        Cell::Value(Value::text("12")),
+        "provisional winner is the greater stamp"
+    );
 }
 
 #[test]
@@ -262,22 +299,36 @@ fn a_resolution_closes_the_item_everywhere_even_when_it_picks_the_current_value(
     a.merge(&from_b);
     let item = open_items(&t, &key(), a.state.as_ref().unwrap()).remove(0);
     // The reviewer on A keeps the provisional value "12": the column does not change.
-    let resolution = a.local_resolving(ChangeKind::Update, Some(row("x", 0, "12")), at(7, A), &[item.id]).unwrap();
+    let resolution = a
+        .local_resolving(ChangeKind::Update, Some(row("x", 0, "12")), at(7, A), &[item.id])
+        .unwrap();
     assert!(open_items(&t, &key(), a.state.as_ref().unwrap()).is_empty());
     assert_eq!(resolution.closures.len(), 1);
     assert_eq!(resolution.closures[0].item.id, item.id);
-    assert!(matches!(&resolution.closures[0].kind, ClosureKind::Resolved { by: A, value, .. } if *value == Value::text("12")));
+    assert!(
+        matches!(&resolution.closures[0].kind, ClosureKind::Resolved { by: A, value, .. } if *value == Value::text("12"))
+    );
 
     // B had the item open; C never saw it open (it gets the resolution before B's write).
     b.merge(&from_a);
     let on_b = b.merge(&resolution);
-    assert!(on_b.review.contains(&ReviewAction::Close(resolution.closures[0].clone())));
-    assert!(!on_b.review.iter().any(|r| matches!(r, ReviewAction::Withdraw(_))), "a closed item is not also withdrawn");
+    assert!(on_b
+        .review
+        .contains(&ReviewAction::Close(resolution.closures[0].clone())));
+    assert!(
+        !on_b.review.iter().any(|r| matches!(r, ReviewAction::Withdraw(_))),
+        "a closed item is not also withdrawn"
+    );
     c.merge(&from_a);
     let on_c = c.merge(&resolution);
-    assert!(on_c.review.contains(&ReviewAction::Close(resolution.closures[0].clone())));
+    assert!(on_c
+        .review
+        .contains(&ReviewAction::Close(resolution.closures[0].clone())));
     let late = c.merge(&from_b);
-    assert!(late.review.is_empty(), "a candidate arriving after the resolution reopens nothing");
+    assert!(
+        late.review.is_empty(),
+        "a candidate arriving after the resolution reopens nothing"
+    );
     assert_eq!(b.state, c.state);
     assert_eq!(a.state, c.state);
 }
@@ -294,7 +345,11 @@ fn a_delete_wins_over_a_concurrent_update_and_a_later_insert_brings_the_row_back
     assert_eq!(on_b.action, RowAction::Delete);
     assert_eq!(on_b.conflicts[0].kind, ConflictKind::DeleteWon);
     let on_a = a.merge(&update);
-    assert_eq!(on_a.action, RowAction::Nothing, "a late update does not bring the row back");
+    assert_eq!(
+        on_a.action,
+        RowAction::Nothing,
+        "a late update does not bring the row back"
+    );
     assert_eq!(on_a.conflicts[0].kind, ConflictKind::DeleteWon);
     assert_eq!(a.values(), None);
     assert_eq!(a.state, b.state);
@@ -318,7 +373,11 @@ fn two_inserts_of_one_key_merge_column_by_column() {
     let on_a = a.merge(&from_b);
     b.merge(&from_a);
     assert_eq!(a.state, b.state);
-    assert_eq!(a.values().unwrap(), row("b", 7, "1"), "each insert counts as a delta from zero");
+    assert_eq!(
+        a.values().unwrap(),
+        row("b", 7, "1"),
+        "each insert counts as a delta from zero"
+    );
     assert!(on_a.conflicts.iter().any(|c| c.kind == ConflictKind::InsertInsert));
 }
 
@@ -335,7 +394,13 @@ fn an_unchanged_toast_value_keeps_the_local_value() {
     assert_eq!(update.row.values[0], Cell::UnchangedToast);
     let merged = a.merge(&update);
     assert_eq!(a.values().unwrap()[0], Cell::Value(Value::text("big")));
-    assert_eq!(merged.action, RowAction::Update(vec![accord_engine::ColumnWrite { column: 1, value: Value::Int(1) }]));
+    assert_eq!(
+        merged.action,
+        RowAction::Update(vec![accord_engine::ColumnWrite {
+            column: 1,
+            value: Value::Int(1)
+        }])
+    );
 }
 
 #[test]
@@ -380,11 +445,21 @@ fn malformed_changes_are_typed_errors() {
 
     let mut wrong_table = good.clone();
     wrong_table.table = "shop.other".into();
-    assert!(matches!(merge(&t, None, &wrong_table), Err(MergeError::WrongTable { .. })));
+    assert!(matches!(
+        merge(&t, None, &wrong_table),
+        Err(MergeError::WrongTable { .. })
+    ));
 
     let mut short = good.clone();
     short.row.values.pop();
-    assert!(matches!(merge(&t, None, &short), Err(MergeError::ColumnCount { found: 2, expected: 3, .. })));
+    assert!(matches!(
+        merge(&t, None, &short),
+        Err(MergeError::ColumnCount {
+            found: 2,
+            expected: 3,
+            ..
+        })
+    ));
 
     let mut wrong_policy = good.clone();
     wrong_policy.row.meta.columns[1] = ColumnMeta::Lww(None);
@@ -425,7 +500,11 @@ fn capture_errors_name_the_problem() {
     };
     assert!(matches!(
         capture(&t, None, &wrong_width, at(1, A), 1, &[]),
-        Err(CaptureError::ColumnCount { found: 1, expected: 3, .. })
+        Err(CaptureError::ColumnCount {
+            found: 1,
+            expected: 3,
+            ..
+        })
     ));
 }
 
@@ -434,7 +513,9 @@ fn an_update_that_changes_nothing_sends_nothing() {
     let t = table();
     let mut a = Node::new(&t);
     a.local(ChangeKind::Insert, Some(row("x", 1, "1")), at(1, A));
-    assert!(a.local_resolving(ChangeKind::Update, Some(row("x", 1, "1")), at(2, A), &[]).is_none());
+    assert!(a
+        .local_resolving(ChangeKind::Update, Some(row("x", 1, "1")), at(2, A), &[])
+        .is_none());
     assert_eq!(a.seq, 1);
 }
 
