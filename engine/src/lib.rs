@@ -4,18 +4,24 @@
 //! PostgreSQL and QUIC, the simulator with simulated ones, and both get the same decisions.
 
 pub mod capture;
+pub mod capturer;
 pub mod change;
 pub mod hlc;
 pub mod merge;
+pub mod protocol;
+pub mod replication;
 pub mod review;
 pub mod schema;
 pub mod state;
 pub mod value;
 
 pub use capture::{capture, CaptureError, Captured};
+pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
 pub use hlc::{ClockError, Hlc, HlcClock, NodeId, DEFAULT_MAX_OFFSET_MICROS};
 pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeError, MergeOutcome, Merged, RowAction};
+pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};
+pub use replication::{PeerProgress, Replication, ReplicationConfig, ReplicationError};
 pub use review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId, ReviewKind};
 pub use schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, SchemaError, TableDef};
 pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};

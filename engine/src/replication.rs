@@ -1,0 +1,382 @@
+//! What a node sends to whom, and what it accepts: the replication links of one node, without I/O.
+//!
+//! Every node connects to every other (full mesh), and each origin's changes travel directly from
+//! it. On one link a node is both a sender (of its own outbound log) and a receiver (of the
+//! peer's). Exactly once rests on two durable positions per peer:
+//! - `applied`: the last of the peer's sequence numbers this node applied. The service commits it
+//!   in the same transaction as the applied changes (PostgreSQL replication origins), so a crash
+//!   can't separate them. The hello tells the peer, which resends from the one after.
+//! - `acked`: the last of this node's sequence numbers the peer said it applied. The outbound log
+//!   is pruned up to the least `acked` over all peers, never further.
+//!
+//! A sender keeps at most `window` unacknowledged changes in flight per peer, so a slow receiver
+//! slows the sender down instead of growing its memory.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::change::RowChange;
+use crate::hlc::NodeId;
+use crate::protocol::{check_offset, Refusal};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationConfig {
+    /// Most changes in one batch message.
+    pub max_batch: usize,
+    /// Most changes sent to one peer and not yet acknowledged.
+    pub window: u64,
+    pub max_offset_micros: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            max_batch: 500,
+            window: 10_000,
+            max_offset_micros: crate::hlc::DEFAULT_MAX_OFFSET_MICROS,
+        }
+    }
+}
+
+/// The durable positions of one peer, as the service stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PeerProgress {
+    /// The last of the peer's changes applied here.
+    pub applied: u64,
+    /// The last of this node's changes the peer acknowledged.
+    pub acked: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReplicationError {
+    #[error("node {0} is not a configured peer")]
+    UnknownPeer(NodeId),
+    #[error("node {0} is not connected")]
+    NotConnected(NodeId),
+    #[error("node {peer} sent a change whose origin is node {origin}; a node only sends its own changes")]
+    ForeignOrigin { peer: NodeId, origin: NodeId },
+    #[error("node {peer} sent change {found} where {expected} was next")]
+    Gap { peer: NodeId, expected: u64, found: u64 },
+    #[error("node {peer} acknowledged change {acked}, but only {sent} were sent")]
+    AckBeyondSent { peer: NodeId, acked: u64, sent: u64 },
+    #[error(
+        "node {peer} has applied this node's changes only up to {resume}, but the outbound log was pruned \
+         up to {pruned}: the peer must be re-synchronised from a copy of the data"
+    )]
+    PrunedTooFar { peer: NodeId, resume: u64, pruned: u64 },
+    #[error("refused node {peer}: {refusal}")]
+    Refused { peer: NodeId, refusal: Refusal },
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    progress: PeerProgress,
+    /// While connected: the last of our changes sent on this connection.
+    sent: Option<u64>,
+    /// The last of the peer's changes handed to apply (applied, or being applied).
+    received: u64,
+}
+
+/// The replication links of one node.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    node: NodeId,
+    config: ReplicationConfig,
+    /// The last sequence number in this node's outbound log.
+    head: u64,
+    /// The outbound log holds every change after this one.
+    pruned: u64,
+    links: BTreeMap<NodeId, Link>,
+}
+
+impl Replication {
+    pub fn new(
+        node: NodeId,
+        config: ReplicationConfig,
+        head: u64,
+        pruned: u64,
+        peers: impl IntoIterator<Item = (NodeId, PeerProgress)>,
+    ) -> Self {
+        let links = peers
+            .into_iter()
+            .map(|(peer, progress)| {
+                let link = Link {
+                    progress,
+                    sent: None,
+                    received: progress.applied,
+                };
+                (peer, link)
+            })
+            .collect();
+        Replication {
+            node,
+            config,
+            head,
+            pruned,
+            links,
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.config
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.links.keys().copied()
+    }
+
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    pub fn progress(&self, peer: NodeId) -> Result<PeerProgress, ReplicationError> {
+        Ok(self.link(peer)?.progress)
+    }
+
+    pub fn is_connected(&self, peer: NodeId) -> bool {
+        self.links.get(&peer).is_some_and(|l| l.sent.is_some())
+    }
+
+    /// Changes of ours the peer has not acknowledged (the lag, in changes).
+    pub fn unacked(&self, peer: NodeId) -> Result<u64, ReplicationError> {
+        Ok(self.head - self.link(peer)?.progress.acked.min(self.head))
+    }
+
+    /// The capture appended to the outbound log up to `head`.
+    pub fn logged(&mut self, head: u64) {
+        self.head = self.head.max(head);
+    }
+
+    /// The outbound log may drop every change up to this one: all peers acknowledged them.
+    pub fn prune_point(&self) -> u64 {
+        self.links
+            .values()
+            .map(|l| l.progress.acked)
+            .min()
+            .unwrap_or(self.head)
+            .min(self.head)
+    }
+
+    /// The service pruned the outbound log up to `upto`.
+    pub fn pruned(&mut self, upto: u64) {
+        self.pruned = self.pruned.max(upto.min(self.prune_point()));
+    }
+
+    /// A connection to `peer` passed the handshake; `applied_yours` is from the peer's hello.
+    /// Sending resumes after it.
+    pub fn connected(&mut self, peer: NodeId, applied_yours: u64) -> Result<(), ReplicationError> {
+        let pruned = self.pruned;
+        let head = self.head;
+        let link = self.link_mut(peer)?;
+        if applied_yours < pruned {
+            return Err(ReplicationError::PrunedTooFar {
+                peer,
+                resume: applied_yours,
+                pruned,
+            });
+        }
+        // The peer's word is the truth about what it holds; it may even be behind what it once
+        // acknowledged if its database was restored.
+        link.progress.acked = applied_yours.min(head);
+        link.sent = Some(link.progress.acked);
+        link.received = link.progress.applied;
+        Ok(())
+    }
+
+    pub fn disconnected(&mut self, peer: NodeId) {
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.sent = None;
+            link.received = link.progress.applied;
+        }
+    }
+
+    /// The next range of our outbound log to send to `peer`, if the window allows; it counts as
+    /// sent. The driver reads those changes from the log and sends them as one batch.
+    pub fn next_batch(&mut self, peer: NodeId) -> Option<RangeInclusive<u64>> {
+        let (head, config) = (self.head, self.config);
+        let link = self.links.get_mut(&peer)?;
+        let sent = link.sent?;
+        let in_flight = sent - link.progress.acked;
+        let room = config.window.saturating_sub(in_flight).min(config.max_batch as u64);
+        let last = head.min(sent + room);
+        if last <= sent {
+            return None;
+        }
+        link.sent = Some(last);
+        Some(sent + 1..=last)
+    }
+
+    /// The peer acknowledged our changes up to `applied`.
+    pub fn acked(&mut self, peer: NodeId, applied: u64) -> Result<(), ReplicationError> {
+        let link = self.link_mut(peer)?;
+        let sent = link.sent.ok_or(ReplicationError::NotConnected(peer))?;
+        if applied > sent {
+            return Err(ReplicationError::AckBeyondSent {
+                peer,
+                acked: applied,
+                sent,
+            });
+        }
+        link.progress.acked = link.progress.acked.max(applied);
+        Ok(())
+    }
+
+    /// A batch of the peer's changes arrived. Returns the part to apply: changes already applied
+    /// (a resend after a reconnect) are left out. A change not from the peer itself, a gap in the
+    /// sequence, or a stamp beyond the clock offset is refused, and the connection must close.
+    pub fn received<'a>(
+        &mut self,
+        peer: NodeId,
+        batch: &'a [RowChange],
+        physical: u64,
+    ) -> Result<&'a [RowChange], ReplicationError> {
+        let max_offset = self.config.max_offset_micros;
+        let link = self.link_mut(peer)?;
+        if link.sent.is_none() {
+            return Err(ReplicationError::NotConnected(peer));
+        }
+        let mut expected = link.received + 1;
+        let mut skip = 0;
+        for (i, change) in batch.iter().enumerate() {
+            if change.origin != peer {
+                return Err(ReplicationError::ForeignOrigin {
+                    peer,
+                    origin: change.origin,
+                });
+            }
+            if change.seq < expected && skip == i {
+                skip += 1;
+                continue;
+            }
+            if change.seq != expected {
+                return Err(ReplicationError::Gap {
+                    peer,
+                    expected,
+                    found: change.seq,
+                });
+            }
+            check_offset(peer, change.stamp, physical, max_offset)
+                .map_err(|refusal| ReplicationError::Refused { peer, refusal })?;
+            expected += 1;
+        }
+        link.received = expected - 1;
+        Ok(&batch[skip..])
+    }
+
+    /// The apply transaction for the peer's changes up to `applied` committed: record it and
+    /// return the acknowledgement to send.
+    pub fn applied(&mut self, peer: NodeId, applied: u64) -> Result<crate::protocol::Message, ReplicationError> {
+        let link = self.link_mut(peer)?;
+        link.progress.applied = link.progress.applied.max(applied);
+        link.received = link.received.max(link.progress.applied);
+        Ok(crate::protocol::Message::Ack {
+            applied: link.progress.applied,
+        })
+    }
+
+    fn link(&self, peer: NodeId) -> Result<&Link, ReplicationError> {
+        self.links.get(&peer).ok_or(ReplicationError::UnknownPeer(peer))
+    }
+
+    fn link_mut(&mut self, peer: NodeId) -> Result<&mut Link, ReplicationError> {
+        self.links.get_mut(&peer).ok_or(ReplicationError::UnknownPeer(peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{ChangeKind, RowKey};
+    use crate::hlc::Hlc;
+    use crate::state::RowState;
+    use crate::value::Value;
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+
+    fn config() -> ReplicationConfig {
+        ReplicationConfig {
+            max_batch: 3,
+            window: 5,
+            max_offset_micros: 500,
+        }
+    }
+
+    fn change(origin: NodeId, seq: u64) -> RowChange {
+        RowChange {
+            table: "s.t".into(),
+            key: RowKey(vec![Value::Int(seq as i64)]),
+            kind: ChangeKind::Delete,
+            origin,
+            stamp: Hlc::new(1_000 + seq, 0, origin),
+            seq,
+            row: RowState::absent(),
+            closures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sending_respects_batch_size_and_window_and_resumes_from_the_peer() {
+        let mut a = Replication::new(A, config(), 0, 0, [(B, PeerProgress::default())]);
+        assert_eq!(a.next_batch(B), None, "not connected");
+        a.logged(20);
+        a.connected(B, 2).unwrap();
+        assert_eq!(a.next_batch(B), Some(3..=5));
+        assert_eq!(a.next_batch(B), Some(6..=7), "window of 5 unacked");
+        assert_eq!(a.next_batch(B), None);
+        a.acked(B, 6).unwrap();
+        assert_eq!(a.next_batch(B), Some(8..=10));
+        assert!(matches!(a.acked(B, 11), Err(ReplicationError::AckBeyondSent { .. })));
+        a.disconnected(B);
+        a.connected(B, 9).unwrap();
+        assert_eq!(
+            a.next_batch(B),
+            Some(10..=12),
+            "resent from the peer's durable position"
+        );
+        assert_eq!(a.prune_point(), 9);
+    }
+
+    #[test]
+    fn receiving_skips_what_was_applied_and_refuses_gaps_and_foreign_changes() {
+        let mut b = Replication::new(B, config(), 0, 0, [(A, PeerProgress { applied: 2, acked: 0 })]);
+        b.connected(A, 0).unwrap();
+        let batch = [change(A, 1), change(A, 2), change(A, 3), change(A, 4)];
+        let to_apply = b.received(A, &batch, 1_000).unwrap();
+        assert_eq!(to_apply.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(b.applied(A, 4).unwrap(), crate::protocol::Message::Ack { applied: 4 });
+        assert!(matches!(
+            b.received(A, &[change(A, 6)], 1_000),
+            Err(ReplicationError::Gap {
+                expected: 5,
+                found: 6,
+                ..
+            })
+        ));
+        assert!(matches!(
+            b.received(A, &[change(B, 5)], 1_000),
+            Err(ReplicationError::ForeignOrigin { .. })
+        ));
+        assert!(matches!(
+            b.received(A, &[change(A, 5)], 0),
+            Err(ReplicationError::Refused {
+                refusal: Refusal::ClockAhead { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_peer_behind_the_pruned_log_is_refused() {
+        let mut a = Replication::new(A, config(), 10, 0, [(B, PeerProgress { applied: 0, acked: 8 })]);
+        a.pruned(8);
+        assert!(matches!(a.connected(B, 3), Err(ReplicationError::PrunedTooFar { .. })));
+    }
+}
