@@ -1,0 +1,5 @@
+//! Shared by the integration tests: `mod support;` in a test file. Each test file is its own crate
+//! and uses only part of this, hence the allowance for unused items.
+#![allow(dead_code)]
+
+pub mod pg;
