@@ -41,8 +41,15 @@ impl Value {
                 check_range(ty, &Value::Int(v))?;
                 Ok(Value::Int(v))
             }
-            ColumnType::Numeric { .. } | ColumnType::Money => {
+            ColumnType::Numeric { .. } => {
                 let d = BigDecimal::from_str(text.trim()).map_err(|_| bad())?;
+                Ok(Value::Numeric(d))
+            }
+            ColumnType::Money => {
+                // money's text output carries a currency symbol and group separators ("-$1,234.50");
+                // this assumes a locale whose decimal point is '.', as the C and en_* locales have.
+                let plain: String = text.chars().filter(|c| c.is_ascii_digit() || matches!(c, '-' | '.')).collect();
+                let d = BigDecimal::from_str(&plain).map_err(|_| bad())?;
                 Ok(Value::Numeric(d))
             }
             _ => Ok(Value::Text(text.to_owned())),
@@ -79,8 +86,19 @@ impl fmt::Display for Value {
         match self {
             Value::Null => f.write_str("NULL"),
             Value::Int(v) => write!(f, "{v}"),
-            Value::Numeric(d) => write!(f, "{d}"),
+            // Plain digits, never an exponent: this is also the form PostgreSQL reads back.
+            Value::Numeric(d) => f.write_str(&d.to_plain_string()),
             Value::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Value {
+    /// PostgreSQL's text input form of the value; `None` for NULL.
+    pub fn to_pg_text(&self) -> Option<String> {
+        match self {
+            Value::Null => None,
+            other => Some(other.to_string()),
         }
     }
 }
