@@ -4,7 +4,7 @@ mod support;
 
 use std::net::TcpStream;
 
-use support::pg::{PgCluster, StopMode};
+use support::pg::{locate_bin_dir, PgCluster, StopMode};
 
 #[tokio::test]
 async fn three_clusters_run_at_once_ready_for_logical_decoding() {
@@ -66,4 +66,14 @@ async fn a_crashed_server_restarts_with_its_committed_data() {
     let client = cluster.connect("crash").await;
     let count: i64 = client.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(count, 2);
+}
+
+#[test]
+fn missing_binaries_fail_with_what_to_install() {
+    let err = locate_bin_dir(None, vec!["/nonexistent/bin".into()]).unwrap_err();
+    assert!(err.contains("/nonexistent/bin"), "{err}");
+    assert!(err.contains("apt-get install -y postgresql-15"), "{err}");
+    let err = locate_bin_dir(Some("/nonexistent/pg".into()), vec![]).unwrap_err();
+    assert!(err.contains("ACCORD_PG_BIN=/nonexistent/pg"), "{err}");
+    assert!(err.contains("apt-get install -y postgresql-15"), "{err}");
 }

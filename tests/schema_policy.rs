@@ -158,6 +158,9 @@ COMMENT ON TABLE shop.generated IS '@accord replicate';
 ALTER TABLE shop.generated REPLICA IDENTITY FULL;
 COMMENT ON COLUMN shop.generated.twice IS '@accord delta';
 
+CREATE UNLOGGED TABLE shop.scratch (id bigint PRIMARY KEY);
+COMMENT ON TABLE shop.scratch IS '@accord replicate';
+
 CREATE TABLE shop.fine (id bigint PRIMARY KEY, note text);
 COMMENT ON TABLE shop.fine IS '@accord replicate';
 COMMENT ON COLUMN shop.fine.note IS '@acord review';
@@ -255,6 +258,12 @@ async fn every_mistake_is_named() {
         &["view shop.viewed"],
     );
     assert_says(
+        problem(&checked, "shop.scratch", None),
+        "unlogged-table",
+        Error,
+        &["shop.scratch", "UNLOGGED", "SET LOGGED"],
+    );
+    assert_says(
         problem(&checked, "shop.generated", Some("twice")),
         "policy-on-generated-column",
         Error,
@@ -277,7 +286,7 @@ async fn every_mistake_is_named() {
     let names: Vec<&str> = checked.policy.tables().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["shop.fine"]);
     // Every problem was asserted above, and nothing else was found.
-    assert_eq!(checked.problems.len(), 12, "{:#?}", checked.problems);
+    assert_eq!(checked.problems.len(), 13, "{:#?}", checked.problems);
 }
 
 /// The annotated schema of the fingerprint test, its columns created in the given order; `later`

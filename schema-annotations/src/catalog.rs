@@ -8,6 +8,8 @@ pub struct CatalogTable {
     pub name: String,
     pub kind: RelationKind,
     pub replica_identity: ReplicaIdentity,
+    /// `UNLOGGED`: its changes never reach the WAL, so logical decoding cannot see them.
+    pub unlogged: bool,
     pub comment: Option<String>,
     /// In any order; the checks put them in their canonical order.
     pub columns: Vec<CatalogColumn>,

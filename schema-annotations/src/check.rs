@@ -120,6 +120,12 @@ fn check_table(name: &str, table: &CatalogTable, problems: &mut Vec<Problem>) ->
         });
         return None;
     }
+    if table.unlogged {
+        problems.push(Problem::UnloggedTable {
+            table: name.to_string(),
+        });
+        failed = true;
+    }
     let (key, columns) = replicated_columns(name, tag, &tagged, problems, &mut failed);
     if key.is_empty() {
         problems.push(Problem::Schema {

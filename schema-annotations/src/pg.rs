@@ -27,7 +27,8 @@ impl From<tokio_postgres::Error> for LoadError {
 /// Relations that could carry a tag: those with any comment (their own or a column's) holding an
 /// `@`, so that misspelled tags are found too. System schemas are left out.
 const RELATIONS: &str = r"
-SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text, d.description
+SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text,
+       c.relpersistence = 'u', d.description
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_catalog.pg_description d
@@ -91,7 +92,8 @@ fn relation(row: &Row) -> Result<(u32, CatalogTable), tokio_postgres::Error> {
             name: row.try_get(2)?,
             kind: RelationKind::from_relkind(row.try_get(3)?),
             replica_identity: ReplicaIdentity::from_relreplident(row.try_get(4)?),
-            comment: row.try_get(5)?,
+            unlogged: row.try_get(5)?,
+            comment: row.try_get(6)?,
             columns: Vec::new(),
         },
     ))

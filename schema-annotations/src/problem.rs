@@ -63,6 +63,11 @@ pub enum Problem {
     #[error("{kind} {table} is tagged `@accord replicate`, but accord replicates only ordinary tables")]
     NotATable { table: String, kind: &'static str },
     #[error(
+        "table {table} is UNLOGGED: its changes are not written to the WAL, so logical decoding never \
+         sees them and they would silently not replicate; make it logged (ALTER TABLE {table} SET LOGGED)"
+    )]
+    UnloggedTable { table: String },
+    #[error(
         "column {table}.{column} is tagged `@accord {policy}`, but table {table} is not replicated (its \
          comment has no `@accord replicate`), so the tag has no effect"
     )]
@@ -111,6 +116,7 @@ impl Problem {
             Problem::PolicyOnKeyColumn { .. } => "policy-on-key-column",
             Problem::PolicyOnGeneratedColumn { .. } => "policy-on-generated-column",
             Problem::NotATable { .. } => "not-a-table",
+            Problem::UnloggedTable { .. } => "unlogged-table",
             Problem::TagOnUnreplicatedTable { .. } => "tag-on-unreplicated-table",
             Problem::ReplicaIdentityNotFull { .. } => "replica-identity-not-full",
             Problem::MisspelledMarker { .. } => "misspelled-tag",
@@ -128,6 +134,7 @@ impl Problem {
             | Problem::PolicyOnKeyColumn { table, .. }
             | Problem::PolicyOnGeneratedColumn { table, .. }
             | Problem::NotATable { table, .. }
+            | Problem::UnloggedTable { table }
             | Problem::TagOnUnreplicatedTable { table, .. }
             | Problem::ReplicaIdentityNotFull { table, .. } => table,
         }
@@ -143,7 +150,10 @@ impl Problem {
             | Problem::PolicyOnKeyColumn { column, .. }
             | Problem::PolicyOnGeneratedColumn { column, .. }
             | Problem::TagOnUnreplicatedTable { column, .. } => Some(column),
-            Problem::DuplicateTable { .. } | Problem::NotATable { .. } | Problem::ReplicaIdentityNotFull { .. } => None,
+            Problem::DuplicateTable { .. }
+            | Problem::NotATable { .. }
+            | Problem::UnloggedTable { .. }
+            | Problem::ReplicaIdentityNotFull { .. } => None,
         }
     }
 }

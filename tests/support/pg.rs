@@ -7,6 +7,7 @@
 //! silently skips its database tests proves nothing.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
@@ -267,18 +268,6 @@ fn bin_dir() -> PathBuf {
 }
 
 fn find_bin_dir() -> Result<PathBuf, String> {
-    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
-    if let Some(dir) = std::env::var_os("ACCORD_PG_BIN") {
-        let dir = PathBuf::from(dir);
-        return if has_server(&dir) {
-            Ok(dir)
-        } else {
-            Err(format!(
-                "ACCORD_PG_BIN={} holds no initdb, pg_ctl and postgres; point it at PostgreSQL's bin directory",
-                dir.display()
-            ))
-        };
-    }
     let mut candidates = vec![PathBuf::from("/usr/lib/postgresql/15/bin")];
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         if out.status.success() {
@@ -293,11 +282,36 @@ fn find_bin_dir() -> Result<PathBuf, String> {
         .collect();
     versions.sort();
     candidates.extend(versions.into_iter().rev().map(|(_, dir)| dir));
+    locate_bin_dir(std::env::var_os("ACCORD_PG_BIN"), candidates)
+}
+
+const INSTALL_HINT: &str = "These tests need a real PostgreSQL: install it with `apt-get install -y postgresql-15`, \
+     or set ACCORD_PG_BIN to the directory holding initdb, pg_ctl and postgres.";
+
+/// The first of `from_env` (which, when set, must be right) or `candidates` that holds the server.
+pub fn locate_bin_dir(from_env: Option<OsString>, candidates: Vec<PathBuf>) -> Result<PathBuf, String> {
+    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
+    if let Some(dir) = from_env {
+        let dir = PathBuf::from(dir);
+        return if has_server(&dir) {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "ACCORD_PG_BIN={} holds no initdb, pg_ctl and postgres. {INSTALL_HINT}",
+                dir.display()
+            ))
+        };
+    }
+    let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
     candidates.into_iter().find(|dir| has_server(dir)).ok_or_else(|| {
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found in /usr/lib/postgresql/*/bin \
-         nor by `pg_config --bindir`. These tests need a real PostgreSQL: install it with \
-         `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN to the directory holding initdb."
-            .to_string()
+        format!(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found (looked in: {}). {INSTALL_HINT}",
+            if looked.is_empty() {
+                "nowhere".to_string()
+            } else {
+                looked.join(", ")
+            }
+        )
     })
 }
 

@@ -24,6 +24,7 @@ fn table(name: &str, comment: &str, columns: Vec<CatalogColumn>) -> CatalogTable
         name: name.into(),
         kind: RelationKind::Table,
         replica_identity: ReplicaIdentity::Full,
+        unlogged: false,
         comment: Some(comment.into()),
         columns,
     }
