@@ -26,8 +26,10 @@
 //! Words are separated by whitespace and matched without regard to ASCII case; trailing sentence
 //! punctuation (`.,;:!?)`) is not part of a word, so `'Stock on hand (@accord delta).'` works. The
 //! tag ends at the first word after the directive that is not an option; everything before `@accord`
-//! and after the tag is the user's text and ignored. `@accord` counts only as a word of its own:
-//! `ops@accord.example` and `@accordion` are not tags. A comment holds at most one tag.
+//! and after the tag is the user's text and ignored. `@accord` counts only as a word of its own,
+//! followed by whitespace: `ops@accord.example` and `@accordion` are not tags, and text such as
+//! `@acord delta` or `@accord:delta`, which looks like a failed attempt at one, is reported as a
+//! warning. A comment holds at most one tag.
 
 pub mod catalog;
 mod check;

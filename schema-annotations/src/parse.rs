@@ -10,6 +10,8 @@ const MARKER: &str = "@accord";
 const TABLE_WORDS: &[&str] = &["replicate"];
 /// The keywords of `ColumnPolicy::ALL`, as a constant for suggestions (a test keeps them equal).
 const POLICY_WORDS: &[&str] = &["lww", "delta", "review"];
+const TABLE_LIST: &str = "replicate";
+const POLICY_LIST: &str = "lww, delta, review";
 const OPTION_KEYS: &[&str] = &["default"];
 /// `delta` is left out on purpose: it changes what a write means (an addition, not a value), so it
 /// has to be chosen column by column, and a table default would also hit its text columns.
@@ -112,7 +114,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
     let place = Place::Table {
         table: table.to_string(),
     };
-    let Some(tag) = raw_tag(comment, &place, TABLE_WORDS)? else {
+    let Some(tag) = raw_tag(comment, &place, TABLE_LIST)? else {
         return Ok(None);
     };
     let directive = tag.directive.to_ascii_lowercase();
@@ -127,7 +129,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
             suggestion: closest(&directive, TABLE_WORDS),
             place,
             word: tag.directive.to_string(),
-            allowed: "replicate",
+            allowed: TABLE_LIST,
         });
     }
     let mut default_policy = None;
@@ -185,7 +187,7 @@ pub fn parse_column_comment(table: &str, column: &str, comment: &str) -> Result<
         table: table.to_string(),
         column: column.to_string(),
     };
-    let Some(tag) = raw_tag(comment, &place, POLICY_WORDS)? else {
+    let Some(tag) = raw_tag(comment, &place, POLICY_LIST)? else {
         return Ok(None);
     };
     let directive = tag.directive.to_ascii_lowercase();
@@ -200,7 +202,7 @@ pub fn parse_column_comment(table: &str, column: &str, comment: &str) -> Result<
             suggestion: closest(&directive, POLICY_WORDS),
             place,
             word: tag.directive.to_string(),
-            allowed: "lww, delta, review",
+            allowed: POLICY_LIST,
         });
     };
     if let Some(option) = tag.options.first() {
@@ -230,11 +232,8 @@ struct RawTag<'a> {
     options: Vec<&'a str>,
 }
 
-fn raw_tag<'a>(
-    comment: &'a str,
-    place: &Place,
-    directives: &[&'static str],
-) -> Result<Option<RawTag<'a>>, AnnotationError> {
+/// The tag's words; `allowed` lists the directives, for the error when there is none.
+fn raw_tag<'a>(comment: &'a str, place: &Place, allowed: &'static str) -> Result<Option<RawTag<'a>>, AnnotationError> {
     let mut markers = markers(comment);
     let Some(end) = markers.next() else {
         return Ok(None);
@@ -248,11 +247,7 @@ fn raw_tag<'a>(
         _ => {
             return Err(AnnotationError::MissingWord {
                 place: place.clone(),
-                allowed: if directives == TABLE_WORDS {
-                    "replicate"
-                } else {
-                    "lww, delta, review"
-                },
+                allowed,
             })
         }
     };
