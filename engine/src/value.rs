@@ -48,7 +48,10 @@ impl Value {
             ColumnType::Money => {
                 // money's text output carries a currency symbol and group separators ("-$1,234.50");
                 // this assumes a locale whose decimal point is '.', as the C and en_* locales have.
-                let plain: String = text.chars().filter(|c| c.is_ascii_digit() || matches!(c, '-' | '.')).collect();
+                let plain: String = text
+                    .chars()
+                    .filter(|c| c.is_ascii_digit() || matches!(c, '-' | '.'))
+                    .collect();
                 let d = BigDecimal::from_str(&plain).map_err(|_| bad())?;
                 Ok(Value::Numeric(d))
             }

@@ -2,4 +2,5 @@
 //! and uses only part of this, hence the allowance for unused items.
 #![allow(dead_code)]
 
+pub mod nodes;
 pub mod pg;

@@ -1,0 +1,3 @@
+//! The accord service: the node that joins PostgreSQL, the network and the engine.
+
+pub mod node;

@@ -1,0 +1,169 @@
+//! `accord init`: prepares a database to be a node. Idempotent: running it again brings an
+//! initialised database up to date (new replicated tables, changed annotations).
+
+use accord_engine::{Capturer, NodeId, RowMeta, DEFAULT_MAX_OFFSET_MICROS};
+use accord_schema_annotations::{Checked, SchemaPolicy};
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
+use super::rows::{all_keys, quote_table};
+use super::store::{self, encode, key_text, PUBLICATION, SLOT};
+
+/// What `init` did, for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initialized {
+    pub node: NodeId,
+    pub tables: Vec<String>,
+    pub fingerprint: String,
+    pub rows_recorded: u64,
+    pub slot_created: bool,
+}
+
+pub async fn connect(dsn: &str) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to the database ({})", redact(dsn)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A DSN with any password replaced, for messages.
+pub fn redact(dsn: &str) -> String {
+    dsn.split_whitespace()
+        .map(|part| {
+            if part.starts_with("password=") {
+                "password=***"
+            } else {
+                part
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The schema policy of a database, refusing one with annotation errors.
+pub async fn load_policy(client: &mut Client) -> Result<SchemaPolicy> {
+    let checked: Checked = accord_schema_annotations::pg::check_database(client)
+        .await
+        .context("cannot read the database's annotations")?;
+    if checked.has_errors() {
+        let list: Vec<String> = checked.errors().map(|p| format!("  - {p}")).collect();
+        bail!(
+            "the @accord annotations have errors; nothing is replicated under a policy accord did not understand \
+             (run `accord check` for details):\n{}",
+            list.join("\n")
+        );
+    }
+    Ok(checked.policy)
+}
+
+pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        bail!(
+            "wal_level is {wal_level:?}, but accord reads changes through logical decoding: set wal_level = logical \
+             in postgresql.conf and restart PostgreSQL"
+        );
+    }
+    let policy = load_policy(client).await?;
+    if policy.is_empty() {
+        bail!("no table is marked for replication: add `@accord replicate` to a table's comment");
+    }
+    let fingerprint = policy.fingerprint().to_string();
+
+    let tx = client.transaction().await?;
+    tx.batch_execute(store::DDL)
+        .await
+        .context("cannot create the accord schema")?;
+    let existing: Option<i32> = tx
+        .query_opt("SELECT node_id FROM accord.node", &[])
+        .await?
+        .map(|row| row.get(0));
+    let id = i32::try_from(node.0).context("node ids must fit in a 32-bit signed integer")?;
+    match existing {
+        Some(other) if other != id => {
+            bail!("this database is already node {other}; a database is one node for life (asked for node {node})")
+        }
+        _ => {}
+    }
+    tx.execute(
+        "INSERT INTO accord.node (node_id, fingerprint) VALUES ($1, $2)
+         ON CONFLICT (singleton) DO UPDATE SET fingerprint = EXCLUDED.fingerprint",
+        &[&id, &fingerprint],
+    )
+    .await?;
+    let mut tables = Vec::new();
+    for table in policy.tables() {
+        // Updates and deletes must carry the old row: deltas are new − old.
+        tx.batch_execute(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            quote_table(&table.name)
+        ))
+        .await
+        .with_context(|| format!("cannot set REPLICA IDENTITY FULL on {}", table.name))?;
+        tables.push(table.name.clone());
+    }
+    let mut published: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
+    published.push(quote_table(store::RESOLUTIONS_TABLE));
+    let has_publication = tx
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&PUBLICATION])
+        .await?
+        .is_some();
+    let verb = if has_publication {
+        "ALTER PUBLICATION"
+    } else {
+        "CREATE PUBLICATION"
+    };
+    let op = if has_publication { "SET TABLE" } else { "FOR TABLE" };
+    tx.batch_execute(&format!("{verb} {PUBLICATION} {op} {}", published.join(", ")))
+        .await
+        .context("cannot create the publication")?;
+    let checkpoint = Capturer::new(node, DEFAULT_MAX_OFFSET_MICROS).checkpoint();
+    tx.execute(
+        "INSERT INTO accord.capture_state (checkpoint, last_seq, covered_lsn) VALUES ($1, 0, '0/0')
+         ON CONFLICT (singleton) DO NOTHING",
+        &[&encode("capture checkpoint", &checkpoint)?],
+    )
+    .await?;
+    tx.commit().await?;
+
+    // The slot first, the backfill after: every write from here on is captured, so no row can be
+    // missed between the two.
+    let slot_created = client
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+        .await?
+        .is_none();
+    if slot_created {
+        client
+            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&SLOT])
+            .await
+            .context("cannot create the logical replication slot (are max_replication_slots free?)")?;
+    }
+
+    let mut rows_recorded = 0;
+    let tx = client.transaction().await?;
+    for table in policy.tables() {
+        let meta = encode("row metadata", &RowMeta::pre_existing(table))?;
+        for (key, xmin) in all_keys(&tx, table).await? {
+            rows_recorded += tx
+                .execute(
+                    "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin)
+                     VALUES ($1, $2, $3, true, $4) ON CONFLICT DO NOTHING",
+                    &[&table.name, &key_text(&key), &meta, &xmin],
+                )
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Initialized {
+        node,
+        tables,
+        fingerprint,
+        rows_recorded,
+        slot_created,
+    })
+}

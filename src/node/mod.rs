@@ -1,0 +1,10 @@
+//! The node beside one PostgreSQL database: init, capture, apply, and the replication loop.
+
+pub mod apply;
+pub mod capture;
+pub mod init;
+pub mod net;
+pub mod pgoutput;
+pub mod rows;
+pub mod runtime;
+pub mod store;

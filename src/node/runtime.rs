@@ -1,0 +1,539 @@
+//! A running node: the capture, one applier per peer, and the replication loop that joins them to
+//! the network. The loop owns the engine's `Replication` state machine; everything it decides, the
+//! loop carries out with PostgreSQL and the network.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use accord_engine::{
+    Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication, ReplicationConfig, RowChange,
+    PROTOCOL_VERSION,
+};
+use anyhow::{bail, Context, Result};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use super::apply::{Applier, ApplySummary};
+use super::capture::{Capture, CaptureProgress};
+use super::init::{connect, load_policy};
+use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
+use super::store::{decode, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node: NodeId,
+    pub dsn: String,
+    pub cluster: String,
+    pub peers: Vec<NodeId>,
+    pub replication: ReplicationConfig,
+    /// `synchronous_commit` for apply transactions. Off, like PostgreSQL's own subscription
+    /// workers: a crash of the server may lose the last applied batches, which are then resent,
+    /// since the applied position is in the same transaction.
+    pub synchronous_commit: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub connected: bool,
+    pub progress: PeerProgress,
+    /// Our changes the peer has not acknowledged.
+    pub unacked: u64,
+    pub applied_changes: u64,
+    pub parked: u64,
+    pub conflicts: u64,
+    pub capture_waits: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub head: u64,
+    pub captured: u64,
+    pub peers: BTreeMap<NodeId, PeerStatus>,
+}
+
+pub struct NodeHandle {
+    pub node: NodeId,
+    pub status: watch::Receiver<NodeStatus>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Stops the node gracefully: the batch being applied finishes or rolls back.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        let result = self.task.await.context("node task panicked")?;
+        for worker in self.workers {
+            worker.abort();
+            let _ = worker.await;
+        }
+        result
+    }
+
+    /// Stops the node as a crash would: every task dropped wherever it is. Open database
+    /// transactions roll back when their connections close.
+    pub async fn kill(self) {
+        self.task.abort();
+        for worker in &self.workers {
+            worker.abort();
+        }
+        let _ = self.task.await;
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+struct Applied {
+    peer: NodeId,
+    result: Result<(u64, ApplySummary)>,
+}
+
+/// Starts a node. `network` is given the hello source and returns the node's network port.
+pub async fn start<F, Fut>(config: NodeConfig, network: F) -> Result<NodeHandle>
+where
+    F: FnOnce(HelloSource) -> Fut,
+    Fut: std::future::Future<Output = NetworkPort>,
+{
+    let node = config.node;
+    let mut db = connect(&config.dsn).await?;
+    let policy = Arc::new(load_policy(&mut db).await?);
+    let fingerprint = policy.fingerprint().to_string();
+    let row = db
+        .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
+        .await
+        .context("cannot read accord.node: run `accord init` first")?;
+    let Some(row) = row else {
+        bail!("this database is not initialised: run `accord init` first")
+    };
+    let (stored_node, stored_fingerprint): (i32, String) = (row.get(0), row.get(1));
+    if i64::from(stored_node) != i64::from(node.0) {
+        bail!("this database is node {stored_node}, not node {node}");
+    }
+    if stored_fingerprint != fingerprint {
+        bail!("the @accord annotations changed since `accord init`: run `accord init` again on every node");
+    }
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut workers = Vec::new();
+
+    let (mut capture, capture_rx) = Capture::new(
+        connect(&config.dsn).await?,
+        Arc::clone(&policy),
+        node,
+        config.replication.max_offset_micros,
+    )
+    .await?;
+    let dsn = config.dsn.clone();
+    workers.push(tokio::spawn(async move {
+        loop {
+            if let Err(error) = capture.run(&dsn).await {
+                tracing::error!(%node, error = format!("{error:#}"), "capture stopped; restarting");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }));
+
+    let (applied_tx, applied_rx) = mpsc::channel::<Applied>(64);
+    let mut apply_queues = BTreeMap::new();
+    let mut progress = Vec::new();
+    for &peer in &config.peers {
+        let applier = Applier::connect(
+            connect(&config.dsn).await?,
+            peer,
+            Arc::clone(&policy),
+            config.synchronous_commit,
+        )
+        .await?;
+        let acked: i64 = db
+            .query_opt(
+                "SELECT acked FROM accord.peer_progress WHERE peer = $1",
+                &[&(peer.0 as i32)],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        progress.push((
+            peer,
+            PeerProgress {
+                applied: applier.applied(),
+                acked: acked as u64,
+            },
+        ));
+        let (queue, batches) = mpsc::channel::<Vec<RowChange>>(8);
+        apply_queues.insert(peer, queue);
+        workers.push(tokio::spawn(apply_worker(
+            applier,
+            config.dsn.clone(),
+            batches,
+            applied_tx.clone(),
+        )));
+    }
+    let head = capture_rx.borrow().head;
+    let pruned: Option<i64> = db
+        .query_one("SELECT min(seq) - 1 FROM accord.outbound", &[])
+        .await?
+        .get(0);
+    let pruned = pruned.map(|p| p as u64).unwrap_or(head);
+    let replication = Replication::new(node, config.replication, head, pruned, progress.iter().copied());
+
+    let applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>> =
+        Arc::new(Mutex::new(progress.iter().map(|(p, pp)| (*p, pp.applied)).collect()));
+    let identity = LocalIdentity {
+        cluster: config.cluster.clone(),
+        node,
+        fingerprint: fingerprint.clone(),
+        max_offset_micros: config.replication.max_offset_micros,
+    };
+    let hello_source: HelloSource = {
+        let positions = Arc::clone(&applied_positions);
+        let (cluster, fingerprint) = (config.cluster.clone(), fingerprint.clone());
+        Arc::new(move |peer| Hello {
+            version: PROTOCOL_VERSION,
+            cluster: cluster.clone(),
+            node,
+            fingerprint: fingerprint.clone(),
+            hlc: Hlc::new(wall_micros(), 0, node),
+            applied_yours: positions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&peer)
+                .copied()
+                .unwrap_or(0),
+        })
+    };
+    let port = network(hello_source).await;
+    let (status_tx, status) = watch::channel(NodeStatus::default());
+    let looped = Loop {
+        db,
+        replication,
+        identity,
+        port,
+        apply_queues,
+        applied_positions,
+        status: status_tx,
+        stats: BTreeMap::new(),
+        captured: 0,
+        persisted_acks: BTreeMap::new(),
+        pending_apply: BTreeMap::new(),
+        pending_acks: BTreeMap::new(),
+        pending_refusals: Vec::new(),
+    };
+    let task = tokio::spawn(looped.run(capture_rx, applied_rx, shutdown_rx));
+    Ok(NodeHandle {
+        node,
+        status,
+        shutdown,
+        task,
+        workers,
+    })
+}
+
+async fn apply_worker(
+    mut applier: Applier,
+    dsn: String,
+    mut batches: mpsc::Receiver<Vec<RowChange>>,
+    done: mpsc::Sender<Applied>,
+) {
+    let peer = applier.peer();
+    while let Some(batch) = batches.recv().await {
+        loop {
+            let result = applier.apply(&batch).await;
+            match result {
+                Ok(ok) => {
+                    if done.send(Applied { peer, result: Ok(ok) }).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // The connection may be what failed: start over on a new one.
+                    match async {
+                        Applier::connect(
+                            connect(&dsn).await?,
+                            peer,
+                            applier.policy(),
+                            applier.synchronous_commit(),
+                        )
+                        .await
+                    }
+                    .await
+                    {
+                        Ok(fresh) => applier = fresh,
+                        Err(error) => {
+                            tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The replication loop. It never waits for a full channel: a blocked send could close a cycle
+/// (this loop waiting on a peer whose loop waits on this one). What cannot be handed on at once
+/// waits in `pending_apply` and `pending_acks`, both bounded by the peers' windows.
+struct Loop {
+    db: Client,
+    replication: Replication,
+    identity: LocalIdentity,
+    port: NetworkPort,
+    apply_queues: BTreeMap<NodeId, mpsc::Sender<Vec<RowChange>>>,
+    applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>>,
+    status: watch::Sender<NodeStatus>,
+    stats: BTreeMap<NodeId, PeerStatus>,
+    captured: u64,
+    persisted_acks: BTreeMap<NodeId, u64>,
+    pending_apply: BTreeMap<NodeId, VecDeque<Vec<RowChange>>>,
+    pending_acks: BTreeMap<NodeId, Message>,
+    pending_refusals: Vec<(NodeId, Message)>,
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut capture: watch::Receiver<CaptureProgress>,
+        mut applied: mpsc::Receiver<Applied>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // Retries what could not be handed on because a channel was full.
+        let mut retry = tokio::time::interval(Duration::from_millis(5));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                event = self.port.events.recv() => match event {
+                    Some(event) => self.on_event(event).await?,
+                    None => bail!("the network stopped"),
+                },
+                changed = capture.changed() => {
+                    if changed.is_err() {
+                        bail!("the capture stopped");
+                    }
+                    let p = *capture.borrow_and_update();
+                    self.replication.logged(p.head);
+                    self.captured = p.captured;
+                }
+                Some(done) = applied.recv() => self.on_applied(done).await?,
+                _ = tick.tick() => self.housekeeping().await?,
+                _ = retry.tick(), if self.has_pending() => {}
+            }
+            self.flush_apply()?;
+            self.flush_outbox();
+            self.send_batches().await?;
+            self.publish_status();
+        }
+        self.housekeeping().await?;
+        Ok(())
+    }
+
+    async fn on_event(&mut self, event: PeerEvent) -> Result<()> {
+        match event {
+            PeerEvent::Up { peer, hello }
+            | PeerEvent::Message {
+                peer,
+                message: Message::Hello(hello),
+            } => {
+                if let Err(refusal) = self.identity.check(&hello, wall_micros()) {
+                    tracing::error!(%peer, %refusal, "refusing peer");
+                    self.pending_refusals.push((peer, Message::Refused(refusal)));
+                    return Ok(());
+                }
+                match self.replication.connected(peer, hello.applied_yours) {
+                    Ok(()) => tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected"),
+                    Err(error) => tracing::error!(%peer, %error, "cannot replicate to peer"),
+                }
+            }
+            PeerEvent::Down { peer, reason } => {
+                tracing::info!(%peer, reason, "peer disconnected");
+                self.replication.disconnected(peer);
+            }
+            PeerEvent::Message { peer, message } => match message {
+                Message::Batch(changes) => match self.replication.received(peer, &changes, wall_micros()) {
+                    Ok([]) => {}
+                    Ok(fresh) => self.pending_apply.entry(peer).or_default().push_back(fresh.to_vec()),
+                    Err(error) => {
+                        tracing::error!(%peer, %error, "refusing a batch; dropping the connection state");
+                        self.replication.disconnected(peer);
+                    }
+                },
+                Message::Ack { applied } => {
+                    if let Err(error) = self.replication.acked(peer, applied) {
+                        tracing::warn!(%peer, %error, "ignoring acknowledgement");
+                    }
+                }
+                Message::Refused(refusal) => tracing::error!(%peer, %refusal, "peer refused this node"),
+                Message::Ping { .. } | Message::Hello(_) => {}
+            },
+        }
+        Ok(())
+    }
+
+    async fn on_applied(&mut self, done: Applied) -> Result<()> {
+        let peer = done.peer;
+        let (upto, summary) = done.result?;
+        self.applied_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, upto);
+        let stats = self.stats.entry(peer).or_default();
+        stats.applied_changes += summary.applied;
+        stats.parked += summary.parked;
+        stats.conflicts += summary.conflicts;
+        stats.capture_waits += summary.waits;
+        let ack = self.replication.applied(peer, upto)?;
+        if self.replication.is_connected(peer) {
+            // Acknowledgements are cumulative: only the latest one needs to go out.
+            self.pending_acks.insert(peer, ack);
+        }
+        Ok(())
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.pending_acks.is_empty()
+            || !self.pending_refusals.is_empty()
+            || self.pending_apply.values().any(|q| !q.is_empty())
+    }
+
+    /// Hands received batches to the appliers, as far as their queues have room.
+    fn flush_apply(&mut self) -> Result<()> {
+        for (peer, pending) in &mut self.pending_apply {
+            let Some(queue) = self.apply_queues.get(peer) else {
+                pending.clear();
+                continue;
+            };
+            while let Some(batch) = pending.pop_front() {
+                match queue.try_send(batch) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        pending.push_front(batch);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => bail!("the applier for node {peer} stopped"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_outbox(&mut self) {
+        let mut queued: Vec<(NodeId, Message)> = std::mem::take(&mut self.pending_refusals);
+        queued.extend(std::mem::take(&mut self.pending_acks));
+        let mut rest = queued.into_iter();
+        for (peer, message) in rest.by_ref() {
+            if let Ok(permit) = self.port.outbox.try_reserve() {
+                permit.send(Outgoing { peer, message });
+                continue;
+            }
+            self.requeue(peer, message);
+            break;
+        }
+        for (peer, message) in rest {
+            self.requeue(peer, message);
+        }
+    }
+
+    fn requeue(&mut self, peer: NodeId, message: Message) {
+        match message {
+            Message::Ack { .. } => {
+                self.pending_acks.entry(peer).or_insert(message);
+            }
+            other => self.pending_refusals.push((peer, other)),
+        }
+    }
+
+    /// Sends every batch the window allows, while the network takes them.
+    async fn send_batches(&mut self) -> Result<()> {
+        let peers: Vec<NodeId> = self.replication.peers().collect();
+        for peer in peers {
+            loop {
+                let Ok(permit) = self.port.outbox.try_reserve() else {
+                    return Ok(());
+                };
+                let Some(range) = self.replication.next_batch(peer) else {
+                    break;
+                };
+                let changes = self.read_outbound(*range.start(), *range.end()).await?;
+                permit.send(Outgoing {
+                    peer,
+                    message: Message::Batch(changes),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_outbound(&self, first: u64, last: u64) -> Result<Vec<RowChange>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT change FROM accord.outbound WHERE seq BETWEEN $1 AND $2 ORDER BY seq",
+                &[&(first as i64), &(last as i64)],
+            )
+            .await?;
+        if rows.len() as u64 != last - first + 1 {
+            bail!("the outbound log lacks changes {first}..={last} (found {})", rows.len());
+        }
+        rows.iter()
+            .map(|row| decode("change", row.get::<_, &[u8]>(0)))
+            .collect::<Result<_, StoreError>>()
+            .map_err(Into::into)
+    }
+
+    /// Persists acknowledgements and prunes the outbound log.
+    async fn housekeeping(&mut self) -> Result<()> {
+        let peers: Vec<NodeId> = self.replication.peers().collect();
+        for peer in peers {
+            let acked = self.replication.progress(peer)?.acked;
+            if self.persisted_acks.get(&peer) != Some(&acked) {
+                self.db
+                    .execute(
+                        "INSERT INTO accord.peer_progress (peer, acked) VALUES ($1, $2)
+                         ON CONFLICT (peer) DO UPDATE SET acked = EXCLUDED.acked, updated_at = now()",
+                        &[&(peer.0 as i32), &(acked as i64)],
+                    )
+                    .await?;
+                self.persisted_acks.insert(peer, acked);
+            }
+        }
+        let prune = self.replication.prune_point();
+        self.db
+            .execute("DELETE FROM accord.outbound WHERE seq <= $1", &[&(prune as i64)])
+            .await?;
+        self.replication.pruned(prune);
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let mut status = NodeStatus {
+            head: self.replication.head(),
+            captured: self.captured,
+            peers: BTreeMap::new(),
+        };
+        for peer in self.replication.peers() {
+            let mut s = self.stats.get(&peer).cloned().unwrap_or_default();
+            s.connected = self.replication.is_connected(peer);
+            s.progress = self.replication.progress(peer).unwrap_or_default();
+            s.unacked = self.replication.unacked(peer).unwrap_or(0);
+            status.peers.insert(peer, s);
+        }
+        self.status.send_if_modified(|old| {
+            let changed = *old != status;
+            *old = status;
+            changed
+        });
+    }
+}

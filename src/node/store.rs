@@ -1,0 +1,331 @@
+//! accord's own tables in each database, and how engine types are stored in them.
+//!
+//! Metadata, changes and review items are stored as MessagePack (named fields, so a field added
+//! later reads back as its default); the columns people query (status, table, key, candidates) are
+//! plain SQL beside them.
+
+use accord_engine::{
+    Candidate, ClosureKind, Conflict, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey, RowMeta, Value,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use thiserror::Error;
+use tokio_postgres::GenericClient;
+
+pub const SCHEMA: &str = "accord";
+pub const PUBLICATION: &str = "accord_pub";
+pub const SLOT: &str = "accord_slot";
+/// Logical-decoding messages with this prefix carry the greatest stamp a merge committed.
+pub const HLC_MESSAGE_PREFIX: &str = "accord.hlc";
+/// Writes into this table, in the same transaction as a write to a review column, say which
+/// review item the write resolves.
+pub const RESOLUTIONS_TABLE: &str = "accord.review_resolutions";
+
+/// The replication origin that marks changes applied from `peer`, and records how far they got.
+pub fn origin_name(peer: accord_engine::NodeId) -> String {
+    format!("accord_peer_{}", peer.0)
+}
+
+pub const DDL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS accord;
+COMMENT ON SCHEMA accord IS 'accord: replication metadata, review queue and conflict log';
+
+CREATE TABLE IF NOT EXISTS accord.node (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    node_id     integer NOT NULL,
+    fingerprint text    NOT NULL,
+    initialized_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Per replicated row: accord's metadata, and the transaction id of the row version it accounts
+-- for (a merge waits while the row's xmin differs: a local write the capture has not seen yet).
+CREATE TABLE IF NOT EXISTS accord.row_meta (
+    table_name text  NOT NULL,
+    row_key    text  NOT NULL,
+    meta       bytea NOT NULL,
+    alive      boolean NOT NULL,
+    known_xmin text,
+    PRIMARY KEY (table_name, row_key)
+);
+
+-- This node's stamped changes, in capture order, until every peer acknowledged them.
+CREATE TABLE IF NOT EXISTS accord.outbound (
+    seq    bigint PRIMARY KEY,
+    change bytea  NOT NULL,
+    captured_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS accord.capture_state (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    checkpoint  bytea   NOT NULL,
+    last_seq    bigint  NOT NULL,
+    covered_lsn pg_lsn  NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- How far each peer acknowledged this node's changes (what it applied of ours is its own business;
+-- what we applied of its changes is in the replication origin accord_peer_<id>).
+CREATE TABLE IF NOT EXISTS accord.peer_progress (
+    peer   integer PRIMARY KEY,
+    acked  bigint  NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS accord.review_items (
+    id          text PRIMARY KEY,
+    table_name  text NOT NULL,
+    row_key     text NOT NULL,
+    column_name text,
+    kind        text NOT NULL CHECK (kind IN ('concurrent', 'unapplicable')),
+    status      text NOT NULL CHECK (status IN ('open', 'resolved', 'superseded')),
+    candidates  jsonb NOT NULL DEFAULT '[]',
+    error       text,
+    closed_by   text,
+    closed_value text,
+    closed_stamp text,
+    item        bytea NOT NULL,
+    change      bytea,
+    opened_at   timestamptz NOT NULL DEFAULT now(),
+    closed_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS review_items_open ON accord.review_items (status, opened_at);
+
+CREATE TABLE IF NOT EXISTS accord.review_resolutions (
+    item_id     text PRIMARY KEY,
+    resolved_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS accord.conflict_log (
+    id          bigserial PRIMARY KEY,
+    logged_at   timestamptz NOT NULL DEFAULT now(),
+    table_name  text NOT NULL,
+    row_key     text NOT NULL,
+    column_name text,
+    kind        text NOT NULL,
+    winner      text NOT NULL,
+    loser       text NOT NULL
+);
+"#;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+    #[error("stored {what} does not decode (written by another accord version?): {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    rmp_serde::to_vec_named(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// The canonical text of a row key: a JSON array, numerics normalised so that `1.5` and `1.50`
+/// (equal to PostgreSQL) are one key.
+pub fn key_text(key: &RowKey) -> String {
+    let parts: Vec<serde_json::Value> = key
+        .0
+        .iter()
+        .map(|v| match v {
+            Value::Null => serde_json::Value::Null,
+            Value::Int(i) => serde_json::Value::from(*i),
+            Value::Numeric(d) => serde_json::Value::from(d.normalized().to_plain_string()),
+            Value::Text(s) => serde_json::Value::from(s.as_str()),
+        })
+        .collect();
+    serde_json::Value::Array(parts).to_string()
+}
+
+fn value_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Int(i) => serde_json::Value::from(*i),
+        other => serde_json::Value::from(other.to_string()),
+    }
+}
+
+fn candidates_json(candidates: &[Candidate]) -> serde_json::Value {
+    candidates
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "value": value_json(&c.value),
+                "node": c.stamp.node.0,
+                "stamp": c.stamp.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The stored metadata of a row and the xmin it accounts for, locked for this transaction.
+pub async fn load_meta(
+    db: &impl GenericClient,
+    table: &str,
+    key: &str,
+) -> Result<Option<(RowMeta, Option<String>)>, StoreError> {
+    let row = db
+        .query_opt(
+            "SELECT meta, known_xmin FROM accord.row_meta WHERE table_name = $1 AND row_key = $2 FOR UPDATE",
+            &[&table, &key],
+        )
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let bytes: &[u8] = row.get(0);
+            Ok(Some((decode("row metadata", bytes)?, row.get(1))))
+        }
+    }
+}
+
+pub async fn save_meta(
+    db: &impl GenericClient,
+    table: &str,
+    key: &str,
+    meta: &RowMeta,
+    known_xmin: Option<&str>,
+) -> Result<(), StoreError> {
+    let bytes = encode("row metadata", meta)?;
+    db.execute(
+        "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (table_name, row_key) DO UPDATE
+         SET meta = EXCLUDED.meta, alive = EXCLUDED.alive, known_xmin = EXCLUDED.known_xmin",
+        &[&table, &key, &bytes, &meta.is_alive(), &known_xmin],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn append_outbound(db: &impl GenericClient, change: &RowChange) -> Result<(), StoreError> {
+    let bytes = encode("change", change)?;
+    let seq = i64::try_from(change.seq).unwrap_or(i64::MAX);
+    db.execute(
+        "INSERT INTO accord.outbound (seq, change) VALUES ($1, $2)",
+        &[&seq, &bytes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Carries out a merge's or a capture's review-queue actions.
+pub async fn apply_review(db: &impl GenericClient, actions: &[ReviewAction]) -> Result<(), StoreError> {
+    for action in actions {
+        match action {
+            ReviewAction::Open(item) => open_item(db, item, None).await?,
+            ReviewAction::Withdraw(id) => {
+                db.execute(
+                    "DELETE FROM accord.review_items WHERE id = $1 AND status = 'open'",
+                    &[&id.to_string()],
+                )
+                .await?;
+            }
+            ReviewAction::Close(closure) => {
+                let (status, by, value, stamp) = match &closure.kind {
+                    ClosureKind::Resolved { by, stamp, value } => ("resolved", Some(by.0.to_string()), value, stamp),
+                    ClosureKind::Superseded { stamp, value } => ("superseded", None, value, stamp),
+                };
+                let item = encode("review item", &closure.item)?;
+                let stamp_text = stamp.to_string();
+                let stamp_key = stamp_sort_key(stamp);
+                // Concurrent closers: the greatest stamp is kept (ReviewClosure::replaces), which
+                // the fixed-width sort key lets SQL compare.
+                db.execute(
+                    "INSERT INTO accord.review_items
+                       (id, table_name, row_key, column_name, kind, status, candidates, item, closed_by, closed_value, closed_stamp, closed_at)
+                     VALUES ($1, $2, $3, $4, 'concurrent', $5, $6, $7, $8, $9, $10, now())
+                     ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, closed_by = EXCLUDED.closed_by,
+                       closed_value = EXCLUDED.closed_value, closed_stamp = EXCLUDED.closed_stamp, closed_at = now()
+                     WHERE accord.review_items.closed_stamp IS NULL OR accord.review_items.closed_stamp < EXCLUDED.closed_stamp",
+                    &[
+                        &closure.item.id.to_string(),
+                        &closure.item.table,
+                        &key_text(&closure.item.key),
+                        &closure.item.column,
+                        &status,
+                        &candidates_json(closure.item.candidates()),
+                        &item,
+                        &by,
+                        &value.to_pg_text(),
+                        &format!("{stamp_key} {stamp_text}"),
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stamp as text that sorts like the stamp.
+fn stamp_sort_key(stamp: &accord_engine::Hlc) -> String {
+    format!("{:020}.{:010}.{:010}", stamp.physical, stamp.logical, stamp.node.0)
+}
+
+/// Records an open item: a concurrent-write item, or a parked change with what it was.
+pub async fn open_item(
+    db: &impl GenericClient,
+    item: &ReviewItem,
+    change: Option<&RowChange>,
+) -> Result<(), StoreError> {
+    let (kind, error) = match &item.kind {
+        ReviewKind::Concurrent { .. } => ("concurrent", None),
+        ReviewKind::Unapplicable { error, .. } => ("unapplicable", Some(error.as_str())),
+    };
+    let bytes = encode("review item", item)?;
+    let change = change.map(|c| encode("change", c)).transpose()?;
+    db.execute(
+        "INSERT INTO accord.review_items (id, table_name, row_key, column_name, kind, status, candidates, error, item, change)
+         VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $8, $9)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &item.id.to_string(),
+            &item.table,
+            &key_text(&item.key),
+            &item.column,
+            &kind,
+            &candidates_json(item.candidates()),
+            &error,
+            &bytes,
+            &change,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn log_conflicts(
+    db: &impl GenericClient,
+    table: &str,
+    key: &str,
+    conflicts: &[Conflict],
+) -> Result<(), StoreError> {
+    for c in conflicts {
+        let kind = format!("{:?}", c.kind);
+        db.execute(
+            "INSERT INTO accord.conflict_log (table_name, row_key, column_name, kind, winner, loser)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &table,
+                &key,
+                &c.column,
+                &kind,
+                &c.winner.to_string(),
+                &c.loser.to_string(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The PostgreSQL node end to end: two and three nodes on real temporary clusters, writing at once.
+
+mod support;
+
+use std::time::Duration;
+
+use support::nodes::{TestCluster, SHOP};
+
+const TABLES: &[&str] = &["shop.products", "shop.users"];
+
+async fn sum_stock(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT coalesce(sum(stock), 0)::bigint FROM shop.products", &[])
+        .await
+        .expect("stock is readable")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_count_every_increment_on_hot_rows() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let a = cluster.client(0).await;
+    a.batch_execute(
+        "INSERT INTO shop.products (id, name, stock, price) SELECT g, 'p' || g, 100, 9.99 FROM generate_series(1, 5) g",
+    )
+    .await
+    .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    let per_writer = 150;
+    let mut writers = Vec::new();
+    for node in 0..2 {
+        for w in 0..2 {
+            let db = cluster.client(node).await;
+            writers.push(tokio::spawn(async move {
+                for i in 0..per_writer {
+                    let id = 1 + ((i + w) % 5) as i64;
+                    db.execute("UPDATE shop.products SET stock = stock + 1 WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+    let expected = 5 * 100 + 4 * per_writer as i64;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        assert_eq!(
+            sum_stock(&cluster.client(node).await).await,
+            expected,
+            "node {node}:\n{snapshot}"
+        );
+    }
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_converge_with_conflicts_of_every_kind() {
+    let cluster = TestCluster::start(3, SHOP).await;
+    let first = cluster.client(0).await;
+    first
+        .batch_execute(
+            "INSERT INTO shop.products (id, name, stock, balance, price)
+             SELECT g, 'product ' || g, 10, 1.5, 10.00 FROM generate_series(1, 20) g",
+        )
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    // Everyone at once, partitioned so that all of it is concurrent: counters, lww names, review
+    // prices, inserts of the same new key, and a delete racing updates.
+    cluster.partition_all().await;
+    let mut writers = Vec::new();
+    for node in 0..3usize {
+        let db = cluster.client(node).await;
+        writers.push(tokio::spawn(async move {
+            for round in 0..20i64 {
+                let id = 1 + (round % 10);
+                db.execute(
+                    "UPDATE shop.products SET stock = stock + $2, balance = balance + 0.25, name = $3 WHERE id = $1",
+                    &[&id, &(node as i64 + 1), &format!("name {round} from {node}")],
+                )
+                .await
+                .unwrap();
+            }
+            let price = format!("{}.00", 20 + node);
+            db.execute(
+                "UPDATE shop.products SET price = $1::text::numeric WHERE id = 15",
+                &[&price],
+            )
+            .await
+            .unwrap();
+            db.execute(
+                "INSERT INTO shop.products (id, name, stock) VALUES (100, $1, 7) ON CONFLICT DO NOTHING",
+                &[&format!("new from {node}")],
+            )
+            .await
+            .unwrap();
+            if node == 0 {
+                db.execute("DELETE FROM shop.products WHERE id = 18", &[])
+                    .await
+                    .unwrap();
+            } else {
+                db.execute("UPDATE shop.products SET stock = stock + 1000 WHERE id = 18", &[])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    cluster.heal_all().await;
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+    let db = cluster.client(0).await;
+
+    // Rows 1..=10 got 20 rounds spread over them from each node: +1, +2, +3 per round.
+    let hot: i64 = db
+        .query_one("SELECT sum(stock)::bigint FROM shop.products WHERE id <= 10", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hot, 10 * 10 + 20 * (1 + 2 + 3), "{}", snapshots[0]);
+    let balance: String = db
+        .query_one("SELECT sum(balance)::text FROM shop.products WHERE id <= 10", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        balance,
+        format!("{:.4}", 10.0 * 1.5 + 60.0 * 0.25),
+        "exact numeric deltas"
+    );
+    // Three concurrent inserts of key 100: one row, every insert counted as a delta from zero.
+    let new_stock: i64 = db
+        .query_one("SELECT stock FROM shop.products WHERE id = 100", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(new_stock, 21);
+    // The delete won over the concurrent updates.
+    let gone = db
+        .query_opt("SELECT 1 FROM shop.products WHERE id = 18", &[])
+        .await
+        .unwrap();
+    assert!(gone.is_none(), "row 18 must stay deleted:\n{}", snapshots[0]);
+    // Three concurrent prices: one open review item with three candidates, on every node.
+    let items: Vec<(String, i64)> = db
+        .query(
+            "SELECT status, jsonb_array_length(candidates)::bigint FROM accord.review_items
+             WHERE kind = 'concurrent' AND row_key = '[15]'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(items, vec![("open".to_owned(), 3)], "{}", snapshots[0]);
+    let conflicts: i64 = db
+        .query_one("SELECT count(*) FROM accord.conflict_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(conflicts > 0, "automatic resolutions are logged");
+    cluster.stop_all().await;
+}

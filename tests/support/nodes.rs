@@ -1,0 +1,212 @@
+//! Clusters of accord nodes on real temporary PostgreSQL clusters, joined in process by the
+//! in-memory network (the QUIC transport provides the same interface).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use accord::node::init::init;
+use accord::node::net::MemoryHub;
+use accord::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
+use accord_engine::{NodeId, ReplicationConfig};
+
+use super::pg::PgCluster;
+
+pub const SHOP: &str = "
+CREATE SCHEMA shop;
+CREATE TABLE shop.products (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    stock bigint NOT NULL DEFAULT 0,
+    balance numeric(20,4) NOT NULL DEFAULT 0,
+    price numeric(10,2)
+);
+COMMENT ON TABLE  shop.products         IS 'Catalogue. @accord replicate';
+COMMENT ON COLUMN shop.products.stock   IS '@accord delta';
+COMMENT ON COLUMN shop.products.balance IS '@accord delta';
+COMMENT ON COLUMN shop.products.price   IS 'Price. @accord review';
+CREATE TABLE shop.users (
+    id integer PRIMARY KEY,
+    email text NOT NULL UNIQUE,
+    name text
+);
+COMMENT ON TABLE shop.users IS '@accord replicate';
+";
+
+pub const DB: &str = "shop";
+
+pub struct TestCluster {
+    pub pg: Vec<PgCluster>,
+    pub hub: MemoryHub,
+    pub nodes: BTreeMap<NodeId, NodeHandle>,
+    pub replication: ReplicationConfig,
+}
+
+pub fn id(i: usize) -> NodeId {
+    NodeId(i as u32 + 1)
+}
+
+impl TestCluster {
+    /// `n` databases with `schema`, initialised as nodes 1..=n, and the nodes started.
+    pub async fn start(n: usize, schema: &str) -> TestCluster {
+        // RUST_LOG=accord=debug shows what the nodes do; warnings and errors show by default.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .try_init();
+        let pg = tokio::task::spawn_blocking(move || PgCluster::start_many(n))
+            .await
+            .expect("starting clusters panicked");
+        for (i, cluster) in pg.iter().enumerate() {
+            let mut db = cluster.create_database(DB).await;
+            db.batch_execute(schema).await.expect("test schema applies");
+            init(&mut db, id(i)).await.expect("accord init succeeds");
+        }
+        let mut cluster = TestCluster {
+            pg,
+            hub: MemoryHub::new(),
+            nodes: BTreeMap::new(),
+            replication: ReplicationConfig {
+                max_batch: 200,
+                window: 2_000,
+                ..ReplicationConfig::default()
+            },
+        };
+        for i in 0..n {
+            cluster.start_node(i).await;
+        }
+        cluster
+    }
+
+    pub fn config(&self, i: usize) -> NodeConfig {
+        NodeConfig {
+            node: id(i),
+            dsn: self.pg[i].dsn(DB),
+            cluster: "test".into(),
+            peers: (0..self.pg.len()).filter(|&j| j != i).map(id).collect(),
+            replication: self.replication,
+            synchronous_commit: false,
+        }
+    }
+
+    pub async fn start_node(&mut self, i: usize) {
+        let hub = self.hub.clone();
+        let node = id(i);
+        let handle = start(self.config(i), move |hello| async move { hub.join(node, hello).await })
+            .await
+            .unwrap_or_else(|e| panic!("node {node} does not start: {e:#}"));
+        self.nodes.insert(node, handle);
+    }
+
+    /// Stops node `i` as a crash would.
+    pub async fn kill_node(&mut self, i: usize) {
+        self.hub.leave(id(i)).await;
+        if let Some(handle) = self.nodes.remove(&id(i)) {
+            handle.kill().await;
+        }
+    }
+
+    pub async fn stop_all(mut self) {
+        for (node, handle) in std::mem::take(&mut self.nodes) {
+            self.hub.leave(node).await;
+            handle
+                .stop()
+                .await
+                .unwrap_or_else(|e| panic!("node {node} stopped with an error: {e:#}"));
+        }
+    }
+
+    /// Cuts every link: each node writes alone until [`TestCluster::heal_all`].
+    pub async fn partition_all(&self) {
+        for a in 0..self.pg.len() {
+            for b in a + 1..self.pg.len() {
+                self.hub.cut(id(a), id(b)).await;
+            }
+        }
+    }
+
+    pub async fn heal_all(&self) {
+        for a in 0..self.pg.len() {
+            for b in a + 1..self.pg.len() {
+                self.hub.heal(id(a), id(b)).await;
+            }
+        }
+    }
+
+    pub async fn client(&self, i: usize) -> tokio_postgres::Client {
+        self.pg[i].connect(DB).await
+    }
+
+    fn statuses(&self) -> Vec<NodeStatus> {
+        self.nodes.values().map(|h| h.status.borrow().clone()).collect()
+    }
+
+    /// Waits until every node has sent everything it captured and every peer acknowledged it, and
+    /// the contents of `tables` and the review queues are the same everywhere; then returns them.
+    pub async fn converge(&self, tables: &[&str], limit: Duration) -> Vec<String> {
+        let limit = std::env::var("ACCORD_TEST_CONVERGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(limit);
+        let started = Instant::now();
+        let mut stable = 0;
+        let mut last = Vec::new();
+        loop {
+            let quiet = self
+                .statuses()
+                .iter()
+                .all(|s| s.peers.values().all(|p| p.connected && p.unacked == 0));
+            let mut snapshots = Vec::new();
+            for i in 0..self.pg.len() {
+                snapshots.push(snapshot(&self.client(i).await, tables).await);
+            }
+            let same = snapshots.windows(2).all(|w| w[0] == w[1]);
+            if quiet && same && snapshots.first() == last.first() {
+                stable += 1;
+                if stable >= 3 {
+                    return snapshots;
+                }
+            } else {
+                stable = 0;
+            }
+            last = snapshots;
+            if started.elapsed() > limit {
+                let statuses = self.statuses();
+                panic!(
+                    "no convergence after {limit:?}; statuses: {statuses:#?}\nsnapshots:\n{}",
+                    last.join("\n----\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// Everything a node holds in `tables` and its review queue, as text, in a stable order.
+pub async fn snapshot(db: &tokio_postgres::Client, tables: &[&str]) -> String {
+    let mut out = String::new();
+    for table in tables {
+        let rows = db
+            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("cannot read {table}: {e}"));
+        out.push_str(&format!("{table}:\n"));
+        for row in rows {
+            out.push_str(&format!("  {}\n", row.get::<_, String>(0)));
+        }
+    }
+    let items = db
+        .query(
+            "SELECT id, kind, status, table_name, row_key, coalesce(column_name, ''), candidates::text
+             FROM accord.review_items WHERE kind = 'concurrent' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("review items are readable");
+    out.push_str("review:\n");
+    for row in items {
+        let cols: Vec<String> = (0..7).map(|i| row.get::<_, String>(i)).collect();
+        out.push_str(&format!("  {}\n", cols.join(" | ")));
+    }
+    out
+}
