@@ -167,3 +167,176 @@ async fn three_nodes_converge_with_conflicts_of_every_kind() {
     assert!(conflicts > 0, "automatic resolutions are logged");
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_nodes_resume_without_losing_or_repeating_a_change() {
+    let mut cluster = TestCluster::start(2, SHOP).await;
+    cluster
+        .client(0)
+        .await
+        .batch_execute("INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, 0 FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    // Writers on both databases keep going while the nodes beside them are killed and restarted:
+    // the capture is stopped mid-stream and the apply mid-batch.
+    let per_writer = 400i64;
+    let mut writers = Vec::new();
+    for node in 0..2 {
+        let db = cluster.client(node).await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                db.execute(
+                    "UPDATE shop.products SET stock = stock + 1 WHERE id = $1",
+                    &[&(1 + i % 4)],
+                )
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150 + 100 * round)).await;
+        let victim = round as usize % 2;
+        cluster.kill_node(victim).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.start_node(victim).await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        assert_eq!(
+            sum_stock(&cluster.client(node).await).await,
+            2 * per_writer,
+            "node {node}: every increment once, none twice:\n{snapshot}"
+        );
+    }
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unique_clash_is_parked_on_every_node_and_replication_goes_on() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    cluster.partition_all().await;
+    for node in 0..2usize {
+        cluster
+            .client(node)
+            .await
+            .execute(
+                "INSERT INTO shop.users (id, email, name) VALUES ($1, 'same@example.com', 'clash')",
+                &[&(node as i32 + 1)],
+            )
+            .await
+            .unwrap();
+    }
+    cluster.heal_all().await;
+    // Replication goes on after the clash.
+    cluster
+        .client(0)
+        .await
+        .execute(
+            "INSERT INTO shop.users (id, email) VALUES (10, 'after@example.com')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut parked = Vec::new();
+    for _ in 0..200 {
+        parked.clear();
+        for node in 0..2 {
+            let n: i64 = cluster
+                .client(node)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM accord.review_items WHERE kind = 'unapplicable' AND status = 'open'
+                       AND table_name = 'shop.users' AND error LIKE '%duplicate key%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            parked.push(n);
+        }
+        let after: i64 = cluster
+            .client(1)
+            .await
+            .query_one("SELECT count(*) FROM shop.users WHERE id = 10", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if parked == [1, 1] && after == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(parked, [1, 1], "each node parks the other's clashing insert");
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_review_resolution_on_one_node_closes_the_item_on_all() {
+    use accord::node::review::{list, resolve, Choice};
+
+    let cluster = TestCluster::start(3, SHOP).await;
+    cluster
+        .client(0)
+        .await
+        .execute(
+            "INSERT INTO shop.products (id, name, price) VALUES (1, 'lamp', 10.00)",
+            &[],
+        )
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    cluster.partition_all().await;
+    for node in 0..3usize {
+        let price = format!("{}.00", 11 + node);
+        cluster
+            .client(node)
+            .await
+            .execute(
+                "UPDATE shop.products SET price = $1::text::numeric WHERE id = 1",
+                &[&price],
+            )
+            .await
+            .unwrap();
+    }
+    cluster.heal_all().await;
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    let mut reviewer = cluster.client(1).await;
+    let open = list(&reviewer, Some("open")).await.unwrap();
+    assert_eq!(open.len(), 1, "{open:#?}");
+    let item = &open[0];
+    assert_eq!(item.item.candidates().len(), 3);
+    let policy = accord::node::init::load_policy(&mut reviewer).await.unwrap();
+    let chosen = resolve(&mut reviewer, &policy, item.id, Choice::Pick(1)).await.unwrap();
+    assert_eq!(chosen.to_string(), "11.00");
+    assert!(
+        resolve(&mut reviewer, &policy, item.id, Choice::Pick(2)).await.is_err(),
+        "a resolved item cannot be resolved again"
+    );
+
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    for node in 0..3 {
+        let db = cluster.client(node).await;
+        let row = db
+            .query_one(
+                "SELECT status, closed_value, (SELECT price::text FROM shop.products WHERE id = 1)
+                 FROM accord.review_items WHERE id = $1",
+                &[&item.id.to_string()],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("node {node} lacks the item: {e}\n{}", snapshots[node]));
+        let (status, value, price): (String, Option<String>, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            (status.as_str(), value.as_deref(), price.as_str()),
+            ("resolved", Some("11.00"), "11.00"),
+            "node {node}"
+        );
+    }
+    cluster.stop_all().await;
+}

@@ -63,9 +63,27 @@ impl Applier {
                 .await
                 .with_context(|| format!("cannot create replication origin {origin} (needs superuser)"))?;
         }
-        db.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-            .with_context(|| format!("cannot bind to replication origin {origin}: is another accord running here?"))?;
+        // After a crash the old session may hold the origin until its backend has exited.
+        let mut attempts = 0;
+        loop {
+            match db
+                .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+                .await
+            {
+                Ok(_) => break,
+                Err(error) if attempts < 100 && error.to_string().contains("is already active") => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => {
+                    return Err(error).with_context(|| {
+                        format!(
+                            "cannot bind to replication origin {origin}: is another accord running on this database?"
+                        )
+                    })
+                }
+            }
+        }
         let position: Option<PgLsn> = db
             .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
             .await?

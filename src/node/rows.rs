@@ -23,8 +23,27 @@ pub enum RowError {
         expected: usize,
         found: usize,
     },
-    #[error(transparent)]
+    #[error("{}", describe_db_error(.0))]
     Db(#[from] tokio_postgres::Error),
+}
+
+/// A database error with PostgreSQL's own message, code and detail (the driver's `Display` only
+/// says "db error").
+pub fn describe_db_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
 }
 
 pub fn quote_ident(name: &str) -> String {

@@ -1,0 +1,135 @@
+//! The review queue, for people: list, show, resolve.
+//!
+//! A resolution is an ordinary local write of the column, made in the same transaction as a row in
+//! `accord.review_resolutions` naming the item: the capture sees both, stamps the write as a
+//! resolution of that item, and it replicates like any write, closing the item on every node.
+
+use accord_engine::{ReviewItem, ReviewItemId, ReviewKind, Value};
+use accord_schema_annotations::SchemaPolicy;
+use anyhow::{anyhow, bail, Context, Result};
+use tokio_postgres::Client;
+
+use super::rows::update_row;
+use super::store::decode;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewEntry {
+    pub id: ReviewItemId,
+    pub status: String,
+    pub item: ReviewItem,
+    pub closed_value: Option<String>,
+    pub closed_by: Option<String>,
+}
+
+/// How a reviewer resolves an item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// The candidate at this position (from 1, in the order `show` lists them).
+    Pick(usize),
+    /// A value of the reviewer's own, in PostgreSQL's text form.
+    Value(String),
+}
+
+fn entry(row: &tokio_postgres::Row) -> Result<ReviewEntry> {
+    let id: String = row.get(0);
+    let item: ReviewItem = decode("review item", row.get::<_, &[u8]>(2))?;
+    Ok(ReviewEntry {
+        id: id.parse().map_err(|_| anyhow!("malformed review item id {id:?}"))?,
+        status: row.get(1),
+        item,
+        closed_value: row.get(3),
+        closed_by: row.get(4),
+    })
+}
+
+const COLUMNS: &str = "id, status, item, closed_value, closed_by";
+
+/// Items with `status` (`open`, `resolved`, `superseded`), oldest first; all when `None`.
+pub async fn list(db: &Client, status: Option<&str>) -> Result<Vec<ReviewEntry>> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM accord.review_items WHERE $1::text IS NULL OR status = $1 ORDER BY opened_at, id"
+            ),
+            &[&status],
+        )
+        .await
+        .context("cannot read the review queue")?;
+    rows.iter().map(entry).collect()
+}
+
+pub async fn show(db: &Client, id: ReviewItemId) -> Result<ReviewEntry> {
+    let row = db
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM accord.review_items WHERE id = $1"),
+            &[&id.to_string()],
+        )
+        .await?
+        .ok_or_else(|| anyhow!("there is no review item {id}"))?;
+    entry(&row)
+}
+
+/// Resolves an open concurrent-write item by writing the chosen value. Returns the value written.
+pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, choice: Choice) -> Result<Value> {
+    let current = show(db, id).await?;
+    if current.status != "open" {
+        bail!("review item {id} is already {}", current.status);
+    }
+    let item = current.item;
+    let ReviewKind::Concurrent { candidates, .. } = &item.kind else {
+        bail!(
+            "review item {id} is a change that could not be applied here, not a choice between values; \
+             fix its cause and the next change of the row carries the data again"
+        );
+    };
+    let table = policy
+        .table(&item.table)
+        .ok_or_else(|| anyhow!("table {} is no longer replicated", item.table))?;
+    let column_name = item
+        .column
+        .as_deref()
+        .ok_or_else(|| anyhow!("review item {id} names no column"))?;
+    let column = table
+        .column_index(column_name)
+        .ok_or_else(|| anyhow!("{}.{column_name} no longer exists", item.table))?;
+    let value = match choice {
+        Choice::Pick(n) => candidates
+            .get(n.wrapping_sub(1))
+            .map(|c| c.value.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "review item {id} has {} candidates; pick 1 to {}",
+                    candidates.len(),
+                    candidates.len()
+                )
+            })?,
+        Choice::Value(text) => Value::parse(&table.columns[column].ty, &text)
+            .with_context(|| format!("{text:?} is not a value of {}.{column_name}", item.table))?,
+    };
+    let tx = db.transaction().await?;
+    // Marked at once, so that a second resolution of the same item is refused here; the capture
+    // then records the resolution's stamp, as every other node will.
+    let marked = tx
+        .execute(
+            "UPDATE accord.review_items
+             SET status = 'resolved', closed_value = $2, closed_by = (SELECT node_id::text FROM accord.node), closed_at = now()
+             WHERE id = $1 AND status = 'open'",
+            &[&id.to_string(), &value.to_pg_text()],
+        )
+        .await?;
+    if marked != 1 {
+        bail!("review item {id} was resolved or superseded meanwhile");
+    }
+    // First the resolution, then the write: the capture reads them in this order.
+    tx.execute(
+        "INSERT INTO accord.review_resolutions (item_id) VALUES ($1)
+         ON CONFLICT (item_id) DO UPDATE SET resolved_at = now()",
+        &[&id.to_string()],
+    )
+    .await?;
+    update_row(&tx, table, &item.key, &[(column, &value)])
+        .await
+        .with_context(|| format!("cannot write the resolution into {}", item.table))?;
+    tx.commit().await?;
+    Ok(value)
+}
