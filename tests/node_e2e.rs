@@ -321,7 +321,7 @@ async fn a_review_resolution_on_one_node_closes_the_item_on_all() {
     );
 
     let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
-    for node in 0..3 {
+    for (node, snapshot) in snapshots.iter().enumerate() {
         let db = cluster.client(node).await;
         let row = db
             .query_one(
@@ -330,7 +330,7 @@ async fn a_review_resolution_on_one_node_closes_the_item_on_all() {
                 &[&item.id.to_string()],
             )
             .await
-            .unwrap_or_else(|e| panic!("node {node} lacks the item: {e}\n{}", snapshots[node]));
+            .unwrap_or_else(|e| panic!("node {node} lacks the item: {e}\n{snapshot}"));
         let (status, value, price): (String, Option<String>, String) = (row.get(0), row.get(1), row.get(2));
         assert_eq!(
             (status.as_str(), value.as_deref(), price.as_str()),
