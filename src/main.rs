@@ -2,6 +2,7 @@
 
 mod check;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,31 @@ enum Command {
     /// Prints the replicated tables with each column's policy, then every error and warning.
     /// Exits with 0 when there is no error, 1 when there are errors, 2 when the check could not run.
     Check(check::CheckArgs),
+    /// Make the cluster CA and node certificates; nodes authenticate each other with mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Make a new cluster CA: DIR/ca.pem and DIR/ca.key (mode 0600; keep it off the nodes).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = accord_transport::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Make node ID's key and certificate, signed by the CA in --ca-dir: DIR/node-ID.pem,
+    /// DIR/node-ID.key (mode 0600) and a copy of ca.pem. Never overwrites a file.
+    Node {
+        id: u32,
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = accord_transport::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
 }
 
 /// The check ran but found errors.
@@ -39,12 +65,31 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check(args) => runtime.block_on(check::run(args)),
+        Command::Certs(command) => certs(command).map(|()| check::Verdict::Clean),
     };
     match result {
         Ok(check::Verdict::Clean) => ExitCode::SUCCESS,
         Ok(check::Verdict::FoundErrors) => ExitCode::from(EXIT_FOUND_ERRORS),
         Err(error) => fail(error),
     }
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    use accord_transport::certs;
+    let written = match command {
+        CertsCommand::Init { out, days } => {
+            let files = certs::init(&out, days)?;
+            vec![files.cert, files.key]
+        }
+        CertsCommand::Node { id, ca_dir, out, days } => {
+            let files = certs::node(accord_engine::NodeId(id), &ca_dir, &out, days)?;
+            vec![files.cert, files.key, files.ca_cert]
+        }
+    };
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn fail(error: anyhow::Error) -> ExitCode {

@@ -1,0 +1,155 @@
+//! A peer that sends garbage or an oversized frame loses its connection, cleanly, and the node
+//! goes on serving its other peers.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use accord_engine::{Message, NodeId};
+use accord_transport::certs::{node_dns_name, Ca};
+use accord_transport::{frame, tls, CloseCode};
+use support::*;
+
+const MAX_FRAME: usize = 1 << 20;
+const HANDSHAKE_MAX: usize = 64 << 10;
+
+fn not_dialled() -> SocketAddr {
+    "127.0.0.1:9".parse().unwrap()
+}
+
+/// A hand-driven QUIC client with a good certificate for `node`, connected to `target`.
+async fn raw_connect(ca: &Ca, node: NodeId, target: (NodeId, SocketAddr)) -> (quinn::Endpoint, quinn::Connection) {
+    let client = tls::client_config(&support::tls(ca, node), Arc::new(quinn::TransportConfig::default())).unwrap();
+    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    let conn = endpoint
+        .connect_with(client, target.1, &node_dns_name(target.0))
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
+/// Passes the handshake as a well-behaved node would.
+async fn raw_handshake(conn: &quinn::Connection, node: NodeId) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let ours = frame::encode(&Message::Hello(hello(&identity(node), 0)), HANDSHAKE_MAX).unwrap();
+    send.write_all(&ours).await.unwrap();
+    let theirs = frame::read(&mut recv, HANDSHAKE_MAX).await.unwrap();
+    assert!(matches!(theirs, Some(Message::Hello(_))), "{theirs:?}");
+    send.finish().unwrap();
+    assert!(
+        frame::read(&mut recv, HANDSHAKE_MAX).await.unwrap().is_none(),
+        "accepted"
+    );
+}
+
+async fn close_code(conn: &quinn::Connection) -> CloseCode {
+    match tokio::time::timeout(Duration::from_secs(30), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => CloseCode::from_code(close.error_code.into_inner()),
+        other => panic!("not closed by the application: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_close_only_that_connection() {
+    init_tracing();
+    let n = backlog(50_000);
+    let ca = Ca::generate(1).unwrap();
+    // Node 5 accepts from 1 (a real node) and from 2, 3, 4 (hand-driven, hostile).
+    let (good, garbage, oversized, bad_hello, target) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5));
+    let lower: Vec<_> = [good, garbage, oversized, bad_hello]
+        .into_iter()
+        .map(|p| (p, not_dialled()))
+        .collect();
+    let mut config5 = config(&ca, target, loopback(), &lower);
+    config5.max_frame = MAX_FRAME;
+    let state5 = NodeState::new(target, &[good, garbage, oversized, bad_hello], n);
+    let log5 = state5.log.clone();
+    let node5 = Running::start(config5, state5);
+    let node1 = Running::start(
+        config(&ca, good, loopback(), &[(target, node5.addr)]),
+        NodeState::new(good, &[target], n),
+    );
+    let addr = (target, node5.addr);
+    wait_applied(
+        "first part",
+        &[(&node5.durable, good, n / 10)],
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // Garbage in a frame on the message stream.
+    let (_e2, conn2) = raw_connect(&ca, garbage, addr).await;
+    raw_handshake(&conn2, garbage).await;
+    let mut send = conn2.open_uni().await.unwrap();
+    send.write_all(&[0, 0, 0, 8, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1])
+        .await
+        .unwrap();
+    assert_eq!(close_code(&conn2).await, CloseCode::Undecodable);
+
+    // A frame header announcing more than the limit.
+    let (_e3, conn3) = raw_connect(&ca, oversized, addr).await;
+    raw_handshake(&conn3, oversized).await;
+    let mut send = conn3.open_uni().await.unwrap();
+    send.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes()).await.unwrap();
+    assert_eq!(close_code(&conn3).await, CloseCode::FrameTooLarge);
+
+    // Garbage instead of a hello.
+    let (_e4, conn4) = raw_connect(&ca, bad_hello, addr).await;
+    let (mut send, _recv) = conn4.open_bi().await.unwrap();
+    send.write_all(b"\x00\x00\x00\x04junk").await.unwrap();
+    assert_eq!(close_code(&conn4).await, CloseCode::HandshakeFailed);
+
+    // Node 5 kept serving node 1 all along.
+    wait_applied(
+        "all",
+        &[(&node5.durable, good, n), (&node1.durable, target, n)],
+        Duration::from_secs(300),
+    )
+    .await;
+    let (state1, state5) = (node1.stop().await, node5.stop().await);
+    state5.assert_applied_once(good, n);
+    state1.assert_applied_once(target, n);
+    assert_eq!(state1.ups, 1, "node 1's link never dropped");
+    let log = log5.lock().unwrap().join("\n");
+    assert!(log.contains("down 2 the peer sent an undecodable frame"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "down 3 the peer sent a frame of {} bytes, over the limit of {MAX_FRAME}",
+            MAX_FRAME + 1
+        )),
+        "{log}"
+    );
+    assert!(log.contains("rejected Some(NodeId(4)) handshake failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_dialling_the_wrong_way_is_turned_away() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    let (lower, higher) = (NodeId(5), NodeId(6));
+    let config5 = config(&ca, lower, loopback(), &[(higher, not_dialled())]);
+    let id = config5.identity.clone();
+    // Node 5 would dial node 6 itself (at an address where nobody listens); node 6 dials it.
+    let (node5, mut events) = accord_transport::Endpoint::start(config5, move |_| hello(&id, 0)).unwrap();
+    let (_e6, conn6) = raw_connect(&ca, higher, (lower, node5.local_addr())).await;
+    let _ = conn6.open_bi().await.unwrap().0.write_all(b"\x00").await;
+    assert_eq!(close_code(&conn6).await, CloseCode::WrongDirection);
+    let event = expect_event(&mut events, Duration::from_secs(30), "turned away", |e| {
+        matches!(e, accord_transport::PeerEvent::Rejected { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            event,
+            accord_transport::PeerEvent::Rejected {
+                peer: Some(p),
+                rejection: accord_transport::Rejection::WrongDirection(_),
+                ..
+            } if p == higher
+        ),
+        "{event:?}"
+    );
+}

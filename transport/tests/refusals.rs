@@ -1,0 +1,237 @@
+//! Peers that must not exchange changes are refused, with the right error, on both sides.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use accord_engine::{Hello, NodeId, Refusal};
+use accord_transport::certs::{Ca, DEFAULT_DAYS};
+use accord_transport::{Endpoint, EndpointConfig, PeerEvent, Rejection, TlsIdentity};
+use support::*;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn not_dialled() -> SocketAddr {
+    "127.0.0.1:9".parse().unwrap()
+}
+
+fn start(config: EndpointConfig) -> (Endpoint, mpsc::Receiver<PeerEvent>) {
+    let id = config.identity.clone();
+    Endpoint::start(config, move |_| hello(&id, 0)).unwrap()
+}
+
+fn start_with(
+    config: EndpointConfig,
+    hello_for: impl Fn(NodeId) -> Hello + Send + Sync + 'static,
+) -> (Endpoint, mpsc::Receiver<PeerEvent>) {
+    Endpoint::start(config, hello_for).unwrap()
+}
+
+fn is_up(peer: NodeId) -> impl FnMut(&PeerEvent) -> bool {
+    move |e| matches!(e, PeerEvent::Up { link, .. } if link.peer() == peer)
+}
+
+fn rejected(event: PeerEvent) -> (Option<NodeId>, Rejection) {
+    match event {
+        PeerEvent::Rejected { peer, rejection, .. } => (peer, rejection),
+        other => panic!("not a rejection: {other:?}"),
+    }
+}
+
+fn is_rejected(e: &PeerEvent) -> bool {
+    matches!(e, PeerEvent::Rejected { .. })
+}
+
+/// A node whose certificate comes from another CA. It trusts `trusted`, so (as a dialler) its
+/// `connect` completes and only the acceptor's check stops it.
+fn foreign_tls(trusted: &Ca, node: NodeId) -> TlsIdentity {
+    let other = Ca::generate(1).unwrap();
+    let cert = other.issue(node, DEFAULT_DAYS).unwrap();
+    TlsIdentity::from_pem(&trusted.cert_pem, &cert.cert_pem, &cert.key_pem).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_refused_by_dialler_and_acceptor() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    // 2 and 3 are good; 1 (dials 2) and 4 (dialled by 3) hold certificates of other CAs.
+    let mut config4 = config(&ca, NodeId(4), loopback(), &[(NodeId(3), not_dialled())]);
+    let other = Ca::generate(1).unwrap();
+    config4.tls = tls(&other, NodeId(4));
+    let (n4, mut ev4) = start(config4);
+    let (n3, mut ev3) = start(config(
+        &ca,
+        NodeId(3),
+        loopback(),
+        &[(NodeId(2), not_dialled()), (NodeId(4), n4.local_addr())],
+    ));
+    let (n2, mut ev2) = start(config(
+        &ca,
+        NodeId(2),
+        loopback(),
+        &[(NodeId(1), not_dialled()), (NodeId(3), n3.local_addr())],
+    ));
+    let mut config1 = config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]);
+    config1.tls = foreign_tls(&ca, NodeId(1));
+    let (_n1, mut ev1) = start(config1);
+
+    // The acceptor's TLS refuses the dialler's certificate; the dialler hears of it.
+    let (peer, rejection) = rejected(expect_event(&mut ev2, WAIT, "2 rejects 1", is_rejected).await);
+    assert_eq!(peer, None, "an unverified certificate names nobody");
+    assert!(
+        matches!(&rejection, Rejection::Tls(m) if m.contains("UnknownIssuer")),
+        "{rejection}"
+    );
+    let (peer, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 is rejected", is_rejected).await);
+    assert_eq!(peer, Some(NodeId(2)));
+    assert!(matches!(rejection, Rejection::TlsRejectedByPeer(_)), "{rejection}");
+
+    // The dialler's TLS refuses the acceptor's certificate.
+    let (peer, rejection) = rejected(expect_event(&mut ev3, WAIT, "3 rejects 4", is_rejected).await);
+    assert_eq!(peer, Some(NodeId(4)));
+    assert!(
+        matches!(&rejection, Rejection::Tls(m) if m.contains("UnknownIssuer")),
+        "{rejection}"
+    );
+    let (_, rejection) = rejected(expect_event(&mut ev4, WAIT, "4 is rejected", is_rejected).await);
+    assert!(matches!(rejection, Rejection::TlsRejectedByPeer(_)), "{rejection}");
+
+    // Meanwhile the good nodes have their link.
+    expect_event(&mut ev3, WAIT, "3 up with 2", is_up(NodeId(2))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_another_nodes_id_is_refused() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    let liar = |claimed: NodeId, certified: NodeId| {
+        let mut id = identity(certified);
+        id.node = claimed;
+        move |_: NodeId| hello(&id, 0)
+    };
+    // Node 5 holds node 5's certificate but says it is node 1; node 2 dials it.
+    let (n5, mut ev5) = start_with(
+        config(&ca, NodeId(5), loopback(), &[(NodeId(2), not_dialled())]),
+        liar(NodeId(1), NodeId(5)),
+    );
+    let (n2, mut ev2) = start(config(
+        &ca,
+        NodeId(2),
+        loopback(),
+        &[(NodeId(1), not_dialled()), (NodeId(5), n5.local_addr())],
+    ));
+    // Node 1 holds node 1's certificate but says it is node 3; it dials node 2.
+    let (_n1, mut ev1) = start_with(
+        config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]),
+        liar(NodeId(3), NodeId(1)),
+    );
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(rejected(
+            expect_event(&mut ev2, WAIT, "2 refuses the liars", is_rejected).await,
+        ));
+    }
+    let mismatch = |claimed, certified| {
+        Rejection::Refused(Refusal::IdentityMismatch {
+            claimed: NodeId(claimed),
+            certified: NodeId(certified),
+        })
+    };
+    assert!(
+        seen.contains(&(Some(NodeId(5)), mismatch(1, 5))),
+        "as dialler: {seen:?}"
+    );
+    assert!(
+        seen.contains(&(Some(NodeId(1)), mismatch(3, 1))),
+        "as acceptor: {seen:?}"
+    );
+    let (_, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 hears", is_rejected).await);
+    assert_eq!(
+        rejection,
+        Rejection::RefusedByPeer(Refusal::IdentityMismatch {
+            claimed: NodeId(3),
+            certified: NodeId(1)
+        })
+    );
+    let (_, rejection) = rejected(expect_event(&mut ev5, WAIT, "5 hears", is_rejected).await);
+    assert_eq!(
+        rejection,
+        Rejection::RefusedByPeer(Refusal::IdentityMismatch {
+            claimed: NodeId(1),
+            certified: NodeId(5)
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_from_another_cluster_is_refused() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    let mut config2 = config(&ca, NodeId(2), loopback(), &[(NodeId(1), not_dialled())]);
+    config2.identity.cluster = "other".into();
+    let (n2, mut ev2) = start(config2);
+    let (_n1, mut ev1) = start(config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]));
+    // Each side refuses the other, and says so.
+    let (peer, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 refuses", is_rejected).await);
+    assert_eq!(peer, Some(NodeId(2)));
+    assert_eq!(
+        rejection,
+        Rejection::Refused(Refusal::OtherCluster {
+            ours: CLUSTER.into(),
+            theirs: "other".into()
+        })
+    );
+    let (peer, rejection) = rejected(expect_event(&mut ev2, WAIT, "2 refuses", is_rejected).await);
+    assert_eq!(peer, Some(NodeId(1)));
+    assert_eq!(
+        rejection,
+        Rejection::Refused(Refusal::OtherCluster {
+            ours: "other".into(),
+            theirs: CLUSTER.into()
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_policy_fingerprint_is_refused() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    let mut config2 = config(&ca, NodeId(2), loopback(), &[(NodeId(1), not_dialled())]);
+    config2.identity.fingerprint = "policy-xyz".into();
+    let (n2, mut ev2) = start(config2);
+    let (_n1, mut ev1) = start(config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]));
+    for (events, node, ours, theirs) in [
+        (&mut ev1, 2, FINGERPRINT, "policy-xyz"),
+        (&mut ev2, 1, "policy-xyz", FINGERPRINT),
+    ] {
+        let (_, rejection) = rejected(expect_event(events, WAIT, "policy refusal", is_rejected).await);
+        assert_eq!(
+            rejection,
+            Rejection::Refused(Refusal::PolicyMismatch {
+                node: NodeId(node),
+                ours: ours.into(),
+                theirs: theirs.into()
+            })
+        );
+        assert!(rejection.to_string().contains("schema policies differ"), "{rejection}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_in_the_peer_list_is_refused() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    let (n2, mut ev2) = start(config(&ca, NodeId(2), loopback(), &[(NodeId(3), not_dialled())]));
+    let (_n1, mut ev1) = start(config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]));
+    let unknown = Refusal::UnknownPeer { node: NodeId(1) };
+    let (peer, rejection) = rejected(expect_event(&mut ev2, WAIT, "2 refuses", is_rejected).await);
+    assert_eq!(
+        (peer, rejection),
+        (Some(NodeId(1)), Rejection::Refused(unknown.clone()))
+    );
+    let (_, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 hears", is_rejected).await);
+    assert_eq!(rejection, Rejection::RefusedByPeer(unknown));
+}
