@@ -1,0 +1,298 @@
+//! What a run is: the seed and the knobs a user can set. Everything else a run does is drawn from
+//! the seed (see `swarm`), so the seed plus these knobs replay a run exactly.
+
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// A kind of fault (or of awkward input) the simulator can inject. Each can be switched off, and
+/// the shrinker switches them off one by one to find which ones a failure needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// The accord process crashes and restarts; PostgreSQL stays up and keeps taking writes.
+    Crash,
+    /// The whole machine crashes: PostgreSQL too, so local writes fail while it is down.
+    MachineCrash,
+    /// Two-way and one-way partitions of links, nodes and groups of nodes.
+    Partition,
+    /// A link or all links of a node slow down a lot for a while, without losing anything.
+    Clog,
+    /// A connection breaks: what was in flight on it is lost.
+    Drop,
+    /// A message of a broken connection is delivered late, on the next connection (duplicated
+    /// and reordered delivery across reconnects).
+    Ghost,
+    /// Wall-clock steps (forward and back) and drift within the allowed offset.
+    ClockStep,
+    /// A node's clock runs further ahead than the maximum offset; peers must refuse it.
+    RogueClock,
+    /// The capture stops reading the WAL for a while (capture lag).
+    CaptureStall,
+    /// Updates that leave a TOASTed column unchanged, which decoding sends without its value.
+    Toast,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::Crash,
+        FaultKind::MachineCrash,
+        FaultKind::Partition,
+        FaultKind::Clog,
+        FaultKind::Drop,
+        FaultKind::Ghost,
+        FaultKind::ClockStep,
+        FaultKind::RogueClock,
+        FaultKind::CaptureStall,
+        FaultKind::Toast,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::MachineCrash => "machine-crash",
+            FaultKind::Partition => "partition",
+            FaultKind::Clog => "clog",
+            FaultKind::Drop => "drop",
+            FaultKind::Ghost => "ghost",
+            FaultKind::ClockStep => "clock-step",
+            FaultKind::RogueClock => "rogue-clock",
+            FaultKind::CaptureStall => "capture-stall",
+            FaultKind::Toast => "toast",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+/// A set of fault kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FaultSet(u32);
+
+impl FaultSet {
+    pub fn all() -> Self {
+        FaultSet(FaultKind::ALL.iter().map(|k| k.bit()).fold(0, |a, b| a | b))
+    }
+
+    pub fn none() -> Self {
+        FaultSet(0)
+    }
+
+    pub fn has(self, kind: FaultKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+
+    pub fn without(self, kind: FaultKind) -> Self {
+        FaultSet(self.0 & !kind.bit())
+    }
+
+    pub fn kinds(self) -> impl Iterator<Item = FaultKind> {
+        FaultKind::ALL.into_iter().filter(move |k| self.has(*k))
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for FaultSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == FaultSet::all() {
+            return f.write_str("all");
+        }
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        let names: Vec<&str> = self.kinds().map(FaultKind::name).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error(
+        "unknown fault kind {word:?}; use all, none, or a comma-separated list of: {}",
+        FaultKind::ALL.map(FaultKind::name).join(", ")
+    )]
+    UnknownFault { word: String },
+    #[error("unknown planted bug {word:?}; one of: {}", PlantedBug::ALL.map(PlantedBug::name).join(", "))]
+    UnknownBug { word: String },
+    #[error("seed range {text:?} must look like A..B with A < B (B excluded), for example 0..500")]
+    BadRange { text: String },
+    #[error("--nodes must be between 2 and {max}, not {found}")]
+    Nodes { found: usize, max: usize },
+}
+
+impl FromStr for FaultSet {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "all" => return Ok(FaultSet::all()),
+            "none" | "" => return Ok(FaultSet::none()),
+            _ => {}
+        }
+        let mut set = FaultSet::none();
+        for word in s.split(',').map(str::trim) {
+            let kind = FaultKind::ALL
+                .into_iter()
+                .find(|k| k.name() == word)
+                .ok_or_else(|| ConfigError::UnknownFault { word: word.to_owned() })?;
+            set.0 |= kind.bit();
+        }
+        Ok(set)
+    }
+}
+
+/// A bug planted on purpose in the simulator's own driver layer (never in the engine), to show
+/// that the oracles catch that class of mistake and that shrinking reduces the failing run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PlantedBug {
+    /// The apply ignores the durable applied position and hands the whole received batch to the
+    /// merge, ignoring the dedup of `Replication::received`: resent changes are applied twice.
+    DoubleApply,
+    /// The merge does not wait for the capture to see a local write (HARD-PARTS §2).
+    SkipXminCheck,
+    /// The capture is not told that a transaction came from a peer: merged rows loop back.
+    ForgetFromPeer,
+    /// The merge does not write its `accord.hlc` stamp into the WAL: later local writes may be
+    /// stamped below changes merged before them.
+    NoMergedStamp,
+    /// Only the row check HARD-PARTS §2 describes (xmin vs known xmin): a local insert and delete
+    /// of a key, both not yet captured, leave no row to compare, and a merge overwrites them unseen.
+    NoMissingRowWait,
+}
+
+impl PlantedBug {
+    pub const ALL: [PlantedBug; 5] = [
+        PlantedBug::DoubleApply,
+        PlantedBug::SkipXminCheck,
+        PlantedBug::ForgetFromPeer,
+        PlantedBug::NoMergedStamp,
+        PlantedBug::NoMissingRowWait,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::DoubleApply => "double-apply",
+            PlantedBug::SkipXminCheck => "skip-xmin-check",
+            PlantedBug::ForgetFromPeer => "forget-from-peer",
+            PlantedBug::NoMergedStamp => "no-merged-stamp",
+            PlantedBug::NoMissingRowWait => "no-missing-row-wait",
+        }
+    }
+}
+
+impl FromStr for PlantedBug {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PlantedBug::ALL
+            .into_iter()
+            .find(|b| b.name() == s.trim())
+            .ok_or_else(|| ConfigError::UnknownBug { word: s.to_owned() })
+    }
+}
+
+/// The most nodes a run may have: the oracle keeps per-node vectors.
+pub const MAX_NODES: usize = 16;
+
+/// Everything that defines a run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    /// Local transactions the workload commits before the liveness phase.
+    pub ops: u64,
+    pub faults: FaultSet,
+    /// Maximum clock offset in µs; `None` lets the seed choose.
+    pub max_offset_micros: Option<u64>,
+    pub bug: Option<PlantedBug>,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            nodes: 3,
+            ops: 2_000,
+            faults: FaultSet::all(),
+            max_offset_micros: None,
+            bug: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(2..=MAX_NODES).contains(&self.nodes) {
+            return Err(ConfigError::Nodes {
+                found: self.nodes,
+                max: MAX_NODES,
+            });
+        }
+        Ok(())
+    }
+
+    /// The command that replays this run.
+    pub fn command(&self) -> String {
+        let mut cmd = format!(
+            "accord sim --seed {} --nodes {} --ops {}",
+            self.seed, self.nodes, self.ops
+        );
+        if self.faults != FaultSet::all() {
+            cmd.push_str(&format!(" --faults {}", self.faults));
+        }
+        if let Some(offset) = self.max_offset_micros {
+            cmd.push_str(&format!(" --max-offset-us {offset}"));
+        }
+        if let Some(bug) = self.bug {
+            cmd.push_str(&format!(" --plant-bug {}", bug.name()));
+        }
+        cmd
+    }
+}
+
+/// Parses `A..B` (B excluded).
+pub fn parse_seed_range(text: &str) -> Result<std::ops::Range<u64>, ConfigError> {
+    let bad = || ConfigError::BadRange { text: text.to_owned() };
+    let (a, b) = text.split_once("..").ok_or_else(bad)?;
+    let a: u64 = a.trim().parse().map_err(|_| bad())?;
+    let b: u64 = b.trim().parse().map_err(|_| bad())?;
+    if a >= b {
+        return Err(bad());
+    }
+    Ok(a..b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_sets_round_trip() {
+        let set: FaultSet = "crash,ghost".parse().unwrap();
+        assert!(set.has(FaultKind::Crash) && set.has(FaultKind::Ghost) && !set.has(FaultKind::Drop));
+        assert_eq!(set.to_string().parse::<FaultSet>().unwrap(), set);
+        assert_eq!("all".parse::<FaultSet>().unwrap(), FaultSet::all());
+        assert!("nope".parse::<FaultSet>().is_err());
+    }
+
+    #[test]
+    fn ranges_parse() {
+        assert_eq!(parse_seed_range("0..500").unwrap(), 0..500);
+        assert!(parse_seed_range("5..5").is_err());
+        assert!(parse_seed_range("x").is_err());
+    }
+
+    #[test]
+    fn replay_command_names_every_non_default_knob() {
+        let mut cfg = SimConfig::new(9);
+        cfg.faults = FaultSet::none();
+        cfg.bug = Some(PlantedBug::DoubleApply);
+        assert_eq!(
+            cfg.command(),
+            "accord sim --seed 9 --nodes 3 --ops 2000 --faults none --plant-bug double-apply"
+        );
+    }
+}

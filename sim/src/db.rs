@@ -1,0 +1,228 @@
+//! The simulated PostgreSQL database of one node: everything in it is durable (it survives a
+//! crash of the accord process and of PostgreSQL), and every change to it is one atomic step,
+//! which is what a committed transaction is.
+//!
+//! It holds what the real service keeps in PostgreSQL: the user's table (with a per-row write
+//! counter standing in for `xmin`), accord's per-row metadata with `known_xmin`, the WAL that the
+//! capture decodes, the capture's checkpoint and outbound log, the per-peer replication progress,
+//! the review queue, the conflict log, and changes deferred for a later merge.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use accord_engine::{
+    CaptureCheckpoint, CapturedChange, Cell, ClosureKind, Conflict, Hlc, NodeId, PeerProgress, ReviewAction,
+    ReviewItem, ReviewItemId, RowChange, RowMeta, RowState,
+};
+
+/// A row of the user's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// Always `Cell::Value`: the database holds every value (TOAST only shows in decoding).
+    pub values: Vec<Cell>,
+    /// The transaction that wrote this row version (PostgreSQL's `xmin`).
+    pub xmin: u64,
+}
+
+/// accord's metadata for one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRow {
+    pub meta: RowMeta,
+    /// The transaction of the last row version accord accounted for (HARD-PARTS §2).
+    pub known_xmin: u64,
+}
+
+/// Which workload write a WAL row is, for the oracle.
+pub type WriteId = usize;
+
+#[derive(Debug, Clone)]
+pub struct WalRow {
+    pub change: CapturedChange,
+    pub write: WriteId,
+}
+
+#[derive(Debug, Clone)]
+pub enum WalBody {
+    /// A transaction of the application.
+    Local {
+        rows: Vec<WalRow>,
+        /// Review items the transaction resolves (a reviewer's choice).
+        resolving: Vec<ReviewItemId>,
+    },
+    /// A merge transaction: it carries a replication origin, and the `accord.hlc` message with
+    /// the greatest stamp it merged.
+    Merge {
+        origin: NodeId,
+        stamp: Option<Hlc>,
+        rows: Vec<CapturedChange>,
+    },
+}
+
+/// One committed transaction as logical decoding delivers it.
+#[derive(Debug, Clone)]
+pub struct WalTx {
+    /// The end LSN of its commit; consecutive integers here.
+    pub lsn: u64,
+    pub xid: u64,
+    /// The node's wall clock when it committed, in µs.
+    pub commit_time: u64,
+    pub body: WalBody,
+}
+
+/// A review-queue entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEntry {
+    Open(ReviewItem),
+    Closed(ReviewItem, ClosureKind),
+    /// A change that could not be applied, with its error.
+    Parked(ReviewItem),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Db {
+    pub rows: BTreeMap<i64, UserRow>,
+    pub meta: BTreeMap<i64, MetaRow>,
+    next_xid: u64,
+    wal: VecDeque<WalTx>,
+    /// The LSN the next transaction gets.
+    next_lsn: u64,
+    /// The replication slot's confirmed position: decoding restarts after it.
+    pub slot_confirmed: u64,
+    pub checkpoint: Option<CaptureCheckpoint>,
+    /// The outbound log: this node's captured changes, from `outbound_pruned + 1` on.
+    pub outbound: VecDeque<RowChange>,
+    pub outbound_pruned: u64,
+    pub progress: BTreeMap<NodeId, PeerProgress>,
+    pub queue: BTreeMap<ReviewItemId, QueueEntry>,
+    pub conflicts: Vec<(i64, Conflict)>,
+    /// Changes whose merge was deferred (unchanged TOAST values not here yet).
+    pub deferred: Vec<RowChange>,
+}
+
+impl Db {
+    pub fn new(peers: impl IntoIterator<Item = NodeId>) -> Self {
+        Db {
+            next_xid: 1,
+            next_lsn: 1,
+            progress: peers.into_iter().map(|p| (p, PeerProgress::default())).collect(),
+            ..Db::default()
+        }
+    }
+
+    pub fn new_xid(&mut self) -> u64 {
+        let xid = self.next_xid;
+        self.next_xid += 1;
+        xid
+    }
+
+    /// The WAL insert position: the end LSN of the last committed transaction.
+    pub fn wal_insert_lsn(&self) -> u64 {
+        self.next_lsn - 1
+    }
+
+    pub fn append_wal(&mut self, xid: u64, commit_time: u64, body: WalBody) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        self.wal.push_back(WalTx {
+            lsn,
+            xid,
+            commit_time,
+            body,
+        });
+        lsn
+    }
+
+    pub fn wal_tx(&self, lsn: u64) -> Option<&WalTx> {
+        let first = self.wal.front()?.lsn;
+        self.wal.get(lsn.checked_sub(first)? as usize)
+    }
+
+    /// WAL up to the slot's confirmed position is no longer needed.
+    pub fn truncate_wal(&mut self) {
+        while self.wal.front().is_some_and(|tx| tx.lsn <= self.slot_confirmed) {
+            self.wal.pop_front();
+        }
+    }
+
+    /// What the capture has durably covered.
+    pub fn covered_lsn(&self) -> u64 {
+        self.checkpoint.map_or(0, |c| c.covered_lsn)
+    }
+
+    pub fn outbound_head(&self) -> u64 {
+        self.outbound_pruned + self.outbound.len() as u64
+    }
+
+    pub fn outbound_change(&self, seq: u64) -> Option<&RowChange> {
+        self.outbound.get(seq.checked_sub(self.outbound_pruned + 1)? as usize)
+    }
+
+    pub fn prune_outbound(&mut self, upto: u64) {
+        while self.outbound_pruned < upto && !self.outbound.is_empty() {
+            self.outbound.pop_front();
+            self.outbound_pruned += 1;
+        }
+    }
+
+    /// The row as the merge sees it: metadata plus the user's values; `None` without metadata.
+    pub fn row_state(&self, key: i64) -> Option<RowState> {
+        let meta = self.meta.get(&key)?;
+        let values = match self.rows.get(&key) {
+            Some(row) if meta.meta.is_alive() => row.values.clone(),
+            _ => Vec::new(),
+        };
+        Some(RowState {
+            meta: meta.meta.clone(),
+            values,
+        })
+    }
+
+    /// Whether accord's metadata accounts for the row's current version: no local write to it is
+    /// still on its way through the capture.
+    pub fn row_is_settled(&self, key: i64) -> bool {
+        match (self.rows.get(&key), self.meta.get(&key)) {
+            (Some(row), Some(meta)) => meta.meta.is_alive() && row.xmin == meta.known_xmin,
+            (Some(_), None) => false,
+            // Missing although the metadata says it exists: a local delete not captured yet.
+            (None, Some(meta)) => !meta.meta.is_alive(),
+            (None, None) => true,
+        }
+    }
+}
+
+/// Why a review-queue update is impossible: the engine asked for something inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueError(pub String);
+
+/// Carries out review actions on a queue, as the service does in its review tables.
+pub fn apply_review(
+    queue: &mut BTreeMap<ReviewItemId, QueueEntry>,
+    actions: &[ReviewAction],
+) -> Result<(), QueueError> {
+    for action in actions {
+        match action {
+            ReviewAction::Open(item) => {
+                if matches!(queue.get(&item.id), Some(QueueEntry::Closed(..))) {
+                    return Err(QueueError(format!("item {} reopened after it was closed", item.id)));
+                }
+                queue.insert(item.id, QueueEntry::Open(item.clone()));
+            }
+            ReviewAction::Withdraw(id) => {
+                if !matches!(queue.remove(id), Some(QueueEntry::Open(_))) {
+                    return Err(QueueError(format!("withdrew item {id}, which was not open")));
+                }
+            }
+            ReviewAction::Close(closure) => {
+                if let Some(QueueEntry::Closed(_, recorded)) = queue.get(&closure.item.id) {
+                    if !closure.replaces(recorded) {
+                        continue;
+                    }
+                }
+                queue.insert(
+                    closure.item.id,
+                    QueueEntry::Closed(closure.item.clone(), closure.kind.clone()),
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! What the cluster must hold at the end, derived from the history of writes alone (the oracle's
+//! seen-vectors), never from the engine's metadata: the rules of PRODUCT.md restated over
+//! "which writes had each writer seen".
+//!
+//! - Causal length of a write: the greatest among the writes it saw, moved on by an insert to the
+//!   next odd number and by a delete to the next even one. The greatest overall decides whether
+//!   the row lives; the live incarnation is the writes that share it.
+//! - stock: the sum of every live write's delta (an insert's value is a delta from zero).
+//! - name: the value of the live name-write with the greatest (physical, logical, node).
+//! - price: the maximal live price-writes (seen by no other); two or more with differing values
+//!   are an open item, and the value is the one with the greatest stamp.
+//! - A price update that saw two or more concurrent differing maximal price-writes of its
+//!   incarnation closes their item: resolved if the writer resolved it, superseded otherwise;
+//!   of concurrent closers the greatest stamp is recorded.
+
+use std::collections::BTreeMap;
+
+use accord_engine::{Candidate, ChangeKind, ClosureKind, Hlc, NodeId, ReviewItem, ReviewItemId, Value};
+
+use crate::db::{QueueEntry, WriteId};
+use crate::oracle::{stamp_key, Oracle, WriteRec};
+use crate::outcome::{Failure, Invariant};
+use crate::table::{row_key, PRICE_COLUMN, TABLE};
+
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    /// Live rows: name, stock, price. A key not here has no row.
+    pub rows: BTreeMap<i64, [Value; 3]>,
+    pub queue: BTreeMap<ReviewItemId, QueueEntry>,
+    /// Name writes of a live incarnation that lost to a concurrent write: each must show up as
+    /// the loser of a logged conflict somewhere.
+    pub name_losers: Vec<(i64, Hlc)>,
+    /// Rows whose live incarnation began with two or more concurrent inserts.
+    pub insert_races: Vec<i64>,
+}
+
+fn stamp(w: &WriteRec) -> Result<Hlc, Failure> {
+    w.stamp.ok_or_else(|| {
+        Failure::new(
+            Invariant::NothingDropped,
+            format!(
+                "write {} of node {} to row {} was never captured",
+                w.idx,
+                w.node + 1,
+                w.key
+            ),
+        )
+    })
+}
+
+/// The writes of a set that no other write of the set had seen.
+fn maximal(writes: &[WriteRec], set: &[WriteId]) -> Vec<WriteId> {
+    set.iter()
+        .copied()
+        .filter(|&p| !set.iter().any(|&q| q != p && writes[q].saw(&writes[p])))
+        .collect()
+}
+
+fn item_of(writes: &[WriteRec], key: i64, heads: &[WriteId]) -> Result<Option<ReviewItem>, Failure> {
+    let mut candidates = Vec::with_capacity(heads.len());
+    for &h in heads {
+        let value = writes[h].price.clone().unwrap_or(Value::Null);
+        candidates.push(Candidate {
+            value,
+            stamp: stamp(&writes[h])?,
+        });
+    }
+    candidates.sort_by_key(|c| stamp_key(c.stamp));
+    let differ = candidates.iter().any(|c| c.value != candidates[0].value);
+    Ok((candidates.len() >= 2 && differ)
+        .then(|| ReviewItem::concurrent(TABLE, &row_key(key), PRICE_COLUMN, candidates)))
+}
+
+pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
+    let writes = &oracle.writes;
+    let n = oracle.nodes();
+    // [origin][key] → the origin's writes (all, and those that set the price), in order.
+    let mut all: Vec<Vec<Vec<WriteId>>> = vec![vec![Vec::new(); keys]; n];
+    let mut prices: Vec<Vec<Vec<WriteId>>> = vec![vec![Vec::new(); keys]; n];
+    let mut cl = vec![0u64; writes.len()];
+    let mut closures: BTreeMap<ReviewItemId, (ReviewItem, ClosureKind)> = BTreeMap::new();
+
+    for (i, w) in writes.iter().enumerate() {
+        let k = w.key as usize;
+        let base = (0..n)
+            .filter(|&o| w.seen[o] > 0)
+            .map(|o| cl[all[o][k][w.seen[o] as usize - 1]])
+            .max()
+            .unwrap_or(0);
+        cl[i] = match w.kind {
+            ChangeKind::Insert => base + if base % 2 == 1 { 2 } else { 1 },
+            ChangeKind::Delete => base + if base % 2 == 1 { 1 } else { 2 },
+            ChangeKind::Update => base,
+        };
+        if cl[i] != w.causal_length {
+            return Err(Failure::new(
+                Invariant::Convergence,
+                format!(
+                    "write {} of node {} to row {} ({:?}) has causal length {} in the engine, {} from what its writer had seen",
+                    w.idx,
+                    w.node + 1,
+                    w.key,
+                    w.kind,
+                    w.causal_length,
+                    cl[i]
+                ),
+            ));
+        }
+        all[w.node][k].push(i);
+        if w.price.is_none() {
+            continue;
+        }
+        if w.kind == ChangeKind::Update {
+            // The maximal price-writes of its incarnation that the writer had seen.
+            let mut seen = Vec::new();
+            for (o, list) in prices.iter().enumerate() {
+                let list = &list[k];
+                let upto = list.partition_point(|&p| writes[p].idx <= w.seen[o]);
+                if let Some(&p) = upto.checked_sub(1).and_then(|j| list.get(j)) {
+                    if cl[p] == cl[i] {
+                        seen.push(p);
+                    }
+                }
+            }
+            let before = item_of(writes, w.key, &maximal(writes, &seen))?;
+            match (&before, w.resolving) {
+                (Some(item), Some(resolving)) if item.id != resolving => {
+                    return Err(Failure::new(
+                        Invariant::Review,
+                        format!(
+                            "node {} resolved item {resolving} on row {}, but the writes it had seen make item {}",
+                            w.node + 1,
+                            w.key,
+                            item.id
+                        ),
+                    ))
+                }
+                (None, Some(resolving)) => {
+                    return Err(Failure::new(
+                        Invariant::Review,
+                        format!(
+                            "node {} resolved item {resolving} on row {}, but the writes it had seen make no item",
+                            w.node + 1,
+                            w.key
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(item) = before {
+                let s = stamp(w)?;
+                let value = w.price.clone().unwrap_or(Value::Null);
+                let kind = if w.resolving == Some(item.id) {
+                    ClosureKind::Resolved {
+                        by: NodeId(w.node as u32 + 1),
+                        stamp: s,
+                        value,
+                    }
+                } else {
+                    ClosureKind::Superseded { stamp: s, value }
+                };
+                let newer = closures
+                    .get(&item.id)
+                    .is_none_or(|(_, recorded)| stamp_key(s) > stamp_key(recorded.stamp()));
+                if newer {
+                    closures.insert(item.id, (item, kind));
+                }
+            }
+        }
+        prices[w.node][k].push(i);
+    }
+
+    let mut expected = Expected {
+        queue: closures
+            .into_iter()
+            .map(|(id, (item, kind))| (id, QueueEntry::Closed(item, kind)))
+            .collect(),
+        ..Expected::default()
+    };
+    // Indexed by origin then key, so a range over keys reads clearest here.
+    #[allow(clippy::needless_range_loop)]
+    for k in 0..keys {
+        let Some(last) = (0..n).flat_map(|o| all[o][k].iter().map(|&i| cl[i])).max() else {
+            continue;
+        };
+        if last % 2 == 0 {
+            continue;
+        }
+        let live: Vec<WriteId> = (0..n)
+            .flat_map(|o| all[o][k].iter().copied())
+            .filter(|&i| cl[i] == last)
+            .collect();
+        let stock: i64 = live.iter().map(|&i| writes[i].stock).sum();
+        // Per origin its last live write of a column; the maximal of those are the heads.
+        let last_of = |pick: &dyn Fn(&WriteRec) -> bool| -> Vec<WriteId> {
+            (0..n)
+                .filter_map(|o| {
+                    all[o][k]
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|&i| cl[i] == last && pick(&writes[i]))
+                })
+                .collect()
+        };
+        let name_heads = maximal(writes, &last_of(&|w| w.name.is_some()));
+        let price_heads = maximal(writes, &last_of(&|w| w.price.is_some()));
+        let greatest = |heads: &[WriteId]| -> Result<Option<WriteId>, Failure> {
+            let mut best: Option<(WriteId, Hlc)> = None;
+            for &h in heads {
+                let s = stamp(&writes[h])?;
+                if best.is_none_or(|(_, b)| stamp_key(s) > stamp_key(b)) {
+                    best = Some((h, s));
+                }
+            }
+            Ok(best.map(|(h, _)| h))
+        };
+        let (Some(name_w), Some(price_w)) = (greatest(&name_heads)?, greatest(&price_heads)?) else {
+            return Err(Failure::new(
+                Invariant::Convergence,
+                format!("row {k}: a live incarnation without an insert"),
+            ));
+        };
+        for &h in &name_heads {
+            if h != name_w {
+                expected.name_losers.push((k as i64, stamp(&writes[h])?));
+            }
+        }
+        if live.iter().filter(|&&i| writes[i].kind == ChangeKind::Insert).count() >= 2 {
+            expected.insert_races.push(k as i64);
+        }
+        if let Some(item) = item_of(writes, k as i64, &price_heads)? {
+            expected.queue.insert(item.id, QueueEntry::Open(item));
+        }
+        expected.rows.insert(
+            k as i64,
+            [
+                writes[name_w].name.clone().unwrap_or(Value::Null),
+                Value::Int(stock),
+                writes[price_w].price.clone().unwrap_or(Value::Null),
+            ],
+        );
+    }
+    Ok(expected)
+}

@@ -1,0 +1,922 @@
+//! One simulated accord node beside its database, driving the real engine state machines the way
+//! the service does (HARD-PARTS.md): local transactions go into the WAL; the capture decodes the
+//! WAL with lag through `Capturer` and persists changes, metadata and checkpoint in one step; the
+//! replication links (`Replication`) send the outbound log and accept peers' batches; the apply
+//! merges a batch with `merge` in one transaction that also records the applied position and
+//! writes the `accord.hlc` stamp into the WAL.
+//!
+//! Only `db` survives a crash; `Volatile` is what the process holds in memory.
+
+use std::collections::VecDeque;
+
+use accord_engine::{
+    merge, CapturedChange, Capturer, Cell, ChangeKind, Hello, Hlc, LocalIdentity, MergeOutcome, Message, NodeId,
+    Refusal, Replication, ReplicationConfig, ReplicationError, RowAction, RowChange, RowState, TableDef,
+    PROTOCOL_VERSION,
+};
+
+use crate::config::PlantedBug;
+use crate::db::{apply_review, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow};
+use crate::oracle::Oracle;
+use crate::outcome::{Failure, Invariant, Stats};
+use crate::rng::SimRng;
+use crate::swarm::Params;
+use crate::table::key_of;
+use crate::trace::{mix, Trace};
+use crate::workload::TxPlan;
+
+pub const CLUSTER: &str = "sim";
+pub const FINGERPRINT: &str = "shop.items:lww,delta,review";
+
+/// What a node asks of the world around it.
+#[derive(Debug)]
+pub enum Output {
+    Send {
+        to: usize,
+        msg: Message,
+    },
+    Timer {
+        at: u64,
+        timer: Timer,
+    },
+    /// Close the connection to this peer (a refusal or a protocol error).
+    Close {
+        peer: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Capture,
+    Apply,
+    Prune,
+}
+
+/// Everything a node handler may use besides the node itself.
+pub struct Ctx<'a> {
+    pub now: u64,
+    /// This node's wall clock now.
+    pub physical: u64,
+    pub table: &'a TableDef,
+    pub params: &'a Params,
+    pub bug: Option<PlantedBug>,
+    pub oracle: &'a mut Oracle,
+    pub stats: &'a mut Stats,
+    pub trace: &'a mut Trace,
+    pub rng: &'a mut SimRng,
+    pub out: &'a mut Vec<Output>,
+}
+
+/// A batch received from a peer, waiting for the apply.
+#[derive(Debug)]
+struct Incoming {
+    peer: usize,
+    changes: Vec<RowChange>,
+}
+
+/// What the accord process holds in memory; lost in a crash.
+#[derive(Debug)]
+pub struct Volatile {
+    capturer: Capturer,
+    /// The next WAL position decoding delivers.
+    read_lsn: u64,
+    pub replication: Replication,
+    apply_queue: VecDeque<Incoming>,
+    /// The apply rolled back and waits until the capture covers this WAL position.
+    apply_wait: Option<u64>,
+    capture_scheduled: bool,
+    apply_scheduled: bool,
+    prune_scheduled: bool,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub ix: usize,
+    pub id: NodeId,
+    pub db: Db,
+    pub vol: Option<Volatile>,
+    /// Counts process starts; timers of an earlier process are ignored.
+    pub inc: u32,
+    /// PostgreSQL itself is down (machine crash): local writes fail.
+    pub pg_down: bool,
+    pub capture_stalled_until: u64,
+    nodes: usize,
+}
+
+fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::new(Invariant::Engine, format!("{what}: {e}"))
+}
+
+fn peer_id(peer: usize) -> NodeId {
+    NodeId(peer as u32 + 1)
+}
+
+impl Node {
+    pub fn new(ix: usize, nodes: usize) -> Self {
+        let id = peer_id(ix);
+        Node {
+            ix,
+            id,
+            db: Db::new((0..nodes).filter(|&p| p != ix).map(peer_id)),
+            vol: None,
+            inc: 0,
+            pg_down: false,
+            capture_stalled_until: 0,
+            nodes,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.vol.is_some()
+    }
+
+    /// Starts the process from what is durable: the capture from its checkpoint (it re-reads the
+    /// WAL after the slot's confirmed position and skips what it covered), the links from the
+    /// recorded progress.
+    pub fn start(&mut self, ctx: &mut Ctx) {
+        let max_offset = ctx.params.max_offset;
+        let capturer = match self.db.checkpoint {
+            Some(checkpoint) => Capturer::restore(checkpoint, max_offset),
+            None => Capturer::new(self.id, max_offset),
+        };
+        let config = ReplicationConfig {
+            max_batch: ctx.params.max_batch,
+            window: ctx.params.window,
+            max_offset_micros: max_offset,
+        };
+        let replication = Replication::new(
+            self.id,
+            config,
+            self.db.outbound_head(),
+            self.db.outbound_pruned,
+            self.db.progress.iter().map(|(p, progress)| (*p, *progress)),
+        );
+        self.inc += 1;
+        self.pg_down = false;
+        self.vol = Some(Volatile {
+            capturer,
+            read_lsn: self.db.slot_confirmed + 1,
+            replication,
+            apply_queue: VecDeque::new(),
+            apply_wait: None,
+            capture_scheduled: false,
+            apply_scheduled: false,
+            prune_scheduled: false,
+        });
+        self.want_capture(ctx);
+    }
+
+    /// The process dies: everything in memory is gone; the database keeps what was committed.
+    pub fn crash(&mut self, machine: bool) {
+        self.vol = None;
+        self.inc += 1;
+        self.pg_down = machine;
+    }
+
+    fn identity(&self, max_offset: u64) -> LocalIdentity {
+        LocalIdentity {
+            cluster: CLUSTER.into(),
+            node: self.id,
+            fingerprint: FINGERPRINT.into(),
+            max_offset_micros: max_offset,
+        }
+    }
+
+    /// The hello this node sends `peer`: what it durably applied of the peer's changes.
+    pub fn hello(&self, peer: usize, physical: u64) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster: CLUSTER.into(),
+            node: self.id,
+            fingerprint: FINGERPRINT.into(),
+            hlc: Hlc::new(physical, 0, self.id),
+            applied_yours: self.db.progress.get(&peer_id(peer)).map_or(0, |p| p.applied),
+        }
+    }
+
+    pub fn check_hello(&self, hello: &Hello, physical: u64, max_offset: u64) -> Result<(), Refusal> {
+        self.identity(max_offset).check(hello, physical)
+    }
+
+    fn want_capture(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &mut self.vol else { return };
+        if vol.capture_scheduled {
+            return;
+        }
+        vol.capture_scheduled = true;
+        let at = (ctx.now + ctx.rng.range(0, ctx.params.capture_lag_max)).max(self.capture_stalled_until);
+        ctx.out.push(Output::Timer {
+            at,
+            timer: Timer::Capture,
+        });
+    }
+
+    fn want_apply(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &mut self.vol else { return };
+        if vol.apply_scheduled || vol.apply_wait.is_some() || vol.apply_queue.is_empty() {
+            return;
+        }
+        vol.apply_scheduled = true;
+        let at = ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max);
+        ctx.out.push(Output::Timer {
+            at,
+            timer: Timer::Apply,
+        });
+    }
+
+    fn want_prune(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &mut self.vol else { return };
+        if vol.prune_scheduled {
+            return;
+        }
+        vol.prune_scheduled = true;
+        ctx.out.push(Output::Timer {
+            at: ctx.now + 50_000,
+            timer: Timer::Prune,
+        });
+    }
+
+    /// The application commits a transaction here (PostgreSQL is up; the accord process need not
+    /// be). Rows change now; the capture sees the transaction later, in WAL order.
+    pub fn commit_local(&mut self, ctx: &mut Ctx, plan: TxPlan) {
+        let xid = self.db.new_xid();
+        let mut rows = Vec::with_capacity(plan.rows.len());
+        for row in plan.rows {
+            match &row.new {
+                Some(values) => {
+                    self.db.rows.insert(
+                        row.key,
+                        UserRow {
+                            values: values.clone(),
+                            xmin: xid,
+                        },
+                    );
+                }
+                None => {
+                    self.db.rows.remove(&row.key);
+                }
+            }
+            let write = ctx.oracle.local_write(
+                self.ix,
+                row.key,
+                row.kind,
+                row.name.clone(),
+                row.stock,
+                row.price.clone(),
+                plan.resolving,
+                ctx.physical,
+            );
+            let mut decoded = row.new;
+            if row.toast_name {
+                if let Some(cells) = &mut decoded {
+                    cells[crate::table::NAME] = Cell::UnchangedToast;
+                }
+            }
+            rows.push(WalRow {
+                change: CapturedChange {
+                    kind: row.kind,
+                    key: crate::table::row_key(row.key),
+                    old: row.old,
+                    new: decoded,
+                },
+                write,
+            });
+            ctx.trace.add(mix(row.key as u64, row.kind as u64));
+        }
+        if plan.resolving.is_some() {
+            ctx.stats.resolutions += 1;
+        }
+        ctx.stats.local_txs += 1;
+        self.db.append_wal(
+            xid,
+            ctx.physical,
+            WalBody::Local {
+                rows,
+                resolving: plan.resolving.into_iter().collect(),
+            },
+        );
+        self.want_capture(ctx);
+    }
+
+    /// The capture decodes what the WAL holds past its read position (up to a batch), and
+    /// persists each transaction's changes together with the checkpoint.
+    pub fn capture_tick(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        vol.capture_scheduled = false;
+        if ctx.now < self.capture_stalled_until {
+            self.want_capture(ctx);
+            return Ok(());
+        }
+        // The slot may advance to what this process read and persisted; after a restart the
+        // checkpoint may be ahead of the read position, and those transactions are re-read and
+        // skipped by the Capturer.
+        self.db.slot_confirmed = self.db.slot_confirmed.max(self.db.covered_lsn().min(vol.read_lsn - 1));
+        self.db.truncate_wal();
+        let mut done = 0;
+        while vol.read_lsn <= self.db.wal_insert_lsn() && done < ctx.params.capture_batch {
+            let lsn = vol.read_lsn;
+            capture_one(&mut self.db, vol, self.ix, lsn, ctx)?;
+            vol.read_lsn += 1;
+            done += 1;
+        }
+        ctx.trace.add(mix(0xCA97, done as u64));
+        let caught_up = vol.read_lsn > self.db.wal_insert_lsn();
+        if let Some(target) = vol.apply_wait {
+            if self.db.covered_lsn() >= target {
+                vol.apply_wait = None;
+            }
+        }
+        if !caught_up {
+            // A backlog is decoded at the capture's pace, not after another full lag.
+            let vol = self
+                .vol
+                .as_mut()
+                .ok_or_else(|| Failure::new(Invariant::Engine, "node went down mid-step"))?;
+            vol.capture_scheduled = true;
+            let at = (ctx.now + ctx.rng.range(1, 200)).max(self.capture_stalled_until);
+            ctx.out.push(Output::Timer {
+                at,
+                timer: Timer::Capture,
+            });
+        }
+        self.want_apply(ctx);
+        self.pump_all(ctx)
+    }
+
+    pub fn pump_all(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        for peer in 0..self.nodes {
+            if peer != self.ix {
+                self.pump(ctx, peer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `peer` what the window allows of the outbound log.
+    pub fn pump(&mut self, ctx: &mut Ctx, peer: usize) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let pid = peer_id(peer);
+        while let Some(range) = vol.replication.next_batch(pid) {
+            let mut batch = Vec::with_capacity((range.end() - range.start() + 1) as usize);
+            for seq in range.clone() {
+                let change = self.db.outbound_change(seq).ok_or_else(|| {
+                    Failure::new(
+                        Invariant::ExactlyOnce,
+                        format!(
+                            "node {}: change {seq} for node {pid} is no longer in the outbound log (pruned up to {})",
+                            self.id, self.db.outbound_pruned
+                        ),
+                    )
+                })?;
+                batch.push(change.clone());
+            }
+            ctx.out.push(Output::Send {
+                to: peer,
+                msg: Message::Batch(batch),
+            });
+        }
+        Ok(())
+    }
+
+    /// The handshake with `peer` completed on this side.
+    pub fn connected(&mut self, ctx: &mut Ctx, peer: usize, applied_yours: u64) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        vol.replication
+            .connected(peer_id(peer), applied_yours)
+            .map_err(|e| Failure::new(Invariant::Protocol, format!("node {}: {e}", self.id)))?;
+        self.pump(ctx, peer)
+    }
+
+    /// The connection to `peer` closed. Batches received on it and not yet applied are dropped:
+    /// the peer resends them after the hello, and the durable applied position cannot move
+    /// between this node's hello and the new connection (a position beyond what the hello said
+    /// would be acknowledged beyond what the peer sent on the new connection).
+    pub fn disconnected(&mut self, peer: usize) {
+        if let Some(vol) = &mut self.vol {
+            vol.replication.disconnected(peer_id(peer));
+            vol.apply_queue.retain(|incoming| incoming.peer != peer);
+        }
+    }
+
+    pub fn is_connected(&self, peer: usize) -> bool {
+        self.vol
+            .as_ref()
+            .is_some_and(|v| v.replication.is_connected(peer_id(peer)))
+    }
+
+    /// A batch from `peer` arrived. `ghost`: this connection carried a message of an earlier one
+    /// (a transport fault), so protocol errors on it are tolerated: the connection closes.
+    pub fn on_batch(
+        &mut self,
+        ctx: &mut Ctx,
+        peer: usize,
+        mut batch: Vec<RowChange>,
+        ghost: bool,
+    ) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let pid = peer_id(peer);
+        if !vol.replication.is_connected(pid) {
+            return Ok(());
+        }
+        match vol.replication.received(pid, &batch, ctx.physical) {
+            Ok(to_apply) => {
+                let skip = batch.len() - to_apply.len();
+                ctx.oracle
+                    .accepted(self.ix, to_apply, ctx.physical, ctx.params.max_offset)?;
+                ctx.stats.duplicates_skipped += skip as u64;
+                if ctx.bug != Some(PlantedBug::DoubleApply) {
+                    batch.drain(..skip);
+                }
+                if !batch.is_empty() {
+                    vol.apply_queue.push_back(Incoming { peer, changes: batch });
+                    self.want_apply(ctx);
+                }
+                Ok(())
+            }
+            Err(ReplicationError::Refused { refusal, .. }) => {
+                // Loudly: counted, and the connection closes; nothing of the batch is merged.
+                ctx.stats.refused_batches += 1;
+                ctx.trace
+                    .add(mix(0x4EF5, matches!(refusal, Refusal::ClockAhead { .. }) as u64));
+                ctx.out.push(Output::Close { peer });
+                Ok(())
+            }
+            Err(e) if ghost => {
+                ctx.stats.ghost_errors += 1;
+                ctx.trace.add(0x6057);
+                let _ = e;
+                ctx.out.push(Output::Close { peer });
+                Ok(())
+            }
+            Err(e) => Err(Failure::new(Invariant::Protocol, format!("node {}: {e}", self.id))),
+        }
+    }
+
+    pub fn on_ack(&mut self, ctx: &mut Ctx, peer: usize, applied: u64, ghost: bool) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let pid = peer_id(peer);
+        if !vol.replication.is_connected(pid) {
+            return Ok(());
+        }
+        match vol.replication.acked(pid, applied) {
+            Ok(()) => {
+                if let Some(progress) = self.db.progress.get_mut(&pid) {
+                    progress.acked = progress.acked.max(applied);
+                }
+                self.want_prune(ctx);
+                self.pump(ctx, peer)
+            }
+            Err(_) if ghost => {
+                ctx.stats.ghost_errors += 1;
+                ctx.out.push(Output::Close { peer });
+                Ok(())
+            }
+            Err(e) => Err(Failure::new(Invariant::Protocol, format!("node {}: {e}", self.id))),
+        }
+    }
+
+    /// Drops the outbound log up to what every peer acknowledged.
+    pub fn prune(&mut self) {
+        let Some(vol) = &mut self.vol else { return };
+        vol.prune_scheduled = false;
+        let upto = vol.replication.prune_point();
+        self.db.prune_outbound(upto);
+        vol.replication.pruned(upto);
+    }
+
+    /// One apply transaction for the batch at the head of the queue.
+    pub fn apply_step(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        vol.apply_scheduled = false;
+        if vol.apply_wait.is_some() {
+            return Ok(());
+        }
+        let Some(incoming) = vol.apply_queue.front() else {
+            return Ok(());
+        };
+        let peer = incoming.peer;
+        let pid = peer_id(peer);
+        // The replication-origin check: what is at or below the durable position was applied.
+        let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
+        let start = if ctx.bug == Some(PlantedBug::DoubleApply) {
+            0
+        } else {
+            incoming.changes.iter().take_while(|c| c.seq <= durable).count()
+        };
+        if start == incoming.changes.len() {
+            ctx.stats.duplicates_skipped += incoming.changes.len() as u64;
+            vol.apply_queue.pop_front();
+            self.want_apply(ctx);
+            return Ok(());
+        }
+        // Lock the rows and make sure no local write to them is still on its way through the
+        // capture (HARD-PARTS §2); otherwise roll back and wait for the capture.
+        if ctx.bug != Some(PlantedBug::SkipXminCheck) {
+            let insert_lsn = self.db.wal_insert_lsn();
+            let covered = self.db.covered_lsn();
+            let mut wait = false;
+            for change in &incoming.changes[start..] {
+                let key = key_of(&change.key).unwrap_or(-1);
+                let missing_unsure = !self.db.rows.contains_key(&key)
+                    && ctx.bug != Some(PlantedBug::NoMissingRowWait)
+                    && covered < insert_lsn;
+                if !self.db.row_is_settled(key) || missing_unsure {
+                    if covered >= insert_lsn {
+                        return Err(Failure::new(
+                            Invariant::LocalWrites,
+                            format!(
+                                "node {}: row {key} is not accounted for by its metadata although the capture covered the whole WAL",
+                                self.id
+                            ),
+                        ));
+                    }
+                    wait = true;
+                    break;
+                }
+            }
+            if wait {
+                vol.apply_wait = Some(insert_lsn);
+                ctx.stats.apply_waits += 1;
+                ctx.trace.add(mix(0xA1A1, insert_lsn));
+                self.want_capture(ctx);
+                return Ok(());
+            }
+        }
+        let Some(incoming) = vol.apply_queue.pop_front() else {
+            return Ok(());
+        };
+        let xid = self.db.new_xid();
+        let mut tx = ApplyTx {
+            xid,
+            wal_rows: Vec::new(),
+            max_stamp: None,
+            touched: Vec::new(),
+        };
+        for change in &incoming.changes[start..] {
+            merge_one(&mut self.db, self.ix, &mut tx, change, ctx)?;
+            ctx.oracle.applied(self.ix, change.origin, change.seq)?;
+        }
+        retry_deferred(&mut self.db, self.ix, &mut tx, ctx)?;
+        let last = incoming.changes.last().map_or(durable, |c| c.seq);
+        if let Some(progress) = self.db.progress.get_mut(&pid) {
+            progress.applied = progress.applied.max(last);
+        }
+        let stamp = if ctx.bug == Some(PlantedBug::NoMergedStamp) {
+            None
+        } else {
+            tx.max_stamp
+        };
+        self.db.append_wal(
+            xid,
+            ctx.physical,
+            WalBody::Merge {
+                origin: pid,
+                stamp,
+                rows: tx.wal_rows,
+            },
+        );
+        ctx.stats.apply_txs += 1;
+        let ack = vol
+            .replication
+            .applied(pid, last)
+            .map_err(|e| engine_error("Replication::applied", e))?;
+        if vol.replication.is_connected(pid) {
+            ctx.out.push(Output::Send { to: peer, msg: ack });
+        }
+        self.want_capture(ctx);
+        self.want_apply(ctx);
+        Ok(())
+    }
+
+    /// A one-line picture of the node's replication state, for liveness reports.
+    pub fn describe(&self) -> String {
+        let Some(vol) = &self.vol else {
+            return format!("node {}: down", self.id);
+        };
+        let links: Vec<String> = (0..self.nodes)
+            .filter(|&p| p != self.ix)
+            .map(|p| {
+                let pid = peer_id(p);
+                format!(
+                    "{pid}: connected {} unacked {:?} progress {:?}",
+                    vol.replication.is_connected(pid),
+                    vol.replication.unacked(pid).ok(),
+                    vol.replication.progress(pid).ok()
+                )
+            })
+            .collect();
+        format!(
+            "node {}: head {} queue {} wait {:?} read {} covered {} wal {} deferred {}; {}",
+            self.id,
+            self.db.outbound_head(),
+            vol.apply_queue.len(),
+            vol.apply_wait,
+            vol.read_lsn,
+            self.db.covered_lsn(),
+            self.db.wal_insert_lsn(),
+            self.db.deferred.len(),
+            links.join("; ")
+        )
+    }
+
+    /// Whether the node has nothing left to do: capture caught up, nothing queued or deferred.
+    pub fn is_idle(&self) -> bool {
+        self.vol.as_ref().is_some_and(|v| {
+            v.apply_queue.is_empty() && v.apply_wait.is_none() && v.read_lsn > self.db.wal_insert_lsn()
+        }) && self.db.covered_lsn() == self.db.wal_insert_lsn()
+            && self.db.deferred.is_empty()
+    }
+}
+
+/// The merge transaction being built.
+struct ApplyTx {
+    xid: u64,
+    wal_rows: Vec<CapturedChange>,
+    max_stamp: Option<Hlc>,
+    touched: Vec<i64>,
+}
+
+fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut Ctx) -> Result<(), Failure> {
+    let Some(tx) = db.wal_tx(lsn) else {
+        return Err(Failure::new(
+            Invariant::Engine,
+            format!("node {}: WAL position {lsn} is gone before the capture read it", ix + 1),
+        ));
+    };
+    let replay = tx.lsn <= vol.capturer.checkpoint().covered_lsn;
+    vol.capturer.begin(tx.lsn, tx.commit_time);
+    let mut captured = Vec::new();
+    match &tx.body {
+        WalBody::Local { rows, resolving } => {
+            for row in rows {
+                let key = key_of(&row.change.key).unwrap_or(-1);
+                let prior = db.meta.get(&key).map(|m| &m.meta);
+                match vol.capturer.row(ctx.table, prior, &row.change, resolving) {
+                    Ok(Some(c)) if !replay => captured.push((key, Some(row.write), c)),
+                    Ok(Some(c)) => {
+                        return Err(Failure::new(
+                            Invariant::ExactlyOnce,
+                            format!(
+                                "node {}: the capture stamped again a transaction its checkpoint covered (seq {})",
+                                ix + 1,
+                                c.change.seq
+                            ),
+                        ))
+                    }
+                    Ok(None) if replay => {}
+                    Ok(None) => {
+                        return Err(Failure::new(
+                            Invariant::NothingDropped,
+                            format!(
+                                "node {}: the capture dropped local write {} on row {key}",
+                                ix + 1,
+                                row.write
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(engine_error("capture", e)),
+                }
+            }
+        }
+        WalBody::Merge { stamp, rows, .. } => {
+            if ctx.bug != Some(PlantedBug::ForgetFromPeer) {
+                vol.capturer.from_peer();
+            }
+            for change in rows {
+                let key = key_of(&change.key).unwrap_or(-1);
+                let prior = db.meta.get(&key).map(|m| &m.meta);
+                match vol.capturer.row(ctx.table, prior, change, &[]) {
+                    Ok(Some(c)) if !replay => captured.push((key, None, c)),
+                    Ok(_) => {}
+                    Err(e) => return Err(engine_error("capture of a merged row", e)),
+                }
+            }
+            if let Some(stamp) = stamp {
+                vol.capturer.merged(*stamp);
+            }
+        }
+    }
+    let xid = tx.xid;
+    let checkpoint = vol.capturer.commit();
+    // One transaction: metadata, review queue, outbound log, checkpoint.
+    for (key, write, c) in captured {
+        match write {
+            Some(write) => ctx.oracle.captured(ix, write, &c.change)?,
+            None => ctx.oracle.loop_detected(ix, &c.change)?,
+        }
+        if c.change.seq != db.outbound_head() + 1 {
+            return Err(Failure::new(
+                Invariant::ExactlyOnce,
+                format!(
+                    "node {}: captured change {} does not follow the outbound log's head {}",
+                    ix + 1,
+                    c.change.seq,
+                    db.outbound_head()
+                ),
+            ));
+        }
+        ctx.trace
+            .add(mix(c.change.stamp.physical, u64::from(c.change.stamp.logical)));
+        ctx.stats.captured += 1;
+        ctx.stats.review_opened += c
+            .review
+            .iter()
+            .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
+            .count() as u64;
+        apply_review(&mut db.queue, &c.review)
+            .map_err(|e| Failure::new(Invariant::Review, format!("node {} capture: {}", ix + 1, e.0)))?;
+        db.meta.insert(
+            key,
+            MetaRow {
+                meta: c.meta,
+                known_xmin: xid,
+            },
+        );
+        db.outbound.push_back(c.change);
+    }
+    db.checkpoint = Some(checkpoint);
+    vol.replication.logged(checkpoint.last_seq);
+    Ok(())
+}
+
+/// Merges one change into the row, inside the apply transaction.
+fn merge_one(db: &mut Db, ix: usize, tx: &mut ApplyTx, change: &RowChange, ctx: &mut Ctx) -> Result<(), Failure> {
+    let key = key_of(&change.key).ok_or_else(|| {
+        Failure::new(
+            Invariant::Engine,
+            format!("change with a foreign key shape {}", change.key),
+        )
+    })?;
+    let local = db.row_state(key);
+    let outcome = merge(ctx.table, local.as_ref(), change).map_err(|e| engine_error("merge", e))?;
+    ctx.stats.merges += 1;
+    match outcome {
+        MergeOutcome::Applied(merged) => {
+            ctx.trace.add(mix(
+                0x3E46 ^ (merged.action_tag() << 8),
+                (merged.conflicts.len() as u64) << 16 | merged.review.len() as u64,
+            ));
+            check_action(local.as_ref(), &merged.action, &merged.state)
+                .map_err(|message| Failure::new(Invariant::Engine, format!("node {} key {key}: {message}", ix + 1)))?;
+            let old = db.rows.get(&key).map(|r| r.values.clone());
+            let write = match &merged.action {
+                RowAction::Nothing => None,
+                RowAction::Delete => {
+                    db.rows.remove(&key);
+                    Some((ChangeKind::Delete, None))
+                }
+                RowAction::Insert(values) => {
+                    let cells: Vec<Cell> = values.iter().cloned().map(Cell::Value).collect();
+                    db.rows.insert(
+                        key,
+                        UserRow {
+                            values: cells.clone(),
+                            xmin: tx.xid,
+                        },
+                    );
+                    Some((ChangeKind::Insert, Some(cells)))
+                }
+                RowAction::Update(writes) => {
+                    let row = db.rows.get_mut(&key).ok_or_else(|| {
+                        Failure::new(
+                            Invariant::LocalWrites,
+                            format!("node {}: merge updates row {key}, which is not there", ix + 1),
+                        )
+                    })?;
+                    for w in writes {
+                        row.values[w.column] = Cell::Value(w.value.clone());
+                    }
+                    row.xmin = tx.xid;
+                    Some((ChangeKind::Update, Some(row.values.clone())))
+                }
+            };
+            let known_xmin = match &write {
+                Some(_) => tx.xid,
+                None => db.meta.get(&key).map_or(0, |m| m.known_xmin),
+            };
+            if let Some((kind, new)) = write {
+                tx.wal_rows.push(CapturedChange {
+                    kind,
+                    key: change.key.clone(),
+                    old,
+                    new,
+                });
+            }
+            ctx.stats.conflicts += merged.conflicts.len() as u64;
+            ctx.stats.review_opened += merged
+                .review
+                .iter()
+                .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
+                .count() as u64;
+            apply_review(&mut db.queue, &merged.review)
+                .map_err(|e| Failure::new(Invariant::Review, format!("node {} merge: {}", ix + 1, e.0)))?;
+            db.conflicts.extend(merged.conflicts.into_iter().map(|c| (key, c)));
+            db.meta.insert(
+                key,
+                MetaRow {
+                    meta: merged.state.meta,
+                    known_xmin,
+                },
+            );
+            ctx.oracle.merged(ix, change.origin, change.seq);
+            tx.max_stamp = tx.max_stamp.max(Some(change.stamp));
+            if !tx.touched.contains(&key) {
+                tx.touched.push(key);
+            }
+        }
+        MergeOutcome::Parked { item, error } => {
+            // Nothing in this workload can overflow or mismatch: a park is a failure here, but it
+            // is still recorded the way the service records it.
+            ctx.stats.parked += 1;
+            db.queue.insert(item.id, QueueEntry::Parked(item));
+            return Err(Failure::new(
+                Invariant::NothingDropped,
+                format!(
+                    "node {}: change {} of node {} parked: {error}",
+                    ix + 1,
+                    change.seq,
+                    change.origin
+                ),
+            ));
+        }
+        MergeOutcome::Deferred { missing } => {
+            ctx.stats.deferred += 1;
+            ctx.trace.add(mix(0xDEF, missing.len() as u64));
+            db.deferred.push(change.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Deferred changes whose row this transaction touched may merge now.
+fn retry_deferred(db: &mut Db, ix: usize, tx: &mut ApplyTx, ctx: &mut Ctx) -> Result<(), Failure> {
+    loop {
+        let before = db.deferred.len();
+        if before == 0 {
+            return Ok(());
+        }
+        let waiting = std::mem::take(&mut db.deferred);
+        for change in waiting {
+            let key = key_of(&change.key).unwrap_or(-1);
+            if tx.touched.contains(&key) {
+                merge_one(db, ix, tx, &change, ctx)?;
+            } else {
+                db.deferred.push(change);
+            }
+        }
+        // A retry that deferred again puts the change back: stop when nothing merged.
+        if db.deferred.len() >= before {
+            return Ok(());
+        }
+    }
+}
+
+/// The row action, applied to the old values, must give the values of the new state.
+fn check_action(before: Option<&RowState>, action: &RowAction, after: &RowState) -> Result<(), String> {
+    let before_values: Option<Vec<Cell>> = before.filter(|s| s.is_alive()).map(|s| s.values.clone());
+    let result: Option<Vec<Cell>> = match action {
+        RowAction::Nothing => before_values,
+        RowAction::Delete => {
+            if before_values.is_none() {
+                return Err("delete of a row that is not there".into());
+            }
+            None
+        }
+        RowAction::Insert(values) => {
+            if before_values.is_some() {
+                return Err("insert over a live row".into());
+            }
+            Some(values.iter().cloned().map(Cell::Value).collect())
+        }
+        RowAction::Update(writes) => {
+            let mut values = before_values.ok_or("update of a row that is not there")?;
+            for w in writes {
+                values[w.column] = Cell::Value(w.value.clone());
+            }
+            Some(values)
+        }
+    };
+    let expected = after.is_alive().then(|| after.values.clone());
+    if result != expected {
+        return Err(format!(
+            "row action {action:?} gives {result:?}, but the merged state holds {expected:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A small number per action kind, for the trace.
+trait ActionTag {
+    fn action_tag(&self) -> u64;
+}
+
+impl ActionTag for accord_engine::Merged {
+    fn action_tag(&self) -> u64 {
+        match &self.action {
+            RowAction::Nothing => 0,
+            RowAction::Insert(_) => 1,
+            RowAction::Update(w) => 2 + ((w.len() as u64) << 4),
+            RowAction::Delete => 3,
+        }
+    }
+}

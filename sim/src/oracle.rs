@@ -1,0 +1,285 @@
+//! The independent reference: a history of every write the workload made, with what its writer
+//! had seen, kept by watching events (commits, merges) and never by reading the engine's clocks,
+//! registers or ledgers. `expect` derives the final state from it; the checks here run during the
+//! run (clocks, exactly once, no loops, offsets).
+//!
+//! "Seen" is kept per node and row as a vector of counts per origin: a node that absorbed the
+//! i-th write of origin o to a row has absorbed o's earlier writes to it too (o saw its own), so a
+//! count per origin is the whole set, and the history stays linear in size.
+
+use accord_engine::{ChangeKind, Hlc, NodeId, ReviewItemId, RowChange, Value};
+
+use crate::db::WriteId;
+use crate::outcome::{Failure, Invariant};
+
+/// One write to one row, as the workload made it.
+#[derive(Debug, Clone)]
+pub struct WriteRec {
+    pub node: usize,
+    pub key: i64,
+    pub kind: ChangeKind,
+    /// 1-based: this is the writer's `idx`-th write to the row.
+    pub idx: u32,
+    /// Per origin, how many of its writes to the row the writer had absorbed before this one.
+    pub seen: Box<[u32]>,
+    /// The new name, when the write set it.
+    pub name: Option<Value>,
+    /// What the write added to `stock` (an insert adds its value).
+    pub stock: i64,
+    /// The new price, when the write set it (every insert does).
+    pub price: Option<Value>,
+    pub resolving: Option<ReviewItemId>,
+    /// The greatest stamp the node had merged when the write committed.
+    pub merged_before: Option<Hlc>,
+    pub commit_time: u64,
+    /// From the capture: the stamp, causal length and sequence number it gave the write.
+    pub stamp: Option<Hlc>,
+    pub causal_length: u64,
+    pub seq: u64,
+}
+
+impl WriteRec {
+    /// Whether this write had absorbed `other` when it was made.
+    pub fn saw(&self, other: &WriteRec) -> bool {
+        self.seen[other.node] >= other.idx
+    }
+}
+
+/// Stamps compared field by field, spelled out instead of using `Hlc`'s derived order, so that
+/// the oracle does not share the engine's definition of "greater": (physical, logical, node).
+pub fn stamp_key(h: Hlc) -> (u64, u32, u32) {
+    (h.physical, h.logical, h.node.0)
+}
+
+/// The writes the workload made to one row, what a local write needs to know about the node, and
+/// the run-time checks.
+#[derive(Debug, Clone)]
+pub struct Oracle {
+    nodes: usize,
+    pub writes: Vec<WriteRec>,
+    /// [node][key] → per origin count of absorbed writes.
+    seen: Vec<Vec<Vec<u32>>>,
+    /// [origin][seq - 1] → the write.
+    by_seq: Vec<Vec<WriteId>>,
+    last_issued: Vec<Option<Hlc>>,
+    max_merged: Vec<Option<Hlc>>,
+    /// [node][origin] → the last of origin's sequence numbers the node applied.
+    applied: Vec<Vec<u64>>,
+}
+
+fn fail(invariant: Invariant, message: String) -> Result<(), Failure> {
+    Err(Failure::new(invariant, message))
+}
+
+impl Oracle {
+    pub fn new(nodes: usize, keys: usize) -> Self {
+        Oracle {
+            nodes,
+            writes: Vec::new(),
+            seen: vec![vec![vec![0; nodes]; keys]; nodes],
+            by_seq: vec![Vec::new(); nodes],
+            last_issued: vec![None; nodes],
+            max_merged: vec![None; nodes],
+            applied: vec![vec![0; nodes]; nodes],
+        }
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// A local transaction committed a write to `key` on `node`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn local_write(
+        &mut self,
+        node: usize,
+        key: i64,
+        kind: ChangeKind,
+        name: Option<Value>,
+        stock: i64,
+        price: Option<Value>,
+        resolving: Option<ReviewItemId>,
+        commit_time: u64,
+    ) -> WriteId {
+        let vector = &mut self.seen[node][key as usize];
+        let seen: Box<[u32]> = vector.clone().into_boxed_slice();
+        vector[node] += 1;
+        let idx = vector[node];
+        self.writes.push(WriteRec {
+            node,
+            key,
+            kind,
+            idx,
+            seen,
+            name,
+            stock,
+            price,
+            resolving,
+            merged_before: self.max_merged[node],
+            commit_time,
+            stamp: None,
+            causal_length: 0,
+            seq: 0,
+        });
+        self.writes.len() - 1
+    }
+
+    /// The capture stamped `write` as `change`: invariant 7's checks on the stamp.
+    pub fn captured(&mut self, node: usize, write: WriteId, change: &RowChange) -> Result<(), Failure> {
+        let stamp = change.stamp;
+        let rec = &self.writes[write];
+        if rec.node != node || change.origin.0 as usize != node + 1 || stamp.node.0 as usize != node + 1 {
+            return fail(
+                Invariant::NoLoops,
+                format!(
+                    "node {} captured write {write} of node {} as {stamp}",
+                    node + 1,
+                    rec.node + 1
+                ),
+            );
+        }
+        if let Some(last) = self.last_issued[node] {
+            if stamp_key(stamp) <= stamp_key(last) {
+                return fail(
+                    Invariant::Clocks,
+                    format!(
+                        "node {}: stamp {stamp} is not above its previous stamp {last}",
+                        node + 1
+                    ),
+                );
+            }
+        }
+        if let Some(merged) = rec.merged_before {
+            if stamp_key(stamp) <= stamp_key(merged) {
+                return fail(
+                    Invariant::Clocks,
+                    format!(
+                        "node {}: local write stamped {stamp}, not above {merged}, which the node merged before the write committed",
+                        node + 1
+                    ),
+                );
+            }
+        }
+        if stamp.physical < rec.commit_time {
+            return fail(
+                Invariant::Clocks,
+                format!(
+                    "node {}: stamp {stamp} is below the commit time {}",
+                    node + 1,
+                    rec.commit_time
+                ),
+            );
+        }
+        if change.seq != self.by_seq[node].len() as u64 + 1 {
+            return fail(
+                Invariant::ExactlyOnce,
+                format!(
+                    "node {}: outbound sequence {} follows {}",
+                    node + 1,
+                    change.seq,
+                    self.by_seq[node].len()
+                ),
+            );
+        }
+        self.last_issued[node] = Some(stamp);
+        self.by_seq[node].push(write);
+        let rec = &mut self.writes[write];
+        rec.stamp = Some(stamp);
+        rec.causal_length = change.row.meta.causal_length;
+        rec.seq = change.seq;
+        Ok(())
+    }
+
+    /// The capture produced a change that no local write explains.
+    pub fn loop_detected(&self, node: usize, change: &RowChange) -> Result<(), Failure> {
+        fail(
+            Invariant::NoLoops,
+            format!(
+                "node {} captured a row written by a merge as its own change {} (key {}, stamp {})",
+                node + 1,
+                change.seq,
+                change.key,
+                change.stamp
+            ),
+        )
+    }
+
+    /// A batch passed `Replication::received` at `physical` on `node`: nothing beyond the
+    /// maximum offset may get through.
+    pub fn accepted(&self, node: usize, changes: &[RowChange], physical: u64, max_offset: u64) -> Result<(), Failure> {
+        for c in changes {
+            if c.stamp.physical > physical.saturating_add(max_offset) {
+                return fail(
+                    Invariant::Clocks,
+                    format!(
+                        "node {} accepted change {} of node {} stamped {}, {} µs ahead of its clock (max offset {max_offset} µs)",
+                        node + 1,
+                        c.seq,
+                        c.origin,
+                        c.stamp,
+                        c.stamp.physical - physical
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `node` applied `origin`'s change `seq` and recorded it durably: once, and in order.
+    pub fn applied(&mut self, node: usize, origin: NodeId, seq: u64) -> Result<(), Failure> {
+        let o = origin.0 as usize - 1;
+        let last = &mut self.applied[node][o];
+        if seq <= *last {
+            return fail(
+                Invariant::ExactlyOnce,
+                format!(
+                    "node {} applied change {seq} of node {origin} again (applied up to {last})",
+                    node + 1
+                ),
+            );
+        }
+        if seq != *last + 1 {
+            return fail(
+                Invariant::ExactlyOnce,
+                format!(
+                    "node {} applied change {seq} of node {origin} after {last}: changes in between were lost",
+                    node + 1
+                ),
+            );
+        }
+        *last = seq;
+        Ok(())
+    }
+
+    /// `node` merged `origin`'s change `seq` into its row (its state absorbed the write).
+    pub fn merged(&mut self, node: usize, origin: NodeId, seq: u64) {
+        let o = origin.0 as usize - 1;
+        let Some(&write) = self.by_seq[o].get(seq as usize - 1) else {
+            return;
+        };
+        let rec = &self.writes[write];
+        let vector = &mut self.seen[node][rec.key as usize];
+        for (mine, theirs) in vector.iter_mut().zip(rec.seen.iter()) {
+            *mine = (*mine).max(*theirs);
+        }
+        vector[o] = vector[o].max(rec.idx);
+        if let Some(stamp) = rec.stamp {
+            if self.max_merged[node].is_none_or(|m| stamp_key(stamp) > stamp_key(m)) {
+                self.max_merged[node] = Some(stamp);
+            }
+        }
+    }
+
+    /// How many changes `origin` captured.
+    pub fn head(&self, origin: usize) -> u64 {
+        self.by_seq[origin].len() as u64
+    }
+
+    pub fn applied_upto(&self, node: usize, origin: usize) -> u64 {
+        self.applied[node][origin]
+    }
+
+    pub fn write_of(&self, origin: usize, seq: u64) -> Option<WriteId> {
+        self.by_seq[origin].get(seq.checked_sub(1)? as usize).copied()
+    }
+}

@@ -1,0 +1,113 @@
+//! What a run reports: the invariant a failure broke and counters of what happened.
+
+use std::fmt;
+
+/// Which promise a failure broke: the invariants of PRODUCT.md by number, plus liveness, the
+/// engine's own contract (no errors on valid input, consistent outputs), and the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Invariant {
+    Convergence,
+    Delta,
+    Lww,
+    Review,
+    ExactlyOnce,
+    NoLoops,
+    Clocks,
+    LocalWrites,
+    NothingDropped,
+    Liveness,
+    Engine,
+    Protocol,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Invariant::Convergence => "invariant 1 (convergence)",
+            Invariant::Delta => "invariant 2 (delta columns)",
+            Invariant::Lww => "invariant 3 (lww columns)",
+            Invariant::Review => "invariant 4 (review columns)",
+            Invariant::ExactlyOnce => "invariant 5 (exactly once)",
+            Invariant::NoLoops => "invariant 6 (no loops)",
+            Invariant::Clocks => "invariant 7 (clocks)",
+            Invariant::LocalWrites => "invariant 8 (local writes meet merges)",
+            Invariant::NothingDropped => "invariant 9 (nothing dropped silently)",
+            Invariant::Liveness => "liveness",
+            Invariant::Engine => "engine contract",
+            Invariant::Protocol => "replication protocol",
+        })
+    }
+}
+
+/// A broken promise, with when (simulated µs since the start) and what exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub invariant: Invariant,
+    pub at: u64,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(invariant: Invariant, message: impl Into<String>) -> Self {
+        Failure {
+            invariant,
+            at: 0,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at t={}.{:06}s: {}",
+            self.invariant,
+            self.at / 1_000_000,
+            self.at % 1_000_000,
+            self.message
+        )
+    }
+}
+
+/// Counters of one run. The fault and refusal counters are how "loudly" shows up here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    /// Messages handed to a node (hellos, batches, acks).
+    pub deliveries: u64,
+    /// Changes inside delivered batches.
+    pub changes_delivered: u64,
+    pub local_txs: u64,
+    pub ops_skipped: u64,
+    pub captured: u64,
+    pub merges: u64,
+    pub apply_txs: u64,
+    /// Apply transactions rolled back to wait for the capture (HARD-PARTS §2).
+    pub apply_waits: u64,
+    pub deferred: u64,
+    pub parked: u64,
+    pub conflicts: u64,
+    pub review_opened: u64,
+    pub resolutions: u64,
+    pub duplicates_skipped: u64,
+    pub crashes: u64,
+    pub machine_crashes: u64,
+    pub partitions: u64,
+    pub clogs: u64,
+    pub drops: u64,
+    pub ghosts: u64,
+    pub clock_steps: u64,
+    pub rogue_clocks: u64,
+    pub capture_stalls: u64,
+    pub connections: u64,
+    /// Hellos refused (clock ahead, ...), and batches refused for a stamp beyond the offset.
+    pub refused_hellos: u64,
+    pub refused_batches: u64,
+    /// Protocol errors caused by ghost deliveries (tolerated: the connection closes).
+    pub ghost_errors: u64,
+    /// Simulated µs at the end of the run.
+    pub sim_time: u64,
+    /// Simulated µs the liveness phase took to converge after healing.
+    pub converge_time: u64,
+}

@@ -1,0 +1,71 @@
+//! Shrinking a failing run: fewer operations, fewer fault kinds, fewer nodes, for as long as the
+//! run still breaks the same invariant. Every candidate is a full, deterministic run, so the
+//! smallest one found is itself a reproducer.
+
+use crate::config::SimConfig;
+use crate::outcome::Failure;
+use crate::runner::run_seed;
+
+#[derive(Debug, Clone)]
+pub struct Shrunk {
+    pub config: SimConfig,
+    pub failure: Failure,
+    /// Runs tried.
+    pub runs: usize,
+}
+
+/// Minimises `config`, which failed with `failure`. `budget` bounds the number of runs.
+pub fn shrink(config: &SimConfig, failure: &Failure, budget: usize) -> Shrunk {
+    let target = failure.invariant;
+    let mut best = Shrunk {
+        config: config.clone(),
+        failure: failure.clone(),
+        runs: 0,
+    };
+    let attempt = |candidate: &SimConfig, best: &mut Shrunk| -> bool {
+        if best.runs >= budget {
+            return false;
+        }
+        best.runs += 1;
+        match run_seed(candidate).failure {
+            Some(f) if f.invariant == target => {
+                best.config = candidate.clone();
+                best.failure = f;
+                true
+            }
+            _ => false,
+        }
+    };
+    for round in 0..2 {
+        // Fewer operations: bisect between a passing count and the failing one.
+        let (mut lo, mut hi) = (0u64, best.config.ops);
+        while hi - lo > 1 && best.runs < budget {
+            let mid = lo + (hi - lo) / 2;
+            let mut candidate = best.config.clone();
+            candidate.ops = mid;
+            if attempt(&candidate, &mut best) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        if round == 1 {
+            break;
+        }
+        // Fewer fault kinds, one at a time.
+        for kind in best.config.faults.kinds().collect::<Vec<_>>() {
+            let mut candidate = best.config.clone();
+            candidate.faults = candidate.faults.without(kind);
+            attempt(&candidate, &mut best);
+        }
+        // Fewer nodes.
+        while best.config.nodes > 2 {
+            let mut candidate = best.config.clone();
+            candidate.nodes -= 1;
+            if !attempt(&candidate, &mut best) {
+                break;
+            }
+        }
+    }
+    best
+}

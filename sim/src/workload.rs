@@ -1,0 +1,196 @@
+//! The workload: what the application does to one node's database. It reads the node's current
+//! rows like an application would, and plans one local transaction: counters on hot rows, lww
+//! names, review prices, inserts of one key on several nodes, deletes racing updates, and review
+//! resolutions by a reviewer looking at the node's queue.
+
+use accord_engine::{open_items, Cell, ChangeKind, ReviewItemId, Value};
+
+use crate::db::Db;
+use crate::rng::SimRng;
+use crate::swarm::{OpKind, Params, OP_KINDS};
+use crate::table::{row_key, table, NAME, PRICE, PRICES, REVIEWER_PRICE, STOCK};
+
+/// One row of a planned transaction.
+#[derive(Debug, Clone)]
+pub struct RowPlan {
+    pub key: i64,
+    pub kind: ChangeKind,
+    /// The row before (update, delete).
+    pub old: Option<Vec<Cell>>,
+    /// The row after (insert, update): what the database stores.
+    pub new: Option<Vec<Cell>>,
+    /// Decoding will send `name` as an unchanged TOAST value.
+    pub toast_name: bool,
+    /// For the oracle: the name set, the amount added to stock, the price set.
+    pub name: Option<Value>,
+    pub stock: i64,
+    pub price: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TxPlan {
+    pub rows: Vec<RowPlan>,
+    pub resolving: Option<ReviewItemId>,
+}
+
+fn stock_of(cells: &[Cell]) -> i64 {
+    match cells[STOCK].value() {
+        Some(Value::Int(v)) => *v,
+        _ => 0,
+    }
+}
+
+fn delta(rng: &mut SimRng) -> i64 {
+    // Never zero: a write that changes nothing is not a write.
+    let d = rng.range(1, 15) as i64 - 5;
+    if d <= 0 {
+        d - 1
+    } else {
+        d
+    }
+}
+
+fn random_price(rng: &mut SimRng) -> Value {
+    Value::text(PRICES[rng.index(PRICES.len())])
+}
+
+fn other_price(rng: &mut SimRng, current: Option<&Value>) -> Value {
+    loop {
+        let p = random_price(rng);
+        if Some(&p) != current {
+            return p;
+        }
+    }
+}
+
+/// Plans one transaction on `db`. `fresh` numbers new names so every name write is unique.
+pub fn plan(rng: &mut SimRng, params: &Params, db: &Db, fresh: &mut u64) -> TxPlan {
+    let kind = OP_KINDS[rng.weighted(&params.mix)];
+    let key = pick_key(rng, params);
+    let mut resolving = None;
+    let mut rows = vec![plan_row(rng, params, db, key, kind, fresh, &mut resolving)];
+    if params.keys > 1 && rng.chance(params.two_row_p) {
+        let mut other = pick_key(rng, params);
+        if other == key {
+            other = (key + 1) % params.keys as i64;
+        }
+        rows.push(plan_row(rng, params, db, other, OpKind::Counter, fresh, &mut None));
+    }
+    TxPlan { rows, resolving }
+}
+
+fn pick_key(rng: &mut SimRng, params: &Params) -> i64 {
+    if rng.chance(params.hot_p) {
+        rng.below(params.hot_keys) as i64
+    } else {
+        rng.below(params.keys) as i64
+    }
+}
+
+fn fresh_name(fresh: &mut u64) -> Value {
+    *fresh += 1;
+    Value::text(format!("n{fresh}"))
+}
+
+fn plan_row(
+    rng: &mut SimRng,
+    params: &Params,
+    db: &Db,
+    key: i64,
+    kind: OpKind,
+    fresh: &mut u64,
+    resolving: &mut Option<ReviewItemId>,
+) -> RowPlan {
+    let Some(row) = db.rows.get(&key) else {
+        // Absent here: whatever the intent, the application inserts the row.
+        let stock = rng.range(1, 20) as i64;
+        let name = fresh_name(fresh);
+        let price = random_price(rng);
+        return RowPlan {
+            key,
+            kind: ChangeKind::Insert,
+            old: None,
+            new: Some(vec![
+                Cell::Value(name.clone()),
+                Cell::Value(Value::Int(stock)),
+                Cell::Value(price.clone()),
+            ]),
+            toast_name: false,
+            name: Some(name),
+            stock,
+            price: Some(price),
+        };
+    };
+    let old = row.values.clone();
+    if kind == OpKind::Delete {
+        return RowPlan {
+            key,
+            kind: ChangeKind::Delete,
+            old: Some(old),
+            new: None,
+            toast_name: false,
+            name: None,
+            stock: 0,
+            price: None,
+        };
+    }
+    let mut new = old.clone();
+    let (mut name, mut stock, mut price) = (None, 0, None);
+    let current_price = old[PRICE].value().cloned();
+    match kind {
+        OpKind::Counter => stock = delta(rng),
+        OpKind::Name => name = Some(fresh_name(fresh)),
+        OpKind::Price => price = Some(other_price(rng, current_price.as_ref())),
+        OpKind::Insert | OpKind::Mixed => {
+            name = Some(fresh_name(fresh));
+            stock = delta(rng);
+            if rng.chance(0.5) {
+                price = Some(other_price(rng, current_price.as_ref()));
+            }
+        }
+        OpKind::Resolve => {
+            // The reviewer looks at the queue, which shows what the capture has accounted for:
+            // resolve only rows with no local write still on its way through the capture.
+            let item = if db.row_is_settled(key) {
+                db.row_state(key)
+                    .and_then(|state| open_items(&table(), &row_key(key), &state).into_iter().next())
+            } else {
+                None
+            };
+            match item {
+                Some(item) => {
+                    let candidates = item.candidates();
+                    let value = if rng.chance(0.2) || candidates.is_empty() {
+                        Value::text(REVIEWER_PRICE)
+                    } else {
+                        candidates[rng.index(candidates.len())].value.clone()
+                    };
+                    *resolving = Some(item.id);
+                    price = Some(value);
+                }
+                None => price = Some(other_price(rng, current_price.as_ref())),
+            }
+        }
+        OpKind::Delete => {}
+    }
+    if let Some(n) = &name {
+        new[NAME] = Cell::Value(n.clone());
+    }
+    if stock != 0 {
+        new[STOCK] = Cell::Value(Value::Int(stock_of(&old) + stock));
+    }
+    if let Some(p) = &price {
+        new[PRICE] = Cell::Value(p.clone());
+    }
+    let toast_name = name.is_none() && rng.chance(params.toast_p);
+    RowPlan {
+        key,
+        kind: ChangeKind::Update,
+        old: Some(old),
+        new: Some(new),
+        toast_name,
+        name,
+        stock,
+        price,
+    }
+}

@@ -1,0 +1,185 @@
+//! The simulator's own tests: many seeds pass, runs are deterministic whatever the parallelism,
+//! planted bugs are caught (each by the invariant it breaks) and shrunk, and the command line
+//! prints what it promises.
+
+use accord_sim::config::parse_seed_range;
+use accord_sim::runner::{check_determinism, run_many, Determinism};
+use accord_sim::shrink::shrink;
+use accord_sim::{run_cli, run_seed, FaultSet, Invariant, PlantedBug, SimArgs, SimConfig};
+
+/// Debug builds are slow; CI runs `cargo test` in debug, so the swarm test keeps runs short.
+const OPS: u64 = 120;
+
+fn config(seed: u64, ops: u64) -> SimConfig {
+    SimConfig {
+        ops,
+        ..SimConfig::new(seed)
+    }
+}
+
+fn jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn two_hundred_seeds_pass_with_every_fault_kind() {
+    let configs: Vec<SimConfig> = (0..200).map(|seed| config(seed, OPS)).collect();
+    let reports = run_many(&configs, jobs(), |_| {});
+    let failures: Vec<String> = reports
+        .iter()
+        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}\n  {f}", r.config.command())))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The swarm really explored: faults of every injected kind happened somewhere.
+    let total = |f: fn(&accord_sim::Stats) -> u64| reports.iter().map(|r| f(&r.stats)).sum::<u64>();
+    assert!(total(|s| s.crashes) > 0, "no crash");
+    assert!(total(|s| s.machine_crashes) > 0, "no machine crash");
+    assert!(total(|s| s.partitions) > 0, "no partition");
+    assert!(total(|s| s.clogs) > 0, "no clog");
+    assert!(total(|s| s.drops) > 0, "no dropped connection");
+    assert!(total(|s| s.clock_steps) > 0, "no clock step");
+    assert!(total(|s| s.rogue_clocks) > 0, "no clock beyond the offset");
+    assert!(total(|s| s.capture_stalls) > 0, "no capture stall");
+    assert!(total(|s| s.conflicts) > 0, "no conflict");
+    assert!(total(|s| s.apply_waits) > 0, "no merge waited for the capture");
+    assert!(total(|s| s.resolutions) > 0, "no review resolution");
+}
+
+#[test]
+fn same_seed_same_hash_run_to_run_and_across_parallelism() {
+    let configs: Vec<SimConfig> = (1000..1008).map(|seed| config(seed, 200)).collect();
+    let parallel = run_many(&configs, 4, |_| {});
+    for (report, cfg) in parallel.iter().zip(&configs) {
+        let alone = run_seed(cfg);
+        let again = run_seed(cfg);
+        assert_eq!(report.hash, alone.hash, "seed {}: parallel vs alone", cfg.seed);
+        assert_eq!(alone.hash, again.hash, "seed {}: run to run", cfg.seed);
+        assert_eq!(alone.stats, again.stats);
+    }
+    let hashes: std::collections::BTreeSet<u64> = parallel.iter().map(|r| r.hash).collect();
+    assert_eq!(hashes.len(), configs.len(), "different seeds give different runs");
+}
+
+#[test]
+fn determinism_check_compares_every_event() {
+    match check_determinism(&config(7, 150)) {
+        Determinism::Same { events, .. } => assert!(events > 100),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Finds a seed that fails with the bug planted, and checks it broke the expected invariant.
+fn caught(bug: PlantedBug, expected: Invariant, ops: u64, seeds: std::ops::Range<u64>) -> SimConfig {
+    for seed in seeds.clone() {
+        let cfg = SimConfig {
+            bug: Some(bug),
+            ..config(seed, ops)
+        };
+        if let Some(failure) = run_seed(&cfg).failure {
+            assert_eq!(failure.invariant, expected, "{}: {failure}", cfg.command());
+            return cfg;
+        }
+    }
+    panic!("planted bug {} went unnoticed on seeds {seeds:?}", bug.name());
+}
+
+#[test]
+fn planted_double_apply_is_caught_and_shrunk() {
+    let cfg = caught(PlantedBug::DoubleApply, Invariant::ExactlyOnce, 400, 0..40);
+    let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
+    let shrunk = shrink(&cfg, &failure, 60);
+    assert_eq!(shrunk.failure.invariant, Invariant::ExactlyOnce);
+    assert!(
+        shrunk.config.ops < cfg.ops || shrunk.config.faults != cfg.faults || shrunk.config.nodes < cfg.nodes,
+        "nothing was shrunk: {}",
+        shrunk.config.command()
+    );
+    // The reproducer is a command, and running its configuration fails the same way.
+    assert!(shrunk.config.command().contains("--plant-bug double-apply"));
+    let again = run_seed(&shrunk.config).failure.expect("the reproducer reproduces");
+    assert_eq!(again, shrunk.failure);
+}
+
+#[test]
+fn planted_skipped_capture_wait_breaks_local_writes() {
+    let cfg = caught(PlantedBug::SkipXminCheck, Invariant::Engine, 300, 0..40);
+    assert!(cfg.bug.is_some());
+}
+
+#[test]
+fn planted_loop_is_caught() {
+    caught(PlantedBug::ForgetFromPeer, Invariant::NoLoops, 200, 0..20);
+}
+
+#[test]
+fn planted_missing_merged_stamp_breaks_clocks() {
+    caught(PlantedBug::NoMergedStamp, Invariant::Clocks, 300, 0..40);
+}
+
+#[test]
+fn without_faults_runs_pass_too() {
+    let cfg = SimConfig {
+        faults: FaultSet::none(),
+        ..config(3, 300)
+    };
+    let report = run_seed(&cfg);
+    assert!(report.passed(), "{:?}", report.failure);
+    assert_eq!(report.stats.crashes + report.stats.partitions + report.stats.drops, 0);
+}
+
+fn args(seeds: &str) -> SimArgs {
+    SimArgs {
+        seed: None,
+        seeds: Some(seeds.into()),
+        nodes: 3,
+        ops: 80,
+        faults: "all".into(),
+        max_offset_us: None,
+        jobs: Some(2),
+        check_determinism: false,
+        shrink: false,
+        trace: false,
+        plant_bug: None,
+    }
+}
+
+#[test]
+fn cli_prints_a_line_per_seed_and_the_summary() {
+    let mut out = Vec::new();
+    assert!(run_cli(&args("0..3"), &mut out).unwrap());
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("seed 0: ok hash="), "{text}");
+    assert!(lines[2].starts_with("seed 2: ok"), "{text}");
+    assert!(text.contains("events/s") && text.contains("deliveries/s"), "{text}");
+    assert_eq!(lines.last(), Some(&"3 passed, 0 failed"));
+}
+
+#[test]
+fn cli_prints_the_replay_command_and_the_shrunk_reproducer() {
+    let mut a = args("0..40");
+    a.plant_bug = Some("forget-from-peer".into());
+    a.ops = 60;
+    a.shrink = true;
+    let mut out = Vec::new();
+    assert!(!run_cli(&a, &mut out).unwrap());
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("replay: accord sim --seed 0 --nodes 3 --ops 60 --plant-bug forget-from-peer"),
+        "{text}"
+    );
+    assert!(text.contains("smallest reproducer"), "{text}");
+    assert!(text.lines().last().is_some_and(|l| l.ends_with("40 failed")), "{text}");
+}
+
+#[test]
+fn bad_arguments_are_explained() {
+    let mut a = args("5..2");
+    let err = run_cli(&a, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("A..B"), "{err}");
+    a.seeds = Some("0..1".into());
+    a.faults = "earthquake".into();
+    let err = run_cli(&a, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("earthquake") && err.contains("partition"), "{err}");
+    assert_eq!(parse_seed_range("0..500").unwrap().count(), 500);
+}
