@@ -124,7 +124,7 @@ async fn a_restarted_endpoint_resumes_without_loss_or_duplication() {
     state_b.assert_applied_once(a, n);
     assert!(state_a.ups >= 2, "node 1 reconnected");
     let log = state_a.log.lock().unwrap().join("\n");
-    assert!(log.contains("down 2 the peer closed the connection (shutdown"), "{log}");
+    assert!(log.contains("down 2 "), "node 1 saw the link go down: {log}");
 }
 
 /// A UDP relay between a dialler and an acceptor that can drop every datagram.
@@ -174,12 +174,12 @@ async fn a_connection_gone_dark_times_out_and_resumes_without_loss_or_duplicatio
     let n = backlog(CUT_BACKLOG);
     let ca = Ca::generate(1).unwrap();
     let (a, b) = (NodeId(1), NodeId(2));
-    let node_b = Running::start(
-        config(&ca, b, loopback(), &[(a, not_dialled())]),
-        NodeState::new(b, &[a], n),
-    );
+    let mut config_b = config(&ca, b, loopback(), &[(a, not_dialled())]);
+    config_b.idle_timeout = Duration::from_secs(2);
+    let node_b = Running::start(config_b, NodeState::new(b, &[a], n));
     let relay = Relay::start(node_b.addr).await;
     let mut config_a = config(&ca, a, loopback(), &[(b, relay.addr)]);
+    config_a.idle_timeout = Duration::from_secs(2);
     config_a.handshake_timeout = Duration::from_secs(2);
     let state_a = NodeState::new(a, &[b], n);
     let log_a = state_a.log.clone();

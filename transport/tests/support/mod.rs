@@ -65,7 +65,9 @@ pub fn config(ca: &Ca, node: NodeId, listen: SocketAddr, peers: &[(NodeId, Socke
     let peers = peers.iter().map(|&(node, addr)| PeerAddr { node, addr }).collect();
     let mut config = EndpointConfig::new(identity(node), listen, peers, tls(ca, node));
     config.keep_alive = Duration::from_millis(200);
-    config.idle_timeout = Duration::from_secs(2);
+    // Short enough for tests that wait for a dead connection to be noticed, long enough that a
+    // busy 2-core CI machine does not time out a live one.
+    config.idle_timeout = Duration::from_secs(5);
     config.handshake_timeout = Duration::from_secs(5);
     config.backoff.initial = Duration::from_millis(50);
     config.backoff.max = Duration::from_millis(500);
