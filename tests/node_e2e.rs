@@ -340,3 +340,57 @@ async fn a_review_resolution_on_one_node_closes_the_item_on_all() {
     }
     cluster.stop_all().await;
 }
+
+mod over_quic {
+    //! The same node, its peers reached over real QUIC with mutual TLS on loopback.
+
+    use std::time::Duration;
+
+    use super::support::nodes::{Net, TestCluster, SHOP};
+    use super::{sum_stock, TABLES};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_nodes_count_every_increment_and_survive_a_killed_node() {
+        let mut cluster = TestCluster::start_on(3, SHOP, Net::Quic).await;
+        cluster
+            .client(0)
+            .await
+            .batch_execute(
+                "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, 0 FROM generate_series(1, 6) g",
+            )
+            .await
+            .unwrap();
+        cluster.converge(TABLES, Duration::from_secs(60)).await;
+        let per_writer = 200i64;
+        let mut writers = Vec::new();
+        for node in 0..3 {
+            let db = cluster.client(node).await;
+            writers.push(tokio::spawn(async move {
+                for i in 0..per_writer {
+                    db.execute(
+                        "UPDATE shop.products SET stock = stock + 1 WHERE id = $1",
+                        &[&(1 + i % 6)],
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.kill_node(1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.start_node(1).await;
+        for w in writers {
+            w.await.unwrap();
+        }
+        let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+        for (node, snapshot) in snapshots.iter().enumerate() {
+            assert_eq!(
+                sum_stock(&cluster.client(node).await).await,
+                3 * per_writer,
+                "node {node}:\n{snapshot}"
+            );
+        }
+        cluster.stop_all().await;
+    }
+}

@@ -207,7 +207,7 @@ impl Cluster {
         while !self.pending.is_empty() {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let i = (seed >> 33) as usize % self.pending.len();
-            self.deliver(i, (seed >> 20) % 7 == 0)?;
+            self.deliver(i, (seed >> 20).is_multiple_of(7))?;
         }
         Ok(())
     }

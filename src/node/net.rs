@@ -9,24 +9,30 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
-    /// A connection to `peer` is up; `hello` is what the peer said first.
+    /// Connection `link` to `peer` is up; `hello` is what the peer said first.
     Up {
         peer: NodeId,
+        link: u64,
         hello: Hello,
     },
+    /// A message on the peer's current connection.
     Message {
         peer: NodeId,
         message: Message,
     },
     Down {
         peer: NodeId,
+        link: u64,
         reason: String,
     },
 }
 
+/// A message for one connection: the network drops it when that connection is gone, so that
+/// nothing meant for an old connection (a batch computed before a reconnect) reaches a new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub peer: NodeId,
+    pub link: u64,
     pub message: Message,
 }
 
@@ -50,6 +56,9 @@ struct Member {
 struct Hub {
     members: BTreeMap<NodeId, Member>,
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// The current connection of each linked pair.
+    links: BTreeMap<(NodeId, NodeId), u64>,
+    next_link: u64,
 }
 
 impl Hub {
@@ -57,16 +66,18 @@ impl Hub {
         a != b && self.members.contains_key(&a) && self.members.contains_key(&b) && !self.cut.contains(&ordered(a, b))
     }
 
-    /// The events that bring the link a–b up, for both ends.
-    fn up(&self, a: NodeId, b: NodeId) -> Vec<(mpsc::Sender<PeerEvent>, PeerEvent)> {
+    /// A new connection a–b: the events that bring it up, for both ends.
+    fn up(&mut self, a: NodeId, b: NodeId) -> Vec<(mpsc::Sender<PeerEvent>, PeerEvent)> {
         let (Some(ma), Some(mb)) = (self.members.get(&a), self.members.get(&b)) else {
             return Vec::new();
         };
-        vec![
+        let link = self.next_link + 1;
+        let events = vec![
             (
                 ma.events.clone(),
                 PeerEvent::Up {
                     peer: b,
+                    link,
                     hello: (mb.hello)(a),
                 },
             ),
@@ -74,24 +85,41 @@ impl Hub {
                 mb.events.clone(),
                 PeerEvent::Up {
                     peer: a,
+                    link,
                     hello: (ma.hello)(b),
                 },
             ),
-        ]
+        ];
+        self.next_link = link;
+        self.links.insert(ordered(a, b), link);
+        events
     }
 
-    fn down(&self, a: NodeId, b: NodeId, reason: &str) -> Vec<(mpsc::Sender<PeerEvent>, PeerEvent)> {
+    fn down(&mut self, a: NodeId, b: NodeId, reason: &str) -> Vec<(mpsc::Sender<PeerEvent>, PeerEvent)> {
+        let Some(link) = self.links.remove(&ordered(a, b)) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (me, other) in [(a, b), (b, a)] {
             if let Some(m) = self.members.get(&me) {
                 let event = PeerEvent::Down {
                     peer: other,
+                    link,
                     reason: reason.to_owned(),
                 };
                 out.push((m.events.clone(), event));
             }
         }
         out
+    }
+
+    /// The events queue of `to`, if `out` is for the current connection from `from`.
+    fn route(&self, from: NodeId, out: &Outgoing) -> Option<mpsc::Sender<PeerEvent>> {
+        let current = self.links.get(&ordered(from, out.peer)) == Some(&out.link);
+        if !current || !self.linked(from, out.peer) {
+            return None;
+        }
+        self.members.get(&out.peer).map(|m| m.events.clone())
     }
 }
 
@@ -139,12 +167,7 @@ impl MemoryHub {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(out) = outbox_rx.recv().await {
-                let target = {
-                    let hub = me.lock();
-                    hub.linked(node, out.peer)
-                        .then(|| hub.members.get(&out.peer).map(|m| m.events.clone()))
-                        .flatten()
-                };
+                let target = me.lock().route(node, &out);
                 if let Some(target) = target {
                     let _ = target
                         .send(PeerEvent::Message {

@@ -99,11 +99,12 @@ struct Applied {
     result: Result<(u64, ApplySummary)>,
 }
 
-/// Starts a node. `network` is given the hello source and returns the node's network port.
+/// Starts a node. `network` is given the node's identity (what peers are checked against) and the
+/// source of its hellos, and returns the node's network port.
 pub async fn start<F, Fut>(config: NodeConfig, network: F) -> Result<NodeHandle>
 where
-    F: FnOnce(HelloSource) -> Fut,
-    Fut: std::future::Future<Output = NetworkPort>,
+    F: FnOnce(LocalIdentity, HelloSource) -> Fut,
+    Fut: std::future::Future<Output = Result<NetworkPort>>,
 {
     let node = config.node;
     let mut db = connect(&config.dsn).await?;
@@ -212,7 +213,7 @@ where
                 .unwrap_or(0),
         })
     };
-    let port = network(hello_source).await;
+    let port = network(identity.clone(), hello_source).await?;
     let (status_tx, status) = watch::channel(NodeStatus::default());
     let looped = Loop {
         db,
@@ -228,6 +229,7 @@ where
         pending_apply: BTreeMap::new(),
         pending_acks: BTreeMap::new(),
         pending_refusals: Vec::new(),
+        links: BTreeMap::new(),
     };
     let task = tokio::spawn(looped.run(capture_rx, applied_rx, shutdown_rx));
     Ok(NodeHandle {
@@ -298,7 +300,9 @@ struct Loop {
     persisted_acks: BTreeMap<NodeId, u64>,
     pending_apply: BTreeMap<NodeId, VecDeque<Vec<RowChange>>>,
     pending_acks: BTreeMap<NodeId, Message>,
-    pending_refusals: Vec<(NodeId, Message)>,
+    pending_refusals: Vec<(NodeId, u64, Message)>,
+    /// The current connection to each connected peer.
+    links: BTreeMap<NodeId, u64>,
 }
 
 impl Loop {
@@ -342,31 +346,39 @@ impl Loop {
 
     async fn on_event(&mut self, event: PeerEvent) -> Result<()> {
         match event {
-            PeerEvent::Up { peer, hello }
-            | PeerEvent::Message {
-                peer,
-                message: Message::Hello(hello),
-            } => {
+            PeerEvent::Up { peer, link, hello } => {
                 if let Err(refusal) = self.identity.check(&hello, wall_micros()) {
                     tracing::error!(%peer, %refusal, "refusing peer");
-                    self.pending_refusals.push((peer, Message::Refused(refusal)));
+                    self.pending_refusals.push((peer, link, Message::Refused(refusal)));
                     return Ok(());
                 }
                 match self.replication.connected(peer, hello.applied_yours) {
-                    Ok(()) => tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected"),
+                    Ok(()) => {
+                        tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected");
+                        self.links.insert(peer, link);
+                    }
                     Err(error) => tracing::error!(%peer, %error, "cannot replicate to peer"),
                 }
             }
-            PeerEvent::Down { peer, reason } => {
-                tracing::info!(%peer, reason, "peer disconnected");
-                self.replication.disconnected(peer);
+            PeerEvent::Down { peer, link, reason } => {
+                if self.links.get(&peer) == Some(&link) {
+                    tracing::info!(%peer, reason, "peer disconnected");
+                    self.links.remove(&peer);
+                    self.replication.disconnected(peer);
+                }
             }
             PeerEvent::Message { peer, message } => match message {
                 Message::Batch(changes) => match self.replication.received(peer, &changes, wall_micros()) {
-                    Ok([]) => {}
+                    Ok([]) => {
+                        // A resend of what was applied already: say again how far we got, or
+                        // the sender's acknowledged position stays behind.
+                        let applied = self.replication.progress(peer)?.applied;
+                        self.pending_acks.insert(peer, Message::Ack { applied });
+                    }
                     Ok(fresh) => self.pending_apply.entry(peer).or_default().push_back(fresh.to_vec()),
                     Err(error) => {
                         tracing::error!(%peer, %error, "refusing a batch; dropping the connection state");
+                        self.links.remove(&peer);
                         self.replication.disconnected(peer);
                     }
                 },
@@ -430,28 +442,33 @@ impl Loop {
     }
 
     fn flush_outbox(&mut self) {
-        let mut queued: Vec<(NodeId, Message)> = std::mem::take(&mut self.pending_refusals);
-        queued.extend(std::mem::take(&mut self.pending_acks));
+        let mut queued: Vec<(NodeId, u64, Message)> = std::mem::take(&mut self.pending_refusals);
+        for (peer, message) in std::mem::take(&mut self.pending_acks) {
+            // An acknowledgement for a peer that is not connected goes out after its next hello.
+            if let Some(&link) = self.links.get(&peer) {
+                queued.push((peer, link, message));
+            }
+        }
         let mut rest = queued.into_iter();
-        for (peer, message) in rest.by_ref() {
+        for (peer, link, message) in rest.by_ref() {
             if let Ok(permit) = self.port.outbox.try_reserve() {
-                permit.send(Outgoing { peer, message });
+                permit.send(Outgoing { peer, link, message });
                 continue;
             }
-            self.requeue(peer, message);
+            self.requeue(peer, link, message);
             break;
         }
-        for (peer, message) in rest {
-            self.requeue(peer, message);
+        for (peer, link, message) in rest {
+            self.requeue(peer, link, message);
         }
     }
 
-    fn requeue(&mut self, peer: NodeId, message: Message) {
+    fn requeue(&mut self, peer: NodeId, link: u64, message: Message) {
         match message {
             Message::Ack { .. } => {
                 self.pending_acks.entry(peer).or_insert(message);
             }
-            other => self.pending_refusals.push((peer, other)),
+            other => self.pending_refusals.push((peer, link, other)),
         }
     }
 
@@ -459,6 +476,7 @@ impl Loop {
     async fn send_batches(&mut self) -> Result<()> {
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
+            let Some(&link) = self.links.get(&peer) else { continue };
             loop {
                 let Ok(permit) = self.port.outbox.try_reserve() else {
                     return Ok(());
@@ -469,6 +487,7 @@ impl Loop {
                 let changes = self.read_outbound(*range.start(), *range.end()).await?;
                 permit.send(Outgoing {
                     peer,
+                    link,
                     message: Message::Batch(changes),
                 });
             }

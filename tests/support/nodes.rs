@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use accord::node::init::init;
+use std::net::{SocketAddr, UdpSocket};
+
 use accord::node::net::MemoryHub;
+use accord::node::quic::quic_port;
 use accord::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
 use accord_engine::{NodeId, ReplicationConfig};
+use accord_transport::{EndpointConfig, PeerAddr, TlsIdentity};
 
 use super::pg::PgCluster;
 
@@ -34,9 +38,23 @@ COMMENT ON TABLE shop.users IS '@accord replicate';
 
 pub const DB: &str = "shop";
 
+/// How the test nodes reach each other.
+pub enum Net {
+    /// The in-process hub: links can be cut and healed.
+    Memory,
+    /// Real QUIC with mutual TLS on loopback.
+    Quic,
+}
+
+struct QuicSetup {
+    ca: accord_transport::certs::Ca,
+    ports: Vec<u16>,
+}
+
 pub struct TestCluster {
     pub pg: Vec<PgCluster>,
     pub hub: MemoryHub,
+    quic: Option<QuicSetup>,
     pub nodes: BTreeMap<NodeId, NodeHandle>,
     pub replication: ReplicationConfig,
 }
@@ -48,6 +66,10 @@ pub fn id(i: usize) -> NodeId {
 impl TestCluster {
     /// `n` databases with `schema`, initialised as nodes 1..=n, and the nodes started.
     pub async fn start(n: usize, schema: &str) -> TestCluster {
+        Self::start_on(n, schema, Net::Memory).await
+    }
+
+    pub async fn start_on(n: usize, schema: &str, net: Net) -> TestCluster {
         // RUST_LOG=accord=debug shows what the nodes do; warnings and errors show by default.
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -61,9 +83,17 @@ impl TestCluster {
             db.batch_execute(schema).await.expect("test schema applies");
             init(&mut db, id(i)).await.expect("accord init succeeds");
         }
+        let quic = match net {
+            Net::Memory => None,
+            Net::Quic => Some(QuicSetup {
+                ca: accord_transport::certs::Ca::generate(1).expect("a test CA"),
+                ports: (0..n).map(|_| free_udp_port()).collect(),
+            }),
+        };
         let mut cluster = TestCluster {
             pg,
             hub: MemoryHub::new(),
+            quic,
             nodes: BTreeMap::new(),
             replication: ReplicationConfig {
                 max_batch: 200,
@@ -89,11 +119,38 @@ impl TestCluster {
     }
 
     pub async fn start_node(&mut self, i: usize) {
-        let hub = self.hub.clone();
         let node = id(i);
-        let handle = start(self.config(i), move |hello| async move { hub.join(node, hello).await })
-            .await
-            .unwrap_or_else(|e| panic!("node {node} does not start: {e:#}"));
+        let started = match &self.quic {
+            None => {
+                let hub = self.hub.clone();
+                start(self.config(i), move |_, hello| async move {
+                    Ok(hub.join(node, hello).await)
+                })
+                .await
+            }
+            Some(quic) => {
+                let listen: SocketAddr = ([127, 0, 0, 1], quic.ports[i]).into();
+                let peers: Vec<PeerAddr> = (0..self.pg.len())
+                    .filter(|&j| j != i)
+                    .map(|j| PeerAddr {
+                        node: id(j),
+                        addr: ([127, 0, 0, 1], quic.ports[j]).into(),
+                    })
+                    .collect();
+                let cert = quic.ca.issue(node, 1).expect("a node certificate");
+                let tls = TlsIdentity::from_pem(&quic.ca.cert_pem, &cert.cert_pem, &cert.key_pem).expect("PEM reads");
+                start(self.config(i), move |identity, hello| async move {
+                    let mut config = EndpointConfig::new(identity, listen, peers, tls);
+                    config.keep_alive = Duration::from_millis(200);
+                    config.idle_timeout = Duration::from_secs(5);
+                    config.backoff.initial = Duration::from_millis(50);
+                    config.backoff.max = Duration::from_millis(500);
+                    quic_port(config, hello).map(|(port, _)| port)
+                })
+                .await
+            }
+        };
+        let handle = started.unwrap_or_else(|e| panic!("node {node} does not start: {e:#}"));
         self.nodes.insert(node, handle);
     }
 
@@ -181,6 +238,14 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
+}
+
+/// A UDP port that was free a moment ago (the endpoint binds it right after).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port on loopback")
 }
 
 /// Everything a node holds in `tables` and its review queue, as text, in a stable order.
