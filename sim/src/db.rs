@@ -196,7 +196,7 @@ pub struct QueueError(pub String);
 /// Carries out review actions on a queue, as the service does in its review tables.
 pub fn apply_review(
     queue: &mut BTreeMap<ReviewItemId, QueueEntry>,
-    actions: &[ReviewAction],
+    actions: Vec<ReviewAction>,
 ) -> Result<(), QueueError> {
     for action in actions {
         match action {
@@ -204,10 +204,10 @@ pub fn apply_review(
                 if matches!(queue.get(&item.id), Some(QueueEntry::Closed(..))) {
                     return Err(QueueError(format!("item {} reopened after it was closed", item.id)));
                 }
-                queue.insert(item.id, QueueEntry::Open(item.clone()));
+                queue.insert(item.id, QueueEntry::Open(item));
             }
             ReviewAction::Withdraw(id) => {
-                if !matches!(queue.remove(id), Some(QueueEntry::Open(_))) {
+                if !matches!(queue.remove(&id), Some(QueueEntry::Open(_))) {
                     return Err(QueueError(format!("withdrew item {id}, which was not open")));
                 }
             }
@@ -217,10 +217,7 @@ pub fn apply_review(
                         continue;
                     }
                 }
-                queue.insert(
-                    closure.item.id,
-                    QueueEntry::Closed(closure.item.clone(), closure.kind.clone()),
-                );
+                queue.insert(closure.item.id, QueueEntry::Closed(closure.item, closure.kind));
             }
         }
     }

@@ -36,7 +36,9 @@ pub fn shrink(config: &SimConfig, failure: &Failure, budget: usize) -> Shrunk {
             _ => false,
         }
     };
-    for round in 0..2 {
+    // Each round: fewer operations, then (except in the last) fewer faults and nodes, since a
+    // shorter run may no longer need a fault that a longer one did, and the other way round.
+    for round in 0..3 {
         // Fewer operations: bisect between a passing count and the failing one.
         let (mut lo, mut hi) = (0u64, best.config.ops);
         while hi - lo > 1 && best.runs < budget {
@@ -49,7 +51,7 @@ pub fn shrink(config: &SimConfig, failure: &Failure, budget: usize) -> Shrunk {
                 lo = mid;
             }
         }
-        if round == 1 {
+        if round == 2 {
             break;
         }
         // Fewer fault kinds, one at a time.

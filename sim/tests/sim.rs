@@ -8,7 +8,7 @@ use accord_sim::shrink::shrink;
 use accord_sim::{run_cli, run_seed, FaultSet, Invariant, PlantedBug, SimArgs, SimConfig};
 
 /// Debug builds are slow; CI runs `cargo test` in debug, so the swarm test keeps runs short.
-const OPS: u64 = 120;
+const OPS: u64 = 250;
 
 fn config(seed: u64, ops: u64) -> SimConfig {
     SimConfig {
