@@ -32,6 +32,49 @@ enum Command {
     /// network, clock and crash faults, checked against the invariants. One line per seed, then
     /// `N passed, N failed`; a failure prints the command that replays it. Exits 1 on a failure.
     Sim(accord_sim::SimArgs),
+    /// Prepare a database to be node ID: checks the annotations, creates accord's schema (metadata,
+    /// outbound log, review queue, conflict log), sets REPLICA IDENTITY FULL on the replicated
+    /// tables, creates the publication and the logical slot. Safe to run again.
+    Init {
+        #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
+        dsn: String,
+        #[arg(long, value_name = "ID")]
+        node_id: u32,
+    },
+    /// Work the review queue: concurrent writes to review columns, and changes parked because they
+    /// could not be applied.
+    #[command(subcommand)]
+    Review(ReviewCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ReviewCommand {
+    /// The open items (all items with --all).
+    List {
+        #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
+        dsn: String,
+        #[arg(long)]
+        all: bool,
+    },
+    /// One item with its candidates, numbered for `resolve --pick`.
+    Show {
+        id: accord_engine::ReviewItemId,
+        #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
+        dsn: String,
+    },
+    /// Resolve an item: the choice is written as a new value that supersedes every candidate, and
+    /// replicates to every node like any write.
+    Resolve {
+        id: accord_engine::ReviewItemId,
+        #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
+        dsn: String,
+        /// The candidate to keep (1 is the first `show` lists).
+        #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+        pick: Option<usize>,
+        /// A value of your own, in PostgreSQL's text form.
+        #[arg(long)]
+        value: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +113,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => runtime.block_on(check::run(args)),
         Command::Certs(command) => certs(command).map(|()| check::Verdict::Clean),
+        Command::Init { dsn, node_id } => runtime.block_on(init(&dsn, node_id)).map(|()| check::Verdict::Clean),
+        Command::Review(command) => runtime.block_on(review(command)).map(|()| check::Verdict::Clean),
         Command::Sim(args) => accord_sim::run_cli(&args, &mut std::io::stdout().lock())
             .map(|passed| {
                 if passed {
@@ -101,6 +146,95 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
     };
     for path in written {
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
+    use accord::node::init;
+    let mut db = init::connect(dsn).await?;
+    let done = init::init(&mut db, accord_engine::NodeId(node_id)).await?;
+    println!("node {} is ready to replicate:", done.node);
+    for table in &done.tables {
+        println!("  {table}");
+    }
+    println!("policy fingerprint {}", done.fingerprint);
+    if done.rows_recorded > 0 {
+        println!("{} existing rows recorded", done.rows_recorded);
+    }
+    if done.slot_created {
+        println!("created the logical replication slot {}", accord::node::store::SLOT);
+    }
+    Ok(())
+}
+
+async fn review(command: ReviewCommand) -> anyhow::Result<()> {
+    use accord::node::{init, review};
+    match command {
+        ReviewCommand::List { dsn, all } => {
+            let db = init::connect(&dsn).await?;
+            let entries = review::list(&db, (!all).then_some("open")).await?;
+            if entries.is_empty() {
+                println!("no {}review items", if all { "" } else { "open " });
+            }
+            for e in entries {
+                let what = match &e.item.kind {
+                    accord_engine::ReviewKind::Concurrent { candidates, .. } => {
+                        format!("{} concurrent values", candidates.len())
+                    }
+                    accord_engine::ReviewKind::Unapplicable { error, .. } => format!("not applied: {error}"),
+                };
+                let column = e.item.column.as_deref().map(|c| format!(".{c}")).unwrap_or_default();
+                println!(
+                    "{}  {:<10} {}{column} {}  {what}",
+                    e.id, e.status, e.item.table, e.item.key
+                );
+            }
+        }
+        ReviewCommand::Show { id, dsn } => {
+            let db = init::connect(&dsn).await?;
+            let e = review::show(&db, id).await?;
+            let column = e.item.column.as_deref().unwrap_or("(whole change)");
+            println!("item {}: {} {} {column} — {}", e.id, e.item.table, e.item.key, e.status);
+            match &e.item.kind {
+                accord_engine::ReviewKind::Concurrent {
+                    candidates,
+                    provisional,
+                } => {
+                    for (i, c) in candidates.iter().enumerate() {
+                        let mark = if c.stamp == *provisional {
+                            "  (provisional winner)"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "  {}. {}  written on node {} at {}{mark}",
+                            i + 1,
+                            c.value,
+                            c.stamp.node,
+                            c.stamp
+                        );
+                    }
+                }
+                accord_engine::ReviewKind::Unapplicable { origin, seq, error, .. } => {
+                    println!("  change {seq} from node {origin} could not be applied: {error}");
+                }
+            }
+            if let Some(value) = e.closed_value {
+                println!("  closed with value {value}");
+            }
+        }
+        ReviewCommand::Resolve { id, dsn, pick, value } => {
+            let mut db = init::connect(&dsn).await?;
+            let policy = init::load_policy(&mut db).await?;
+            let choice = match (pick, value) {
+                (Some(n), _) => review::Choice::Pick(n),
+                (None, Some(v)) => review::Choice::Value(v),
+                (None, None) => anyhow::bail!("say what to keep: --pick N or --value V"),
+            };
+            let written = review::resolve(&mut db, &policy, id, choice).await?;
+            println!("resolved {id} with {written}; the resolution replicates to every node");
+        }
     }
     Ok(())
 }

@@ -214,17 +214,23 @@ impl Replication {
     }
 
     /// The peer acknowledged our changes up to `applied`.
+    ///
+    /// An acknowledgement may run ahead of what this connection sent: the peer can still be
+    /// applying batches of an earlier connection after its hello named a lower position. It has
+    /// those changes, so sending resumes after them. Beyond our log's head it is a protocol error.
     pub fn acked(&mut self, peer: NodeId, applied: u64) -> Result<(), ReplicationError> {
+        let head = self.head;
         let link = self.link_mut(peer)?;
         let sent = link.sent.ok_or(ReplicationError::NotConnected(peer))?;
-        if applied > sent {
+        if applied > head {
             return Err(ReplicationError::AckBeyondSent {
                 peer,
                 acked: applied,
-                sent,
+                sent: head,
             });
         }
         link.progress.acked = link.progress.acked.max(applied);
+        link.sent = Some(sent.max(applied));
         Ok(())
     }
 
@@ -333,7 +339,11 @@ mod tests {
         assert_eq!(a.next_batch(B), None);
         a.acked(B, 6).unwrap();
         assert_eq!(a.next_batch(B), Some(8..=10));
-        assert!(matches!(a.acked(B, 11), Err(ReplicationError::AckBeyondSent { .. })));
+        assert!(matches!(a.acked(B, 21), Err(ReplicationError::AckBeyondSent { .. })));
+        // A late acknowledgement from batches of an earlier connection moves sending on.
+        a.acked(B, 12).unwrap();
+        assert_eq!(a.next_batch(B), Some(13..=15));
+        a.acked(B, 10).unwrap();
         a.disconnected(B);
         a.connected(B, 9).unwrap();
         assert_eq!(
