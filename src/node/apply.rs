@@ -16,10 +16,11 @@ use std::time::Duration;
 use accord_engine::{merge, Hlc, MergeOutcome, NodeId, ReviewItem, RowAction, RowChange, RowState};
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, GenericClient};
 
-use super::capture::hlc_message;
+use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
 use super::rows::{delete_row, insert_row, lock_row, update_row};
 use super::store::{self, key_text, origin_name, HLC_MESSAGE_PREFIX};
 
@@ -37,18 +38,27 @@ pub struct ApplySummary {
 
 pub struct Applier {
     db: Client,
+    capture: watch::Receiver<CaptureProgress>,
     peer: NodeId,
     policy: Arc<SchemaPolicy>,
     synchronous_commit: bool,
     applied: u64,
 }
 
-/// A row changed locally since accord last accounted for it.
-struct CaptureBehind;
+/// Why a batch must wait and start over.
+enum Retry {
+    /// A row changed locally since accord last accounted for it.
+    CaptureBehind,
+    /// A row is missing here: a local insert and delete of its key may both still be on their way
+    /// through the capture, and the row cannot be locked to tell. Wait until the capture read past
+    /// the probe written at this WAL position.
+    Probe(u64),
+}
 
 impl Applier {
     pub async fn connect(
         db: Client,
+        capture: watch::Receiver<CaptureProgress>,
         peer: NodeId,
         policy: Arc<SchemaPolicy>,
         synchronous_commit: bool,
@@ -90,6 +100,7 @@ impl Applier {
             .get(0);
         Ok(Applier {
             db,
+            capture,
             peer,
             policy,
             synchronous_commit,
@@ -107,6 +118,10 @@ impl Applier {
 
     pub fn synchronous_commit(&self) -> bool {
         self.synchronous_commit
+    }
+
+    pub fn capture(&self) -> watch::Receiver<CaptureProgress> {
+        self.capture.clone()
     }
 
     /// The last of the peer's changes durably applied here.
@@ -133,25 +148,39 @@ impl Applier {
         let mut waits = 0;
         let mut pause = Duration::from_millis(1);
         let started = tokio::time::Instant::now();
+        // Whether the capture has read past a probe written by the previous attempt: then a
+        // missing row is missing indeed.
+        let mut probed = false;
         loop {
-            match self.try_apply(&fresh, last).await? {
+            if started.elapsed() > CAPTURE_WAIT_LIMIT {
+                bail!(
+                    "a batch from node {} waited {:?} for the capture to account for local writes; \
+                     is the capture running?",
+                    self.peer,
+                    CAPTURE_WAIT_LIMIT
+                );
+            }
+            match self.try_apply(&fresh, last, probed).await? {
                 Ok(mut summary) => {
                     summary.waits = waits;
                     self.applied = last;
                     return Ok((last, summary));
                 }
-                Err(CaptureBehind) => {
+                Err(Retry::CaptureBehind) => {
                     waits += 1;
-                    if started.elapsed() > CAPTURE_WAIT_LIMIT {
-                        bail!(
-                            "a local write to a row in a batch from node {} has not been captured after {:?}; \
-                             is the capture running?",
-                            self.peer,
-                            CAPTURE_WAIT_LIMIT
-                        );
-                    }
+                    probed = false;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(Retry::Probe(lsn)) => {
+                    waits += 1;
+                    let reached =
+                        tokio::time::timeout(CAPTURE_WAIT_LIMIT, self.capture.wait_for(|p| p.processed_lsn >= lsn))
+                            .await;
+                    if !matches!(reached, Ok(Ok(_))) {
+                        bail!("the capture did not read past WAL position {lsn} (is it running?)");
+                    }
+                    probed = true;
                 }
             }
         }
@@ -161,7 +190,8 @@ impl Applier {
         &mut self,
         changes: &[&RowChange],
         last: u64,
-    ) -> Result<std::result::Result<ApplySummary, CaptureBehind>> {
+        probed: bool,
+    ) -> Result<std::result::Result<ApplySummary, Retry>> {
         let policy = Arc::clone(&self.policy);
         let synchronous_commit = self.synchronous_commit;
         let mut tx = self.db.transaction().await?;
@@ -198,11 +228,22 @@ impl Applier {
                 (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(&xmin) => {
                     Some(RowState { meta, values })
                 }
-                (None, Some((meta, _))) if !meta.is_alive() => Some(RowState {
+                (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
                     meta,
                     values: Vec::new(),
                 }),
-                (None, None) => None,
+                (None, None) if probed => None,
+                (None, None) | (None, Some(_)) if !probed => {
+                    // A row cannot be locked before it exists: ask the capture to read past now.
+                    let lsn: PgLsn = savepoint
+                        .query_one(
+                            "SELECT pg_logical_emit_message(false, $1, '')",
+                            &[&PROBE_MESSAGE_PREFIX],
+                        )
+                        .await?
+                        .get(0);
+                    return Ok(Err(Retry::Probe(u64::from(lsn))));
+                }
                 (row, meta) => {
                     tracing::debug!(
                         table = %table.name,
@@ -212,7 +253,7 @@ impl Applier {
                         alive = meta.as_ref().map(|m| m.0.is_alive()),
                         "a local write is not captured yet; waiting"
                     );
-                    return Ok(Err(CaptureBehind));
+                    return Ok(Err(Retry::CaptureBehind));
                 }
             };
             let outcome = match merge(table, local.as_ref(), change) {
@@ -262,8 +303,18 @@ impl Applier {
                             greatest = greatest.max(Some(change.stamp));
                         }
                         Err(error) => {
-                            // A constraint of this database refused the row: park it, go on.
                             savepoint.rollback().await?;
+                            // A local insert of the same key that committed after the row was
+                            // found missing: not a clash, a race with the capture.
+                            if matches!(merged.action, RowAction::Insert(_))
+                                && lock_row(&tx, table, &change.key).await?.is_some()
+                                && store::load_meta(&tx, &table.name, &key)
+                                    .await?
+                                    .is_none_or(|(m, _)| !m.is_alive())
+                            {
+                                return Ok(Err(Retry::CaptureBehind));
+                            }
+                            // A constraint of this database refused the row: park it, go on.
                             park(&tx, change, &table.name, format!("{error:#}")).await?;
                             summary.parked += 1;
                         }

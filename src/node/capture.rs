@@ -44,7 +44,14 @@ pub struct CaptureProgress {
     pub head: u64,
     /// Local row changes captured since start.
     pub captured: u64,
+    /// Every transaction committed before this WAL position has been dealt with (captured, or
+    /// skipped as a peer's). Probes (`PROBE_MESSAGE_PREFIX`) move it on when nothing else does.
+    pub processed_lsn: u64,
 }
+
+/// A non-transactional logical-decoding message an applier writes to learn when the capture has
+/// read everything committed before it.
+pub const PROBE_MESSAGE_PREFIX: &str = "accord.probe";
 
 /// A replication-protocol connection configuration from a libpq-style DSN.
 pub fn replication_config(dsn: &str) -> Result<ReplicationConfig> {
@@ -111,6 +118,7 @@ impl Capture {
         let (progress, rx) = watch::channel(CaptureProgress {
             head: checkpoint.last_seq,
             captured: 0,
+            processed_lsn: 0,
         });
         Ok((
             Capture {
@@ -184,6 +192,12 @@ impl Capture {
                         self.commit(done).await?;
                     }
                     stream.update_applied_lsn(end_lsn);
+                    self.progress
+                        .send_modify(|p| p.processed_lsn = p.processed_lsn.max(end_lsn.as_u64()));
+                }
+                ReplicationEvent::Message { prefix, lsn, .. } if prefix == PROBE_MESSAGE_PREFIX => {
+                    self.progress
+                        .send_modify(|p| p.processed_lsn = p.processed_lsn.max(lsn.as_u64()));
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::KeepAlive { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => break,

@@ -151,6 +151,7 @@ where
     for &peer in &config.peers {
         let applier = Applier::connect(
             connect(&config.dsn).await?,
+            capture_rx.clone(),
             peer,
             Arc::clone(&policy),
             config.synchronous_commit,
@@ -265,6 +266,7 @@ async fn apply_worker(
                     match async {
                         Applier::connect(
                             connect(&dsn).await?,
+                            applier.capture(),
                             peer,
                             applier.policy(),
                             applier.synchronous_commit(),
