@@ -142,11 +142,10 @@ pub fn capture(
             // A reviewer may resolve an item by picking the value the column already holds: that
             // is still a write, or the item would stay open everywhere else.
             let resolves = |i: usize| match &meta.columns[i] {
-                ColumnMeta::Review(reg) if !resolving.is_empty() && reg.is_in_conflict() => {
-                    let item =
-                        ReviewItem::concurrent(&table.name, &change.key, &table.columns[i].name, reg.candidates());
+                ColumnMeta::Review(reg) if !resolving.is_empty() => reg.conflict().is_some_and(|candidates| {
+                    let item = ReviewItem::concurrent(&table.name, &change.key, &table.columns[i].name, candidates);
                     resolving.contains(&item.id)
-                }
+                }),
                 _ => false,
             };
             let changed: Vec<usize> = (0..table.columns.len())
@@ -174,8 +173,8 @@ pub fn capture(
                         record(ledger, node, delta, &def.name, table)?;
                     }
                     ColumnMeta::Review(reg) => {
-                        if reg.is_in_conflict() {
-                            let item = ReviewItem::concurrent(&table.name, &change.key, &def.name, reg.candidates());
+                        if let Some(candidates) = reg.conflict() {
+                            let item = ReviewItem::concurrent(&table.name, &change.key, &def.name, candidates);
                             let kind = if resolving.contains(&item.id) {
                                 ClosureKind::Resolved {
                                     by: node,

@@ -346,8 +346,8 @@ pub fn open_items(table: &TableDef, key: &RowKey, state: &RowState) -> Vec<Revie
     let mut items = Vec::new();
     for (def, meta) in table.columns.iter().zip(&state.meta.columns) {
         if let ColumnMeta::Review(reg) = meta {
-            if reg.is_in_conflict() {
-                items.push(ReviewItem::concurrent(&table.name, key, &def.name, reg.candidates()));
+            if let Some(candidates) = reg.conflict() {
+                items.push(ReviewItem::concurrent(&table.name, key, &def.name, candidates));
             }
         }
     }

@@ -167,8 +167,14 @@ impl ReviewRegister {
 
     /// Whether the candidates are concurrent writes of differing values.
     pub fn is_in_conflict(&self) -> bool {
-        let all = self.reg.read().val;
-        all.iter().any(|c| c.value != all[0].value)
+        self.conflict().is_some()
+    }
+
+    /// The candidates in stamp order, when they are concurrent writes of differing values. One
+    /// read of the register: reading clones every candidate, and merges are a hot path.
+    pub fn conflict(&self) -> Option<Vec<Candidate>> {
+        let all = self.candidates();
+        all.iter().any(|c| c.value != all[0].value).then_some(all)
     }
 
     /// A local write: it has seen every candidate, so it replaces them all.
