@@ -378,6 +378,21 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Whatever arrives, decoding returns; the first byte drawn from the tags that matter.
+        #[test]
+        fn no_input_panics_the_decoder(
+            tag in proptest::sample::select(b"RYOIUDTBCMx".to_vec()),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut message = vec![tag];
+            message.extend(body);
+            let _ = decode(&message);
+        }
+    }
+
     #[test]
     fn absurd_counts_are_refused_without_allocating() {
         let mut t = vec![b'T'];
