@@ -26,26 +26,13 @@ async fn two_nodes_count_every_increment_on_hot_rows() {
     .unwrap();
     cluster.converge(TABLES, Duration::from_secs(60)).await;
 
-    let per_writer = 150;
-    let mut writers = Vec::new();
-    for node in 0..2 {
-        for w in 0..2 {
-            let db = cluster.client(node).await;
-            writers.push(tokio::spawn(async move {
-                for i in 0..per_writer {
-                    let id = 1 + ((i + w) % 5) as i64;
-                    db.execute("UPDATE shop.products SET stock = stock + 1 WHERE id = $1", &[&id])
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-    }
+    let per_writer = 150i64;
+    let writers = cluster.spawn_increments(2, per_writer, 5).await;
     for w in writers {
         w.await.unwrap();
     }
     let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
-    let expected = 5 * 100 + 4 * per_writer as i64;
+    let expected = 5 * 100 + 4 * per_writer;
     for (node, snapshot) in snapshots.iter().enumerate() {
         assert_eq!(
             sum_stock(&cluster.client(node).await).await,
@@ -182,20 +169,7 @@ async fn killed_nodes_resume_without_losing_or_repeating_a_change() {
     // Writers on both databases keep going while the nodes beside them are killed and restarted:
     // the capture is stopped mid-stream and the apply mid-batch.
     let per_writer = 400i64;
-    let mut writers = Vec::new();
-    for node in 0..2 {
-        let db = cluster.client(node).await;
-        writers.push(tokio::spawn(async move {
-            for i in 0..per_writer {
-                db.execute(
-                    "UPDATE shop.products SET stock = stock + 1 WHERE id = $1",
-                    &[&(1 + i % 4)],
-                )
-                .await
-                .unwrap();
-            }
-        }));
-    }
+    let writers = cluster.spawn_increments(1, per_writer, 4).await;
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(150 + 100 * round)).await;
         let victim = round as usize % 2;
@@ -362,20 +336,7 @@ mod over_quic {
             .unwrap();
         cluster.converge(TABLES, Duration::from_secs(60)).await;
         let per_writer = 200i64;
-        let mut writers = Vec::new();
-        for node in 0..3 {
-            let db = cluster.client(node).await;
-            writers.push(tokio::spawn(async move {
-                for i in 0..per_writer {
-                    db.execute(
-                        "UPDATE shop.products SET stock = stock + 1 WHERE id = $1",
-                        &[&(1 + i % 6)],
-                    )
-                    .await
-                    .unwrap();
-                }
-            }));
-        }
+        let writers = cluster.spawn_increments(1, per_writer, 6).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.kill_node(1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -190,6 +190,31 @@ impl TestCluster {
         }
     }
 
+    /// `writers_per_node` clients on every database, each adding 1 to `shop.products.stock` of
+    /// rows `1..=rows` in turn, `per_writer` times (one transaction each).
+    pub async fn spawn_increments(
+        &self,
+        writers_per_node: i64,
+        per_writer: i64,
+        rows: i64,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut writers = Vec::new();
+        for node in 0..self.pg.len() {
+            for w in 0..writers_per_node {
+                let db = self.client(node).await;
+                writers.push(tokio::spawn(async move {
+                    for i in 0..per_writer {
+                        let id = 1 + (i + w) % rows;
+                        db.execute("UPDATE shop.products SET stock = stock + 1 WHERE id = $1", &[&id])
+                            .await
+                            .unwrap_or_else(|e| panic!("increment failed: {e}"));
+                    }
+                }));
+            }
+        }
+        writers
+    }
+
     pub async fn client(&self, i: usize) -> tokio_postgres::Client {
         self.pg[i].connect(DB).await
     }
