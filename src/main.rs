@@ -28,21 +28,27 @@ enum Command {
     /// Make the cluster CA and node certificates; nodes authenticate each other with mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Run the deterministic simulator: the real merge and replication logic of N nodes under
-    /// network, clock and crash faults, checked against the invariants. One line per seed, then
-    /// `N passed, N failed`; a failure prints the command that replays it. Exits 1 on a failure.
+    /// Run the deterministic simulator of a cluster under faults.
+    ///
+    /// The real merge and replication logic of N nodes under network, clock and crash faults,
+    /// checked against the invariants. One line per seed, then `N passed, N failed`; a failure
+    /// prints the command that replays it. Exits 1 on a failure.
     Sim(accord_sim::SimArgs),
-    /// Prepare a database to be node ID: checks the annotations, creates accord's schema (metadata,
-    /// outbound log, review queue, conflict log), sets REPLICA IDENTITY FULL on the replicated
-    /// tables, creates the publication and the logical slot. Safe to run again.
+    /// Prepare a database to be a node.
+    ///
+    /// Checks the annotations, creates accord's schema (metadata, outbound log, review queue,
+    /// conflict log), sets REPLICA IDENTITY FULL on the replicated tables, creates the publication
+    /// and the logical slot, and records the rows that are already there. Safe to run again.
     Init {
         #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
         dsn: String,
         #[arg(long, value_name = "ID")]
         node_id: u32,
     },
-    /// Work the review queue: concurrent writes to review columns, and changes parked because they
-    /// could not be applied.
+    /// Work the review queue.
+    ///
+    /// The queue holds concurrent writes to review columns, and changes parked because they could
+    /// not be applied here.
     #[command(subcommand)]
     Review(ReviewCommand),
 }
