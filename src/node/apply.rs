@@ -9,20 +9,35 @@
 //! (PRODUCT.md invariant 8). Every row is locked and its `xmin` compared with the `known_xmin` the
 //! capture or a merge recorded; when they differ, the batch is rolled back (releasing its locks,
 //! so the capture is never blocked by it), and retried once the capture caught up.
+//!
+//! A batch is written many rows at a time: all its rows are locked (in key order) and their
+//! metadata read in one round trip, the changes merged in memory in order (several changes of
+//! one row against the state the earlier ones left), and each row written once, with multi-row
+//! statements. A part of a batch whose writes the database refuses is rolled back to a savepoint
+//! and applied in halves, down to single changes in savepoints, so that exactly the refused
+//! change is parked.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use accord_engine::{merge, Hlc, MergeOutcome, NodeId, ReviewItem, RowAction, RowChange, RowState};
+use accord_engine::{
+    merge, Cell, Hlc, MergeOutcome, NodeId, ReviewAction, ReviewItem, RowAction, RowChange, RowMeta, RowState,
+    TableDef, Value,
+};
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
-use super::rows::{delete_row, insert_row, lock_row, update_row};
-use super::store::{self, key_text, origin_name, HLC_MESSAGE_PREFIX};
+use super::pipeline::{self, Params, Statements};
+use super::rows::{
+    delete_row, delete_rows_sql, insert_row, insert_rows_sql, key_texts, lock_row, lock_rows_sql, locked_row,
+    update_row, update_rows_sql,
+};
+use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
 
 /// How long a batch waits for the capture to account for local writes before giving up.
 const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
@@ -43,6 +58,8 @@ pub struct Applier {
     policy: Arc<SchemaPolicy>,
     synchronous_commit: bool,
     applied: u64,
+    /// Prepared statements of this connection.
+    statements: Statements,
 }
 
 /// Why a batch must wait and start over.
@@ -105,6 +122,7 @@ impl Applier {
             policy,
             synchronous_commit,
             applied: position.map(u64::from).unwrap_or(0),
+            statements: Statements::default(),
         })
     }
 
@@ -194,20 +212,329 @@ impl Applier {
     ) -> Result<std::result::Result<ApplySummary, Retry>> {
         let policy = Arc::clone(&self.policy);
         let synchronous_commit = self.synchronous_commit;
+        let statements = &mut self.statements;
         let mut tx = self.db.transaction().await?;
-        if !synchronous_commit {
-            tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
-        }
-        tx.execute(
-            "SELECT pg_replication_origin_xact_setup($1, now())",
-            &[&PgLsn::from(last)],
-        )
-        .await?;
+        let setup = Setup {
+            synchronous_commit,
+            last,
+        };
         let mut summary = ApplySummary::default();
-        let mut greatest: Option<Hlc> = None;
-        for change in changes {
-            let Some(table) = policy.table(&change.table) else {
-                let item = ReviewItem::unapplicable(
+        // Ranges of the batch still to apply, the next one last. A range that cannot be written
+        // as a whole is split in halves, down to single changes, which go through the
+        // change-by-change path: a change that a constraint refuses is parked alone, the rest
+        // is still written many rows at a time.
+        //
+        // The first part is the whole batch, and its guard checks every row of it. Later parts
+        // need no probe for a missing row: a row that was missing then passed the guard only
+        // after a probe, and a row that was there stays locked by this transaction unless one
+        // of its own earlier parts deleted it.
+        let mut ranges = vec![(0, changes.len())];
+        let mut first = true;
+        while let Some((start, end)) = ranges.pop() {
+            let part = changes.get(start..end).unwrap_or_default();
+            if part.is_empty() {
+                continue;
+            }
+            if part.len() == 1 && !first {
+                match one_by_one(&mut tx, &policy, part, true).await? {
+                    Ok((done, greatest)) => {
+                        summary.add(done);
+                        if let Some(stamp) = greatest {
+                            tx.execute(EMIT_HLC_SQL, &[&HLC_MESSAGE_PREFIX, &hlc_message(stamp)])
+                                .await?;
+                        }
+                    }
+                    Err(retry) => return Ok(Err(retry)),
+                }
+                continue;
+            }
+            let setup = first.then_some(setup);
+            let probed = probed || !first;
+            first = false;
+            match batched(&tx, statements, &policy, part, setup, probed).await? {
+                Batched::Done(done) => summary.add(done),
+                Batched::Retry(retry) => return Ok(Err(retry)),
+                Batched::Split => {
+                    let middle = start + (end - start).div_ceil(2);
+                    ranges.push((middle, end));
+                    ranges.push((start, middle));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Ok(summary))
+    }
+}
+
+/// Tells the capture what a merge transaction merged (the greatest stamp), so that local writes
+/// committed after it get greater stamps.
+const EMIT_HLC_SQL: &str = "SELECT pg_logical_emit_message(true, $1, $2)";
+
+/// What the first statements of a batch's transaction set up.
+#[derive(Clone, Copy)]
+struct Setup {
+    synchronous_commit: bool,
+    /// The batch's last sequence number: the origin's position once the transaction commits.
+    last: u64,
+}
+
+/// How a batched attempt went.
+enum Batched {
+    /// Merged and written.
+    Done(ApplySummary),
+    /// The batch must roll back, wait and start over.
+    Retry(Retry),
+    /// Nothing was written: a statement failed (and was rolled back), or a row's merges do not
+    /// fold into one write. The part must be applied in smaller parts.
+    Split,
+}
+
+impl ApplySummary {
+    fn add(&mut self, other: ApplySummary) {
+        self.applied += other.applied;
+        self.parked += other.parked;
+        self.conflicts += other.conflicts;
+        self.waits += other.waits;
+    }
+}
+
+/// One distinct row of a batch.
+struct Slot<'a> {
+    table: &'a TableDef,
+    key_text: String,
+    key_params: Vec<Option<String>>,
+    /// The xmin and values of the row in the user's table, if it is there.
+    row: Option<(String, Vec<Cell>)>,
+    /// The stored metadata and the xmin it accounts for.
+    meta: Option<(RowMeta, Option<String>)>,
+    /// The row as the merges so far left it (`None`: accord knows nothing of it).
+    state: Option<RowState>,
+    /// Whether a merge gave the row new metadata.
+    merged: bool,
+    /// The one write the batch makes to the user's row.
+    write: Write,
+    /// The xmin of the row version that write made.
+    written: Option<String>,
+}
+
+/// The merges of one row within a batch, folded into one statement.
+enum Write {
+    Keep,
+    /// Set these columns to these values (their last values in the batch).
+    Update(BTreeMap<usize, Value>),
+    Insert(Vec<Value>),
+    Delete,
+}
+
+impl Write {
+    /// Folds the next merge's action in. `false` when the sequence has no single-statement
+    /// equivalent (a row deleted and inserted again, or inserted and deleted, in one batch): such
+    /// a batch goes change by change, so that every intermediate row version meets the
+    /// database's constraints exactly as it would alone.
+    fn then(&mut self, action: &RowAction) -> bool {
+        let folded = match (std::mem::replace(self, Write::Keep), action) {
+            (write, RowAction::Nothing) => write,
+            (Write::Keep, RowAction::Update(writes)) => {
+                Write::Update(writes.iter().map(|w| (w.column, w.value.clone())).collect())
+            }
+            (Write::Update(mut columns), RowAction::Update(writes)) => {
+                columns.extend(writes.iter().map(|w| (w.column, w.value.clone())));
+                Write::Update(columns)
+            }
+            (Write::Insert(mut values), RowAction::Update(writes)) => {
+                for w in writes {
+                    match values.get_mut(w.column) {
+                        Some(value) => *value = w.value.clone(),
+                        None => return false,
+                    }
+                }
+                Write::Insert(values)
+            }
+            (Write::Keep, RowAction::Insert(values)) => Write::Insert(values.clone()),
+            (Write::Keep | Write::Update(_), RowAction::Delete) => Write::Delete,
+            _ => return false,
+        };
+        *self = folded;
+        true
+    }
+}
+
+/// A statement of the batch's writes, and the slots it writes.
+struct WriteStatement {
+    sql: String,
+    params: Params,
+    slots: Vec<usize>,
+    /// Whether it returns each row's new xmin (an insert or update) or only its ord (a delete).
+    returns_xmin: bool,
+}
+
+fn ords(slots: &[usize]) -> Vec<i32> {
+    // A batch has far fewer rows than i32::MAX.
+    slots.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect()
+}
+
+/// Key columns of `slots` as parameters: the ords, then one text array per key column.
+fn key_arrays(slots: &[Slot<'_>], which: &[usize], width: usize) -> Params {
+    let mut params: Params = vec![Box::new(ords(which))];
+    for k in 0..width {
+        let column: Vec<Option<String>> = which
+            .iter()
+            .map(|&i| slots[i].key_params.get(k).cloned().flatten())
+            .collect();
+        params.push(Box::new(column));
+    }
+    params
+}
+
+/// Applies `changes` (a batch or a part of it) with a few multi-row statements: every row locked
+/// at once, the merges done in memory in order, each row written once. `Split` when a statement
+/// fails (a constraint refused a row: smaller parts find it, and the change-by-change path parks
+/// exactly that change) or when a row's merges do not fold into one write. `setup` is given to
+/// the transaction's first part; `probed`: the capture has read past a probe written after the
+/// previous attempt found a row missing.
+async fn batched<'a>(
+    tx: &Transaction<'_>,
+    statements: &mut Statements,
+    policy: &'a SchemaPolicy,
+    changes: &[&'a RowChange],
+    setup: Option<Setup>,
+    probed: bool,
+) -> Result<Batched> {
+    // The distinct rows, and tables in name order: every applier locks tables in the same order.
+    let mut slots: Vec<Slot<'a>> = Vec::new();
+    let mut index: HashMap<(&'a str, String), usize> = HashMap::new();
+    let mut change_slots: Vec<Option<usize>> = Vec::with_capacity(changes.len());
+    let mut tables: BTreeMap<&'a str, (&'a TableDef, Vec<usize>)> = BTreeMap::new();
+    for change in changes {
+        let Some(table) = policy.table(&change.table) else {
+            change_slots.push(None);
+            continue;
+        };
+        let key_text = key_text(&change.key);
+        let slot = match index.get(&(table.name.as_str(), key_text.clone())) {
+            Some(&slot) => slot,
+            None => {
+                let slot = slots.len();
+                slots.push(Slot {
+                    table,
+                    key_params: key_texts(table, &change.key)?,
+                    key_text: key_text.clone(),
+                    row: None,
+                    meta: None,
+                    state: None,
+                    merged: false,
+                    write: Write::Keep,
+                    written: None,
+                });
+                index.insert((table.name.as_str(), key_text), slot);
+                tables
+                    .entry(table.name.as_str())
+                    .or_insert((table, Vec::new()))
+                    .1
+                    .push(slot);
+                slot
+            }
+        };
+        change_slots.push(Some(slot));
+    }
+
+    // Set up, lock the rows, then their metadata (rows before metadata, like every writer of
+    // both), in one round trip.
+    let origin = statements
+        .get(tx, "SELECT pg_replication_origin_xact_setup($1, now())")
+        .await?;
+    let origin_params: Params = vec![Box::new(PgLsn::from(setup.map_or(0, |s| s.last)))];
+    let mut locks = Vec::with_capacity(tables.len());
+    for (table, which) in tables.values() {
+        let statement = statements.get(tx, &lock_rows_sql(table)).await?;
+        locks.push((statement, key_arrays(&slots, which, table.key.len())));
+    }
+    let load = statements.get(tx, store::LOAD_METAS_SQL).await?;
+    let load_params: Params = vec![
+        Box::new(ords(&(0..slots.len()).collect::<Vec<_>>())),
+        Box::new(slots.iter().map(|s| s.table.name.clone()).collect::<Vec<_>>()),
+        Box::new(slots.iter().map(|s| s.key_text.clone()).collect::<Vec<_>>()),
+    ];
+    let mut queries = Vec::new();
+    if let Some(setup) = setup {
+        if !setup.synchronous_commit {
+            queries.push(pipeline::command(tx, "SET LOCAL synchronous_commit = off"));
+        }
+        // The batch's position is committed with its changes (exactly once).
+        queries.push(pipeline::query(tx, &origin, &origin_params));
+    }
+    let first_lock = queries.len();
+    for (statement, params) in &locks {
+        queries.push(pipeline::query(tx, statement, params));
+    }
+    queries.push(pipeline::query(tx, &load, &load_params));
+    let results = pipeline::run_all(queries).await?;
+    let locked = results.get(first_lock..first_lock + tables.len()).unwrap_or_default();
+    let metas = results.last().map(Vec::as_slice).unwrap_or_default();
+    for (rows, (table, _)) in locked.iter().zip(tables.values()) {
+        for row in rows {
+            let ord: i32 = row.try_get(0)?;
+            let slot = usize::try_from(ord)
+                .ok()
+                .and_then(|i| slots.get_mut(i))
+                .with_context(|| format!("{}: a locked row came back with an unknown ord {ord}", table.name))?;
+            slot.row = Some(locked_row(table, row)?);
+        }
+    }
+    for (ord, meta, known) in store::loaded_metas(metas)? {
+        let slot = slots
+            .get_mut(ord)
+            .with_context(|| format!("row metadata came back with an unknown ord {ord}"))?;
+        slot.meta = Some((meta, known));
+    }
+
+    // The xmin guard (invariant 8), for every row before anything is merged.
+    let mut missing = false;
+    for slot in &mut slots {
+        slot.state = match (&slot.row, &slot.meta) {
+            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(xmin) => {
+                Some(RowState {
+                    meta: meta.clone(),
+                    values: values.clone(),
+                })
+            }
+            (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
+                meta: meta.clone(),
+                values: Vec::new(),
+            }),
+            (None, None) if probed => None,
+            (None, _) if !probed => {
+                missing = true;
+                None
+            }
+            (row, meta) => {
+                tracing::debug!(
+                    table = %slot.table.name,
+                    key = slot.key_text,
+                    xmin = row.as_ref().map(|r| r.0.as_str()),
+                    known = meta.as_ref().and_then(|m| m.1.as_deref()),
+                    alive = meta.as_ref().map(|m| m.0.is_alive()),
+                    "a local write is not captured yet; waiting"
+                );
+                return Ok(Batched::Retry(Retry::CaptureBehind));
+            }
+        };
+    }
+    if missing {
+        // A row cannot be locked before it exists: ask the capture to read past now.
+        return Ok(Batched::Retry(Retry::Probe(probe(tx).await?)));
+    }
+
+    // Merge in order, each change against the state the earlier ones left.
+    let mut summary = ApplySummary::default();
+    let mut greatest: Option<Hlc> = None;
+    let mut parked: Vec<(ReviewItem, &RowChange)> = Vec::new();
+    let mut review: Vec<ReviewAction> = Vec::new();
+    let mut conflicts = ConflictRows::default();
+    for (change, slot) in changes.iter().zip(&change_slots) {
+        let Some(slot) = slot.and_then(|i| slots.get_mut(i)) else {
+            parked.push((
+                ReviewItem::unapplicable(
                     &change.table,
                     &change.key,
                     None,
@@ -215,139 +542,396 @@ impl Applier {
                     change.stamp,
                     change.seq,
                     format!("table {} is not replicated on this node", change.table),
-                );
-                store::open_item(&tx, &item, Some(change)).await?;
-                summary.parked += 1;
-                continue;
-            };
-            let key = key_text(&change.key);
-            let savepoint = tx.savepoint("accord_change").await?;
-            let row = lock_row(&savepoint, table, &change.key).await?;
-            let meta = store::load_meta(&savepoint, &table.name, &key).await?;
-            let local = match (row, meta) {
-                (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(&xmin) => {
-                    Some(RowState { meta, values })
-                }
-                (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
-                    meta,
-                    values: Vec::new(),
-                }),
-                (None, None) if probed => None,
-                (None, None) | (None, Some(_)) if !probed => {
-                    // A row cannot be locked before it exists: ask the capture to read past now.
-                    let lsn: PgLsn = savepoint
-                        .query_one(
-                            "SELECT pg_logical_emit_message(false, $1, '')",
-                            &[&PROBE_MESSAGE_PREFIX],
-                        )
-                        .await?
-                        .get(0);
-                    return Ok(Err(Retry::Probe(u64::from(lsn))));
-                }
-                (row, meta) => {
+                ),
+                change,
+            ));
+            summary.parked += 1;
+            continue;
+        };
+        let table = slot.table;
+        match merge(table, slot.state.as_ref(), change) {
+            Ok(MergeOutcome::Applied(merged)) => {
+                if !slot.write.then(&merged.action) {
                     tracing::debug!(
                         table = %table.name,
-                        key,
-                        xmin = row.as_ref().map(|r| r.0.as_str()),
-                        known = meta.as_ref().and_then(|m| m.1.as_deref()),
-                        alive = meta.as_ref().map(|m| m.0.is_alive()),
-                        "a local write is not captured yet; waiting"
+                        key = slot.key_text,
+                        "a row is deleted and inserted within the batch; applying it in parts"
                     );
-                    return Ok(Err(Retry::CaptureBehind));
+                    return Ok(Batched::Split);
                 }
-            };
-            let outcome = match merge(table, local.as_ref(), change) {
-                Ok(outcome) => outcome,
-                Err(error) => MergeOutcome::Parked {
-                    item: ReviewItem::unapplicable(
-                        &table.name,
-                        &change.key,
-                        None,
-                        change.origin,
-                        change.stamp,
-                        change.seq,
-                        error.to_string(),
-                    ),
-                    error: error.to_string(),
-                },
-            };
-            match outcome {
-                MergeOutcome::Applied(merged) => {
-                    let written = match &merged.action {
-                        RowAction::Nothing => Ok(local.as_ref().and(None)),
-                        RowAction::Insert(values) => insert_row(&savepoint, table, &change.key, values).await.map(Some),
-                        RowAction::Update(writes) => {
-                            let writes: Vec<(usize, &accord_engine::Value)> =
-                                writes.iter().map(|w| (w.column, &w.value)).collect();
-                            update_row(&savepoint, table, &change.key, &writes).await.map(Some)
-                        }
-                        RowAction::Delete => delete_row(&savepoint, table, &change.key).await.map(|()| None),
-                    };
-                    match written {
-                        Ok(xmin) => {
-                            // A row this merge did not write keeps the xmin accord knew for it.
-                            let known = match (&merged.action, xmin) {
-                                (_, Some(x)) => Some(x),
-                                (RowAction::Nothing, None) => store::load_meta(&savepoint, &table.name, &key)
-                                    .await?
-                                    .and_then(|(_, k)| k),
-                                _ => None,
-                            };
-                            store::save_meta(&savepoint, &table.name, &key, &merged.state.meta, known.as_deref())
-                                .await?;
-                            store::apply_review(&savepoint, &merged.review).await?;
-                            store::log_conflicts(&savepoint, &table.name, &key, &merged.conflicts).await?;
-                            savepoint.commit().await?;
-                            summary.applied += 1;
-                            summary.conflicts += merged.conflicts.len() as u64;
-                            greatest = greatest.max(Some(change.stamp));
-                        }
-                        Err(error) => {
-                            savepoint.rollback().await?;
-                            // A local insert of the same key that committed after the row was
-                            // found missing: not a clash, a race with the capture.
-                            if matches!(merged.action, RowAction::Insert(_))
-                                && lock_row(&tx, table, &change.key).await?.is_some()
-                                && store::load_meta(&tx, &table.name, &key)
-                                    .await?
-                                    .is_none_or(|(m, _)| !m.is_alive())
-                            {
-                                return Ok(Err(Retry::CaptureBehind));
-                            }
-                            // A constraint of this database refused the row: park it, go on.
-                            park(&tx, change, &table.name, format!("{error:#}")).await?;
-                            summary.parked += 1;
-                        }
-                    }
+                for conflict in &merged.conflicts {
+                    conflicts.push(&table.name, &slot.key_text, conflict);
                 }
-                MergeOutcome::Parked { item, .. } => {
-                    savepoint.rollback().await?;
-                    store::open_item(&tx, &item, Some(change)).await?;
-                    summary.parked += 1;
-                }
-                MergeOutcome::Deferred { missing } => {
-                    savepoint.rollback().await?;
-                    let error = format!(
-                        "the row is new here but the change lacks the values of {} (unchanged TOAST relayed by \
-                         another node); kept until the row's origin sends them",
-                        missing.join(", ")
-                    );
-                    park(&tx, change, &table.name, error).await?;
-                    summary.parked += 1;
+                summary.applied += 1;
+                summary.conflicts += merged.conflicts.len() as u64;
+                greatest = greatest.max(Some(change.stamp));
+                review.extend(merged.review);
+                slot.state = Some(merged.state);
+                slot.merged = true;
+            }
+            Ok(MergeOutcome::Parked { item, .. }) => {
+                parked.push((item, change));
+                summary.parked += 1;
+            }
+            Ok(MergeOutcome::Deferred { missing }) => {
+                let error = deferred_error(&missing);
+                tracing::warn!(table = %table.name, key = %slot.key_text, origin = %change.origin, seq = change.seq, %error, "change parked for review");
+                let item = ReviewItem::unapplicable(
+                    &table.name,
+                    &change.key,
+                    None,
+                    change.origin,
+                    change.stamp,
+                    change.seq,
+                    error,
+                );
+                parked.push((item, change));
+                summary.parked += 1;
+            }
+            Err(error) => {
+                let item = ReviewItem::unapplicable(
+                    &table.name,
+                    &change.key,
+                    None,
+                    change.origin,
+                    change.stamp,
+                    change.seq,
+                    error.to_string(),
+                );
+                parked.push((item, change));
+                summary.parked += 1;
+            }
+        }
+    }
+
+    // The writes: per table (in the order the batch first wrote it) deletes, updates by the set
+    // of columns they write, then inserts.
+    let mut order: Vec<&str> = Vec::new();
+    for slot in change_slots.iter().flatten().filter_map(|&i| slots.get(i)) {
+        if !order.contains(&slot.table.name.as_str()) {
+            order.push(&slot.table.name);
+        }
+    }
+    let mut writes: Vec<WriteStatement> = Vec::new();
+    for name in order {
+        let Some((table, which)) = tables.get(name) else {
+            continue;
+        };
+        let width = table.key.len();
+        let deletes: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| matches!(slots[i].write, Write::Delete))
+            .collect();
+        if !deletes.is_empty() {
+            writes.push(WriteStatement {
+                sql: delete_rows_sql(table),
+                params: key_arrays(&slots, &deletes, width),
+                slots: deletes,
+                returns_xmin: false,
+            });
+        }
+        let mut shapes: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+        for &i in which {
+            if let Write::Update(columns) = &slots[i].write {
+                shapes.entry(columns.keys().copied().collect()).or_default().push(i);
+            }
+        }
+        for (columns, rows) in shapes {
+            let mut params = key_arrays(&slots, &rows, width);
+            for column in &columns {
+                let values: Vec<Option<String>> = rows
+                    .iter()
+                    .map(|&i| match &slots[i].write {
+                        Write::Update(values) => values.get(column).and_then(Value::to_pg_text),
+                        _ => None,
+                    })
+                    .collect();
+                params.push(Box::new(values));
+            }
+            writes.push(WriteStatement {
+                sql: update_rows_sql(table, &columns),
+                params,
+                slots: rows,
+                returns_xmin: true,
+            });
+        }
+        let inserts: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| matches!(slots[i].write, Write::Insert(_)))
+            .collect();
+        if !inserts.is_empty() {
+            let mut params = key_arrays(&slots, &inserts, width);
+            for column in 0..table.columns.len() {
+                let values: Vec<Option<String>> = inserts
+                    .iter()
+                    .map(|&i| match &slots[i].write {
+                        Write::Insert(values) => values.get(column).and_then(Value::to_pg_text),
+                        _ => None,
+                    })
+                    .collect();
+                params.push(Box::new(values));
+            }
+            writes.push(WriteStatement {
+                sql: insert_rows_sql(table),
+                params,
+                slots: inserts,
+                returns_xmin: true,
+            });
+        }
+    }
+
+    if !writes.is_empty() {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for write in &writes {
+            prepared.push(statements.get(tx, &write.sql).await?);
+        }
+        // A savepoint, so that a refused write costs only the writes, not the locks.
+        let mut queries = vec![pipeline::command(tx, "SAVEPOINT accord_batch")];
+        for (write, statement) in writes.iter().zip(&prepared) {
+            queries.push(pipeline::query(tx, statement, &write.params));
+        }
+        let results = pipeline::run_all(queries).await;
+        let written = results
+            .map_err(anyhow::Error::new)
+            .and_then(|results| record_written(&mut slots, &writes, results.get(1..).unwrap_or_default()));
+        if let Err(error) = written {
+            tracing::debug!(
+                error = format!("{error:#}"),
+                "a batched write failed; applying it in parts"
+            );
+            tx.batch_execute("ROLLBACK TO SAVEPOINT accord_batch; RELEASE SAVEPOINT accord_batch")
+                .await?;
+            return Ok(Batched::Split);
+        }
+    }
+
+    // The metadata (with the xmin of the row version it accounts for), the conflict log and the
+    // review queue.
+    let mut metas = MetaRows::default();
+    for slot in slots.iter().filter(|s| s.merged) {
+        let Some(state) = &slot.state else { continue };
+        let known = match &slot.write {
+            Write::Update(_) | Write::Insert(_) => slot.written.as_deref(),
+            Write::Delete => None,
+            // A row this batch did not write keeps the xmin accord knew for it.
+            Write::Keep => slot.meta.as_ref().and_then(|(_, known)| known.as_deref()),
+        };
+        metas.push(&slot.table.name, &slot.key_text, &state.meta, known)?;
+    }
+    let save = statements.get(tx, store::SAVE_METAS_SQL).await?;
+    let log = statements.get(tx, store::LOG_CONFLICTS_SQL).await?;
+    let emit = statements.get(tx, EMIT_HLC_SQL).await?;
+    let has_metas = !metas.is_empty();
+    let save_params = metas.into_params();
+    let has_conflicts = !conflicts.is_empty();
+    let log_params = conflicts.into_params();
+    let emit_params: Option<Params> =
+        greatest.map(|stamp| -> Params { vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp))] });
+    let mut queries = Vec::new();
+    if !writes.is_empty() {
+        // The writes stand; the savepoint is not needed any more.
+        queries.push(pipeline::command(tx, "RELEASE SAVEPOINT accord_batch"));
+    }
+    if has_metas {
+        queries.push(pipeline::query(tx, &save, &save_params));
+    }
+    if has_conflicts {
+        queries.push(pipeline::query(tx, &log, &log_params));
+    }
+    if let Some(params) = &emit_params {
+        queries.push(pipeline::query(tx, &emit, params));
+    }
+    pipeline::run_all(queries).await?;
+    store::apply_review(tx, &review).await?;
+    for (item, change) in parked {
+        store::open_item(tx, &item, Some(change)).await?;
+    }
+    Ok(Batched::Done(summary))
+}
+
+/// Checks that every write statement wrote exactly its rows, and records their new xmins.
+fn record_written(slots: &mut [Slot<'_>], writes: &[WriteStatement], results: &[Vec<Row>]) -> Result<()> {
+    if results.len() != writes.len() {
+        bail!("{} write statements gave {} results", writes.len(), results.len());
+    }
+    for (write, rows) in writes.iter().zip(results) {
+        if rows.len() != write.slots.len() {
+            bail!(
+                "a batched write touched {} rows instead of {}",
+                rows.len(),
+                write.slots.len()
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for row in rows {
+            let ord: i32 = row.try_get(0)?;
+            let slot = usize::try_from(ord).unwrap_or(usize::MAX);
+            if !write.slots.contains(&slot) || !seen.insert(slot) {
+                bail!("a batched write touched an unexpected row (ord {ord})");
+            }
+            if write.returns_xmin {
+                let xmin: String = row.try_get(1)?;
+                if let Some(s) = slots.get_mut(slot) {
+                    s.written = Some(xmin);
                 }
             }
         }
-        if let Some(stamp) = greatest {
-            // Tells the capture what this transaction merged: local writes after it get greater stamps.
-            tx.execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&HLC_MESSAGE_PREFIX, &hlc_message(stamp)],
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Ok(summary))
     }
+    Ok(())
+}
+
+fn deferred_error(missing: &[String]) -> String {
+    format!(
+        "the row is new here but the change lacks the values of {} (unchanged TOAST relayed by another node); kept \
+         until the row's origin sends them",
+        missing.join(", ")
+    )
+}
+
+/// Writes a probe: a non-transactional message whose WAL position the capture reports once it
+/// has read past it (and so past every transaction committed before it).
+async fn probe(db: &impl GenericClient) -> Result<u64> {
+    let lsn: PgLsn = db
+        .query_one(
+            "SELECT pg_logical_emit_message(false, $1, '')",
+            &[&PROBE_MESSAGE_PREFIX],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(u64::from(lsn))
+}
+
+/// Changes one by one, each in a savepoint: a change that a constraint of this database refuses
+/// is parked alone. Returns the summary and the greatest stamp merged.
+async fn one_by_one(
+    tx: &mut Transaction<'_>,
+    policy: &SchemaPolicy,
+    changes: &[&RowChange],
+    probed: bool,
+) -> Result<std::result::Result<(ApplySummary, Option<Hlc>), Retry>> {
+    let mut summary = ApplySummary::default();
+    let mut greatest: Option<Hlc> = None;
+    for change in changes {
+        let Some(table) = policy.table(&change.table) else {
+            let item = ReviewItem::unapplicable(
+                &change.table,
+                &change.key,
+                None,
+                change.origin,
+                change.stamp,
+                change.seq,
+                format!("table {} is not replicated on this node", change.table),
+            );
+            store::open_item(&*tx, &item, Some(change)).await?;
+            summary.parked += 1;
+            continue;
+        };
+        let key = key_text(&change.key);
+        let savepoint = tx.savepoint("accord_change").await?;
+        let row = lock_row(&savepoint, table, &change.key).await?;
+        let meta = store::load_meta(&savepoint, &table.name, &key).await?;
+        let local = match (row, meta) {
+            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(&xmin) => {
+                Some(RowState { meta, values })
+            }
+            (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
+                meta,
+                values: Vec::new(),
+            }),
+            (None, None) if probed => None,
+            (None, None) | (None, Some(_)) if !probed => {
+                // A row cannot be locked before it exists: ask the capture to read past now.
+                return Ok(Err(Retry::Probe(probe(&savepoint).await?)));
+            }
+            (row, meta) => {
+                tracing::debug!(
+                    table = %table.name,
+                    key,
+                    xmin = row.as_ref().map(|r| r.0.as_str()),
+                    known = meta.as_ref().and_then(|m| m.1.as_deref()),
+                    alive = meta.as_ref().map(|m| m.0.is_alive()),
+                    "a local write is not captured yet; waiting"
+                );
+                return Ok(Err(Retry::CaptureBehind));
+            }
+        };
+        let outcome = match merge(table, local.as_ref(), change) {
+            Ok(outcome) => outcome,
+            Err(error) => MergeOutcome::Parked {
+                item: ReviewItem::unapplicable(
+                    &table.name,
+                    &change.key,
+                    None,
+                    change.origin,
+                    change.stamp,
+                    change.seq,
+                    error.to_string(),
+                ),
+                error: error.to_string(),
+            },
+        };
+        match outcome {
+            MergeOutcome::Applied(merged) => {
+                let written = match &merged.action {
+                    RowAction::Nothing => Ok(local.as_ref().and(None)),
+                    RowAction::Insert(values) => insert_row(&savepoint, table, &change.key, values).await.map(Some),
+                    RowAction::Update(writes) => {
+                        let writes: Vec<(usize, &Value)> = writes.iter().map(|w| (w.column, &w.value)).collect();
+                        update_row(&savepoint, table, &change.key, &writes).await.map(Some)
+                    }
+                    RowAction::Delete => delete_row(&savepoint, table, &change.key).await.map(|()| None),
+                };
+                match written {
+                    Ok(xmin) => {
+                        // A row this merge did not write keeps the xmin accord knew for it.
+                        let known = match (&merged.action, xmin) {
+                            (_, Some(x)) => Some(x),
+                            (RowAction::Nothing, None) => store::load_meta(&savepoint, &table.name, &key)
+                                .await?
+                                .and_then(|(_, k)| k),
+                            _ => None,
+                        };
+                        store::save_meta(&savepoint, &table.name, &key, &merged.state.meta, known.as_deref()).await?;
+                        store::apply_review(&savepoint, &merged.review).await?;
+                        store::log_conflicts(&savepoint, &table.name, &key, &merged.conflicts).await?;
+                        savepoint.commit().await?;
+                        summary.applied += 1;
+                        summary.conflicts += merged.conflicts.len() as u64;
+                        greatest = greatest.max(Some(change.stamp));
+                    }
+                    Err(error) => {
+                        savepoint.rollback().await?;
+                        // A local insert of the same key that committed after the row was
+                        // found missing: not a clash, a race with the capture.
+                        if matches!(merged.action, RowAction::Insert(_))
+                            && lock_row(&*tx, table, &change.key).await?.is_some()
+                            && store::load_meta(&*tx, &table.name, &key)
+                                .await?
+                                .is_none_or(|(m, _)| !m.is_alive())
+                        {
+                            return Ok(Err(Retry::CaptureBehind));
+                        }
+                        // A constraint of this database refused the row: park it, go on.
+                        park(&*tx, change, &table.name, format!("{error:#}")).await?;
+                        summary.parked += 1;
+                    }
+                }
+            }
+            MergeOutcome::Parked { item, .. } => {
+                savepoint.rollback().await?;
+                store::open_item(&*tx, &item, Some(change)).await?;
+                summary.parked += 1;
+            }
+            MergeOutcome::Deferred { missing } => {
+                savepoint.rollback().await?;
+                park(&*tx, change, &table.name, deferred_error(&missing)).await?;
+                summary.parked += 1;
+            }
+        }
+    }
+    Ok(Ok((summary, greatest)))
 }
 
 async fn park(db: &impl GenericClient, change: &RowChange, table: &str, error: String) -> Result<()> {
@@ -355,4 +939,62 @@ async fn park(db: &impl GenericClient, change: &RowChange, table: &str, error: S
     let item = ReviewItem::unapplicable(table, &change.key, None, change.origin, change.stamp, change.seq, error);
     store::open_item(db, &item, Some(change)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use accord_engine::ColumnWrite;
+
+    use super::*;
+
+    fn update(columns: &[(usize, i64)]) -> RowAction {
+        RowAction::Update(
+            columns
+                .iter()
+                .map(|&(column, v)| ColumnWrite {
+                    column,
+                    value: Value::Int(v),
+                })
+                .collect(),
+        )
+    }
+
+    fn fold(actions: &[RowAction]) -> Option<Write> {
+        let mut write = Write::Keep;
+        actions.iter().all(|a| write.then(a)).then_some(write)
+    }
+
+    #[test]
+    fn updates_of_one_row_fold_into_its_last_values() {
+        let Some(Write::Update(columns)) = fold(&[update(&[(0, 1)]), RowAction::Nothing, update(&[(0, 2), (2, 5)])])
+        else {
+            panic!("updates fold into an update");
+        };
+        assert_eq!(
+            columns.into_iter().collect::<Vec<_>>(),
+            [(0, Value::Int(2)), (2, Value::Int(5))]
+        );
+    }
+
+    #[test]
+    fn an_insert_takes_the_later_updates() {
+        let Some(Write::Insert(values)) =
+            fold(&[RowAction::Insert(vec![Value::Int(1), Value::Int(2)]), update(&[(1, 7)])])
+        else {
+            panic!("an insert and updates fold into an insert");
+        };
+        assert_eq!(values, [Value::Int(1), Value::Int(7)]);
+        assert!(fold(&[RowAction::Insert(vec![Value::Int(1)]), update(&[(3, 7)])]).is_none());
+    }
+
+    #[test]
+    fn a_delete_ends_updates_but_a_new_incarnation_does_not_fold() {
+        assert!(matches!(
+            fold(&[update(&[(0, 1)]), RowAction::Delete]),
+            Some(Write::Delete)
+        ));
+        assert!(fold(&[RowAction::Delete, RowAction::Insert(vec![Value::Int(1)])]).is_none());
+        assert!(fold(&[RowAction::Insert(vec![Value::Int(1)]), RowAction::Delete]).is_none());
+        assert!(fold(&[RowAction::Delete, update(&[(0, 1)])]).is_none());
+    }
 }

@@ -1,22 +1,32 @@
 //! The capture: streams the database's committed changes from the logical slot, turns local ones
 //! into stamped changes with the engine's `Capturer`, and writes them with their metadata and the
 //! capture checkpoint in one transaction, before the slot may move on.
+//!
+//! Transactions are written in groups: what the stream has ready (up to a size and an age) goes to
+//! the database in one transaction with a few multi-row statements. The engine still sees every
+//! decoded transaction on its own and in order (stamps, sequence numbers, merged clocks, skipped
+//! peers' transactions); only the writes are grouped, and the checkpoint written with a group
+//! covers its last transaction, so a restart resumes right after the last group written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use accord_engine::{
-    CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, Hlc, NodeId, ReviewItemId, RowKey, RowMeta, TableDef,
+    CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, Hlc, NodeId, ReviewAction, ReviewItemId, RowKey,
+    RowMeta, TableDef,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use super::init::connect;
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
+use super::pipeline::{self, Params, Statements};
 use super::rows::parse_cell;
-use super::store::{self, decode as decode_stored, encode, key_text, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
+use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -78,6 +88,7 @@ pub fn replication_config(dsn: &str) -> Result<ReplicationConfig> {
         .with_application_name("accord-capture"))
 }
 
+/// A transaction being decoded.
 #[derive(Default)]
 struct Transaction {
     final_lsn: u64,
@@ -88,12 +99,68 @@ struct Transaction {
     rows: Vec<PgOutput>,
 }
 
+/// A decoded transaction that committed, waiting to be written with its group.
+struct Committed {
+    final_lsn: u64,
+    xid: u32,
+    commit_time: u64,
+    from_peer: bool,
+    merged: Option<Hlc>,
+    /// Its row changes (none for a peer's transaction, which is not captured), each with its
+    /// table and the review items the transaction resolved before it.
+    changes: Vec<(String, CapturedChange, Vec<ReviewItemId>)>,
+}
+
+/// Decoded transactions written to the database together, in one transaction: the changes of
+/// many small transactions cost one round trip per statement kind, not per row.
+#[derive(Default)]
+struct Group {
+    transactions: Vec<Committed>,
+    rows: usize,
+    /// The end of the last commit seen: where the slot may move once the group is written.
+    end_lsn: Option<Lsn>,
+    /// Everything committed before this WAL position is in the group or was written before it:
+    /// the group's last commit, or a later probe.
+    processed_lsn: u64,
+    started: Option<Instant>,
+}
+
+/// A group is written once no further event is ready on the stream, or at these sizes, or at
+/// this age (so that a stream that never pauses is still written in bounded steps).
+const GROUP_TRANSACTIONS: usize = 2_000;
+const GROUP_ROWS: usize = 5_000;
+const GROUP_AGE: Duration = Duration::from_millis(100);
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.transactions.is_empty() && self.end_lsn.is_none() && self.processed_lsn == 0
+    }
+
+    fn is_full(&self) -> bool {
+        self.transactions.len() >= GROUP_TRANSACTIONS
+            || self.rows >= GROUP_ROWS
+            || self.started.is_some_and(|t| t.elapsed() >= GROUP_AGE)
+    }
+}
+
 pub struct Capture {
     db: Client,
     policy: Arc<SchemaPolicy>,
     capturer: Capturer,
     relations: BTreeMap<u32, Relation>,
     progress: watch::Sender<CaptureProgress>,
+    /// Prepared statements of `db`.
+    statements: Statements,
+    max_offset_micros: u64,
+}
+
+/// The capture checkpoint the database holds.
+async fn load_checkpoint(db: &Client) -> Result<CaptureCheckpoint> {
+    let row = db
+        .query_one("SELECT checkpoint FROM accord.capture_state", &[])
+        .await
+        .context("cannot read the capture state: was `accord init` run on this database?")?;
+    Ok(decode_stored("capture checkpoint", row.try_get::<_, &[u8]>(0)?)?)
 }
 
 impl Capture {
@@ -103,11 +170,7 @@ impl Capture {
         node: NodeId,
         max_offset_micros: u64,
     ) -> Result<(Capture, watch::Receiver<CaptureProgress>)> {
-        let row = db
-            .query_one("SELECT checkpoint FROM accord.capture_state", &[])
-            .await
-            .context("cannot read the capture state: was `accord init` run on this database?")?;
-        let checkpoint: CaptureCheckpoint = decode_stored("capture checkpoint", row.get::<_, &[u8]>(0))?;
+        let checkpoint = load_checkpoint(&db).await?;
         if checkpoint.high_water.node != node {
             bail!(
                 "this database was initialised as node {}, not node {node}",
@@ -127,6 +190,8 @@ impl Capture {
                 capturer,
                 relations: BTreeMap::new(),
                 progress,
+                statements: Statements::default(),
+                max_offset_micros,
             },
             rx,
         ))
@@ -134,11 +199,48 @@ impl Capture {
 
     /// Streams until the stream ends or fails; the caller restarts it.
     pub async fn run(&mut self, dsn: &str) -> Result<()> {
+        if self.db.is_closed() {
+            // The server restarted or the connection broke: a new one, with its own statements.
+            self.db = connect(dsn).await?;
+            self.statements = Statements::default();
+        }
+        // Resume from what the database holds. After a failed write (even one whose commit did
+        // reach the server) the capturer may differ from it; the stream resumes from the slot,
+        // which never moves past what the database holds either.
+        let checkpoint = load_checkpoint(&self.db).await?;
+        self.capturer = Capturer::restore(checkpoint, self.max_offset_micros);
+        self.progress.send_if_modified(|p| {
+            let changed = p.head != checkpoint.last_seq;
+            p.head = checkpoint.last_seq;
+            changed
+        });
         let mut stream = ReplicationClient::connect(replication_config(dsn)?)
             .await
             .context("cannot start streaming from the replication slot")?;
         let mut tx: Option<Transaction> = None;
-        while let Some(event) = stream.recv().await.context("replication stream failed")? {
+        let mut group = Group::default();
+        loop {
+            let event = if group.is_empty() {
+                stream.recv().await
+            } else if group.is_full() || !stream.is_running() {
+                // (A stream whose worker ended is read to its end without racing the worker's
+                // exit: a receive abandoned while it collects the worker's result loses it.)
+                self.flush(&stream, &mut group).await?;
+                continue;
+            } else {
+                // The receive is cancel-safe: an event not ready now stays queued.
+                tokio::select! {
+                    biased;
+                    event = stream.recv() => event,
+                    () = std::future::ready(()) => {
+                        self.flush(&stream, &mut group).await?;
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event.context("replication stream failed")? else {
+                break;
+            };
             match event {
                 ReplicationEvent::Begin {
                     final_lsn,
@@ -189,99 +291,210 @@ impl Capture {
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     if let Some(done) = tx.take() {
-                        self.commit(done).await?;
+                        // Decoded now, against the relations as they are at this point of the stream.
+                        let committed = self.decoded(done)?;
+                        group.rows += committed.changes.len();
+                        group.transactions.push(committed);
                     }
-                    stream.update_applied_lsn(end_lsn);
-                    self.progress
-                        .send_modify(|p| p.processed_lsn = p.processed_lsn.max(end_lsn.as_u64()));
+                    group.started.get_or_insert_with(Instant::now);
+                    group.end_lsn = Some(end_lsn);
+                    group.processed_lsn = group.processed_lsn.max(end_lsn.as_u64());
                 }
                 ReplicationEvent::Message { prefix, lsn, .. } if prefix == PROBE_MESSAGE_PREFIX => {
-                    self.progress
-                        .send_modify(|p| p.processed_lsn = p.processed_lsn.max(lsn.as_u64()));
+                    // Dealt with once the transactions before it are written, with the group.
+                    group.started.get_or_insert_with(Instant::now);
+                    group.processed_lsn = group.processed_lsn.max(lsn.as_u64());
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::KeepAlive { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => break,
             }
         }
-        Ok(())
+        self.flush(&stream, &mut group).await
     }
 
-    async fn commit(&mut self, tx: Transaction) -> Result<()> {
-        self.capturer.begin(tx.final_lsn, tx.commit_time);
-        if tx.from_peer {
-            self.capturer.from_peer();
-        }
-        if let Some(stamp) = tx.merged {
-            self.capturer.merged(stamp);
-        }
-        if (tx.from_peer || tx.rows.is_empty()) && tx.merged.is_none() {
-            // Nothing to capture and no clock to persist: no database round trip.
-            self.capturer.commit();
-            return Ok(());
-        }
-        let xid = tx.xid.to_string();
-        // Resolutions come before the writes they resolve, in the same transaction.
-        let mut resolving: Vec<ReviewItemId> = Vec::new();
+    /// A committed transaction's row messages as engine changes.
+    fn decoded(&self, tx: Transaction) -> Result<Committed> {
         let mut changes = Vec::new();
-        for message in &tx.rows {
-            for (table, change) in self.changes(message, &mut resolving)? {
-                changes.push((table, change, resolving.clone()));
+        if !tx.from_peer {
+            // Resolutions come before the writes they resolve, in the same transaction.
+            let mut resolving: Vec<ReviewItemId> = Vec::new();
+            for message in &tx.rows {
+                for (table, change) in self.changes(message, &mut resolving)? {
+                    changes.push((table, change, resolving.clone()));
+                }
             }
         }
-        let db = self.db.transaction().await?;
-        let mut metas: BTreeMap<(String, String), RowMeta> = BTreeMap::new();
-        let mut captured_rows = 0;
-        for (table, change, resolving) in changes {
-            let key = key_text(&change.key);
-            let slot = (table.name.clone(), key.clone());
-            let prior = match metas.get(&slot) {
-                Some(meta) => Some(meta.clone()),
-                None => store::load_meta(&db, &table.name, &key).await?.map(|(meta, _)| meta),
-            };
-            let captured = match self.capturer.row(&table, prior.as_ref(), &change, &resolving) {
-                Ok(Some(captured)) => captured,
-                Ok(None) => continue,
-                Err(error) => {
-                    // Committed locally but impossible to replicate: never silently.
-                    tracing::error!(table = %table.name, key, %error, "a local change cannot be replicated");
-                    continue;
-                }
-            };
-            store::append_outbound(&db, &captured.change).await?;
-            let known = captured.meta.is_alive().then_some(xid.as_str());
-            store::save_meta(&db, &table.name, &key, &captured.meta, known).await?;
-            store::apply_review(&db, &captured.review).await?;
-            metas.insert(slot, captured.meta);
-            captured_rows += 1;
+        Ok(Committed {
+            final_lsn: tx.final_lsn,
+            xid: tx.xid,
+            commit_time: tx.commit_time,
+            from_peer: tx.from_peer,
+            merged: tx.merged,
+            changes,
+        })
+    }
+
+    /// Writes the group, then lets the slot move past it.
+    async fn flush(&mut self, stream: &ReplicationClient, group: &mut Group) -> Result<()> {
+        let group = std::mem::take(group);
+        // On failure the run ends; the next one resumes from the database's checkpoint, and the
+        // stream, restarted from the slot, delivers the group again.
+        let (checkpoint, captured) = self.write(&group.transactions).await?;
+        if let Some(lsn) = group.end_lsn {
+            stream.update_applied_lsn(lsn);
         }
-        let checkpoint = self.capturer.commit();
-        if captured_rows > 0 || tx.merged.is_some() {
-            let last_seq = i64::try_from(checkpoint.last_seq).unwrap_or(i64::MAX);
-            db.execute(
-                "UPDATE accord.capture_state SET checkpoint = $1, last_seq = $2, covered_lsn = $3, updated_at = now()",
-                &[
-                    &encode("capture checkpoint", &checkpoint)?,
-                    &last_seq,
-                    &tokio_postgres::types::PgLsn::from(checkpoint.covered_lsn),
-                ],
-            )
-            .await?;
-        }
-        db.commit().await?;
-        self.progress.send_modify(|p| {
+        self.progress.send_if_modified(|p| {
+            let before = *p;
             p.head = checkpoint.last_seq;
-            p.captured += captured_rows;
+            p.captured += captured;
+            p.processed_lsn = p.processed_lsn.max(group.processed_lsn);
+            *p != before
         });
         Ok(())
     }
 
+    /// Captures the group's transactions in order, and writes their changes, metadata, review
+    /// actions and the checkpoint that covers them in one database transaction. Returns the
+    /// checkpoint and the number of row changes captured.
+    async fn write(&mut self, transactions: &[Committed]) -> Result<(CaptureCheckpoint, u64)> {
+        let needs_db = transactions
+            .iter()
+            .any(|t| t.merged.is_some() || (!t.from_peer && !t.changes.is_empty()));
+        if !needs_db {
+            // Nothing to capture and no clock to persist: no database round trip.
+            for t in transactions {
+                self.capturer.begin(t.final_lsn, t.commit_time);
+                if t.from_peer {
+                    self.capturer.from_peer();
+                }
+                self.capturer.commit();
+            }
+            return Ok((self.capturer.checkpoint(), 0));
+        }
+        let policy = Arc::clone(&self.policy);
+        let Capture {
+            db,
+            capturer,
+            statements,
+            ..
+        } = self;
+        let db = db.transaction().await?;
+
+        // The prior metadata of every row the group changes, locked, in one query.
+        let slots: BTreeSet<(&str, String)> = transactions
+            .iter()
+            .flat_map(|t| &t.changes)
+            .map(|(table, change, _)| (table.as_str(), key_text(&change.key)))
+            .collect();
+        let slots: Vec<(&str, String)> = slots.into_iter().collect();
+        let mut metas: HashMap<(String, String), RowMeta> = HashMap::with_capacity(slots.len());
+        if !slots.is_empty() {
+            let load = statements.get(&db, store::LOAD_METAS_SQL).await?;
+            let ords: Vec<i32> = (0..slots.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+            let tables: Vec<&str> = slots.iter().map(|(t, _)| *t).collect();
+            let keys: Vec<&str> = slots.iter().map(|(_, k)| k.as_str()).collect();
+            let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
+            for (ord, meta, _) in store::loaded_metas(&rows)? {
+                let (table, key) = slots
+                    .get(ord)
+                    .ok_or_else(|| anyhow!("row metadata came back with an unknown ord {ord}"))?;
+                metas.insert(((*table).to_owned(), key.clone()), meta);
+            }
+        }
+
+        // The engine, per transaction and in order; rows of one key later in the group see the
+        // metadata the earlier ones left.
+        let mut seqs: Vec<i64> = Vec::new();
+        let mut encoded: Vec<Vec<u8>> = Vec::new();
+        // Per row, the xmin of the row version its final metadata accounts for.
+        let mut known: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+        let mut review: Vec<ReviewAction> = Vec::new();
+        let mut captured_rows = 0;
+        for t in transactions {
+            // The capturer skips a transaction whose end it covered before (see Capturer::begin).
+            let replayed = t.final_lsn <= capturer.checkpoint().covered_lsn;
+            capturer.begin(t.final_lsn, t.commit_time);
+            if t.from_peer {
+                capturer.from_peer();
+            }
+            if let Some(stamp) = t.merged {
+                capturer.merged(stamp);
+            }
+            let local = !t.from_peer && !replayed;
+            let xid = t.xid.to_string();
+            for (name, change, resolving) in &t.changes {
+                let Some(table) = policy.table(name) else { continue };
+                let slot = (name.clone(), key_text(&change.key));
+                let prior = metas.get(&slot);
+                let captured = match capturer.row(table, prior, change, resolving) {
+                    Ok(Some(captured)) => captured,
+                    Ok(None) => {
+                        // A local update that changed nothing accord tracks still made a new row
+                        // version: the unchanged metadata now accounts for it, or a merge would
+                        // wait for a capture that already happened.
+                        if local && change.kind == ChangeKind::Update && prior.is_some_and(RowMeta::is_alive) {
+                            known.insert(slot, Some(xid.clone()));
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        // Committed locally but impossible to replicate: never silently.
+                        tracing::error!(table = %table.name, key = slot.1, %error, "a local change cannot be replicated");
+                        continue;
+                    }
+                };
+                seqs.push(i64::try_from(captured.change.seq).unwrap_or(i64::MAX));
+                encoded.push(encode("change", &captured.change)?);
+                known.insert(slot.clone(), captured.meta.is_alive().then(|| xid.clone()));
+                review.extend(captured.review);
+                metas.insert(slot, captured.meta);
+                captured_rows += 1;
+            }
+            capturer.commit();
+        }
+        let checkpoint = capturer.checkpoint();
+
+        let mut rows = MetaRows::default();
+        for (slot, known) in &known {
+            if let Some(meta) = metas.get(slot) {
+                rows.push(&slot.0, &slot.1, meta, known.as_deref())?;
+            }
+        }
+        let has_metas = !rows.is_empty();
+        let meta_params = rows.into_params();
+        let has_changes = !seqs.is_empty();
+        let outbound_params: Params = vec![Box::new(seqs), Box::new(encoded)];
+        let checkpoint_params: Params = vec![
+            Box::new(encode("capture checkpoint", &checkpoint)?),
+            Box::new(i64::try_from(checkpoint.last_seq).unwrap_or(i64::MAX)),
+            Box::new(tokio_postgres::types::PgLsn::from(checkpoint.covered_lsn)),
+        ];
+        let append = statements.get(&db, store::APPEND_OUTBOUND_SQL).await?;
+        let save = statements.get(&db, store::SAVE_METAS_SQL).await?;
+        let check = statements
+            .get(
+                &db,
+                "UPDATE accord.capture_state SET checkpoint = $1, last_seq = $2, covered_lsn = $3, updated_at = now()",
+            )
+            .await?;
+        let mut queries = Vec::new();
+        if has_changes {
+            queries.push(pipeline::query(&db, &append, &outbound_params));
+        }
+        if has_metas {
+            queries.push(pipeline::query(&db, &save, &meta_params));
+        }
+        // The checkpoint, in the same transaction as the changes it covers.
+        queries.push(pipeline::query(&db, &check, &checkpoint_params));
+        pipeline::run_all(queries).await?;
+        store::apply_review(&db, &review).await?;
+        db.commit().await?;
+        Ok((checkpoint, captured_rows))
+    }
+
     /// The engine changes of one decoded row message (an update of the key is a delete and an
     /// insert); rows of the resolutions table add to `resolving` instead.
-    fn changes(
-        &self,
-        message: &PgOutput,
-        resolving: &mut Vec<ReviewItemId>,
-    ) -> Result<Vec<(TableDef, CapturedChange)>> {
+    fn changes(&self, message: &PgOutput, resolving: &mut Vec<ReviewItemId>) -> Result<Vec<(String, CapturedChange)>> {
         let (relation, kind) = match message {
             PgOutput::Insert { relation, .. } => (*relation, ChangeKind::Insert),
             PgOutput::Update { relation, .. } => (*relation, ChangeKind::Update),
@@ -316,7 +529,7 @@ impl Capture {
         Ok(match (kind, message) {
             (ChangeKind::Insert, PgOutput::Insert { new, .. }) => {
                 let (key, cells) = image(new)?;
-                vec![(table.clone(), change(kind, key, None, Some(cells)))]
+                vec![(table.name.clone(), change(kind, key, None, Some(cells)))]
             }
             (ChangeKind::Update, PgOutput::Update { old, new, key_only, .. }) => {
                 let (new_key, new_cells) = image(new)?;
@@ -327,23 +540,23 @@ impl Capture {
                 match old {
                     Some((old_key, old_cells)) if old_key != new_key => vec![
                         (
-                            table.clone(),
+                            table.name.clone(),
                             change(ChangeKind::Delete, old_key, Some(old_cells), None),
                         ),
                         (
-                            table.clone(),
+                            table.name.clone(),
                             change(ChangeKind::Insert, new_key, None, Some(new_cells)),
                         ),
                     ],
                     old => vec![(
-                        table.clone(),
+                        table.name.clone(),
                         change(kind, new_key, old.map(|(_, cells)| cells), Some(new_cells)),
                     )],
                 }
             }
             (ChangeKind::Delete, PgOutput::Delete { old, .. }) => {
                 let (key, cells) = image(old)?;
-                vec![(table.clone(), change(kind, key, Some(cells), None))]
+                vec![(table.name.clone(), change(kind, key, Some(cells), None))]
             }
             _ => Vec::new(),
         })

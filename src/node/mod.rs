@@ -5,6 +5,7 @@ pub mod capture;
 pub mod init;
 pub mod net;
 pub mod pgoutput;
+pub mod pipeline;
 pub mod quic;
 pub mod review;
 pub mod rows;

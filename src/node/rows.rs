@@ -236,3 +236,215 @@ pub async fn all_keys(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(
     }
     Ok(out)
 }
+
+// Many rows per statement: the keys and values travel as parallel text arrays, unnested into one
+// row each and cast to the column types in SQL; `ord` says which input row a result belongs to,
+// so results never have to be matched through text forms of the key.
+
+/// `expr` (text) cast to `ty`.
+fn cast(expr: &str, ty: &ColumnType) -> String {
+    match ty {
+        // money reads a plain number only through numeric in every locale.
+        ColumnType::Money => format!("({expr})::numeric::money"),
+        other => format!("({expr})::{}", sql_type(other)),
+    }
+}
+
+/// `unnest($first::int4[], $first+1::text[], ...) AS u(ord, c0, c1, ...)` with `columns` text arrays.
+fn unnest(first_param: usize, columns: usize) -> String {
+    let arrays: Vec<String> = std::iter::once(format!("${first_param}::int4[]"))
+        .chain((0..columns).map(|i| format!("${}::text[]", first_param + 1 + i)))
+        .collect();
+    let names: Vec<String> = std::iter::once("ord".to_owned())
+        .chain((0..columns).map(|i| format!("c{i}")))
+        .collect();
+    format!("unnest({}) AS u({})", arrays.join(", "), names.join(", "))
+}
+
+/// `t.k1 = (u.c0)::type AND ...`: the table's key equal to the unnested key columns.
+fn key_join(table: &TableDef) -> String {
+    table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = {}", quote_ident(&k.name), cast(&format!("u.c{i}"), &k.ty)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Locks the rows of many keys, in key order (two transactions locking overlapping sets in the
+/// same order cannot deadlock on them). Parameters: ords, then one text array per key column.
+/// Returns `ord, xmin, columns...` for the rows that exist.
+pub fn lock_rows_sql(table: &TableDef) -> String {
+    let mut select = vec!["u.ord".to_owned(), "t.xmin::text".to_owned()];
+    select.extend(table.columns.iter().map(|c| format!("t.{}", read_expr(&c.name, &c.ty))));
+    let order: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("t.{}", quote_ident(&k.name)))
+        .collect();
+    format!(
+        "SELECT {} FROM {} JOIN {} AS t ON {} ORDER BY {} FOR UPDATE OF t",
+        select.join(", "),
+        unnest(1, table.key.len()),
+        quote_table(&table.name),
+        key_join(table),
+        order.join(", ")
+    )
+}
+
+/// The xmin and values of a row returned by [`lock_rows_sql`].
+pub fn locked_row(table: &TableDef, row: &tokio_postgres::Row) -> Result<(String, Vec<Cell>), RowError> {
+    let xmin: String = row.try_get(1)?;
+    let mut cells = Vec::with_capacity(table.columns.len());
+    for i in 0..table.columns.len() {
+        let text: Option<&str> = row.try_get(i + 2)?;
+        cells.push(Cell::Value(parse_cell(table, i, text)?));
+    }
+    Ok((xmin, cells))
+}
+
+/// Sets `columns` (indexes into the table's columns) of many rows. Parameters: ords, one text
+/// array per key column, one per written column. Returns `ord, xmin` of every row written.
+pub fn update_rows_sql(table: &TableDef, columns: &[usize]) -> String {
+    let keys = table.key.len();
+    let sets: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, &column)| {
+            let def = &table.columns[column];
+            format!(
+                "{} = {}",
+                quote_ident(&def.name),
+                cast(&format!("u.c{}", keys + i), &def.ty)
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {} AS t SET {} FROM {} WHERE {} RETURNING u.ord, t.xmin::text",
+        quote_table(&table.name),
+        sets.join(", "),
+        unnest(1, keys + columns.len()),
+        key_join(table)
+    )
+}
+
+/// Inserts many rows. Parameters: ords, one text array per key column, one per column. Returns
+/// `ord, xmin` of every row inserted.
+pub fn insert_rows_sql(table: &TableDef) -> String {
+    let keys = table.key.len();
+    let names: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| quote_ident(&k.name))
+        .chain(table.columns.iter().map(|c| quote_ident(&c.name)))
+        .collect();
+    let types: Vec<&ColumnType> = table
+        .key
+        .iter()
+        .map(|k| &k.ty)
+        .chain(table.columns.iter().map(|c| &c.ty))
+        .collect();
+    let values: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| cast(&format!("u.c{i}"), ty))
+        .collect();
+    let returned: Vec<String> = table.key.iter().map(|k| quote_ident(&k.name)).collect();
+    // In key order, like the locks: two appliers inserting the same new keys wait for each other
+    // instead of deadlocking.
+    // (The select list begins with the key columns.)
+    let order: Vec<String> = (1..=keys).map(|i| i.to_string()).collect();
+    // INSERT's RETURNING cannot name the input rows: join what was inserted back to them by key.
+    format!(
+        "WITH i AS (INSERT INTO {table} ({names}) SELECT {values} FROM {unnest} ORDER BY {order} \
+         RETURNING xmin::text AS accord_xmin, {returned}) \
+         SELECT u.ord, t.accord_xmin FROM {unnest} JOIN i AS t ON {join}",
+        table = quote_table(&table.name),
+        names = names.join(", "),
+        values = values.join(", "),
+        unnest = unnest(1, keys + table.columns.len()),
+        returned = returned.join(", "),
+        order = order.join(", "),
+        join = key_join(table),
+    )
+}
+
+/// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
+/// row deleted.
+pub fn delete_rows_sql(table: &TableDef) -> String {
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
+        quote_table(&table.name),
+        unnest(1, table.key.len()),
+        key_join(table)
+    )
+}
+
+/// The key of a row as text parameters, one per key column.
+pub fn key_texts(table: &TableDef, key: &RowKey) -> Result<Vec<Option<String>>, RowError> {
+    key_params(table, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use accord_engine::{ColumnDef, ColumnPolicy, KeyColumn};
+
+    use super::*;
+
+    fn table() -> TableDef {
+        TableDef::new(
+            "s.t",
+            vec![
+                KeyColumn {
+                    name: "region".into(),
+                    ty: ColumnType::Other("text".into()),
+                },
+                KeyColumn {
+                    name: "id".into(),
+                    ty: ColumnType::BigInt,
+                },
+            ],
+            vec![
+                ColumnDef {
+                    name: "price".into(),
+                    ty: ColumnType::Money,
+                    policy: ColumnPolicy::Lww,
+                },
+                ColumnDef {
+                    name: "n".into(),
+                    ty: ColumnType::Integer,
+                    policy: ColumnPolicy::Delta,
+                },
+            ],
+        )
+        .expect("a valid test table")
+    }
+
+    #[test]
+    fn multi_row_statements_number_their_parameters_in_order() {
+        let t = table();
+        assert_eq!(
+            update_rows_sql(&t, &[0, 1]),
+            "UPDATE \"s\".\"t\" AS t SET \"price\" = (u.c2)::numeric::money, \"n\" = (u.c3)::integer \
+             FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(ord, c0, c1, c2, c3) \
+             WHERE t.\"region\" = (u.c0)::text AND t.\"id\" = (u.c1)::bigint RETURNING u.ord, t.xmin::text"
+        );
+        assert_eq!(
+            delete_rows_sql(&t),
+            "DELETE FROM \"s\".\"t\" AS t USING unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, c0, c1) \
+             WHERE t.\"region\" = (u.c0)::text AND t.\"id\" = (u.c1)::bigint RETURNING u.ord"
+        );
+        let lock = lock_rows_sql(&t);
+        assert!(
+            lock.contains("ORDER BY t.\"region\", t.\"id\" FOR UPDATE OF t"),
+            "{lock}"
+        );
+        let insert = insert_rows_sql(&t);
+        assert!(
+            insert.contains("SELECT (u.c0)::text, (u.c1)::bigint, (u.c2)::numeric::money, (u.c3)::integer"),
+            "{insert}"
+        );
+        assert!(insert.contains("ORDER BY 1, 2 RETURNING"), "{insert}");
+    }
+}

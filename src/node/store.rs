@@ -329,3 +329,126 @@ pub async fn log_conflicts(
     }
     Ok(())
 }
+
+// Many rows per statement, for the capture's and the apply's batches: the rows travel as parallel
+// arrays and are unnested in SQL.
+
+/// Locks and reads the metadata of many rows, in (table, key) order so that the capture and the
+/// appliers, locking overlapping sets, always lock in the same order. Parameters: ords, table
+/// names, row keys. Returns `ord, meta, known_xmin` for the rows that have metadata.
+pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin
+     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
+     JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
+     ORDER BY m.table_name, m.row_key
+     FOR UPDATE OF m";
+
+/// Writes the metadata of many rows (each (table, key) at most once). Parameters: table names,
+/// row keys, metas, alive flags, known xmins.
+pub const SAVE_METAS_SQL: &str = "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bool[], $5::text[])
+     ON CONFLICT (table_name, row_key) DO UPDATE
+     SET meta = EXCLUDED.meta, alive = EXCLUDED.alive, known_xmin = EXCLUDED.known_xmin";
+
+/// Appends many changes to the outbound log. Parameters: sequence numbers, encoded changes.
+pub const APPEND_OUTBOUND_SQL: &str =
+    "INSERT INTO accord.outbound (seq, change) SELECT * FROM unnest($1::int8[], $2::bytea[])";
+
+/// Logs many conflicts, in order. Parameters: tables, keys, columns, kinds, winners, losers.
+pub const LOG_CONFLICTS_SQL: &str =
+    "INSERT INTO accord.conflict_log (table_name, row_key, column_name, kind, winner, loser)
+     SELECT table_name, row_key, column_name, kind, winner, loser
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+       WITH ORDINALITY AS c(table_name, row_key, column_name, kind, winner, loser, n)
+     ORDER BY n";
+
+/// Stored metadata rows, as returned by [`LOAD_METAS_SQL`]: the ord and the metadata with the
+/// xmin it accounts for.
+pub fn loaded_metas(rows: &[tokio_postgres::Row]) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let ord: i32 = row.try_get(0)?;
+        let bytes: &[u8] = row.try_get(1)?;
+        let known: Option<String> = row.try_get(2)?;
+        // Ords are indexes this node sent, never negative.
+        let ord = usize::try_from(ord).unwrap_or(usize::MAX);
+        out.push((ord, decode("row metadata", bytes)?, known));
+    }
+    Ok(out)
+}
+
+/// The columns of [`SAVE_METAS_SQL`], filled row by row.
+#[derive(Default)]
+pub struct MetaRows {
+    tables: Vec<String>,
+    keys: Vec<String>,
+    metas: Vec<Vec<u8>>,
+    alive: Vec<bool>,
+    known: Vec<Option<String>>,
+}
+
+impl MetaRows {
+    pub fn push(&mut self, table: &str, key: &str, meta: &RowMeta, known_xmin: Option<&str>) -> Result<(), StoreError> {
+        self.tables.push(table.to_owned());
+        self.keys.push(key.to_owned());
+        self.metas.push(encode("row metadata", meta)?);
+        self.alive.push(meta.is_alive());
+        self.known.push(known_xmin.map(str::to_owned));
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// The statement's parameters.
+    pub fn into_params(self) -> super::pipeline::Params {
+        vec![
+            Box::new(self.tables),
+            Box::new(self.keys),
+            Box::new(self.metas),
+            Box::new(self.alive),
+            Box::new(self.known),
+        ]
+    }
+}
+
+/// The columns of [`LOG_CONFLICTS_SQL`], filled conflict by conflict.
+#[derive(Default)]
+pub struct ConflictRows {
+    tables: Vec<String>,
+    keys: Vec<String>,
+    columns: Vec<Option<String>>,
+    kinds: Vec<String>,
+    winners: Vec<String>,
+    losers: Vec<String>,
+}
+
+impl ConflictRows {
+    pub fn push(&mut self, table: &str, key: &str, conflict: &Conflict) {
+        self.tables.push(table.to_owned());
+        self.keys.push(key.to_owned());
+        self.columns.push(conflict.column.clone());
+        self.kinds.push(format!("{:?}", conflict.kind));
+        self.winners.push(conflict.winner.to_string());
+        self.losers.push(conflict.loser.to_string());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    pub fn into_params(self) -> super::pipeline::Params {
+        vec![
+            Box::new(self.tables),
+            Box::new(self.keys),
+            Box::new(self.columns),
+            Box::new(self.kinds),
+            Box::new(self.winners),
+            Box::new(self.losers),
+        ]
+    }
+}
