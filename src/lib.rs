@@ -1,3 +1,6 @@
 //! The accord service: the node that joins PostgreSQL, the network and the engine.
 
+pub mod demo;
 pub mod node;
+pub mod review_page;
+pub mod scratch_pg;

@@ -1,0 +1,1 @@
+//! Temporary PostgreSQL clusters from the installed server binaries (for `accord demo` and tests).
