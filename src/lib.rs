@@ -1,6 +1,9 @@
 //! The accord service: the node that joins PostgreSQL, the network and the engine.
 
+pub mod config;
 pub mod demo;
 pub mod node;
 pub mod review_page;
 pub mod scratch_pg;
+pub mod service;
+pub mod status;

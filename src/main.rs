@@ -45,6 +45,18 @@ enum Command {
         #[arg(long, value_name = "ID")]
         node_id: u32,
     },
+    /// Run a node: capture, apply and replication with its peers, metrics and the review page.
+    ///
+    /// Reads one TOML file (`accord run --print-example-config` prints a documented one). ACCORD_DSN
+    /// and ACCORD_REVIEW_TOKEN override the file's DSN and review token. Stops gracefully on SIGINT
+    /// or SIGTERM: the batch being applied commits or rolls back, acknowledgements go out,
+    /// connections close. Logs go to stderr (ACCORD_LOG sets the filter, default `info`).
+    Run(RunArgs),
+    /// Show a running node's peers, lag, throughput, conflicts and review queue.
+    ///
+    /// Asks the node's metrics address (from --config, or --metrics). Exits 2 when the node cannot
+    /// be reached.
+    Status(StatusArgs),
     /// Work the review queue.
     ///
     /// The queue holds concurrent writes to review columns, and changes parked because they could
@@ -57,6 +69,43 @@ enum Command {
     /// certificates, three nodes on loopback and conflicting writes on all three at once; then a
     /// report: identical rows, exact stock sums, the review queue, lag and throughput.
     Demo(accord::demo::DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The node's configuration file.
+    #[arg(long, value_name = "FILE", required_unless_present = "print_example_config")]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Print a documented example configuration and exit.
+    #[arg(long)]
+    print_example_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The node's configuration file: its [metrics] address is asked.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "metrics",
+        conflicts_with = "metrics"
+    )]
+    config: Option<PathBuf>,
+    /// The node's metrics address (host:port), instead of --config.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +176,8 @@ fn main() -> ExitCode {
         Command::Certs(command) => certs(command).map(|()| check::Verdict::Clean),
         Command::Init { dsn, node_id } => runtime.block_on(init(&dsn, node_id)).map(|()| check::Verdict::Clean),
         Command::Review(command) => runtime.block_on(review(command)).map(|()| check::Verdict::Clean),
+        Command::Run(args) => runtime.block_on(run(args)).map(|()| check::Verdict::Clean),
+        Command::Status(args) => runtime.block_on(status(args)).map(|()| check::Verdict::Clean),
         Command::Demo(args) => runtime.block_on(accord::demo::run(args)).map(|converged| {
             if converged {
                 check::Verdict::Clean
@@ -149,6 +200,57 @@ fn main() -> ExitCode {
         Ok(check::Verdict::FoundErrors) => ExitCode::from(EXIT_FOUND_ERRORS),
         Err(error) => fail(error),
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use accord::config::{ProcessEnvironment, ServiceConfig, EXAMPLE};
+    let Some(path) = args.config.filter(|_| !args.print_example_config) else {
+        print!("{EXAMPLE}");
+        return Ok(());
+    };
+    let config = ServiceConfig::load(&path, &ProcessEnvironment)?;
+    init_logs(args.log_format)?;
+    accord::service::run(config).await
+}
+
+fn init_logs(format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ACCORD_LOG").or_else(|_| EnvFilter::try_new("info"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use accord::config::{ProcessEnvironment, ServiceConfig};
+    let addr = match (args.metrics, args.config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => {
+            let config = ServiceConfig::load(&path, &ProcessEnvironment)?;
+            config.metrics.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} has no [metrics] listen address: the node serves its status there",
+                    path.display()
+                )
+            })?
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --metrics ADDR"),
+    };
+    let node = accord::status::fetch(addr).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&node)?);
+    } else {
+        print!(
+            "{}",
+            accord::status::human_text(&node, accord::node::runtime::wall_micros())
+        );
+    }
+    Ok(())
 }
 
 fn certs(command: CertsCommand) -> anyhow::Result<()> {

@@ -40,9 +40,13 @@ pub enum Message {
     Ack {
         applied: u64,
     },
-    /// Keeps an idle connection alive and carries the sender's clock.
+    /// Sent now and then: carries the sender's clock and the head of its outbound log, so the
+    /// receiver knows how far behind it is.
     Ping {
         hlc: Hlc,
+        /// The last sequence number in the sender's outbound log (0 from nodes that predate it).
+        #[serde(default)]
+        head: u64,
     },
 }
 

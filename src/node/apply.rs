@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    merge, Cell, Hlc, MergeOutcome, NodeId, ReviewAction, ReviewItem, RowAction, RowChange, RowMeta, RowState,
-    TableDef, Value,
+    merge, Cell, Conflict, ConflictKind, Hlc, MergeOutcome, NodeId, ReviewAction, ReviewItem, RowAction, RowChange,
+    RowMeta, RowState, TableDef, Value,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
@@ -46,9 +46,39 @@ const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
 pub struct ApplySummary {
     pub applied: u64,
     pub parked: u64,
-    pub conflicts: u64,
+    pub conflicts: ConflictCounts,
     /// Times the batch waited for the capture (a local write raced the merge).
     pub waits: u64,
+}
+
+/// Automatic resolutions by kind, as the conflict log records them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConflictCounts {
+    pub concurrent_update: u64,
+    pub delete_won: u64,
+    pub insert_insert: u64,
+}
+
+impl ConflictCounts {
+    pub fn count(&mut self, conflicts: &[Conflict]) {
+        for conflict in conflicts {
+            match conflict.kind {
+                ConflictKind::ConcurrentUpdate => self.concurrent_update += 1,
+                ConflictKind::DeleteWon => self.delete_won += 1,
+                ConflictKind::InsertInsert => self.insert_insert += 1,
+            }
+        }
+    }
+
+    pub fn add(&mut self, other: &ConflictCounts) {
+        self.concurrent_update += other.concurrent_update;
+        self.delete_won += other.delete_won;
+        self.insert_insert += other.insert_insert;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.concurrent_update + self.delete_won + self.insert_insert
+    }
 }
 
 pub struct Applier {
@@ -293,7 +323,7 @@ impl ApplySummary {
     fn add(&mut self, other: ApplySummary) {
         self.applied += other.applied;
         self.parked += other.parked;
-        self.conflicts += other.conflicts;
+        self.conflicts.add(&other.conflicts);
         self.waits += other.waits;
     }
 }
@@ -563,7 +593,7 @@ async fn batched<'a>(
                     conflicts.push(&table.name, &slot.key_text, conflict);
                 }
                 summary.applied += 1;
-                summary.conflicts += merged.conflicts.len() as u64;
+                summary.conflicts.count(&merged.conflicts);
                 greatest = greatest.max(Some(change.stamp));
                 review.extend(merged.review);
                 slot.state = Some(merged.state);
@@ -898,7 +928,7 @@ async fn one_by_one(
                         store::log_conflicts(&savepoint, &table.name, &key, &merged.conflicts).await?;
                         savepoint.commit().await?;
                         summary.applied += 1;
-                        summary.conflicts += merged.conflicts.len() as u64;
+                        summary.conflicts.count(&merged.conflicts);
                         greatest = greatest.max(Some(change.stamp));
                     }
                     Err(error) => {

@@ -25,6 +25,12 @@ pub enum PeerEvent {
         link: u64,
         reason: String,
     },
+    /// A connection attempt failed before it became a connection (TLS, handshake, refusal);
+    /// `peer` when the network knows which node it was.
+    Rejected {
+        peer: Option<NodeId>,
+        reason: String,
+    },
 }
 
 /// A message for one connection: the network drops it when that connection is gone, so that

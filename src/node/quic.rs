@@ -48,9 +48,12 @@ pub fn quic_port(config: EndpointConfig, hello: HelloSource) -> Result<(NetworkP
                     remote,
                     rejection,
                 } => {
-                    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-                    tracing::error!(peer, %remote, %rejection, "connection rejected");
-                    continue;
+                    let name = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+                    tracing::error!(peer = name, %remote, %rejection, "connection rejected");
+                    PeerEvent::Rejected {
+                        peer,
+                        reason: format!("{remote}: {rejection}"),
+                    }
                 }
             };
             if events_tx.send(event).await.is_err() {

@@ -4,18 +4,19 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
     Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication, ReplicationConfig, RowChange,
     PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::apply::{Applier, ApplySummary};
+use super::apply::{Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
 use super::init::{connect, load_policy};
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
@@ -34,22 +35,53 @@ pub struct NodeConfig {
     pub synchronous_commit: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One peer as this node sees it. Times are wall-clock microseconds since the Unix epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub connected: bool,
+    /// When the current connection came up, or the last one went down.
+    pub since_micros: Option<u64>,
+    /// Why the last connection went down or the last attempt failed.
+    pub last_error: Option<String>,
     pub progress: PeerProgress,
     /// Our changes the peer has not acknowledged.
     pub unacked: u64,
+    /// Seconds since the oldest change the peer has not acknowledged was captured (0 when none).
+    pub outbound_lag_secs: f64,
+    /// The head of the peer's outbound log, as its last ping said.
+    pub peer_head: u64,
+    /// The peer's changes not applied here yet (as far as its pings tell).
+    pub inbound_lag_changes: u64,
+    /// Seconds since the commit of the last change applied from the peer, while more are waiting;
+    /// 0 when caught up, `None` when behind and nothing was applied yet.
+    pub inbound_lag_secs: Option<f64>,
+    /// The commit stamp (wall-clock part) of the last change applied from the peer.
+    pub last_applied_micros: Option<u64>,
+    /// Changes applied from the peer since this node started.
     pub applied_changes: u64,
+    /// Changes applied from the peer per second, over the last few seconds.
+    pub applied_per_sec: f64,
+    /// Changes from the peer parked in the review queue since this node started.
     pub parked: u64,
-    pub conflicts: u64,
+    /// Automatic resolutions of the peer's changes since this node started, by kind.
+    pub conflicts: ConflictCounts,
+    /// Times an apply waited for the capture (a local write raced a merge).
     pub capture_waits: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
+    pub node: u32,
+    /// When this node started.
+    pub started_micros: u64,
+    /// The last sequence number in this node's outbound log.
     pub head: u64,
+    /// Local changes captured since this node started.
     pub captured: u64,
+    /// Open items in the review queue: concurrent review-column writes, and parked changes.
+    pub review_open: u64,
+    /// Of those, changes parked because they could not be applied here.
+    pub parked_open: u64,
     pub peers: BTreeMap<NodeId, PeerStatus>,
 }
 
@@ -73,6 +105,24 @@ impl NodeHandle {
         result
     }
 
+    /// Runs until `stop` completes, then stops gracefully; returns early with the node's error if
+    /// it fails on its own.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            ended = &mut self.task => {
+                for worker in &self.workers {
+                    worker.abort();
+                }
+                match ended {
+                    Ok(Ok(())) => bail!("the node stopped by itself"),
+                    Ok(Err(error)) => Err(error),
+                    Err(panic) => Err(anyhow::anyhow!("the node task panicked: {panic}")),
+                }
+            }
+            () = stop => self.stop().await,
+        }
+    }
+
     /// Stops the node as a crash would: every task dropped wherever it is. Open database
     /// transactions roll back when their connections close.
     pub async fn kill(self) {
@@ -87,7 +137,7 @@ impl NodeHandle {
     }
 }
 
-fn wall_micros() -> u64 {
+pub fn wall_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -97,6 +147,8 @@ fn wall_micros() -> u64 {
 struct Applied {
     peer: NodeId,
     result: Result<(u64, ApplySummary)>,
+    /// The commit stamp of the batch's last change.
+    last_stamp: Option<Hlc>,
 }
 
 /// Starts a node. `network` is given the node's identity (what peers are checked against) and the
@@ -215,7 +267,11 @@ where
         })
     };
     let port = network(identity.clone(), hello_source).await?;
-    let (status_tx, status) = watch::channel(NodeStatus::default());
+    let (status_tx, status) = watch::channel(NodeStatus {
+        node: node.0,
+        started_micros: wall_micros(),
+        ..NodeStatus::default()
+    });
     let looped = Loop {
         db,
         replication,
@@ -231,6 +287,8 @@ where
         pending_acks: BTreeMap::new(),
         pending_refusals: Vec::new(),
         links: BTreeMap::new(),
+        slow: SlowFigures::default(),
+        last_slow: None,
     };
     let task = tokio::spawn(looped.run(capture_rx, applied_rx, shutdown_rx));
     Ok(NodeHandle {
@@ -254,7 +312,12 @@ async fn apply_worker(
             let result = applier.apply(&batch).await;
             match result {
                 Ok(ok) => {
-                    if done.send(Applied { peer, result: Ok(ok) }).await.is_err() {
+                    let applied = Applied {
+                        peer,
+                        result: Ok(ok),
+                        last_stamp: batch.last().map(|c| c.stamp),
+                    };
+                    if done.send(applied).await.is_err() {
                         return;
                     }
                     break;
@@ -305,7 +368,23 @@ struct Loop {
     pending_refusals: Vec<(NodeId, u64, Message)>,
     /// The current connection to each connected peer.
     links: BTreeMap<NodeId, u64>,
+    slow: SlowFigures,
+    last_slow: Option<Instant>,
 }
+
+/// Status figures that take a query or a time window, refreshed about once a second.
+#[derive(Default)]
+struct SlowFigures {
+    review_open: u64,
+    parked_open: u64,
+    outbound_lag_secs: BTreeMap<NodeId, f64>,
+    /// Per peer: when the applied count was last sampled, and the count then.
+    samples: BTreeMap<NodeId, (Instant, u64)>,
+    applied_per_sec: BTreeMap<NodeId, f64>,
+}
+
+/// How often pings and the slow status figures go out.
+const SLOW_EVERY: Duration = Duration::from_secs(1);
 
 impl Loop {
     async fn run(
@@ -342,6 +421,9 @@ impl Loop {
             self.send_batches().await?;
             self.publish_status();
         }
+        // Acknowledgements of what was applied go out before the connections close, so peers
+        // need not resend it.
+        self.flush_outbox();
         self.housekeeping().await?;
         Ok(())
     }
@@ -351,6 +433,7 @@ impl Loop {
             PeerEvent::Up { peer, link, hello } => {
                 if let Err(refusal) = self.identity.check(&hello, wall_micros()) {
                     tracing::error!(%peer, %refusal, "refusing peer");
+                    self.stats.entry(peer).or_default().last_error = Some(refusal.to_string());
                     self.pending_refusals.push((peer, link, Message::Refused(refusal)));
                     return Ok(());
                 }
@@ -358,8 +441,12 @@ impl Loop {
                     Ok(()) => {
                         tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected");
                         self.links.insert(peer, link);
+                        self.stats.entry(peer).or_default().since_micros = Some(wall_micros());
                     }
-                    Err(error) => tracing::error!(%peer, %error, "cannot replicate to peer"),
+                    Err(error) => {
+                        tracing::error!(%peer, %error, "cannot replicate to peer");
+                        self.stats.entry(peer).or_default().last_error = Some(error.to_string());
+                    }
                 }
             }
             PeerEvent::Down { peer, link, reason } => {
@@ -367,6 +454,14 @@ impl Loop {
                     tracing::info!(%peer, reason, "peer disconnected");
                     self.links.remove(&peer);
                     self.replication.disconnected(peer);
+                    let stats = self.stats.entry(peer).or_default();
+                    stats.since_micros = Some(wall_micros());
+                    stats.last_error = Some(reason);
+                }
+            }
+            PeerEvent::Rejected { peer, reason } => {
+                if let Some(peer) = peer.filter(|p| self.links.contains_key(p) || self.apply_queues.contains_key(p)) {
+                    self.stats.entry(peer).or_default().last_error = Some(reason);
                 }
             }
             PeerEvent::Message { peer, message } => match message {
@@ -390,7 +485,8 @@ impl Loop {
                     }
                 }
                 Message::Refused(refusal) => tracing::error!(%peer, %refusal, "peer refused this node"),
-                Message::Ping { .. } | Message::Hello(_) => {}
+                Message::Ping { head, .. } => self.stats.entry(peer).or_default().peer_head = head,
+                Message::Hello(_) => {}
             },
         }
         Ok(())
@@ -399,6 +495,9 @@ impl Loop {
     async fn on_applied(&mut self, done: Applied) -> Result<()> {
         let peer = done.peer;
         let (upto, summary) = done.result?;
+        if let Some(stamp) = done.last_stamp {
+            self.stats.entry(peer).or_default().last_applied_micros = Some(stamp.physical);
+        }
         self.applied_positions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -406,7 +505,7 @@ impl Loop {
         let stats = self.stats.entry(peer).or_default();
         stats.applied_changes += summary.applied;
         stats.parked += summary.parked;
-        stats.conflicts += summary.conflicts;
+        stats.conflicts.add(&summary.conflicts);
         stats.capture_waits += summary.waits;
         let ack = self.replication.applied(peer, upto)?;
         if self.replication.is_connected(peer) {
@@ -535,20 +634,103 @@ impl Loop {
             .execute("DELETE FROM accord.outbound WHERE seq <= $1", &[&(prune as i64)])
             .await?;
         self.replication.pruned(prune);
+        if self.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY) {
+            self.last_slow = Some(Instant::now());
+            self.send_pings();
+            self.refresh_slow_figures().await?;
+        }
+        Ok(())
+    }
+
+    /// Tells every connected peer the head of our outbound log, for its lag figures.
+    fn send_pings(&mut self) {
+        let head = self.replication.head();
+        let hlc = Hlc::new(wall_micros(), 0, self.replication.node());
+        for (&peer, &link) in &self.links {
+            let Ok(permit) = self.port.outbox.try_reserve() else {
+                // The network is busy with batches, which say more than a ping would.
+                return;
+            };
+            permit.send(Outgoing {
+                peer,
+                link,
+                message: Message::Ping { hlc, head },
+            });
+        }
+    }
+
+    async fn refresh_slow_figures(&mut self) -> Result<()> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE kind = 'unapplicable')
+                 FROM accord.review_items WHERE status = 'open'",
+                &[],
+            )
+            .await
+            .context("cannot count the open review items")?;
+        self.slow.review_open = row.get::<_, i64>(0) as u64;
+        self.slow.parked_open = row.get::<_, i64>(1) as u64;
+        let peers: Vec<NodeId> = self.replication.peers().collect();
+        for peer in peers {
+            let acked = self.replication.progress(peer)?.acked;
+            let lag = if acked < self.replication.head() {
+                self.db
+                    .query_opt(
+                        "SELECT extract(epoch FROM now() - captured_at)::float8 FROM accord.outbound WHERE seq = $1",
+                        &[&((acked + 1) as i64)],
+                    )
+                    .await
+                    .context("cannot read the outbound log")?
+                    .map(|r| r.get::<_, f64>(0).max(0.0))
+                    .unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            self.slow.outbound_lag_secs.insert(peer, lag);
+            let applied = self.stats.get(&peer).map_or(0, |s| s.applied_changes);
+            let now = Instant::now();
+            if let Some((then, before)) = self.slow.samples.insert(peer, (now, applied)) {
+                let secs = now.duration_since(then).as_secs_f64();
+                if secs > 0.0 {
+                    let rate = applied.saturating_sub(before) as f64 / secs;
+                    self.slow.applied_per_sec.insert(peer, rate);
+                }
+            }
+        }
         Ok(())
     }
 
     fn publish_status(&mut self) {
+        let old = self.status.borrow();
         let mut status = NodeStatus {
+            node: old.node,
+            started_micros: old.started_micros,
             head: self.replication.head(),
             captured: self.captured,
+            review_open: self.slow.review_open,
+            parked_open: self.slow.parked_open,
             peers: BTreeMap::new(),
         };
+        drop(old);
+        let now = wall_micros();
         for peer in self.replication.peers() {
             let mut s = self.stats.get(&peer).cloned().unwrap_or_default();
             s.connected = self.replication.is_connected(peer);
             s.progress = self.replication.progress(peer).unwrap_or_default();
             s.unacked = self.replication.unacked(peer).unwrap_or(0);
+            s.outbound_lag_secs = if s.unacked == 0 {
+                0.0
+            } else {
+                self.slow.outbound_lag_secs.get(&peer).copied().unwrap_or(0.0)
+            };
+            s.inbound_lag_changes = s.peer_head.saturating_sub(s.progress.applied);
+            s.inbound_lag_secs = if s.inbound_lag_changes == 0 {
+                Some(0.0)
+            } else {
+                s.last_applied_micros.map(|t| now.saturating_sub(t) as f64 / 1e6)
+            };
+            s.applied_per_sec = self.slow.applied_per_sec.get(&peer).copied().unwrap_or(0.0);
             status.peers.insert(peer, s);
         }
         self.status.send_if_modified(|old| {

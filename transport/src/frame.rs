@@ -92,6 +92,7 @@ mod tests {
     fn a_message_round_trips_by_field_name() {
         let message = Message::Ping {
             hlc: Hlc::new(5, 1, NodeId(3)),
+            head: 9,
         };
         let frame = encode(&message, DEFAULT_MAX_FRAME).unwrap();
         let len = payload_len(frame[..HEADER_LEN].try_into().unwrap(), DEFAULT_MAX_FRAME).unwrap();
