@@ -33,6 +33,16 @@ pub async fn connect(dsn: &str) -> Result<Client> {
 
 /// A DSN with any password replaced, for messages.
 pub fn redact(dsn: &str) -> String {
+    // The URL form: postgres://user:secret@host/db
+    if let Some((scheme, rest)) = dsn.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            return format!("{scheme}://{user}{hidden}@{host}{}", redact_query(tail));
+        }
+        return format!("{scheme}://{authority}{}", redact_query(tail));
+    }
     dsn.split_whitespace()
         .map(|part| {
             if part.starts_with("password=") {
@@ -43,6 +53,40 @@ pub fn redact(dsn: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let query = query
+        .split('&')
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_in_both_forms() {
+        assert_eq!(redact("host=h password=s3cret user=u"), "host=h password=*** user=u");
+        assert_eq!(redact("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgresql://u@h/db?password=s3cret&x=1"),
+            "postgresql://u@h/db?password=***&x=1"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
 }
 
 /// The schema policy of a database, refusing one with annotation errors.

@@ -266,7 +266,7 @@ impl TestCluster {
 }
 
 /// A UDP port that was free a moment ago (the endpoint binds it right after).
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .map(|a| a.port())

@@ -1,0 +1,325 @@
+//! `accord run`, `accord status` and the metrics endpoint as an operator uses them: real
+//! processes from the built binary, configuration files, certificates from `accord certs`, QUIC on
+//! loopback, real temporary PostgreSQL clusters.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::nodes::{free_udp_port, snapshot, SHOP};
+use support::pg::PgCluster;
+
+fn accord(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args(args)
+        .env_remove("ACCORD_DSN")
+        .env_remove("ACCORD_REVIEW_TOKEN")
+        .output()
+        .expect("the accord binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port on loopback")
+}
+
+struct NodeFiles {
+    config: PathBuf,
+    metrics: u16,
+}
+
+/// Writes node `id`'s configuration (peers: the other ids) into `dir`, with certificates made by
+/// `accord certs` as an operator would.
+fn write_node(dir: &Path, id: u32, dsn: &str, quic: &[(u32, u16)], extra: &str) -> NodeFiles {
+    let certs = dir.join(format!("certs-{id}"));
+    let (ok, out) = accord(&[
+        "certs",
+        "node",
+        &id.to_string(),
+        "--ca-dir",
+        dir.join("ca").to_str().unwrap(),
+        "--out",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let metrics = free_tcp_port();
+    let own = quic.iter().find(|(n, _)| *n == id).unwrap().1;
+    let mut text = format!(
+        "node_id = {id}\ncluster = \"service-test\"\ndsn = \"{dsn}\"\nlisten = \"127.0.0.1:{own}\"\n\
+         [tls]\nca = \"certs-{id}/ca.pem\"\ncert = \"certs-{id}/node-{id}.pem\"\nkey = \"certs-{id}/node-{id}.key\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n{extra}\n"
+    );
+    for (peer, port) in quic.iter().filter(|(n, _)| *n != id) {
+        text.push_str(&format!("[[peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"));
+    }
+    let config = dir.join(format!("node-{id}.toml"));
+    std::fs::write(&config, text).unwrap();
+    NodeFiles { config, metrics }
+}
+
+/// A running `accord run`; killed if the test fails before stopping it.
+struct RunningNode {
+    child: Option<Child>,
+}
+
+impl RunningNode {
+    fn start(config: &Path) -> RunningNode {
+        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env_remove("ACCORD_DSN")
+            .env("ACCORD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("accord run starts");
+        RunningNode { child: Some(child) }
+    }
+
+    /// SIGTERM, then the exit status and the logs.
+    fn terminate(mut self) -> (bool, String) {
+        let mut child = self.child.take().unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("accord run did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut logs = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+        (status.success(), logs)
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut check: impl FnMut() -> F) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() {
+    let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(2)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let quic = [(1, free_udp_port()), (2, free_udp_port())];
+    let mut dbs = Vec::new();
+    let mut files = Vec::new();
+    for (i, pg) in pgs.iter().enumerate() {
+        let id = i as u32 + 1;
+        let db = pg.create_database("shop").await;
+        db.batch_execute(SHOP).await.unwrap();
+        let dsn = pg.dsn("shop");
+        let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &id.to_string()]);
+        assert!(ok, "{out}");
+        files.push(write_node(dir.path(), id, &dsn, &quic, ""));
+        dbs.push(db);
+    }
+
+    // Node 1 alone: its peer is unreachable, which the status says rather than hides.
+    let node1 = RunningNode::start(&files[0].config);
+    let status_of = |i: usize| {
+        let config = files[i].config.clone();
+        async move { accord(&["status", "--config", config.to_str().unwrap()]) }
+    };
+    wait_until("node 1 serves its status", Duration::from_secs(30), || {
+        let status = status_of(0);
+        async move { status.await.0 }
+    })
+    .await;
+    let (_, out) = status_of(0).await;
+    assert!(out.contains("peer 2: NOT CONNECTED"), "{out}");
+
+    let node2 = RunningNode::start(&files[1].config);
+    dbs[0]
+        .batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (1, 'lamp', 10)")
+        .await
+        .unwrap();
+    wait_until("the insert reaches node 2", Duration::from_secs(60), || {
+        let db = &dbs[1];
+        async move {
+            db.query_opt("SELECT 1 FROM shop.products WHERE id = 1", &[])
+                .await
+                .unwrap()
+                .is_some()
+        }
+    })
+    .await;
+    for (i, db) in dbs.iter().enumerate() {
+        for _ in 0..20 {
+            db.execute("UPDATE shop.products SET stock = stock + 1 WHERE id = 1", &[])
+                .await
+                .unwrap_or_else(|e| panic!("update on node {}: {e}", i + 1));
+        }
+    }
+    let tables = ["shop.products"];
+    wait_until("both nodes hold the same rows", Duration::from_secs(60), || {
+        let (a, b) = (&dbs[0], &dbs[1]);
+        async move { snapshot(a, &tables).await == snapshot(b, &tables).await }
+    })
+    .await;
+    let stock: i64 = dbs[1]
+        .query_one("SELECT stock FROM shop.products WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stock, 50, "10 + 20 increments on each node");
+
+    // The status, for people and as JSON, and the metrics, once the acknowledgements are in.
+    wait_until("node 1 sees node 2 caught up", Duration::from_secs(30), || {
+        let config = files[0].config.clone();
+        async move {
+            let (ok, json) = accord(&["status", "--config", config.to_str().unwrap(), "--json"]);
+            let Ok(status) = serde_json::from_str::<serde_json::Value>(&json) else {
+                return false;
+            };
+            let peer = &status["peers"]["2"];
+            ok && peer["connected"] == true && peer["unacked"] == 0 && peer["applied_changes"].as_u64() >= Some(20)
+        }
+    })
+    .await;
+    let (ok, out) = status_of(0).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("peer 2: connected for"), "{out}");
+    assert!(out.contains("0 changes unacknowledged"), "{out}");
+    assert!(out.contains("review queue: 0 open"), "{out}");
+    let metrics = http_get(files[1].metrics, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("accord_peer_connected{peer=\"1\"} 1.0"), "{metrics}");
+    assert!(metrics.contains("accord_peer_applied_total{peer=\"1\"}"), "{metrics}");
+
+    let (ok, logs1) = node1.terminate();
+    assert!(ok, "node 1 exits cleanly on SIGTERM:\n{logs1}");
+    assert!(
+        logs1.contains("SIGTERM: stopping") && logs1.contains("node stopped"),
+        "{logs1}"
+    );
+    let (ok, logs2) = node2.terminate();
+    assert!(ok, "node 2 exits cleanly on SIGTERM:\n{logs2}");
+    for logs in [&logs1, &logs2] {
+        assert!(
+            !logs.contains("password") && !logs.contains("dbname="),
+            "no DSN in logs:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_configurations_are_refused_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let quic = [(1, free_udp_port()), (2, free_udp_port())];
+    // Nothing listens here: these configurations must fail before the database matters, or at it.
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=nobody password=sekrit dbname=shop connect_timeout=2",
+        free_tcp_port()
+    );
+    let good = write_node(dir.path(), 1, &dsn, &quic, "");
+    let text = std::fs::read_to_string(&good.config).unwrap();
+    let run_with = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        accord(&["run", "--config", path.to_str().unwrap()])
+    };
+
+    let cases = [
+        (
+            "missing-key.toml",
+            text.replace("cluster = \"service-test\"\n", ""),
+            "cluster",
+        ),
+        (
+            "unknown-key.toml",
+            text.replace("listen = ", "listen_addr = "),
+            "listen_addr",
+        ),
+        (
+            "wrong-cert-path.toml",
+            text.replace("node-1.pem", "node-9.pem"),
+            "tls.cert",
+        ),
+        (
+            "bad-peer-address.toml",
+            text.replace("address = \"127.0.0.1:", "address = \"127.0.0.1;"),
+            "peers[0].address",
+        ),
+    ];
+    for (name, text, named) in cases {
+        let (ok, out) = run_with(name, text);
+        assert!(!ok, "{name} is refused: {out}");
+        assert!(out.contains(named), "{name}: the error names {named:?}: {out}");
+        assert!(!out.contains("sekrit"), "{name}: the password is not echoed: {out}");
+    }
+
+    // Another node's certificate.
+    write_node(dir.path(), 2, &dsn, &quic, "");
+    let (ok, out) = run_with(
+        "other-node-cert.toml",
+        text.replace("certs-1/node-1.pem", "certs-2/node-2.pem")
+            .replace("certs-1/node-1.key", "certs-2/node-2.key"),
+    );
+    assert!(
+        !ok && out.contains("node 2's certificate") && out.contains("node 1"),
+        "{out}"
+    );
+
+    // A database nobody answers at.
+    let (ok, out) = accord(&["run", "--config", good.config.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("cannot connect") || out.contains("connect"), "{out}");
+    assert!(!out.contains("sekrit"), "the password is not echoed: {out}");
+
+    // No file at all, and no node to ask for a status.
+    let (ok, out) = accord(&["run", "--config", "/nonexistent/node.toml"]);
+    assert!(!ok && out.contains("/nonexistent/node.toml"), "{out}");
+    let (ok, out) = accord(&["status", "--config", good.config.to_str().unwrap()]);
+    assert!(!ok && out.contains("is `accord run` running?"), "{out}");
+
+    // The documented example is what the parser reads (its unit test checks it parses).
+    let (ok, out) = accord(&["run", "--print-example-config"]);
+    assert!(ok && out.contains("[[peers]]") && out.contains("ACCORD_DSN"), "{out}");
+}
