@@ -75,9 +75,10 @@ struct RunningNode {
 }
 
 impl RunningNode {
-    fn start(config: &Path) -> RunningNode {
+    fn start(config: &Path, extra: &[&str]) -> RunningNode {
         let child = Command::new(env!("CARGO_BIN_EXE_accord"))
             .args(["run", "--config", config.to_str().unwrap()])
+            .args(extra)
             .env_remove("ACCORD_DSN")
             .env("ACCORD_LOG", "info")
             .stdout(Stdio::null())
@@ -160,7 +161,7 @@ async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() 
     }
 
     // Node 1 alone: its peer is unreachable, which the status says rather than hides.
-    let node1 = RunningNode::start(&files[0].config);
+    let node1 = RunningNode::start(&files[0].config, &[]);
     let status_of = |i: usize| {
         let config = files[i].config.clone();
         async move { accord(&["status", "--config", config.to_str().unwrap()]) }
@@ -173,7 +174,7 @@ async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() 
     let (_, out) = status_of(0).await;
     assert!(out.contains("peer 2: NOT CONNECTED"), "{out}");
 
-    let node2 = RunningNode::start(&files[1].config);
+    let node2 = RunningNode::start(&files[1].config, &["--log-format", "json"]);
     dbs[0]
         .batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (1, 'lamp', 10)")
         .await
@@ -239,6 +240,15 @@ async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() 
     );
     let (ok, logs2) = node2.terminate();
     assert!(ok, "node 2 exits cleanly on SIGTERM:\n{logs2}");
+    for line in logs2.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(entry["level"].is_string() && entry["fields"].is_object(), "{line}");
+    }
+    assert!(
+        logs2.contains("\"name\":\"node\""),
+        "log lines carry the node's span:\n{logs2}"
+    );
     for logs in [&logs1, &logs2] {
         assert!(
             !logs.contains("password") && !logs.contains("dbname="),

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 use super::apply::{Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
@@ -190,7 +191,11 @@ where
     let dsn = config.dsn.clone();
     workers.push(tokio::spawn(async move {
         loop {
-            if let Err(error) = capture.run(&dsn).await {
+            if let Err(error) = capture
+                .run(&dsn)
+                .instrument(tracing::info_span!("capture", node = %node))
+                .await
+            {
                 tracing::error!(%node, error = format!("{error:#}"), "capture stopped; restarting");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -226,12 +231,10 @@ where
         ));
         let (queue, batches) = mpsc::channel::<Vec<RowChange>>(8);
         apply_queues.insert(peer, queue);
-        workers.push(tokio::spawn(apply_worker(
-            applier,
-            config.dsn.clone(),
-            batches,
-            applied_tx.clone(),
-        )));
+        let span = tracing::info_span!("peer", node = %node, peer = %peer);
+        workers.push(tokio::spawn(
+            apply_worker(applier, config.dsn.clone(), batches, applied_tx.clone()).instrument(span),
+        ));
     }
     let head = capture_rx.borrow().head;
     let pruned: Option<i64> = db
@@ -290,7 +293,11 @@ where
         slow: SlowFigures::default(),
         last_slow: None,
     };
-    let task = tokio::spawn(looped.run(capture_rx, applied_rx, shutdown_rx));
+    let task = tokio::spawn(
+        looped
+            .run(capture_rx, applied_rx, shutdown_rx)
+            .instrument(tracing::info_span!("node", node = %node)),
+    );
     Ok(NodeHandle {
         node,
         status,
@@ -309,7 +316,13 @@ async fn apply_worker(
     let peer = applier.peer();
     while let Some(batch) = batches.recv().await {
         loop {
-            let result = applier.apply(&batch).await;
+            let span = tracing::debug_span!(
+                "batch",
+                first = batch.first().map(|c| c.seq),
+                last = batch.last().map(|c| c.seq),
+                changes = batch.len()
+            );
+            let result = applier.apply(&batch).instrument(span).await;
             match result {
                 Ok(ok) => {
                     let applied = Applied {
