@@ -43,6 +43,48 @@ async fn two_nodes_count_every_increment_on_hot_rows() {
     cluster.stop_all().await;
 }
 
+/// Rows written inside subtransactions carry the subtransaction's xid, which logical decoding never
+/// reports; merges into them must still go through, and still count the local write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merges_into_rows_written_in_subtransactions_go_through() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute("INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, 10 FROM generate_series(1, 3) g")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    a.batch_execute(
+        "BEGIN;
+         SAVEPOINT s1;
+         UPDATE shop.products SET stock = stock + 5, name = 'savepoint' WHERE id = 1;
+         RELEASE SAVEPOINT s1;
+         COMMIT;
+         DO $$ BEGIN
+             BEGIN
+                 UPDATE shop.products SET stock = stock + 7 WHERE id = 2;
+             EXCEPTION WHEN OTHERS THEN RAISE;
+             END;
+         END $$;",
+    )
+    .await
+    .unwrap();
+    for id in 1..=3i64 {
+        b.execute("UPDATE shop.products SET stock = stock + 1 WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    assert_eq!(sum_stock(&a).await, 30 + 5 + 7 + 3, "{}", snapshots[0]);
+    let name: String = b
+        .query_one("SELECT name FROM shop.products WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "savepoint");
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_converge_with_conflicts_of_every_kind() {
     let cluster = TestCluster::start(3, SHOP).await;

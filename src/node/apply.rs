@@ -94,13 +94,27 @@ pub struct Applier {
 
 /// Why a batch must wait and start over.
 enum Retry {
-    /// A row changed locally since accord last accounted for it.
+    /// A row's metadata says it is alive but the row is gone: a local delete not captured yet.
     CaptureBehind,
-    /// A row is missing here: a local insert and delete of its key may both still be on their way
-    /// through the capture, and the row cannot be locked to tell. Wait until the capture read past
-    /// the probe written at this WAL position.
-    Probe(u64),
+    /// Wait until the capture read past the probe written at this WAL position. Either a row is
+    /// missing here (a local insert and delete of its key may both still be on their way through
+    /// the capture, and the row cannot be locked to tell), or rows' xmins differ from what accord
+    /// knows (`suspects`).
+    Probe { lsn: u64, suspects: Vec<Suspect> },
 }
+
+/// A row whose xmin differed from the one accord knew, as seen before a probe was written.
+///
+/// Usually a local write the capture has not reached yet. But a row written inside a
+/// subtransaction (a SAVEPOINT, a PL/pgSQL EXCEPTION block) carries the subtransaction's xid,
+/// which the capture never sees (pgoutput names only the top-level transaction), so its xmin
+/// never matches. Either way, once the capture has read past a probe written after the row
+/// version was seen committed, that version is accounted for: if the row still has that xmin,
+/// the metadata describes it.
+type Suspect = ((String, String), String);
+
+/// Rows whose current xmin the capture is known to have read past: (table, key) → xmin.
+type Settled = BTreeMap<(String, String), String>;
 
 impl Applier {
     pub async fn connect(
@@ -199,6 +213,7 @@ impl Applier {
         // Whether the capture has read past a probe written by the previous attempt: then a
         // missing row is missing indeed.
         let mut probed = false;
+        let mut settled = Settled::new();
         loop {
             if started.elapsed() > CAPTURE_WAIT_LIMIT {
                 bail!(
@@ -208,7 +223,7 @@ impl Applier {
                     CAPTURE_WAIT_LIMIT
                 );
             }
-            match self.try_apply(&fresh, last, probed).await? {
+            match self.try_apply(&fresh, last, probed, &settled).await? {
                 Ok(mut summary) => {
                     summary.waits = waits;
                     self.applied = last;
@@ -220,7 +235,7 @@ impl Applier {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
-                Err(Retry::Probe(lsn)) => {
+                Err(Retry::Probe { lsn, suspects }) => {
                     waits += 1;
                     let reached =
                         tokio::time::timeout(CAPTURE_WAIT_LIMIT, self.capture.wait_for(|p| p.processed_lsn >= lsn))
@@ -229,6 +244,7 @@ impl Applier {
                         bail!("the capture did not read past WAL position {lsn} (is it running?)");
                     }
                     probed = true;
+                    settled.extend(suspects);
                 }
             }
         }
@@ -239,6 +255,7 @@ impl Applier {
         changes: &[&RowChange],
         last: u64,
         probed: bool,
+        settled: &Settled,
     ) -> Result<std::result::Result<ApplySummary, Retry>> {
         let policy = Arc::clone(&self.policy);
         let synchronous_commit = self.synchronous_commit;
@@ -266,7 +283,7 @@ impl Applier {
                 continue;
             }
             if part.len() == 1 && !first {
-                match one_by_one(&mut tx, &policy, part, true).await? {
+                match one_by_one(&mut tx, &policy, part, true, settled).await? {
                     Ok((done, greatest)) => {
                         summary.add(done);
                         if let Some(stamp) = greatest {
@@ -281,7 +298,7 @@ impl Applier {
             let setup = first.then_some(setup);
             let probed = probed || !first;
             first = false;
-            match batched(&tx, statements, &policy, part, setup, probed).await? {
+            match batched(&tx, statements, &policy, part, setup, probed, settled).await? {
                 Batched::Done(done) => summary.add(done),
                 Batched::Retry(retry) => return Ok(Err(retry)),
                 Batched::Split => {
@@ -429,6 +446,7 @@ async fn batched<'a>(
     changes: &[&'a RowChange],
     setup: Option<Setup>,
     probed: bool,
+    settled: &Settled,
 ) -> Result<Batched> {
     // The distinct rows, and tables in name order: every applier locks tables in the same order.
     let mut slots: Vec<Slot<'a>> = Vec::new();
@@ -520,9 +538,18 @@ async fn batched<'a>(
 
     // The xmin guard (invariant 8), for every row before anything is merged.
     let mut missing = false;
+    let mut suspects = Vec::new();
     for slot in &mut slots {
-        slot.state = match (&slot.row, &slot.meta) {
+        let settled_xmin = settled.get(&(slot.table.name.clone(), slot.key_text.clone()));
+        slot.state = match (&slot.row, &mut slot.meta) {
             (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(xmin) => {
+                Some(RowState {
+                    meta: meta.clone(),
+                    values: values.clone(),
+                })
+            }
+            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && settled_xmin == Some(xmin) => {
+                *known = Some(xmin.clone());
                 Some(RowState {
                     meta: meta.clone(),
                     values: values.clone(),
@@ -537,22 +564,28 @@ async fn batched<'a>(
                 missing = true;
                 None
             }
-            (row, meta) => {
+            (Some((xmin, _)), meta) => {
                 tracing::debug!(
                     table = %slot.table.name,
                     key = slot.key_text,
-                    xmin = row.as_ref().map(|r| r.0.as_str()),
+                    xmin,
                     known = meta.as_ref().and_then(|m| m.1.as_deref()),
-                    alive = meta.as_ref().map(|m| m.0.is_alive()),
-                    "a local write is not captured yet; waiting"
+                    "a local write is not accounted for yet; waiting for the capture"
                 );
+                suspects.push(((slot.table.name.clone(), slot.key_text.clone()), xmin.clone()));
+                None
+            }
+            (None, _) => {
+                tracing::debug!(table = %slot.table.name, key = slot.key_text, "a local delete is not captured yet; waiting");
                 return Ok(Batched::Retry(Retry::CaptureBehind));
             }
         };
     }
-    if missing {
-        // A row cannot be locked before it exists: ask the capture to read past now.
-        return Ok(Batched::Retry(Retry::Probe(probe(tx).await?)));
+    if missing || !suspects.is_empty() {
+        // The probe is written after every row above was read: whatever version was seen is
+        // committed before it.
+        let lsn = probe(tx).await?;
+        return Ok(Batched::Retry(Retry::Probe { lsn, suspects }));
     }
 
     // Merge in order, each change against the state the earlier ones left.
@@ -840,6 +873,7 @@ async fn one_by_one(
     policy: &SchemaPolicy,
     changes: &[&RowChange],
     probed: bool,
+    settled: &Settled,
 ) -> Result<std::result::Result<(ApplySummary, Option<Hlc>), Retry>> {
     let mut summary = ApplySummary::default();
     let mut greatest: Option<Hlc> = None;
@@ -862,8 +896,14 @@ async fn one_by_one(
         let savepoint = tx.savepoint("accord_change").await?;
         let row = lock_row(&savepoint, table, &change.key).await?;
         let meta = store::load_meta(&savepoint, &table.name, &key).await?;
+        let settled_xmin = settled.get(&(table.name.clone(), key.clone()));
         let local = match (row, meta) {
             (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(&xmin) => {
+                Some(RowState { meta, values })
+            }
+            (Some((xmin, values)), Some((meta, _))) if meta.is_alive() && settled_xmin == Some(&xmin) => {
+                // Accounted for (see `Suspect`); the metadata saved below records this xmin.
+                store::save_meta(&savepoint, &table.name, &key, &meta, Some(&xmin)).await?;
                 Some(RowState { meta, values })
             }
             (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
@@ -873,17 +913,22 @@ async fn one_by_one(
             (None, None) if probed => None,
             (None, None) | (None, Some(_)) if !probed => {
                 // A row cannot be locked before it exists: ask the capture to read past now.
-                return Ok(Err(Retry::Probe(probe(&savepoint).await?)));
+                let lsn = probe(&savepoint).await?;
+                return Ok(Err(Retry::Probe {
+                    lsn,
+                    suspects: Vec::new(),
+                }));
             }
-            (row, meta) => {
-                tracing::debug!(
-                    table = %table.name,
-                    key,
-                    xmin = row.as_ref().map(|r| r.0.as_str()),
-                    known = meta.as_ref().and_then(|m| m.1.as_deref()),
-                    alive = meta.as_ref().map(|m| m.0.is_alive()),
-                    "a local write is not captured yet; waiting"
-                );
+            (Some((xmin, _)), _) => {
+                tracing::debug!(table = %table.name, key, xmin, "a local write is not accounted for yet; waiting");
+                let lsn = probe(&savepoint).await?;
+                return Ok(Err(Retry::Probe {
+                    lsn,
+                    suspects: vec![((table.name.clone(), key), xmin)],
+                }));
+            }
+            (None, _) => {
+                tracing::debug!(table = %table.name, key, "a local delete is not captured yet; waiting");
                 return Ok(Err(Retry::CaptureBehind));
             }
         };
