@@ -73,22 +73,6 @@ fn redact_query(tail: &str) -> String {
     format!("{path}?{query}")
 }
 
-#[cfg(test)]
-mod redact_tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_hidden_in_both_forms() {
-        assert_eq!(redact("host=h password=s3cret user=u"), "host=h password=*** user=u");
-        assert_eq!(redact("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(
-            redact("postgresql://u@h/db?password=s3cret&x=1"),
-            "postgresql://u@h/db?password=***&x=1"
-        );
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-    }
-}
-
 /// The schema policy of a database, refusing one with annotation errors.
 pub async fn load_policy(client: &mut Client) -> Result<SchemaPolicy> {
     let checked: Checked = accord_schema_annotations::pg::check_database(client)
@@ -210,4 +194,20 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         rows_recorded,
         slot_created,
     })
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_in_both_forms() {
+        assert_eq!(redact("host=h password=s3cret user=u"), "host=h password=*** user=u");
+        assert_eq!(redact("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgresql://u@h/db?password=s3cret&x=1"),
+            "postgresql://u@h/db?password=***&x=1"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
 }
