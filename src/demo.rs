@@ -1,11 +1,862 @@
 //! `accord demo`: a three-node cluster on this machine, with conflicting work on all three.
+//!
+//! Everything the demo makes lives in one temporary directory: the certificates and three scratch
+//! PostgreSQL clusters ([`crate::scratch_pg`]). The nodes run in this process, as `accord run`
+//! would run them, and talk QUIC with mutual TLS on loopback. The report goes to stdout, the
+//! progress bar to stderr.
 
-use anyhow::{bail, Result};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use accord_engine::{NodeId, ReplicationConfig, ReviewKind};
+use accord_transport::{certs, EndpointConfig, PeerAddr, TlsIdentity};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tempfile::TempDir;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+use crate::node::quic::quic_port;
+use crate::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
+use crate::node::{init, review};
+use crate::scratch_pg::PgCluster;
+
+const NODES: usize = 3;
+const DB: &str = "shop";
+const CLUSTER: &str = "demo";
+
+/// The example schema. The annotations are the point of the demo, so they are printed too.
+const SCHEMA: &str = "
+CREATE SCHEMA shop;
+CREATE TABLE shop.products (
+    id    bigint PRIMARY KEY,
+    name  text NOT NULL,
+    stock bigint NOT NULL,
+    price numeric(10,2) NOT NULL
+);
+COMMENT ON TABLE  shop.products       IS 'The catalogue. @accord replicate';
+COMMENT ON COLUMN shop.products.name  IS 'The latest rename wins. @accord lww';
+COMMENT ON COLUMN shop.products.stock IS 'Every increment counts, once. @accord delta';
+COMMENT ON COLUMN shop.products.price IS 'Concurrent changes go to a person. @accord review';
+";
+
+/// What every product holds in stock before the workload.
+const START_STOCK: i64 = 100;
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {}
+#[command(after_long_help = "\
+What it does: starts three temporary PostgreSQL clusters from the installed server binaries \
+(as the `postgres` user when run as root), creates the annotated table shop.products (name lww, \
+stock delta, price review) on each, runs `accord init`, makes a CA and node certificates, starts \
+three nodes on 127.0.0.1 (QUIC with mutual TLS), loads the products on node 1, then writes on all \
+three nodes at once: stock increments and decrements on a few hot rows, renames, and price changes \
+on the same rows. When the nodes have converged it reports, for each node, the rows with a \
+checksum, the stock sum against the exact expected sum, the review queue, and lag and throughput.
+
+Everything lives in one temporary directory, printed at the start, which is removed at the end, \
+also after Ctrl-C. With --keep the nodes and servers stay up after the report so that you can \
+look around: write on one node and watch the change reach the others, or work the review queue \
+with `accord review`; the commands to connect are printed. Ctrl-C then stops and removes it all.
+
+Exit status: 0 when the nodes converged with identical rows, exact stock sums and the same \
+review queue; 1 when they did not; 2 when the demo could not run (for example PostgreSQL is not \
+installed: `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN). RUST_LOG=accord=debug shows \
+what the nodes do.")]
+pub struct DemoArgs {
+    /// Keep the nodes and PostgreSQL servers running after the report, print how to connect, and
+    /// clean everything up on Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
+    /// Products in the catalogue.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub products: u32,
+    /// The first this many products take all stock and price writes (and half the renames), so
+    /// that writers on different nodes meet.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hot: u32,
+    /// Concurrent clients on each node.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub clients: u32,
+    /// Write transactions by each client.
+    #[arg(long, default_value_t = 250)]
+    pub writes: u32,
+    /// Seed of the workload's choices (rows, amounts, operations); random when not given. The
+    /// interleaving of the nodes is not seeded, so a seed repeats the writes, not the run.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Seconds to wait for the nodes to converge once the writes are done.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
 
 /// Runs the demo and prints its report; `Ok(false)` when the nodes did not converge.
-pub async fn run(_args: DemoArgs) -> Result<bool> {
-    bail!("accord demo is not built yet")
+pub async fn run(args: DemoArgs) -> Result<bool> {
+    // The node logs errors through tracing; without a subscriber they would vanish. `try_init`
+    // leaves one that the binary set up in place.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .try_init();
+
+    // Listening from the start, so that a signal is never missed between two waits; the
+    // cleanup runs whenever the user stops the demo.
+    let mut stop = Stop::listen()?;
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut demo = Demo::default();
+    let outcome = tokio::select! {
+        outcome = demo.run(&args, &bar) => Some(outcome),
+        () = stop.recv() => None,
+    };
+    bar.finish_and_clear();
+    let converged = match outcome {
+        None => {
+            eprintln!("interrupted: stopping the nodes and removing everything");
+            demo.cleanup(false).await;
+            bail!("interrupted")
+        }
+        Some(Err(error)) => {
+            demo.cleanup(false).await;
+            return Err(error);
+        }
+        Some(Ok(converged)) => converged,
+    };
+    if args.keep {
+        demo.print_connect_help();
+        stop.recv().await;
+        println!();
+    }
+    demo.cleanup(true).await;
+    Ok(converged)
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM.
+struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stop {
+    fn listen() -> Result<Stop> {
+        Ok(Stop {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// What has to be taken down again, whatever happened.
+#[derive(Default)]
+struct Demo {
+    root: Option<TempDir>,
+    pg: Vec<PgCluster>,
+    nodes: Vec<NodeHandle>,
+    quic: Vec<SocketAddr>,
+}
+
+/// One write client's account of what it did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    stock_writes: u64,
+    delta_sum: i64,
+    renames: u64,
+    price_writes: u64,
+}
+
+impl Tally {
+    fn writes(&self) -> u64 {
+        self.stock_writes + self.renames + self.price_writes
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.stock_writes += other.stock_writes;
+        self.delta_sum += other.delta_sum;
+        self.renames += other.renames;
+        self.price_writes += other.price_writes;
+    }
+}
+
+/// What one node holds, reduced to what must be equal everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot {
+    rows: i64,
+    checksum: String,
+    stock: i64,
+    open_items: i64,
+    review_digest: String,
+    parked: i64,
+}
+
+async fn snapshot(db: &Client) -> Result<Snapshot> {
+    let products = db
+        .query_one(
+            "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t.id), '')), \
+                    coalesce(sum(t.stock), 0)::bigint
+             FROM shop.products t",
+            &[],
+        )
+        .await
+        .context("cannot read shop.products")?;
+    let review = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE kind = 'concurrent' AND status = 'open'),
+                    md5(coalesce(string_agg(concat_ws(' | ', id, status, table_name, row_key, column_name,
+                        candidates::text), E'\\n' ORDER BY id) FILTER (WHERE kind = 'concurrent'), '')),
+                    count(*) FILTER (WHERE kind = 'unapplicable')
+             FROM accord.review_items",
+            &[],
+        )
+        .await
+        .context("cannot read the review queue")?;
+    Ok(Snapshot {
+        rows: products.get(0),
+        checksum: products.get(1),
+        stock: products.get(2),
+        open_items: review.get(0),
+        review_digest: review.get(1),
+        parked: review.get(2),
+    })
+}
+
+/// How the wait for convergence ended.
+struct Convergence {
+    /// When the nodes were first found equal and quiet (and stayed so); `None` past the deadline.
+    at: Option<Instant>,
+    snapshots: Vec<Snapshot>,
+}
+
+impl Demo {
+    async fn run(&mut self, args: &DemoArgs, bar: &ProgressBar) -> Result<bool> {
+        let seed = args.seed.unwrap_or_else(rand::random);
+        let hot = args.hot.min(args.products);
+        let say = |text: String| bar.suspend(|| println!("{text}"));
+        say(format!(
+            "accord demo: three nodes on this machine, conflicting writes on all three (seed {seed})\n"
+        ));
+
+        bar.set_message("starting three PostgreSQL clusters");
+        let root = tempfile::Builder::new()
+            .prefix("accord-demo-")
+            .tempdir()
+            .context("cannot create the demo's temporary directory")?;
+        let root_path = root.path().to_path_buf();
+        self.root = Some(root);
+        if crate::scratch_pg::run_as().is_some() {
+            // The servers run as `postgres`, which must be able to reach its directory in here.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&root_path, std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("cannot open {} to the postgres user", root_path.display()))?;
+        }
+        let pg_root = root_path.clone();
+        self.pg = tokio::task::spawn_blocking(move || PgCluster::start_many_in(NODES, &pg_root))
+            .await
+            .context("starting PostgreSQL panicked")??;
+
+        bar.set_message("creating the catalogue and running accord init");
+        for (i, pg) in self.pg.iter().enumerate() {
+            let mut db = pg.create_database(DB).await?;
+            db.batch_execute(SCHEMA)
+                .await
+                .context("the demo schema does not apply")?;
+            // The same catalogue everywhere before `accord init`, as when the nodes start from
+            // copies of one database: init records the rows as they are, and only the
+            // conflicting work replicates.
+            load_products(&db, args.products, seed).await?;
+            init::init(&mut db, node_id(i))
+                .await
+                .with_context(|| format!("accord init of node {} failed", node_id(i)))?;
+        }
+
+        bar.set_message("making certificates");
+        let ca_dir = root_path.join("ca");
+        certs::init(&ca_dir, 1).context("cannot make the demo CA")?;
+        let mut tls = Vec::new();
+        for i in 0..NODES {
+            let dir = root_path.join(format!("node-{}", node_id(i)));
+            let files = certs::node(node_id(i), &ca_dir, &dir, 1)
+                .with_context(|| format!("cannot make node {}'s certificate", node_id(i)))?;
+            tls.push(
+                TlsIdentity::load(&files.ca_cert, &files.cert, &files.key)
+                    .with_context(|| format!("cannot load node {}'s certificate", node_id(i)))?,
+            );
+        }
+
+        bar.set_message("starting the nodes");
+        self.quic = (0..NODES).map(|_| free_udp_port()).collect::<Result<_>>()?;
+        for (i, tls) in tls.into_iter().enumerate() {
+            self.start_node(i, tls).await?;
+        }
+
+        say(format!("Directory  {} (removed at the end)", root_path.display()));
+        for (i, pg) in self.pg.iter().enumerate() {
+            say(format!(
+                "Node {}     PostgreSQL {}:{}, QUIC {} (mutual TLS, certificate {}/node-{}/)",
+                node_id(i),
+                pg.host(),
+                pg.port(),
+                self.quic[i],
+                root_path.display(),
+                node_id(i)
+            ));
+        }
+        say(format!("\nSchema, on every node:{}", SCHEMA.trim_end()));
+        say(String::new());
+
+        let monitors = self.connect_all().await?;
+        let connected = self
+            .wait_converged(
+                &monitors,
+                Duration::from_secs(args.timeout),
+                bar,
+                "connecting the nodes",
+            )
+            .await?;
+        if connected.at.is_none() {
+            bail!("the nodes did not connect to each other within {} s", args.timeout);
+        }
+        let start_sum = connected.snapshots[0].stock;
+        let applied_before = applied_total(&self.statuses());
+
+        // The workload.
+        let total = u64::from(args.clients) * u64::from(args.writes) * NODES as u64;
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec})")?.progress_chars("=> "),
+        );
+        bar.set_length(total);
+        bar.set_position(0);
+        bar.set_message("writing on all three nodes at once");
+        let plan = Plan {
+            products: i64::from(args.products),
+            hot: i64::from(hot),
+            writes: args.writes,
+        };
+        let mut clients = JoinSet::new();
+        for (i, pg) in self.pg.iter().enumerate() {
+            for c in 0..args.clients {
+                let db = pg.connect(DB).await?;
+                let rng = StdRng::seed_from_u64(client_seed(seed, i, c));
+                clients.spawn(write_client(db, node_id(i), c, plan, rng, bar.clone()));
+            }
+        }
+        let writes_started = Instant::now();
+        let mut tally = Tally::default();
+        let mut max_unacked = 0;
+        let mut max_lag_secs: f64 = 0.0;
+        let mut sampler = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                done = clients.join_next() => match done {
+                    None => break,
+                    Some(joined) => tally.add(joined.context("a write client panicked")??),
+                },
+                _ = sampler.tick() => {
+                    let statuses = self.statuses();
+                    max_unacked = max_unacked.max(unacked_total(&statuses));
+                    max_lag_secs = statuses
+                        .iter()
+                        .flat_map(|s| s.peers.values())
+                        .map(|p| p.outbound_lag_secs)
+                        .fold(max_lag_secs, f64::max);
+                }
+            }
+        }
+        let writes_took = writes_started.elapsed();
+        let writes_stopped = Instant::now();
+
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg}")?);
+        let converged = self
+            .wait_converged(
+                &monitors,
+                Duration::from_secs(args.timeout),
+                bar,
+                "waiting for convergence",
+            )
+            .await?;
+        let statuses = self.statuses();
+        let applied = applied_total(&statuses).saturating_sub(applied_before);
+        let expected = start_sum + tally.delta_sum;
+        let open = review::list(&monitors[0], Some("open")).await?;
+        bar.finish_and_clear();
+
+        // The report.
+        let mut out = String::new();
+        let line = |out: &mut String, text: String| {
+            out.push_str(&text);
+            out.push('\n');
+        };
+        let writes_per_sec = per_second(tally.writes(), writes_took);
+        line(&mut out, "Workload".into());
+        line(
+            &mut out,
+            format!(
+                "  {} products; on each node {} clients with {} write transactions each, all at once",
+                args.products, args.clients, args.writes
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  {} stock changes on products 1-{hot} (delta), {} renames (lww), {} price changes on products 1-{hot} (review)",
+                tally.stock_writes, tally.renames, tally.price_writes
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  {} writes in {:.1} s ({writes_per_sec:.0} per second)",
+                tally.writes(),
+                writes_took.as_secs_f64()
+            ),
+        );
+
+        let snaps = &converged.snapshots;
+        let identical = snaps
+            .windows(2)
+            .all(|w| w[0].rows == w[1].rows && w[0].checksum == w[1].checksum);
+        line(&mut out, String::new());
+        line(&mut out, "Rows".into());
+        for (i, s) in snaps.iter().enumerate() {
+            line(
+                &mut out,
+                format!("  node {}: {} rows, checksum {}", node_id(i), s.rows, s.checksum),
+            );
+        }
+        line(&mut out, format!("  identical on every node: {}", yes_no(identical)));
+
+        let exact = snaps.iter().all(|s| s.stock == expected);
+        line(&mut out, String::new());
+        line(&mut out, "Stock (delta)".into());
+        line(
+            &mut out,
+            format!(
+                "  expected sum {expected} = {start_sum} at the start {} {} from {} increments and decrements on three nodes",
+                if tally.delta_sum < 0 { '-' } else { '+' },
+                tally.delta_sum.abs(),
+                tally.stock_writes
+            ),
+        );
+        for (i, s) in snaps.iter().enumerate() {
+            let verdict = if s.stock == expected {
+                "exact".to_string()
+            } else {
+                format!("off by {}", s.stock - expected)
+            };
+            line(&mut out, format!("  node {}: {}  {verdict}", node_id(i), s.stock));
+        }
+        line(&mut out, format!("  exact on every node: {}", yes_no(exact)));
+
+        let same_queue = snaps.windows(2).all(|w| w[0].review_digest == w[1].review_digest);
+        line(&mut out, String::new());
+        line(&mut out, "Review queue (price)".into());
+        line(
+            &mut out,
+            format!(
+                "  open items per node: {}; the same on every node: {}",
+                snaps
+                    .iter()
+                    .map(|s| s.open_items.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                yes_no(same_queue)
+            ),
+        );
+        let concurrent: Vec<_> = open
+            .iter()
+            .filter(|e| matches!(e.item.kind, ReviewKind::Concurrent { .. }))
+            .collect();
+        const SHOWN: usize = 3;
+        for entry in concurrent.iter().take(SHOWN) {
+            let column = entry.item.column.as_deref().unwrap_or("");
+            line(
+                &mut out,
+                format!("  item {}: {} {} {column}", entry.id, entry.item.table, entry.item.key),
+            );
+            if let ReviewKind::Concurrent {
+                candidates,
+                provisional,
+            } = &entry.item.kind
+            {
+                for (n, c) in candidates.iter().enumerate() {
+                    let mark = if c.stamp == *provisional {
+                        "  (provisional winner, in the table now)"
+                    } else {
+                        ""
+                    };
+                    line(
+                        &mut out,
+                        format!("    {}. {}  written on node {}{mark}", n + 1, c.value, c.stamp.node),
+                    );
+                }
+            }
+        }
+        if concurrent.len() > SHOWN {
+            line(&mut out, format!("  ... and {} more", concurrent.len() - SHOWN));
+        }
+        if concurrent.is_empty() {
+            line(&mut out, "  (no concurrent price changes met this time)".into());
+        }
+        let parked: i64 = snaps.iter().map(|s| s.parked).sum();
+        if parked > 0 {
+            line(
+                &mut out,
+                format!("  changes parked because they could not be applied: {parked} (see `accord review list`)"),
+            );
+        }
+
+        line(&mut out, String::new());
+        line(&mut out, "Replication".into());
+        match converged.at {
+            Some(at) => line(
+                &mut out,
+                format!(
+                    "  lag: converged {:.1} s after the writes stopped; during the writes at most {max_unacked} changes \
+                     awaited a peer's acknowledgement, the oldest for {max_lag_secs:.1} s",
+                    at.saturating_duration_since(writes_stopped).as_secs_f64()
+                ),
+            ),
+            None => line(
+                &mut out,
+                format!(
+                    "  lag: NOT converged {} s after the writes stopped; {} changes still unacknowledged",
+                    args.timeout,
+                    unacked_total(&statuses)
+                ),
+            ),
+        }
+        let busy = converged
+            .at
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(writes_started);
+        line(
+            &mut out,
+            format!(
+                "  throughput: {applied} changes applied from peers in {:.1} s ({:.0} per second across the three nodes)",
+                busy.as_secs_f64(),
+                per_second(applied, busy)
+            ),
+        );
+        for (i, s) in statuses.iter().enumerate() {
+            let from_peers: u64 = s.peers.values().map(|p| p.applied_changes).sum();
+            let conflicts: u64 = s.peers.values().map(|p| p.conflicts.total()).sum();
+            line(
+                &mut out,
+                format!(
+                    "  node {}: captured {} local changes, applied {from_peers} from peers, {conflicts} conflicts resolved automatically",
+                    node_id(i),
+                    s.captured
+                ),
+            );
+        }
+
+        let ok = converged.at.is_some() && identical && exact && same_queue;
+        line(&mut out, String::new());
+        if ok {
+            line(
+                &mut out,
+                "Result: converged: identical rows, exact stock sums and the same review queue on every node".into(),
+            );
+        } else {
+            let mut missing = Vec::new();
+            if converged.at.is_none() {
+                missing.push(format!("no convergence within {} s", args.timeout));
+            }
+            if !identical {
+                missing.push("the rows differ".into());
+            }
+            if !exact {
+                missing.push("a stock sum is off".into());
+            }
+            if !same_queue {
+                missing.push("the review queues differ".into());
+            }
+            line(&mut out, format!("Result: NOT converged: {}", missing.join("; ")));
+        }
+        print!("{out}");
+        Ok(ok)
+    }
+
+    async fn start_node(&mut self, i: usize, tls: TlsIdentity) -> Result<()> {
+        let node = node_id(i);
+        let listen = self.quic[i];
+        let peers: Vec<PeerAddr> = (0..NODES)
+            .filter(|&j| j != i)
+            .map(|j| PeerAddr {
+                node: node_id(j),
+                addr: self.quic[j],
+            })
+            .collect();
+        let config = NodeConfig {
+            node,
+            dsn: self.pg[i].dsn(DB),
+            cluster: CLUSTER.into(),
+            peers: peers.iter().map(|p| p.node).collect(),
+            replication: ReplicationConfig::default(),
+            synchronous_commit: false,
+        };
+        let handle = start(config, move |identity, hello| async move {
+            let mut endpoint = EndpointConfig::new(identity, listen, peers, tls);
+            // Everything is on loopback: peers that are not up yet are retried quickly.
+            endpoint.keep_alive = Duration::from_millis(500);
+            endpoint.idle_timeout = Duration::from_secs(5);
+            endpoint.backoff.initial = Duration::from_millis(50);
+            endpoint.backoff.max = Duration::from_millis(500);
+            quic_port(endpoint, hello).map(|(port, _)| port)
+        })
+        .await
+        .with_context(|| format!("node {node} did not start"))?;
+        self.nodes.push(handle);
+        Ok(())
+    }
+
+    async fn connect_all(&self) -> Result<Vec<Client>> {
+        let mut all = Vec::new();
+        for pg in &self.pg {
+            all.push(pg.connect(DB).await?);
+        }
+        Ok(all)
+    }
+
+    fn statuses(&self) -> Vec<NodeStatus> {
+        self.nodes.iter().map(|h| h.status.borrow().clone()).collect()
+    }
+
+    /// Waits until every node is connected to every peer with nothing unacknowledged, and holds the
+    /// same rows and review queue as the others, three looks in a row.
+    async fn wait_converged(
+        &self,
+        monitors: &[Client],
+        limit: Duration,
+        bar: &ProgressBar,
+        what: &str,
+    ) -> Result<Convergence> {
+        let started = Instant::now();
+        let mut stable = 0;
+        let mut first_equal: Option<Instant> = None;
+        let mut last: Vec<Snapshot> = Vec::new();
+        loop {
+            let statuses = self.statuses();
+            let quiet = statuses
+                .iter()
+                .all(|s| s.peers.values().all(|p| p.connected && p.unacked == 0));
+            let mut snapshots = Vec::new();
+            for db in monitors {
+                snapshots.push(snapshot(db).await?);
+            }
+            let now = Instant::now();
+            let same = snapshots.windows(2).all(|w| w[0] == w[1]);
+            if quiet && same && snapshots.first() == last.first() {
+                stable += 1;
+                if stable >= 3 {
+                    return Ok(Convergence {
+                        at: first_equal.or(Some(now)),
+                        snapshots,
+                    });
+                }
+            } else if quiet && same {
+                stable = 1;
+                first_equal = Some(now);
+            } else {
+                stable = 0;
+                first_equal = None;
+            }
+            last = snapshots;
+            if started.elapsed() > limit {
+                return Ok(Convergence {
+                    at: None,
+                    snapshots: last,
+                });
+            }
+            bar.set_message(format!(
+                "{what}: {} changes not yet acknowledged",
+                unacked_total(&statuses)
+            ));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    fn print_connect_help(&self) {
+        let Some(root) = &self.root else { return };
+        println!("\nKept running (--keep). The nodes go on replicating; try, for example:");
+        for (i, pg) in self.pg.iter().enumerate() {
+            let dsn = pg.dsn(DB);
+            println!("  node {}: {} '{dsn}'", node_id(i), pg.bin_dir().join("psql").display());
+        }
+        let first = self.pg.first().map(|pg| pg.dsn(DB)).unwrap_or_default();
+        println!("  accord review list --dsn '{first}'");
+        println!("  accord review show ID --dsn '{first}'   then   accord review resolve ID --pick 1 --dsn '{first}'");
+        println!(
+            "  UPDATE shop.products SET stock = stock + 1 WHERE id = 1;   -- on one node, then read it on another"
+        );
+        println!("Everything is in {}.", root.path().display());
+        println!("Press Ctrl-C to stop the nodes and PostgreSQL and remove it all (SIGTERM does the same).");
+    }
+
+    /// Stops the nodes, then the servers, then removes the directory. Errors are reported, not
+    /// returned: the cleanup goes on, and the demo's verdict stands.
+    async fn cleanup(&mut self, report: bool) {
+        for handle in std::mem::take(&mut self.nodes) {
+            let node = handle.node;
+            match tokio::time::timeout(Duration::from_secs(10), handle.stop()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("warning: node {node} stopped with an error: {error:#}"),
+                Err(_) => eprintln!("warning: node {node} did not stop within 10 s"),
+            }
+        }
+        let pg = std::mem::take(&mut self.pg);
+        // Dropping a cluster stops its server with pg_ctl, which blocks.
+        if tokio::task::spawn_blocking(move || drop(pg)).await.is_err() {
+            eprintln!("warning: stopping PostgreSQL panicked");
+        }
+        if let Some(root) = self.root.take() {
+            let path = root.path().to_path_buf();
+            match root.close() {
+                Ok(()) if report => println!(
+                    "\nCleaned up: nodes stopped, PostgreSQL stopped, {} removed",
+                    path.display()
+                ),
+                Ok(()) => {}
+                Err(error) => eprintln!("warning: cannot remove {}: {error}", path.display()),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    products: i64,
+    hot: i64,
+    writes: u32,
+}
+
+/// One client of one node: autocommitted single-row updates, as fast as the database takes them.
+async fn write_client(
+    db: Client,
+    node: NodeId,
+    client: u32,
+    plan: Plan,
+    mut rng: StdRng,
+    bar: ProgressBar,
+) -> Result<Tally> {
+    let stock = db
+        .prepare("UPDATE shop.products SET stock = stock + $1 WHERE id = $2")
+        .await?;
+    let rename = db.prepare("UPDATE shop.products SET name = $1 WHERE id = $2").await?;
+    let price = db
+        .prepare("UPDATE shop.products SET price = $1::text::numeric WHERE id = $2")
+        .await?;
+    let mut tally = Tally::default();
+    for k in 0..plan.writes {
+        let roll = rng.random_range(0..100);
+        let id = if roll < 85 || rng.random_bool(0.5) {
+            rng.random_range(1..=plan.hot)
+        } else {
+            rng.random_range(1..=plan.products)
+        };
+        let updated = if roll < 70 {
+            let delta: i64 = rng.random_range(1..=9) * if rng.random_bool(0.5) { 1 } else { -1 };
+            let n = db.execute(&stock, &[&delta, &id]).await?;
+            if n == 1 {
+                tally.stock_writes += 1;
+                tally.delta_sum += delta;
+            }
+            n
+        } else if roll < 85 {
+            let n = db
+                .execute(&price, &[&price_text(rng.random_range(100..=9_999)), &id])
+                .await?;
+            tally.price_writes += n;
+            n
+        } else {
+            let name = format!("product {id}, renamed by client {client} on node {node} (#{k})");
+            let n = db.execute(&rename, &[&name, &id]).await?;
+            tally.renames += n;
+            n
+        };
+        if updated != 1 {
+            bail!("product {id} is missing on node {node}");
+        }
+        bar.inc(1);
+    }
+    Ok(tally)
+}
+
+async fn load_products(db: &Client, products: u32, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let insert = db
+        .prepare("INSERT INTO shop.products (id, name, stock, price) VALUES ($1, $2, $3, $4::text::numeric)")
+        .await?;
+    // Batches of one transaction each: one per product would be slow, one for all a huge change.
+    for chunk in (1..=i64::from(products)).collect::<Vec<_>>().chunks(500) {
+        db.batch_execute("BEGIN").await?;
+        for &id in chunk {
+            let name = format!("product {id}");
+            db.execute(
+                &insert,
+                &[&id, &name, &START_STOCK, &price_text(rng.random_range(100..=9_999))],
+            )
+            .await?;
+        }
+        db.batch_execute("COMMIT").await?;
+    }
+    Ok(())
+}
+
+fn price_text(cents: u32) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+fn node_id(i: usize) -> NodeId {
+    // At most NODES (3) nodes, so the index always fits.
+    NodeId(i as u32 + 1)
+}
+
+fn client_seed(seed: u64, node: usize, client: u32) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(&(node as u64).to_le_bytes());
+    h.update(&client.to_le_bytes());
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+fn unacked_total(statuses: &[NodeStatus]) -> u64 {
+    statuses.iter().flat_map(|s| s.peers.values()).map(|p| p.unacked).sum()
+}
+
+fn applied_total(statuses: &[NodeStatus]) -> u64 {
+    statuses
+        .iter()
+        .flat_map(|s| s.peers.values())
+        .map(|p| p.applied_changes)
+        .sum()
+}
+
+fn per_second(n: u64, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(0.001)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// A UDP port that was free a moment ago (the node's endpoint binds it right after).
+fn free_udp_port() -> Result<SocketAddr> {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .context("cannot find a free UDP port on 127.0.0.1")
 }
