@@ -30,10 +30,20 @@ use auth::Keys;
 use html::Notice;
 
 /// What the page needs: the node's database and the reviewers' access token.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReviewPage {
     pub dsn: String,
     pub token: String,
+}
+
+/// Without the token and the DSN's password, so that logging a configuration leaks neither.
+impl std::fmt::Debug for ReviewPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReviewPage")
+            .field("dsn", &init::redact(&self.dsn))
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 /// How many closed items the history shows.
@@ -131,17 +141,22 @@ async fn index(State(s): AppState, headers: HeaderMap, query: Result<Query<Index
     if !s.keys.authenticated(&headers) {
         return unauthorized(None);
     }
-    let notice = query
-        .and_then(|q| q.done)
-        .and_then(|id| id.parse::<ReviewItemId>().ok())
-        .map(|id| {
-            Notice::Done(format!(
-                "Item {id} is resolved; the resolution replicates to every node."
-            ))
-        });
     let db = match connect(&s.dsn).await {
         Ok(db) => db,
         Err(response) => return response,
+    };
+    // After a resolution's redirect; said only when it is true, as anyone can type the address.
+    let done = query
+        .and_then(|q| q.done)
+        .and_then(|id| id.parse::<ReviewItemId>().ok());
+    let notice = match done {
+        Some(id) => match review::show(&db, id).await {
+            Ok(e) if e.status == "resolved" => Some(Notice::Done(format!(
+                "Item {id} is resolved; the resolution replicates to every node."
+            ))),
+            _ => None,
+        },
+        None => None,
     };
     render_queue(&s, &db, StatusCode::OK, notice).await
 }
@@ -346,4 +361,22 @@ async fn load_queue(db: &Client) -> anyhow::Result<(Option<i32>, Vec<ReviewEntry
     let mut closed: Closed = keyed.into_iter().map(|(_, e, shown)| (e, shown)).collect();
     closed.truncate(HISTORY_LIMIT);
     Ok((node, open, closed, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReviewPage;
+
+    #[test]
+    fn debug_output_hides_the_token_and_the_password() {
+        let page = ReviewPage {
+            dsn: "host=db user=accord password=pa55word dbname=shop".into(),
+            token: "s3cr3t-t0ken".into(),
+        };
+        let shown = format!("{page:?}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("s3cr3t-t0ken"),
+            "{shown}"
+        );
+    }
 }

@@ -390,7 +390,7 @@ async fn the_page_refuses_strangers_and_forged_resolutions() {
     );
     assert!(!set_cookie.contains(TOKEN));
     let cookie = set_cookie.split(';').next().expect("name=value").to_owned();
-    let (status, _, page) = http.get("/", &[("cookie", &cookie)]).await;
+    let (status, _, page) = http.get("/", &[("cookie", cookie.as_str())]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(csrf_of(&page), csrf, "the form token belongs to the session");
     let (status, headers, _) = http.post("/login", &[], &format!("token={TOKEN}")).await;
@@ -400,7 +400,7 @@ async fn the_page_refuses_strangers_and_forged_resolutions() {
     let resolve = format!("/items/{}/resolve", item.id);
     let own = format!("http://{addr}");
     // Forged resolutions: no session, no CSRF token, a wrong one, another site's origin.
-    let cases: [(&str, Vec<(&str, &str)>, String, StatusCode); 5] = [
+    let cases = [
         (
             "no session",
             vec![],
@@ -409,25 +409,25 @@ async fn the_page_refuses_strangers_and_forged_resolutions() {
         ),
         (
             "no CSRF token",
-            vec![("cookie", &cookie)],
+            vec![("cookie", cookie.as_str())],
             "pick=1".into(),
             StatusCode::FORBIDDEN,
         ),
         (
             "a wrong CSRF token",
-            vec![("cookie", &cookie)],
+            vec![("cookie", cookie.as_str())],
             format!("csrf={}&pick=1", "0".repeat(64)),
             StatusCode::FORBIDDEN,
         ),
         (
             "a foreign origin",
-            vec![("cookie", &cookie), ("origin", "http://evil.example")],
+            vec![("cookie", cookie.as_str()), ("origin", "http://evil.example")],
             format!("csrf={csrf}&pick=1"),
             StatusCode::FORBIDDEN,
         ),
         (
             "a cross-site fetch",
-            vec![("cookie", &cookie), ("sec-fetch-site", "cross-site")],
+            vec![("cookie", cookie.as_str()), ("sec-fetch-site", "cross-site")],
             format!("csrf={csrf}&pick=1"),
             StatusCode::FORBIDDEN,
         ),
@@ -459,6 +459,14 @@ async fn the_page_refuses_strangers_and_forged_resolutions() {
     assert_eq!(
         headers.get("location").and_then(|v| v.to_str().ok()),
         Some(format!("/?done={}", item.id).as_str())
+    );
+    let (status, _, page) = http
+        .get(&format!("/?done={}", item.id), &[("cookie", cookie.as_str())])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("id=\"done\""),
+        "the page says the item is resolved:\n{page}"
     );
     let (status, _, page) = http.post(&resolve, &browser_like, &format!("csrf={csrf}&pick=2")).await;
     assert_eq!(status, StatusCode::CONFLICT, "{page}");
