@@ -43,6 +43,37 @@ async fn two_nodes_count_every_increment_on_hot_rows() {
     cluster.stop_all().await;
 }
 
+/// A new row on a quiet cluster: the apply waits for the capture to read past a probe, and the
+/// probe must not sit unflushed in the WAL until something else happens to flush it (it did, for
+/// 10 s and more). Not a speed test: the bound is 20 times what it takes here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_insert_on_a_quiet_cluster_arrives_promptly() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    // Let start-up activity settle: the WAL is quiet from here on.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.batch_execute("INSERT INTO shop.products (id, name) VALUES (1, 'quiet')")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let found = b
+            .query_opt("SELECT 1 FROM shop.products WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .is_some();
+        if found {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the insert did not reach the other node within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.stop_all().await;
+}
+
 /// Rows written inside subtransactions carry the subtransaction's xid, which logical decoding never
 /// reports; merges into them must still go through, and still count the local write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -237,6 +237,14 @@ impl Applier {
                 }
                 Err(Retry::Probe { lsn, suspects }) => {
                     waits += 1;
+                    // The probe is a non-transactional message: in WAL, but not flushed, and the
+                    // walsender sends only flushed WAL. On a quiet database it could wait for
+                    // seconds until something else flushes. A transaction with an xid, committed
+                    // synchronously, flushes everything before its commit record.
+                    self.db
+                        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+                        .await
+                        .context("cannot flush the WAL after a probe")?;
                     let reached =
                         tokio::time::timeout(CAPTURE_WAIT_LIMIT, self.capture.wait_for(|p| p.processed_lsn >= lsn))
                             .await;
