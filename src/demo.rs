@@ -50,20 +50,21 @@ const START_STOCK: i64 = 100;
 #[command(after_long_help = "\
 What it does: starts three temporary PostgreSQL clusters from the installed server binaries \
 (as the `postgres` user when run as root), creates the annotated table shop.products (name lww, \
-stock delta, price review) on each, runs `accord init`, makes a CA and node certificates, starts \
-three nodes on 127.0.0.1 (QUIC with mutual TLS), loads the products on node 1, then writes on all \
-three nodes at once: stock increments and decrements on a few hot rows, renames, and price changes \
-on the same rows. When the nodes have converged it reports, for each node, the rows with a \
-checksum, the stock sum against the exact expected sum, the review queue, and lag and throughput.
+stock delta, price review) on each with the same products, runs `accord init`, makes a CA and node \
+certificates, starts three nodes on 127.0.0.1 (QUIC with mutual TLS), then writes on all three \
+nodes at once: stock increments and decrements on a few hot rows, renames, and price changes on \
+the same rows. When the nodes have converged it reports, for each node, the rows with a checksum, \
+the stock sum against the exact expected sum, the review queue, and lag and throughput.
 
 Everything lives in one temporary directory, printed at the start, which is removed at the end, \
 also after Ctrl-C. With --keep the nodes and servers stay up after the report so that you can \
 look around: write on one node and watch the change reach the others, or work the review queue \
-with `accord review`; the commands to connect are printed. Ctrl-C then stops and removes it all.
+with `accord review` or node 1's review page; the commands and the page's address are printed. \
+Ctrl-C (or SIGTERM) then stops and removes it all.
 
 Exit status: 0 when the nodes converged with identical rows, exact stock sums and the same \
 review queue; 1 when they did not; 2 when the demo could not run (for example PostgreSQL is not \
-installed: `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN). RUST_LOG=accord=debug shows \
+installed: `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN). ACCORD_LOG=accord=debug shows \
 what the nodes do.")]
 pub struct DemoArgs {
     /// Keep the nodes and PostgreSQL servers running after the report, print how to connect, and
@@ -81,7 +82,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub clients: u32,
     /// Write transactions by each client.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 150)]
     pub writes: u32,
     /// Seed of the workload's choices (rows, amounts, operations); random when not given. The
     /// interleaving of the nodes is not seeded, so a seed repeats the writes, not the run.
@@ -94,11 +95,11 @@ pub struct DemoArgs {
 
 /// Runs the demo and prints its report; `Ok(false)` when the nodes did not converge.
 pub async fn run(args: DemoArgs) -> Result<bool> {
-    // The node logs errors through tracing; without a subscriber they would vanish. `try_init`
-    // leaves one that the binary set up in place.
+    // The nodes log through tracing; without a subscriber their errors would vanish. Only errors by
+    // default, as the report is the demo's output. `try_init` leaves one that the binary set up.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ACCORD_LOG").unwrap_or_else(|_| "error".into()))
         .try_init();
 
     // Listening from the start, so that a signal is never missed between two waits; the
@@ -125,8 +126,12 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         Some(Ok(converged)) => converged,
     };
     if args.keep {
-        demo.print_connect_help();
+        let page = demo.serve_review_page().await;
+        demo.print_connect_help(page.as_ref().map(|(url, _)| url.as_str()));
         stop.recv().await;
+        if let Some((_, server)) = page {
+            server.abort();
+        }
         println!();
     }
     demo.cleanup(true).await;
@@ -251,6 +256,7 @@ impl Demo {
             .context("cannot create the demo's temporary directory")?;
         let root_path = root.path().to_path_buf();
         self.root = Some(root);
+        say(format!("Directory  {} (removed at the end)", root_path.display()));
         if crate::scratch_pg::run_as().is_some() {
             // The servers run as `postgres`, which must be able to reach its directory in here.
             use std::os::unix::fs::PermissionsExt;
@@ -297,7 +303,6 @@ impl Demo {
             self.start_node(i, tls).await?;
         }
 
-        say(format!("Directory  {} (removed at the end)", root_path.display()));
         for (i, pg) in self.pg.iter().enumerate() {
             say(format!(
                 "Node {}     PostgreSQL {}:{}, QUIC {} (mutual TLS, certificate {}/node-{}/)",
@@ -330,7 +335,8 @@ impl Demo {
         // The workload.
         let total = u64::from(args.clients) * u64::from(args.writes) * NODES as u64;
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec})")?.progress_chars("=> "),
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} writes, {elapsed}")?
+                .progress_chars("=> "),
         );
         bar.set_length(total);
         bar.set_position(0);
@@ -684,7 +690,32 @@ impl Demo {
         }
     }
 
-    fn print_connect_help(&self) {
+    /// Node 1's review page on a loopback port, with a one-off token; `None` (with a warning) when
+    /// it cannot be served, as the rest of --keep is useful without it.
+    async fn serve_review_page(&self) -> Option<(String, tokio::task::JoinHandle<()>)> {
+        let pg = self.pg.first()?;
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("warning: no review page: cannot listen on 127.0.0.1: {error}");
+                return None;
+            }
+        };
+        let addr = listener.local_addr().ok()?;
+        let token: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        let app = crate::review_page::router(crate::review_page::ReviewPage {
+            dsn: pg.dsn(DB),
+            token: token.clone(),
+        });
+        let server = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                eprintln!("warning: the review page stopped: {error}");
+            }
+        });
+        Some((format!("http://{addr}/?token={token}"), server))
+    }
+
+    fn print_connect_help(&self, review_page: Option<&str>) {
         let Some(root) = &self.root else { return };
         println!("\nKept running (--keep). The nodes go on replicating; try, for example:");
         for (i, pg) in self.pg.iter().enumerate() {
@@ -692,6 +723,9 @@ impl Demo {
             println!("  node {}: {} '{dsn}'", node_id(i), pg.bin_dir().join("psql").display());
         }
         let first = self.pg.first().map(|pg| pg.dsn(DB)).unwrap_or_default();
+        if let Some(url) = review_page {
+            println!("  the review page of node 1: {url}");
+        }
         println!("  accord review list --dsn '{first}'");
         println!("  accord review show ID --dsn '{first}'   then   accord review resolve ID --pick 1 --dsn '{first}'");
         println!(

@@ -1,7 +1,7 @@
 //! `accord demo` as a new user runs it: the built binary, its report, its exit status, and that
 //! nothing of it is left on the machine afterwards.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -13,7 +13,7 @@ const SMALL: &[&str] = &["--products", "30", "--hot", "5", "--clients", "2", "--
 
 fn demo(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_accord"));
-    cmd.arg("demo").args(SMALL).args(args).env_remove("RUST_LOG");
+    cmd.arg("demo").args(SMALL).args(args).env_remove("ACCORD_LOG");
     cmd
 }
 
@@ -197,6 +197,29 @@ async fn demo_keep_replicates_until_ctrl_c_then_cleans_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop((one, three));
+
+    // So does the review page's link, token and all.
+    let url = out
+        .lines()
+        .find_map(|l| l.split("review page of node 1: ").nth(1))
+        .unwrap_or_else(|| panic!("the review page is offered:\n{out}"));
+    let (addr, path) = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap_or_else(|| panic!("a loopback URL: {url}"));
+    let mut http = TcpStream::connect(addr).expect("the review page listens");
+    write!(
+        http,
+        "GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    let status = response.lines().next().unwrap_or_default();
+    assert!(
+        status.starts_with("HTTP/1.1 2") || status.starts_with("HTTP/1.1 3"),
+        "the token is accepted: {status}"
+    );
 
     let pid = child.id().to_string();
     let sent = Command::new("kill").args(["-INT", &pid]).status().expect("kill runs");
