@@ -39,6 +39,12 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
     };
     gauge(
         &mut registry,
+        "capture_stopped",
+        "1 while the capture is stopped by an error (local writes are not replicated)",
+        f64::from(u8::from(status.capture_error.is_some())),
+    );
+    gauge(
+        &mut registry,
         "outbound_head",
         "Last sequence number in this node's outbound log",
         status.head as f64,
@@ -175,6 +181,9 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
         status.head,
         status.captured
     );
+    if let Some(error) = &status.capture_error {
+        let _ = writeln!(out, "CAPTURE STOPPED, local writes are not replicated: {error}");
+    }
     let _ = writeln!(
         out,
         "review queue: {} open ({} parked changes)",

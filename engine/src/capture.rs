@@ -25,6 +25,15 @@ pub enum CaptureError {
         found: usize,
         expected: usize,
     },
+    #[error(
+        "{table}: accord's metadata of this row has {found} columns, the table's policy {expected}: the table \
+         changed since the metadata was written"
+    )]
+    MetadataShape {
+        table: String,
+        found: usize,
+        expected: usize,
+    },
     #[error("{table}.{column}: an insert must carry every value")]
     MissingValue { table: String, column: String },
     #[error("{table}.{column}: {source}")]
@@ -82,6 +91,21 @@ pub fn capture(
         source,
     };
 
+    if let Some(prior) = prior.filter(|m| m.is_alive()) {
+        let policies_match = prior.columns.len() == table.columns.len()
+            && prior
+                .columns
+                .iter()
+                .zip(&table.columns)
+                .all(|(m, def)| m.policy() == def.policy);
+        if !policies_match {
+            return Err(CaptureError::MetadataShape {
+                table: table.name.clone(),
+                found: prior.columns.len(),
+                expected: table.columns.len(),
+            });
+        }
+    }
     let before = prior.cloned();
     let mut meta = before.clone().unwrap_or_else(RowMeta::absent);
     let mut closures = Vec::new();

@@ -506,6 +506,24 @@ fn capture_errors_name_the_problem() {
             ..
         })
     ));
+
+    // Metadata written before the table gained a column: an error, not a panic or a misread.
+    let mut narrow = RowMeta::pre_existing(&t);
+    narrow.columns.pop();
+    let update = CapturedChange {
+        kind: ChangeKind::Update,
+        key: key(),
+        old: Some(row("x", 1, "1")),
+        new: Some(row("y", 2, "1")),
+    };
+    assert!(matches!(
+        capture(&t, Some(&narrow), &update, at(1, A), 1, &[]),
+        Err(CaptureError::MetadataShape {
+            found: 2,
+            expected: 3,
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -258,6 +258,9 @@ impl Capture {
                     let message = decode(&data).context("malformed pgoutput message")?;
                     match message {
                         PgOutput::Relation(r) => {
+                            if let Some(table) = self.policy.table(&r.qualified_name()) {
+                                check_shape(table, &r)?;
+                            }
                             self.relations.insert(r.id, r);
                         }
                         PgOutput::Origin { .. } => {
@@ -561,6 +564,44 @@ impl Capture {
             _ => Vec::new(),
         })
     }
+}
+
+/// Refuses a table whose columns differ from the policy accord was started with (an ALTER TABLE
+/// since `accord init`): a new column would silently stay local, a dropped one would make every
+/// change unreadable. The capture stops before the first change of the new shape, and the slot
+/// keeps everything from there, so nothing is lost while the operator fixes the schema.
+fn check_shape(table: &TableDef, rel: &Relation) -> Result<()> {
+    let known = |name: &str| table.key.iter().any(|k| k.name == name) || table.column_index(name).is_some();
+    let added: Vec<&str> = rel
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|name| !known(name))
+        .collect();
+    let present = |name: &str| rel.columns.iter().any(|c| c.name == name);
+    let gone: Vec<&str> = table
+        .key
+        .iter()
+        .map(|k| k.name.as_str())
+        .chain(table.columns.iter().map(|c| c.name.as_str()))
+        .filter(|name| !present(name))
+        .collect();
+    if added.is_empty() && gone.is_empty() {
+        return Ok(());
+    }
+    let list = |names: &[&str]| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    bail!(
+        "table {} changed since `accord init` (new columns: {}; dropped columns: {}): accord stopped          capturing rather than replicate it differently from its peers. Make the table the same on every          node, run `accord init` on each, and restart the nodes; the slot keeps the changes meanwhile",
+        table.name,
+        list(&added),
+        list(&gone)
+    )
 }
 
 /// A decoded row image as the table's key and its columns in table order.

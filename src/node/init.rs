@@ -107,14 +107,31 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::DDL)
         .await
         .context("cannot create the accord schema")?;
-    let existing: Option<i32> = tx
-        .query_opt("SELECT node_id FROM accord.node", &[])
+    let existing: Option<(i32, String)> = tx
+        .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?
-        .map(|row| row.get(0));
+        .map(|row| (row.get(0), row.get(1)));
     let id = i32::try_from(node.0).context("node ids must fit in a 32-bit signed integer")?;
     match existing {
-        Some(other) if other != id => {
+        Some((other, _)) if other != id => {
             bail!("this database is already node {other}; a database is one node for life (asked for node {node})")
+        }
+        Some((_, old)) if old != fingerprint => {
+            // Row metadata is positional per table column and per policy: read under another
+            // shape it would merge the wrong columns. Until accord migrates it, refuse.
+            let rows: i64 = tx.query_one("SELECT count(*) FROM accord.row_meta", &[]).await?.get(0);
+            if rows > 0 {
+                bail!(
+                    "the replicated tables' columns or @accord annotations changed since this database was \
+                     initialised (policy fingerprint {old} then, {fingerprint} now), and accord holds metadata \
+                     for {rows} rows written under the old shape, which it cannot migrate yet (nor can it read \
+                     the changes written since under the new shape). Re-create the cluster's accord state: with \
+                     the nodes stopped and the databases made equal, \
+                     on every node run `SELECT pg_drop_replication_slot('accord_slot'); DROP PUBLICATION \
+                     accord_pub; DROP SCHEMA accord CASCADE;`, change the schema the same way everywhere, \
+                     then `accord init` each node"
+                );
+            }
         }
         _ => {}
     }

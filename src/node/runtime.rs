@@ -83,6 +83,9 @@ pub struct NodeStatus {
     pub review_open: u64,
     /// Of those, changes parked because they could not be applied here.
     pub parked_open: u64,
+    /// Why the capture is stopped, while it is: local writes are not replicated meanwhile.
+    #[serde(default)]
+    pub capture_error: Option<String>,
     pub peers: BTreeMap<NodeId, PeerStatus>,
 }
 
@@ -138,6 +141,9 @@ impl NodeHandle {
     }
 }
 
+/// The capture's last error, until it makes progress again.
+type CaptureError = Arc<Mutex<Option<String>>>;
+
 pub fn wall_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -189,16 +195,29 @@ where
     )
     .await?;
     let dsn = config.dsn.clone();
+    let capture_error: CaptureError = Arc::default();
+    let capture_failed = Arc::clone(&capture_error);
     workers.push(tokio::spawn(async move {
+        // The same failure again and again (a changed table, a database that is down) backs off
+        // to one attempt every 30 s instead of filling the log.
+        let mut pause = Duration::from_millis(500);
         loop {
             if let Err(error) = capture
                 .run(&dsn)
                 .instrument(tracing::info_span!("capture", node = %node))
                 .await
             {
-                tracing::error!(%node, error = format!("{error:#}"), "capture stopped; restarting");
+                let error = format!("{error:#}");
+                tracing::error!(%node, error, retry_in = ?pause, "capture stopped; restarting");
+                let mut last = capture_failed.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() == Some(error.as_str()) {
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                } else {
+                    pause = Duration::from_millis(500);
+                }
+                *last = Some(error);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(pause).await;
         }
     }));
 
@@ -292,6 +311,8 @@ where
         links: BTreeMap::new(),
         slow: SlowFigures::default(),
         last_slow: None,
+        capture_error,
+        processed_lsn: capture_rx.borrow().processed_lsn,
     };
     let task = tokio::spawn(
         looped
@@ -383,6 +404,8 @@ struct Loop {
     links: BTreeMap<NodeId, u64>,
     slow: SlowFigures,
     last_slow: Option<Instant>,
+    capture_error: CaptureError,
+    processed_lsn: u64,
 }
 
 /// Status figures that take a query or a time window, refreshed about once a second.
@@ -422,6 +445,12 @@ impl Loop {
                         bail!("the capture stopped");
                     }
                     let p = *capture.borrow_and_update();
+                    // A restarted capture republishes where it stands; only reading further shows
+                    // that whatever stopped it is over.
+                    if p.processed_lsn > self.processed_lsn {
+                        self.processed_lsn = p.processed_lsn;
+                        *self.capture_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
                     self.replication.logged(p.head);
                     self.captured = p.captured;
                 }
@@ -723,6 +752,7 @@ impl Loop {
             captured: self.captured,
             review_open: self.slow.review_open,
             parked_open: self.slow.parked_open,
+            capture_error: self.capture_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             peers: BTreeMap::new(),
         };
         drop(old);
