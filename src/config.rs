@@ -500,4 +500,31 @@ mod tests {
             .to_string();
         assert!(message.contains("/nonexistent/node.toml"), "{message}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any text, and the example with lines dropped or garbled, is a configuration or an
+            /// error, never a panic. `PROPTEST_CASES=100000 cargo test -p accord --lib config::tests::fuzz`
+            /// runs it for a while.
+            #[test]
+            fn no_input_panics(
+                text in ".{0,400}",
+                drop_line in any::<prop::sample::Index>(),
+                garble in any::<prop::sample::Index>(),
+                junk in "[ -~]{0,20}",
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let (path, example) = example_in(dir.path());
+                let _ = ServiceConfig::parse(&text, &path, &no_env());
+                let mut lines: Vec<String> = example.lines().map(String::from).collect();
+                lines.remove(drop_line.index(lines.len()));
+                let i = garble.index(lines.len());
+                lines[i].push_str(&junk);
+                let _ = ServiceConfig::parse(&lines.join("\n"), &path, &no_env());
+            }
+        }
+    }
 }
