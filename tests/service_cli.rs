@@ -172,12 +172,20 @@ async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() 
         let config = files[i].config.clone();
         async move { accord(&["status", "--config", config.to_str().unwrap()]) }
     };
-    wait_until("node 1 serves its status", Duration::from_secs(30), || {
-        let status = status_of(0);
-        async move { status.await.0 }
-    })
-    .await;
-    let (_, out) = status_of(0).await;
+    // Asked until it answers (a loaded machine may take a while to start it); the first answer
+    // must report the peer as not connected.
+    let started = Instant::now();
+    let out = loop {
+        let (ok, out) = status_of(0).await;
+        if ok {
+            break out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node 1 serves no status: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(out.contains("peer 2: NOT CONNECTED"), "{out}");
 
     let node2 = RunningNode::start(&files[1].config, &["--log-format", "json"]);

@@ -289,9 +289,13 @@ where
         })
     };
     let port = network(identity.clone(), hello_source).await?;
+    // Every configured peer is in the status from the start: a status read before the loop's
+    // first round must say "not connected", not leave the peer out.
     let (status_tx, status) = watch::channel(NodeStatus {
         node: node.0,
         started_micros: wall_micros(),
+        head,
+        peers: config.peers.iter().map(|&p| (p, PeerStatus::default())).collect(),
         ..NodeStatus::default()
     });
     let looped = Loop {
