@@ -59,20 +59,6 @@ CREATE TABLE local.ledger (
 );
 ";
 
-/// The bug the restart tests found (issue 9), why they are ignored until it is fixed:
-/// `apply.rs` runs `pg_replication_origin_xact_setup(last)` in the batch transaction; when the
-/// xmin guard asks for a probe, that transaction rolls back, but PostgreSQL keeps the session's
-/// origin LSN, and the next commit on the session (`BEGIN; SET LOCAL synchronous_commit = on;
-/// SELECT txid_current(); COMMIT`, the WAL flush after the probe) records it: the origin position
-/// becomes the batch's last sequence number while none of its rows are written. While the node runs
-/// the retry applies the batch; a node stopped (SIGTERM, kill -9, its PostgreSQL crashing) before
-/// the retry commits says so in its next hello (`applied_yours`), and the peer never sends those
-/// changes again: they are lost on that node, acknowledged, with no error.
-/// A fix: `SELECT pg_replication_origin_xact_reset()` after the rollback (or flush on a connection
-/// without the origin session).
-#[allow(dead_code)]
-const ORIGIN_BUG: &str = "see the comment";
-
 const TABLES: [&str; 1] = ["shop.products"];
 /// Rows every writer increments.
 const HOT_ROWS: i64 = 5;
@@ -805,7 +791,6 @@ async fn finish(cluster: &mut Cluster, load: Load, expect_no_failures: bool, sta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: an applier rollback leaves the session origin LSN set; the WAL flush after a probe commits it, so a node stopped before the retry skips that batch forever (see ORIGIN_BUG)"]
 async fn kill_9_under_load() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
@@ -837,7 +822,6 @@ async fn kill_9_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: an applier rollback leaves the session origin LSN set; the WAL flush after a probe commits it, so a node stopped before the retry skips that batch forever (see ORIGIN_BUG)"]
 async fn postgres_crash_under_a_node() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
@@ -904,7 +888,6 @@ async fn postgres_crash_under_a_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: an applier rollback leaves the session origin LSN set; the WAL flush after a probe commits it, so a node stopped before the retry skips that batch forever (see ORIGIN_BUG)"]
 async fn rolling_restart() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();

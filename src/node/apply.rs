@@ -241,8 +241,16 @@ impl Applier {
                     // walsender sends only flushed WAL. On a quiet database it could wait for
                     // seconds until something else flushes. A transaction with an xid, committed
                     // synchronously, flushes everything before its commit record.
+                    //
+                    // The rolled-back batch set this session's origin position, and a ROLLBACK
+                    // keeps it: committed as is, this transaction would record the batch as
+                    // applied with none of it written (the reliability tests lost rows that way).
+                    // Reset it first.
                     self.db
-                        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+                        .batch_execute(
+                            "BEGIN; SELECT pg_replication_origin_xact_reset(); SET LOCAL synchronous_commit = on; \
+                             SELECT txid_current(); COMMIT",
+                        )
                         .await
                         .context("cannot flush the WAL after a probe")?;
                     let reached =
