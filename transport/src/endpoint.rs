@@ -156,7 +156,10 @@ impl Endpoint {
             addr: config.listen,
             source,
         };
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(bind)?;
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| StartError::Config("no async runtime".into()))?;
+        let endpoint_config = quinn::EndpointConfig::new(Arc::new(config.tls.stateless_reset_key()));
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(bind)?;
         let local_addr = endpoint.local_addr().map_err(bind)?;
 
         let (events, events_rx) = mpsc::channel(config.event_queue.max(1));
