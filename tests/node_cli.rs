@@ -2,24 +2,10 @@
 
 mod support;
 
-use std::process::Command;
 
+use support::cli::accord;
 use support::nodes::SHOP;
 use support::pg::PgCluster;
-
-fn accord(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
-        .args(args)
-        .env_remove("ACCORD_DSN")
-        .output()
-        .expect("the accord binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 #[tokio::test]
 async fn init_prepares_a_database_once_and_refuses_mistakes() {

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::cli::{accord, free_tcp_port};
 use support::nodes::{free_udp_port, snapshot};
 use support::pg::{PgCluster, StopMode};
 use tokio::net::UdpSocket;
@@ -110,28 +111,6 @@ impl Rng {
     fn millis(&mut self, from: u64, to: u64) -> Duration {
         Duration::from_millis(from + self.below(to - from + 1))
     }
-}
-
-fn accord(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
-        .args(args)
-        .env_remove("ACCORD_DSN")
-        .env_remove("ACCORD_REVIEW_TOKEN")
-        .output()
-        .expect("the accord binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free TCP port on loopback")
 }
 
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {

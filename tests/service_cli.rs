@@ -5,35 +5,13 @@
 mod support;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::cli::{accord, free_tcp_port};
 use support::nodes::{free_udp_port, snapshot, SHOP};
 use support::pg::PgCluster;
-
-fn accord(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
-        .args(args)
-        .env_remove("ACCORD_DSN")
-        .env_remove("ACCORD_REVIEW_TOKEN")
-        .output()
-        .expect("the accord binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free TCP port on loopback")
-}
 
 struct NodeFiles {
     config: PathBuf,

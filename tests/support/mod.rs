@@ -2,5 +2,6 @@
 //! and uses only part of this, hence the allowance for unused items.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod nodes;
 pub mod pg;
