@@ -379,7 +379,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+        // 2,000 cases by default; PROPTEST_CASES=1000000 runs it for a while.
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000),
+            ..Default::default()
+        })]
 
         /// Whatever arrives, decoding returns; the first byte drawn from the tags that matter.
         #[test]
