@@ -1,6 +1,431 @@
-//! accord beside PostgreSQL's native logical replication and pglogical (issue 8). Placeholder.
+//! accord beside PostgreSQL's native logical replication and pglogical (issue 8), on scratch
+//! PostgreSQL clusters started by this bench, in one run so that ratios hold on a noisy machine.
+//!
+//! `cargo bench --bench compare` runs every scenario at the issue's sizes;
+//! `ACCORD_CMP_SHORT=1 cargo bench --bench compare` (or `-- --short`) is the short form for CI.
+//! docs/benchmarks.md explains the knobs and every figure.
 
-fn main() {
-    eprintln!("the comparison bench is not built yet");
-    std::process::exit(1);
+#[path = "compare/deploy.rs"]
+mod deploy;
+#[path = "compare/micro.rs"]
+mod micro;
+#[path = "compare/scenarios.rs"]
+mod scenarios;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use deploy::{Deployment, System};
+
+/// What to run, and how big (environment variables, see docs/benchmarks.md).
+pub struct Opts {
+    pub systems: Vec<System>,
+    pub syncs: Vec<bool>,
+    pub scenarios: Vec<String>,
+    /// Rows of `bench.items`.
+    pub rows: i64,
+    /// Transactions in the drain backlog.
+    pub drain: u64,
+    /// Transactions of the lag scenario's load (4 clients together).
+    pub lag_tx: u64,
+    /// Increments per node in the conflict scenario (2 clients each).
+    pub conflict_tx: u64,
+    /// Transactions per node in the three-node scenario (2 clients each).
+    pub mesh_tx: u64,
+    pub sim_seeds: u64,
+    /// How often the lag pollers look for new markers.
+    pub poll: Duration,
+    pub fsync: bool,
+    pub quic: bool,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(s) => match s.trim().replace('_', "").parse() {
+            Ok(v) => Ok(v),
+            Err(_) => bail!("{name}={s:?} is not a valid value"),
+        },
+        Err(_) => Ok(default),
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl Opts {
+    fn from_env() -> Result<Opts> {
+        let short = std::env::args().any(|a| a == "--short")
+            || std::env::var("ACCORD_CMP_SHORT").is_ok_and(|v| v != "0" && !v.is_empty());
+        let pick = |full: u64, small: u64| if short { small } else { full };
+        let mut systems = Vec::new();
+        for s in env_list("ACCORD_CMP_SYSTEMS", "native,accord,pglogical") {
+            match System::parse(&s) {
+                Some(sys) => systems.push(sys),
+                None => bail!("ACCORD_CMP_SYSTEMS: unknown system {s:?} (accord, native, pglogical)"),
+            }
+        }
+        let mut syncs = Vec::new();
+        for s in env_list("ACCORD_CMP_SYNC", "off,on") {
+            match s.as_str() {
+                "off" => syncs.push(false),
+                "on" => syncs.push(true),
+                _ => bail!("ACCORD_CMP_SYNC: {s:?} is neither off nor on"),
+            }
+        }
+        let scenarios = env_list("ACCORD_CMP_SCENARIOS", "drain,lag,conflict,mesh,micro");
+        for s in &scenarios {
+            if !["drain", "lag", "conflict", "mesh", "micro"].contains(&s.as_str()) {
+                bail!("ACCORD_CMP_SCENARIOS: unknown scenario {s:?} (drain, lag, conflict, mesh, micro)");
+            }
+        }
+        Ok(Opts {
+            systems,
+            syncs,
+            scenarios,
+            rows: env_or("ACCORD_CMP_ROWS", 10_000)?,
+            drain: env_or("ACCORD_CMP_DRAIN", pick(100_000, 2_000))?,
+            lag_tx: env_or("ACCORD_CMP_LAG_TX", pick(40_000, 8_000))?,
+            conflict_tx: env_or("ACCORD_CMP_CONFLICT_TX", pick(20_000, 1_000))?,
+            mesh_tx: env_or("ACCORD_CMP_MESH_TX", pick(10_000, 1_000))?,
+            sim_seeds: env_or("ACCORD_CMP_SIM_SEEDS", pick(20, 3))?,
+            poll: Duration::from_micros(env_or("ACCORD_CMP_POLL_US", 500)?),
+            fsync: env_or::<String>("ACCORD_CMP_FSYNC", "on".into())? != "off",
+            quic: env_or::<String>("ACCORD_CMP_NET", "quic".into())? != "memory",
+        })
+    }
+
+    fn has(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+pub fn progress(line: String) {
+    eprintln!("[compare] {line}");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+    Zero,
+    None,
+}
+
+/// One line of the report.
+pub struct Row {
+    system: String,
+    sync: String,
+    scenario: String,
+    figure: String,
+    value: Option<f64>,
+    shown: String,
+    better: Better,
+}
+
+fn sync_name(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+impl Row {
+    pub fn figure(dep: &Deployment, scenario: &str, figure: &str, value: f64, shown: String, better: Better) -> Row {
+        Row {
+            system: dep.system.name().into(),
+            sync: sync_name(dep.sync_on).into(),
+            scenario: scenario.into(),
+            figure: figure.into(),
+            value: Some(value),
+            shown,
+            better,
+        }
+    }
+
+    pub fn text(dep: &Deployment, scenario: &str, figure: &str, shown: &str) -> Row {
+        Row {
+            system: dep.system.name().into(),
+            sync: sync_name(dep.sync_on).into(),
+            scenario: scenario.into(),
+            figure: figure.into(),
+            value: None,
+            shown: shown.into(),
+            better: Better::None,
+        }
+    }
+
+    pub fn micro(scenario: &str, figure: &str, value: f64, shown: String) -> Row {
+        Row {
+            system: "accord".into(),
+            sync: "-".into(),
+            scenario: format!("5 {scenario}"),
+            figure: figure.into(),
+            value: Some(value),
+            shown,
+            better: Better::None,
+        }
+    }
+
+    fn note(system: System, sync: bool, scenario: &str, text: String) -> Row {
+        Row {
+            system: system.name().into(),
+            sync: sync_name(sync).into(),
+            scenario: scenario.into(),
+            figure: "-".into(),
+            value: None,
+            shown: text,
+            better: Better::None,
+        }
+    }
+}
+
+/// The ratio of `row` to native's same figure in this run, and for accord the issue's goal.
+fn compare(row: &Row, rows: &[Row]) -> (String, String) {
+    let native = rows
+        .iter()
+        .find(|n| n.system == "native" && n.sync == row.sync && n.scenario == row.scenario && n.figure == row.figure);
+    let ratio = match (row.value, native.and_then(|n| n.value), row.better) {
+        (Some(v), Some(n), Better::Higher | Better::Lower) if n > 0.0 => Some(v / n),
+        _ => None,
+    };
+    let shown = ratio.map(|r| format!("{r:.2}×")).unwrap_or_default();
+    if row.system != "accord" {
+        return (shown, String::new());
+    }
+    let goal = match (row.scenario.as_str(), row.figure.as_str()) {
+        ("1 drain", "changes/s") => {
+            let want = if row.sync == "on" { 3.0 } else { 1.5 };
+            match ratio {
+                Some(r) if r >= want => format!("≥{want}× native: met"),
+                Some(r) => format!("≥{want}× native: MISSED ({:.0}% short)", 100.0 * (1.0 - r / want)),
+                None => format!("≥{want}× native: no native figure"),
+            }
+        }
+        ("2 lag", "lag p99, ms") => match ratio {
+            Some(r) if r <= 1.0 => "p99 ≤ native: met".into(),
+            Some(r) => format!("p99 ≤ native: MISSED ({:.0}% worse)", 100.0 * (r - 1.0)),
+            None => "p99 ≤ native: no native figure".into(),
+        },
+        ("3 conflicts", "lost increments") => match row.value {
+            Some(0.0) => "0 lost: met".into(),
+            _ => "0 lost: MISSED".into(),
+        },
+        ("3 conflicts", "rows differing") => {
+            if row.shown == "0" {
+                "identical: met".into()
+            } else {
+                "identical: MISSED".into()
+            }
+        }
+        _ => String::new(),
+    };
+    (shown, goal)
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "system",
+        "sync commit",
+        "scenario",
+        "figure",
+        "value",
+        "vs native",
+        "goal",
+    ];
+    let lines: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            let (ratio, goal) = compare(r, rows);
+            [
+                r.system.clone(),
+                r.sync.clone(),
+                r.scenario.clone(),
+                r.figure.clone(),
+                r.shown.clone(),
+                ratio,
+                goal,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for l in &lines {
+        for (w, c) in widths.iter_mut().zip(l) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let fmt = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", fmt(&header.map(String::from)));
+    println!(
+        "{}",
+        widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("-|-")
+    );
+    for l in &lines {
+        println!("{}", fmt(l));
+    }
+}
+
+async fn run_pair(system: System, sync: bool, opts: &Opts, rows: &mut Vec<Row>) {
+    let wanted: Vec<&str> = ["drain", "lag", "conflict"]
+        .into_iter()
+        .filter(|s| opts.has(s))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    progress(format!(
+        "{} (synchronous_commit {}): two nodes",
+        system.name(),
+        sync_name(sync)
+    ));
+    let mut dep = match Deployment::start(system, 2, sync, opts.rows, opts).await {
+        Ok(d) => d,
+        Err(e) => {
+            rows.push(Row::note(system, sync, "setup", format!("failed: {e:#}")));
+            return;
+        }
+    };
+    for scenario in wanted {
+        let label = match scenario {
+            "drain" => "1 drain",
+            "lag" => "2 lag",
+            _ => "3 conflicts",
+        };
+        if let Some(why) = scenarios::unsupported(system, scenario) {
+            rows.push(Row::note(system, sync, label, why.into()));
+            continue;
+        }
+        progress(format!("{} {}: {scenario}", system.name(), sync_name(sync)));
+        let started = Instant::now();
+        let result = match scenario {
+            "drain" => scenarios::drain(&mut dep, opts).await,
+            "lag" => scenarios::lag(&dep, opts).await,
+            _ => scenarios::conflicts(&dep, opts).await,
+        };
+        match result {
+            Ok(r) => {
+                for row in &r {
+                    progress(format!("  {}: {}", row.figure, row.shown));
+                }
+                rows.extend(r);
+            }
+            Err(e) => rows.push(Row::note(system, sync, label, format!("failed: {e:#}"))),
+        }
+        progress(format!("  ({:.1?})", started.elapsed()));
+    }
+    dep.stop().await;
+}
+
+async fn run_mesh(system: System, sync: bool, opts: &Opts, rows: &mut Vec<Row>) {
+    if let Some(why) = scenarios::unsupported(system, "mesh") {
+        rows.push(Row::note(system, sync, "4 mesh 3 nodes", why.into()));
+        return;
+    }
+    progress(format!(
+        "{} (synchronous_commit {}): three nodes",
+        system.name(),
+        sync_name(sync)
+    ));
+    let started = Instant::now();
+    let result = match Deployment::start(system, 3, sync, opts.rows, opts).await {
+        Ok(dep) => {
+            let r = scenarios::mesh(&dep, opts).await;
+            dep.stop().await;
+            r
+        }
+        Err(e) => Err(e.context("setup")),
+    };
+    match result {
+        Ok(r) => {
+            for row in &r {
+                progress(format!("  {}: {}", row.figure, row.shown));
+            }
+            rows.extend(r);
+        }
+        Err(e) => rows.push(Row::note(system, sync, "4 mesh 3 nodes", format!("failed: {e:#}"))),
+    }
+    progress(format!("  ({:.1?})", started.elapsed()));
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .try_init();
+    let opts = match Opts::from_env() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::exit(2);
+        }
+    };
+    progress(format!(
+        "rows {}, drain {}, lag load {}, conflict {}/node, mesh {}/node, sim seeds {}, fsync {}, net {}",
+        opts.rows,
+        opts.drain,
+        opts.lag_tx,
+        opts.conflict_tx,
+        opts.mesh_tx,
+        opts.sim_seeds,
+        if opts.fsync { "on" } else { "off" },
+        if opts.quic { "quic" } else { "memory" },
+    ));
+    let started = Instant::now();
+    let pglogical_missing = if opts.systems.contains(&System::Pglogical) {
+        deploy::pglogical_missing()
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for &sync in &opts.syncs {
+        for &system in &opts.systems {
+            if let (System::Pglogical, Some(why)) = (system, &pglogical_missing) {
+                rows.push(Row::note(system, sync, "all", why.clone()));
+                continue;
+            }
+            run_pair(system, sync, &opts, &mut rows).await;
+        }
+    }
+    if opts.has("mesh") {
+        for &sync in &opts.syncs {
+            for &system in &opts.systems {
+                if system == System::Pglogical && pglogical_missing.is_some() {
+                    continue;
+                }
+                run_mesh(system, sync, &opts, &mut rows).await;
+            }
+        }
+    }
+    if opts.has("micro") {
+        progress("engine and simulator".into());
+        match tokio::task::spawn_blocking({
+            let seeds = opts.sim_seeds;
+            move || micro::run(seeds)
+        })
+        .await
+        {
+            Ok(Ok(r)) => rows.extend(r),
+            Ok(Err(e)) => rows.push(Row::note(System::Accord, false, "5 micro", format!("failed: {e:#}"))),
+            Err(e) => rows.push(Row::note(System::Accord, false, "5 micro", format!("panicked: {e}"))),
+        }
+    }
+    progress(format!("done in {:.1?}", started.elapsed()));
+    print_table(&rows);
 }
