@@ -2,7 +2,6 @@
 
 mod support;
 
-
 use support::cli::accord;
 use support::nodes::SHOP;
 use support::pg::PgCluster;
