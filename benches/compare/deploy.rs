@@ -127,7 +127,7 @@ impl Deployment {
             if system == System::Pglogical {
                 settings.push("ALTER SYSTEM SET shared_preload_libraries = 'pglogical'".into());
                 settings.push("ALTER SYSTEM SET max_worker_processes = 16".into());
-                // pglogical's apply workers take the server's setting.
+                // (and pglogical.synchronous_commit below, which its apply workers use).
                 settings.push(format!(
                     "ALTER SYSTEM SET synchronous_commit = {}",
                     if sync_on { "on" } else { "off" }
@@ -145,6 +145,14 @@ impl Deployment {
                     .batch_execute("ALTER SYSTEM SET pglogical.conflict_resolution = 'last_update_wins'")
                     .await
                     .context("setting pglogical.conflict_resolution")?;
+                // pglogical's apply workers set their synchronous_commit from this (off by default).
+                admin
+                    .batch_execute(&format!(
+                        "ALTER SYSTEM SET pglogical.synchronous_commit = {}",
+                        if sync_on { "on" } else { "off" }
+                    ))
+                    .await
+                    .context("setting pglogical.synchronous_commit")?;
                 admin.batch_execute("SELECT pg_reload_conf()").await?;
             } else {
                 admin_reload(cluster).await?;
