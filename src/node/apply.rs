@@ -186,7 +186,24 @@ impl Applier {
         self.capture.clone()
     }
 
-    /// The last of the peer's changes durably applied here.
+    /// The last of the peer's changes whose apply is on disk. With `synchronous_commit` off a
+    /// committed batch may still be lost in a crash of the server (its origin position with it),
+    /// so peers must only be told, and prune their logs by, what this returns: it flushes the WAL
+    /// up to this origin's last commit first.
+    pub async fn durable(&mut self) -> Result<u64> {
+        if self.synchronous_commit {
+            return Ok(self.applied);
+        }
+        let position: Option<PgLsn> = self
+            .db
+            .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
+            .await
+            .context("cannot read the durable applied position")?
+            .get(0);
+        Ok(position.map(u64::from).unwrap_or(0).min(self.applied))
+    }
+
+    /// The last of the peer's changes applied here (committed; see `durable`).
     pub fn applied(&self) -> u64 {
         self.applied
     }

@@ -156,7 +156,13 @@ struct Applied {
     result: Result<(u64, ApplySummary)>,
     /// The commit stamp of the batch's last change.
     last_stamp: Option<Hlc>,
+    /// How far the peer's changes are applied on disk (see `Applier::durable`).
+    durable: u64,
 }
+
+/// With `synchronous_commit` off, how often a busy applier flushes to learn its durable position
+/// (an idle one does after every batch).
+const DURABLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Starts a node. `network` is given the node's identity (what peers are checked against) and the
 /// source of its hellos, and returns the node's network port.
@@ -317,6 +323,7 @@ where
         last_slow: None,
         capture_error,
         processed_lsn: capture_rx.borrow().processed_lsn,
+        durable: BTreeMap::new(),
     };
     let task = tokio::spawn(
         looped
@@ -339,6 +346,8 @@ async fn apply_worker(
     done: mpsc::Sender<Applied>,
 ) {
     let peer = applier.peer();
+    let mut durable = applier.applied();
+    let mut flushed = Instant::now();
     while let Some(batch) = batches.recv().await {
         loop {
             let span = tracing::debug_span!(
@@ -350,10 +359,18 @@ async fn apply_worker(
             let result = applier.apply(&batch).instrument(span).await;
             match result {
                 Ok(ok) => {
+                    if batches.is_empty() || flushed.elapsed() >= DURABLE_EVERY {
+                        match applier.durable().await {
+                            Ok(position) => durable = durable.max(position),
+                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
+                        }
+                        flushed = Instant::now();
+                    }
                     let applied = Applied {
                         peer,
                         result: Ok(ok),
                         last_stamp: batch.last().map(|c| c.stamp),
+                        durable,
                     };
                     if done.send(applied).await.is_err() {
                         return;
@@ -410,6 +427,8 @@ struct Loop {
     last_slow: Option<Instant>,
     capture_error: CaptureError,
     processed_lsn: u64,
+    /// Per peer, how far its changes are applied on disk: what acknowledgements say.
+    durable: BTreeMap<NodeId, u64>,
 }
 
 /// Status figures that take a query or a time window, refreshed about once a second.
@@ -515,7 +534,10 @@ impl Loop {
                     Ok([]) => {
                         // A resend of what was applied already: say again how far we got, or
                         // the sender's acknowledged position stays behind.
-                        let applied = self.replication.progress(peer)?.applied;
+                        let applied = match self.durable.get(&peer) {
+                            Some(&durable) => durable,
+                            None => self.replication.progress(peer)?.applied,
+                        };
                         self.pending_acks.insert(peer, Message::Ack { applied });
                     }
                     Ok(fresh) => self.pending_apply.entry(peer).or_default().push_back(fresh.to_vec()),
@@ -541,19 +563,23 @@ impl Loop {
     async fn on_applied(&mut self, done: Applied) -> Result<()> {
         let peer = done.peer;
         let (upto, summary) = done.result?;
+        // Peers resume from, acknowledge and prune by the durable position only.
+        let durable = done.durable.min(upto);
+        self.durable.insert(peer, durable);
         if let Some(stamp) = done.last_stamp {
             self.stats.entry(peer).or_default().last_applied_micros = Some(stamp.physical);
         }
         self.applied_positions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, upto);
+            .insert(peer, durable);
         let stats = self.stats.entry(peer).or_default();
         stats.applied_changes += summary.applied;
         stats.parked += summary.parked;
         stats.conflicts.add(&summary.conflicts);
         stats.capture_waits += summary.waits;
-        let ack = self.replication.applied(peer, upto)?;
+        self.replication.applied(peer, upto)?;
+        let ack = Message::Ack { applied: durable };
         if self.replication.is_connected(peer) {
             // Acknowledgements are cumulative: only the latest one needs to go out.
             self.pending_acks.insert(peer, ack);
