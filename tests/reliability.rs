@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::cli::{accord, free_tcp_port};
-use support::nodes::{free_udp_port, snapshot};
+use support::nodes::{free_udp_port, snapshot, SHOP};
 use support::pg::{PgCluster, StopMode};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
@@ -38,20 +38,9 @@ use tokio::task::JoinHandle;
 /// at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const SCHEMA: &str = "
-CREATE SCHEMA shop;
-CREATE TABLE shop.products (
-    id bigint PRIMARY KEY,
-    name text NOT NULL,
-    stock bigint NOT NULL DEFAULT 0,
-    balance numeric(20,4) NOT NULL DEFAULT 0,
-    price numeric(10,2)
-);
-COMMENT ON TABLE  shop.products         IS 'Catalogue. @accord replicate';
-COMMENT ON COLUMN shop.products.stock   IS '@accord delta';
-COMMENT ON COLUMN shop.products.balance IS '@accord delta';
-COMMENT ON COLUMN shop.products.price   IS 'Price. @accord review';
--- Not replicated: what this node's writers committed, for the exact expected sums.
+/// Beside the test schema (`SHOP`). Not replicated: what this node's writers committed, for the
+/// exact expected sums.
+const LEDGER: &str = "
 CREATE SCHEMA local;
 CREATE TABLE local.ledger (
     id bigserial PRIMARY KEY,
@@ -353,7 +342,8 @@ impl Cluster {
         for (i, cluster) in pg.iter().enumerate() {
             let id = i as u32 + 1;
             let db = cluster.create_database("shop").await;
-            db.batch_execute(SCHEMA).await.unwrap();
+            db.batch_execute(SHOP).await.unwrap();
+            db.batch_execute(LEDGER).await.unwrap();
             let dsn = cluster.dsn("shop");
             let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &id.to_string()]);
             assert!(ok, "accord init of node {id}: {out}");

@@ -152,18 +152,7 @@ pub async fn insert_row(
 ) -> Result<String, RowError> {
     let mut params = key_params(table, key)?;
     params.extend(values.iter().map(Value::to_pg_text));
-    let names: Vec<String> = table
-        .key
-        .iter()
-        .map(|k| quote_ident(&k.name))
-        .chain(table.columns.iter().map(|c| quote_ident(&c.name)))
-        .collect();
-    let types: Vec<&ColumnType> = table
-        .key
-        .iter()
-        .map(|k| &k.ty)
-        .chain(table.columns.iter().map(|c| &c.ty))
-        .collect();
+    let (names, types) = key_and_columns(table);
     let placeholders: Vec<String> = types.iter().enumerate().map(|(i, ty)| param(i + 1, ty)).collect();
     let sql = format!(
         "INSERT INTO {} ({}) VALUES ({}) RETURNING xmin::text",
@@ -329,22 +318,19 @@ pub fn update_rows_sql(table: &TableDef, columns: &[usize]) -> String {
     )
 }
 
+/// The quoted names and the types of a table's key columns, then its other columns: the order
+/// insert statements list them in.
+fn key_and_columns(table: &TableDef) -> (Vec<String>, Vec<&ColumnType>) {
+    let key = table.key.iter().map(|k| (quote_ident(&k.name), &k.ty));
+    let columns = table.columns.iter().map(|c| (quote_ident(&c.name), &c.ty));
+    key.chain(columns).unzip()
+}
+
 /// Inserts many rows. Parameters: ords, one text array per key column, one per column. Returns
 /// `ord, xmin` of every row inserted.
 pub fn insert_rows_sql(table: &TableDef) -> String {
     let keys = table.key.len();
-    let names: Vec<String> = table
-        .key
-        .iter()
-        .map(|k| quote_ident(&k.name))
-        .chain(table.columns.iter().map(|c| quote_ident(&c.name)))
-        .collect();
-    let types: Vec<&ColumnType> = table
-        .key
-        .iter()
-        .map(|k| &k.ty)
-        .chain(table.columns.iter().map(|c| &c.ty))
-        .collect();
+    let (names, types) = key_and_columns(table);
     let values: Vec<String> = types
         .iter()
         .enumerate()
