@@ -7,8 +7,9 @@
 //!
 //! A local write that committed but has not been captured yet must not be overwritten unseen
 //! (PRODUCT.md invariant 8). Every row is locked and its `xmin` compared with the `known_xmin` the
-//! capture or a merge recorded; when they differ, the batch is rolled back (releasing its locks,
-//! so the capture is never blocked by it), and retried once the capture caught up.
+//! capture or a merge recorded; when they differ, the batch writes a probe into the WAL and waits,
+//! holding the rows' locks but not their metadata's (the capture may need to write it), until the
+//! capture has read past the probe. Then every version it saw is accounted for.
 //!
 //! A batch is written many rows at a time: all its rows are locked (in key order) and their
 //! metadata read in one round trip, the changes merged in memory in order (several changes of
@@ -83,6 +84,9 @@ impl ConflictCounts {
 
 pub struct Applier {
     db: Client,
+    /// A second session, without the origin, that flushes the WAL after a probe while `db` holds
+    /// its batch's row locks.
+    flusher: Client,
     capture: watch::Receiver<CaptureProgress>,
     peer: NodeId,
     policy: Arc<SchemaPolicy>,
@@ -119,6 +123,7 @@ type Settled = BTreeMap<(String, String), String>;
 impl Applier {
     pub async fn connect(
         db: Client,
+        flusher: Client,
         capture: watch::Receiver<CaptureProgress>,
         peer: NodeId,
         policy: Arc<SchemaPolicy>,
@@ -161,6 +166,7 @@ impl Applier {
             .get(0);
         Ok(Applier {
             db,
+            flusher,
             capture,
             peer,
             policy,
@@ -242,7 +248,13 @@ impl Applier {
             }
             match self.try_apply(&fresh, last, probed, &settled).await? {
                 Ok(mut summary) => {
-                    summary.waits = waits;
+                    summary.waits += waits;
+                    tracing::debug!(
+                        changes = fresh.len(),
+                        waits = summary.waits,
+                        millis = started.elapsed().as_millis() as u64,
+                        "batch applied"
+                    );
                     self.applied = last;
                     return Ok((last, summary));
                 }
@@ -254,28 +266,15 @@ impl Applier {
                 }
                 Err(Retry::Probe { lsn, suspects }) => {
                     waits += 1;
-                    // The probe is a non-transactional message: in WAL, but not flushed, and the
-                    // walsender sends only flushed WAL. On a quiet database it could wait for
-                    // seconds until something else flushes. A transaction with an xid, committed
-                    // synchronously, flushes everything before its commit record.
-                    //
                     // The rolled-back batch set this session's origin position, and a ROLLBACK
-                    // keeps it: committed as is, this transaction would record the batch as
-                    // applied with none of it written (the reliability tests lost rows that way).
-                    // Reset it first.
+                    // keeps it: committed by a later transaction of this session, it would record
+                    // the batch as applied with none of it written (the reliability tests lost
+                    // rows that way). Reset it first.
                     self.db
-                        .batch_execute(
-                            "BEGIN; SELECT pg_replication_origin_xact_reset(); SET LOCAL synchronous_commit = on; \
-                             SELECT txid_current(); COMMIT",
-                        )
+                        .batch_execute("SELECT pg_replication_origin_xact_reset()")
                         .await
-                        .context("cannot flush the WAL after a probe")?;
-                    let reached =
-                        tokio::time::timeout(CAPTURE_WAIT_LIMIT, self.capture.wait_for(|p| p.processed_lsn >= lsn))
-                            .await;
-                    if !matches!(reached, Ok(Ok(_))) {
-                        bail!("the capture did not read past WAL position {lsn} (is it running?)");
-                    }
+                        .context("cannot reset the origin position of a rolled-back batch")?;
+                    wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
                     probed = true;
                     settled.extend(suspects);
                 }
@@ -293,6 +292,13 @@ impl Applier {
         let policy = Arc::clone(&self.policy);
         let synchronous_commit = self.synchronous_commit;
         let statements = &mut self.statements;
+        let mut guard = Guard {
+            flusher: &self.flusher,
+            capture: &mut self.capture,
+            probed,
+            settled: settled.clone(),
+            waits: 0,
+        };
         let mut tx = self.db.transaction().await?;
         let setup = Setup {
             synchronous_commit,
@@ -329,9 +335,10 @@ impl Applier {
                 continue;
             }
             let setup = first.then_some(setup);
-            let probed = probed || !first;
+            // Later parts need no guard (above).
+            let guard = first.then_some(&mut guard);
             first = false;
-            match batched(&tx, statements, &policy, part, setup, probed, settled).await? {
+            match batched(&tx, statements, &policy, part, setup, guard).await? {
                 Batched::Done(done) => summary.add(done),
                 Batched::Retry(retry) => return Ok(Err(retry)),
                 Batched::Split => {
@@ -342,8 +349,48 @@ impl Applier {
             }
         }
         tx.commit().await?;
+        summary.waits += guard.waits;
         Ok(Ok(summary))
     }
+}
+
+/// How many times one batch transaction probes while holding its row locks before it gives up,
+/// rolls back and starts over. Each further round is caused by a row that appeared (a local
+/// insert) after the previous probe.
+const GUARD_ROUNDS: u64 = 4;
+
+/// The xmin guard of a batch's first part: what it needs to wait for the capture inside the
+/// batch's transaction.
+struct Guard<'a> {
+    flusher: &'a Client,
+    capture: &'a mut watch::Receiver<CaptureProgress>,
+    /// Whether the capture has read past a probe written after the rows were first read.
+    probed: bool,
+    settled: Settled,
+    waits: u64,
+}
+
+/// Waits until the capture has read past the probe at `lsn`. The probe is a non-transactional
+/// message: in WAL, but not flushed, and the walsender sends only flushed WAL, so on a quiet
+/// database it could wait for seconds until something else flushes. A transaction with an xid,
+/// committed synchronously on another session, flushes everything before its commit record.
+async fn wait_for_capture(flusher: &Client, capture: &mut watch::Receiver<CaptureProgress>, lsn: u64) -> Result<()> {
+    let flush = async {
+        flusher
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+            .await
+            .context("cannot flush the WAL after a probe")
+    };
+    let reached = async {
+        match tokio::time::timeout(CAPTURE_WAIT_LIMIT, capture.wait_for(|p| p.processed_lsn >= lsn)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(anyhow::anyhow!(
+                "the capture did not read past WAL position {lsn} within {CAPTURE_WAIT_LIMIT:?} (is it running?)"
+            )),
+        }
+    };
+    tokio::try_join!(flush, reached)?;
+    Ok(())
 }
 
 /// Tells the capture what a merge transaction merged (the greatest stamp), so that local writes
@@ -470,16 +517,15 @@ fn key_arrays(slots: &[Slot<'_>], which: &[usize], width: usize) -> Params {
 /// at once, the merges done in memory in order, each row written once. `Split` when a statement
 /// fails (a constraint refused a row: smaller parts find it, and the change-by-change path parks
 /// exactly that change) or when a row's merges do not fold into one write. `setup` is given to
-/// the transaction's first part; `probed`: the capture has read past a probe written after the
-/// previous attempt found a row missing.
+/// the transaction's first part, and `guard` too: it checks every row (see [`check_rows`]) and
+/// waits for the capture when it must.
 async fn batched<'a>(
     tx: &Transaction<'_>,
     statements: &mut Statements,
     policy: &'a SchemaPolicy,
     changes: &[&'a RowChange],
     setup: Option<Setup>,
-    probed: bool,
-    settled: &Settled,
+    guard: Option<&mut Guard<'_>>,
 ) -> Result<Batched> {
     // The distinct rows, and tables in name order: every applier locks tables in the same order.
     let mut slots: Vec<Slot<'a>> = Vec::new();
@@ -536,89 +582,85 @@ async fn batched<'a>(
         Box::new(slots.iter().map(|s| s.table.name.clone()).collect::<Vec<_>>()),
         Box::new(slots.iter().map(|s| s.key_text.clone()).collect::<Vec<_>>()),
     ];
-    let mut queries = Vec::new();
-    if let Some(setup) = setup {
-        if !setup.synchronous_commit {
-            queries.push(pipeline::command(tx, "SET LOCAL synchronous_commit = off"));
+    let mut guard = guard;
+    let mut rounds = 0;
+    loop {
+        let mut queries = Vec::new();
+        if let (Some(setup), 0) = (setup, rounds) {
+            if !setup.synchronous_commit {
+                queries.push(pipeline::command(tx, "SET LOCAL synchronous_commit = off"));
+            }
+            // The batch's position is committed with its changes (exactly once).
+            queries.push(pipeline::query(tx, &origin, &origin_params));
         }
-        // The batch's position is committed with its changes (exactly once).
-        queries.push(pipeline::query(tx, &origin, &origin_params));
-    }
-    let first_lock = queries.len();
-    for (statement, params) in &locks {
-        queries.push(pipeline::query(tx, statement, params));
-    }
-    queries.push(pipeline::query(tx, &load, &load_params));
-    let results = pipeline::run_all(queries).await?;
-    let locked = results.get(first_lock..first_lock + tables.len()).unwrap_or_default();
-    let metas = results.last().map(Vec::as_slice).unwrap_or_default();
-    for (rows, (table, _)) in locked.iter().zip(tables.values()) {
-        for row in rows {
-            let ord: i32 = row.try_get(0)?;
-            let slot = usize::try_from(ord)
-                .ok()
-                .and_then(|i| slots.get_mut(i))
-                .with_context(|| format!("{}: a locked row came back with an unknown ord {ord}", table.name))?;
-            slot.row = Some(locked_row(table, row)?);
+        let first_lock = queries.len();
+        for (statement, params) in &locks {
+            queries.push(pipeline::query(tx, statement, params));
         }
-    }
-    for (ord, meta, known) in store::loaded_metas(metas)? {
-        let slot = slots
-            .get_mut(ord)
-            .with_context(|| format!("row metadata came back with an unknown ord {ord}"))?;
-        slot.meta = Some((meta, known));
-    }
+        if guard.is_some() {
+            // Rolling back to it releases the metadata locks but keeps the rows': the capture
+            // may need to write metadata while this transaction waits for it.
+            queries.push(pipeline::command(tx, "SAVEPOINT accord_guard"));
+        }
+        queries.push(pipeline::query(tx, &load, &load_params));
+        let results = pipeline::run_all(queries).await?;
+        let locked = results.get(first_lock..first_lock + tables.len()).unwrap_or_default();
+        let metas = results.last().map(Vec::as_slice).unwrap_or_default();
+        for slot in &mut slots {
+            slot.row = None;
+            slot.meta = None;
+        }
+        for (rows, (table, _)) in locked.iter().zip(tables.values()) {
+            for row in rows {
+                let ord: i32 = row.try_get(0)?;
+                let slot = usize::try_from(ord)
+                    .ok()
+                    .and_then(|i| slots.get_mut(i))
+                    .with_context(|| format!("{}: a locked row came back with an unknown ord {ord}", table.name))?;
+                slot.row = Some(locked_row(table, row)?);
+            }
+        }
+        for (ord, meta, known) in store::loaded_metas(metas)? {
+            let slot = slots
+                .get_mut(ord)
+                .with_context(|| format!("row metadata came back with an unknown ord {ord}"))?;
+            slot.meta = Some((meta, known));
+        }
 
-    // The xmin guard (invariant 8), for every row before anything is merged.
-    let mut missing = false;
-    let mut suspects = Vec::new();
-    for slot in &mut slots {
-        let settled_xmin = settled.get(&(slot.table.name.clone(), slot.key_text.clone()));
-        slot.state = match (&slot.row, &mut slot.meta) {
-            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(xmin) => {
-                Some(RowState {
-                    meta: meta.clone(),
-                    values: values.clone(),
-                })
-            }
-            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && settled_xmin == Some(xmin) => {
-                *known = Some(xmin.clone());
-                Some(RowState {
-                    meta: meta.clone(),
-                    values: values.clone(),
-                })
-            }
-            (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
-                meta: meta.clone(),
-                values: Vec::new(),
-            }),
-            (None, None) if probed => None,
-            (None, _) if !probed => {
-                missing = true;
-                None
-            }
-            (Some((xmin, _)), meta) => {
-                tracing::debug!(
-                    table = %slot.table.name,
-                    key = slot.key_text,
-                    xmin,
-                    known = meta.as_ref().and_then(|m| m.1.as_deref()),
-                    "a local write is not accounted for yet; waiting for the capture"
-                );
-                suspects.push(((slot.table.name.clone(), slot.key_text.clone()), xmin.clone()));
-                None
-            }
-            (None, _) => {
-                tracing::debug!(table = %slot.table.name, key = slot.key_text, "a local delete is not captured yet; waiting");
-                return Ok(Batched::Retry(Retry::CaptureBehind));
-            }
+        // The xmin guard (invariant 8), for every row before anything is merged. Later parts of
+        // a batch have no guard: their rows were checked, and stay locked, since the first part.
+        let (probed, settled) = match &guard {
+            Some(guard) => (guard.probed, Some(&guard.settled)),
+            None => (true, None),
         };
-    }
-    if missing || !suspects.is_empty() {
+        let suspects = match check_rows(&mut slots, probed, settled) {
+            Ok(()) => break,
+            Err(GuardFinding::CaptureBehind) => return Ok(Batched::Retry(Retry::CaptureBehind)),
+            Err(GuardFinding::Unaccounted(suspects)) => suspects,
+        };
         // The probe is written after every row above was read: whatever version was seen is
         // committed before it.
+        let Some(guard) = guard.as_deref_mut().filter(|_| rounds < GUARD_ROUNDS) else {
+            let lsn = probe(tx).await?;
+            return Ok(Batched::Retry(Retry::Probe { lsn, suspects }));
+        };
+        // Wait with the rows locked: no local write can change them meanwhile, so once the
+        // capture has read past the probe, every row seen is accounted for, and this batch goes
+        // on instead of starting over behind the next local write (hot rows starved that way).
+        tx.batch_execute("ROLLBACK TO SAVEPOINT accord_guard").await?;
         let lsn = probe(tx).await?;
-        return Ok(Batched::Retry(Retry::Probe { lsn, suspects }));
+        let waiting = tokio::time::Instant::now();
+        wait_for_capture(guard.flusher, guard.capture, lsn).await?;
+        tracing::debug!(
+            suspects = suspects.len(),
+            round = rounds,
+            millis = waiting.elapsed().as_millis() as u64,
+            "waited for the capture with the rows locked"
+        );
+        guard.waits += 1;
+        guard.probed = true;
+        guard.settled.extend(suspects);
+        rounds += 1;
     }
 
     // Merge in order, each change against the state the earlier ones left.
@@ -884,6 +926,71 @@ fn deferred_error(missing: &[String]) -> String {
          until the row's origin sends them",
         missing.join(", ")
     )
+}
+
+/// Why rows of a batch cannot be merged yet.
+enum GuardFinding {
+    /// A row's metadata says it is alive but the row is gone, after a probe: a local delete not
+    /// captured yet.
+    CaptureBehind,
+    /// The capture must read past a probe first. Either a row is missing here (a local insert and
+    /// delete of its key may both still be on their way through the capture, and the row cannot
+    /// be locked to tell), or rows' xmins differ from what accord knows (these suspects).
+    Unaccounted(Vec<Suspect>),
+}
+
+/// The xmin guard (invariant 8), for every row of a batch before anything is merged: sets each
+/// slot's state when the row is accounted for. `probed`: the capture has read past a probe
+/// written after the rows were first read; `settled`: xmins seen before that probe.
+fn check_rows(slots: &mut [Slot<'_>], probed: bool, settled: Option<&Settled>) -> Result<(), GuardFinding> {
+    let mut missing = false;
+    let mut suspects = Vec::new();
+    for slot in slots {
+        let settled_xmin = settled.and_then(|s| s.get(&(slot.table.name.clone(), slot.key_text.clone())));
+        slot.state = match (&slot.row, &mut slot.meta) {
+            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(xmin) => {
+                Some(RowState {
+                    meta: meta.clone(),
+                    values: values.clone(),
+                })
+            }
+            (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && settled_xmin == Some(xmin) => {
+                *known = Some(xmin.clone());
+                Some(RowState {
+                    meta: meta.clone(),
+                    values: values.clone(),
+                })
+            }
+            (None, Some((meta, _))) if !meta.is_alive() && probed => Some(RowState {
+                meta: meta.clone(),
+                values: Vec::new(),
+            }),
+            (None, None) if probed => None,
+            (None, _) if !probed => {
+                missing = true;
+                None
+            }
+            (Some((xmin, _)), meta) => {
+                tracing::debug!(
+                    table = %slot.table.name,
+                    key = slot.key_text,
+                    xmin,
+                    known = meta.as_ref().and_then(|m| m.1.as_deref()),
+                    "a local write is not accounted for yet; waiting for the capture"
+                );
+                suspects.push(((slot.table.name.clone(), slot.key_text.clone()), xmin.clone()));
+                None
+            }
+            (None, _) => {
+                tracing::debug!(table = %slot.table.name, key = slot.key_text, "a local delete is not captured yet; waiting");
+                return Err(GuardFinding::CaptureBehind);
+            }
+        };
+    }
+    if missing || !suspects.is_empty() {
+        return Err(GuardFinding::Unaccounted(suspects));
+    }
+    Ok(())
 }
 
 /// Writes a probe: a non-transactional message whose WAL position the capture reports once it

@@ -233,6 +233,7 @@ where
     for &peer in &config.peers {
         let applier = Applier::connect(
             connect(&config.dsn).await?,
+            connect(&config.dsn).await?,
             capture_rx.clone(),
             peer,
             Arc::clone(&policy),
@@ -345,58 +346,101 @@ async fn apply_worker(
     mut batches: mpsc::Receiver<Vec<RowChange>>,
     done: mpsc::Sender<Applied>,
 ) {
-    let peer = applier.peer();
     let mut durable = applier.applied();
     let mut flushed = Instant::now();
-    while let Some(batch) = batches.recv().await {
-        loop {
-            let span = tracing::debug_span!(
-                "batch",
-                first = batch.first().map(|c| c.seq),
-                last = batch.last().map(|c| c.seq),
-                changes = batch.len()
-            );
-            let result = applier.apply(&batch).instrument(span).await;
-            match result {
-                Ok(ok) => {
-                    if batches.is_empty() || flushed.elapsed() >= DURABLE_EVERY {
-                        match applier.durable().await {
-                            Ok(position) => durable = durable.max(position),
-                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
-                        }
-                        flushed = Instant::now();
-                    }
-                    let applied = Applied {
-                        peer,
-                        result: Ok(ok),
-                        last_stamp: batch.last().map(|c| c.stamp),
-                        durable,
-                    };
-                    if done.send(applied).await.is_err() {
-                        return;
-                    }
-                    break;
+    while let Some(mut batch) = batches.recv().await {
+        // What queued up behind it goes into the same transaction: a node that fell behind
+        // catches up in large batches, paying the per-batch costs (a commit, a wait for the
+        // capture) once per batch rather than once per small message.
+        while let Ok(next) = batches.try_recv() {
+            if let Err(next) = join_batches(&mut batch, next) {
+                if !apply_batch(&mut applier, &dsn, &batch, true, &mut durable, &mut flushed, &done).await {
+                    return;
                 }
-                Err(error) => {
-                    tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    // The connection may be what failed: start over on a new one.
-                    match async {
-                        Applier::connect(
-                            connect(&dsn).await?,
-                            applier.capture(),
-                            peer,
-                            applier.policy(),
-                            applier.synchronous_commit(),
-                        )
-                        .await
+                batch = next;
+            }
+        }
+        let more = !batches.is_empty();
+        if !apply_batch(&mut applier, &dsn, &batch, more, &mut durable, &mut flushed, &done).await {
+            return;
+        }
+    }
+}
+
+/// Most changes one apply transaction takes from queued batches.
+const MAX_JOINED_BATCH: usize = 2_000;
+
+/// Appends `next` to `batch` when it continues it and the two fit in one apply transaction;
+/// otherwise hands `next` back.
+fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result::Result<(), Vec<RowChange>> {
+    let continues = match (batch.last(), next.first()) {
+        (Some(last), Some(first)) => first.seq == last.seq + 1,
+        _ => true,
+    };
+    if !continues || batch.len() + next.len() > MAX_JOINED_BATCH {
+        return Err(next);
+    }
+    batch.extend(next);
+    Ok(())
+}
+
+/// Applies one batch, retrying (on a new connection when needed) until it is applied, and
+/// reports it. `more`: further batches are queued (a busy applier learns its durable position
+/// only every `DURABLE_EVERY`). `false` when the node is stopping.
+async fn apply_batch(
+    applier: &mut Applier,
+    dsn: &str,
+    batch: &[RowChange],
+    more: bool,
+    durable: &mut u64,
+    flushed: &mut Instant,
+    done: &mpsc::Sender<Applied>,
+) -> bool {
+    let peer = applier.peer();
+    loop {
+        let span = tracing::debug_span!(
+            "batch",
+            first = batch.first().map(|c| c.seq),
+            last = batch.last().map(|c| c.seq),
+            changes = batch.len()
+        );
+        match applier.apply(batch).instrument(span).await {
+            Ok(ok) => {
+                if !more || flushed.elapsed() >= DURABLE_EVERY {
+                    match applier.durable().await {
+                        Ok(position) => *durable = (*durable).max(position),
+                        Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
                     }
+                    *flushed = Instant::now();
+                }
+                let applied = Applied {
+                    peer,
+                    result: Ok(ok),
+                    last_stamp: batch.last().map(|c| c.stamp),
+                    durable: *durable,
+                };
+                return done.send(applied).await.is_ok();
+            }
+            Err(error) => {
+                tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                // The connection may be what failed: start over on a new one.
+                match async {
+                    Applier::connect(
+                        connect(dsn).await?,
+                        connect(dsn).await?,
+                        applier.capture(),
+                        peer,
+                        applier.policy(),
+                        applier.synchronous_commit(),
+                    )
                     .await
-                    {
-                        Ok(fresh) => applier = fresh,
-                        Err(error) => {
-                            tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier")
-                        }
+                }
+                .await
+                {
+                    Ok(fresh) => *applier = fresh,
+                    Err(error) => {
+                        tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier")
                     }
                 }
             }
@@ -540,7 +584,18 @@ impl Loop {
                         };
                         self.pending_acks.insert(peer, Message::Ack { applied });
                     }
-                    Ok(fresh) => self.pending_apply.entry(peer).or_default().push_back(fresh.to_vec()),
+                    Ok(fresh) => {
+                        let pending = self.pending_apply.entry(peer).or_default();
+                        let fresh = fresh.to_vec();
+                        match pending.back_mut() {
+                            Some(last) => {
+                                if let Err(fresh) = join_batches(last, fresh) {
+                                    pending.push_back(fresh);
+                                }
+                            }
+                            None => pending.push_back(fresh),
+                        }
+                    }
                     Err(error) => {
                         tracing::error!(%peer, %error, "refusing a batch; dropping the connection state");
                         self.links.remove(&peer);
@@ -811,5 +866,55 @@ impl Loop {
             *old = status;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use accord_engine::{ChangeKind, RowKey, RowState, Value};
+
+    use super::*;
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<RowChange> {
+        seqs.map(|seq| RowChange {
+            table: "s.t".into(),
+            key: RowKey(vec![Value::Int(seq as i64)]),
+            kind: ChangeKind::Delete,
+            origin: NodeId(2),
+            stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
+            seq,
+            row: RowState::absent(),
+            closures: Vec::new(),
+        })
+        .collect()
+    }
+
+    fn seqs(batch: &[RowChange]) -> Vec<u64> {
+        batch.iter().map(|c| c.seq).collect()
+    }
+
+    #[test]
+    fn queued_batches_join_only_when_they_continue_and_fit() {
+        let mut joined = batch(1..=3);
+        assert!(join_batches(&mut joined, batch(4..=5)).is_ok());
+        assert_eq!(seqs(&joined), [1, 2, 3, 4, 5]);
+
+        // A resend after a reconnect overlaps: applied on its own, where the applier skips
+        // what it applied already.
+        let back = join_batches(&mut joined, batch(5..=6)).expect_err("an overlapping batch stays apart");
+        assert_eq!(seqs(&back), [5, 6]);
+        assert!(join_batches(&mut joined, batch(7..=7)).is_err(), "a gap stays apart");
+
+        let mut big = batch(1..=MAX_JOINED_BATCH as u64 - 1);
+        assert!(join_batches(&mut big, batch(MAX_JOINED_BATCH as u64..=MAX_JOINED_BATCH as u64)).is_ok());
+        assert!(
+            join_batches(
+                &mut big,
+                batch(MAX_JOINED_BATCH as u64 + 1..=MAX_JOINED_BATCH as u64 + 1)
+            )
+            .is_err(),
+            "a full batch takes no more"
+        );
+        assert_eq!(big.len(), MAX_JOINED_BATCH);
     }
 }
