@@ -428,4 +428,28 @@ async fn main() {
     }
     progress(format!("done in {:.1?}", started.elapsed()));
     print_table(&rows);
+    let wrong = correctness_failures(&rows);
+    if !wrong.is_empty() {
+        eprintln!("\naccord got something wrong (a bench that loses data must not pass):");
+        for row in wrong {
+            eprintln!("  {} | {} | {} | {}", row.sync, row.scenario, row.figure, row.shown);
+        }
+        std::process::exit(1);
+    }
+}
+
+/// accord's rows that say it lost or diverged, or that a scenario failed to run. Speed goals
+/// missed are reported in the table, not here: figures on a noisy machine vary, data loss
+/// does not.
+fn correctness_failures(rows: &[Row]) -> Vec<&Row> {
+    rows.iter()
+        .filter(|row| row.system == "accord")
+        .filter(|row| {
+            let lost = row.figure == "lost increments" && row.value != Some(0.0);
+            let differing = row.figure == "rows differing" && row.shown != "0";
+            let diverged = matches!(row.figure.as_str(), "B identical to A" | "nodes identical") && row.shown != "yes";
+            let failed = row.figure == "-" && (row.shown.starts_with("failed") || row.shown.starts_with("panicked"));
+            lost || differing || diverged || failed
+        })
+        .collect()
 }

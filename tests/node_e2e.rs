@@ -116,6 +116,51 @@ async fn merges_into_rows_written_in_subtransactions_go_through() {
     cluster.stop_all().await;
 }
 
+/// One source transaction far larger than a batch message: it crosses many messages and apply
+/// transactions, while the other node writes to the same rows. Nothing lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_huge_transaction_arrives_whole_beside_concurrent_writes() {
+    const ROWS: i64 = 20_000;
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute(&format!(
+        "INSERT INTO shop.products (id, name, stock, price) SELECT g, 'p' || g, 1, 1.00 FROM generate_series(1, {ROWS}) g"
+    ))
+    .await
+    .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(180)).await;
+    // One transaction updating every row on A, while B increments the first hundred rows one by one.
+    let increments = tokio::spawn(async move {
+        for id in 1..=100i64 {
+            b.execute("UPDATE shop.products SET stock = stock + 10 WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+        }
+    });
+    a.batch_execute("UPDATE shop.products SET stock = stock + 2, name = name || '!'")
+        .await
+        .unwrap();
+    increments.await.unwrap();
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(300)).await;
+    let expected = ROWS * (1 + 2) + 100 * 10;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        assert_eq!(sum_stock(&db).await, expected, "node {node}");
+        let renamed: i64 = db
+            .query_one("SELECT count(*) FROM shop.products WHERE name LIKE '%!'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            renamed,
+            ROWS,
+            "node {node}: every row took the big update\n{}",
+            &snapshot[..snapshot.len().min(500)]
+        );
+    }
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_converge_with_conflicts_of_every_kind() {
     let cluster = TestCluster::start(3, SHOP).await;

@@ -372,14 +372,22 @@ struct Guard<'a> {
 
 /// Waits until the capture has read past the probe at `lsn`. The probe is a non-transactional
 /// message: in WAL, but not flushed, and the walsender sends only flushed WAL, so on a quiet
-/// database it could wait for seconds until something else flushes. A transaction with an xid,
-/// committed synchronously on another session, flushes everything before its commit record.
+/// database it could wait for seconds until something else flushes. A transaction committed
+/// synchronously on another session flushes everything before its commit record, but only if it
+/// wrote WAL itself: PostgreSQL commits a transaction that merely took an xid asynchronously, and
+/// the probe then waited for the WAL writer's next round (up to `wal_writer_delay`, 200 ms). So it
+/// writes a transactional message, which the capture ignores.
 async fn wait_for_capture(flusher: &Client, capture: &mut watch::Receiver<CaptureProgress>, lsn: u64) -> Result<()> {
     let flush = async {
         flusher
-            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit = on; \
+                 SELECT pg_logical_emit_message(true, 'accord.flush', ''); COMMIT",
+            )
             .await
-            .context("cannot flush the WAL after a probe")
+            .context("cannot flush the WAL after a probe")?;
+        tracing::trace!(lsn, "flushed after a probe");
+        Ok::<(), anyhow::Error>(())
     };
     let reached = async {
         match tokio::time::timeout(CAPTURE_WAIT_LIMIT, capture.wait_for(|p| p.processed_lsn >= lsn)).await {

@@ -305,6 +305,7 @@ impl Capture {
                 }
                 ReplicationEvent::Message { prefix, lsn, .. } if prefix == PROBE_MESSAGE_PREFIX => {
                     // Dealt with once the transactions before it are written, with the group.
+                    tracing::trace!(lsn = lsn.as_u64(), "probe received");
                     group.started.get_or_insert_with(Instant::now);
                     group.processed_lsn = group.processed_lsn.max(lsn.as_u64());
                 }

@@ -1,5 +1,5 @@
-//! A peer that sends garbage or an oversized frame loses its connection, cleanly, and the node
-//! goes on serving its other peers.
+//! A peer that sends garbage, an oversized or truncated frame, or frames of a newer protocol gets
+//! a clear answer and loses its connection, cleanly, and the node goes on serving its other peers.
 
 mod support;
 
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use accord_engine::{Message, NodeId};
+use accord_engine::{Hlc, Message, NodeId, Refusal, PROTOCOL_VERSION};
 use accord_transport::certs::{node_dns_name, Ca};
 use accord_transport::{frame, tls, CloseCode};
 use support::*;
@@ -123,6 +123,120 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
         "{log}"
     );
     assert!(log.contains("rejected Some(NodeId(4)) handshake failed"), "{log}");
+}
+
+/// A message as a newer node might send it: a `Ping` with a field this version does not know.
+#[derive(serde::Serialize)]
+enum NewerMessage {
+    Ping { hlc: Hlc, head: u64, gossip: u64 },
+    Gossip { epoch: u64 },
+}
+
+fn newer_frame(message: &NewerMessage) -> Vec<u8> {
+    let payload = rmp_serde::to_vec_named(message).unwrap();
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend(payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_and_truncated_frames_get_clear_answers() {
+    init_tracing();
+    let n = backlog(20_000);
+    let ca = Ca::generate(1).unwrap();
+    let (good, newer, unknown_kind, extra_field, truncated, target) =
+        (NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(6), NodeId(9));
+    let hostile = [newer, unknown_kind, extra_field, truncated];
+    let lower: Vec<_> = [good].into_iter().chain(hostile).map(|p| (p, not_dialled())).collect();
+    let mut config9 = config(&ca, target, loopback(), &lower);
+    config9.max_frame = MAX_FRAME;
+    let state9 = NodeState::new(target, &[good, newer, unknown_kind, extra_field, truncated], n);
+    let log9 = state9.log.clone();
+    let node9 = Running::start(config9, state9);
+    let node1 = Running::start(
+        config(&ca, good, loopback(), &[(target, node9.addr)]),
+        NodeState::new(good, &[target], n),
+    );
+    let addr = (target, node9.addr);
+
+    // A hello of the next protocol version: refused, saying which versions.
+    let (_e2, conn2) = raw_connect(&ca, newer, addr).await;
+    let (mut send, mut recv) = conn2.open_bi().await.unwrap();
+    let mut theirs = hello(&identity(newer), 0);
+    theirs.version = PROTOCOL_VERSION + 1;
+    send.write_all(&frame::encode(&Message::Hello(theirs), HANDSHAKE_MAX).unwrap())
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    while let Ok(Some(message)) = frame::read(&mut recv, HANDSHAKE_MAX).await {
+        answers.push(message);
+    }
+    let expected = Refusal::UnsupportedVersion {
+        ours: PROTOCOL_VERSION,
+        theirs: PROTOCOL_VERSION + 1,
+    };
+    assert!(answers.contains(&Message::Refused(expected.clone())), "{answers:?}");
+    assert_eq!(close_code(&conn2).await, CloseCode::Refused);
+
+    // A field this version does not know is ignored (the compatibility rule: fields are added
+    // with defaults); the link stays up.
+    let (_e4, conn4) = raw_connect(&ca, extra_field, addr).await;
+    raw_handshake(&conn4, extra_field).await;
+    let mut send4 = conn4.open_uni().await.unwrap();
+    let ping = NewerMessage::Ping {
+        hlc: Hlc::new(1, 0, extra_field),
+        head: 0,
+        gossip: 7,
+    };
+    send4.write_all(&newer_frame(&ping)).await.unwrap();
+
+    // A kind of message this version does not know: that connection closes as undecodable.
+    let (_e3, conn3) = raw_connect(&ca, unknown_kind, addr).await;
+    raw_handshake(&conn3, unknown_kind).await;
+    let mut send = conn3.open_uni().await.unwrap();
+    send.write_all(&newer_frame(&NewerMessage::Gossip { epoch: 1 }))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&conn3).await, CloseCode::Undecodable);
+
+    // A frame that announces 100 bytes and ends after 10: a protocol violation.
+    let (_e6, conn6) = raw_connect(&ca, truncated, addr).await;
+    raw_handshake(&conn6, truncated).await;
+    let mut send = conn6.open_uni().await.unwrap();
+    send.write_all(&100u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[0x80; 10]).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(close_code(&conn6).await, CloseCode::Protocol);
+
+    assert!(
+        conn4.close_reason().is_none(),
+        "a ping with an unknown field closed its link: {:?}",
+        conn4.close_reason()
+    );
+    // Node 9 kept serving node 1 all along.
+    wait_applied(
+        "all",
+        &[(&node9.durable, good, n), (&node1.durable, target, n)],
+        Duration::from_secs(300),
+    )
+    .await;
+    let (state1, state9) = (node1.stop().await, node9.stop().await);
+    state9.assert_applied_once(good, n);
+    state1.assert_applied_once(target, n);
+    assert_eq!(state1.ups, 1, "node 1's link never dropped");
+    let log = log9.lock().unwrap().join("\n");
+    assert!(
+        log.contains("protocol version 2 is not supported (this node speaks 1)"),
+        "{log}"
+    );
+    assert!(log.contains("down 3 the peer sent an undecodable frame"), "{log}");
+    assert!(log.contains("stream ended inside a frame"), "{log}");
+    let downs_of_4: Vec<&str> = log.lines().filter(|l| l.starts_with("down 4")).collect();
+    assert_eq!(
+        downs_of_4,
+        ["down 4 this node is shutting down"],
+        "the link that carried a newer ping stays up until the node stops:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
