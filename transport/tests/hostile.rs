@@ -52,6 +52,63 @@ async fn close_code(conn: &quinn::Connection) -> CloseCode {
     }
 }
 
+/// A node under attack (`target`) that also serves one well-behaved peer (`good`, a lower id that
+/// dials it) with `n` changes each way; `hostile` are the lower ids the test drives by hand.
+struct UnderAttack {
+    good: NodeId,
+    target: NodeId,
+    n: u64,
+    node: Running,
+    peer: Running,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl UnderAttack {
+    fn start(ca: &Ca, good: NodeId, hostile: &[NodeId], target: NodeId, n: u64) -> UnderAttack {
+        let lower: Vec<NodeId> = std::iter::once(good).chain(hostile.iter().copied()).collect();
+        let addrs: Vec<_> = lower.iter().map(|&p| (p, not_dialled())).collect();
+        let mut target_config = config(ca, target, loopback(), &addrs);
+        target_config.max_frame = MAX_FRAME;
+        let state = NodeState::new(target, &lower, n);
+        let log = state.log.clone();
+        let node = Running::start(target_config, state);
+        let peer = Running::start(
+            config(ca, good, loopback(), &[(target, node.addr)]),
+            NodeState::new(good, &[target], n),
+        );
+        UnderAttack {
+            good,
+            target,
+            n,
+            node,
+            peer,
+            log,
+        }
+    }
+
+    fn addr(&self) -> (NodeId, SocketAddr) {
+        (self.target, self.node.addr)
+    }
+
+    /// Waits until both directions are applied, stops both nodes, checks that each change was
+    /// applied once and the good peer's link never dropped; returns the target's log.
+    async fn finish(self) -> String {
+        let (good, target, n) = (self.good, self.target, self.n);
+        wait_applied(
+            "all",
+            &[(&self.node.durable, good, n), (&self.peer.durable, target, n)],
+            Duration::from_secs(300),
+        )
+        .await;
+        let (peer, node) = (self.peer.stop().await, self.node.stop().await);
+        node.assert_applied_once(good, n);
+        peer.assert_applied_once(target, n);
+        assert_eq!(peer.ups, 1, "the good peer's link never dropped");
+        let log = self.log.lock().unwrap().join("\n");
+        log
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_frames_close_only_that_connection() {
     init_tracing();
@@ -59,23 +116,11 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     let ca = Ca::generate(1).unwrap();
     // Node 5 accepts from 1 (a real node) and from 2, 3, 4 (hand-driven, hostile).
     let (good, garbage, oversized, bad_hello, target) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5));
-    let lower: Vec<_> = [good, garbage, oversized, bad_hello]
-        .into_iter()
-        .map(|p| (p, not_dialled()))
-        .collect();
-    let mut config5 = config(&ca, target, loopback(), &lower);
-    config5.max_frame = MAX_FRAME;
-    let state5 = NodeState::new(target, &[good, garbage, oversized, bad_hello], n);
-    let log5 = state5.log.clone();
-    let node5 = Running::start(config5, state5);
-    let node1 = Running::start(
-        config(&ca, good, loopback(), &[(target, node5.addr)]),
-        NodeState::new(good, &[target], n),
-    );
-    let addr = (target, node5.addr);
+    let attack = UnderAttack::start(&ca, good, &[garbage, oversized, bad_hello], target, n);
+    let addr = attack.addr();
     wait_applied(
         "first part",
-        &[(&node5.durable, good, n / 10)],
+        &[(&attack.node.durable, good, n / 10)],
         Duration::from_secs(120),
     )
     .await;
@@ -103,17 +148,7 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     assert_eq!(close_code(&conn4).await, CloseCode::HandshakeFailed);
 
     // Node 5 kept serving node 1 all along.
-    wait_applied(
-        "all",
-        &[(&node5.durable, good, n), (&node1.durable, target, n)],
-        Duration::from_secs(300),
-    )
-    .await;
-    let (state1, state5) = (node1.stop().await, node5.stop().await);
-    state5.assert_applied_once(good, n);
-    state1.assert_applied_once(target, n);
-    assert_eq!(state1.ups, 1, "node 1's link never dropped");
-    let log = log5.lock().unwrap().join("\n");
+    let log = attack.finish().await;
     assert!(log.contains("down 2 the peer sent an undecodable frame"), "{log}");
     assert!(
         log.contains(&format!(
@@ -146,18 +181,8 @@ async fn newer_and_truncated_frames_get_clear_answers() {
     let ca = Ca::generate(1).unwrap();
     let (good, newer, unknown_kind, extra_field, truncated, target) =
         (NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(6), NodeId(9));
-    let hostile = [newer, unknown_kind, extra_field, truncated];
-    let lower: Vec<_> = [good].into_iter().chain(hostile).map(|p| (p, not_dialled())).collect();
-    let mut config9 = config(&ca, target, loopback(), &lower);
-    config9.max_frame = MAX_FRAME;
-    let state9 = NodeState::new(target, &[good, newer, unknown_kind, extra_field, truncated], n);
-    let log9 = state9.log.clone();
-    let node9 = Running::start(config9, state9);
-    let node1 = Running::start(
-        config(&ca, good, loopback(), &[(target, node9.addr)]),
-        NodeState::new(good, &[target], n),
-    );
-    let addr = (target, node9.addr);
+    let attack = UnderAttack::start(&ca, good, &[newer, unknown_kind, extra_field, truncated], target, n);
+    let addr = attack.addr();
 
     // A hello of the next protocol version: refused, saying which versions.
     let (_e2, conn2) = raw_connect(&ca, newer, addr).await;
@@ -214,17 +239,7 @@ async fn newer_and_truncated_frames_get_clear_answers() {
         conn4.close_reason()
     );
     // Node 9 kept serving node 1 all along.
-    wait_applied(
-        "all",
-        &[(&node9.durable, good, n), (&node1.durable, target, n)],
-        Duration::from_secs(300),
-    )
-    .await;
-    let (state1, state9) = (node1.stop().await, node9.stop().await);
-    state9.assert_applied_once(good, n);
-    state1.assert_applied_once(target, n);
-    assert_eq!(state1.ups, 1, "node 1's link never dropped");
-    let log = log9.lock().unwrap().join("\n");
+    let log = attack.finish().await;
     assert!(
         log.contains("protocol version 2 is not supported (this node speaks 1)"),
         "{log}"
