@@ -51,6 +51,9 @@ max_batch = 500
 window = 10000
 # A peer whose clock is further ahead than this is refused.
 max_clock_offset_ms = 500
+# How often the node with the lowest id starts a round of tombstone collection (deleted rows'
+# metadata is dropped once every node has acknowledged the deletes; ARCHITECTURE.md).
+tombstone_round_secs = 60
 # synchronous_commit of apply transactions. Off, like PostgreSQL's own subscription workers: a
 # server crash may lose the last applied batches, which peers then resend.
 synchronous_commit = false
@@ -118,6 +121,7 @@ struct ReplicationFile {
     max_batch: usize,
     window: u64,
     max_clock_offset_ms: u64,
+    tombstone_round_secs: u64,
     synchronous_commit: bool,
 }
 
@@ -128,6 +132,7 @@ impl Default for ReplicationFile {
             max_batch: d.max_batch,
             window: d.window,
             max_clock_offset_ms: d.max_offset_micros / 1000,
+            tombstone_round_secs: d.tombstone_round_micros / 1_000_000,
             synchronous_commit: false,
         }
     }
@@ -308,10 +313,17 @@ impl ServiceConfig {
                 "must be between 1 and 60000".into(),
             ));
         }
+        if r.tombstone_round_secs == 0 || r.tombstone_round_secs > 86_400 * 30 {
+            return Err(invalid(
+                "replication.tombstone_round_secs",
+                "must be between 1 and 2592000 (30 days)".into(),
+            ));
+        }
         let replication = ReplicationConfig {
             max_batch: r.max_batch,
             window: r.window,
             max_offset_micros: r.max_clock_offset_ms * 1000,
+            tombstone_round_micros: r.tombstone_round_secs * 1_000_000,
         };
 
         let metrics = file

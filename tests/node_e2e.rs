@@ -273,6 +273,130 @@ async fn three_nodes_converge_with_conflicts_of_every_kind() {
     cluster.stop_all().await;
 }
 
+async fn tombstones(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT count(*) FROM accord.row_meta WHERE NOT alive", &[])
+        .await
+        .expect("row_meta is readable")
+        .get(0)
+}
+
+/// Deleted rows' tombstones are collected on every node once all nodes acknowledged the deletes
+/// (rounds every second here), and a collected key comes back when it is inserted again: on two
+/// partitioned nodes at once, the inserts merge column by column like any two inserts of one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tombstones_are_collected_everywhere_and_collected_keys_come_back() {
+    let cluster = TestCluster::start(3, SHOP).await;
+    let dbs = [
+        cluster.client(0).await,
+        cluster.client(1).await,
+        cluster.client(2).await,
+    ];
+    dbs[0]
+        .batch_execute(
+            "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, 10 FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    dbs[0]
+        .batch_execute("DELETE FROM shop.products WHERE id <= 20")
+        .await
+        .unwrap();
+    dbs[1]
+        .batch_execute("DELETE FROM shop.products WHERE id > 20 AND id <= 40")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    let started = std::time::Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for db in &dbs {
+            left.push(tombstones(db).await);
+        }
+        if left.iter().all(|&n| n == 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "tombstones left per node after 60 s: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for db in &dbs {
+        let rounds: i64 = db
+            .query_one("SELECT count(*) FROM accord.collection", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rounds, 1, "every node persisted its collection state");
+    }
+
+    // Keys 1..=10 on node 1 and 5..=15 on node 3, while partitioned: 5..=10 are inserted twice.
+    cluster.partition_all().await;
+    dbs[0]
+        .batch_execute(
+            "INSERT INTO shop.products (id, name, stock) SELECT g, 'again ' || g, 7 FROM generate_series(1, 10) g",
+        )
+        .await
+        .unwrap();
+    dbs[2]
+        .batch_execute(
+            "INSERT INTO shop.products (id, name, stock) SELECT g, 'back ' || g, 3 FROM generate_series(5, 15) g",
+        )
+        .await
+        .unwrap();
+    cluster.heal_all().await;
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+    let stocks: Vec<(i64, i64)> = dbs[1]
+        .query("SELECT id, stock FROM shop.products WHERE id <= 40 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<(i64, i64)> = (1..=15)
+        .map(|id| {
+            (
+                id,
+                if id < 5 {
+                    7
+                } else if id <= 10 {
+                    10
+                } else {
+                    3
+                },
+            )
+        })
+        .collect();
+    assert_eq!(stocks, expected, "{}", snapshots[1]);
+
+    // A collected key deleted again leaves a new tombstone, which a later round collects too.
+    dbs[1]
+        .batch_execute("DELETE FROM shop.products WHERE id = 1")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let started = std::time::Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for db in &dbs {
+            left.push(tombstones(db).await);
+        }
+        if left.iter().all(|&n| n == 0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "tombstones left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let row_one = dbs[2]
+        .query_opt("SELECT 1 FROM shop.products WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert!(row_one.is_none(), "row 1 stays deleted");
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_nodes_resume_without_losing_or_repeating_a_change() {
     let mut cluster = TestCluster::start(2, SHOP).await;

@@ -116,6 +116,7 @@ pub fn capture(
             let new = image("new", &change.new)?;
             // A live row we never saw deleted (a TRUNCATE, say) starts a new incarnation too.
             meta.causal_length += if meta.is_alive() { 2 } else { 1 };
+            meta.deleted_by.clear();
             let version = meta.next_version(stamp);
             meta.created = Some(version);
             meta.columns = Vec::with_capacity(table.columns.len());
@@ -236,6 +237,7 @@ pub fn capture(
             meta.next_version(stamp);
             meta.columns.clear();
             meta.created = None;
+            meta.deleted_by = vec![(node, seq)];
             values = Vec::new();
         }
     }

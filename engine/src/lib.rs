@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod capturer;
 pub mod change;
+pub mod collection;
 pub mod hlc;
 pub mod merge;
 pub mod protocol;
@@ -18,6 +19,7 @@ pub mod value;
 pub use capture::{capture, CaptureError, Captured};
 pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
+pub use collection::{Ack1, CollectionState, Collector, StableCut};
 pub use hlc::{ClockError, Hlc, HlcClock, NodeId, DEFAULT_MAX_OFFSET_MICROS};
 pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeError, MergeOutcome, Merged, RowAction};
 pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};

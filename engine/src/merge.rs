@@ -170,6 +170,10 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
             });
         }
         state = local.clone();
+        if rem.meta.causal_length == local.meta.causal_length {
+            // Concurrent deletes of one incarnation: the tombstone stands for all of them.
+            state.meta.absorb_deletes(&rem.meta.deleted_by);
+        }
         action = RowAction::Nothing;
     } else {
         state = local.clone();

@@ -40,6 +40,9 @@ pub enum Message {
     Ack {
         applied: u64,
     },
+    /// What the sender knows of the tombstone-collection rounds (`collection`): sent on every
+    /// connection before any batch, and again whenever it changes.
+    Collection(crate::collection::CollectionState),
     /// Sent now and then: carries the sender's clock and the head of its outbound log, so the
     /// receiver knows how far behind it is.
     Ping {

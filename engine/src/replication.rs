@@ -29,6 +29,13 @@ pub struct ReplicationConfig {
     /// Most changes sent to one peer and not yet acknowledged.
     pub window: u64,
     pub max_offset_micros: u64,
+    /// How often the coordinator starts a tombstone-collection round (`collection`).
+    #[serde(default = "default_tombstone_round_micros")]
+    pub tombstone_round_micros: u64,
+}
+
+fn default_tombstone_round_micros() -> u64 {
+    60_000_000
 }
 
 impl Default for ReplicationConfig {
@@ -37,6 +44,7 @@ impl Default for ReplicationConfig {
             max_batch: 500,
             window: 10_000,
             max_offset_micros: crate::hlc::DEFAULT_MAX_OFFSET_MICROS,
+            tombstone_round_micros: default_tombstone_round_micros(),
         }
     }
 }
@@ -312,6 +320,7 @@ mod tests {
             max_batch: 3,
             window: 5,
             max_offset_micros: 500,
+            ..ReplicationConfig::default()
         }
     }
 

@@ -232,6 +232,11 @@ pub struct RowMeta {
     pub created: Option<Version>,
     /// One per column of the table while alive; empty for a deleted row.
     pub columns: Vec<ColumnMeta>,
+    /// For a deleted row: the deletes that made this causal length, as (origin, the origin's
+    /// sequence number of the change), one per origin, sorted. Tombstone collection drops the row
+    /// only once every node had applied all of them (`collection::StableCut::covers`).
+    #[serde(default)]
+    pub deleted_by: Vec<(NodeId, u64)>,
 }
 
 impl RowMeta {
@@ -243,6 +248,7 @@ impl RowMeta {
             stamp: None,
             created: None,
             columns: Vec::new(),
+            deleted_by: Vec::new(),
         }
     }
 
@@ -257,6 +263,17 @@ impl RowMeta {
 
     pub fn is_alive(&self) -> bool {
         self.causal_length % 2 == 1
+    }
+
+    /// Records that `deletes` also made this tombstone (concurrent deletes of one incarnation
+    /// reach the same causal length): the union, keeping each origin's later change.
+    pub(crate) fn absorb_deletes(&mut self, deletes: &[(NodeId, u64)]) {
+        for &(origin, seq) in deletes {
+            match self.deleted_by.binary_search_by_key(&origin, |(o, _)| *o) {
+                Ok(i) => self.deleted_by[i].1 = self.deleted_by[i].1.max(seq),
+                Err(i) => self.deleted_by.insert(i, (origin, seq)),
+            }
+        }
     }
 
     /// Counts a new write by `node` and returns its version.

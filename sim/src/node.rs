@@ -143,6 +143,7 @@ impl Node {
             max_batch: ctx.params.max_batch,
             window: ctx.params.window,
             max_offset_micros: max_offset,
+            ..ReplicationConfig::default()
         };
         let replication = Replication::new(
             self.id,

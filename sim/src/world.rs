@@ -470,6 +470,8 @@ impl World {
             }
             Message::Ack { applied } => self.with_node(to, |n, ctx| n.on_ack(ctx, from, applied, ghost)),
             Message::Ping { .. } => Ok(()),
+            // Tombstone collection is not simulated yet.
+            Message::Collection(_) => Ok(()),
         }
     }
 
@@ -845,6 +847,7 @@ fn msg_tag(msg: &Message) -> u64 {
         ),
         Message::Ack { applied } => mix(4, *applied),
         Message::Ping { .. } => 5,
+        Message::Collection(c) => mix(6, c.round),
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use accord_engine::{
     merge, Cell, Conflict, ConflictKind, Hlc, MergeOutcome, NodeId, ReviewAction, ReviewItem, RowAction, RowChange,
-    RowMeta, RowState, TableDef, Value,
+    RowMeta, RowState, StableCut, TableDef, Value,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
@@ -94,6 +94,8 @@ pub struct Applier {
     applied: u64,
     /// Prepared statements of this connection.
     statements: Statements,
+    /// The latest completed tombstone-collection round: tombstones it covers read as absent.
+    cut: watch::Receiver<Option<StableCut>>,
 }
 
 /// Why a batch must wait and start over.
@@ -173,6 +175,7 @@ impl Applier {
             synchronous_commit,
             applied: position.map(u64::from).unwrap_or(0),
             statements: Statements::default(),
+            cut: watch::channel(None).1,
         })
     }
 
@@ -196,6 +199,16 @@ impl Applier {
     /// committed batch may still be lost in a crash of the server (its origin position with it),
     /// so peers must only be told, and prune their logs by, what this returns: it flushes the WAL
     /// up to this origin's last commit first.
+    /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.
+    pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
+        self.cut = cut;
+    }
+
+    /// The collection this applier follows, for a replacement applier.
+    pub fn collection(&self) -> watch::Receiver<Option<StableCut>> {
+        self.cut.clone()
+    }
+
     pub async fn durable(&mut self) -> Result<u64> {
         if self.synchronous_commit {
             return Ok(self.applied);
@@ -290,6 +303,9 @@ impl Applier {
         settled: &Settled,
     ) -> Result<std::result::Result<ApplySummary, Retry>> {
         let policy = Arc::clone(&self.policy);
+        // Read once per attempt: a cut that arrives meanwhile applies from the next batch.
+        let cut = self.cut.borrow().clone();
+        let cut = cut.as_ref();
         let synchronous_commit = self.synchronous_commit;
         let statements = &mut self.statements;
         let mut guard = Guard {
@@ -322,7 +338,7 @@ impl Applier {
                 continue;
             }
             if part.len() == 1 && !first {
-                match one_by_one(&mut tx, &policy, part, true, settled).await? {
+                match one_by_one(&mut tx, &policy, part, true, settled, cut).await? {
                     Ok((done, greatest)) => {
                         summary.add(done);
                         if let Some(stamp) = greatest {
@@ -338,7 +354,7 @@ impl Applier {
             // Later parts need no guard (above).
             let guard = first.then_some(&mut guard);
             first = false;
-            match batched(&tx, statements, &policy, part, setup, guard).await? {
+            match batched(&tx, statements, &policy, part, setup, guard, cut).await? {
                 Batched::Done(done) => summary.add(done),
                 Batched::Retry(retry) => return Ok(Err(retry)),
                 Batched::Split => {
@@ -534,6 +550,7 @@ async fn batched<'a>(
     changes: &[&'a RowChange],
     setup: Option<Setup>,
     guard: Option<&mut Guard<'_>>,
+    cut: Option<&StableCut>,
 ) -> Result<Batched> {
     // The distinct rows, and tables in name order: every applier locks tables in the same order.
     let mut slots: Vec<Slot<'a>> = Vec::new();
@@ -628,7 +645,7 @@ async fn batched<'a>(
                 slot.row = Some(locked_row(table, row)?);
             }
         }
-        for (ord, meta, known) in store::loaded_metas(metas)? {
+        for (ord, meta, known) in store::loaded_metas(metas, cut)? {
             let slot = slots
                 .get_mut(ord)
                 .with_context(|| format!("row metadata came back with an unknown ord {ord}"))?;
@@ -1022,6 +1039,7 @@ async fn one_by_one(
     changes: &[&RowChange],
     probed: bool,
     settled: &Settled,
+    cut: Option<&StableCut>,
 ) -> Result<std::result::Result<(ApplySummary, Option<Hlc>), Retry>> {
     let mut summary = ApplySummary::default();
     let mut greatest: Option<Hlc> = None;
@@ -1043,7 +1061,7 @@ async fn one_by_one(
         let key = key_text(&change.key);
         let savepoint = tx.savepoint("accord_change").await?;
         let row = lock_row(&savepoint, table, &change.key).await?;
-        let meta = store::load_meta(&savepoint, &table.name, &key).await?;
+        let meta = store::load_meta(&savepoint, &table.name, &key, cut).await?;
         let settled_xmin = settled.get(&(table.name.clone(), key.clone()));
         let local = match (row, meta) {
             (Some((xmin, values)), Some((meta, known))) if meta.is_alive() && known.as_deref() == Some(&xmin) => {
@@ -1111,7 +1129,7 @@ async fn one_by_one(
                         // A row this merge did not write keeps the xmin accord knew for it.
                         let known = match (&merged.action, xmin) {
                             (_, Some(x)) => Some(x),
-                            (RowAction::Nothing, None) => store::load_meta(&savepoint, &table.name, &key)
+                            (RowAction::Nothing, None) => store::load_meta(&savepoint, &table.name, &key, cut)
                                 .await?
                                 .and_then(|(_, k)| k),
                             _ => None,
@@ -1130,7 +1148,7 @@ async fn one_by_one(
                         // found missing: not a clash, a race with the capture.
                         if matches!(merged.action, RowAction::Insert(_))
                             && lock_row(&*tx, table, &change.key).await?.is_some()
-                            && store::load_meta(&*tx, &table.name, &key)
+                            && store::load_meta(&*tx, &table.name, &key, cut)
                                 .await?
                                 .is_none_or(|(m, _)| !m.is_alive())
                         {

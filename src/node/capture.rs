@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::{
     CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, Hlc, NodeId, ReviewAction, ReviewItemId, RowKey,
-    RowMeta, TableDef,
+    RowMeta, StableCut, TableDef,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -152,6 +152,9 @@ pub struct Capture {
     /// Prepared statements of `db`.
     statements: Statements,
     max_offset_micros: u64,
+    /// The latest completed tombstone-collection round: a local insert of a key whose tombstone
+    /// it covers is numbered as a new key's, as on a node that already dropped the tombstone.
+    cut: watch::Receiver<Option<StableCut>>,
 }
 
 /// The capture checkpoint the database holds.
@@ -192,9 +195,15 @@ impl Capture {
                 progress,
                 statements: Statements::default(),
                 max_offset_micros,
+                cut: watch::channel(None).1,
             },
             rx,
         ))
+    }
+
+    /// Follows the node's tombstone collection (see the `cut` field).
+    pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
+        self.cut = cut;
     }
 
     /// Streams until the stream ends or fails; the caller restarts it.
@@ -376,6 +385,7 @@ impl Capture {
             return Ok((self.capturer.checkpoint(), 0));
         }
         let policy = Arc::clone(&self.policy);
+        let cut = self.cut.borrow().clone();
         let Capture {
             db,
             capturer,
@@ -398,7 +408,7 @@ impl Capture {
             let tables: Vec<&str> = slots.iter().map(|(t, _)| *t).collect();
             let keys: Vec<&str> = slots.iter().map(|(_, k)| k.as_str()).collect();
             let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
-            for (ord, meta, _) in store::loaded_metas(&rows)? {
+            for (ord, meta, _) in store::loaded_metas(&rows, cut.as_ref())? {
                 let (table, key) = slots
                     .get(ord)
                     .ok_or_else(|| anyhow!("row metadata came back with an unknown ord {ord}"))?;

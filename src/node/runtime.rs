@@ -2,13 +2,13 @@
 //! the network. The loop owns the engine's `Replication` state machine; everything it decides, the
 //! loop carries out with PostgreSQL and the network.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication, ReplicationConfig, RowChange,
-    PROTOCOL_VERSION,
+    Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication, ReplicationConfig, RowChange,
+    StableCut, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use super::apply::{Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
 use super::init::{connect, load_policy};
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
-use super::store::{decode, StoreError};
+use super::store::{self, decode, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -193,6 +193,12 @@ where
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::new();
 
+    let collection = store::load_collection(&db)
+        .await
+        .context("cannot read accord.collection: run `accord init` again (it adds what this version needs)")?;
+    let collector = Collector::new(node, config.peers.iter().copied(), collection);
+    let (cut_tx, cut_rx) = watch::channel(collector.cut().cloned());
+
     let (mut capture, capture_rx) = Capture::new(
         connect(&config.dsn).await?,
         Arc::clone(&policy),
@@ -200,6 +206,7 @@ where
         config.replication.max_offset_micros,
     )
     .await?;
+    capture.follow_collection(cut_rx.clone());
     let dsn = config.dsn.clone();
     let capture_error: CaptureError = Arc::default();
     let capture_failed = Arc::clone(&capture_error);
@@ -231,7 +238,7 @@ where
     let mut apply_queues = BTreeMap::new();
     let mut progress = Vec::new();
     for &peer in &config.peers {
-        let applier = Applier::connect(
+        let mut applier = Applier::connect(
             connect(&config.dsn).await?,
             connect(&config.dsn).await?,
             capture_rx.clone(),
@@ -240,6 +247,7 @@ where
             config.synchronous_commit,
         )
         .await?;
+        applier.follow_collection(cut_rx.clone());
         let acked: i64 = db
             .query_opt(
                 "SELECT acked FROM accord.peer_progress WHERE peer = $1",
@@ -325,6 +333,13 @@ where
         capture_error,
         processed_lsn: capture_rx.borrow().processed_lsn,
         durable: BTreeMap::new(),
+        collector,
+        cut: cut_tx,
+        pending_collection: BTreeSet::new(),
+        round_every: Duration::from_micros(config.replication.tombstone_round_micros),
+        last_round: None,
+        collected_round: 0,
+        capture_progress: capture_rx.clone(),
     };
     let task = tokio::spawn(
         looped
@@ -438,7 +453,10 @@ async fn apply_batch(
                 }
                 .await
                 {
-                    Ok(fresh) => *applier = fresh,
+                    Ok(mut fresh) => {
+                        fresh.follow_collection(applier.collection());
+                        *applier = fresh
+                    }
                     Err(error) => {
                         tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier")
                     }
@@ -473,6 +491,20 @@ struct Loop {
     processed_lsn: u64,
     /// Per peer, how far its changes are applied on disk: what acknowledgements say.
     durable: BTreeMap<NodeId, u64>,
+    /// This node's part in the tombstone-collection rounds.
+    collector: Collector,
+    /// The latest completed round, for the capture and the appliers.
+    cut: watch::Sender<Option<StableCut>>,
+    /// Peers that must be sent the collection state before any further batch: a batch may hold
+    /// changes the capture numbered by a cut the peer has to know to merge them alike.
+    pending_collection: BTreeSet<NodeId>,
+    round_every: Duration,
+    last_round: Option<Instant>,
+    /// The round whose covered tombstones were deleted here.
+    collected_round: u64,
+    /// The capture's progress, read directly when acknowledging a round (the loop's own copy
+    /// may lag behind what an applier already waited for).
+    capture_progress: watch::Receiver<CaptureProgress>,
 }
 
 /// Status figures that take a query or a time window, refreshed about once a second.
@@ -525,6 +557,7 @@ impl Loop {
                 _ = tick.tick() => self.housekeeping().await?,
                 _ = retry.tick(), if self.has_pending() => {}
             }
+            self.flush_collection();
             self.flush_apply()?;
             self.flush_outbox();
             self.send_batches().await?;
@@ -550,6 +583,7 @@ impl Loop {
                     Ok(()) => {
                         tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected");
                         self.links.insert(peer, link);
+                        self.pending_collection.insert(peer);
                         self.stats.entry(peer).or_default().since_micros = Some(wall_micros());
                     }
                     Err(error) => {
@@ -609,6 +643,11 @@ impl Loop {
                 }
                 Message::Refused(refusal) => tracing::error!(%peer, %refusal, "peer refused this node"),
                 Message::Ping { head, .. } => self.stats.entry(peer).or_default().peer_head = head,
+                Message::Collection(state) => {
+                    if self.collector.merge(&state) {
+                        self.collection_changed().await?;
+                    }
+                }
                 Message::Hello(_) => {}
             },
         }
@@ -643,7 +682,8 @@ impl Loop {
     }
 
     fn has_pending(&self) -> bool {
-        !self.pending_acks.is_empty()
+        !self.pending_collection.is_empty()
+            || !self.pending_acks.is_empty()
             || !self.pending_refusals.is_empty()
             || self.pending_apply.values().any(|q| !q.is_empty())
     }
@@ -705,6 +745,9 @@ impl Loop {
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
             let Some(&link) = self.links.get(&peer) else { continue };
+            if self.pending_collection.contains(&peer) {
+                continue;
+            }
             loop {
                 let Ok(permit) = self.port.outbox.try_reserve() else {
                     return Ok(());
@@ -740,8 +783,94 @@ impl Loop {
             .map_err(Into::into)
     }
 
+    /// Sends the collection state to the peers that need it before their next batch.
+    fn flush_collection(&mut self) {
+        let peers: Vec<NodeId> = self.pending_collection.iter().copied().collect();
+        for peer in peers {
+            let Some(&link) = self.links.get(&peer) else {
+                // It goes out on the next connection, which marks the peer again.
+                self.pending_collection.remove(&peer);
+                continue;
+            };
+            let Ok(permit) = self.port.outbox.try_reserve() else {
+                return;
+            };
+            permit.send(Outgoing {
+                peer,
+                link,
+                message: Message::Collection(self.collector.state().clone()),
+            });
+            self.pending_collection.remove(&peer);
+        }
+    }
+
+    /// Persists a changed collection state, then lets the capture, the appliers and every peer
+    /// know. Persisted first: an acknowledgement is a promise that must survive a crash.
+    async fn collection_changed(&mut self) -> Result<()> {
+        store::save_collection(&self.db, self.collector.state()).await?;
+        let cut = self.collector.cut().cloned();
+        self.cut.send_if_modified(|current| {
+            if *current == cut {
+                return false;
+            }
+            if let Some(cut) = &cut {
+                tracing::info!(round = cut.round, "tombstone-collection round complete");
+            }
+            *current = cut;
+            true
+        });
+        self.pending_collection.extend(self.links.keys().copied());
+        Ok(())
+    }
+
+    /// Drives this node's part in the tombstone-collection rounds, and deletes what a completed
+    /// round covers.
+    async fn collection_round(&mut self) -> Result<()> {
+        let mut changed = false;
+        if self.collector.is_coordinator() && self.last_round.is_none_or(|t| t.elapsed() >= self.round_every) {
+            if self.collector.start_round() {
+                tracing::debug!(
+                    round = self.collector.state().round,
+                    "tombstone-collection round started"
+                );
+                changed = true;
+            }
+            self.last_round = Some(Instant::now());
+        }
+        // Applied positions first, the capture head after: the head then covers every local
+        // write an applier waited for before applying what these positions include.
+        let applied: Vec<(NodeId, u64)> = self
+            .applied_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&peer, &position)| (peer, position))
+            .collect();
+        if self.collector.wants_ack1() {
+            let head = self.capture_progress.borrow().head;
+            self.collector.ack1(head, &applied);
+            changed = true;
+        }
+        if self.collector.wants_ack2(&applied) {
+            self.collector.ack2();
+            changed = true;
+        }
+        if changed {
+            self.collection_changed().await?;
+        }
+        if let Some(cut) = self.collector.cut().cloned() {
+            if cut.round > self.collected_round {
+                let deleted = store::collect_tombstones(&self.db, &cut).await?;
+                tracing::info!(round = cut.round, deleted, "tombstones collected");
+                self.collected_round = cut.round;
+            }
+        }
+        Ok(())
+    }
+
     /// Persists acknowledgements and prunes the outbound log.
     async fn housekeeping(&mut self) -> Result<()> {
+        self.collection_round().await?;
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
             let acked = self.replication.progress(peer)?.acked;

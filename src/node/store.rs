@@ -5,7 +5,8 @@
 //! plain SQL beside them.
 
 use accord_engine::{
-    Candidate, ClosureKind, Conflict, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey, RowMeta, Value,
+    Candidate, ClosureKind, CollectionState, Conflict, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
+    RowMeta, StableCut, Value,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -64,6 +65,14 @@ CREATE TABLE IF NOT EXISTS accord.capture_state (
 
 -- How far each peer acknowledged this node's changes (what it applied of ours is its own business;
 -- what we applied of its changes is in the replication origin accord_peer_<id>).
+-- What this node knows of the tombstone-collection rounds (engine::collection), persisted before
+-- it is sent: acknowledgements are promises about what this node had applied.
+CREATE TABLE IF NOT EXISTS accord.collection (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    state      bytea   NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE IF NOT EXISTS accord.peer_progress (
     peer   integer PRIMARY KEY,
     acked  bigint  NOT NULL DEFAULT 0,
@@ -170,10 +179,12 @@ fn candidates_json(candidates: &[Candidate]) -> serde_json::Value {
 }
 
 /// The stored metadata of a row and the xmin it accounts for, locked for this transaction.
+/// A tombstone the collection `cut` covers reads as no metadata: it is as good as gone.
 pub async fn load_meta(
     db: &impl GenericClient,
     table: &str,
     key: &str,
+    cut: Option<&StableCut>,
 ) -> Result<Option<(RowMeta, Option<String>)>, StoreError> {
     let row = db
         .query_opt(
@@ -185,7 +196,11 @@ pub async fn load_meta(
         None => Ok(None),
         Some(row) => {
             let bytes: &[u8] = row.get(0);
-            Ok(Some((decode("row metadata", bytes)?, row.get(1))))
+            let meta: RowMeta = decode("row metadata", bytes)?;
+            if StableCut::live(cut, Some(&meta)).is_none() {
+                return Ok(None);
+            }
+            Ok(Some((meta, row.get(1))))
         }
     }
 }
@@ -362,8 +377,11 @@ pub const LOG_CONFLICTS_SQL: &str =
      ORDER BY n";
 
 /// Stored metadata rows, as returned by [`LOAD_METAS_SQL`]: the ord and the metadata with the
-/// xmin it accounts for.
-pub fn loaded_metas(rows: &[tokio_postgres::Row]) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
+/// xmin it accounts for. Tombstones the collection `cut` covers are left out, as if gone.
+pub fn loaded_metas(
+    rows: &[tokio_postgres::Row],
+    cut: Option<&StableCut>,
+) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let ord: i32 = row.try_get(0)?;
@@ -371,7 +389,10 @@ pub fn loaded_metas(rows: &[tokio_postgres::Row]) -> Result<Vec<(usize, RowMeta,
         let known: Option<String> = row.try_get(2)?;
         // Ords are indexes this node sent, never negative.
         let ord = usize::try_from(ord).unwrap_or(usize::MAX);
-        out.push((ord, decode("row metadata", bytes)?, known));
+        let meta: RowMeta = decode("row metadata", bytes)?;
+        if StableCut::live(cut, Some(&meta)).is_some() {
+            out.push((ord, meta, known));
+        }
     }
     Ok(out)
 }
@@ -451,4 +472,72 @@ impl ConflictRows {
             Box::new(self.losers),
         ]
     }
+}
+
+/// The collection state this node persisted (the default before the first round).
+pub async fn load_collection(db: &impl GenericClient) -> Result<CollectionState, StoreError> {
+    let row = db.query_opt("SELECT state FROM accord.collection", &[]).await?;
+    match row {
+        None => Ok(CollectionState::default()),
+        Some(row) => decode("collection state", row.get::<_, &[u8]>(0)),
+    }
+}
+
+pub async fn save_collection(db: &impl GenericClient, state: &CollectionState) -> Result<(), StoreError> {
+    let bytes = encode("collection state", state)?;
+    db.execute(
+        "INSERT INTO accord.collection (singleton, state) VALUES (true, $1)
+         ON CONFLICT (singleton) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+        &[&bytes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How many tombstones one statement of [`collect_tombstones`] looks at.
+const COLLECT_CHUNK: i64 = 5_000;
+
+/// Deletes the tombstones `cut` covers, a chunk per statement, and returns how many went. A
+/// tombstone that a capture or an apply changes meanwhile no longer has the bytes read here, and
+/// stays.
+pub async fn collect_tombstones(db: &impl GenericClient, cut: &StableCut) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    let mut after = (String::new(), String::new());
+    loop {
+        let rows = db
+            .query(
+                "SELECT table_name, row_key, meta FROM accord.row_meta
+                 WHERE NOT alive AND (table_name, row_key) > ($1, $2)
+                 ORDER BY table_name, row_key LIMIT $3",
+                &[&after.0, &after.1, &COLLECT_CHUNK],
+            )
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = (last.try_get(0)?, last.try_get(1)?);
+        let (mut tables, mut keys, mut metas) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &rows {
+            let bytes: &[u8] = row.try_get(2)?;
+            let meta: RowMeta = decode("row metadata", bytes)?;
+            if cut.covers(&meta) {
+                tables.push(row.try_get::<_, String>(0)?);
+                keys.push(row.try_get::<_, String>(1)?);
+                metas.push(bytes.to_vec());
+            }
+        }
+        if !tables.is_empty() {
+            deleted += db
+                .execute(
+                    "DELETE FROM accord.row_meta AS m
+                     USING unnest($1::text[], $2::text[], $3::bytea[]) AS u(table_name, row_key, meta)
+                     WHERE m.table_name = u.table_name AND m.row_key = u.row_key AND m.meta = u.meta
+                       AND NOT m.alive",
+                    &[&tables, &keys, &metas],
+                )
+                .await?;
+        }
+        if (rows.len() as i64) < COLLECT_CHUNK {
+            break;
+        }
+    }
+    Ok(deleted)
 }

@@ -98,6 +98,8 @@ impl TestCluster {
             replication: ReplicationConfig {
                 max_batch: 200,
                 window: 2_000,
+                // Rounds often enough that the end-to-end tests see tombstones collected.
+                tombstone_round_micros: 1_000_000,
                 ..ReplicationConfig::default()
             },
         };
