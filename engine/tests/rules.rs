@@ -555,3 +555,50 @@ fn causal_information_survives_relaying() {
     assert!(late.review.is_empty() && late.conflicts.is_empty());
     assert_eq!(c.values().unwrap(), row("x", 6, "12"));
 }
+
+#[test]
+fn a_tombstone_records_every_concurrent_delete_and_a_cut_covers_it_only_when_all_are_stable() {
+    let t = table();
+    let (mut a, mut b) = (Node::new(&t), Node::new(&t));
+    let insert = a.local(ChangeKind::Insert, Some(row("x", 1, "1.00")), at(1, A));
+    b.merge(&insert);
+    let on_a = a.local(ChangeKind::Delete, None, at(2, A));
+    let on_b = b.local(ChangeKind::Delete, None, at(3, B));
+    a.merge(&on_b);
+    b.merge(&on_a);
+    let tombstone = &a.state.as_ref().unwrap().meta;
+    assert_eq!(tombstone.deleted_by, vec![(A, 2), (B, 1)]);
+    assert_eq!(
+        tombstone,
+        &b.state.as_ref().unwrap().meta,
+        "both nodes hold the same tombstone"
+    );
+
+    let cut = |a_stable, b_stable| accord_engine::StableCut {
+        round: 1,
+        stable: vec![(A, a_stable), (B, b_stable)],
+    };
+    assert!(cut(2, 1).covers(tombstone));
+    assert!(!cut(2, 0).covers(tombstone), "B's delete had not reached every node");
+
+    // A covered tombstone reads as absent: the next insert of the key is numbered as a new key's,
+    // as on a node that already deleted the tombstone, so both number it alike.
+    let covered = cut(2, 1);
+    let mut collected = Node::new(&t);
+    let mut holder = Node::new(&t);
+    holder.state = a.state.clone();
+    let live = accord_engine::StableCut::live(Some(&covered), holder.state.as_ref().map(|s| &s.meta));
+    assert!(live.is_none());
+    holder.state = None;
+    let x = collected.local(ChangeKind::Insert, Some(row("again", 5, "2.00")), at(10, A));
+    let y = holder.local(ChangeKind::Insert, Some(row("again", 3, "2.00")), at(11, B));
+    assert_eq!(x.row.meta.causal_length, y.row.meta.causal_length);
+    collected.merge(&y);
+    holder.merge(&x);
+    assert_eq!(collected.values(), holder.values());
+    assert_eq!(
+        collected.values().unwrap()[1],
+        Cell::Value(Value::Int(8)),
+        "both inserts count"
+    );
+}
