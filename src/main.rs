@@ -216,8 +216,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn init_logs(format: LogFormat) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ACCORD_LOG").or_else(|_| EnvFilter::try_new("info"))?;
+    use std::io::IsTerminal;
+    // Colour codes only on a terminal: in a file or a journal they are noise around every field.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Human => builder.try_init(),

@@ -55,6 +55,9 @@ const HOT_ROWS: i64 = 5;
 /// A row only the partition test writes, on its review column.
 const PRICE_ROW: i64 = 999;
 
+/// The keys the writers insert and delete over and over (beside the hot rows and new keys).
+const CHURN_KEYS: i64 = 900_000_000;
+
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(text) => text
@@ -183,6 +186,28 @@ impl NodeProc {
         let status = self.child.as_mut()?.try_wait().unwrap()?;
         self.child = None;
         Some(status)
+    }
+
+    /// From the node's log: collection rounds it saw complete, and tombstones it deleted.
+    fn tombstones_collected(&self) -> (u64, u64) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let rounds = text
+            .lines()
+            .filter(|l| l.contains("tombstone-collection round complete"))
+            .count();
+        let deleted = text
+            .lines()
+            .filter(|l| l.contains("tombstones collected"))
+            .filter_map(|l| {
+                l.split("deleted=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        (rounds as u64, deleted)
     }
 
     fn log_tail(&self, lines: usize) -> String {
@@ -362,6 +387,7 @@ impl Cluster {
             let mut text = format!(
                 "node_id = {id}\ncluster = \"reliability\"\ndsn = \"{dsn}\"\nlisten = \"127.0.0.1:{}\"\n\
                  [tls]\nca = \"certs-{id}/ca.pem\"\ncert = \"certs-{id}/node-{id}.pem\"\nkey = \"certs-{id}/node-{id}.key\"\n\
+                 [replication]\ntombstone_round_secs = 1\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
                 quic[i]
             );
@@ -688,6 +714,21 @@ impl Load {
                         i += 1;
                         let hot = 1 + (i + w) % HOT_ROWS;
                         let sql = match i % 10 {
+                            // Churn: every node inserts and deletes the same few keys, so deletes
+                            // race inserts of one key and collection rounds (every second) race
+                            // both. Zero stock and balance: the sums stay exact whoever wins.
+                            5 => {
+                                // Each key is inserted, then deleted ten writes later; the nodes walk the same ten keys.
+                                let key = CHURN_KEYS + (i / 20 + node) % 10;
+                                if (i / 10) % 2 == 0 {
+                                    format!(
+                                        "INSERT INTO shop.products (id, name, stock, balance) \
+                                         VALUES ({key}, 'churn {node}', 0, 0) ON CONFLICT (id) DO NOTHING"
+                                    )
+                                } else {
+                                    format!("DELETE FROM shop.products WHERE id = {key}")
+                                }
+                            }
                             7 => format!("UPDATE shop.products SET name = 'n{node}-{w}-{i}' WHERE id = {hot}"),
                             9 => {
                                 let key = node * 1_000_000_000 + w * 10_000_000 + i;
@@ -748,6 +789,34 @@ async fn finish(cluster: &mut Cluster, load: Load, expect_no_failures: bool, sta
     }
     let took = cluster.converge().await;
     let (stock, balance) = cluster.assert_exact_sums().await;
+    // With the writers stopped and every node up, the next rounds collect every tombstone.
+    cluster
+        .wait_for("every tombstone collected", converge_limit(), |c| async move {
+            for i in 0..c.nodes.len() {
+                let left: i64 = c
+                    .client(i)
+                    .await
+                    .query_one("SELECT count(*) FROM accord.row_meta WHERE NOT alive", &[])
+                    .await
+                    .map(|r| r.get(0))
+                    .unwrap_or(-1);
+                if left != 0 {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    let collected: Vec<(u64, u64)> = cluster.nodes.iter().map(NodeProc::tombstones_collected).collect();
+    assert!(
+        collected.iter().all(|&(rounds, _)| rounds > 0),
+        "[{}] every node completes collection rounds: {collected:?}",
+        cluster.name
+    );
+    eprintln!(
+        "[{}] per node (rounds completed, tombstones deleted): {collected:?}",
+        cluster.name
+    );
     eprintln!(
         "[{}] {committed} writer transactions committed ({failed} failed); converged {:.1} s after \
          the writers stopped; sum(stock) = {stock}, sum(balance) = {balance} on all {} nodes; \
