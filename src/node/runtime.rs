@@ -860,9 +860,14 @@ impl Loop {
         }
         if let Some(cut) = self.collector.cut().cloned() {
             if cut.round > self.collected_round {
-                let deleted = store::collect_tombstones(&self.db, &cut).await?;
-                tracing::info!(round = cut.round, deleted, "tombstones collected");
-                self.collected_round = cut.round;
+                // Not worth stopping the node for: what stays is collected on the next try.
+                match store::collect_tombstones(&self.db, &cut).await {
+                    Ok(deleted) => {
+                        tracing::info!(round = cut.round, deleted, "tombstones collected");
+                        self.collected_round = cut.round;
+                    }
+                    Err(error) => tracing::warn!(round = cut.round, %error, "collecting tombstones failed; retrying"),
+                }
             }
         }
         Ok(())

@@ -527,10 +527,17 @@ pub async fn collect_tombstones(db: &impl GenericClient, cut: &StableCut) -> Res
         if !tables.is_empty() {
             deleted += db
                 .execute(
-                    "DELETE FROM accord.row_meta AS m
-                     USING unnest($1::text[], $2::text[], $3::bytea[]) AS u(table_name, row_key, meta)
-                     WHERE m.table_name = u.table_name AND m.row_key = u.row_key AND m.meta = u.meta
-                       AND NOT m.alive",
+                    // Locked in (table, key) order, as the capture and the appliers lock.
+                    "WITH doomed AS (
+                         SELECT m.table_name, m.row_key
+                         FROM accord.row_meta AS m
+                         JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS u(table_name, row_key, meta)
+                           ON m.table_name = u.table_name AND m.row_key = u.row_key AND m.meta = u.meta
+                         WHERE NOT m.alive
+                         ORDER BY m.table_name, m.row_key
+                         FOR UPDATE OF m)
+                     DELETE FROM accord.row_meta AS m USING doomed AS d
+                     WHERE m.table_name = d.table_name AND m.row_key = d.row_key",
                     &[&tables, &keys, &metas],
                 )
                 .await?;
