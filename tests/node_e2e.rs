@@ -331,6 +331,13 @@ async fn tombstones_are_collected_everywhere_and_collected_keys_come_back() {
             .get(0);
         assert_eq!(rounds, 1, "every node persisted its collection state");
     }
+    for (id, handle) in &cluster.nodes {
+        let status = handle.status.borrow().clone();
+        assert!(
+            status.collection_round >= 1 && status.tombstones_collected == 40,
+            "node {id} reports its collection: {status:#?}"
+        );
+    }
 
     // Keys 1..=10 on node 1 and 5..=15 on node 3, while partitioned: 5..=10 are inserted twice.
     cluster.partition_all().await;

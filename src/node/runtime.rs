@@ -86,6 +86,15 @@ pub struct NodeStatus {
     /// Why the capture is stopped, while it is: local writes are not replicated meanwhile.
     #[serde(default)]
     pub capture_error: Option<String>,
+    /// Deleted rows' metadata this node still holds.
+    #[serde(default)]
+    pub tombstones: u64,
+    /// The latest tombstone-collection round this node knows complete (0: none yet).
+    #[serde(default)]
+    pub collection_round: u64,
+    /// Tombstones this node deleted since it started.
+    #[serde(default)]
+    pub tombstones_collected: u64,
     pub peers: BTreeMap<NodeId, PeerStatus>,
 }
 
@@ -339,6 +348,7 @@ where
         round_every: Duration::from_micros(config.replication.tombstone_round_micros),
         last_round: None,
         collected_round: 0,
+        tombstones_collected: 0,
         capture_progress: capture_rx.clone(),
     };
     let task = tokio::spawn(
@@ -502,6 +512,8 @@ struct Loop {
     last_round: Option<Instant>,
     /// The round whose covered tombstones were deleted here.
     collected_round: u64,
+    /// Tombstones deleted since the node started.
+    tombstones_collected: u64,
     /// The capture's progress, read directly when acknowledging a round (the loop's own copy
     /// may lag behind what an applier already waited for).
     capture_progress: watch::Receiver<CaptureProgress>,
@@ -512,6 +524,7 @@ struct Loop {
 struct SlowFigures {
     review_open: u64,
     parked_open: u64,
+    tombstones: u64,
     outbound_lag_secs: BTreeMap<NodeId, f64>,
     /// Per peer: when the applied count was last sampled, and the count then.
     samples: BTreeMap<NodeId, (Instant, u64)>,
@@ -864,6 +877,7 @@ impl Loop {
                 match store::collect_tombstones(&self.db, &cut).await {
                     Ok(deleted) => {
                         tracing::info!(round = cut.round, deleted, "tombstones collected");
+                        self.tombstones_collected += deleted;
                         self.collected_round = cut.round;
                     }
                     Err(error) => tracing::warn!(round = cut.round, %error, "collecting tombstones failed; retrying"),
@@ -932,6 +946,12 @@ impl Loop {
             .context("cannot count the open review items")?;
         self.slow.review_open = row.get::<_, i64>(0) as u64;
         self.slow.parked_open = row.get::<_, i64>(1) as u64;
+        let row = self
+            .db
+            .query_one("SELECT count(*) FROM accord.row_meta WHERE NOT alive", &[])
+            .await
+            .context("cannot count the tombstones")?;
+        self.slow.tombstones = row.get::<_, i64>(0) as u64;
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
             let acked = self.replication.progress(peer)?.acked;
@@ -972,6 +992,9 @@ impl Loop {
             review_open: self.slow.review_open,
             parked_open: self.slow.parked_open,
             capture_error: self.capture_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            tombstones: self.slow.tombstones,
+            collection_round: self.collector.cut().map_or(0, |c| c.round),
+            tombstones_collected: self.tombstones_collected,
             peers: BTreeMap::new(),
         };
         drop(old);

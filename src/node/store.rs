@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS accord.row_meta (
     PRIMARY KEY (table_name, row_key)
 );
 
+-- The tombstones, for the collection and the status.
+CREATE INDEX IF NOT EXISTS row_meta_tombstones ON accord.row_meta (table_name, row_key) WHERE NOT alive;
+
 -- This node's stamped changes, in capture order, until every peer acknowledged them.
 CREATE TABLE IF NOT EXISTS accord.outbound (
     seq    bigint PRIMARY KEY,
