@@ -117,7 +117,7 @@ pub fn capture(
             // A live row we never saw deleted (a TRUNCATE, say) starts a new incarnation too.
             meta.causal_length += if meta.is_alive() { 2 } else { 1 };
             meta.deleted_by.clear();
-            let version = meta.next_version(stamp);
+            let version = meta.next_version(stamp, seq);
             meta.created = Some(version);
             meta.columns = Vec::with_capacity(table.columns.len());
             for (def, cell) in table.columns.iter().zip(&new) {
@@ -182,7 +182,7 @@ pub fn capture(
             if changed.is_empty() {
                 return Ok(None);
             }
-            let version = meta.next_version(stamp);
+            let version = meta.next_version(stamp, seq);
             for &i in &changed {
                 let def = &table.columns[i];
                 let Cell::Value(value) = &new[i] else { continue };
@@ -234,7 +234,7 @@ pub fn capture(
                 meta.causal_length = 1; // a row older than accord
             }
             meta.causal_length += 1;
-            meta.next_version(stamp);
+            meta.next_version(stamp, seq);
             meta.columns.clear();
             meta.created = None;
             meta.deleted_by = vec![(node, seq)];

@@ -15,8 +15,8 @@ use crate::hlc::{Hlc, NodeId};
 use crate::schema::{ColumnPolicy, TableDef};
 use crate::value::{Amount, Value};
 
-/// One write to a row: its stamp, and the writer's count of writes to this row (its dot in the
-/// row clock), which lets any state tell whether it has absorbed that write.
+/// One write to a row: its stamp, and its dot in the row clock (the writer's outbound sequence
+/// number of the change), which lets any state tell whether it has absorbed that write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Version {
     pub stamp: Hlc,
@@ -224,7 +224,7 @@ impl ColumnMeta {
 pub struct RowMeta {
     /// 0 = never seen, odd = alive, even = deleted.
     pub causal_length: u64,
-    /// Per node, how many of its writes to this row this state has absorbed.
+    /// Per node, the latest of its writes to this row this state has absorbed (by its outbound sequence number).
     pub clock: VClock<NodeId>,
     /// The greatest stamp of any write absorbed.
     pub stamp: Option<Hlc>,
@@ -276,13 +276,14 @@ impl RowMeta {
         }
     }
 
-    /// Counts a new write by `node` and returns its version.
-    pub(crate) fn next_version(&mut self, stamp: Hlc) -> Version {
-        let dot = self.clock.inc(stamp.node);
-        let version = Version {
-            stamp,
-            dot: dot.counter,
-        };
+    /// Records a new write by `stamp.node`, the change `seq` of its outbound log, and returns its
+    /// version. The dot is the sequence number rather than a count of the node's writes to the
+    /// row: a count starts again at 1 once the row's tombstone is collected, and a dot used twice
+    /// would look already seen to nodes that absorbed its first use.
+    pub(crate) fn next_version(&mut self, stamp: Hlc, seq: u64) -> Version {
+        let counter = seq.max(self.clock.get(&stamp.node) + 1);
+        let dot = crdts::Dot::new(stamp.node, counter);
+        let version = Version { stamp, dot: counter };
         self.clock.apply(dot);
         self.stamp = self.stamp.max(Some(stamp));
         version

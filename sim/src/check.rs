@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use accord_engine::{Candidate, ColumnMeta, ConflictKind, DeltaLedger, Hlc, NodeId, RowMeta, Value, Version};
+use accord_engine::{
+    Candidate, ColumnMeta, ConflictKind, DeltaLedger, Hlc, NodeId, RowMeta, StableCut, Value, Version,
+};
 
 use crate::db::{Db, QueueEntry, WriteId};
 use crate::expect::{expect, Expected};
@@ -13,20 +15,29 @@ use crate::outcome::{Failure, Invariant};
 use crate::table::{NAME, PRICE, STOCK};
 use crate::world::World;
 
-pub fn final_check(world: &World) -> Result<(), Failure> {
+/// Returns how many fresh inserts lost their row across a collection (the accepted window).
+pub fn final_check(world: &World) -> Result<u64, Failure> {
     let keys = world.params.keys as usize;
     for node in &world.nodes {
         check_node(node.ix, &node.db)?;
     }
+    // A cut is a fact: a tombstone the latest one covers is as good as gone on every node,
+    // whether this node has heard of the cut and dropped it yet or not.
+    let cut = world
+        .nodes
+        .iter()
+        .filter_map(|n| n.db.collection.cut.as_ref())
+        .max_by_key(|c| c.round);
     let first = &world.nodes[0].db;
     for node in &world.nodes[1..] {
-        converged(first, &node.db, node.ix)?;
+        converged(first, &node.db, node.ix, cut)?;
     }
     let expected = expect(&world.oracle, keys)?;
     for node in &world.nodes {
         against_oracle(node.ix, &node.db, &expected)?;
     }
-    conflicts(world, &expected)
+    conflicts(world, &expected)?;
+    Ok(expected.inserts_beaten_across_collection)
 }
 
 fn fail<T>(invariant: Invariant, message: String) -> Result<T, Failure> {
@@ -122,7 +133,7 @@ fn view(meta: &RowMeta) -> MetaView {
     }
 }
 
-fn converged(a: &Db, b: &Db, ix: usize) -> Result<(), Failure> {
+fn converged(a: &Db, b: &Db, ix: usize, cut: Option<&StableCut>) -> Result<(), Failure> {
     let node = ix + 1;
     let keys: std::collections::BTreeSet<i64> = a.rows.keys().chain(b.rows.keys()).copied().collect();
     for key in keys {
@@ -140,10 +151,13 @@ fn converged(a: &Db, b: &Db, ix: usize) -> Result<(), Failure> {
     }
     let meta_keys: std::collections::BTreeSet<i64> = a.meta.keys().chain(b.meta.keys()).copied().collect();
     for key in meta_keys {
-        let (x, y) = (
-            a.meta.get(&key).map(|m| view(&m.meta)),
-            b.meta.get(&key).map(|m| view(&m.meta)),
-        );
+        let held = |db: &Db| {
+            db.meta
+                .get(&key)
+                .filter(|m| StableCut::live(cut, Some(&m.meta)).is_some())
+                .map(|m| view(&m.meta))
+        };
+        let (x, y) = (held(a), held(b));
         if x != y {
             return fail(
                 Invariant::Convergence,

@@ -87,7 +87,7 @@ impl SimArgs {
 fn line(report: &SeedReport) -> String {
     let s = &report.stats;
     format!(
-        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} refused={} faults={}",
+        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} refused={} faults={} rounds={} collected={} window={}",
         report.config.seed,
         if report.passed() { "ok" } else { "FAIL" },
         report.hash,
@@ -106,6 +106,9 @@ fn line(report: &SeedReport) -> String {
             + s.clock_steps
             + s.rogue_clocks
             + s.capture_stalls,
+        s.collection_rounds_completed,
+        s.tombstones_collected,
+        s.inserts_beaten_across_collection,
     )
 }
 

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use accord_engine::{
-    CaptureCheckpoint, CapturedChange, Cell, ClosureKind, Conflict, Hlc, NodeId, PeerProgress, ReviewAction,
-    ReviewItem, ReviewItemId, RowChange, RowMeta, RowState,
+    CaptureCheckpoint, CapturedChange, Cell, ClosureKind, CollectionState, Conflict, Hlc, NodeId, PeerProgress,
+    ReviewAction, ReviewItem, ReviewItemId, RowChange, RowMeta, RowState,
 };
 
 /// A row of the user's table.
@@ -96,6 +96,8 @@ pub struct Db {
     pub conflicts: Vec<(i64, Conflict)>,
     /// Changes whose merge was deferred (unchanged TOAST values not here yet).
     pub deferred: Vec<RowChange>,
+    /// What the node knows of the tombstone-collection rounds (`accord.collection`).
+    pub collection: CollectionState,
 }
 
 impl Db {

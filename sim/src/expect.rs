@@ -12,6 +12,11 @@
 //! - A price update that saw two or more concurrent differing maximal price-writes of its
 //!   incarnation closes their item: resolved if the writer resolved it, superseded otherwise;
 //!   of concurrent closers the greatest stamp is recorded.
+//! - Tombstone collection: a *fresh* insert (its writer held nothing of the row: a tombstone
+//!   every node had was collected) starts from causal length 0, and every write it had seen is
+//!   over for good (superseded). A write that saw a fresh insert goes by what came after it; a
+//!   write that did not (its node had not heard of the collection yet) still counts from the
+//!   tombstone, and the greater causal length wins the row as always.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +37,8 @@ pub struct Expected {
     pub name_losers: Vec<(i64, Hlc)>,
     /// Rows whose live incarnation began with two or more concurrent inserts.
     pub insert_races: Vec<i64>,
+    /// Fresh inserts that lost their row to a concurrent re-insert numbered from a tombstone.
+    pub inserts_beaten_across_collection: u64,
 }
 
 fn stamp(w: &WriteRec) -> Result<Hlc, Failure> {
@@ -79,12 +86,25 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
     let mut prices: Vec<Vec<Vec<WriteId>>> = vec![vec![Vec::new(); keys]; n];
     let mut cl = vec![0u64; writes.len()];
     let mut closures: BTreeMap<ReviewItemId, (ReviewItem, ClosureKind)> = BTreeMap::new();
+    // [key] → the fresh inserts so far, and the writes any fresh insert had seen.
+    let mut fresh: Vec<Vec<WriteId>> = vec![Vec::new(); keys];
+    let mut superseded = vec![false; writes.len()];
 
     for (i, w) in writes.iter().enumerate() {
         let k = w.key as usize;
+        // The fresh inserts this write had seen (itself included): what they saw is over for it.
+        let saw_fresh: Vec<WriteId> = fresh[k]
+            .iter()
+            .copied()
+            .filter(|&f| w.saw(&writes[f]))
+            .chain(w.fresh.then_some(i))
+            .collect();
+        let over = |p: WriteId| saw_fresh.iter().any(|&f| f != p && writes[f].saw(&writes[p]));
         let base = (0..n)
             .filter(|&o| w.seen[o] > 0)
-            .map(|o| cl[all[o][k][w.seen[o] as usize - 1]])
+            .map(|o| all[o][k][w.seen[o] as usize - 1])
+            .filter(|&p| !over(p))
+            .map(|p| cl[p])
             .max()
             .unwrap_or(0);
         cl[i] = match w.kind {
@@ -107,6 +127,14 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
             ));
         }
         all[w.node][k].push(i);
+        if w.fresh {
+            for o in 0..n {
+                for &p in &all[o][k][..w.seen[o] as usize] {
+                    superseded[p] = true;
+                }
+            }
+            fresh[k].push(i);
+        }
         if w.price.is_none() {
             continue;
         }
@@ -117,7 +145,7 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
                 let list = &list[k];
                 let upto = list.partition_point(|&p| writes[p].idx <= w.seen[o]);
                 if let Some(&p) = upto.checked_sub(1).and_then(|j| list.get(j)) {
-                    if cl[p] == cl[i] {
+                    if cl[p] == cl[i] && !over(p) {
                         seen.push(p);
                     }
                 }
@@ -180,16 +208,34 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
     // Indexed by origin then key, so a range over keys reads clearest here.
     #[allow(clippy::needless_range_loop)]
     for k in 0..keys {
-        let Some(last) = (0..n).flat_map(|o| all[o][k].iter().map(|&i| cl[i])).max() else {
+        let current = |i: &WriteId| !superseded[*i];
+        let Some(last) = (0..n)
+            .flat_map(|o| all[o][k].iter().filter(|i| current(i)).map(|&i| cl[i]))
+            .max()
+        else {
             continue;
         };
+        let live: Vec<WriteId> = (0..n)
+            .flat_map(|o| all[o][k].iter().copied())
+            .filter(|&i| current(&i) && cl[i] == last)
+            .collect();
+        // The accepted window: a fresh insert that lost the row to a concurrent re-insert
+        // numbered from the tombstone, which had not seen it.
+        let recollected = |f: WriteId| writes[f].seen.iter().any(|&c| c > 0);
+        let from_tombstone = live
+            .iter()
+            .any(|&l| writes[l].kind == ChangeKind::Insert && !writes[l].fresh);
+        if from_tombstone {
+            expected.inserts_beaten_across_collection += fresh[k]
+                .iter()
+                .filter(|&&f| {
+                    recollected(f) && current(&f) && cl[f] < last && !live.iter().any(|&l| writes[l].saw(&writes[f]))
+                })
+                .count() as u64;
+        }
         if last % 2 == 0 {
             continue;
         }
-        let live: Vec<WriteId> = (0..n)
-            .flat_map(|o| all[o][k].iter().copied())
-            .filter(|&i| cl[i] == last)
-            .collect();
         let stock: i64 = live.iter().map(|&i| writes[i].stock).sum();
         // Per origin its last live write of a column; the maximal of those are the heads.
         let last_of = |pick: &dyn Fn(&WriteRec) -> bool| -> Vec<WriteId> {
@@ -199,7 +245,7 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
                         .iter()
                         .rev()
                         .copied()
-                        .find(|&i| cl[i] == last && pick(&writes[i]))
+                        .find(|&i| current(&i) && cl[i] == last && pick(&writes[i]))
                 })
                 .collect()
         };

@@ -10,9 +10,9 @@
 use std::collections::VecDeque;
 
 use accord_engine::{
-    merge, CapturedChange, Capturer, Cell, ChangeKind, Hello, Hlc, LocalIdentity, MergeOutcome, Message, NodeId,
-    Refusal, Replication, ReplicationConfig, ReplicationError, RowAction, RowChange, RowState, TableDef,
-    PROTOCOL_VERSION,
+    merge, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, Hello, Hlc, LocalIdentity,
+    MergeOutcome, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, RowAction, RowChange,
+    RowState, StableCut, TableDef, PROTOCOL_VERSION,
 };
 
 use crate::config::PlantedBug;
@@ -50,6 +50,8 @@ pub enum Timer {
     Capture,
     Apply,
     Prune,
+    /// The coordinator may start a tombstone-collection round.
+    Round,
 }
 
 /// Everything a node handler may use besides the node itself.
@@ -87,6 +89,9 @@ pub struct Volatile {
     capture_scheduled: bool,
     apply_scheduled: bool,
     prune_scheduled: bool,
+    /// This node's part in the tombstone-collection rounds; its state is durable in `db`.
+    collector: Collector,
+    round_scheduled: bool,
 }
 
 #[derive(Debug)]
@@ -163,8 +168,15 @@ impl Node {
             capture_scheduled: false,
             apply_scheduled: false,
             prune_scheduled: false,
+            collector: Collector::new(
+                self.id,
+                (0..self.nodes).filter(|&p| p != self.ix).map(peer_id),
+                self.db.collection.clone(),
+            ),
+            round_scheduled: false,
         });
         self.want_capture(ctx);
+        self.want_round(ctx);
     }
 
     /// The process dies: everything in memory is gone; the database keeps what was committed.
@@ -235,6 +247,87 @@ impl Node {
             at: ctx.now + 50_000,
             timer: Timer::Prune,
         });
+    }
+
+    /// The coordinator looks at starting a round every `round_every`, while it holds tombstones
+    /// (without any, nothing is left to collect and the cluster may go quiet).
+    fn want_round(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &mut self.vol else { return };
+        if vol.round_scheduled || !vol.collector.is_coordinator() || self.db.meta.values().all(|m| m.meta.is_alive()) {
+            return;
+        }
+        vol.round_scheduled = true;
+        ctx.out.push(Output::Timer {
+            at: ctx.now + ctx.params.round_every,
+            timer: Timer::Round,
+        });
+    }
+
+    pub fn round_tick(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        vol.round_scheduled = false;
+        let before = vol.collector.state().clone();
+        if vol.collector.start_round() {
+            ctx.stats.collection_rounds_started += 1;
+        }
+        self.collection_step(ctx, before);
+        self.want_round(ctx);
+        Ok(())
+    }
+
+    /// A peer's collection state arrived.
+    pub fn on_collection(&mut self, ctx: &mut Ctx, state: CollectionState) -> Result<(), Failure> {
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let before = vol.collector.state().clone();
+        vol.collector.merge(&state);
+        self.collection_step(ctx, before);
+        Ok(())
+    }
+
+    /// Acknowledges what can be acknowledged, as the service's loop does on every tick (durable
+    /// applied positions first, then the capture head); persists a changed state before sending
+    /// it to every connected peer; and drops the tombstones a new cut covers (the service reads
+    /// them as absent at once and deletes them soon after: the same to every reader).
+    fn collection_step(&mut self, ctx: &mut Ctx, before: CollectionState) {
+        let Some(vol) = &mut self.vol else { return };
+        let applied: Vec<(NodeId, u64)> = self.db.progress.iter().map(|(p, pr)| (*p, pr.applied)).collect();
+        if vol.collector.wants_ack1() {
+            vol.collector.ack1(self.db.outbound_head(), &applied);
+        }
+        if vol.collector.wants_ack2(&applied) {
+            vol.collector.ack2();
+        }
+        let state = vol.collector.state();
+        if *state == before {
+            return;
+        }
+        self.db.collection = state.clone();
+        if state.cut != before.cut {
+            if let Some(cut) = &state.cut {
+                let held = self.db.meta.len();
+                self.db.meta.retain(|_, m| !cut.covers(&m.meta));
+                ctx.stats.tombstones_collected += (held - self.db.meta.len()) as u64;
+                if self.ix == 0 {
+                    ctx.stats.collection_rounds_completed += 1;
+                }
+            }
+        }
+        for peer in (0..self.nodes).filter(|&p| p != self.ix) {
+            if vol.replication.is_connected(peer_id(peer)) {
+                ctx.out.push(Output::Send {
+                    to: peer,
+                    msg: Message::Collection(state.clone()),
+                });
+            }
+        }
+    }
+
+    /// Calls `collection_step` after a step that may have moved the applied positions.
+    fn collection_after_step(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &self.vol else { return };
+        let before = vol.collector.state().clone();
+        self.collection_step(ctx, before);
+        self.want_round(ctx);
     }
 
     /// The application commits a transaction here (PostgreSQL is up; the accord process need not
@@ -341,6 +434,7 @@ impl Node {
             });
         }
         self.want_apply(ctx);
+        self.collection_after_step(ctx);
         self.pump_all(ctx)
     }
 
@@ -385,6 +479,11 @@ impl Node {
         vol.replication
             .connected(peer_id(peer), applied_yours)
             .map_err(|e| Failure::new(Invariant::Protocol, format!("node {}: {e}", self.id)))?;
+        // Before any batch: the batches may hold changes numbered under its cut.
+        ctx.out.push(Output::Send {
+            to: peer,
+            msg: Message::Collection(vol.collector.state().clone()),
+        });
         self.pump(ctx, peer)
     }
 
@@ -586,6 +685,7 @@ impl Node {
         }
         self.want_capture(ctx);
         self.want_apply(ctx);
+        self.collection_after_step(ctx);
         Ok(())
     }
 
@@ -651,9 +751,11 @@ fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut C
         WalBody::Local { rows, resolving } => {
             for row in rows {
                 let key = key_of(&row.change.key).unwrap_or(-1);
-                let prior = db.meta.get(&key).map(|m| &m.meta);
+                let prior = StableCut::live(db.collection.cut.as_ref(), db.meta.get(&key).map(|m| &m.meta));
+                // Numbered as a new key's: never known here, or its tombstone was collected.
+                let fresh = prior.is_none() && row.change.kind == ChangeKind::Insert;
                 match vol.capturer.row(ctx.table, prior, &row.change, resolving) {
-                    Ok(Some(c)) if !replay => captured.push((key, Some(row.write), c)),
+                    Ok(Some(c)) if !replay => captured.push((key, Some((row.write, fresh)), c)),
                     Ok(Some(c)) => {
                         return Err(Failure::new(
                             Invariant::ExactlyOnce,
@@ -702,7 +804,7 @@ fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut C
     // One transaction: metadata, review queue, outbound log, checkpoint.
     for (key, write, c) in captured {
         match write {
-            Some(write) => ctx.oracle.captured(ix, write, &c.change)?,
+            Some((write, fresh)) => ctx.oracle.captured(ix, write, &c.change, fresh)?,
             None => ctx.oracle.loop_detected(ix, &c.change)?,
         }
         if c.change.seq != db.outbound_head() + 1 {
@@ -750,7 +852,11 @@ fn merge_one(db: &mut Db, ix: usize, tx: &mut ApplyTx, change: &RowChange, ctx: 
     })?;
     // The row and its metadata are taken out for the merge instead of copied (this is the hot
     // path); whatever the outcome, they go back below.
-    let meta_row = db.meta.remove(&key);
+    // A tombstone the node's cut covers reads as absent, as in the service.
+    let meta_row = db
+        .meta
+        .remove(&key)
+        .filter(|m| StableCut::live(db.collection.cut.as_ref(), Some(&m.meta)).is_some());
     let mut user_row = db.rows.remove(&key);
     let known_before = meta_row.as_ref().map_or(0, |m| m.known_xmin);
     let local: Option<RowState> = meta_row.map(|m| {

@@ -36,6 +36,9 @@ pub struct WriteRec {
     pub stamp: Option<Hlc>,
     pub causal_length: u64,
     pub seq: u64,
+    /// The capture numbered this insert as a new key's: the node held no metadata for the row
+    /// (never known, or its tombstone collected).
+    pub fresh: bool,
 }
 
 impl WriteRec {
@@ -120,12 +123,13 @@ impl Oracle {
             stamp: None,
             causal_length: 0,
             seq: 0,
+            fresh: false,
         });
         self.writes.len() - 1
     }
 
     /// The capture stamped `write` as `change`: invariant 7's checks on the stamp.
-    pub fn captured(&mut self, node: usize, write: WriteId, change: &RowChange) -> Result<(), Failure> {
+    pub fn captured(&mut self, node: usize, write: WriteId, change: &RowChange, fresh: bool) -> Result<(), Failure> {
         let stamp = change.stamp;
         let rec = &self.writes[write];
         if rec.node != node || change.origin.0 as usize != node + 1 || stamp.node.0 as usize != node + 1 {
@@ -187,6 +191,7 @@ impl Oracle {
         rec.stamp = Some(stamp);
         rec.causal_length = change.row.meta.causal_length;
         rec.seq = change.seq;
+        rec.fresh = fresh;
         Ok(())
     }
 

@@ -106,6 +106,13 @@ pub struct Stats {
     pub refused_batches: u64,
     /// Protocol errors caused by ghost deliveries (tolerated: the connection closes).
     pub ghost_errors: u64,
+    /// Tombstone collection: rounds the coordinator started, rounds node 1 saw complete,
+    /// tombstones dropped on all nodes, and fresh inserts that lost the row to a concurrent
+    /// re-insert numbered from a tombstone (the accepted window, ARCHITECTURE.md).
+    pub collection_rounds_started: u64,
+    pub collection_rounds_completed: u64,
+    pub tombstones_collected: u64,
+    pub inserts_beaten_across_collection: u64,
     /// Simulated µs at the end of the run.
     pub sim_time: u64,
     /// Simulated µs the liveness phase took to converge after healing.

@@ -71,6 +71,9 @@ pub struct Params {
     pub fault_gap_mean: f64,
     pub fault_weights: [u32; 10],
     pub fault_duration_max: u64,
+    /// Tombstone collection: µs between two rounds the coordinator starts (while it holds
+    /// tombstones).
+    pub round_every: u64,
 }
 
 impl Params {
@@ -131,6 +134,7 @@ impl Params {
             fault_gap_mean: op_gap_mean * *pick(rng, &[20.0f64, 200.0, 2_000.0]),
             fault_weights,
             fault_duration_max: *pick(rng, &[20_000u64, 300_000, 2_000_000]),
+            round_every: *pick(rng, &[20_000u64, 200_000, 2_000_000]),
         }
     }
 

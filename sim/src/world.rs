@@ -270,7 +270,9 @@ impl World {
         }
         self.check_quiescent()?;
         self.stats.converge_time = self.last_activity.saturating_sub(self.heal_at);
-        crate::check::final_check(self)
+        let window = crate::check::final_check(self)?;
+        self.stats.inserts_beaten_across_collection = window;
+        Ok(())
     }
 
     fn handle(&mut self, kind: EventKind) -> Result<(), Failure> {
@@ -287,6 +289,7 @@ impl World {
                         n.prune();
                         Ok(())
                     }
+                    Timer::Round => n.round_tick(ctx),
                 })
             }
             EventKind::LinkReady { link } => self.link_ready(link),
@@ -470,8 +473,7 @@ impl World {
             }
             Message::Ack { applied } => self.with_node(to, |n, ctx| n.on_ack(ctx, from, applied, ghost)),
             Message::Ping { .. } => Ok(()),
-            // Tombstone collection is not simulated yet.
-            Message::Collection(_) => Ok(()),
+            Message::Collection(state) => self.with_node(to, |n, ctx| n.on_collection(ctx, state)),
         }
     }
 
