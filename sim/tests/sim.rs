@@ -43,7 +43,10 @@ fn two_hundred_seeds_pass_with_every_fault_kind() {
     assert!(total(|s| s.conflicts) > 0, "no conflict");
     assert!(total(|s| s.apply_waits) > 0, "no merge waited for the capture");
     assert!(total(|s| s.resolutions) > 0, "no review resolution");
-    assert!(total(|s| s.collection_rounds_completed) > 0, "no tombstone-collection round completed");
+    assert!(
+        total(|s| s.collection_rounds_completed) > 0,
+        "no tombstone-collection round completed"
+    );
     assert!(total(|s| s.tombstones_collected) > 0, "no tombstone collected");
 }
 
