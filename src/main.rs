@@ -125,15 +125,16 @@ enum ReviewCommand {
     },
     /// Resolve an item: the choice is written as a new value that supersedes every candidate, and
     /// replicates to every node like any write.
+    #[command(group(clap::ArgGroup::new("choice").required(true).multiple(false)))]
     Resolve {
         id: accord_engine::ReviewItemId,
         #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
         dsn: String,
         /// The candidate to keep (1 is the first `show` lists).
-        #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+        #[arg(long, group = "choice")]
         pick: Option<usize>,
         /// A value of your own, in PostgreSQL's text form.
-        #[arg(long)]
+        #[arg(long, group = "choice")]
         value: Option<String>,
     },
 }
@@ -364,6 +365,6 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
 }
 
 fn fail(error: anyhow::Error) -> ExitCode {
-    eprintln!("accord: error: {error:#}");
+    eprintln!("accord: error: {}", accord::service::error_chain(&error));
     ExitCode::from(EXIT_FAILED)
 }

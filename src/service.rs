@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use accord_transport::{EndpointConfig, PeerAddr, TlsIdentity};
+use accord_transport::{EndpointConfig, PeerAddr, StartError, TlsIdentity};
 use anyhow::{bail, Context, Result};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -30,7 +30,7 @@ pub async fn run(config: ServiceConfig) -> Result<()> {
 pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Output = ()>) -> Result<()> {
     check_key_permissions(&config.tls.key);
     let tls = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
-        .context("cannot load the certificates named in [tls]")?;
+        .with_context(|| format!("cannot load the certificates named in [tls] ({})", tls_files(&config)))?;
     if tls.node() != config.node {
         bail!(
             "tls.cert ({}) is node {}'s certificate, but this is node {} (node_id)",
@@ -69,6 +69,21 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
         quic_port(endpoint, hello).map(|(port, _)| port)
     })
     .await
+    .map_err(|error| {
+        // The TLS configuration is built when the endpoint starts: a key that is not the
+        // certificate's shows up here, in rustls' words. Say which files are meant.
+        let tls_error = error
+            .chain()
+            .any(|e| matches!(e.downcast_ref::<StartError>(), Some(StartError::Tls(_))));
+        if tls_error {
+            error.context(format!(
+                "the files named in [tls] do not work together ({}; the key must be the one made with the certificate, by `accord certs node`)",
+                tls_files(&config)
+            ))
+        } else {
+            error
+        }
+    })
     .context("the node cannot start")?;
     tracing::info!(node = %config.node, %listen, peers = config.peers.len(), "node started");
 
@@ -98,9 +113,35 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
     }
     match &result {
         Ok(()) => tracing::info!("node stopped"),
-        Err(error) => tracing::error!(error = format!("{error:#}"), "node failed"),
+        Err(error) => tracing::error!(error = error_chain(error), "node failed"),
     }
     result
+}
+
+fn tls_files(config: &ServiceConfig) -> String {
+    format!(
+        "tls.ca {}, tls.cert {}, tls.key {}",
+        config.tls.ca.display(),
+        config.tls.cert.display(),
+        config.tls.key.display()
+    )
+}
+
+/// An error and its causes on one line, like `{:#}`, but a cause whose text its wrapper already
+/// ends with (an error that prints its source, and also returns it as its source) is not repeated.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener> {

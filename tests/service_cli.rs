@@ -308,6 +308,35 @@ async fn bad_configurations_are_refused_naming_the_problem() {
         !ok && out.contains("node 2's certificate") && out.contains("node 1"),
         "{out}"
     );
+    // Its own certificate with another node's key, and a certificate from another cluster's CA:
+    // refused at start, naming the files, not left for the peers' handshakes to refuse.
+    let (ok, out) = run_with(
+        "mismatched-key.toml",
+        text.replace("certs-1/node-1.key", "certs-2/node-2.key"),
+    );
+    assert!(
+        !ok && out.contains("not the key of the node certificate") && out.contains("node-2.key"),
+        "{out}"
+    );
+    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("other-ca").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let foreign = dir.path().join("foreign-1");
+    let (ok, out) = accord(&[
+        "certs",
+        "node",
+        "1",
+        "--ca-dir",
+        dir.path().join("other-ca").to_str().unwrap(),
+        "--out",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = run_with(
+        "foreign-ca.toml",
+        text.replace("certs-1/node-1.pem", &format!("{}/node-1.pem", foreign.display()))
+            .replace("certs-1/node-1.key", &format!("{}/node-1.key", foreign.display())),
+    );
+    assert!(!ok && out.contains("not signed by the CA certificate"), "{out}");
 
     // A database nobody answers at.
     let (ok, out) = accord(&["run", "--config", good.config.to_str().unwrap()]);

@@ -364,4 +364,28 @@ mod tests {
         let loaded = crate::TlsIdentity::load(&files.ca_cert, &files.cert, &files.key).unwrap();
         assert_eq!(loaded.node(), NodeId(1));
     }
+
+    #[test]
+    fn files_that_do_not_belong_together_are_refused_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init(&ca_dir, 30).unwrap();
+        let one = node(NodeId(1), &ca_dir, &dir.path().join("n1"), 30).unwrap();
+        let two = node(NodeId(2), &ca_dir, &dir.path().join("n2"), 30).unwrap();
+        let other_ca = dir.path().join("other-ca");
+        init(&other_ca, 30).unwrap();
+        let foreign = node(NodeId(1), &other_ca, &dir.path().join("f1"), 30).unwrap();
+
+        let mismatched = crate::TlsIdentity::load(&one.ca_cert, &one.cert, &two.key);
+        assert!(
+            matches!(mismatched, Err(crate::tls::TlsError::KeyMismatch)),
+            "{mismatched:?}"
+        );
+        let from_other_ca = crate::TlsIdentity::load(&one.ca_cert, &foreign.cert, &foreign.key);
+        assert!(
+            matches!(from_other_ca, Err(crate::tls::TlsError::NotFromCa(_))),
+            "{from_other_ca:?}"
+        );
+        assert!(crate::TlsIdentity::load(&one.ca_cert, &one.cert, &one.key).is_ok());
+    }
 }

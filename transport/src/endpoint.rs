@@ -269,11 +269,12 @@ async fn dial_loop(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr) {
                 serve(&shared, established, None).await;
             }
             Err(DialError::Unreachable(error)) => {
-                // Once per outage at info, then quietly: a peer that is down is not news.
+                // Once per outage as a warning (while a peer is away its lag grows and tombstones
+                // are kept), then quietly: the repeats are not news.
                 if unreachable_reported {
                     debug!(%peer, %addr, %error, "peer still unreachable");
                 } else {
-                    info!(%peer, %addr, %error, "peer unreachable; retrying with backoff");
+                    warn!(%peer, %addr, %error, "peer unreachable; retrying with backoff");
                     unreachable_reported = true;
                 }
             }

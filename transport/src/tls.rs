@@ -32,6 +32,10 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("QUIC TLS configuration: {0}")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("the node key is not the key of the node certificate (each `accord certs node` run makes a new pair: use the .key written with the .pem)")]
+    KeyMismatch,
+    #[error("the node certificate is not signed by the CA certificate ({0}); its peers would refuse it")]
+    NotFromCa(rustls::Error),
 }
 
 /// What a node proves itself with and checks its peers against.
@@ -73,6 +77,9 @@ impl TlsIdentity {
     }
 
     /// From files: `ca.pem`, `node-<id>.pem`, `node-<id>.key` as `accord certs` writes them.
+    /// Files that load but do not belong together (a certificate from another cluster's CA, an
+    /// expired one) are refused here, when the operator starts the node, rather than by every
+    /// peer's handshake later, where the cause shows only in the peers' logs.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|e| TlsError::Pem {
@@ -80,7 +87,24 @@ impl TlsIdentity {
                 message: e.to_string(),
             })
         };
-        Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+        let identity = Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?)?;
+        identity.verify_against_ca()?;
+        Ok(identity)
+    }
+
+    /// Whether the node certificate chains to the CA certificate and is valid now, as a peer's
+    /// handshake would check it. `from_pem` does not require it, so that tests can build the
+    /// foreign identities that peers must refuse.
+    pub fn verify_against_ca(&self) -> Result<(), TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider()).build()?;
+        let (leaf, intermediates) = self.chain.split_first().ok_or_else(|| TlsError::Empty {
+            what: "the node certificate".into(),
+            expected: "certificate",
+        })?;
+        verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(TlsError::NotFromCa)
     }
 
     pub fn new(
@@ -93,6 +117,11 @@ impl TlsIdentity {
             expected: "certificate",
         })?;
         let node = certified_node(leaf)?;
+        match rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()) {
+            Ok(_) => {}
+            Err(rustls::Error::InconsistentKeys(_)) => return Err(TlsError::KeyMismatch),
+            Err(other) => return Err(TlsError::Rustls(other)),
+        }
         Ok(TlsIdentity { ca, chain, key, node })
     }
 
