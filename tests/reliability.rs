@@ -334,8 +334,9 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // ACCORD_RELIABILITY_KEEP=1 keeps the configurations and logs of a failed run.
-        if std::thread::panicking() && std::env::var_os("ACCORD_RELIABILITY_KEEP").is_some() {
+        // ACCORD_RELIABILITY_KEEP=1 keeps the configurations and logs of the run, failed or passed
+        // (a slow convergence is worth reading too).
+        if std::env::var_os("ACCORD_RELIABILITY_KEEP").is_some() {
             let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
             eprintln!("[{}] logs kept in {}", self.name, kept.display());
         }

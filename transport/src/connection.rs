@@ -188,6 +188,7 @@ fn ended(conn: &Closable, error: &ConnectionError, shared: &Shared) -> DownReaso
             reason: String::from_utf8_lossy(&close.reason).into_owned(),
         },
         ConnectionError::TimedOut => DownReason::TimedOut,
+        ConnectionError::Reset => DownReason::PeerRestarted,
         other => DownReason::Lost(other.to_string()),
     }
 }

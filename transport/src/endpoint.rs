@@ -158,7 +158,9 @@ impl Endpoint {
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
         let runtime = quinn::default_runtime().ok_or_else(|| StartError::Config("no async runtime".into()))?;
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(config.tls.stateless_reset_key()));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(config.tls.stateless_reset_key()));
+        let cid_key = config.tls.connection_id_key();
+        endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(bind)?;
         let local_addr = endpoint.local_addr().map_err(bind)?;
 

@@ -85,6 +85,10 @@ pub enum DownReason {
     ClosedByPeer { code: CloseCode, reason: String },
     #[error("no sign of life from the peer within the idle timeout")]
     TimedOut,
+    /// The peer answered with a QUIC stateless reset: it no longer knows the connection, because
+    /// it restarted (or crashed and came back) on the same address.
+    #[error("the peer restarted: it answered with a stateless reset")]
+    PeerRestarted,
     #[error("connection lost: {0}")]
     Lost(String),
 }

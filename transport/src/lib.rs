@@ -43,7 +43,9 @@
 //! are never two connections for one pair. A newer connection from the same peer replaces the
 //! current one (the peer only dials again after it lost the old one, or restarted). The dialler
 //! reconnects after every failure or lost link with exponential backoff and jitter
-//! ([`BackoffConfig`]); QUIC keep-alives and the idle timeout detect a dead peer.
+//! ([`BackoffConfig`]); QUIC keep-alives and the idle timeout detect a dead peer, and a peer that
+//! restarted on its address answers the old connection with a stateless reset
+//! ([`DownReason::PeerRestarted`]), so the dialler does not wait out the idle timeout.
 //!
 //! # Identity and handshake
 //!

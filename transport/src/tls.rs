@@ -136,6 +136,21 @@ impl TlsIdentity {
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, context.finish().as_ref())
     }
 
+    /// The key of the check quinn applies to the connection IDs of packets for connections it does
+    /// not know: a packet whose ID fails the check is dropped without a stateless reset. quinn's
+    /// default draws that key at random per process, so a restarted node would silently drop its
+    /// previous connections' packets and its peers would wait out the idle timeout. Derived from
+    /// the node's private key, it is the same after a restart, and the reset goes out.
+    pub fn connection_id_key(&self) -> u64 {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(b"accord QUIC connection id key v1\0");
+        context.update(self.key.secret_der());
+        let digest = context.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        u64::from_le_bytes(first)
+    }
+
     /// The node the certificate is for.
     pub fn node(&self) -> NodeId {
         self.node

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::NodeId;
 use accord_transport::certs::Ca;
+use accord_transport::DownReason;
 use support::*;
 use tokio::net::UdpSocket;
 
@@ -210,4 +211,46 @@ async fn a_connection_gone_dark_times_out_and_resumes_without_loss_or_duplicatio
     assert!(state_a.ups >= 2, "node 1 reconnected");
     let log = state_a.log.lock().unwrap().join("\n");
     assert!(log.contains("down 2 no sign of life"), "{log}");
+}
+
+/// A node that crashes closes nothing: its peers learn that it is gone only from the packets its
+/// next run answers. That run must answer the old connection with a stateless reset, so the peer
+/// redials at once instead of waiting out the idle timeout (30 s by default) with changes queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_and_restarted_acceptor_resets_the_old_connection() {
+    init_tracing();
+    let n = backlog(CUT_BACKLOG);
+    let ca = Ca::generate(1).unwrap();
+    let (a, b) = (NodeId(1), NodeId(2));
+    let config_b = config(&ca, b, loopback(), &[(a, not_dialled())]);
+    let node_b = Running::start(config_b.clone(), NodeState::new(b, &[a], n));
+    let relay = Relay::start(node_b.addr).await;
+    let state_a = NodeState::new(a, &[b], n);
+    let log_a = state_a.log.clone();
+    let node_a = Running::start(config(&ca, a, loopback(), &[(b, relay.addr)]), state_a);
+
+    wait_applied("first third", &[(&node_b.durable, a, n / 3)], LIMIT).await;
+    // The crash, as node 1 sees it: node 2's goodbye never arrives.
+    relay.dark.store(true, Ordering::SeqCst);
+    let mut config_b = config_b;
+    config_b.listen = node_b.addr;
+    let state_b = node_b.stop().await;
+    let node_b = Running::restart_on(config_b, state_b).await;
+    relay.dark.store(false, Ordering::SeqCst);
+
+    wait_applied(
+        "after the restart",
+        &[(&node_a.durable, b, n), (&node_b.durable, a, n)],
+        LIMIT,
+    )
+    .await;
+    relay.task.abort();
+    let (state_a, state_b) = (node_a.stop().await, node_b.stop().await);
+    state_a.assert_applied_once(b, n);
+    state_b.assert_applied_once(a, n);
+    let log = log_a.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("down 2 {}", DownReason::PeerRestarted)),
+        "node 1 learnt of the restart from a stateless reset, not from the idle timeout: {log}"
+    );
 }
