@@ -333,10 +333,11 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
                             ""
                         };
                         println!(
-                            "  {}. {}  written on node {} at {}{mark}",
+                            "  {}. {}  written on node {} at {} (HLC {}){mark}",
                             i + 1,
                             c.value,
                             c.stamp.node,
+                            accord::node::review::utc(c.stamp.physical),
                             c.stamp
                         );
                     }

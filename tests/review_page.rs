@@ -1,5 +1,6 @@
-//! The review page served by a node: a real browser resolves an item through it, and requests
-//! without the token or forged from another site are refused and change nothing.
+//! The review queue as reviewers work it: the page a node serves (a real browser resolves an item
+//! through it; requests without the token or forged from another site are refused and change
+//! nothing) and the `accord review` commands.
 
 mod support;
 
@@ -15,6 +16,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use support::cli::accord;
 use support::nodes::{TestCluster, DB, SHOP};
 
 const TABLES: &[&str] = &["shop.products", "shop.users"];
@@ -474,4 +476,52 @@ async fn the_page_refuses_strangers_and_forged_resolutions() {
     wait_resolved_everywhere(&cluster, &item, "42.50").await;
     cluster.stop_all().await;
     eprintln!("HTTP test took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_review_commands_list_show_and_resolve_an_item_on_every_node() {
+    let (cluster, item) = cluster_with_open_item(2).await;
+    let dsn = cluster.pg[1].dsn(DB);
+    let id = item.id.to_string();
+
+    let (ok, out) = accord(&["review", "list", "--dsn", &dsn]);
+    assert!(
+        ok && out.contains(&id) && out.contains("open") && out.contains("shop.products.price"),
+        "{out}"
+    );
+
+    let (ok, out) = accord(&["review", "show", &id, "--dsn", &dsn]);
+    assert!(ok, "{out}");
+    for (n, c) in item.item.candidates().iter().enumerate() {
+        let line = format!("{}. {}  written on node {} at ", n + 1, c.value, c.stamp.node);
+        assert!(out.contains(&line), "candidate {n} as {line:?}:\n{out}");
+    }
+    assert!(
+        out.contains(" UTC (HLC ") && out.contains("(provisional winner)"),
+        "{out}"
+    );
+
+    let (ok, out) = accord(&["review", "resolve", &id, "--dsn", &dsn]);
+    assert!(
+        !ok && out.contains("--pick") && out.contains("--value"),
+        "a choice is required: {out}"
+    );
+    let (ok, out) = accord(&["review", "resolve", &id, "--pick", "9", "--dsn", &dsn]);
+    assert!(!ok && out.contains("pick 1 to 2"), "there is no candidate 9: {out}");
+    assert!(still_open(&cluster, &item).await.ends_with(".00"));
+
+    let (ok, out) = accord(&["review", "resolve", &id, "--value", "12.50", "--dsn", &dsn]);
+    assert!(ok && out.contains(&id), "{out}");
+    wait_resolved_everywhere(&cluster, &item, "12.50").await;
+
+    let (ok, out) = accord(&["review", "resolve", &id, "--pick", "1", "--dsn", &dsn]);
+    assert!(!ok && out.contains("resolved"), "an item is resolved once: {out}");
+    let (ok, out) = accord(&["review", "list", "--dsn", &dsn]);
+    assert!(ok && !out.contains(&id), "no longer open: {out}");
+    let (ok, out) = accord(&["review", "list", "--all", "--dsn", &dsn]);
+    assert!(
+        ok && out.contains(&id) && out.contains("resolved"),
+        "in the history: {out}"
+    );
+    cluster.stop_all().await;
 }

@@ -12,6 +12,25 @@ use tokio_postgres::Client;
 use super::rows::update_row;
 use super::store::decode;
 
+/// An HLC stamp's physical time (microseconds since the Unix epoch) as UTC, to the millisecond,
+/// for reviewers; a time past what a calendar date can hold is shown as the raw microseconds.
+pub fn utc(micros: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000);
+    match at {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{micros} µs after 1970"),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReviewEntry {
     pub id: ReviewItemId,
@@ -132,4 +151,19 @@ pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, c
         .with_context(|| format!("cannot write the resolution into {}", item.table))?;
     tx.commit().await?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_show_as_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000 UTC");
+        // 2024-02-29 23:59:59.123456 UTC, a leap day.
+        assert_eq!(utc(1_709_251_199_123_456), "2024-02-29 23:59:59.123 UTC");
+        assert_eq!(utc(951_782_400_000_000), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(utc(4_102_444_800_000_000), "2100-01-01 00:00:00.000 UTC");
+        assert_eq!(utc(u64::MAX), format!("{} µs after 1970", u64::MAX));
+    }
 }
