@@ -726,8 +726,13 @@ impl Demo {
         if let Some(url) = review_page {
             println!("  the review page of node 1: {url}");
         }
-        println!("  accord review list --dsn '{first}'");
-        println!("  accord review show ID --dsn '{first}'   then   accord review resolve ID --pick 1 --dsn '{first}'");
+        // The path this binary was started by, so the commands work as printed from a fresh
+        // build (`target/release/accord`) as well as from an installed one.
+        let accord = std::env::args().next().unwrap_or_else(|| "accord".into());
+        println!("  {accord} review list --dsn '{first}'");
+        println!(
+            "  {accord} review show ID --dsn '{first}'   then   {accord} review resolve ID --pick 1 --dsn '{first}'"
+        );
         println!(
             "  UPDATE shop.products SET stock = stock + 1 WHERE id = 1;   -- on one node, then read it on another"
         );

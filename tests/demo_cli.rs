@@ -198,6 +198,22 @@ async fn demo_keep_replicates_until_ctrl_c_then_cleans_up() {
     }
     drop((one, three));
 
+    // The printed review command runs as printed: its program is this very binary's path.
+    let review = out
+        .lines()
+        .find(|l| l.contains(" review list --dsn '"))
+        .unwrap_or_else(|| panic!("a review list command:\n{out}"));
+    let (program, rest) = review.trim().split_once(" review list --dsn ").expect("found above");
+    let listed = std::process::Command::new(program)
+        .args(["review", "list", "--dsn", rest.trim_matches('\'')])
+        .output()
+        .unwrap_or_else(|e| panic!("the printed program {program:?} runs: {e}"));
+    assert!(
+        listed.status.success(),
+        "{review}: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+
     // So does the review page's link, token and all.
     let url = out
         .lines()
