@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use accord_transport::{EndpointConfig, PeerAddr, StartError, TlsIdentity};
+use accord_transport::{EndpointConfig, PeerAddr, TlsIdentity};
 use anyhow::{bail, Context, Result};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -69,21 +69,6 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
         quic_port(endpoint, hello).map(|(port, _)| port)
     })
     .await
-    .map_err(|error| {
-        // The TLS configuration is built when the endpoint starts: a key that is not the
-        // certificate's shows up here, in rustls' words. Say which files are meant.
-        let tls_error = error
-            .chain()
-            .any(|e| matches!(e.downcast_ref::<StartError>(), Some(StartError::Tls(_))));
-        if tls_error {
-            error.context(format!(
-                "the files named in [tls] do not work together ({}; the key must be the one made with the certificate, by `accord certs node`)",
-                tls_files(&config)
-            ))
-        } else {
-            error
-        }
-    })
     .context("the node cannot start")?;
     tracing::info!(node = %config.node, %listen, peers = config.peers.len(), "node started");
 

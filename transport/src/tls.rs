@@ -130,10 +130,8 @@ impl TlsIdentity {
     /// connections with a reset the peer accepts, and the peer redials at once instead of waiting
     /// out the idle timeout on a connection that is gone. Knowing it reveals nothing of the key.
     pub fn stateless_reset_key(&self) -> ring::hmac::Key {
-        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        context.update(b"accord QUIC stateless reset key v1\0");
-        context.update(self.key.secret_der());
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, context.finish().as_ref())
+        let secret = self.derived_secret(b"accord QUIC stateless reset key v1\0");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref())
     }
 
     /// The key of the check quinn applies to the connection IDs of packets for connections it does
@@ -142,13 +140,19 @@ impl TlsIdentity {
     /// previous connections' packets and its peers would wait out the idle timeout. Derived from
     /// the node's private key, it is the same after a restart, and the reset goes out.
     pub fn connection_id_key(&self) -> u64 {
-        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        context.update(b"accord QUIC connection id key v1\0");
-        context.update(self.key.secret_der());
-        let digest = context.finish();
+        let secret = self.derived_secret(b"accord QUIC connection id key v1\0");
         let mut first = [0u8; 8];
-        first.copy_from_slice(&digest.as_ref()[..8]);
+        first.copy_from_slice(&secret.as_ref()[..8]);
         u64::from_le_bytes(first)
+    }
+
+    /// A secret for one purpose (`label`), the same on every run of this node: a hash of the
+    /// label and the node's private key, which reveals nothing of the key.
+    fn derived_secret(&self, label: &[u8]) -> ring::digest::Digest {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(label);
+        context.update(self.key.secret_der());
+        context.finish()
     }
 
     /// The node the certificate is for.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::NodeId;
 use accord_transport::certs::Ca;
-use accord_transport::DownReason;
+use accord_transport::{DownReason, EndpointConfig};
 use support::*;
 use tokio::net::UdpSocket;
 
@@ -169,47 +169,99 @@ impl Relay {
     }
 }
 
+/// Node 1 dials node 2 through a relay that can go dark, each with a backlog of `n` changes for
+/// the other; `short_timeouts` makes both give a silent connection up after 2 s.
+struct RelayedPair {
+    n: u64,
+    node_a: Running,
+    node_b: Running,
+    config_b: EndpointConfig,
+    relay: Relay,
+    log_a: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayedPair {
+    async fn start(short_timeouts: bool) -> RelayedPair {
+        let n = backlog(CUT_BACKLOG);
+        let ca = Ca::generate(1).unwrap();
+        let (a, b) = (NodeId(1), NodeId(2));
+        let mut config_b = config(&ca, b, loopback(), &[(a, not_dialled())]);
+        if short_timeouts {
+            config_b.idle_timeout = Duration::from_secs(2);
+        }
+        let node_b = Running::start(config_b.clone(), NodeState::new(b, &[a], n));
+        // A restart takes the same address, behind the same relay.
+        config_b.listen = node_b.addr;
+        let relay = Relay::start(node_b.addr).await;
+        let mut config_a = config(&ca, a, loopback(), &[(b, relay.addr)]);
+        if short_timeouts {
+            config_a.idle_timeout = Duration::from_secs(2);
+            config_a.handshake_timeout = Duration::from_secs(2);
+        }
+        let state_a = NodeState::new(a, &[b], n);
+        let log_a = state_a.log.clone();
+        let node_a = Running::start(config_a, state_a);
+        wait_applied("first third", &[(&node_b.durable, a, n / 3)], LIMIT).await;
+        RelayedPair {
+            n,
+            node_a,
+            node_b,
+            config_b,
+            relay,
+            log_a,
+        }
+    }
+
+    /// Node 2 goes away and comes back on its address, and node 1 hears nothing of it: the relay
+    /// is dark while node 2 stops, so its goodbye never arrives, as after a crash.
+    async fn crash_and_restart_b(self) -> RelayedPair {
+        self.relay.dark.store(true, Ordering::SeqCst);
+        let state_b = self.node_b.stop().await;
+        let node_b = Running::restart_on(self.config_b.clone(), state_b).await;
+        self.relay.dark.store(false, Ordering::SeqCst);
+        RelayedPair { node_b, ..self }
+    }
+
+    /// Waits until both sides applied everything, stops them, and checks that every change was
+    /// applied once and in order; returns node 1's link log.
+    async fn finish(self, what: &str) -> (NodeState, String) {
+        let n = self.n;
+        wait_applied(
+            what,
+            &[
+                (&self.node_a.durable, NodeId(2), n),
+                (&self.node_b.durable, NodeId(1), n),
+            ],
+            LIMIT,
+        )
+        .await;
+        self.relay.task.abort();
+        let (state_a, state_b) = (self.node_a.stop().await, self.node_b.stop().await);
+        state_a.assert_applied_once(NodeId(2), n);
+        state_b.assert_applied_once(NodeId(1), n);
+        let log = self.log_a.lock().unwrap().join("\n");
+        (state_a, log)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gone_dark_times_out_and_resumes_without_loss_or_duplication() {
     init_tracing();
-    let n = backlog(CUT_BACKLOG);
-    let ca = Ca::generate(1).unwrap();
-    let (a, b) = (NodeId(1), NodeId(2));
-    let mut config_b = config(&ca, b, loopback(), &[(a, not_dialled())]);
-    config_b.idle_timeout = Duration::from_secs(2);
-    let node_b = Running::start(config_b, NodeState::new(b, &[a], n));
-    let relay = Relay::start(node_b.addr).await;
-    let mut config_a = config(&ca, a, loopback(), &[(b, relay.addr)]);
-    config_a.idle_timeout = Duration::from_secs(2);
-    config_a.handshake_timeout = Duration::from_secs(2);
-    let state_a = NodeState::new(a, &[b], n);
-    let log_a = state_a.log.clone();
-    let node_a = Running::start(config_a, state_a);
-
-    wait_applied("first third", &[(&node_b.durable, a, n / 3)], LIMIT).await;
-    relay.dark.store(true, Ordering::SeqCst);
+    let pair = RelayedPair::start(true).await;
+    pair.relay.dark.store(true, Ordering::SeqCst);
     let dark_since = Instant::now();
     // Both sides give the connection up after the idle timeout (2 s).
-    while !log_a.lock().unwrap().iter().any(|l| l.starts_with("down 2")) {
+    while !pair.log_a.lock().unwrap().iter().any(|l| l.starts_with("down 2")) {
         assert!(dark_since.elapsed() < Duration::from_secs(30), "no idle timeout");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cut_at = node_b.durable.get(a);
-    relay.dark.store(false, Ordering::SeqCst);
+    let cut_at = pair.node_b.durable.get(NodeId(1));
+    pair.relay.dark.store(false, Ordering::SeqCst);
 
-    wait_applied(
-        "after the dark",
-        &[(&node_a.durable, b, n), (&node_b.durable, a, n)],
-        LIMIT,
-    )
-    .await;
-    relay.task.abort();
-    let (state_a, state_b) = (node_a.stop().await, node_b.stop().await);
+    let n = pair.n;
+    let (state_a, log) = pair.finish("after the dark").await;
     assert!(cut_at < n, "the cut came before the end ({cut_at} of {n})");
-    state_a.assert_applied_once(b, n);
-    state_b.assert_applied_once(a, n);
     assert!(state_a.ups >= 2, "node 1 reconnected");
-    let log = state_a.log.lock().unwrap().join("\n");
     assert!(log.contains("down 2 no sign of life"), "{log}");
 }
 
@@ -219,36 +271,8 @@ async fn a_connection_gone_dark_times_out_and_resumes_without_loss_or_duplicatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_and_restarted_acceptor_resets_the_old_connection() {
     init_tracing();
-    let n = backlog(CUT_BACKLOG);
-    let ca = Ca::generate(1).unwrap();
-    let (a, b) = (NodeId(1), NodeId(2));
-    let config_b = config(&ca, b, loopback(), &[(a, not_dialled())]);
-    let node_b = Running::start(config_b.clone(), NodeState::new(b, &[a], n));
-    let relay = Relay::start(node_b.addr).await;
-    let state_a = NodeState::new(a, &[b], n);
-    let log_a = state_a.log.clone();
-    let node_a = Running::start(config(&ca, a, loopback(), &[(b, relay.addr)]), state_a);
-
-    wait_applied("first third", &[(&node_b.durable, a, n / 3)], LIMIT).await;
-    // The crash, as node 1 sees it: node 2's goodbye never arrives.
-    relay.dark.store(true, Ordering::SeqCst);
-    let mut config_b = config_b;
-    config_b.listen = node_b.addr;
-    let state_b = node_b.stop().await;
-    let node_b = Running::restart_on(config_b, state_b).await;
-    relay.dark.store(false, Ordering::SeqCst);
-
-    wait_applied(
-        "after the restart",
-        &[(&node_a.durable, b, n), (&node_b.durable, a, n)],
-        LIMIT,
-    )
-    .await;
-    relay.task.abort();
-    let (state_a, state_b) = (node_a.stop().await, node_b.stop().await);
-    state_a.assert_applied_once(b, n);
-    state_b.assert_applied_once(a, n);
-    let log = log_a.lock().unwrap().join("\n");
+    let pair = RelayedPair::start(false).await.crash_and_restart_b().await;
+    let (_, log) = pair.finish("after the restart").await;
     assert!(
         log.contains(&format!("down 2 {}", DownReason::PeerRestarted)),
         "node 1 learnt of the restart from a stateless reset, not from the idle timeout: {log}"
