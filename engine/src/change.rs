@@ -8,7 +8,7 @@ use crate::state::{Cell, RowState};
 use crate::value::Value;
 
 /// The primary-key values of a row, in the table's key-column order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RowKey(pub Vec<Value>);
 
 impl RowKey {

@@ -3,6 +3,7 @@
 //! Nothing here does I/O, reads a clock or draws randomness: the service drives this code with
 //! PostgreSQL and QUIC, the simulator with simulated ones, and both get the same decisions.
 
+pub mod apply;
 pub mod capture;
 pub mod capturer;
 pub mod change;
@@ -16,6 +17,10 @@ pub mod schema;
 pub mod state;
 pub mod value;
 
+pub use apply::{
+    fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
+    PlannedWrite, PlantedBug, Records, RowWrite, Verdict, Xid,
+};
 pub use capture::{capture, CaptureError, Captured};
 pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::schema::ColumnType;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Value {
     Null,
     /// smallint, integer and bigint.

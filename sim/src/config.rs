@@ -146,12 +146,14 @@ impl FromStr for FaultSet {
     }
 }
 
-/// A bug planted on purpose in the simulator's own driver layer (never in the engine), to show
-/// that the oracles catch that class of mistake and that shrinking reduces the failing run.
+/// A bug planted on purpose, to show that the oracles catch that class of mistake and that
+/// shrinking reduces the failing run. The apply's bugs are planted in the engine's own state
+/// machine (`accord_engine::PlantedBug`), the code the service runs; the others in the
+/// simulator's driver of the capture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PlantedBug {
-    /// The apply ignores the durable applied position and hands the whole received batch to the
-    /// merge, ignoring the dedup of `Replication::received`: resent changes are applied twice.
+    /// The apply does not skip what is at or below the applied position (nor does the receiver
+    /// drop duplicates): resent changes are applied twice.
     DoubleApply,
     /// The merge does not wait for the capture to see a local write (HARD-PARTS §2).
     SkipXminCheck,
@@ -163,15 +165,19 @@ pub enum PlantedBug {
     /// Only the row check HARD-PARTS §2 describes (xmin vs known xmin): a local insert and delete
     /// of a key, both not yet captured, leave no row to compare, and a merge overwrites them unseen.
     NoMissingRowWait,
+    /// A change that lacks a TOASTed value the row does not have here yet is forgotten instead of
+    /// kept until the value arrives.
+    DropDeferred,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 5] = [
+    pub const ALL: [PlantedBug; 6] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
         PlantedBug::NoMissingRowWait,
+        PlantedBug::DropDeferred,
     ];
 
     pub fn name(self) -> &'static str {
@@ -181,6 +187,20 @@ impl PlantedBug {
             PlantedBug::ForgetFromPeer => "forget-from-peer",
             PlantedBug::NoMergedStamp => "no-merged-stamp",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
+            PlantedBug::DropDeferred => "drop-deferred",
+        }
+    }
+
+    /// The same bug in the engine's apply, where it lives there.
+    pub fn in_apply(self) -> Option<accord_engine::PlantedBug> {
+        use accord_engine::PlantedBug as Engine;
+        match self {
+            PlantedBug::DoubleApply => Some(Engine::DoubleApply),
+            PlantedBug::SkipXminCheck => Some(Engine::SkipGuard),
+            PlantedBug::NoMergedStamp => Some(Engine::NoMergedStamp),
+            PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
+            PlantedBug::DropDeferred => Some(Engine::DropDeferred),
+            PlantedBug::ForgetFromPeer => None,
         }
     }
 }

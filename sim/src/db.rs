@@ -94,8 +94,9 @@ pub struct Db {
     pub progress: BTreeMap<NodeId, PeerProgress>,
     pub queue: BTreeMap<ReviewItemId, QueueEntry>,
     pub conflicts: Vec<(i64, Conflict)>,
-    /// Changes whose merge was deferred (unchanged TOAST values not here yet).
-    pub deferred: Vec<RowChange>,
+    /// Changes kept for a later merge (unchanged TOAST values not here yet), by (key, origin,
+    /// sequence number).
+    pub deferred: BTreeMap<(i64, NodeId, u64), RowChange>,
     /// What the node knows of the tombstone-collection rounds (`accord.collection`).
     pub collection: CollectionState,
 }
@@ -176,18 +177,6 @@ impl Db {
             meta: meta.meta.clone(),
             values,
         })
-    }
-
-    /// Whether accord's metadata accounts for the row's current version: no local write to it is
-    /// still on its way through the capture.
-    pub fn row_is_settled(&self, key: i64) -> bool {
-        match (self.rows.get(&key), self.meta.get(&key)) {
-            (Some(row), Some(meta)) => meta.meta.is_alive() && row.xmin == meta.known_xmin,
-            (Some(_), None) => false,
-            // Missing although the metadata says it exists: a local delete not captured yet.
-            (None, Some(meta)) => !meta.meta.is_alive(),
-            (None, None) => true,
-        }
     }
 }
 

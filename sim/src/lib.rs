@@ -12,6 +12,7 @@
 //! `workload`, `world` (event loop, faults, liveness), `oracle` + `expect` + `check` (the
 //! invariants), `runner` (seeds in parallel, determinism check), `shrink`, `cli`.
 
+pub mod apply;
 pub mod check;
 pub mod cli;
 pub mod clock;

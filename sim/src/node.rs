@@ -8,13 +8,15 @@
 //! Only `db` survives a crash; `Volatile` is what the process holds in memory.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use accord_engine::{
-    merge, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, Hello, Hlc, LocalIdentity,
-    MergeOutcome, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, RowAction, RowChange,
-    RowState, StableCut, TableDef, PROTOCOL_VERSION,
+    ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, Hello,
+    Hlc, LocalIdentity, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction,
+    RowChange, StableCut, TableDef, PROTOCOL_VERSION,
 };
 
+use crate::apply::{Applying, Committed, DriverError, Resume, Stop, Waiting};
 use crate::config::PlantedBug;
 use crate::db::{apply_review, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow};
 use crate::oracle::Oracle;
@@ -84,8 +86,8 @@ pub struct Volatile {
     read_lsn: u64,
     pub replication: Replication,
     apply_queue: VecDeque<Incoming>,
-    /// The apply rolled back and waits until the capture covers this WAL position.
-    apply_wait: Option<u64>,
+    /// The batch being applied, when one is.
+    applying: Option<Applying>,
     capture_scheduled: bool,
     apply_scheduled: bool,
     prune_scheduled: bool,
@@ -106,10 +108,20 @@ pub struct Node {
     pub pg_down: bool,
     pub capture_stalled_until: u64,
     nodes: usize,
+    /// The replicated tables, as the apply takes them.
+    tables: Arc<[TableDef]>,
 }
 
 fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::new(Invariant::Engine, format!("{what}: {e}"))
+}
+
+/// The engine's apply rules, with the planted bug that lives in them.
+fn apply_rules(bug: Option<PlantedBug>) -> ApplyRules {
+    ApplyRules {
+        planted: bug.and_then(PlantedBug::in_apply),
+        ..ApplyRules::default()
+    }
 }
 
 fn peer_id(peer: usize) -> NodeId {
@@ -128,6 +140,7 @@ impl Node {
             pg_down: false,
             capture_stalled_until: 0,
             nodes,
+            tables: Arc::from(vec![crate::table::table()]),
         }
     }
 
@@ -164,7 +177,7 @@ impl Node {
             read_lsn: self.db.slot_confirmed + 1,
             replication,
             apply_queue: VecDeque::new(),
-            apply_wait: None,
+            applying: None,
             capture_scheduled: false,
             apply_scheduled: false,
             prune_scheduled: false,
@@ -226,11 +239,18 @@ impl Node {
 
     fn want_apply(&mut self, ctx: &mut Ctx) {
         let Some(vol) = &mut self.vol else { return };
-        if vol.apply_scheduled || vol.apply_wait.is_some() || vol.apply_queue.is_empty() {
+        if vol.apply_scheduled {
             return;
         }
+        let at = match vol.applying.as_ref().map(|a| a.waiting) {
+            // The capture's progress wakes the apply (`capture_tick`).
+            Some(Waiting::Capture { lsn, .. }) if self.db.covered_lsn() < lsn => return,
+            Some(Waiting::Until { at }) => at.max(ctx.now),
+            Some(Waiting::Capture { .. }) => ctx.now,
+            None if vol.apply_queue.is_empty() => return,
+            None => ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max),
+        };
         vol.apply_scheduled = true;
-        let at = ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max);
         ctx.out.push(Output::Timer {
             at,
             timer: Timer::Apply,
@@ -415,11 +435,7 @@ impl Node {
         }
         ctx.trace.add(mix(0xCA97, done as u64));
         let caught_up = vol.read_lsn > self.db.wal_insert_lsn();
-        if let Some(target) = vol.apply_wait {
-            if self.db.covered_lsn() >= target {
-                vol.apply_wait = None;
-            }
-        }
+
         if !caught_up {
             // A backlog is decoded at the capture's pace, not after another full lag.
             let vol = self
@@ -495,6 +511,11 @@ impl Node {
         if let Some(vol) = &mut self.vol {
             vol.replication.disconnected(peer_id(peer));
             vol.apply_queue.retain(|incoming| incoming.peer != peer);
+            // A batch of that connection still being applied rolls back (nothing of it is
+            // committed yet): its peer resends it.
+            if vol.applying.as_ref().is_some_and(|a| a.peer == peer) {
+                vol.applying = None;
+            }
         }
     }
 
@@ -584,98 +605,73 @@ impl Node {
         vol.replication.pruned(upto);
     }
 
-    /// One apply transaction for the batch at the head of the queue.
+    /// Drives the apply of the batch at the head of the queue: the engine's `BatchApply` decides,
+    /// `crate::apply` carries its commands out against the database.
     pub fn apply_step(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
         let Some(vol) = &mut self.vol else { return Ok(()) };
         vol.apply_scheduled = false;
-        if vol.apply_wait.is_some() {
-            return Ok(());
-        }
-        let Some(incoming) = vol.apply_queue.front() else {
-            return Ok(());
-        };
-        let peer = incoming.peer;
-        let pid = peer_id(peer);
-        // The replication-origin check: what is at or below the durable position was applied.
-        let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
-        let start = if ctx.bug == Some(PlantedBug::DoubleApply) {
-            0
-        } else {
-            incoming.changes.iter().take_while(|c| c.seq <= durable).count()
-        };
-        if start == incoming.changes.len() {
-            ctx.stats.duplicates_skipped += incoming.changes.len() as u64;
-            vol.apply_queue.pop_front();
-            self.want_apply(ctx);
-            return Ok(());
-        }
-        // Lock the rows and make sure no local write to them is still on its way through the
-        // capture (HARD-PARTS §2); otherwise roll back and wait for the capture.
-        if ctx.bug != Some(PlantedBug::SkipXminCheck) {
-            let insert_lsn = self.db.wal_insert_lsn();
-            let covered = self.db.covered_lsn();
-            let mut wait = false;
-            for change in &incoming.changes[start..] {
-                let key = key_of(&change.key).unwrap_or(-1);
-                let missing_unsure = !self.db.rows.contains_key(&key)
-                    && ctx.bug != Some(PlantedBug::NoMissingRowWait)
-                    && covered < insert_lsn;
-                if !self.db.row_is_settled(key) || missing_unsure {
-                    if covered >= insert_lsn {
-                        return Err(Failure::new(
-                            Invariant::LocalWrites,
-                            format!(
-                                "node {}: row {key} is not accounted for by its metadata although the capture covered the whole WAL",
-                                self.id
-                            ),
-                        ));
+        let input = match &vol.applying {
+            Some(applying) => match applying.waiting {
+                Waiting::Capture { lsn, then } => {
+                    if self.db.covered_lsn() < lsn {
+                        self.want_capture(ctx);
+                        return Ok(());
                     }
-                    wait = true;
-                    break;
+                    match then {
+                        Resume::CaptureReached => ApplyInput::CaptureReached { now: ctx.now },
+                        Resume::Restarted => ApplyInput::Restarted { now: ctx.now },
+                    }
                 }
+                Waiting::Until { at } if ctx.now < at => {
+                    self.want_apply(ctx);
+                    return Ok(());
+                }
+                Waiting::Until { .. } => ApplyInput::Restarted { now: ctx.now },
+            },
+            None => {
+                let Some(incoming) = vol.apply_queue.pop_front() else {
+                    return Ok(());
+                };
+                let pid = peer_id(incoming.peer);
+                // The replication-origin position: what is at or below it was applied.
+                let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
+                let received = incoming.changes.len();
+                let machine = BatchApply::new(
+                    pid,
+                    durable,
+                    incoming.changes,
+                    Arc::clone(&self.tables),
+                    self.db.collection.cut.clone(),
+                    apply_rules(ctx.bug),
+                )
+                .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
+                ctx.stats.duplicates_skipped += (received - machine.changes().len()) as u64;
+                vol.applying = Some(Applying::new(incoming.peer, machine));
+                ApplyInput::Start { now: ctx.now }
             }
-            if wait {
-                vol.apply_wait = Some(insert_lsn);
-                ctx.stats.apply_waits += 1;
-                ctx.trace.add(mix(0xA1A1, insert_lsn));
+        };
+        let Some(applying) = vol.applying.as_mut() else {
+            return Ok(());
+        };
+        let images = ctx.bug == Some(PlantedBug::ForgetFromPeer);
+        let committed = match applying.run(&mut self.db, input, ctx.now, ctx.physical, images) {
+            Ok(Stop::Waiting) => {
+                ctx.trace.add(mix(0xA1A1, self.db.wal_insert_lsn()));
                 self.want_capture(ctx);
+                self.want_apply(ctx);
                 return Ok(());
             }
-        }
-        let Some(incoming) = vol.apply_queue.pop_front() else {
-            return Ok(());
+            Ok(Stop::Done(committed)) => committed,
+            Err(DriverError(message)) => {
+                return Err(Failure::new(Invariant::Engine, format!("node {}: {message}", self.id)))
+            }
         };
-        let xid = self.db.new_xid();
-        let mut tx = ApplyTx {
-            xid,
-            wal_rows: Vec::new(),
-            max_stamp: None,
-            touched: Vec::new(),
-        };
-        for change in &incoming.changes[start..] {
-            merge_one(&mut self.db, self.ix, &mut tx, change, ctx)?;
-            ctx.oracle.applied(self.ix, change.origin, change.seq)?;
-        }
-        retry_deferred(&mut self.db, self.ix, &mut tx, ctx)?;
-        let last = incoming.changes.last().map_or(durable, |c| c.seq);
-        if let Some(progress) = self.db.progress.get_mut(&pid) {
-            progress.applied = progress.applied.max(last);
-        }
-        let stamp = if ctx.bug == Some(PlantedBug::NoMergedStamp) {
-            None
-        } else {
-            tx.max_stamp
-        };
-        self.db.append_wal(
-            xid,
-            ctx.physical,
-            WalBody::Merge {
-                origin: pid,
-                stamp,
-                rows: tx.wal_rows,
-            },
-        );
-        ctx.stats.apply_txs += 1;
+        let peer = applying.peer;
+        let pid = peer_id(peer);
+        vol.applying = None;
+        self.finish_apply(ctx, peer, committed)?;
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let last = self.db.progress.get(&pid).map_or(0, |p| p.applied);
         let ack = vol
             .replication
             .applied(pid, last)
@@ -686,6 +682,48 @@ impl Node {
         self.want_capture(ctx);
         self.want_apply(ctx);
         self.collection_after_step(ctx);
+        Ok(())
+    }
+
+    /// What a committed apply transaction tells the oracle, the statistics and the review queue.
+    fn finish_apply(&mut self, ctx: &mut Ctx, peer: usize, c: Committed) -> Result<(), Failure> {
+        for &(origin, seq) in &c.changes {
+            ctx.oracle.applied(self.ix, origin, seq)?;
+        }
+        for &(origin, seq) in &c.merged {
+            ctx.oracle.merged(self.ix, origin, seq);
+        }
+        ctx.stats.apply_txs += 1;
+        ctx.stats.merges += c.merged.len() as u64;
+        ctx.stats.conflicts += c.conflicts as u64;
+        ctx.stats.apply_waits += c.summary.waits;
+        ctx.stats.deferred += c.summary.deferred;
+        ctx.stats.review_opened += c.review.iter().filter(|a| matches!(a, ReviewAction::Open(_))).count() as u64;
+        ctx.trace.add(mix(
+            0x3E46 ^ (c.summary.applied << 8) ^ (c.applied << 24),
+            (c.conflicts as u64) << 16 | c.summary.deferred << 8 | c.summary.undeferred,
+        ));
+        apply_review(&mut self.db.queue, c.review)
+            .map_err(|e| Failure::new(Invariant::Review, format!("node {} merge: {}", self.ix + 1, e.0)))?;
+        if let Some((item, change)) = c.parked.into_iter().next() {
+            // Nothing in this workload can overflow or mismatch: a park is a failure here.
+            ctx.stats.parked += 1;
+            let error = match &item.kind {
+                accord_engine::ReviewKind::Unapplicable { error, .. } => error.clone(),
+                other => format!("{other:?}"),
+            };
+            self.db.queue.insert(item.id, QueueEntry::Parked(item));
+            return Err(Failure::new(
+                Invariant::NothingDropped,
+                format!(
+                    "node {}: change {} of node {} (from node {}) parked: {error}",
+                    self.ix + 1,
+                    change.seq,
+                    change.origin,
+                    peer + 1
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -711,7 +749,7 @@ impl Node {
             self.id,
             self.db.outbound_head(),
             vol.apply_queue.len(),
-            vol.apply_wait,
+            vol.applying.as_ref().map(|a| a.waiting),
             vol.read_lsn,
             self.db.covered_lsn(),
             self.db.wal_insert_lsn(),
@@ -722,19 +760,12 @@ impl Node {
 
     /// Whether the node has nothing left to do: capture caught up, nothing queued or deferred.
     pub fn is_idle(&self) -> bool {
-        self.vol.as_ref().is_some_and(|v| {
-            v.apply_queue.is_empty() && v.apply_wait.is_none() && v.read_lsn > self.db.wal_insert_lsn()
-        }) && self.db.covered_lsn() == self.db.wal_insert_lsn()
+        self.vol
+            .as_ref()
+            .is_some_and(|v| v.apply_queue.is_empty() && v.applying.is_none() && v.read_lsn > self.db.wal_insert_lsn())
+            && self.db.covered_lsn() == self.db.wal_insert_lsn()
             && self.db.deferred.is_empty()
     }
-}
-
-/// The merge transaction being built.
-struct ApplyTx {
-    xid: u64,
-    wal_rows: Vec<CapturedChange>,
-    max_stamp: Option<Hlc>,
-    touched: Vec<i64>,
 }
 
 fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut Ctx) -> Result<(), Failure> {
@@ -840,216 +871,4 @@ fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut C
     db.checkpoint = Some(checkpoint);
     vol.replication.logged(checkpoint.last_seq);
     Ok(())
-}
-
-/// Merges one change into the row, inside the apply transaction.
-fn merge_one(db: &mut Db, ix: usize, tx: &mut ApplyTx, change: &RowChange, ctx: &mut Ctx) -> Result<(), Failure> {
-    let key = key_of(&change.key).ok_or_else(|| {
-        Failure::new(
-            Invariant::Engine,
-            format!("change with a foreign key shape {}", change.key),
-        )
-    })?;
-    // The row and its metadata are taken out for the merge instead of copied (this is the hot
-    // path); whatever the outcome, they go back below.
-    // A tombstone the node's cut covers reads as absent, as in the service.
-    let meta_row = db
-        .meta
-        .remove(&key)
-        .filter(|m| StableCut::live(db.collection.cut.as_ref(), Some(&m.meta)).is_some());
-    let mut user_row = db.rows.remove(&key);
-    let known_before = meta_row.as_ref().map_or(0, |m| m.known_xmin);
-    let local: Option<RowState> = meta_row.map(|m| {
-        let values = match &mut user_row {
-            Some(row) if m.meta.is_alive() => std::mem::take(&mut row.values),
-            _ => Vec::new(),
-        };
-        RowState { meta: m.meta, values }
-    });
-    let restore = |db: &mut Db, local: Option<RowState>, user_row: Option<UserRow>| {
-        let mut user_row = user_row;
-        if let Some(local) = local {
-            if let (Some(row), true) = (&mut user_row, local.is_alive()) {
-                row.values = local.values;
-            }
-            db.meta.insert(
-                key,
-                MetaRow {
-                    meta: local.meta,
-                    known_xmin: known_before,
-                },
-            );
-        }
-        if let Some(row) = user_row {
-            db.rows.insert(key, row);
-        }
-    };
-    let outcome = merge(ctx.table, local.as_ref(), change).map_err(|e| engine_error("merge", e))?;
-    ctx.stats.merges += 1;
-    match outcome {
-        MergeOutcome::Applied(merged) => {
-            ctx.trace.add(mix(
-                0x3E46 ^ (merged.action_tag() << 8),
-                (merged.conflicts.len() as u64) << 16 | merged.review.len() as u64,
-            ));
-            check_action(local.as_ref(), &merged.action, &merged.state)
-                .map_err(|message| Failure::new(Invariant::Engine, format!("node {} key {key}: {message}", ix + 1)))?;
-            let accord_engine::Merged {
-                state,
-                action,
-                review,
-                conflicts,
-            } = merged;
-            let kind = match action {
-                RowAction::Nothing => None,
-                RowAction::Delete => Some(ChangeKind::Delete),
-                RowAction::Insert(_) => Some(ChangeKind::Insert),
-                RowAction::Update(_) => Some(ChangeKind::Update),
-            };
-            // The merge's row images are only read by a capture that fails to skip merged
-            // transactions (the planted loop); without it they are not materialised.
-            let images = ctx.bug == Some(PlantedBug::ForgetFromPeer);
-            match kind {
-                None => restore(
-                    db,
-                    local.map(|l| RowState {
-                        meta: state.meta.clone(),
-                        ..l
-                    }),
-                    user_row,
-                ),
-                Some(kind) => {
-                    let old = local.filter(|l| images && l.is_alive()).map(|l| l.values);
-                    let new = (images && kind != ChangeKind::Delete).then(|| state.values.clone());
-                    if kind != ChangeKind::Delete {
-                        // `check_action` proved the action turns the old row into these values.
-                        db.rows.insert(
-                            key,
-                            UserRow {
-                                values: state.values,
-                                xmin: tx.xid,
-                            },
-                        );
-                    }
-                    tx.wal_rows.push(CapturedChange {
-                        kind,
-                        key: change.key.clone(),
-                        old,
-                        new,
-                    });
-                }
-            }
-            let known_xmin = if kind.is_some() { tx.xid } else { known_before };
-            ctx.stats.conflicts += conflicts.len() as u64;
-            ctx.stats.review_opened += review
-                .iter()
-                .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
-                .count() as u64;
-            apply_review(&mut db.queue, review)
-                .map_err(|e| Failure::new(Invariant::Review, format!("node {} merge: {}", ix + 1, e.0)))?;
-            db.conflicts.extend(conflicts.into_iter().map(|c| (key, c)));
-            db.meta.insert(
-                key,
-                MetaRow {
-                    meta: state.meta,
-                    known_xmin,
-                },
-            );
-            ctx.oracle.merged(ix, change.origin, change.seq);
-            tx.max_stamp = tx.max_stamp.max(Some(change.stamp));
-            if !tx.touched.contains(&key) {
-                tx.touched.push(key);
-            }
-        }
-        MergeOutcome::Parked { item, error } => {
-            // Nothing in this workload can overflow or mismatch: a park is a failure here, but it
-            // is still recorded the way the service records it.
-            restore(db, local, user_row);
-            ctx.stats.parked += 1;
-            db.queue.insert(item.id, QueueEntry::Parked(item));
-            return Err(Failure::new(
-                Invariant::NothingDropped,
-                format!(
-                    "node {}: change {} of node {} parked: {error}",
-                    ix + 1,
-                    change.seq,
-                    change.origin
-                ),
-            ));
-        }
-        MergeOutcome::Deferred { missing } => {
-            restore(db, local, user_row);
-            ctx.stats.deferred += 1;
-            ctx.trace.add(mix(0xDEF, missing.len() as u64));
-            db.deferred.push(change.clone());
-        }
-    }
-    Ok(())
-}
-
-/// Deferred changes whose row this transaction touched may merge now.
-fn retry_deferred(db: &mut Db, ix: usize, tx: &mut ApplyTx, ctx: &mut Ctx) -> Result<(), Failure> {
-    loop {
-        let before = db.deferred.len();
-        if before == 0 {
-            return Ok(());
-        }
-        let waiting = std::mem::take(&mut db.deferred);
-        for change in waiting {
-            let key = key_of(&change.key).unwrap_or(-1);
-            if tx.touched.contains(&key) {
-                merge_one(db, ix, tx, &change, ctx)?;
-            } else {
-                db.deferred.push(change);
-            }
-        }
-        // A retry that deferred again puts the change back: stop when nothing merged.
-        if db.deferred.len() >= before {
-            return Ok(());
-        }
-    }
-}
-
-/// The row action, applied to the old values, must give the values of the new state.
-fn check_action(before: Option<&RowState>, action: &RowAction, after: &RowState) -> Result<(), String> {
-    let before_values = before.filter(|s| s.is_alive()).map(|s| s.values.as_slice());
-    let after_values = after.is_alive().then_some(after.values.as_slice());
-    let ok = match (action, before_values, after_values) {
-        (RowAction::Nothing, b, a) => b == a,
-        (RowAction::Delete, Some(_), None) => true,
-        (RowAction::Insert(values), None, Some(a)) => {
-            values.len() == a.len() && values.iter().zip(a).all(|(v, c)| c.value() == Some(v))
-        }
-        (RowAction::Update(writes), Some(b), Some(a)) => {
-            b.len() == a.len()
-                && (0..b.len()).all(|i| match writes.iter().rev().find(|w| w.column == i) {
-                    Some(w) => a[i].value() == Some(&w.value),
-                    None => a[i] == b[i],
-                })
-        }
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "row action {action:?} on {before_values:?} does not give the merged state {after_values:?}"
-        ))
-    }
-}
-
-/// A small number per action kind, for the trace.
-trait ActionTag {
-    fn action_tag(&self) -> u64;
-}
-
-impl ActionTag for accord_engine::Merged {
-    fn action_tag(&self) -> u64 {
-        match &self.action {
-            RowAction::Nothing => 0,
-            RowAction::Insert(_) => 1,
-            RowAction::Update(w) => 2 + ((w.len() as u64) << 4),
-            RowAction::Delete => 3,
-        }
-    }
 }

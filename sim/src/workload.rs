@@ -151,7 +151,7 @@ fn plan_row(
         OpKind::Resolve => {
             // The reviewer looks at the queue, which shows what the capture has accounted for:
             // resolve only rows with no local write still on its way through the capture.
-            let item = if db.row_is_settled(key) {
+            let item = if captured_as_is(db, key) {
                 db.row_state(key)
                     .and_then(|state| open_items(&table(), &row_key(key), &state).into_iter().next())
             } else {
@@ -192,5 +192,16 @@ fn plan_row(
         name,
         stock,
         price,
+    }
+}
+
+/// Whether the capture has recorded the row as it is now (the review queue a reviewer reads is
+/// what the capture recorded): its metadata accounts for the row's current version.
+fn captured_as_is(db: &Db, key: i64) -> bool {
+    match (db.rows.get(&key), db.meta.get(&key)) {
+        (Some(row), Some(meta)) => meta.meta.is_alive() && row.xmin == meta.known_xmin,
+        (Some(_), None) => false,
+        (None, Some(meta)) => !meta.meta.is_alive(),
+        (None, None) => true,
     }
 }

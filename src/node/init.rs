@@ -107,6 +107,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::DDL)
         .await
         .context("cannot create the accord schema")?;
+    tx.batch_execute(store::DEFERRED_DDL)
+        .await
+        .context("cannot create accord.deferred")?;
     let existing: Option<(i32, String)> = tx
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?

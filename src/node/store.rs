@@ -5,7 +5,7 @@
 //! plain SQL beside them.
 
 use accord_engine::{
-    Candidate, ClosureKind, CollectionState, Conflict, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
+    Candidate, ClosureKind, CollectionState, Conflict, NodeId, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
     RowMeta, StableCut, Value,
 };
 use serde::{de::DeserializeOwned, Serialize};
@@ -24,6 +24,67 @@ pub const RESOLUTIONS_TABLE: &str = "accord.review_resolutions";
 /// The replication origin that marks changes applied from `peer`, and records how far they got.
 pub fn origin_name(peer: accord_engine::NodeId) -> String {
     format!("accord_peer_{}", peer.0)
+}
+
+/// Changes that lack values their row does not have here yet (unchanged TOAST relayed by a node
+/// that was not the values' origin), kept until a merge brings the values. Created by `accord
+/// init`, and by the appliers on databases initialised before it existed.
+pub const DEFERRED_DDL: &str = "
+CREATE TABLE IF NOT EXISTS accord.deferred (
+    table_name text    NOT NULL,
+    row_key    text    NOT NULL,
+    origin     integer NOT NULL,
+    seq        bigint  NOT NULL,
+    change     bytea   NOT NULL,
+    kept_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, row_key, origin, seq)
+);
+COMMENT ON TABLE accord.deferred IS 'accord: changes waiting for values their row does not have here yet';
+";
+
+/// The kept changes of many rows. Parameters: ords, table names, keys. Returns `ord, change`.
+pub const LOAD_DEFERRED_SQL: &str = "SELECT u.ord, d.change
+     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
+     JOIN accord.deferred AS d ON d.table_name = u.table_name AND d.row_key = u.row_key
+     ORDER BY d.table_name, d.row_key, d.origin, d.seq
+     FOR UPDATE OF d";
+
+/// Keeps a change until its row has the values it lacks.
+pub async fn keep_change(db: &impl GenericClient, change: &RowChange) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO accord.deferred (table_name, row_key, origin, seq, change) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT DO NOTHING",
+        &[
+            &change.table,
+            &key_text(&change.key),
+            &i32::try_from(change.origin.0).unwrap_or(i32::MAX),
+            &i64::try_from(change.seq).unwrap_or(i64::MAX),
+            &encode("kept change", change)?,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Forgets a kept change that merged.
+pub async fn drop_kept_change(
+    db: &impl GenericClient,
+    table: &str,
+    key: &str,
+    origin: NodeId,
+    seq: u64,
+) -> Result<(), StoreError> {
+    db.execute(
+        "DELETE FROM accord.deferred WHERE table_name = $1 AND row_key = $2 AND origin = $3 AND seq = $4",
+        &[
+            &table,
+            &key,
+            &i32::try_from(origin.0).unwrap_or(i32::MAX),
+            &i64::try_from(seq).unwrap_or(i64::MAX),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 pub const DDL: &str = r#"

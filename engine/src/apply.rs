@@ -1,0 +1,1006 @@
+//! The apply of one peer's batch, as a state machine without I/O.
+//!
+//! The service drives it with PostgreSQL (`src/node/apply.rs`), the simulator with its simulated
+//! database: both feed it what they loaded and how their writes went ([`ApplyInput`]) and carry
+//! out the commands it returns ([`ApplyCommand`]). Every rule of the apply lives here once:
+//!
+//! - **Exactly once.** Changes at or below the applied position are skipped; a batch that does
+//!   not continue it is refused. The batch's last sequence number is the origin position its
+//!   transaction commits with, and a transaction that rolls back resets that position.
+//! - **The xmin guard** (PRODUCT.md invariant 8, HARD-PARTS §2), in [`judge`]: a row whose
+//!   version accord has not accounted for yet is a local write still on its way through the
+//!   capture. The batch then probes and waits for the capture, holding the rows' locks, a few
+//!   rounds; then it rolls back and starts over after a probe.
+//! - **Joining and splitting.** A batch is merged in memory, each row written once (several
+//!   merges of a row fold into one write). A part the database refuses is split in halves, down
+//!   to single changes, so that exactly the refused change is parked.
+//! - **Parking** (invariant 9): a change that cannot be merged or written goes to the review
+//!   queue with its error, and the batch goes on.
+//! - **Deferral**: a change that lacks values the row does not have here yet (unchanged TOAST
+//!   relayed by another node) is kept durably and merged again, in the same transaction, as soon
+//!   as a merge writes its row.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::change::{RowChange, RowKey};
+use crate::collection::StableCut;
+use crate::hlc::{Hlc, NodeId};
+use crate::merge::{merge, Conflict, ConflictKind, MergeOutcome, RowAction};
+use crate::review::{ReviewAction, ReviewItem};
+use crate::schema::TableDef;
+use crate::state::{Cell, RowMeta, RowState};
+use crate::value::Value;
+
+/// A transaction id as the database reports a row version's `xmin`.
+pub type Xid = u64;
+
+/// A rule the simulator can break on purpose, to prove its checks catch the loss it causes.
+/// The service never sets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Merge without the xmin guard: every row is taken as its metadata describes it.
+    SkipGuard,
+    /// Take a missing row as missing without waiting for the capture to read past a probe.
+    NoMissingRowWait,
+    /// Forget a deferred change instead of keeping it.
+    DropDeferred,
+    /// Apply a batch that does not continue the applied position.
+    ApplyPastGap,
+    /// Do not tell the capture the greatest stamp a merge transaction merged.
+    NoMergedStamp,
+    /// Skip nothing: apply again what is at or below the applied position.
+    DoubleApply,
+}
+
+/// The limits of the apply.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyRules {
+    /// How many times one transaction probes while holding its row locks before it rolls back
+    /// and starts over. Each further round is caused by a row that appeared (a local insert)
+    /// after the previous probe.
+    pub guard_rounds: u32,
+    /// How long a batch may wait for the capture in all before it fails.
+    pub wait_limit_micros: u64,
+    /// The first and the longest pause before an attempt that waits for a local delete.
+    pub backoff_micros: (u64, u64),
+    pub planted: Option<PlantedBug>,
+}
+
+impl Default for ApplyRules {
+    fn default() -> Self {
+        ApplyRules {
+            guard_rounds: 4,
+            wait_limit_micros: 120_000_000,
+            backoff_micros: (1_000, 50_000),
+            planted: None,
+        }
+    }
+}
+
+/// What the driver found for one row it was asked to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedRow {
+    /// The row in the user's table (locked): its version's xmin and its values.
+    pub row: Option<(Xid, Vec<Cell>)>,
+    /// accord's metadata for the row (locked), and the xmin of the row version it accounts for.
+    pub meta: Option<(RowMeta, Option<Xid>)>,
+    /// Changes of this row kept from earlier batches, waiting for values (any origin).
+    pub deferred: Vec<RowChange>,
+}
+
+/// One row's write, folded from every merge of the row in a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowWrite {
+    /// Set these columns to these values (their last values in the part).
+    Update(BTreeMap<usize, Value>),
+    Insert(Vec<Value>),
+    Delete,
+}
+
+/// A row the driver must write.
+#[derive(Debug, Clone)]
+pub struct PlannedWrite {
+    pub slot: usize,
+    pub write: RowWrite,
+}
+
+/// What a part records besides the user's rows, after its writes stood.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    /// New metadata per slot, with the xmin of the row version it accounts for.
+    pub metas: Vec<(usize, RowMeta, Option<Xid>)>,
+    pub conflicts: Vec<(usize, Conflict)>,
+    pub review: Vec<ReviewAction>,
+    /// Changes that cannot be applied, each with its review item (kind `Unapplicable`).
+    pub parked: Vec<(ReviewItem, RowChange)>,
+    /// Changes to keep until their row has the values they lack.
+    pub defer: Vec<RowChange>,
+    /// Kept changes that merged now: (table, key, origin, seq), to delete from the store.
+    pub undefer: Vec<(String, RowKey, NodeId, u64)>,
+    /// Changes merged by this part, kept ones included: (origin, seq).
+    pub merged: Vec<(NodeId, u64)>,
+}
+
+impl Records {
+    fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+            && self.conflicts.is_empty()
+            && self.review.is_empty()
+            && self.parked.is_empty()
+            && self.defer.is_empty()
+            && self.undefer.is_empty()
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum ApplyCommand {
+    /// Lock the rows of these slots (`FOR UPDATE`; tables in name order, keys in order), then,
+    /// after a savepoint when `guard` is set, load their metadata (locked) and kept changes, and
+    /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
+    /// first open a transaction that commits with this origin position.
+    Load {
+        begin: Option<u64>,
+        guard: bool,
+        slots: Vec<usize>,
+    },
+    /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
+    /// may need to write it), write a probe, and answer [`ApplyInput::CaptureReached`] once the
+    /// capture has read past it.
+    ProbeAndWait,
+    /// Roll back the transaction and reset the session's origin position (PostgreSQL keeps it
+    /// after a rollback, and a later commit of the session would record it); then, with
+    /// `probe`, write a probe and wait until the capture has read past it, else pause
+    /// `pause_micros`; answer [`ApplyInput::Restarted`].
+    Restart { probe: bool, pause_micros: u64 },
+    /// Write these rows under a savepoint; answer [`ApplyInput::Written`] with the new xmin of
+    /// each inserted or updated row (in this order; `None` for a delete), or, after rolling back
+    /// to the savepoint, with the database's refusal.
+    Write(Vec<PlannedWrite>),
+    /// Record these (metadata, conflict log, review queue, parked and kept changes) and answer
+    /// [`ApplyInput::Recorded`].
+    Record(Records),
+    /// Write the greatest stamp merged into the WAL for the capture (`accord.hlc`), when there is
+    /// one, commit, and answer [`ApplyInput::Committed`].
+    Commit { merged_stamp: Option<Hlc> },
+    /// The batch is applied up to `applied`.
+    Done { applied: u64, summary: ApplySummary },
+}
+
+/// What happened, for the machine.
+#[derive(Debug)]
+pub enum ApplyInput {
+    /// The batch may start (`now`: the driver's clock, in µs, for the wait limit).
+    Start {
+        now: u64,
+    },
+    Loaded(Vec<LoadedRow>),
+    CaptureReached {
+        now: u64,
+    },
+    Restarted {
+        now: u64,
+    },
+    Written(Result<Vec<Option<Xid>>, String>),
+    Recorded,
+    Committed,
+}
+
+/// A batch's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApplySummary {
+    pub applied: u64,
+    pub parked: u64,
+    pub deferred: u64,
+    /// Kept changes merged by this batch.
+    pub undeferred: u64,
+    pub conflicts: ConflictCounts,
+    /// Times the batch waited for the capture (a local write raced the merge).
+    pub waits: u64,
+}
+
+impl ApplySummary {
+    pub fn add(&mut self, other: &ApplySummary) {
+        self.applied += other.applied;
+        self.parked += other.parked;
+        self.deferred += other.deferred;
+        self.undeferred += other.undeferred;
+        self.conflicts.add(&other.conflicts);
+        self.waits += other.waits;
+    }
+}
+
+/// Automatic resolutions by kind, as the conflict log records them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConflictCounts {
+    pub concurrent_update: u64,
+    pub delete_won: u64,
+    pub insert_insert: u64,
+}
+
+impl ConflictCounts {
+    pub fn count(&mut self, conflicts: &[Conflict]) {
+        for conflict in conflicts {
+            match conflict.kind {
+                ConflictKind::ConcurrentUpdate => self.concurrent_update += 1,
+                ConflictKind::DeleteWon => self.delete_won += 1,
+                ConflictKind::InsertInsert => self.insert_insert += 1,
+            }
+        }
+    }
+
+    pub fn add(&mut self, other: &ConflictCounts) {
+        self.concurrent_update += other.concurrent_update;
+        self.delete_won += other.delete_won;
+        self.insert_insert += other.insert_insert;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.concurrent_update + self.delete_won + self.insert_insert
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("changes from node {peer} skip from {applied} to {first}: refusing to apply out of order")]
+    Gap { peer: NodeId, applied: u64, first: u64 },
+    #[error(
+        "a batch from node {peer} waited {secs} s for the capture to account for local writes; is the capture \
+         running?"
+    )]
+    CaptureTimeout { peer: NodeId, secs: u64 },
+    #[error("the apply of a batch from node {peer} got {input} while it expected {expected}")]
+    Unexpected {
+        peer: NodeId,
+        input: &'static str,
+        expected: &'static str,
+    },
+    #[error("the driver loaded {found} rows for {asked} slots")]
+    LoadedCount { found: usize, asked: usize },
+    #[error("the driver reported {found} written rows for {asked} writes")]
+    WrittenCount { found: usize, asked: usize },
+}
+
+/// The guard's verdict on one loaded row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// accord's metadata describes the row: merge against this state (`None`: accord knows
+    /// nothing of it). `settled`: the metadata now accounts for this xmin.
+    Accounted {
+        state: Option<RowState>,
+        settled: Option<Xid>,
+    },
+    /// The row's version is not accounted for yet: a local write the capture may not have read
+    /// (this xmin), or a missing row whose local insert and delete may both be on their way
+    /// (`None`). Wait until the capture has read past a probe.
+    Unaccounted(Option<Xid>),
+    /// The metadata says the row lives but it is gone, after a probe: a local delete not
+    /// captured yet. Start over after a pause.
+    DeleteNotCaptured,
+}
+
+/// The xmin guard's rule table (HARD-PARTS §2), for one row. `probed`: the capture has read past
+/// a probe written after the row was first read; `settled`: the xmin that row then had. A row
+/// written inside a subtransaction (SAVEPOINT, a PL/pgSQL EXCEPTION block) carries the
+/// subtransaction's xid, which the capture never sees, so its xmin never equals `known_xmin`:
+/// once the capture has read past a probe written after that version was seen committed, the
+/// version is accounted for, and if the row still has that xmin, the metadata describes it.
+/// `cut`: tombstones it covers read as absent.
+pub fn judge(
+    loaded: &LoadedRow,
+    probed: bool,
+    settled: Option<Xid>,
+    cut: Option<&StableCut>,
+    planted: Option<PlantedBug>,
+) -> Verdict {
+    let meta = loaded
+        .meta
+        .as_ref()
+        .filter(|(m, _)| StableCut::live(cut, Some(m)).is_some());
+    let probed = probed || planted == Some(PlantedBug::NoMissingRowWait);
+    let state = |meta: &RowMeta, values: Vec<Cell>| RowState {
+        meta: meta.clone(),
+        values,
+    };
+    let skip_guard = planted == Some(PlantedBug::SkipGuard);
+    match (&loaded.row, meta) {
+        (Some((xmin, values)), Some((m, known))) if m.is_alive() && (*known == Some(*xmin) || skip_guard) => {
+            Verdict::Accounted {
+                state: Some(state(m, values.clone())),
+                settled: None,
+            }
+        }
+        (Some((xmin, values)), Some((m, _))) if m.is_alive() && settled == Some(*xmin) => Verdict::Accounted {
+            state: Some(state(m, values.clone())),
+            settled: Some(*xmin),
+        },
+        (None, Some((m, _))) if !m.is_alive() && probed => Verdict::Accounted {
+            state: Some(state(m, Vec::new())),
+            settled: None,
+        },
+        (None, None) if probed => Verdict::Accounted {
+            state: None,
+            settled: None,
+        },
+        (None, _) if !probed => Verdict::Unaccounted(None),
+        (Some((xmin, _)), _) => Verdict::Unaccounted(Some(*xmin)),
+        (None, _) => Verdict::DeleteNotCaptured,
+    }
+}
+
+/// Folds the next merge's action into a row's write. `false` when the sequence has no
+/// single-statement equivalent (a row deleted and inserted again, or inserted and deleted): the
+/// part is then applied in smaller parts, so that every intermediate row version meets the
+/// database's constraints exactly as it would alone.
+pub fn fold(write: &mut Option<RowWrite>, action: &RowAction) -> bool {
+    match (write, action) {
+        (_, RowAction::Nothing) => {}
+        (w @ None, RowAction::Update(writes)) => {
+            *w = Some(RowWrite::Update(
+                writes.iter().map(|c| (c.column, c.value.clone())).collect(),
+            ));
+        }
+        (Some(RowWrite::Update(columns)), RowAction::Update(writes)) => {
+            columns.extend(writes.iter().map(|c| (c.column, c.value.clone())));
+        }
+        (Some(RowWrite::Insert(values)), RowAction::Update(writes)) => {
+            if writes.iter().any(|c| c.column >= values.len()) {
+                return false;
+            }
+            for c in writes {
+                values[c.column] = c.value.clone();
+            }
+        }
+        (w @ None, RowAction::Insert(values)) => *w = Some(RowWrite::Insert(values.clone())),
+        (w @ (None | Some(RowWrite::Update(_))), RowAction::Delete) => *w = Some(RowWrite::Delete),
+        _ => return false,
+    }
+    true
+}
+
+/// One distinct row of the batch.
+#[derive(Debug)]
+struct Slot {
+    /// Index into the tables the machine was given.
+    table: usize,
+    key: RowKey,
+}
+
+/// A slot's state while a part is merged.
+#[derive(Debug, Default)]
+struct Work {
+    /// The row as the part's merges left it (`None`: accord knows nothing of it).
+    state: Option<RowState>,
+    /// The xmin the stored metadata accounts for (or the one the guard settled).
+    known: Option<Xid>,
+    /// Whether the row's metadata is to be written.
+    merged: bool,
+    write: Option<RowWrite>,
+    /// Changes of the row waiting for values; `true`: kept in the store by an earlier batch.
+    kept: Vec<(RowChange, bool)>,
+}
+
+/// A part's merges, waiting for its writes to stand.
+#[derive(Debug)]
+struct Pending {
+    part: (usize, usize),
+    /// The slots written, in the order of the `Write` command.
+    writes: Vec<usize>,
+    /// Whether the one change of a one-change part inserted its row.
+    inserted: bool,
+    records: Records,
+    done: ApplySummary,
+    greatest: Option<Hlc>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for `Start`.
+    Idle,
+    /// A `Load` of a part is out; `guard`: the attempt's first part, which the guard checks.
+    Loading {
+        part: (usize, usize),
+        guard: bool,
+    },
+    /// The part's rows wait for the capture to read past a probe; these xmins were seen.
+    Probing {
+        part: (usize, usize),
+        suspects: Vec<(usize, Xid)>,
+    },
+    /// A `Write` is out.
+    Writing(Box<Pending>),
+    /// The database refused the insert of a one-change part: a `Load` of its row is out, to
+    /// learn whether a row of that key appeared meanwhile.
+    Rechecking {
+        part: (usize, usize),
+        refusal: String,
+    },
+    Recording,
+    Committing,
+    Restarting,
+    Done,
+}
+
+/// The apply of one batch of one peer's changes.
+#[derive(Debug)]
+pub struct BatchApply {
+    peer: NodeId,
+    tables: Arc<[TableDef]>,
+    rules: ApplyRules,
+    cut: Option<StableCut>,
+    /// The changes to apply, in sequence order.
+    changes: Vec<RowChange>,
+    /// Per change, its slot (`None`: its table is not replicated here).
+    change_slots: Vec<Option<usize>>,
+    slots: Vec<Slot>,
+    /// The position the batch's transaction commits with.
+    last: u64,
+    phase: Phase,
+    started: Option<u64>,
+    pause: u64,
+    /// Whether the capture has read past a probe written after this attempt's rows were read.
+    probed: bool,
+    /// Rows whose current xmin the capture is known to have read past.
+    settled: BTreeMap<usize, Xid>,
+    /// The guard rounds taken in this transaction.
+    rounds: u32,
+    /// Parts of this attempt still to apply, the next one last.
+    ranges: Vec<(usize, usize)>,
+    first_part: bool,
+    /// Waits of attempts that rolled back.
+    waits: u64,
+    /// What this attempt's parts did so far.
+    attempt: ApplySummary,
+    greatest: Option<Hlc>,
+    work: Vec<Work>,
+}
+
+impl BatchApply {
+    /// A batch of `peer`'s changes, to apply after position `applied`. `tables`: the replicated
+    /// tables; `cut`: the latest completed tombstone-collection round (tombstones it covers read
+    /// as absent).
+    pub fn new(
+        peer: NodeId,
+        applied: u64,
+        changes: Vec<RowChange>,
+        tables: Arc<[TableDef]>,
+        cut: Option<StableCut>,
+        rules: ApplyRules,
+    ) -> Result<BatchApply, ApplyError> {
+        let skip_nothing = rules.planted == Some(PlantedBug::DoubleApply);
+        let changes: Vec<RowChange> = changes
+            .into_iter()
+            .filter(|c| skip_nothing || c.seq > applied)
+            .collect();
+        if let Some(first) = changes.first() {
+            let continues = first.seq == applied + 1 || skip_nothing;
+            if !continues && rules.planted != Some(PlantedBug::ApplyPastGap) {
+                return Err(ApplyError::Gap {
+                    peer,
+                    applied,
+                    first: first.seq,
+                });
+            }
+        }
+        let last = changes.iter().map(|c| c.seq).fold(applied, u64::max);
+        let mut index: BTreeMap<(usize, &RowKey), usize> = BTreeMap::new();
+        let mut slots = Vec::new();
+        let mut change_slots = Vec::with_capacity(changes.len());
+        for change in &changes {
+            let Some(table) = tables.iter().position(|t| t.name == change.table) else {
+                change_slots.push(None);
+                continue;
+            };
+            let slot = *index.entry((table, &change.key)).or_insert_with(|| {
+                slots.push(Slot {
+                    table,
+                    key: change.key.clone(),
+                });
+                slots.len() - 1
+            });
+            change_slots.push(Some(slot));
+        }
+        let work = slots.iter().map(|_| Work::default()).collect();
+        Ok(BatchApply {
+            peer,
+            tables,
+            rules,
+            cut,
+            changes,
+            change_slots,
+            slots,
+            last,
+            phase: Phase::Idle,
+            started: None,
+            pause: rules.backoff_micros.0,
+            probed: false,
+            settled: BTreeMap::new(),
+            rounds: 0,
+            ranges: Vec::new(),
+            first_part: true,
+            waits: 0,
+            attempt: ApplySummary::default(),
+            greatest: None,
+            work,
+        })
+    }
+
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The position the batch's transaction commits with.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// The changes the batch applies (what was at or below the applied position is not here).
+    pub fn changes(&self) -> &[RowChange] {
+        &self.changes
+    }
+
+    /// A slot's table and key.
+    pub fn slot(&self, slot: usize) -> Option<(&TableDef, &RowKey)> {
+        let s = self.slots.get(slot)?;
+        Some((self.tables.get(s.table)?, &s.key))
+    }
+
+    /// Feeds what happened; returns what to do next.
+    pub fn step(&mut self, input: ApplyInput) -> Result<ApplyCommand, ApplyError> {
+        match (std::mem::replace(&mut self.phase, Phase::Done), input) {
+            (Phase::Idle, ApplyInput::Start { now }) => {
+                self.started = Some(now);
+                if self.changes.is_empty() {
+                    return Ok(self.done(ApplySummary::default()));
+                }
+                Ok(self.begin_attempt())
+            }
+            (Phase::Restarting, ApplyInput::Restarted { now }) => {
+                self.check_time(now)?;
+                Ok(self.begin_attempt())
+            }
+            (Phase::Loading { part, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, guard, rows),
+            (Phase::Probing { part, suspects }, ApplyInput::CaptureReached { now }) => {
+                self.check_time(now)?;
+                self.attempt.waits += 1;
+                self.probed = true;
+                self.rounds += 1;
+                self.settled.extend(suspects);
+                self.phase = Phase::Loading { part, guard: true };
+                Ok(ApplyCommand::Load {
+                    begin: None,
+                    guard: true,
+                    slots: self.part_slots(part),
+                })
+            }
+            (Phase::Writing(pending), ApplyInput::Written(result)) => match result {
+                Ok(xmins) => self.written(*pending, xmins),
+                Err(refusal) => Ok(self.refused(*pending, refusal)),
+            },
+            (Phase::Rechecking { part, refusal }, ApplyInput::Loaded(rows)) => {
+                if rows.first().is_some_and(|r| r.row.is_some()) {
+                    // A row of the key appeared after it was found missing: a local insert, or
+                    // another peer's merge, raced this one. Not a refusal: merge against it.
+                    return Ok(self.restart(false));
+                }
+                Ok(self.park_refused(part, refusal))
+            }
+            (Phase::Recording, ApplyInput::Recorded) => Ok(self.next_part()),
+            (Phase::Committing, ApplyInput::Committed) => {
+                let mut summary = self.attempt;
+                summary.waits += self.waits;
+                Ok(self.done(summary))
+            }
+            (phase, input) => {
+                let expected = phase.expects();
+                self.phase = phase;
+                Err(ApplyError::Unexpected {
+                    peer: self.peer,
+                    input: input.name(),
+                    expected,
+                })
+            }
+        }
+    }
+
+    fn done(&mut self, summary: ApplySummary) -> ApplyCommand {
+        self.phase = Phase::Done;
+        ApplyCommand::Done {
+            applied: self.last,
+            summary,
+        }
+    }
+
+    fn check_time(&self, now: u64) -> Result<(), ApplyError> {
+        let waited = now.saturating_sub(self.started.unwrap_or(now));
+        if waited > self.rules.wait_limit_micros {
+            return Err(ApplyError::CaptureTimeout {
+                peer: self.peer,
+                secs: self.rules.wait_limit_micros / 1_000_000,
+            });
+        }
+        Ok(())
+    }
+
+    /// The distinct rows of a part, in lock order: tables by name, then keys. Every writer locks
+    /// in this order, so appliers do not deadlock with each other.
+    fn part_slots(&self, (start, end): (usize, usize)) -> Vec<usize> {
+        let mut slots: Vec<usize> = self.change_slots[start..end].iter().flatten().copied().collect();
+        slots.sort_by(|&a, &b| {
+            let (sa, sb) = (&self.slots[a], &self.slots[b]);
+            self.tables[sa.table]
+                .name
+                .cmp(&self.tables[sb.table].name)
+                .then_with(|| sa.key.cmp(&sb.key))
+        });
+        slots.dedup();
+        slots
+    }
+
+    fn begin_attempt(&mut self) -> ApplyCommand {
+        self.rounds = 0;
+        self.attempt = ApplySummary::default();
+        self.greatest = None;
+        self.ranges = vec![(0, self.changes.len())];
+        self.first_part = true;
+        self.next_part()
+    }
+
+    /// The next part of the attempt, or the commit.
+    fn next_part(&mut self) -> ApplyCommand {
+        if let Some(part) = self.ranges.pop() {
+            let guard = self.first_part;
+            self.first_part = false;
+            self.phase = Phase::Loading { part, guard };
+            return ApplyCommand::Load {
+                begin: guard.then_some(self.last),
+                guard,
+                slots: self.part_slots(part),
+            };
+        }
+        self.phase = Phase::Committing;
+        let merged_stamp = self
+            .greatest
+            .filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
+        ApplyCommand::Commit { merged_stamp }
+    }
+
+    /// Rolls the attempt back; the next starts over, after a probe or a pause.
+    fn restart(&mut self, probe: bool) -> ApplyCommand {
+        self.phase = Phase::Restarting;
+        self.waits += self.attempt.waits + 1;
+        self.probed = probe;
+        for work in &mut self.work {
+            *work = Work::default();
+        }
+        let pause_micros = if probe { 0 } else { self.pause };
+        if !probe {
+            self.pause = (self.pause * 2).min(self.rules.backoff_micros.1);
+        }
+        ApplyCommand::Restart { probe, pause_micros }
+    }
+
+    fn loaded(&mut self, part: (usize, usize), guard: bool, rows: Vec<LoadedRow>) -> Result<ApplyCommand, ApplyError> {
+        let slots = self.part_slots(part);
+        if rows.len() != slots.len() {
+            return Err(ApplyError::LoadedCount {
+                found: rows.len(),
+                asked: slots.len(),
+            });
+        }
+        // The guard, for every row of the first part (the whole batch) before anything is
+        // merged. Rows of later parts were checked with it and stay locked; a missing row among
+        // them passed only after a probe.
+        let probed = self.probed || !guard;
+        let mut suspects = Vec::new();
+        let mut missing = false;
+        for (&slot, row) in slots.iter().zip(rows) {
+            let settled = self.settled.get(&slot).copied();
+            match judge(&row, probed, settled, self.cut.as_ref(), self.rules.planted) {
+                Verdict::Accounted { state, settled } => {
+                    self.work[slot] = Work {
+                        state,
+                        known: settled.or_else(|| row.meta.as_ref().and_then(|(_, k)| *k)),
+                        // A settled xmin is recorded even if no merge of the row stands.
+                        merged: settled.is_some(),
+                        write: None,
+                        kept: row.deferred.into_iter().map(|c| (c, true)).collect(),
+                    };
+                }
+                Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
+                Verdict::Unaccounted(None) => missing = true,
+                Verdict::DeleteNotCaptured => return Ok(self.restart(false)),
+            }
+        }
+        if missing || !suspects.is_empty() {
+            if guard && self.rounds < self.rules.guard_rounds {
+                // Wait with the rows locked: no local write can change them meanwhile, so once
+                // the capture has read past the probe every row seen is accounted for, and the
+                // batch goes on instead of starting over behind the next local write (hot rows
+                // starved that way).
+                self.phase = Phase::Probing { part, suspects };
+                return Ok(ApplyCommand::ProbeAndWait);
+            }
+            self.settled.extend(suspects);
+            return Ok(self.restart(true));
+        }
+        Ok(self.merge_part(part))
+    }
+
+    /// Merges the part in memory, in order, each change against the state the earlier ones
+    /// left, and plans its writes.
+    fn merge_part(&mut self, part: (usize, usize)) -> ApplyCommand {
+        let mut records = Records::default();
+        let mut done = ApplySummary::default();
+        let mut greatest = self.greatest;
+        for i in part.0..part.1 {
+            let change = &self.changes[i];
+            let Some(slot) = self.change_slots[i] else {
+                let error = format!("table {} is not replicated on this node", change.table);
+                records.parked.push((unapplicable(change, error), change.clone()));
+                done.parked += 1;
+                continue;
+            };
+            let table = &self.tables[self.slots[slot].table];
+            match merge_into(table, slot, &mut self.work[slot], change, &mut records) {
+                Merge::Applied => {
+                    done.applied += 1;
+                    greatest = greatest.max(Some(change.stamp));
+                    retry_kept(
+                        table,
+                        slot,
+                        &mut self.work[slot],
+                        &mut records,
+                        &mut done,
+                        &mut greatest,
+                    );
+                }
+                Merge::Unfoldable => return self.split(part),
+                Merge::Parked => done.parked += 1,
+                Merge::Deferred => {
+                    self.work[slot].kept.push((change.clone(), false));
+                    done.deferred += 1;
+                }
+            }
+        }
+        let drop_deferred = self.rules.planted == Some(PlantedBug::DropDeferred);
+        for (slot, work) in self.work.iter_mut().enumerate() {
+            if work.merged {
+                if let Some(state) = &work.state {
+                    records.metas.push((slot, state.meta.clone(), work.known));
+                }
+            }
+            for (change, stored) in work.kept.drain(..) {
+                if !stored && !drop_deferred {
+                    records.defer.push(change);
+                }
+            }
+        }
+        // In the order the part first wrote each row: a parent inserted before its children
+        // meets the children's foreign keys.
+        let mut writes: Vec<usize> = Vec::new();
+        let mut seen = vec![false; self.slots.len()];
+        for &slot in self.change_slots[part.0..part.1].iter().flatten() {
+            if self.work[slot].write.is_some() && !std::mem::replace(&mut seen[slot], true) {
+                writes.push(slot);
+            }
+        }
+        if writes.is_empty() {
+            self.attempt.add(&done);
+            self.greatest = greatest;
+            return self.record(records);
+        }
+        let planned: Vec<PlannedWrite> = writes
+            .iter()
+            .filter_map(|&slot| self.work[slot].write.take().map(|write| PlannedWrite { slot, write }))
+            .collect();
+        let inserted = part.1 - part.0 == 1 && planned.iter().any(|p| matches!(p.write, RowWrite::Insert(_)));
+        self.phase = Phase::Writing(Box::new(Pending {
+            part,
+            writes,
+            inserted,
+            records,
+            done,
+            greatest,
+        }));
+        ApplyCommand::Write(planned)
+    }
+
+    /// Applies the part in halves. A part of one change always folds (one action into no write),
+    /// so halving ends before that.
+    fn split(&mut self, (start, end): (usize, usize)) -> ApplyCommand {
+        for work in &mut self.work {
+            *work = Work::default();
+        }
+        if end - start <= 1 {
+            return self.park_refused(
+                (start, end),
+                "the change does not fold into one write of its row".into(),
+            );
+        }
+        let middle = start + (end - start).div_ceil(2);
+        self.ranges.push((middle, end));
+        self.ranges.push((start, middle));
+        self.next_part()
+    }
+
+    fn written(&mut self, pending: Pending, xmins: Vec<Option<Xid>>) -> Result<ApplyCommand, ApplyError> {
+        if xmins.len() != pending.writes.len() {
+            return Err(ApplyError::WrittenCount {
+                found: xmins.len(),
+                asked: pending.writes.len(),
+            });
+        }
+        let written: BTreeMap<usize, Option<Xid>> = pending.writes.into_iter().zip(xmins).collect();
+        let mut records = pending.records;
+        for (slot, _, known) in &mut records.metas {
+            if let Some(xmin) = written.get(slot) {
+                // The metadata accounts for the version this write made (none after a delete).
+                *known = *xmin;
+            }
+        }
+        self.attempt.add(&pending.done);
+        self.greatest = pending.greatest;
+        Ok(self.record(records))
+    }
+
+    fn record(&mut self, records: Records) -> ApplyCommand {
+        for work in &mut self.work {
+            *work = Work::default();
+        }
+        if records.is_empty() {
+            return self.next_part();
+        }
+        self.phase = Phase::Recording;
+        ApplyCommand::Record(records)
+    }
+
+    /// The database refused the part's writes (they were rolled back to their savepoint).
+    fn refused(&mut self, pending: Pending, refusal: String) -> ApplyCommand {
+        let part = pending.part;
+        if part.1 - part.0 > 1 {
+            return self.split(part);
+        }
+        match self.change_slots[part.0].filter(|_| pending.inserted) {
+            Some(slot) => {
+                self.phase = Phase::Rechecking { part, refusal };
+                ApplyCommand::Load {
+                    begin: None,
+                    guard: false,
+                    slots: vec![slot],
+                }
+            }
+            None => self.park_refused(part, refusal),
+        }
+    }
+
+    /// Parks the one change of `part`, which the database refused.
+    fn park_refused(&mut self, part: (usize, usize), refusal: String) -> ApplyCommand {
+        let change = &self.changes[part.0];
+        let mut records = Records::default();
+        records.parked.push((unapplicable(change, refusal), change.clone()));
+        self.attempt.parked += 1;
+        self.record(records)
+    }
+}
+
+impl Phase {
+    fn expects(&self) -> &'static str {
+        match self {
+            Phase::Idle => "Start",
+            Phase::Loading { .. } | Phase::Rechecking { .. } => "Loaded",
+            Phase::Probing { .. } => "CaptureReached",
+            Phase::Restarting => "Restarted",
+            Phase::Writing(_) => "Written",
+            Phase::Recording => "Recorded",
+            Phase::Committing => "Committed",
+            Phase::Done => "nothing (the batch is done)",
+        }
+    }
+}
+
+impl ApplyInput {
+    fn name(&self) -> &'static str {
+        match self {
+            ApplyInput::Start { .. } => "Start",
+            ApplyInput::Loaded(_) => "Loaded",
+            ApplyInput::CaptureReached { .. } => "CaptureReached",
+            ApplyInput::Restarted { .. } => "Restarted",
+            ApplyInput::Written(_) => "Written",
+            ApplyInput::Recorded => "Recorded",
+            ApplyInput::Committed => "Committed",
+        }
+    }
+}
+
+enum Merge {
+    Applied,
+    Unfoldable,
+    Parked,
+    Deferred,
+}
+
+/// Merges one change into a slot's work, folding its action into the row's write.
+fn merge_into(table: &TableDef, slot: usize, work: &mut Work, change: &RowChange, records: &mut Records) -> Merge {
+    let outcome = match merge(table, work.state.as_ref(), change) {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            records
+                .parked
+                .push((unapplicable(change, error.to_string()), change.clone()));
+            return Merge::Parked;
+        }
+    };
+    match outcome {
+        MergeOutcome::Applied(merged) => {
+            if !fold(&mut work.write, &merged.action) {
+                return Merge::Unfoldable;
+            }
+            records
+                .conflicts
+                .extend(merged.conflicts.into_iter().map(|c| (slot, c)));
+            records.review.extend(merged.review);
+            records.merged.push((change.origin, change.seq));
+            work.state = Some(merged.state);
+            work.merged = true;
+            Merge::Applied
+        }
+        MergeOutcome::Parked { item, .. } => {
+            records.parked.push((item, change.clone()));
+            Merge::Parked
+        }
+        MergeOutcome::Deferred { .. } => Merge::Deferred,
+    }
+}
+
+/// Changes of a row kept for lack of values may merge once a merge wrote the row. One that still
+/// lacks values, or does not fold into the row's write, stays kept.
+fn retry_kept(
+    table: &TableDef,
+    slot: usize,
+    work: &mut Work,
+    records: &mut Records,
+    done: &mut ApplySummary,
+    greatest: &mut Option<Hlc>,
+) {
+    loop {
+        let waiting = std::mem::take(&mut work.kept);
+        let before = waiting.len();
+        for (change, stored) in waiting {
+            match merge_into(table, slot, work, &change, records) {
+                outcome @ (Merge::Applied | Merge::Parked) => {
+                    if stored {
+                        records
+                            .undefer
+                            .push((change.table.clone(), change.key.clone(), change.origin, change.seq));
+                    } else {
+                        // Kept and merged within this part: never stored.
+                        done.deferred = done.deferred.saturating_sub(1);
+                    }
+                    done.undeferred += 1;
+                    match outcome {
+                        Merge::Applied => *greatest = (*greatest).max(Some(change.stamp)),
+                        _ => done.parked += 1,
+                    }
+                }
+                Merge::Deferred | Merge::Unfoldable => work.kept.push((change, stored)),
+            }
+        }
+        if work.kept.len() >= before {
+            return;
+        }
+    }
+}
+
+fn unapplicable(change: &RowChange, error: String) -> ReviewItem {
+    ReviewItem::unapplicable(
+        &change.table,
+        &change.key,
+        None,
+        change.origin,
+        change.stamp,
+        change.seq,
+        error,
+    )
+}
