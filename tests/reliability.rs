@@ -49,11 +49,20 @@ CREATE TABLE local.ledger (
 );
 ";
 
+/// Also beside `SHOP`, before `accord init`: a long text column (`lww`), always stored out of line
+/// (TOAST) when it holds more than about 2 kB. Only the TOAST test writes it.
+const NOTE: &str = "
+ALTER TABLE shop.products ADD COLUMN note text;
+ALTER TABLE shop.products ALTER COLUMN note SET STORAGE EXTERNAL;
+";
+
 const TABLES: [&str; 1] = ["shop.products"];
 /// Rows every writer increments.
 const HOT_ROWS: i64 = 5;
 /// A row only the partition test writes, on its review column.
 const PRICE_ROW: i64 = 999;
+/// The row only the TOAST test writes.
+const TOAST_ROW: i64 = 4242;
 
 /// The keys the writers insert and delete over and over (beside the hot rows and new keys).
 const CHURN_KEYS: i64 = 900_000_000;
@@ -216,6 +225,16 @@ impl NodeProc {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The last `lines` warnings and errors of the node's log.
+    fn warnings(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     async fn status(&self) -> Option<serde_json::Value> {
         let text = http_get(self.metrics, "/status").await?;
         let body = text.split("\r\n\r\n").nth(1)?;
@@ -370,6 +389,7 @@ impl Cluster {
             let db = cluster.create_database("shop").await;
             db.batch_execute(SHOP).await.unwrap();
             db.batch_execute(LEDGER).await.unwrap();
+            db.batch_execute(NOTE).await.unwrap();
             let dsn = cluster.dsn("shop");
             let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &id.to_string()]);
             assert!(ok, "accord init of node {id}: {out}");
@@ -492,6 +512,17 @@ impl Cluster {
                     self.nodes[i].log_tail(80)
                 );
             }
+        }
+    }
+
+    /// Cuts (or heals) only the link between nodes `a` and `b`, both directions.
+    fn cut_link(&self, a: usize, b: usize, cut: bool) {
+        for link in [(a, b), (b, a)] {
+            let relay = self
+                .relays
+                .get(&link)
+                .unwrap_or_else(|| panic!("[{}] no relay {link:?}: start the cluster relayed", self.name));
+            relay.cut.store(cut, Ordering::Relaxed);
         }
     }
 
@@ -1026,6 +1057,184 @@ async fn partition_and_heal() {
             i + 1
         );
     }
+}
+
+/// The TOAST test's row on one node: name, stock, and the md5 and length of its note; `None` while
+/// the node does not have the row.
+type ToastRow = (String, i64, String, i32);
+
+async fn toast_row(db: &tokio_postgres::Client) -> Option<ToastRow> {
+    let row = db
+        .query_opt(
+            "SELECT name, stock, coalesce(md5(note), 'no note'), coalesce(length(note), -1)
+             FROM shop.products WHERE id = $1",
+            &[&TOAST_ROW],
+        )
+        .await
+        .unwrap()?;
+    Some((row.get(0), row.get(1), row.get(2), row.get(3)))
+}
+
+/// The node's open review items of kind `unapplicable`: table, key and why.
+async fn open_unapplicable(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT table_name || ' ' || row_key || ': ' || coalesce(error, '') FROM accord.review_items
+         WHERE kind = 'unapplicable' AND status = 'open' ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The sequence number of the node's last captured change.
+async fn last_captured(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT coalesce(max(last_seq), 0) FROM accord.capture_state", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// How far the node applied (or kept) the changes of `peer` (1-based): its replication origin.
+async fn received_from(db: &tokio_postgres::Client, peer: usize) -> i64 {
+    db.query_one(
+        "SELECT coalesce(max((remote_lsn - '0/0'::pg_lsn)::bigint), 0) FROM pg_replication_origin_status
+         WHERE external_id = $1",
+        &[&format!("accord_peer_{peer}")],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// pgoutput leaves an out-of-line value that an update did not change out of the update
+/// ("unchanged TOAST"). Node 1 inserts a row with such a value while its link to node 3 is cut;
+/// node 2 renames the row and adds to its stock, so node 3 gets node 2's change, without the
+/// value, for a row it does not have yet. That change must wait for node 1's insert, not be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_change_missing_a_toasted_value_waits_for_it() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let name = "a_relayed_change_missing_a_toasted_value_waits_for_it";
+    let mut cluster = Cluster::start(name, 3, true).await;
+    let (n1, n2, n3) = (0, 1, 2);
+    let step = Duration::from_secs(60);
+
+    cluster.cut_link(n1, n3, true);
+    let db1 = cluster.client(n1).await;
+    db1.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO shop.products (id, name, stock, note)
+             SELECT {TOAST_ROW}, 'from node 1', 10, string_agg(md5(g::text), '' ORDER BY g)
+             FROM generate_series(1, 400) g;
+         INSERT INTO local.ledger (stock, balance) VALUES (10, 0);
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+    let (_, _, note_md5, note_len) = toast_row(&db1).await.expect("node 1 has the row it inserted");
+    let toast: String = db1
+        .query_one(
+            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'shop.products'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let chunks: i64 = db1
+        .query_one(&format!("SELECT count(*) FROM {toast}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        chunks > 0,
+        "[{name}] the note of row {TOAST_ROW} ({note_len} characters) is not stored out of line"
+    );
+
+    cluster
+        .wait_for("node 2 receives node 1's insert", step, |c| async move {
+            match connect(&c.pg[n2].dsn("shop")).await {
+                Ok(db) => toast_row(&db).await.is_some(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    let db2 = cluster.client(n2).await;
+    let db3 = cluster.client(n3).await;
+    let before = last_captured(&db2).await;
+    db2.batch_execute(&format!(
+        "BEGIN;
+         UPDATE shop.products SET name = 'renamed on node 2', stock = stock + 5 WHERE id = {TOAST_ROW};
+         INSERT INTO local.ledger (stock, balance) VALUES (5, 0);
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+    // Node 3 takes node 2's change while node 1's insert cannot reach it.
+    let (db2_ref, db3_ref) = (&db2, &db3);
+    cluster
+        .wait_for("node 2 captures its update", step, move |_| async move {
+            last_captured(db2_ref).await > before
+        })
+        .await;
+    let seq = last_captured(&db2).await;
+    cluster
+        .wait_for(
+            "node 3 receives node 2's update (its link to node 2 is up)",
+            step,
+            move |_| async move { received_from(db3_ref, n2 + 1).await >= seq },
+        )
+        .await;
+    eprintln!(
+        "[{name}] node 3 received node 2's update before node 1's insert; node 3 has row {TOAST_ROW}: {:?}; its open \
+         unapplicable items: {:?}",
+        toast_row(&db3).await,
+        open_unapplicable(&db3).await
+    );
+
+    cluster.cut_link(n1, n3, false);
+    let healed = Instant::now();
+    let expected: ToastRow = ("renamed on node 2".into(), 15, note_md5, note_len);
+    loop {
+        let got = toast_row(&db3).await;
+        if got.as_ref() == Some(&expected) {
+            break;
+        }
+        if healed.elapsed() > step {
+            panic!(
+                "[{name}] node 3: row {TOAST_ROW} (name, stock, md5 and length of the note) is {got:?} {step:?} after \
+                 the heal, not {expected:?}; its open unapplicable review items: {:?}\nits warnings:\n{}",
+                open_unapplicable(&db3).await,
+                cluster.nodes[n3].warnings(10)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = cluster.converge().await;
+    cluster.assert_exact_sums().await;
+    for i in 0..cluster.nodes.len() {
+        let db = cluster.client(i).await;
+        assert_eq!(
+            toast_row(&db).await.as_ref(),
+            Some(&expected),
+            "[{name}] node {}: row {TOAST_ROW} (name, stock, md5 and length of the note)",
+            i + 1
+        );
+        let open = open_unapplicable(&db).await;
+        assert!(
+            open.is_empty(),
+            "[{name}] node {}: unapplicable items left open: {open:?}",
+            i + 1
+        );
+    }
+    eprintln!(
+        "[{name}] converged {:.1} s after the heal ({:.1} s for the last check); whole test {:.1} s",
+        healed.elapsed().as_secs_f64(),
+        took.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Seconds since the start, and per node: RSS (KiB), greatest outbound lag (s), most unacknowledged.
