@@ -604,3 +604,95 @@ mod over_quic {
         cluster.stop_all().await;
     }
 }
+
+/// Holds a node's capture: its walsender (the slot's stream) is stopped with SIGSTOP until the
+/// returned guard is dropped, so local writes commit but the capture reads none of them.
+struct CaptureHold(u32);
+
+impl CaptureHold {
+    async fn start(db: &tokio_postgres::Client) -> CaptureHold {
+        let pid: i32 = db
+            .query_one(
+                "SELECT pid FROM pg_stat_replication WHERE application_name = 'accord-capture'",
+                &[],
+            )
+            .await
+            .expect("the node's capture streams from its slot")
+            .get(0);
+        let pid = u32::try_from(pid).expect("a backend pid is positive");
+        signal(pid, "-STOP");
+        CaptureHold(pid)
+    }
+}
+
+impl Drop for CaptureHold {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {which} {pid} failed");
+}
+
+async fn row_of(db: &tokio_postgres::Client, id: i64) -> (String, i64) {
+    let row = db
+        .query_one("SELECT name, stock FROM shop.products WHERE id = $1", &[&id])
+        .await
+        .expect("the row is there");
+    (row.get(0), row.get(1))
+}
+
+/// Invariant 8 on real PostgreSQL: while node 2's capture is held, a local write on node 2 and
+/// a peer's write of the same row (an `lww` and a `delta` column) both commit there, in both
+/// stamp orders. The merge must take the local write into account (the xmin guard waits for the
+/// capture); without the guard it overwrites it unseen, and node 2 diverges from node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute(
+        "INSERT INTO shop.products (id, name, stock, price) VALUES (1, 'start', 100, 1), (2, 'start', 100, 1)",
+    )
+    .await
+    .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    // Row 1: the peer writes first, the local write (greater stamp) wins the `lww` column.
+    // Row 2: the local write first, the peer's later write wins it.
+    for (id, local_first) in [(1i64, false), (2, true)] {
+        let update = |name: &str, delta: i64| {
+            format!("UPDATE shop.products SET name = '{name}', stock = stock + {delta} WHERE id = {id}")
+        };
+        let hold = CaptureHold::start(&b).await;
+        if local_first {
+            b.batch_execute(&update("local on node 2", 10)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            a.batch_execute(&update("from node 1", 1)).await.unwrap();
+        } else {
+            a.batch_execute(&update("from node 1", 1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            b.batch_execute(&update("local on node 2", 10)).await.unwrap();
+        }
+        // Node 1's change reaches node 2's applier meanwhile; with the capture held, only a
+        // merge that ignores the guard can go on.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(hold);
+        let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+        let winner = if local_first { "from node 1" } else { "local on node 2" };
+        for (node, snapshot) in snapshots.iter().enumerate() {
+            let db = cluster.client(node).await;
+            assert_eq!(
+                row_of(&db, id).await,
+                (winner.to_owned(), 111),
+                "node {}, row {id}: both writes count, the later wins the name\n{snapshot}",
+                node + 1
+            );
+        }
+    }
+    cluster.stop_all().await;
+}

@@ -452,9 +452,16 @@ impl Capture {
                         continue;
                     }
                     Err(error) => {
-                        // Committed locally but impossible to replicate: never silently.
-                        tracing::error!(table = %table.name, key = slot.1, %error, "a local change cannot be replicated");
-                        continue;
+                        // Committed locally but impossible to replicate as it is. Dropping it would
+                        // leave the peers without it for good: stop here instead, and the slot
+                        // keeps the change (and everything after it) until the cause is fixed.
+                        bail!(
+                            "a local change of {} {} (transaction {}) cannot be replicated: {error}; the capture \
+                             stops before it and the replication slot keeps it",
+                            table.name,
+                            slot.1,
+                            t.xid
+                        );
                     }
                 };
                 seqs.push(i64::try_from(captured.change.seq).unwrap_or(i64::MAX));
@@ -608,7 +615,9 @@ fn check_shape(table: &TableDef, rel: &Relation) -> Result<()> {
         }
     };
     bail!(
-        "table {} changed since `accord init` (new columns: {}; dropped columns: {}): accord stopped          capturing rather than replicate it differently from its peers. Make the table the same on every          node, run `accord init` on each, and restart the nodes; the slot keeps the changes meanwhile",
+        "table {} changed since `accord init` (new columns: {}; dropped columns: {}): accord stopped \
+         capturing rather than replicate it differently from its peers. Make the table the same on every \
+         node, run `accord init` on each, and restart the nodes; the slot keeps the changes meanwhile",
         table.name,
         list(&added),
         list(&gone)

@@ -1,0 +1,370 @@
+//! The apply state machine driven by hand: one test per rule of `BatchApply` (the exactly-once
+//! skip, the xmin guard and its rounds, splitting and parking, deferral), each feeding what a
+//! database would answer and checking the commands that come back.
+
+use std::sync::Arc;
+
+use accord_engine::{
+    capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Cell, ChangeKind, ColumnDef,
+    ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, RowChange, RowKey, RowMeta, RowWrite, TableDef, Value,
+};
+
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+
+fn tables() -> Arc<[TableDef]> {
+    let col = |name: &str, ty, policy| ColumnDef {
+        name: name.into(),
+        ty,
+        policy,
+    };
+    Arc::from(vec![TableDef::new(
+        "shop.products",
+        vec![KeyColumn {
+            name: "id".into(),
+            ty: ColumnType::Integer,
+        }],
+        vec![
+            col("name", ColumnType::Other("text".into()), ColumnPolicy::Lww),
+            col("stock", ColumnType::Integer, ColumnPolicy::Delta),
+        ],
+    )
+    .unwrap()])
+}
+
+fn key(k: i64) -> RowKey {
+    RowKey(vec![Value::Int(k)])
+}
+
+fn cells(name: &str, stock: i64) -> Vec<Cell> {
+    vec![Cell::Value(Value::text(name)), Cell::Value(Value::Int(stock))]
+}
+
+/// A node's local write, captured: the change it sends, and its new metadata.
+fn write(
+    origin: NodeId,
+    seq: u64,
+    k: i64,
+    prior: Option<(&RowMeta, Vec<Cell>)>,
+    kind: ChangeKind,
+    new: Option<Vec<Cell>>,
+) -> (RowChange, RowMeta) {
+    let t = &tables()[0];
+    let change = CapturedChange {
+        kind,
+        key: key(k),
+        old: prior.as_ref().map(|(_, v)| v.clone()),
+        new,
+    };
+    let captured = capture(
+        t,
+        prior.map(|(m, _)| m),
+        &change,
+        Hlc::new(1_000 + seq, 0, origin),
+        seq,
+        &[],
+    )
+    .unwrap()
+    .unwrap();
+    (captured.change, captured.meta)
+}
+
+fn insert(origin: NodeId, seq: u64, k: i64, name: &str, stock: i64) -> RowChange {
+    write(origin, seq, k, None, ChangeKind::Insert, Some(cells(name, stock))).0
+}
+
+fn machine(applied: u64, changes: Vec<RowChange>) -> BatchApply {
+    BatchApply::new(A, applied, changes, tables(), None, ApplyRules::default()).unwrap()
+}
+
+fn missing() -> LoadedRow {
+    LoadedRow::default()
+}
+
+fn loaded_slots(command: &ApplyCommand) -> usize {
+    match command {
+        ApplyCommand::Load { slots, .. } => slots.len(),
+        other => panic!("expected a load, got {other:?}"),
+    }
+}
+
+#[test]
+fn what_was_applied_is_skipped_and_a_gap_is_refused() {
+    let changes = vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 2)];
+    let mut m = machine(1, changes.clone());
+    assert_eq!(m.changes().len(), 1);
+    assert_eq!(m.last(), 2);
+    let mut done = machine(2, changes.clone());
+    assert!(matches!(
+        done.step(ApplyInput::Start { now: 0 }).unwrap(),
+        ApplyCommand::Done { applied: 2, .. }
+    ));
+    let gap = BatchApply::new(A, 0, vec![changes[1].clone()], tables(), None, ApplyRules::default());
+    assert!(matches!(
+        gap,
+        Err(ApplyError::Gap {
+            applied: 0,
+            first: 2,
+            ..
+        })
+    ));
+    let _ = m.step(ApplyInput::Start { now: 0 }).unwrap();
+}
+
+#[test]
+fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_position() {
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    let load = m.step(ApplyInput::Start { now: 0 }).unwrap();
+    assert!(matches!(
+        load,
+        ApplyCommand::Load {
+            begin: Some(1),
+            guard: true,
+            ..
+        }
+    ));
+    // The row is missing: a local insert and delete may both be on their way through the capture.
+    let probe = m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    assert!(matches!(probe, ApplyCommand::ProbeAndWait));
+    let again = m.step(ApplyInput::CaptureReached { now: 10 }).unwrap();
+    assert!(matches!(
+        again,
+        ApplyCommand::Load {
+            begin: None,
+            guard: true,
+            ..
+        }
+    ));
+    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+        panic!("expected the insert");
+    };
+    assert!(matches!(&writes[0].write, RowWrite::Insert(v) if v[1] == Value::Int(5)));
+    let ApplyCommand::Record(records) = m.step(ApplyInput::Written(Ok(vec![Some(77)]))).unwrap() else {
+        panic!("expected the records");
+    };
+    assert_eq!(records.metas.len(), 1);
+    assert_eq!(
+        records.metas[0].2,
+        Some(77),
+        "the metadata accounts for the version written"
+    );
+    let ApplyCommand::Commit { merged_stamp } = m.step(ApplyInput::Recorded).unwrap() else {
+        panic!("expected the commit");
+    };
+    assert_eq!(merged_stamp, Some(Hlc::new(1_001, 0, A)));
+    let ApplyCommand::Done { applied, summary } = m.step(ApplyInput::Committed).unwrap() else {
+        panic!("expected the end");
+    };
+    assert_eq!((applied, summary.applied, summary.waits), (1, 1, 1));
+}
+
+#[test]
+fn a_row_version_accord_has_not_accounted_for_waits_then_is_taken_once_settled() {
+    let (first, meta) = write(B, 1, 1, None, ChangeKind::Insert, Some(cells("b", 1)));
+    let _ = first;
+    let update = write(
+        A,
+        1,
+        1,
+        Some((&meta, cells("b", 1))),
+        ChangeKind::Update,
+        Some(cells("a", 2)),
+    )
+    .0;
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    // The row's xmin (9) is not the one accord knows (8): a local write not captured yet.
+    let row = |xmin| LoadedRow {
+        row: Some((xmin, cells("b", 1))),
+        meta: Some((meta.clone(), Some(8))),
+        deferred: Vec::new(),
+    };
+    assert!(matches!(
+        m.step(ApplyInput::Loaded(vec![row(9)])).unwrap(),
+        ApplyCommand::ProbeAndWait
+    ));
+    m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
+    // A different version again: another round.
+    assert!(matches!(
+        m.step(ApplyInput::Loaded(vec![row(10)])).unwrap(),
+        ApplyCommand::ProbeAndWait
+    ));
+    m.step(ApplyInput::CaptureReached { now: 2 }).unwrap();
+    // The same version as before the probe: the capture has read past it, the metadata
+    // describes it (a row written in a subtransaction is never named by its xid).
+    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![row(10)])).unwrap() else {
+        panic!("expected the write");
+    };
+}
+
+#[test]
+fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
+    let (_, meta) = write(B, 1, 1, None, ChangeKind::Insert, Some(cells("b", 1)));
+    let update = write(
+        A,
+        1,
+        1,
+        Some((&meta, cells("b", 1))),
+        ChangeKind::Update,
+        Some(cells("a", 2)),
+    )
+    .0;
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let mut xmin = 100;
+    let mut command = m
+        .step(ApplyInput::Loaded(vec![LoadedRow {
+            row: Some((xmin, cells("b", 1))),
+            meta: Some((meta.clone(), Some(8))),
+            deferred: Vec::new(),
+        }]))
+        .unwrap();
+    for _ in 0..ApplyRules::default().guard_rounds {
+        assert!(matches!(command, ApplyCommand::ProbeAndWait));
+        m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
+        xmin += 1;
+        command = m
+            .step(ApplyInput::Loaded(vec![LoadedRow {
+                row: Some((xmin, cells("b", 1))),
+                meta: Some((meta.clone(), Some(8))),
+                deferred: Vec::new(),
+            }]))
+            .unwrap();
+    }
+    assert!(matches!(command, ApplyCommand::Restart { probe: true, .. }));
+    let restarted = m.step(ApplyInput::Restarted { now: 2 }).unwrap();
+    assert!(matches!(restarted, ApplyCommand::Load { begin: Some(1), .. }));
+    // Past the wait limit the batch fails instead of waiting on.
+    let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
+    late.step(ApplyInput::Start { now: 0 }).unwrap();
+    late.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    let error = late.step(ApplyInput::CaptureReached { now: 121_000_000 }).unwrap_err();
+    assert!(matches!(error, ApplyError::CaptureTimeout { .. }));
+}
+
+/// Runs a batch to its end over rows that are all missing and accounted for, answering writes
+/// with `written` and collecting what is recorded.
+fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrite]) -> bool) -> Vec<ApplyCommand> {
+    let mut seen = Vec::new();
+    let mut command = m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let mut probed = false;
+    loop {
+        let input = match &command {
+            ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
+            ApplyCommand::ProbeAndWait if !probed => {
+                probed = true;
+                ApplyInput::CaptureReached { now: 1 }
+            }
+            ApplyCommand::Write(writes) if refuse(writes) => ApplyInput::Written(Err("refused".into())),
+            ApplyCommand::Write(writes) => ApplyInput::Written(Ok(writes.iter().map(|_| Some(5)).collect())),
+            ApplyCommand::Record(_) => ApplyInput::Recorded,
+            ApplyCommand::Commit { .. } => ApplyInput::Committed,
+            ApplyCommand::Done { .. } => {
+                seen.push(command);
+                return seen;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        seen.push(command);
+        command = m.step(input).unwrap();
+    }
+}
+
+#[test]
+fn a_refused_part_is_halved_until_exactly_the_refused_change_is_parked() {
+    let changes: Vec<RowChange> = (1..=4).map(|k| insert(A, k as u64, k, "a", 1)).collect();
+    let mut m = machine(0, changes);
+    // The database refuses any write of row 3.
+    let refuses_3 = |writes: &[accord_engine::PlannedWrite]| {
+        writes
+            .iter()
+            .any(|w| matches!(&w.write, RowWrite::Insert(_)) && w.slot == 2)
+    };
+    let commands = run_refusing(&mut m, refuses_3);
+    let parked: Vec<u64> = commands
+        .iter()
+        .filter_map(|c| match c {
+            ApplyCommand::Record(r) => Some(r.parked.iter().map(|(_, c)| c.seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(parked, [3]);
+    let Some(ApplyCommand::Done { summary, .. }) = commands.last() else {
+        panic!("the batch ends")
+    };
+    assert_eq!((summary.applied, summary.parked), (3, 1));
+}
+
+#[test]
+fn a_refused_insert_of_a_row_that_appeared_meanwhile_starts_over_instead_of_parking() {
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 1)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
+    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+        panic!("expected the insert");
+    };
+    let recheck = m.step(ApplyInput::Written(Err("duplicate key".into()))).unwrap();
+    assert_eq!(loaded_slots(&recheck), 1);
+    let appeared = LoadedRow {
+        row: Some((3, cells("local", 1))),
+        meta: None,
+        deferred: Vec::new(),
+    };
+    assert!(matches!(
+        m.step(ApplyInput::Loaded(vec![appeared])).unwrap(),
+        ApplyCommand::Restart { probe: false, .. }
+    ));
+}
+
+#[test]
+fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
+    // A inserts row 1; B updates its stock without the TOASTed name; C gets B's change first.
+    let (from_a, meta_a) = write(A, 1, 1, None, ChangeKind::Insert, Some(cells("big", 1)));
+    let mut toasted = cells("", 6);
+    toasted[0] = Cell::UnchangedToast;
+    let (from_b, _) = write(
+        B,
+        1,
+        1,
+        Some((&meta_a, cells("big", 1))),
+        ChangeKind::Update,
+        Some(toasted),
+    );
+    let mut m = BatchApply::new(B, 0, vec![from_b.clone()], tables(), None, ApplyRules::default()).unwrap();
+    let commands = run_refusing(&mut m, |_| false);
+    let kept: Vec<&RowChange> = commands
+        .iter()
+        .filter_map(|c| match c {
+            ApplyCommand::Record(r) => Some(r.defer.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(kept, [&from_b], "kept durably, not parked");
+    assert!(!commands.iter().any(|c| matches!(c, ApplyCommand::Write(_))));
+
+    // A's insert arrives; the load finds B's change kept for the row, and both merge.
+    let mut m = machine(0, vec![from_a]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
+    let with_kept = LoadedRow {
+        deferred: vec![from_b.clone()],
+        ..LoadedRow::default()
+    };
+    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![with_kept])).unwrap() else {
+        panic!("expected the insert");
+    };
+    assert_eq!(
+        writes[0].write,
+        RowWrite::Insert(vec![Value::text("big"), Value::Int(6)]),
+        "A's name with B's stock"
+    );
+    let ApplyCommand::Record(records) = m.step(ApplyInput::Written(Ok(vec![Some(4)]))).unwrap() else {
+        panic!("expected the records");
+    };
+    assert_eq!(records.undefer, [("shop.products".to_owned(), key(1), B, 1)]);
+    assert_eq!(records.merged, [(A, 1), (B, 1)]);
+}
