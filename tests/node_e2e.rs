@@ -648,9 +648,10 @@ async fn row_of(db: &tokio_postgres::Client, id: i64) -> (String, i64) {
 }
 
 /// Invariant 8 on real PostgreSQL: while node 2's capture is held, a local write on node 2 and
-/// a peer's write of the same row (an `lww` and a `delta` column) both commit there, in both
+/// node 1's write of the same row both commit there, the merge after the local write, in both
 /// stamp orders. The merge must take the local write into account (the xmin guard waits for the
-/// capture); without the guard it overwrites it unseen, and node 2 diverges from node 1.
+/// capture); merging against the metadata from before the local write overwrites it unseen, and
+/// node 2 ends different from node 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
     let cluster = TestCluster::start(2, SHOP).await;
@@ -661,38 +662,58 @@ async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
     .await
     .unwrap();
     cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let update = |id: i64, name: &str, delta: i64, price: &str| {
+        format!("UPDATE shop.products SET name = '{name}', stock = stock + {delta}, price = {price} WHERE id = {id}")
+    };
 
-    // Row 1: the peer writes first, the local write (greater stamp) wins the `lww` column.
-    // Row 2: the local write first, the peer's later write wins it.
-    for (id, local_first) in [(1i64, false), (2, true)] {
-        let update = |name: &str, delta: i64| {
-            format!("UPDATE shop.products SET name = '{name}', stock = stock + {delta} WHERE id = {id}")
-        };
-        let hold = CaptureHold::start(&b).await;
-        if local_first {
-            b.batch_execute(&update("local on node 2", 10)).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            a.batch_execute(&update("from node 1", 1)).await.unwrap();
-        } else {
-            a.batch_execute(&update("from node 1", 1)).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            b.batch_execute(&update("local on node 2", 10)).await.unwrap();
-        }
-        // Node 1's change reaches node 2's applier meanwhile; with the capture held, only a
-        // merge that ignores the guard can go on.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        drop(hold);
-        let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
-        let winner = if local_first { "from node 1" } else { "local on node 2" };
-        for (node, snapshot) in snapshots.iter().enumerate() {
-            let db = cluster.client(node).await;
+    // Row 1: node 1 writes first (the smaller stamp), but its change reaches node 2 only after
+    // node 2's local write: node 1's capture is held too until then. The local write wins `name`.
+    let hold_b = CaptureHold::start(&b).await;
+    let hold_a = CaptureHold::start(&a).await;
+    a.batch_execute(&update(1, "from node 1", 1, "1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.batch_execute(&update(1, "local on node 2", 10, "1")).await.unwrap();
+    drop(hold_a);
+    // Node 1's change reaches node 2's applier meanwhile; with node 2's capture held, only a
+    // merge that ignores the guard can go on.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(hold_b);
+
+    // Row 2: node 2's local write first, node 1's later (the greater stamp), each without having
+    // seen the other: node 1 wins `name`, and the two prices are concurrent (a review item).
+    let hold_b = CaptureHold::start(&b).await;
+    b.batch_execute(&update(2, "local on node 2", 10, "2")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.batch_execute(&update(2, "from node 1", 1, "3")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(hold_b);
+
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        for (id, name) in [(1, "local on node 2"), (2, "from node 1")] {
             assert_eq!(
                 row_of(&db, id).await,
-                (winner.to_owned(), 111),
-                "node {}, row {id}: both writes count, the later wins the name\n{snapshot}",
+                (name.to_owned(), 111),
+                "node {}, row {id}: both increments count, the later write wins the name\n{snapshot}",
                 node + 1
             );
         }
+        let open: i64 = db
+            .query_one(
+                "SELECT count(*) FROM accord.review_items WHERE kind = 'concurrent' AND status = 'open' \
+                 AND row_key = '[2]' AND column_name = 'price'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            open,
+            1,
+            "node {}: the concurrent prices of row 2 are one open item\n{snapshot}",
+            node + 1
+        );
     }
     cluster.stop_all().await;
 }
