@@ -28,6 +28,10 @@ pub struct Applying {
     tx: Overlay,
     /// What the machine waits for.
     pub waiting: Waiting,
+    /// The WAL position of the last probe, and the rows loaded before it.
+    last_probe: Option<(u64, String)>,
+    /// The rows of the last load, described.
+    loaded: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +95,8 @@ impl Applying {
             machine,
             tx: Overlay::default(),
             waiting: Waiting::Until { at: 0 },
+            last_probe: None,
+            loaded: String::new(),
         }
     }
 
@@ -115,9 +121,17 @@ impl Applying {
                     if begin.is_some() {
                         self.tx = Overlay::default();
                     }
-                    ApplyInput::Loaded(self.load(db, &slots)?)
+                    let rows = self.load(db, &slots)?;
+                    self.loaded = format!(
+                        "{:?}",
+                        rows.iter()
+                            .map(|r| (&r.row, r.meta.as_ref().map(|(m, k)| (m.causal_length, k))))
+                            .collect::<Vec<_>>()
+                    );
+                    ApplyInput::Loaded(rows)
                 }
                 ApplyCommand::ProbeAndWait => {
+                    self.probing(db)?;
                     // Nothing was written before the guard's savepoint.
                     self.waiting = Waiting::Capture {
                         lsn: db.wal_insert_lsn(),
@@ -128,6 +142,7 @@ impl Applying {
                 ApplyCommand::Restart { probe, pause_micros } => {
                     self.tx = Overlay::default();
                     if probe {
+                        self.probing(db)?;
                         self.waiting = Waiting::Capture {
                             lsn: db.wal_insert_lsn(),
                             then: Resume::Restarted,
@@ -160,6 +175,21 @@ impl Applying {
                 }
             };
         }
+    }
+
+    /// A probe is only worth waiting for when something committed since the last one that the
+    /// capture has not read: otherwise the machine waits for nothing, and would forever.
+    fn probing(&mut self, db: &Db) -> Result<(), DriverError> {
+        let lsn = db.wal_insert_lsn();
+        if let Some((last, rows)) = &self.last_probe {
+            if *last == lsn && db.covered_lsn() >= lsn {
+                return Err(DriverError(format!(
+                    "apply: probes again although the capture read everything up to WAL position {lsn}; rows: {rows}"
+                )));
+            }
+        }
+        self.last_probe = Some((lsn, std::mem::take(&mut self.loaded)));
+        Ok(())
     }
 
     fn key(&self, slot: usize) -> Result<i64, DriverError> {
