@@ -39,14 +39,13 @@ pub type Xid = u64;
 /// The service never sets one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlantedBug {
-    /// Merge without the xmin guard: every row is taken as its metadata describes it.
+    /// Merge without the xmin guard's main check: a row whose metadata says it lives is taken as
+    /// that metadata describes it, whatever its xmin.
     SkipGuard,
     /// Take a missing row as missing without waiting for the capture to read past a probe.
     NoMissingRowWait,
     /// Forget a deferred change instead of keeping it.
     DropDeferred,
-    /// Apply a batch that does not continue the applied position.
-    ApplyPastGap,
     /// Do not tell the capture the greatest stamp a merge transaction merged.
     NoMergedStamp,
     /// Skip nothing: apply again what is at or below the applied position.
@@ -398,14 +397,17 @@ struct Pending {
 enum Phase {
     /// Waiting for `Start`.
     Idle,
-    /// A `Load` of a part is out; `guard`: the attempt's first part, which the guard checks.
+    /// A `Load` of a part's rows (`slots`, in lock order) is out; `guard`: the attempt's first
+    /// part, which the guard checks.
     Loading {
         part: (usize, usize),
+        slots: Vec<usize>,
         guard: bool,
     },
     /// The part's rows wait for the capture to read past a probe; these xmins were seen.
     Probing {
         part: (usize, usize),
+        slots: Vec<usize>,
         suspects: Vec<(usize, Xid)>,
     },
     /// A `Write` is out.
@@ -475,7 +477,7 @@ impl BatchApply {
             .collect();
         if let Some(first) = changes.first() {
             let continues = first.seq == applied + 1 || skip_nothing;
-            if !continues && rules.planted != Some(PlantedBug::ApplyPastGap) {
+            if !continues {
                 return Err(ApplyError::Gap {
                     peer,
                     applied,
@@ -560,19 +562,14 @@ impl BatchApply {
                 self.check_time(now)?;
                 Ok(self.begin_attempt())
             }
-            (Phase::Loading { part, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, guard, rows),
-            (Phase::Probing { part, suspects }, ApplyInput::CaptureReached { now }) => {
+            (Phase::Loading { part, slots, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, slots, guard, rows),
+            (Phase::Probing { part, slots, suspects }, ApplyInput::CaptureReached { now }) => {
                 self.check_time(now)?;
                 self.attempt.waits += 1;
                 self.probed = true;
                 self.rounds += 1;
                 self.settled.extend(suspects);
-                self.phase = Phase::Loading { part, guard: true };
-                Ok(ApplyCommand::Load {
-                    begin: None,
-                    guard: true,
-                    slots: self.part_slots(part),
-                })
+                Ok(self.load(part, slots, None, true))
             }
             (Phase::Writing(pending), ApplyInput::Written(result)) => match result {
                 Ok(xmins) => self.written(*pending, xmins),
@@ -652,18 +649,23 @@ impl BatchApply {
         if let Some(part) = self.ranges.pop() {
             let guard = self.first_part;
             self.first_part = false;
-            self.phase = Phase::Loading { part, guard };
-            return ApplyCommand::Load {
-                begin: guard.then_some(self.last),
-                guard,
-                slots: self.part_slots(part),
-            };
+            let slots = self.part_slots(part);
+            return self.load(part, slots, guard.then_some(self.last), guard);
         }
         self.phase = Phase::Committing;
         let merged_stamp = self
             .greatest
             .filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
         ApplyCommand::Commit { merged_stamp }
+    }
+
+    fn load(&mut self, part: (usize, usize), slots: Vec<usize>, begin: Option<u64>, guard: bool) -> ApplyCommand {
+        self.phase = Phase::Loading {
+            part,
+            slots: slots.clone(),
+            guard,
+        };
+        ApplyCommand::Load { begin, guard, slots }
     }
 
     /// Rolls the attempt back; the next starts over, after a probe or a pause.
@@ -681,8 +683,13 @@ impl BatchApply {
         ApplyCommand::Restart { probe, pause_micros }
     }
 
-    fn loaded(&mut self, part: (usize, usize), guard: bool, rows: Vec<LoadedRow>) -> Result<ApplyCommand, ApplyError> {
-        let slots = self.part_slots(part);
+    fn loaded(
+        &mut self,
+        part: (usize, usize),
+        slots: Vec<usize>,
+        guard: bool,
+        rows: Vec<LoadedRow>,
+    ) -> Result<ApplyCommand, ApplyError> {
         if rows.len() != slots.len() {
             return Err(ApplyError::LoadedCount {
                 found: rows.len(),
@@ -719,7 +726,7 @@ impl BatchApply {
                 // the capture has read past the probe every row seen is accounted for, and the
                 // batch goes on instead of starting over behind the next local write (hot rows
                 // starved that way).
-                self.phase = Phase::Probing { part, suspects };
+                self.phase = Phase::Probing { part, slots, suspects };
                 return Ok(ApplyCommand::ProbeAndWait);
             }
             self.settled.extend(suspects);

@@ -73,6 +73,29 @@ fn insert(origin: NodeId, seq: u64, k: i64, name: &str, stock: i64) -> RowChange
     write(origin, seq, k, None, ChangeKind::Insert, Some(cells(name, stock))).0
 }
 
+/// Row 1 as B inserted it (its metadata), and A's update of it.
+fn updated_row() -> (RowMeta, RowChange) {
+    let (_, meta) = write(B, 1, 1, None, ChangeKind::Insert, Some(cells("b", 1)));
+    let (update, _) = write(
+        A,
+        1,
+        1,
+        Some((&meta, cells("b", 1))),
+        ChangeKind::Update,
+        Some(cells("a", 2)),
+    );
+    (meta, update)
+}
+
+/// The row with this xmin, and metadata that accounts for xmin 8.
+fn row_at(meta: &RowMeta, xmin: u64) -> LoadedRow {
+    LoadedRow {
+        row: Some((xmin, cells("b", 1))),
+        meta: Some((meta.clone(), Some(8))),
+        deferred: Vec::new(),
+    }
+}
+
 fn machine(applied: u64, changes: Vec<RowChange>) -> BatchApply {
     BatchApply::new(A, applied, changes, tables(), None, ApplyRules::default()).unwrap()
 }
@@ -160,25 +183,11 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
 
 #[test]
 fn a_row_version_accord_has_not_accounted_for_waits_then_is_taken_once_settled() {
-    let (first, meta) = write(B, 1, 1, None, ChangeKind::Insert, Some(cells("b", 1)));
-    let _ = first;
-    let update = write(
-        A,
-        1,
-        1,
-        Some((&meta, cells("b", 1))),
-        ChangeKind::Update,
-        Some(cells("a", 2)),
-    )
-    .0;
+    let (meta, update) = updated_row();
     let mut m = machine(0, vec![update]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     // The row's xmin (9) is not the one accord knows (8): a local write not captured yet.
-    let row = |xmin| LoadedRow {
-        row: Some((xmin, cells("b", 1))),
-        meta: Some((meta.clone(), Some(8))),
-        deferred: Vec::new(),
-    };
+    let row = |xmin| row_at(&meta, xmin);
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![row(9)])).unwrap(),
         ApplyCommand::ProbeAndWait
@@ -199,37 +208,17 @@ fn a_row_version_accord_has_not_accounted_for_waits_then_is_taken_once_settled()
 
 #[test]
 fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
-    let (_, meta) = write(B, 1, 1, None, ChangeKind::Insert, Some(cells("b", 1)));
-    let update = write(
-        A,
-        1,
-        1,
-        Some((&meta, cells("b", 1))),
-        ChangeKind::Update,
-        Some(cells("a", 2)),
-    )
-    .0;
+    let (meta, update) = updated_row();
     let mut m = machine(0, vec![update]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
+    // Each round finds another version (a local insert after every probe).
     let mut xmin = 100;
-    let mut command = m
-        .step(ApplyInput::Loaded(vec![LoadedRow {
-            row: Some((xmin, cells("b", 1))),
-            meta: Some((meta.clone(), Some(8))),
-            deferred: Vec::new(),
-        }]))
-        .unwrap();
+    let mut command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
     for _ in 0..ApplyRules::default().guard_rounds {
         assert!(matches!(command, ApplyCommand::ProbeAndWait));
         m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
         xmin += 1;
-        command = m
-            .step(ApplyInput::Loaded(vec![LoadedRow {
-                row: Some((xmin, cells("b", 1))),
-                meta: Some((meta.clone(), Some(8))),
-                deferred: Vec::new(),
-            }]))
-            .unwrap();
+        command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
     }
     assert!(matches!(command, ApplyCommand::Restart { probe: true, .. }));
     let restarted = m.step(ApplyInput::Restarted { now: 2 }).unwrap();

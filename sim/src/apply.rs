@@ -28,10 +28,10 @@ pub struct Applying {
     tx: Overlay,
     /// What the machine waits for.
     pub waiting: Waiting,
-    /// The WAL position of the last probe, and the rows loaded before it.
-    last_probe: Option<(u64, String)>,
-    /// The rows of the last load, described.
-    loaded: String,
+    /// The WAL position of the last probe.
+    last_probe: Option<u64>,
+    /// The slots of the last load.
+    loaded: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ impl Applying {
             tx: Overlay::default(),
             waiting: Waiting::Until { at: 0 },
             last_probe: None,
-            loaded: String::new(),
+            loaded: Vec::new(),
         }
     }
 
@@ -122,12 +122,7 @@ impl Applying {
                         self.tx = Overlay::default();
                     }
                     let rows = self.load(db, &slots)?;
-                    self.loaded = format!(
-                        "{:?}",
-                        rows.iter()
-                            .map(|r| (&r.row, r.meta.as_ref().map(|(m, k)| (m.causal_length, k))))
-                            .collect::<Vec<_>>()
-                    );
+                    self.loaded = slots;
                     ApplyInput::Loaded(rows)
                 }
                 ApplyCommand::ProbeAndWait => {
@@ -181,14 +176,23 @@ impl Applying {
     /// capture has not read: otherwise the machine waits for nothing, and would forever.
     fn probing(&mut self, db: &Db) -> Result<(), DriverError> {
         let lsn = db.wal_insert_lsn();
-        if let Some((last, rows)) = &self.last_probe {
-            if *last == lsn && db.covered_lsn() >= lsn {
-                return Err(DriverError(format!(
-                    "apply: probes again although the capture read everything up to WAL position {lsn}; rows: {rows}"
-                )));
-            }
+        if self.last_probe == Some(lsn) && db.covered_lsn() >= lsn {
+            let rows: Vec<_> = self
+                .load(db, &self.loaded)?
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.row.map(|(xmin, _)| xmin),
+                        r.meta.map(|(m, known)| (m.causal_length, known)),
+                    )
+                })
+                .collect();
+            return Err(DriverError(format!(
+                "apply: probes again although the capture read everything up to WAL position {lsn}; rows \
+                 (xmin, (causal length, known xmin)): {rows:?}"
+            )));
         }
-        self.last_probe = Some((lsn, std::mem::take(&mut self.loaded)));
+        self.last_probe = Some(lsn);
         Ok(())
     }
 
@@ -300,9 +304,7 @@ impl Applying {
         }
         self.tx.review.extend(records.review);
         self.tx.parked.extend(records.parked);
-        for change in records.defer {
-            self.tx.defer.push(change);
-        }
+        self.tx.defer.extend(records.defer);
         for (_, key, origin, seq) in records.undefer {
             let key = key_of(&key).ok_or_else(|| DriverError("apply: a kept change of another table".into()))?;
             // A change kept by this very transaction is simply not kept.

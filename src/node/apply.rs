@@ -61,10 +61,6 @@ impl Applier {
         policy: Arc<SchemaPolicy>,
         synchronous_commit: bool,
     ) -> Result<Applier> {
-        // Older databases were initialised before accord kept changes that wait for values.
-        db.batch_execute(store::DEFERRED_DDL)
-            .await
-            .context("cannot create accord.deferred")?;
         let origin = origin_name(peer);
         let exists = db
             .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
@@ -284,15 +280,8 @@ impl Applier {
         let mut locks = Vec::with_capacity(groups.len());
         for (t, ords) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
-            let mut params: Params = vec![Box::new(ords_param(ords))];
-            for k in 0..t.key.len() {
-                let column: Vec<Option<String>> = ords
-                    .iter()
-                    .map(|&o| Ok(key(slots[o])?.1.get(k).cloned().flatten()))
-                    .collect::<Result<_>>()?;
-                params.push(Box::new(column));
-            }
-            locks.push((statement, params));
+            let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
+            locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
         }
         let load_metas = statements.get(db, store::LOAD_METAS_SQL).await?;
         let load_kept = statements.get(db, store::LOAD_DEFERRED_SQL).await?;
@@ -377,18 +366,8 @@ impl Applier {
             by_table.entry(t.name.as_str()).or_default().push(i);
         }
         let key_params = |which: &[usize], width: usize| -> Result<Params> {
-            let mut params: Params = vec![Box::new(ords_param(which))];
-            for k in 0..width {
-                let column: Vec<Option<String>> = which
-                    .iter()
-                    .map(|&i| {
-                        let (_, key) = keys.get(&planned[i].slot).context("a slot without its key")?;
-                        Ok(key.get(k).cloned().flatten())
-                    })
-                    .collect::<Result<_>>()?;
-                params.push(Box::new(column));
-            }
-            Ok(params)
+            let rows: Vec<(usize, usize)> = which.iter().map(|&i| (i, planned[i].slot)).collect();
+            key_arrays(keys, &rows, width)
         };
         let mut writes: Vec<WriteStatement> = Vec::new();
         for t in order {
@@ -415,15 +394,8 @@ impl Applier {
             }
             for (columns, rows) in shapes {
                 let mut params = key_params(&rows, width)?;
-                for column in &columns {
-                    let values: Vec<Option<String>> = rows
-                        .iter()
-                        .map(|&i| match &planned[i].write {
-                            RowWrite::Update(values) => values.get(column).and_then(Value::to_pg_text),
-                            _ => None,
-                        })
-                        .collect();
-                    params.push(Box::new(values));
+                for &column in &columns {
+                    params.push(Box::new(column_values(planned, &rows, column)));
                 }
                 writes.push(WriteStatement {
                     sql: update_rows_sql(t, &columns),
@@ -440,14 +412,7 @@ impl Applier {
             if !inserts.is_empty() {
                 let mut params = key_params(&inserts, width)?;
                 for column in 0..t.columns.len() {
-                    let values: Vec<Option<String>> = inserts
-                        .iter()
-                        .map(|&i| match &planned[i].write {
-                            RowWrite::Insert(values) => values.get(column).and_then(Value::to_pg_text),
-                            _ => None,
-                        })
-                        .collect();
-                    params.push(Box::new(values));
+                    params.push(Box::new(column_values(planned, &inserts, column)));
                 }
                 writes.push(WriteStatement {
                     sql: insert_rows_sql(t),
@@ -547,6 +512,36 @@ struct WriteStatement {
     writes: Vec<usize>,
     /// Whether it returns each row's new xmin (an insert or update) or only its ord (a delete).
     returns_xmin: bool,
+}
+
+/// Parameters that name rows: their ords, then one text array per key column. `rows`: (ord,
+/// slot).
+fn key_arrays(keys: &BTreeMap<usize, SlotKey>, rows: &[(usize, usize)], width: usize) -> Result<Params> {
+    let ords: Vec<usize> = rows.iter().map(|&(ord, _)| ord).collect();
+    let mut params: Params = vec![Box::new(ords_param(&ords))];
+    for k in 0..width {
+        let column: Vec<Option<String>> = rows
+            .iter()
+            .map(|(_, slot)| {
+                let (_, key) = keys.get(slot).context("a slot without its key")?;
+                Ok(key.get(k).cloned().flatten())
+            })
+            .collect::<Result<_>>()?;
+        params.push(Box::new(column));
+    }
+    Ok(params)
+}
+
+/// One column's new values of some planned writes, as text parameters.
+fn column_values(planned: &[PlannedWrite], which: &[usize], column: usize) -> Vec<Option<String>> {
+    which
+        .iter()
+        .map(|&i| match &planned[i].write {
+            RowWrite::Update(values) => values.get(&column).and_then(Value::to_pg_text),
+            RowWrite::Insert(values) => values.get(column).and_then(Value::to_pg_text),
+            RowWrite::Delete => None,
+        })
+        .collect()
 }
 
 fn ords_param(which: &[usize]) -> Vec<i32> {

@@ -116,53 +116,6 @@ pub fn parse_cell(table: &TableDef, column: usize, text: Option<&str>) -> Result
     }
 }
 
-/// The row's xmin and values, locked until the end of the transaction; `None` if it is not there.
-pub async fn lock_row(
-    db: &impl GenericClient,
-    table: &TableDef,
-    key: &RowKey,
-) -> Result<Option<(String, Vec<Cell>)>, RowError> {
-    let mut select = vec!["xmin::text".to_owned()];
-    select.extend(table.columns.iter().map(|c| read_expr(&c.name, &c.ty)));
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {} FOR UPDATE",
-        select.join(", "),
-        quote_table(&table.name),
-        key_condition(table, 1)
-    );
-    let params = key_params(table, key)?;
-    let Some(row) = db.query_opt(&sql, &as_params(&params)).await? else {
-        return Ok(None);
-    };
-    let xmin: String = row.get(0);
-    let mut cells = Vec::with_capacity(table.columns.len());
-    for i in 0..table.columns.len() {
-        let text: Option<&str> = row.get(i + 1);
-        cells.push(Cell::Value(parse_cell(table, i, text)?));
-    }
-    Ok(Some((xmin, cells)))
-}
-
-/// Inserts a row; returns its xmin.
-pub async fn insert_row(
-    db: &impl GenericClient,
-    table: &TableDef,
-    key: &RowKey,
-    values: &[Value],
-) -> Result<String, RowError> {
-    let mut params = key_params(table, key)?;
-    params.extend(values.iter().map(Value::to_pg_text));
-    let (names, types) = key_and_columns(table);
-    let placeholders: Vec<String> = types.iter().enumerate().map(|(i, ty)| param(i + 1, ty)).collect();
-    let sql = format!(
-        "INSERT INTO {} ({}) VALUES ({}) RETURNING xmin::text",
-        quote_table(&table.name),
-        names.join(", "),
-        placeholders.join(", ")
-    );
-    Ok(db.query_one(&sql, &as_params(&params)).await?.get(0))
-}
-
 /// Sets some columns of a row; returns its new xmin.
 pub async fn update_row(
     db: &impl GenericClient,
@@ -187,17 +140,6 @@ pub async fn update_row(
     );
     params.extend(key_params(table, key)?);
     Ok(db.query_one(&sql, &as_params(&params)).await?.get(0))
-}
-
-pub async fn delete_row(db: &impl GenericClient, table: &TableDef, key: &RowKey) -> Result<(), RowError> {
-    let sql = format!(
-        "DELETE FROM {} WHERE {}",
-        quote_table(&table.name),
-        key_condition(table, 1)
-    );
-    let params = key_params(table, key)?;
-    db.execute(&sql, &as_params(&params)).await?;
-    Ok(())
 }
 
 /// Every key of a table with its xmin, for recording rows that predate accord.

@@ -199,6 +199,12 @@ where
         bail!("the @accord annotations changed since `accord init`: run `accord init` again on every node");
     }
 
+    // Databases initialised by an earlier version have no table for kept changes yet; once, here,
+    // before any applier needs it.
+    db.batch_execute(store::DEFERRED_DDL)
+        .await
+        .context("cannot create accord.deferred")?;
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::new();
 

@@ -28,7 +28,7 @@ pub fn origin_name(peer: accord_engine::NodeId) -> String {
 
 /// Changes that lack values their row does not have here yet (unchanged TOAST relayed by a node
 /// that was not the values' origin), kept until a merge brings the values. Created by `accord
-/// init`, and by the appliers on databases initialised before it existed.
+/// init`, and by a node starting on a database initialised before it existed.
 pub const DEFERRED_DDL: &str = "
 CREATE TABLE IF NOT EXISTS accord.deferred (
     table_name text    NOT NULL,
@@ -240,51 +240,6 @@ fn candidates_json(candidates: &[Candidate]) -> serde_json::Value {
             })
         })
         .collect()
-}
-
-/// The stored metadata of a row and the xmin it accounts for, locked for this transaction.
-/// A tombstone the collection `cut` covers reads as no metadata: it is as good as gone.
-pub async fn load_meta(
-    db: &impl GenericClient,
-    table: &str,
-    key: &str,
-    cut: Option<&StableCut>,
-) -> Result<Option<(RowMeta, Option<String>)>, StoreError> {
-    let row = db
-        .query_opt(
-            "SELECT meta, known_xmin FROM accord.row_meta WHERE table_name = $1 AND row_key = $2 FOR UPDATE",
-            &[&table, &key],
-        )
-        .await?;
-    match row {
-        None => Ok(None),
-        Some(row) => {
-            let bytes: &[u8] = row.get(0);
-            let meta: RowMeta = decode("row metadata", bytes)?;
-            if StableCut::live(cut, Some(&meta)).is_none() {
-                return Ok(None);
-            }
-            Ok(Some((meta, row.get(1))))
-        }
-    }
-}
-
-pub async fn save_meta(
-    db: &impl GenericClient,
-    table: &str,
-    key: &str,
-    meta: &RowMeta,
-    known_xmin: Option<&str>,
-) -> Result<(), StoreError> {
-    let bytes = encode("row metadata", meta)?;
-    db.execute(
-        "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (table_name, row_key) DO UPDATE
-         SET meta = EXCLUDED.meta, alive = EXCLUDED.alive, known_xmin = EXCLUDED.known_xmin",
-        &[&table, &key, &bytes, &meta.is_alive(), &known_xmin],
-    )
-    .await?;
-    Ok(())
 }
 
 pub async fn append_outbound(db: &impl GenericClient, change: &RowChange) -> Result<(), StoreError> {
