@@ -97,6 +97,11 @@ impl Capturer {
         }
     }
 
+    /// The current transaction is a local one, not covered before: its rows are captured.
+    pub fn is_capturing(&self) -> bool {
+        matches!(self.tx, Transaction::Local { .. })
+    }
+
     /// A merge committed changes stamped up to `stamp` (the `accord.hlc` message a merge writes
     /// into the WAL). Local writes committed after it are stamped above it.
     pub fn merged(&mut self, stamp: Hlc) {

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod capture_group;
 pub mod capturer;
 pub mod change;
 pub mod collection;
@@ -22,6 +23,7 @@ pub use apply::{
     PlannedWrite, PlantedBug, Records, RowWrite, Verdict, Xid,
 };
 pub use capture::{capture, CaptureError, Captured};
+pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite};
 pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
 pub use collection::{Ack1, CollectionState, Collector, StableCut};

@@ -110,6 +110,7 @@ impl Applying {
         now: u64,
         physical: u64,
         images: bool,
+        capture_read: u64,
     ) -> Result<Stop, DriverError> {
         loop {
             let command = self
@@ -126,7 +127,7 @@ impl Applying {
                     ApplyInput::Loaded(rows)
                 }
                 ApplyCommand::ProbeAndWait => {
-                    self.probing(db)?;
+                    self.probing(db, capture_read)?;
                     // Nothing was written before the guard's savepoint.
                     self.waiting = Waiting::Capture {
                         lsn: db.wal_insert_lsn(),
@@ -137,7 +138,7 @@ impl Applying {
                 ApplyCommand::Restart { probe, pause_micros } => {
                     self.tx = Overlay::default();
                     if probe {
-                        self.probing(db)?;
+                        self.probing(db, capture_read)?;
                         self.waiting = Waiting::Capture {
                             lsn: db.wal_insert_lsn(),
                             then: Resume::Restarted,
@@ -174,9 +175,10 @@ impl Applying {
 
     /// A probe is only worth waiting for when something committed since the last one that the
     /// capture has not read: otherwise the machine waits for nothing, and would forever.
-    fn probing(&mut self, db: &Db) -> Result<(), DriverError> {
+    /// `capture_read`: the capture has dealt with everything up to this WAL position.
+    fn probing(&mut self, db: &Db, capture_read: u64) -> Result<(), DriverError> {
         let lsn = db.wal_insert_lsn();
-        if self.last_probe == Some(lsn) && db.covered_lsn() >= lsn {
+        if self.last_probe == Some(lsn) && capture_read >= lsn {
             let rows: Vec<_> = self
                 .load(db, &self.loaded)?
                 .into_iter()
@@ -227,7 +229,7 @@ impl Applying {
                 .collect();
             loaded.push(LoadedRow {
                 row,
-                meta: meta.map(|m| (m.meta.clone(), Some(m.known_xmin))),
+                meta: meta.map(|m| (m.meta.clone(), m.known_xmin)),
                 deferred,
             });
         }
@@ -279,6 +281,7 @@ impl Applying {
                 new.map(|values| UserRow {
                     values: values.into_iter().map(accord_engine::Cell::Value).collect(),
                     xmin: xid,
+                    tx: xid,
                 }),
             ));
         }
@@ -294,7 +297,7 @@ impl Applying {
                 key,
                 MetaRow {
                     meta,
-                    known_xmin: known.unwrap_or(0),
+                    known_xmin: known,
                 },
             );
         }

@@ -19,16 +19,20 @@ use accord_engine::{
 pub struct UserRow {
     /// Always `Cell::Value`: the database holds every value (TOAST only shows in decoding).
     pub values: Vec<Cell>,
-    /// The transaction that wrote this row version (PostgreSQL's `xmin`).
+    /// The transaction that wrote this row version (PostgreSQL's `xmin`): a subtransaction's own
+    /// id when the row was written inside one.
     pub xmin: u64,
+    /// The top-level transaction `xmin` belongs to (what decoding reports).
+    pub tx: u64,
 }
 
 /// accord's metadata for one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaRow {
     pub meta: RowMeta,
-    /// The transaction of the last row version accord accounted for (HARD-PARTS §2).
-    pub known_xmin: u64,
+    /// The transaction of the last row version accord accounted for (HARD-PARTS §2); none for
+    /// a deleted row.
+    pub known_xmin: Option<u64>,
 }
 
 /// Which workload write a WAL row is, for the oracle.
@@ -37,7 +41,8 @@ pub type WriteId = usize;
 #[derive(Debug, Clone)]
 pub struct WalRow {
     pub change: CapturedChange,
-    pub write: WriteId,
+    /// `None` for an update that changed nothing (not a write the oracle tracks).
+    pub write: Option<WriteId>,
 }
 
 #[derive(Debug, Clone)]

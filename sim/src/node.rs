@@ -11,14 +11,14 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use accord_engine::{
-    ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, Hello,
-    Hlc, LocalIdentity, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction,
-    RowChange, StableCut, TableDef, PROTOCOL_VERSION,
+    ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector,
+    DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal, Replication,
+    ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, Stop, Waiting};
 use crate::config::PlantedBug;
-use crate::db::{apply_review, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow};
+use crate::db::{apply_review, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow, WriteId};
 use crate::oracle::Oracle;
 use crate::outcome::{Failure, Invariant, Stats};
 use crate::rng::SimRng;
@@ -84,6 +84,8 @@ pub struct Volatile {
     capturer: Capturer,
     /// The next WAL position decoding delivers.
     read_lsn: u64,
+    /// The end of the last group written: the slot may move up to it.
+    written_lsn: u64,
     pub replication: Replication,
     apply_queue: VecDeque<Incoming>,
     /// The batch being applied, when one is.
@@ -94,6 +96,14 @@ pub struct Volatile {
     /// This node's part in the tombstone-collection rounds; its state is durable in `db`.
     collector: Collector,
     round_scheduled: bool,
+}
+
+impl Volatile {
+    /// The capture has dealt with everything up to this WAL position (read and written, or
+    /// covered by the slot before this process started).
+    fn capture_read(&self) -> u64 {
+        self.read_lsn - 1
+    }
 }
 
 #[derive(Debug)]
@@ -122,8 +132,8 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
 /// insert and delete of its key committed during the wait are still unread when the merge
 /// inserts the row (the simulator found this, seed 91; ARCHITECTURE.md, "The gap left"), and
 /// until the engine closes that gap the simulator checks the rest under the stronger promise.
-fn capture_covers(db: &Db, lsn: u64) -> bool {
-    db.covered_lsn() >= lsn.max(db.wal_insert_lsn())
+fn capture_covers(vol: &Volatile, db: &Db, lsn: u64) -> bool {
+    vol.capture_read() >= lsn.max(db.wal_insert_lsn())
 }
 
 /// The engine's apply rules, with the planted bug that lives in them.
@@ -185,6 +195,7 @@ impl Node {
         self.vol = Some(Volatile {
             capturer,
             read_lsn: self.db.slot_confirmed + 1,
+            written_lsn: 0,
             replication,
             apply_queue: VecDeque::new(),
             applying: None,
@@ -254,7 +265,7 @@ impl Node {
         }
         let at = match vol.applying.as_ref().map(|a| a.waiting) {
             // The capture's progress wakes the apply (`capture_tick`).
-            Some(Waiting::Capture { lsn, .. }) if !capture_covers(&self.db, lsn) => return,
+            Some(Waiting::Capture { lsn, .. }) if !capture_covers(vol, &self.db, lsn) => return,
             Some(Waiting::Until { at }) => at.max(ctx.now),
             Some(Waiting::Capture { .. }) => ctx.now,
             None if vol.apply_queue.is_empty() => return,
@@ -368,11 +379,19 @@ impl Node {
         for row in plan.rows {
             match &row.new {
                 Some(values) => {
+                    // A row written inside a subtransaction (a SAVEPOINT, a PL/pgSQL EXCEPTION
+                    // block) carries the subtransaction's id, which decoding never reports.
+                    let xmin = if ctx.rng.chance(ctx.params.subtransaction_p) {
+                        self.db.new_xid()
+                    } else {
+                        xid
+                    };
                     self.db.rows.insert(
                         row.key,
                         UserRow {
                             values: values.clone(),
-                            xmin: xid,
+                            xmin,
+                            tx: xid,
                         },
                     );
                 }
@@ -380,16 +399,19 @@ impl Node {
                     self.db.rows.remove(&row.key);
                 }
             }
-            let write = ctx.oracle.local_write(
-                self.ix,
-                row.key,
-                row.kind,
-                row.name.clone(),
-                row.stock,
-                row.price.clone(),
-                plan.resolving,
-                ctx.physical,
-            );
+            // An update that changes nothing is no write to track, but it makes a row version.
+            let write = (!row.changes_nothing).then(|| {
+                ctx.oracle.local_write(
+                    self.ix,
+                    row.key,
+                    row.kind,
+                    row.name.clone(),
+                    row.stock,
+                    row.price.clone(),
+                    plan.resolving,
+                    ctx.physical,
+                )
+            });
             let mut decoded = row.new;
             if row.toast_name {
                 if let Some(cells) = &mut decoded {
@@ -431,19 +453,23 @@ impl Node {
             self.want_capture(ctx);
             return Ok(());
         }
-        // The slot may advance to what this process read and persisted; after a restart the
-        // checkpoint may be ahead of the read position, and those transactions are re-read and
-        // skipped by the Capturer.
-        self.db.slot_confirmed = self.db.slot_confirmed.max(self.db.covered_lsn().min(vol.read_lsn - 1));
+        // The slot may advance to what this process read and wrote (the service tells the slot
+        // once a group is written, and the slot hears it a moment later); after a restart the
+        // checkpoint may be behind the slot, or ahead of the read position, and the Capturer
+        // skips what it covered.
+        self.db.slot_confirmed = self.db.slot_confirmed.max(vol.written_lsn);
         self.db.truncate_wal();
-        let mut done = 0;
-        while vol.read_lsn <= self.db.wal_insert_lsn() && done < ctx.params.capture_batch {
-            let lsn = vol.read_lsn;
-            capture_one(&mut self.db, vol, self.ix, lsn, ctx)?;
-            vol.read_lsn += 1;
-            done += 1;
+        let end = self
+            .db
+            .wal_insert_lsn()
+            .min(vol.read_lsn + ctx.params.capture_batch as u64 - 1);
+        let done = end + 1 - vol.read_lsn.min(end + 1);
+        if done > 0 {
+            capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)?;
+            vol.read_lsn = end + 1;
+            vol.written_lsn = end;
         }
-        ctx.trace.add(mix(0xCA97, done as u64));
+        ctx.trace.add(mix(0xCA97, done));
         let caught_up = vol.read_lsn > self.db.wal_insert_lsn();
 
         if !caught_up {
@@ -623,7 +649,7 @@ impl Node {
         let input = match &vol.applying {
             Some(applying) => match applying.waiting {
                 Waiting::Capture { lsn, then } => {
-                    if !capture_covers(&self.db, lsn) {
+                    if !capture_covers(vol, &self.db, lsn) {
                         self.want_capture(ctx);
                         return Ok(());
                     }
@@ -664,7 +690,8 @@ impl Node {
             return Ok(());
         };
         let images = ctx.bug == Some(PlantedBug::ForgetFromPeer);
-        let committed = match applying.run(&mut self.db, input, ctx.now, ctx.physical, images) {
+        let capture_read = vol.read_lsn - 1;
+        let committed = match applying.run(&mut self.db, input, ctx.now, ctx.physical, images, capture_read) {
             Ok(Stop::Waiting) => {
                 ctx.trace.add(mix(0xA1A1, self.db.wal_insert_lsn()));
                 self.want_capture(ctx);
@@ -773,87 +800,132 @@ impl Node {
         self.vol
             .as_ref()
             .is_some_and(|v| v.apply_queue.is_empty() && v.applying.is_none() && v.read_lsn > self.db.wal_insert_lsn())
-            && self.db.covered_lsn() == self.db.wal_insert_lsn()
             && self.db.deferred.is_empty()
     }
 }
 
-fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut Ctx) -> Result<(), Failure> {
-    let Some(tx) = db.wal_tx(lsn) else {
-        return Err(Failure::new(
-            Invariant::Engine,
-            format!("node {}: WAL position {lsn} is gone before the capture read it", ix + 1),
-        ));
-    };
-    let replay = tx.lsn <= vol.capturer.checkpoint().covered_lsn;
-    vol.capturer.begin(tx.lsn, tx.commit_time);
-    let mut captured = Vec::new();
-    match &tx.body {
-        WalBody::Local { rows, resolving } => {
-            for row in rows {
-                let key = key_of(&row.change.key).unwrap_or(-1);
-                let prior = StableCut::live(db.collection.cut.as_ref(), db.meta.get(&key).map(|m| &m.meta));
-                // Numbered as a new key's: never known here, or its tombstone was collected.
-                let fresh = prior.is_none() && row.change.kind == ChangeKind::Insert;
-                match vol.capturer.row(ctx.table, prior, &row.change, resolving) {
-                    Ok(Some(c)) if !replay => captured.push((key, Some((row.write, fresh)), c)),
-                    Ok(Some(c)) => {
-                        return Err(Failure::new(
-                            Invariant::ExactlyOnce,
-                            format!(
-                                "node {}: the capture stamped again a transaction its checkpoint covered (seq {})",
-                                ix + 1,
-                                c.change.seq
-                            ),
-                        ))
-                    }
-                    Ok(None) if replay => {}
-                    Ok(None) => {
-                        return Err(Failure::new(
-                            Invariant::NothingDropped,
-                            format!(
-                                "node {}: the capture dropped local write {} on row {key}",
-                                ix + 1,
-                                row.write
-                            ),
-                        ))
-                    }
-                    Err(e) => return Err(engine_error("capture", e)),
-                }
-            }
+/// The capture decodes the WAL's transactions at `lsns` and writes them as one group, as the
+/// service's capture does: the engine's group writer decides what is written.
+fn capture_group(
+    db: &mut Db,
+    vol: &mut Volatile,
+    ix: usize,
+    lsns: std::ops::RangeInclusive<u64>,
+    ctx: &mut Ctx,
+) -> Result<(), Failure> {
+    let node = ix + 1;
+    let covered_before = vol.capturer.checkpoint().covered_lsn;
+    let mut group = Vec::new();
+    // Per transaction and row, the workload write it is (`None` for a merge's rows).
+    let mut writes: Vec<Vec<Option<WriteId>>> = Vec::new();
+    for lsn in lsns {
+        let Some(tx) = db.wal_tx(lsn) else {
+            return Err(Failure::new(
+                Invariant::Engine,
+                format!("node {node}: WAL position {lsn} is gone before the capture read it"),
+            ));
+        };
+        let (from_peer, merged, rows, ids) = match &tx.body {
+            WalBody::Local { rows, resolving } => (
+                false,
+                None,
+                rows.iter()
+                    .map(|r| DecodedRow {
+                        table: ctx.table.name.clone(),
+                        change: r.change.clone(),
+                        resolving: resolving.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+                rows.iter().map(|r| r.write).collect(),
+            ),
+            WalBody::Merge { stamp, rows, .. } => (
+                // Planted: decoding loses the replication origin of a merge.
+                ctx.bug != Some(PlantedBug::ForgetFromPeer),
+                *stamp,
+                rows.iter()
+                    .map(|change| DecodedRow {
+                        table: ctx.table.name.clone(),
+                        change: change.clone(),
+                        resolving: Vec::new(),
+                    })
+                    .collect(),
+                vec![None; rows.len()],
+            ),
+        };
+        group.push(DecodedTransaction {
+            end_lsn: tx.lsn,
+            xid: tx.xid,
+            commit_time: tx.commit_time,
+            from_peer,
+            merged,
+            rows,
+        });
+        writes.push(ids);
+    }
+    let loaded = vol
+        .capturer
+        .rows_to_load(&group)
+        .iter()
+        .map(|(_, key)| key_of(key).and_then(|k| db.meta.get(&k)).map(|m| m.meta.clone()))
+        .collect();
+    let table = ctx.table;
+    let write = vol
+        .capturer
+        .capture_group(
+            |name| (name == table.name).then_some(table),
+            &group,
+            loaded,
+            db.collection.cut.as_ref(),
+        )
+        .map_err(|e| engine_error("capture", e))?;
+
+    // Every local write not covered before was captured, once.
+    let mut captured: std::collections::BTreeSet<(usize, usize)> = std::collections::BTreeSet::new();
+    for c in &write.changes {
+        if group[c.transaction].end_lsn <= covered_before {
+            return Err(Failure::new(
+                Invariant::ExactlyOnce,
+                format!(
+                    "node {node}: the capture stamped again a transaction its checkpoint covered (seq {})",
+                    c.change.seq
+                ),
+            ));
         }
-        WalBody::Merge { stamp, rows, .. } => {
-            if ctx.bug != Some(PlantedBug::ForgetFromPeer) {
-                vol.capturer.from_peer();
-            }
-            for change in rows {
-                let key = key_of(&change.key).unwrap_or(-1);
-                let prior = db.meta.get(&key).map(|m| &m.meta);
-                match vol.capturer.row(ctx.table, prior, change, &[]) {
-                    Ok(Some(c)) if !replay => captured.push((key, None, c)),
-                    Ok(_) => {}
-                    Err(e) => return Err(engine_error("capture of a merged row", e)),
+        captured.insert((c.transaction, c.row));
+    }
+    for (ti, tx) in group.iter().enumerate() {
+        if tx.end_lsn <= covered_before {
+            continue;
+        }
+        for (ri, id) in writes[ti].iter().enumerate() {
+            if let Some(id) = id {
+                if !captured.contains(&(ti, ri)) {
+                    return Err(Failure::new(
+                        Invariant::NothingDropped,
+                        format!(
+                            "node {node}: the capture dropped local write {id} on row {}",
+                            tx.rows[ri].change.key
+                        ),
+                    ));
                 }
-            }
-            if let Some(stamp) = stamp {
-                vol.capturer.merged(*stamp);
             }
         }
     }
-    let xid = tx.xid;
-    let checkpoint = vol.capturer.commit();
-    // One transaction: metadata, review queue, outbound log, checkpoint.
-    for (key, write, c) in captured {
-        match write {
-            Some((write, fresh)) => ctx.oracle.captured(ix, write, &c.change, fresh)?,
+
+    // One transaction: outbound log, metadata, review queue, checkpoint.
+    for c in &write.changes {
+        match writes[c.transaction][c.row] {
+            Some(id) => {
+                let fresh = !c.had_metadata && c.change.kind == ChangeKind::Insert;
+                ctx.oracle.captured(ix, id, &c.change, fresh)?;
+            }
             None => ctx.oracle.loop_detected(ix, &c.change)?,
         }
         if c.change.seq != db.outbound_head() + 1 {
             return Err(Failure::new(
                 Invariant::ExactlyOnce,
                 format!(
-                    "node {}: captured change {} does not follow the outbound log's head {}",
-                    ix + 1,
+                    "node {node}: captured change {} does not follow the outbound log's head {}",
                     c.change.seq,
                     db.outbound_head()
                 ),
@@ -862,23 +934,29 @@ fn capture_one(db: &mut Db, vol: &mut Volatile, ix: usize, lsn: u64, ctx: &mut C
         ctx.trace
             .add(mix(c.change.stamp.physical, u64::from(c.change.stamp.logical)));
         ctx.stats.captured += 1;
-        ctx.stats.review_opened += c
-            .review
-            .iter()
-            .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
-            .count() as u64;
-        apply_review(&mut db.queue, c.review)
-            .map_err(|e| Failure::new(Invariant::Review, format!("node {} capture: {}", ix + 1, e.0)))?;
+        db.outbound.push_back(c.change.clone());
+    }
+    ctx.stats.review_opened += write
+        .review
+        .iter()
+        .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
+        .count() as u64;
+    if !write.needs_write {
+        return Ok(());
+    }
+    apply_review(&mut db.queue, write.review)
+        .map_err(|e| Failure::new(Invariant::Review, format!("node {node} capture: {}", e.0)))?;
+    for m in write.metas {
+        let key = key_of(&m.key).ok_or_else(|| Failure::new(Invariant::Engine, "capture: a key of another table"))?;
         db.meta.insert(
             key,
             MetaRow {
-                meta: c.meta,
-                known_xmin: xid,
+                meta: m.meta,
+                known_xmin: m.known_xmin,
             },
         );
-        db.outbound.push_back(c.change);
     }
-    db.checkpoint = Some(checkpoint);
-    vol.replication.logged(checkpoint.last_seq);
+    db.checkpoint = Some(write.checkpoint);
+    vol.replication.logged(write.checkpoint.last_seq);
     Ok(())
 }

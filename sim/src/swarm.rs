@@ -21,9 +21,14 @@ pub enum OpKind {
     Resolve,
     /// Several columns at once.
     Mixed,
+    /// An update that sets every column to its value: no write to replicate, but a new row
+    /// version.
+    Touch,
+    /// An update of the key (decoding delivers a delete of the old key and an insert of the new).
+    Rekey,
 }
 
-pub const OP_KINDS: [OpKind; 7] = [
+pub const OP_KINDS: [OpKind; 9] = [
     OpKind::Counter,
     OpKind::Name,
     OpKind::Price,
@@ -31,6 +36,8 @@ pub const OP_KINDS: [OpKind; 7] = [
     OpKind::Delete,
     OpKind::Resolve,
     OpKind::Mixed,
+    OpKind::Touch,
+    OpKind::Rekey,
 ];
 
 /// The regime of one run.
@@ -42,9 +49,11 @@ pub struct Params {
     pub hot_p: f64,
     /// Mean µs between two local transactions anywhere in the cluster.
     pub op_gap_mean: f64,
-    pub mix: [u32; 7],
+    pub mix: [u32; 9],
     pub two_row_p: f64,
     pub toast_p: f64,
+    /// The chance that a row is written inside a subtransaction.
+    pub subtransaction_p: f64,
     // Engine configuration.
     pub max_batch: usize,
     pub window: u64,
@@ -83,8 +92,8 @@ impl Params {
             .unwrap_or_else(|| *pick(rng, &[500_000u64, 500_000, 100_000, 20_000, 5_000]));
         let keys = *pick(rng, &[1u64, 2, 3, 5, 8, 16, 40]);
         let hot_keys = rng.range(1, keys);
-        let mut mix = [0u32; 7];
-        for w in &mut mix {
+        let mut mix = [0u32; 9];
+        for w in &mut mix[..7] {
             *w = *pick(rng, &[0u32, 1, 3, 6, 10]);
         }
         mix[0] = mix[0].max(2); // counters are always part of the workload: invariant 2 needs them
@@ -105,7 +114,9 @@ impl Params {
         let drop_p = masked(FaultKind::Drop, *pick(rng, &[0.0, 0.001, 0.01, 0.05]));
         let ghost_p = masked(FaultKind::Ghost, *pick(rng, &[0.0, 0.2, 0.7]));
         let clock_band = max_offset * 2 / 5;
-        Params {
+        // Drawn after the older ones, so that adding them kept every seed's earlier regime.
+        let late = |rng: &mut SimRng| *pick(rng, &[0u32, 0, 1, 3]);
+        let mut params = Params {
             keys,
             hot_keys,
             hot_p: *pick(rng, &[0.0, 0.5, 0.9]),
@@ -113,6 +124,7 @@ impl Params {
             mix,
             two_row_p: *pick(rng, &[0.0, 0.1, 0.3]),
             toast_p,
+            subtransaction_p: 0.0,
             max_batch: *pick(rng, &[1usize, 4, 32, 500]),
             window: *pick(rng, &[1u64, 8, 64, 10_000]),
             max_offset,
@@ -135,7 +147,11 @@ impl Params {
             fault_weights,
             fault_duration_max: *pick(rng, &[20_000u64, 300_000, 2_000_000]),
             round_every: *pick(rng, &[20_000u64, 200_000, 2_000_000]),
-        }
+        };
+        params.mix[7] = late(rng);
+        params.mix[8] = late(rng);
+        params.subtransaction_p = *pick(rng, &[0.0, 0.0, 0.1, 0.5]);
+        params
     }
 
     pub fn faults_enabled(&self) -> bool {

@@ -25,6 +25,8 @@ pub struct RowPlan {
     pub name: Option<Value>,
     pub stock: i64,
     pub price: Option<Value>,
+    /// An update that sets every column to its value (and resolves nothing): no write.
+    pub changes_nothing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +70,11 @@ pub fn plan(rng: &mut SimRng, params: &Params, db: &Db, fresh: &mut u64) -> TxPl
     let kind = OP_KINDS[rng.weighted(&params.mix)];
     let key = pick_key(rng, params);
     let mut resolving = None;
+    if kind == OpKind::Rekey {
+        if let Some(rows) = plan_rekey(rng, params, db, key, fresh) {
+            return TxPlan { rows, resolving };
+        }
+    }
     let mut rows = vec![plan_row(rng, params, db, key, kind, fresh, &mut resolving)];
     if params.keys > 1 && rng.chance(params.two_row_p) {
         let mut other = pick_key(rng, params);
@@ -77,6 +84,46 @@ pub fn plan(rng: &mut SimRng, params: &Params, db: &Db, fresh: &mut u64) -> TxPl
         rows.push(plan_row(rng, params, db, other, OpKind::Counter, fresh, &mut None));
     }
     TxPlan { rows, resolving }
+}
+
+/// An update of `key`'s key to a key absent here, as decoding delivers it: a delete of the old
+/// key and an insert of the new one, in one transaction. The new row gets a fresh name (every
+/// name write is unique); `None` when `key` is absent or no key is free.
+fn plan_rekey(rng: &mut SimRng, params: &Params, db: &Db, key: i64, fresh: &mut u64) -> Option<Vec<RowPlan>> {
+    let row = db.rows.get(&key)?;
+    let start = rng.below(params.keys) as i64;
+    let keys = params.keys as i64;
+    let to = (0..keys)
+        .map(|i| (start + i) % keys)
+        .find(|k| !db.rows.contains_key(k))?;
+    let old = row.values.clone();
+    let name = fresh_name(fresh);
+    let mut new = old.clone();
+    new[NAME] = Cell::Value(name.clone());
+    Some(vec![
+        RowPlan {
+            key,
+            kind: ChangeKind::Delete,
+            old: Some(old.clone()),
+            new: None,
+            toast_name: false,
+            name: None,
+            stock: 0,
+            price: None,
+            changes_nothing: false,
+        },
+        RowPlan {
+            key: to,
+            kind: ChangeKind::Insert,
+            old: None,
+            new: Some(new),
+            toast_name: false,
+            name: Some(name),
+            stock: stock_of(&old),
+            price: old[PRICE].value().cloned(),
+            changes_nothing: false,
+        },
+    ])
 }
 
 fn pick_key(rng: &mut SimRng, params: &Params) -> i64 {
@@ -119,6 +166,7 @@ fn plan_row(
             name: Some(name),
             stock,
             price: Some(price),
+            changes_nothing: false,
         };
     };
     let old = row.values.clone();
@@ -132,6 +180,7 @@ fn plan_row(
             name: None,
             stock: 0,
             price: None,
+            changes_nothing: false,
         };
     }
     let mut new = old.clone();
@@ -171,7 +220,7 @@ fn plan_row(
                 None => price = Some(other_price(rng, current_price.as_ref())),
             }
         }
-        OpKind::Delete => {}
+        OpKind::Delete | OpKind::Touch | OpKind::Rekey => {}
     }
     if let Some(n) = &name {
         new[NAME] = Cell::Value(n.clone());
@@ -182,10 +231,12 @@ fn plan_row(
     if let Some(p) = &price {
         new[PRICE] = Cell::Value(p.clone());
     }
+    // (A rekey with no key free to take changes nothing, as a touch does.)
     let toast_name = name.is_none() && rng.chance(params.toast_p);
     RowPlan {
         key,
         kind: ChangeKind::Update,
+        changes_nothing: new == old && resolving.is_none(),
         old: Some(old),
         new: Some(new),
         toast_name,
@@ -199,7 +250,9 @@ fn plan_row(
 /// what the capture recorded): its metadata accounts for the row's current version.
 fn captured_as_is(db: &Db, key: i64) -> bool {
     match (db.rows.get(&key), db.meta.get(&key)) {
-        (Some(row), Some(meta)) => meta.meta.is_alive() && row.xmin == meta.known_xmin,
+        (Some(row), Some(meta)) => {
+            meta.meta.is_alive() && (Some(row.tx) == meta.known_xmin || Some(row.xmin) == meta.known_xmin)
+        }
         (Some(_), None) => false,
         (None, Some(meta)) => !meta.meta.is_alive(),
         (None, None) => true,

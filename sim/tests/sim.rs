@@ -109,15 +109,15 @@ fn planted_double_apply_is_caught_and_shrunk() {
 /// planted there, and the simulator must catch each and shrink the run.
 #[test]
 fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
-    for (bug, expected) in [
+    for (bug, expected, ops) in [
         // The merge overwrites a local write the capture had not read: the capture then records
-        // it over the merge's metadata, and the row and its metadata disagree for good (the
-        // apply finds a row its metadata cannot account for however long it waits).
-        (PlantedBug::SkipXminCheck, Invariant::Engine),
-        (PlantedBug::NoMissingRowWait, Invariant::Convergence),
-        (PlantedBug::DropDeferred, Invariant::Convergence),
+        // it over the merge's metadata, and the row and its metadata disagree for good.
+        (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400),
+        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400),
+        // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs.
+        (PlantedBug::DropDeferred, Invariant::Convergence, 800),
     ] {
-        let cfg = caught(bug, expected, 400, 0..80);
+        let cfg = caught(bug, expected, ops, 0..80);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
         let shrunk = shrink(&cfg, &failure, 40);
         assert_eq!(shrunk.failure.invariant, expected, "{}", shrunk.config.command());

@@ -8,13 +8,13 @@
 //! peers' transactions); only the writes are grouped, and the checkpoint written with a group
 //! covers its last transaction, so a restart resumes right after the last group written.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use accord_engine::{
-    CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, Hlc, NodeId, ReviewAction, ReviewItemId, RowKey,
-    RowMeta, StableCut, TableDef,
+    CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc, NodeId,
+    ReviewItemId, RowKey, RowMeta, StableCut, TableDef,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -99,23 +99,11 @@ struct Transaction {
     rows: Vec<PgOutput>,
 }
 
-/// A decoded transaction that committed, waiting to be written with its group.
-struct Committed {
-    final_lsn: u64,
-    xid: u32,
-    commit_time: u64,
-    from_peer: bool,
-    merged: Option<Hlc>,
-    /// Its row changes (none for a peer's transaction, which is not captured), each with its
-    /// table and the review items the transaction resolved before it.
-    changes: Vec<(String, CapturedChange, Vec<ReviewItemId>)>,
-}
-
 /// Decoded transactions written to the database together, in one transaction: the changes of
 /// many small transactions cost one round trip per statement kind, not per row.
 #[derive(Default)]
 struct Group {
-    transactions: Vec<Committed>,
+    transactions: Vec<DecodedTransaction>,
     rows: usize,
     /// The end of the last commit seen: where the slot may move once the group is written.
     end_lsn: Option<Lsn>,
@@ -305,7 +293,7 @@ impl Capture {
                     if let Some(done) = tx.take() {
                         // Decoded now, against the relations as they are at this point of the stream.
                         let committed = self.decoded(done)?;
-                        group.rows += committed.changes.len();
+                        group.rows += committed.rows.len();
                         group.transactions.push(committed);
                     }
                     group.started.get_or_insert_with(Instant::now);
@@ -326,24 +314,28 @@ impl Capture {
     }
 
     /// A committed transaction's row messages as engine changes.
-    fn decoded(&self, tx: Transaction) -> Result<Committed> {
-        let mut changes = Vec::new();
+    fn decoded(&self, tx: Transaction) -> Result<DecodedTransaction> {
+        let mut rows = Vec::new();
         if !tx.from_peer {
             // Resolutions come before the writes they resolve, in the same transaction.
             let mut resolving: Vec<ReviewItemId> = Vec::new();
             for message in &tx.rows {
                 for (table, change) in self.changes(message, &mut resolving)? {
-                    changes.push((table, change, resolving.clone()));
+                    rows.push(DecodedRow {
+                        table,
+                        change,
+                        resolving: resolving.clone(),
+                    });
                 }
             }
         }
-        Ok(Committed {
-            final_lsn: tx.final_lsn,
-            xid: tx.xid,
+        Ok(DecodedTransaction {
+            end_lsn: tx.final_lsn,
+            xid: u64::from(tx.xid),
             commit_time: tx.commit_time,
             from_peer: tx.from_peer,
             merged: tx.merged,
-            changes,
+            rows,
         })
     }
 
@@ -366,26 +358,21 @@ impl Capture {
         Ok(())
     }
 
-    /// Captures the group's transactions in order, and writes their changes, metadata, review
-    /// actions and the checkpoint that covers them in one database transaction. Returns the
-    /// checkpoint and the number of row changes captured.
-    async fn write(&mut self, transactions: &[Committed]) -> Result<(CaptureCheckpoint, u64)> {
-        let needs_db = transactions
-            .iter()
-            .any(|t| t.merged.is_some() || (!t.from_peer && !t.changes.is_empty()));
-        if !needs_db {
-            // Nothing to capture and no clock to persist: no database round trip.
-            for t in transactions {
-                self.capturer.begin(t.final_lsn, t.commit_time);
-                if t.from_peer {
-                    self.capturer.from_peer();
-                }
-                self.capturer.commit();
-            }
-            return Ok((self.capturer.checkpoint(), 0));
-        }
+    /// Captures the group's transactions with the engine (`Capturer::capture_group`) and writes
+    /// their changes, metadata, review actions and the checkpoint that covers them in one database
+    /// transaction. Returns the checkpoint and the number of row changes captured.
+    async fn write(&mut self, transactions: &[DecodedTransaction]) -> Result<(CaptureCheckpoint, u64)> {
+        let slots = self.capturer.rows_to_load(transactions);
+        let needs_db = !slots.is_empty() || transactions.iter().any(|t| t.merged.is_some());
         let policy = Arc::clone(&self.policy);
         let cut = self.cut.borrow().clone();
+        if !needs_db {
+            // Nothing to capture and no clock to persist: no database round trip.
+            let write =
+                self.capturer
+                    .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
+            return Ok((write.checkpoint, 0));
+        }
         let Capture {
             db,
             capturer,
@@ -395,95 +382,45 @@ impl Capture {
         let db = db.transaction().await?;
 
         // The prior metadata of every row the group changes, locked, in one query.
-        let slots: BTreeSet<(&str, String)> = transactions
-            .iter()
-            .flat_map(|t| &t.changes)
-            .map(|(table, change, _)| (table.as_str(), key_text(&change.key)))
-            .collect();
-        let slots: Vec<(&str, String)> = slots.into_iter().collect();
-        let mut metas: HashMap<(String, String), RowMeta> = HashMap::with_capacity(slots.len());
+        let mut loaded: Vec<Option<RowMeta>> = vec![None; slots.len()];
         if !slots.is_empty() {
             let load = statements.get(&db, store::LOAD_METAS_SQL).await?;
             let ords: Vec<i32> = (0..slots.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
-            let tables: Vec<&str> = slots.iter().map(|(t, _)| *t).collect();
-            let keys: Vec<&str> = slots.iter().map(|(_, k)| k.as_str()).collect();
+            let tables: Vec<&str> = slots.iter().map(|(t, _)| t.as_str()).collect();
+            let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
             let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
-            for (ord, meta, _) in store::loaded_metas(&rows, cut.as_ref())? {
-                let (table, key) = slots
-                    .get(ord)
+            for (ord, meta, _) in store::loaded_metas(&rows, None)? {
+                let slot = loaded
+                    .get_mut(ord)
                     .ok_or_else(|| anyhow!("row metadata came back with an unknown ord {ord}"))?;
-                metas.insert(((*table).to_owned(), key.clone()), meta);
+                *slot = Some(meta);
             }
         }
-
-        // The engine, per transaction and in order; rows of one key later in the group see the
-        // metadata the earlier ones left.
-        let mut seqs: Vec<i64> = Vec::new();
-        let mut encoded: Vec<Vec<u8>> = Vec::new();
-        // Per row, the xmin of the row version its final metadata accounts for.
-        let mut known: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
-        let mut review: Vec<ReviewAction> = Vec::new();
-        let mut captured_rows = 0;
-        for t in transactions {
-            // The capturer skips a transaction whose end it covered before (see Capturer::begin).
-            let replayed = t.final_lsn <= capturer.checkpoint().covered_lsn;
-            capturer.begin(t.final_lsn, t.commit_time);
-            if t.from_peer {
-                capturer.from_peer();
-            }
-            if let Some(stamp) = t.merged {
-                capturer.merged(stamp);
-            }
-            let local = !t.from_peer && !replayed;
-            let xid = t.xid.to_string();
-            for (name, change, resolving) in &t.changes {
-                let Some(table) = policy.table(name) else { continue };
-                let slot = (name.clone(), key_text(&change.key));
-                let prior = metas.get(&slot);
-                let captured = match capturer.row(table, prior, change, resolving) {
-                    Ok(Some(captured)) => captured,
-                    Ok(None) => {
-                        // A local update that changed nothing accord tracks still made a new row
-                        // version: the unchanged metadata now accounts for it, or a merge would
-                        // wait for a capture that already happened.
-                        if local && change.kind == ChangeKind::Update && prior.is_some_and(RowMeta::is_alive) {
-                            known.insert(slot, Some(xid.clone()));
-                        }
-                        continue;
-                    }
-                    Err(error) => {
-                        // Committed locally but impossible to replicate as it is. Dropping it would
-                        // leave the peers without it for good: stop here instead, and the slot
-                        // keeps the change (and everything after it) until the cause is fixed.
-                        bail!(
-                            "a local change of {} {} (transaction {}) cannot be replicated: {error}; the capture \
-                             stops before it and the replication slot keeps it",
-                            table.name,
-                            slot.1,
-                            t.xid
-                        );
-                    }
-                };
-                seqs.push(i64::try_from(captured.change.seq).unwrap_or(i64::MAX));
-                encoded.push(encode("change", &captured.change)?);
-                known.insert(slot.clone(), captured.meta.is_alive().then(|| xid.clone()));
-                review.extend(captured.review);
-                metas.insert(slot, captured.meta);
-                captured_rows += 1;
-            }
-            capturer.commit();
+        let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, cut.as_ref())?;
+        if !write.needs_write {
+            db.commit().await?;
+            return Ok((write.checkpoint, 0));
         }
-        let checkpoint = capturer.checkpoint();
 
         let mut rows = MetaRows::default();
-        for (slot, known) in &known {
-            if let Some(meta) = metas.get(slot) {
-                rows.push(&slot.0, &slot.1, meta, known.as_deref())?;
-            }
+        for m in &write.metas {
+            let known = m.known_xmin.map(|x| x.to_string());
+            rows.push(&m.table, &key_text(&m.key), &m.meta, known.as_deref())?;
         }
         let has_metas = !rows.is_empty();
         let meta_params = rows.into_params();
-        let has_changes = !seqs.is_empty();
+        let has_changes = !write.changes.is_empty();
+        let seqs: Vec<i64> = write
+            .changes
+            .iter()
+            .map(|c| i64::try_from(c.change.seq).unwrap_or(i64::MAX))
+            .collect();
+        let encoded = write
+            .changes
+            .iter()
+            .map(|c| encode("change", &c.change))
+            .collect::<Result<Vec<_>, _>>()?;
+        let checkpoint = write.checkpoint;
         let outbound_params: Params = vec![Box::new(seqs), Box::new(encoded)];
         let checkpoint_params: Params = vec![
             Box::new(encode("capture checkpoint", &checkpoint)?),
@@ -508,9 +445,9 @@ impl Capture {
         // The checkpoint, in the same transaction as the changes it covers.
         queries.push(pipeline::query(&db, &check, &checkpoint_params));
         pipeline::run_all(queries).await?;
-        store::apply_review(&db, &review).await?;
+        store::apply_review(&db, &write.review).await?;
         db.commit().await?;
-        Ok((checkpoint, captured_rows))
+        Ok((checkpoint, write.changes.len() as u64))
     }
 
     /// The engine changes of one decoded row message (an update of the key is a delete and an

@@ -1,0 +1,329 @@
+//! The capture's group writer: what the decoded transactions of one group write, decided once for
+//! the service and the simulator.
+//!
+//! A group is the decoded transactions the stream had ready, written to the database in one
+//! transaction together with the checkpoint that covers the last of them. The driver asks which
+//! rows' metadata the group needs ([`Capturer::rows_to_load`]), loads them (locked), and hands
+//! them to [`Capturer::capture_group`], which runs the capturer over every transaction in commit
+//! order and returns the [`GroupWrite`]: the outbound changes, each row's final metadata with the
+//! xmin it accounts for, the review actions and the checkpoint. The capturer moves on only when
+//! the whole group was captured; on a [`CaptureStop`] it is left as it was.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::apply::Xid;
+use crate::capture::CaptureError;
+use crate::capturer::{CaptureCheckpoint, Capturer};
+use crate::change::{CapturedChange, ChangeKind, RowChange, RowKey};
+use crate::collection::StableCut;
+use crate::hlc::Hlc;
+use crate::review::{ReviewAction, ReviewItemId};
+use crate::schema::TableDef;
+use crate::state::RowMeta;
+
+/// One committed transaction as decoding delivered it.
+#[derive(Debug, Clone, Default)]
+pub struct DecodedTransaction {
+    /// The end position of its commit.
+    pub end_lsn: u64,
+    pub xid: Xid,
+    /// Its commit time, µs since the Unix epoch.
+    pub commit_time: u64,
+    /// It carries a replication origin: a merge of a peer's changes, not this node's own.
+    pub from_peer: bool,
+    /// The greatest stamp it merged (the `accord.hlc` message of a merge).
+    pub merged: Option<Hlc>,
+    pub rows: Vec<DecodedRow>,
+}
+
+/// One row change of a decoded transaction, with the review items the transaction resolved
+/// before it.
+#[derive(Debug, Clone)]
+pub struct DecodedRow {
+    pub table: String,
+    pub change: CapturedChange,
+    pub resolving: Vec<ReviewItemId>,
+}
+
+/// A change the group captured, with where it came from.
+#[derive(Debug, Clone)]
+pub struct CapturedRow {
+    /// Its transaction's and row's places in the group.
+    pub transaction: usize,
+    pub row: usize,
+    pub change: RowChange,
+    /// The row had metadata (alive or a tombstone not yet collected) before this change; without,
+    /// an insert was numbered as a new key's.
+    pub had_metadata: bool,
+}
+
+/// A row's metadata after the group, and the xmin of the row version it accounts for (`None`
+/// when the row is deleted).
+#[derive(Debug, Clone)]
+pub struct MetaWrite {
+    pub table: String,
+    pub key: RowKey,
+    pub meta: RowMeta,
+    pub known_xmin: Option<Xid>,
+}
+
+/// What one group writes, in one database transaction.
+#[derive(Debug, Clone)]
+pub struct GroupWrite {
+    /// For the outbound log, in sequence order.
+    pub changes: Vec<CapturedRow>,
+    /// In (table, key) order.
+    pub metas: Vec<MetaWrite>,
+    pub review: Vec<ReviewAction>,
+    /// Covers the group's last transaction.
+    pub checkpoint: CaptureCheckpoint,
+    /// False when the group changes nothing persisted but the checkpoint, and the clock did not
+    /// move: peers' merges without a stamp, replays. The driver may skip the write; a restart
+    /// then reads those transactions again and skips them again.
+    pub needs_write: bool,
+}
+
+/// A local change that cannot be replicated as it is. Dropping it would leave the peers without
+/// it for good, so the capture stops before it, and the slot keeps it (and everything after it)
+/// until the cause is fixed.
+#[derive(Debug, Clone, Error)]
+#[error(
+    "a local change of {table} {key} (transaction {xid}) cannot be replicated: {cause}; the capture stops \
+     before it and the replication slot keeps it"
+)]
+pub struct CaptureStop {
+    pub table: String,
+    pub key: RowKey,
+    pub xid: Xid,
+    #[source]
+    pub cause: CaptureError,
+}
+
+impl Capturer {
+    /// The rows whose metadata [`Capturer::capture_group`] needs, in (table, key) order: the rows
+    /// of the group's local transactions not covered before.
+    pub fn rows_to_load(&self, transactions: &[DecodedTransaction]) -> Vec<(String, RowKey)> {
+        let covered = self.checkpoint().covered_lsn;
+        let mut slots: Vec<(String, RowKey)> = transactions
+            .iter()
+            .filter(|t| !t.from_peer && t.end_lsn > covered)
+            .flat_map(|t| &t.rows)
+            .map(|r| (r.table.clone(), r.change.key.clone()))
+            .collect();
+        slots.sort();
+        slots.dedup();
+        slots
+    }
+
+    /// Captures the group's transactions in commit order. `loaded[i]` is the metadata (if any) of
+    /// `rows_to_load(transactions)[i]`; `cut` the latest completed collection round, under which
+    /// a covered tombstone reads as absent (a re-insert is numbered as a new key's, as on a node
+    /// that already dropped it). Rows of one key later in the group see what earlier ones left.
+    pub fn capture_group<'t>(
+        &mut self,
+        tables: impl Fn(&str) -> Option<&'t TableDef>,
+        transactions: &[DecodedTransaction],
+        loaded: Vec<Option<RowMeta>>,
+        cut: Option<&StableCut>,
+    ) -> Result<GroupWrite, Box<CaptureStop>> {
+        let before = self.checkpoint();
+        let mut next = self.clone();
+        let slots = self.rows_to_load(transactions);
+        let mut metas: BTreeMap<(String, RowKey), RowMeta> = BTreeMap::new();
+        for (slot, meta) in slots.into_iter().zip(loaded) {
+            if let Some(meta) = StableCut::live(cut, meta.as_ref()) {
+                metas.insert(slot, meta.clone());
+            }
+        }
+        let mut known: BTreeMap<(String, RowKey), Option<Xid>> = BTreeMap::new();
+        let mut changes = Vec::new();
+        let mut review = Vec::new();
+        for (ti, t) in transactions.iter().enumerate() {
+            next.begin(t.end_lsn, t.commit_time);
+            if t.from_peer {
+                next.from_peer();
+            }
+            if let Some(stamp) = t.merged {
+                next.merged(stamp);
+            }
+            let local = next.is_capturing();
+            for (ri, row) in t.rows.iter().enumerate() {
+                let Some(table) = tables(&row.table) else { continue };
+                let slot = (row.table.clone(), row.change.key.clone());
+                let prior = metas.get(&slot);
+                let had_metadata = prior.is_some();
+                let captured = next.row(table, prior, &row.change, &row.resolving).map_err(|cause| {
+                    Box::new(CaptureStop {
+                        table: row.table.clone(),
+                        key: row.change.key.clone(),
+                        xid: t.xid,
+                        cause,
+                    })
+                })?;
+                let Some(captured) = captured else {
+                    // A local update that changed nothing accord tracks still made a new row
+                    // version: the unchanged metadata now accounts for it, or a merge would wait
+                    // for a capture that already happened.
+                    if local && row.change.kind == ChangeKind::Update && prior.is_some_and(RowMeta::is_alive) {
+                        known.insert(slot, Some(t.xid));
+                    }
+                    continue;
+                };
+                known.insert(slot.clone(), captured.meta.is_alive().then_some(t.xid));
+                review.extend(captured.review);
+                metas.insert(slot, captured.meta);
+                changes.push(CapturedRow {
+                    transaction: ti,
+                    row: ri,
+                    change: captured.change,
+                    had_metadata,
+                });
+            }
+            next.commit();
+        }
+        let checkpoint = next.checkpoint();
+        let metas: Vec<MetaWrite> = known
+            .into_iter()
+            .filter_map(|(slot, known_xmin)| {
+                let meta = metas.remove(&slot)?;
+                Some(MetaWrite {
+                    table: slot.0,
+                    key: slot.1,
+                    meta,
+                    known_xmin,
+                })
+            })
+            .collect();
+        let needs_write = !changes.is_empty()
+            || !metas.is_empty()
+            || !review.is_empty()
+            || checkpoint.high_water != before.high_water
+            || checkpoint.last_seq != before.last_seq;
+        *self = next;
+        Ok(GroupWrite {
+            changes,
+            metas,
+            review,
+            checkpoint,
+            needs_write,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::NodeId;
+    use crate::schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn};
+    use crate::state::Cell;
+    use crate::value::Value;
+
+    fn table() -> TableDef {
+        TableDef::new(
+            "s.t",
+            vec![KeyColumn {
+                name: "id".into(),
+                ty: ColumnType::Integer,
+            }],
+            vec![ColumnDef {
+                name: "n".into(),
+                ty: ColumnType::Integer,
+                policy: ColumnPolicy::Lww,
+            }],
+        )
+        .unwrap()
+    }
+
+    fn row(kind: ChangeKind, k: i64, old: Option<i64>, new: Option<i64>) -> DecodedRow {
+        let cells = |v: Option<i64>| v.map(|v| vec![Cell::Value(Value::Int(v))]);
+        DecodedRow {
+            table: "s.t".into(),
+            change: CapturedChange {
+                kind,
+                key: RowKey(vec![Value::Int(k)]),
+                old: cells(old),
+                new: cells(new),
+            },
+            resolving: Vec::new(),
+        }
+    }
+
+    fn tx(end_lsn: u64, xid: Xid, rows: Vec<DecodedRow>) -> DecodedTransaction {
+        DecodedTransaction {
+            end_lsn,
+            xid,
+            commit_time: 1_000 * end_lsn,
+            rows,
+            ..DecodedTransaction::default()
+        }
+    }
+
+    #[test]
+    fn later_rows_of_a_key_see_the_metadata_earlier_ones_left() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let group = vec![
+            tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))]),
+            tx(20, 101, vec![row(ChangeKind::Update, 1, Some(1), Some(2))]),
+        ];
+        assert_eq!(c.rows_to_load(&group).len(), 1);
+        let write = c.capture_group(|_| Some(&t), &group, vec![None], None).unwrap();
+        assert_eq!(write.changes.len(), 2);
+        assert!(!write.changes[0].had_metadata);
+        assert!(write.changes[1].had_metadata);
+        assert_eq!(write.metas.len(), 1);
+        assert_eq!(write.metas[0].known_xmin, Some(101));
+        assert_eq!(write.checkpoint.covered_lsn, 20);
+        assert_eq!(write.checkpoint.last_seq, 2);
+    }
+
+    #[test]
+    fn a_no_op_update_makes_the_metadata_account_for_its_row_version() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let first = vec![tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))])];
+        let meta = c.capture_group(|_| Some(&t), &first, vec![None], None).unwrap().metas[0]
+            .meta
+            .clone();
+        let noop = vec![tx(20, 101, vec![row(ChangeKind::Update, 1, Some(1), Some(1))])];
+        let write = c.capture_group(|_| Some(&t), &noop, vec![Some(meta)], None).unwrap();
+        assert!(write.changes.is_empty());
+        assert_eq!(write.metas[0].known_xmin, Some(101));
+        assert!(write.needs_write);
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_captured_stops_the_group_and_moves_nothing() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let before = c.checkpoint();
+        // An update without a new image cannot be captured.
+        let mut bad = row(ChangeKind::Update, 2, Some(1), None);
+        bad.change.new = None;
+        let group = vec![
+            tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))]),
+            tx(20, 101, vec![bad]),
+        ];
+        let stop = c
+            .capture_group(|_| Some(&t), &group, vec![None, None], None)
+            .unwrap_err();
+        assert_eq!(stop.xid, 101);
+        assert_eq!(stop.key, RowKey(vec![Value::Int(2)]));
+        assert_eq!(c.checkpoint(), before, "nothing of the group is taken as captured");
+    }
+
+    #[test]
+    fn peers_and_covered_transactions_load_nothing_and_a_stampless_group_needs_no_write() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let mut peer = tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))]);
+        peer.from_peer = true;
+        let group = vec![peer];
+        assert!(c.rows_to_load(&group).is_empty());
+        let write = c.capture_group(|_| Some(&t), &group, Vec::new(), None).unwrap();
+        assert!(write.changes.is_empty() && !write.needs_write);
+        assert_eq!(write.checkpoint.covered_lsn, 10);
+    }
+}
