@@ -50,6 +50,8 @@ pub enum PlantedBug {
     NoMergedStamp,
     /// Skip nothing: apply again what is at or below the applied position.
     DoubleApply,
+    /// Acknowledge what committed, flushed to disk or not (`AppliedPosition`).
+    AckBeforeDurable,
 }
 
 /// The limits of the apply.

@@ -3,6 +3,7 @@
 //! Nothing here does I/O, reads a clock or draws randomness: the service drives this code with
 //! PostgreSQL and QUIC, the simulator with simulated ones, and both get the same decisions.
 
+pub mod acknowledge;
 pub mod apply;
 pub mod capture;
 pub mod capture_group;
@@ -18,6 +19,7 @@ pub mod schema;
 pub mod state;
 pub mod value;
 
+pub use acknowledge::{AppliedPosition, FLUSH_EVERY_MICROS};
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
     PlannedWrite, PlantedBug, Records, RowWrite, Verdict, Xid,

@@ -284,15 +284,13 @@ impl Replication {
         Ok(&batch[skip..])
     }
 
-    /// The apply transaction for the peer's changes up to `applied` committed: record it and
-    /// return the acknowledgement to send.
-    pub fn applied(&mut self, peer: NodeId, applied: u64) -> Result<crate::protocol::Message, ReplicationError> {
+    /// The apply transaction for the peer's changes up to `applied` committed: what follows it
+    /// is expected next. (What is acknowledged is only what is on disk: `AppliedPosition`.)
+    pub fn applied(&mut self, peer: NodeId, applied: u64) -> Result<(), ReplicationError> {
         let link = self.link_mut(peer)?;
         link.progress.applied = link.progress.applied.max(applied);
         link.received = link.received.max(link.progress.applied);
-        Ok(crate::protocol::Message::Ack {
-            applied: link.progress.applied,
-        })
+        Ok(())
     }
 
     fn link(&self, peer: NodeId) -> Result<&Link, ReplicationError> {
@@ -370,7 +368,7 @@ mod tests {
         let batch = [change(A, 1), change(A, 2), change(A, 3), change(A, 4)];
         let to_apply = b.received(A, &batch, 1_000).unwrap();
         assert_eq!(to_apply.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4]);
-        assert_eq!(b.applied(A, 4).unwrap(), crate::protocol::Message::Ack { applied: 4 });
+        b.applied(A, 4).unwrap();
         assert!(matches!(
             b.received(A, &[change(A, 6)], 1_000),
             Err(ReplicationError::Gap {

@@ -16,7 +16,7 @@ use accord_engine::{
     Records, ReviewAction, ReviewItem, RowChange, RowWrite,
 };
 
-use crate::db::{Db, MetaRow, UserRow};
+use crate::db::{Db, MetaRow, Undo, UserRow};
 use crate::table::key_of;
 
 /// A batch being applied, and its open transaction.
@@ -32,6 +32,8 @@ pub struct Applying {
     last_probe: Option<u64>,
     /// The slots of the last load.
     loaded: Vec<usize>,
+    /// What the last commit replaced.
+    undo: Undo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +71,7 @@ pub enum Stop {
     /// The machine waits (see `Applying::waiting`).
     Waiting,
     /// The batch committed: what it merged, and the machine's last word.
-    Done(Committed),
+    Done(Box<Committed>),
 }
 
 #[derive(Debug)]
@@ -82,6 +84,8 @@ pub struct Committed {
     pub conflicts: usize,
     pub review: Vec<ReviewAction>,
     pub parked: Vec<(ReviewItem, RowChange)>,
+    /// What puts the database back if a crash of the machine loses the commit.
+    pub undo: Undo,
 }
 
 /// Why the driver could not go on: the machine or the simulated database broke a rule.
@@ -97,6 +101,7 @@ impl Applying {
             waiting: Waiting::Until { at: 0 },
             last_probe: None,
             loaded: Vec::new(),
+            undo: Undo::default(),
         }
     }
 
@@ -128,6 +133,9 @@ impl Applying {
                 }
                 ApplyCommand::ProbeAndWait => {
                     self.probing(db, capture_read)?;
+                    // The probe is followed by a synchronous commit on another session, which
+                    // flushes the WAL (the walsender sends only flushed WAL).
+                    db.flush();
                     // Nothing was written before the guard's savepoint.
                     self.waiting = Waiting::Capture {
                         lsn: db.wal_insert_lsn(),
@@ -139,6 +147,7 @@ impl Applying {
                     self.tx = Overlay::default();
                     if probe {
                         self.probing(db, capture_read)?;
+                        db.flush();
                         self.waiting = Waiting::Capture {
                             lsn: db.wal_insert_lsn(),
                             then: Resume::Restarted,
@@ -154,12 +163,12 @@ impl Applying {
                     ApplyInput::Recorded
                 }
                 ApplyCommand::Commit { merged_stamp } => {
-                    self.commit(db, merged_stamp, physical);
+                    self.undo = self.commit(db, merged_stamp, physical);
                     ApplyInput::Committed
                 }
                 ApplyCommand::Done { applied, summary } => {
                     let tx = std::mem::take(&mut self.tx);
-                    return Ok(Stop::Done(Committed {
+                    return Ok(Stop::Done(Box::new(Committed {
                         applied,
                         summary,
                         changes: self.machine.changes().iter().map(|c| (c.origin, c.seq)).collect(),
@@ -167,7 +176,8 @@ impl Applying {
                         conflicts: tx.conflicts.len(),
                         review: tx.review,
                         parked: tx.parked,
-                    }));
+                        undo: std::mem::take(&mut self.undo),
+                    })));
                 }
             };
         }
@@ -324,33 +334,36 @@ impl Applying {
     }
 
     /// Moves the transaction into the database in one step, with its WAL record and the origin
-    /// position.
-    fn commit(&mut self, db: &mut Db, merged_stamp: Option<accord_engine::Hlc>, physical: u64) {
+    /// position; returns what puts the database back if the commit is lost.
+    fn commit(&mut self, db: &mut Db, merged_stamp: Option<accord_engine::Hlc>, physical: u64) -> Undo {
         let tx = &mut self.tx;
+        let mut undo = Undo {
+            conflicts: db.conflicts.len(),
+            ..Undo::default()
+        };
         for (key, row) in std::mem::take(&mut tx.rows) {
-            match row {
-                Some(row) => {
-                    db.rows.insert(key, row);
-                }
-                None => {
-                    db.rows.remove(&key);
-                }
-            }
+            let before = match row {
+                Some(row) => db.rows.insert(key, row),
+                None => db.rows.remove(&key),
+            };
+            undo.rows.push((key, before));
         }
         for (key, meta) in std::mem::take(&mut tx.metas) {
-            db.meta.insert(key, meta);
+            undo.meta.push((key, db.meta.insert(key, meta)));
         }
         db.conflicts.extend(tx.conflicts.iter().cloned());
         for key in std::mem::take(&mut tx.undefer) {
-            db.deferred.remove(&key);
+            undo.deferred.push((key, db.deferred.remove(&key)));
         }
         for change in std::mem::take(&mut tx.defer) {
             if let Some(key) = key_of(&change.key) {
-                db.deferred.insert((key, change.origin, change.seq), change);
+                let key = (key, change.origin, change.seq);
+                undo.deferred.push((key, db.deferred.insert(key, change)));
             }
         }
         let peer = self.machine.peer();
         if let Some(progress) = db.progress.get_mut(&peer) {
+            undo.progress = Some((peer, *progress));
             progress.applied = progress.applied.max(self.machine.last());
         }
         let xid = tx.xid.unwrap_or_else(|| db.new_xid());
@@ -363,5 +376,6 @@ impl Applying {
                 rows: std::mem::take(&mut tx.wal_rows),
             },
         );
+        undo
     }
 }

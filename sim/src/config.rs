@@ -168,16 +168,20 @@ pub enum PlantedBug {
     /// A change that lacks a TOASTed value the row does not have here yet is forgotten instead of
     /// kept until the value arrives.
     DropDeferred,
+    /// Acknowledge, say in hellos and in collection rounds what an apply committed, before it
+    /// is on disk: a crash of the machine loses changes the peer has pruned.
+    AckBeforeDurable,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 6] = [
+    pub const ALL: [PlantedBug; 7] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
         PlantedBug::NoMissingRowWait,
         PlantedBug::DropDeferred,
+        PlantedBug::AckBeforeDurable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -188,6 +192,7 @@ impl PlantedBug {
             PlantedBug::NoMergedStamp => "no-merged-stamp",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
             PlantedBug::DropDeferred => "drop-deferred",
+            PlantedBug::AckBeforeDurable => "ack-before-durable",
         }
     }
 
@@ -200,6 +205,7 @@ impl PlantedBug {
             PlantedBug::NoMergedStamp => Some(Engine::NoMergedStamp),
             PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
+            PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ForgetFromPeer => None,
         }
     }

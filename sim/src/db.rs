@@ -1,6 +1,8 @@
-//! The simulated PostgreSQL database of one node: everything in it is durable (it survives a
-//! crash of the accord process and of PostgreSQL), and every change to it is one atomic step,
-//! which is what a committed transaction is.
+//! The simulated PostgreSQL database of one node. Every change to it is one atomic step, which is
+//! what a committed transaction is. Commits are durable once the WAL is flushed past them: local
+//! transactions and the capture's commit synchronously (flushing everything before them), apply
+//! transactions asynchronously (`synchronous_commit = off`), so a crash of the machine loses the
+//! apply transactions committed since the last flush, origin positions and all.
 //!
 //! It holds what the real service keeps in PostgreSQL: the user's table (with a per-row write
 //! counter standing in for `xmin`), accord's per-row metadata with `known_xmin`, the WAL that the
@@ -104,6 +106,37 @@ pub struct Db {
     pub deferred: BTreeMap<(i64, NodeId, u64), RowChange>,
     /// What the node knows of the tombstone-collection rounds (`accord.collection`).
     pub collection: CollectionState,
+    /// The WAL is on disk up to here; decoding reads no further (the walsender sends only
+    /// flushed WAL).
+    pub flushed_lsn: u64,
+    /// Asynchronous commits after `flushed_lsn`, oldest first, with what undoes each.
+    unflushed: Vec<AsyncCommit>,
+    /// Apply transactions that became durable and that the oracle has not heard of yet.
+    durable: Vec<AppliedNote>,
+}
+
+/// What an apply transaction applied and merged: the oracle hears of it once it is durable.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedNote {
+    pub changes: Vec<(NodeId, u64)>,
+    pub merged: Vec<(NodeId, u64)>,
+}
+
+/// The state an asynchronous commit replaced, to put back when a crash loses it.
+#[derive(Debug, Clone, Default)]
+pub struct Undo {
+    pub rows: Vec<(i64, Option<UserRow>)>,
+    pub meta: Vec<(i64, Option<MetaRow>)>,
+    pub deferred: Vec<((i64, NodeId, u64), Option<RowChange>)>,
+    pub queue: Vec<(ReviewItemId, Option<QueueEntry>)>,
+    pub conflicts: usize,
+    pub progress: Option<(NodeId, PeerProgress)>,
+}
+
+#[derive(Debug, Clone)]
+struct AsyncCommit {
+    undo: Undo,
+    note: AppliedNote,
 }
 
 impl Db {
@@ -142,6 +175,61 @@ impl Db {
     pub fn wal_tx(&self, lsn: u64) -> Option<&WalTx> {
         let first = self.wal.front()?.lsn;
         self.wal.get(lsn.checked_sub(first)? as usize)
+    }
+
+    /// An asynchronous commit (an apply transaction) happened: `undo` puts back what it changed.
+    pub fn committed_async(&mut self, undo: Undo, note: AppliedNote) {
+        self.unflushed.push(AsyncCommit { undo, note });
+    }
+
+    /// The WAL is flushed to its end (a synchronous commit, an explicit flush): every commit so
+    /// far is durable.
+    pub fn flush(&mut self) {
+        self.flushed_lsn = self.wal_insert_lsn();
+        self.durable.extend(self.unflushed.drain(..).map(|c| c.note));
+    }
+
+    /// Apply transactions that became durable since the last call, in commit order.
+    pub fn take_durable(&mut self) -> Vec<AppliedNote> {
+        std::mem::take(&mut self.durable)
+    }
+
+    /// The machine crashed: what was not flushed is gone.
+    pub fn lose_unflushed(&mut self) {
+        while let Some(AsyncCommit { undo, .. }) = self.unflushed.pop() {
+            for (key, row) in undo.rows.into_iter().rev() {
+                match row {
+                    Some(row) => self.rows.insert(key, row),
+                    None => self.rows.remove(&key),
+                };
+            }
+            for (key, meta) in undo.meta.into_iter().rev() {
+                match meta {
+                    Some(meta) => self.meta.insert(key, meta),
+                    None => self.meta.remove(&key),
+                };
+            }
+            for (key, change) in undo.deferred.into_iter().rev() {
+                match change {
+                    Some(change) => self.deferred.insert(key, change),
+                    None => self.deferred.remove(&key),
+                };
+            }
+            for (id, entry) in undo.queue.into_iter().rev() {
+                match entry {
+                    Some(entry) => self.queue.insert(id, entry),
+                    None => self.queue.remove(&id),
+                };
+            }
+            self.conflicts.truncate(undo.conflicts);
+            if let Some((peer, progress)) = undo.progress {
+                self.progress.insert(peer, progress);
+            }
+        }
+        while self.wal.back().is_some_and(|tx| tx.lsn > self.flushed_lsn) {
+            self.wal.pop_back();
+        }
+        self.next_lsn = self.flushed_lsn + 1;
     }
 
     /// WAL up to the slot's confirmed position is no longer needed.

@@ -7,18 +7,18 @@
 //!
 //! Only `db` survives a crash; `Volatile` is what the process holds in memory.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use accord_engine::{
-    ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector,
-    DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal, Replication,
+    AppliedPosition, ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState,
+    Collector, DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal, Replication,
     ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, Stop, Waiting};
 use crate::config::PlantedBug;
-use crate::db::{apply_review, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow, WriteId};
+use crate::db::{apply_review, AppliedNote, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow, WriteId};
 use crate::oracle::Oracle;
 use crate::outcome::{Failure, Invariant, Stats};
 use crate::rng::SimRng;
@@ -87,6 +87,8 @@ pub struct Volatile {
     /// The end of the last group written: the slot may move up to it.
     written_lsn: u64,
     pub replication: Replication,
+    /// Per peer, what its applies committed and what is on disk (what may be acknowledged).
+    positions: BTreeMap<NodeId, AppliedPosition>,
     apply_queue: VecDeque<Incoming>,
     /// The batch being applied, when one is.
     applying: Option<Applying>,
@@ -171,7 +173,11 @@ impl Node {
     /// Starts the process from what is durable: the capture from its checkpoint (it re-reads the
     /// WAL after the slot's confirmed position and skips what it covered), the links from the
     /// recorded progress.
-    pub fn start(&mut self, ctx: &mut Ctx) {
+    pub fn start(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        // Each applier binds its origin reading the position with a flush: what this node
+        // applied before is on disk from here on.
+        self.db.flush();
+        self.deliver_durable(ctx)?;
         let max_offset = ctx.params.max_offset;
         let capturer = match self.db.checkpoint {
             Some(checkpoint) => Capturer::restore(checkpoint, max_offset),
@@ -192,7 +198,15 @@ impl Node {
         );
         self.inc += 1;
         self.pg_down = false;
+        let planted = apply_rules(ctx.bug).planted;
+        let positions = self
+            .db
+            .progress
+            .iter()
+            .map(|(p, progress)| (*p, AppliedPosition::new(progress.applied, planted)))
+            .collect();
         self.vol = Some(Volatile {
+            positions,
             capturer,
             read_lsn: self.db.slot_confirmed + 1,
             written_lsn: 0,
@@ -211,13 +225,39 @@ impl Node {
         });
         self.want_capture(ctx);
         self.want_round(ctx);
+        Ok(())
     }
 
-    /// The process dies: everything in memory is gone; the database keeps what was committed.
+    /// The process dies: everything in memory is gone; the database keeps what was committed,
+    /// except, when the machine crashed, the apply transactions not yet flushed.
     pub fn crash(&mut self, machine: bool) {
         self.vol = None;
         self.inc += 1;
         self.pg_down = machine;
+        if machine {
+            self.db.lose_unflushed();
+        }
+    }
+
+    /// Tells the oracle of the apply transactions that became durable.
+    fn deliver_durable(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        for note in self.db.take_durable() {
+            for &(origin, seq) in &note.changes {
+                ctx.oracle.applied(self.ix, origin, seq)?;
+            }
+            for &(origin, seq) in &note.merged {
+                ctx.oracle.merged(self.ix, origin, seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// What this node may say it applied of `peer`'s changes: what is on disk.
+    fn acknowledgeable(&self, peer: NodeId) -> u64 {
+        match &self.vol {
+            Some(vol) => vol.positions.get(&peer).map_or(0, AppliedPosition::acknowledgeable),
+            None => 0,
+        }
     }
 
     fn identity(&self, max_offset: u64) -> LocalIdentity {
@@ -237,7 +277,7 @@ impl Node {
             node: self.id,
             fingerprint: FINGERPRINT.into(),
             hlc: Hlc::new(physical, 0, self.id),
-            applied_yours: self.db.progress.get(&peer_id(peer)).map_or(0, |p| p.applied),
+            applied_yours: self.acknowledgeable(peer_id(peer)),
         }
     }
 
@@ -331,7 +371,11 @@ impl Node {
     /// them as absent at once and deletes them soon after: the same to every reader).
     fn collection_step(&mut self, ctx: &mut Ctx, before: CollectionState) {
         let Some(vol) = &mut self.vol else { return };
-        let applied: Vec<(NodeId, u64)> = self.db.progress.iter().map(|(p, pr)| (*p, pr.applied)).collect();
+        let applied: Vec<(NodeId, u64)> = vol
+            .positions
+            .iter()
+            .map(|(p, position)| (*p, position.acknowledgeable()))
+            .collect();
         if vol.collector.wants_ack1() {
             vol.collector.ack1(self.db.outbound_head(), &applied);
         }
@@ -373,7 +417,10 @@ impl Node {
 
     /// The application commits a transaction here (PostgreSQL is up; the accord process need not
     /// be). Rows change now; the capture sees the transaction later, in WAL order.
-    pub fn commit_local(&mut self, ctx: &mut Ctx, plan: TxPlan) {
+    pub fn commit_local(&mut self, ctx: &mut Ctx, plan: TxPlan) -> Result<(), Failure> {
+        // The commit is synchronous: it flushes the WAL, merges committed before it included.
+        self.db.flush();
+        self.deliver_durable(ctx)?;
         let xid = self.db.new_xid();
         let mut rows = Vec::with_capacity(plan.rows.len());
         for row in plan.rows {
@@ -441,7 +488,9 @@ impl Node {
                 resolving: plan.resolving.into_iter().collect(),
             },
         );
+        self.db.flush();
         self.want_capture(ctx);
+        Ok(())
     }
 
     /// The capture decodes what the WAL holds past its read position (up to a batch), and
@@ -459,18 +508,24 @@ impl Node {
         // skips what it covered.
         self.db.slot_confirmed = self.db.slot_confirmed.max(vol.written_lsn);
         self.db.truncate_wal();
+        // Decoding reads only flushed WAL.
         let end = self
             .db
-            .wal_insert_lsn()
+            .flushed_lsn
             .min(vol.read_lsn + ctx.params.capture_batch as u64 - 1);
         let done = end + 1 - vol.read_lsn.min(end + 1);
         if done > 0 {
-            capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)?;
+            if capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)? {
+                // The capture commits synchronously, flushing what committed before it.
+                self.db.flush();
+            }
             vol.read_lsn = end + 1;
             vol.written_lsn = end;
         }
+        self.deliver_durable(ctx)?;
+        let Some(vol) = &mut self.vol else { return Ok(()) };
         ctx.trace.add(mix(0xCA97, done));
-        let caught_up = vol.read_lsn > self.db.wal_insert_lsn();
+        let caught_up = vol.read_lsn > self.db.flushed_lsn;
 
         if !caught_up {
             // A backlog is decoded at the capture's pace, not after another full lag.
@@ -706,16 +761,28 @@ impl Node {
         let peer = applying.peer;
         let pid = peer_id(peer);
         vol.applying = None;
-        self.finish_apply(ctx, peer, committed)?;
+        self.finish_apply(ctx, peer, *committed)?;
         let Some(vol) = &mut self.vol else { return Ok(()) };
         let last = self.db.progress.get(&pid).map_or(0, |p| p.applied);
-        let ack = vol
-            .replication
+        vol.replication
             .applied(pid, last)
             .map_err(|e| engine_error("Replication::applied", e))?;
-        if vol.replication.is_connected(pid) {
-            ctx.out.push(Output::Send { to: peer, msg: ack });
+        // What may be acknowledged is what is on disk; an idle applier flushes to learn it.
+        let busy = vol.apply_queue.iter().any(|i| i.peer == peer);
+        if let Some(position) = vol.positions.get_mut(&pid) {
+            if position.committed(last, busy, ctx.now) {
+                self.db.flush();
+                position.flushed(last, ctx.now);
+            }
         }
+        let applied = vol.positions.get(&pid).map_or(0, AppliedPosition::acknowledgeable);
+        if vol.replication.is_connected(pid) {
+            ctx.out.push(Output::Send {
+                to: peer,
+                msg: Message::Ack { applied },
+            });
+        }
+        self.deliver_durable(ctx)?;
         self.want_capture(ctx);
         self.want_apply(ctx);
         self.collection_after_step(ctx);
@@ -724,12 +791,6 @@ impl Node {
 
     /// What a committed apply transaction tells the oracle, the statistics and the review queue.
     fn finish_apply(&mut self, ctx: &mut Ctx, peer: usize, c: Committed) -> Result<(), Failure> {
-        for &(origin, seq) in &c.changes {
-            ctx.oracle.applied(self.ix, origin, seq)?;
-        }
-        for &(origin, seq) in &c.merged {
-            ctx.oracle.merged(self.ix, origin, seq);
-        }
         ctx.stats.apply_txs += 1;
         ctx.stats.merges += c.merged.len() as u64;
         ctx.stats.conflicts += c.conflicts as u64;
@@ -740,8 +801,31 @@ impl Node {
             0x3E46 ^ (c.summary.applied << 8) ^ (c.applied << 24),
             (c.conflicts as u64) << 16 | c.summary.deferred << 8 | c.summary.undeferred,
         ));
+        // The review queue is written in the apply transaction: a lost commit loses it too.
+        let mut undo = c.undo;
+        let ids: std::collections::BTreeSet<_> = c
+            .review
+            .iter()
+            .map(|a| match a {
+                ReviewAction::Open(item) => item.id,
+                ReviewAction::Withdraw(id) => *id,
+                ReviewAction::Close(closure) => closure.item.id,
+            })
+            .collect();
+        undo.queue = ids
+            .into_iter()
+            .map(|id| (id, self.db.queue.get(&id).cloned()))
+            .collect();
         apply_review(&mut self.db.queue, c.review)
             .map_err(|e| Failure::new(Invariant::Review, format!("node {} merge: {}", self.ix + 1, e.0)))?;
+        // The oracle hears of the transaction once it is durable (`deliver_durable`).
+        self.db.committed_async(
+            undo,
+            AppliedNote {
+                changes: c.changes,
+                merged: c.merged,
+            },
+        );
         if let Some((item, change)) = c.parked.into_iter().next() {
             // Nothing in this workload can overflow or mismatch: a park is a failure here.
             ctx.stats.parked += 1;
@@ -812,7 +896,7 @@ fn capture_group(
     ix: usize,
     lsns: std::ops::RangeInclusive<u64>,
     ctx: &mut Ctx,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
     let node = ix + 1;
     let covered_before = vol.capturer.checkpoint().covered_lsn;
     let mut group = Vec::new();
@@ -942,7 +1026,7 @@ fn capture_group(
         .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
         .count() as u64;
     if !write.needs_write {
-        return Ok(());
+        return Ok(false);
     }
     apply_review(&mut db.queue, write.review)
         .map_err(|e| Failure::new(Invariant::Review, format!("node {node} capture: {}", e.0)))?;
@@ -958,5 +1042,5 @@ fn capture_group(
     }
     db.checkpoint = Some(write.checkpoint);
     vol.replication.logged(write.checkpoint.last_seq);
-    Ok(())
+    Ok(true)
 }

@@ -221,10 +221,7 @@ impl World {
 
     fn run_inner(&mut self) -> Result<(), Failure> {
         for node in 0..self.nodes.len() {
-            self.with_node(node, |n, ctx| {
-                n.start(ctx);
-                Ok(())
-            })?;
+            self.with_node(node, |n, ctx| n.start(ctx))?;
         }
         for a in 0..self.nodes.len() {
             for b in a + 1..self.nodes.len() {
@@ -387,10 +384,7 @@ impl World {
             self.stats.ops_skipped += 1;
         } else {
             let plan = workload::plan(&mut self.rng_work, &self.params, &self.nodes[node].db, &mut self.fresh);
-            self.with_node(node, |n, ctx| {
-                n.commit_local(ctx, plan);
-                Ok(())
-            })?;
+            self.with_node(node, |n, ctx| n.commit_local(ctx, plan))?;
         }
         if self.ops_done < self.cfg.ops {
             let gap = self.rng_work.exp(self.params.op_gap_mean);
@@ -596,10 +590,7 @@ impl World {
         if self.nodes[node].is_up() {
             return Ok(());
         }
-        self.with_node(node, |n, ctx| {
-            n.start(ctx);
-            Ok(())
-        })?;
+        self.with_node(node, |n, ctx| n.start(ctx))?;
         for other in 0..self.nodes.len() {
             if other != node {
                 let pair = self.net.pair(node, other);

@@ -127,6 +127,37 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
     }
 }
 
+/// Apply transactions commit asynchronously; a crash of the machine loses those not flushed. A
+/// node that acknowledges them anyway lets the peer prune changes it then lacks for good.
+#[test]
+fn acknowledging_before_durable_is_caught_and_shrunk() {
+    let bug = PlantedBug::AckBeforeDurable;
+    let expected = Invariant::Protocol;
+    let found = (0..300).map(|seed| SimConfig {
+        bug: Some(bug),
+        faults: "machine-crash".parse().expect("a fault kind"),
+        ..config(seed, 400)
+    });
+    let mut tried = 0;
+    for cfg in found {
+        tried += 1;
+        let Some(failure) = run_seed(&cfg).failure else {
+            continue;
+        };
+        assert_eq!(failure.invariant, expected, "{}: {failure}", cfg.command());
+        let shrunk = shrink(&cfg, &failure, 40);
+        assert_eq!(shrunk.failure.invariant, expected, "{}", shrunk.config.command());
+        assert!(shrunk.config.command().contains(bug.name()));
+        let again = run_seed(&shrunk.config).failure.expect("the reproducer reproduces");
+        assert_eq!(again, shrunk.failure);
+        // The same seeds pass when only durable positions are acknowledged.
+        let honest = SimConfig { bug: None, ..cfg };
+        assert!(run_seed(&honest).passed(), "{}", honest.command());
+        return;
+    }
+    panic!("planted bug {} went unnoticed on {tried} seeds", bug.name());
+}
+
 #[test]
 fn planted_loop_is_caught() {
     caught(PlantedBug::ForgetFromPeer, Invariant::NoLoops, 200, 0..20);

@@ -126,10 +126,6 @@ impl Applier {
         self.capture.clone()
     }
 
-    /// The last of the peer's changes whose apply is on disk. With `synchronous_commit` off a
-    /// committed batch may still be lost in a crash of the server (its origin position with it),
-    /// so peers must only be told, and prune their logs by, what this returns: it flushes the WAL
-    /// up to this origin's last commit first.
     /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.
     pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
         self.cut = cut;
@@ -140,6 +136,10 @@ impl Applier {
         self.cut.clone()
     }
 
+    /// The last of the peer's changes whose apply is on disk. With `synchronous_commit` off a
+    /// committed batch may still be lost in a crash of the server (its origin position with it),
+    /// so peers must only be told, and prune their logs by, what this returns: it flushes the WAL
+    /// up to this origin's last commit first.
     pub async fn durable(&mut self) -> Result<u64> {
         if self.synchronous_commit {
             return Ok(self.applied);
@@ -297,9 +297,16 @@ impl Applier {
         let mut queries = Vec::new();
         if begin.is_some() {
             queries.push(pipeline::command(db, "BEGIN"));
-            if !self.synchronous_commit {
-                queries.push(pipeline::command(db, "SET LOCAL synchronous_commit = off"));
-            }
+            // Said either way: the server's default may be either, and `durable` trusts a
+            // synchronous commit to be on disk.
+            queries.push(pipeline::command(
+                db,
+                if self.synchronous_commit {
+                    "SET LOCAL synchronous_commit = on"
+                } else {
+                    "SET LOCAL synchronous_commit = off"
+                },
+            ));
             // The batch's position is committed with its changes (exactly once).
             queries.push(pipeline::query(db, &setup, &setup_params));
         }

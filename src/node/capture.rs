@@ -435,7 +435,9 @@ impl Capture {
                 "UPDATE accord.capture_state SET checkpoint = $1, last_seq = $2, covered_lsn = $3, updated_at = now()",
             )
             .await?;
-        let mut queries = Vec::new();
+        // Synchronous whatever the server's default: the slot moves past this group once it
+        // committed, and a commit lost in a crash would take the group's changes with it.
+        let mut queries = vec![pipeline::command(&db, "SET LOCAL synchronous_commit = on")];
         if has_changes {
             queries.push(pipeline::query(&db, &append, &outbound_params));
         }

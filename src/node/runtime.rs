@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication, ReplicationConfig, RowChange,
-    StableCut, PROTOCOL_VERSION,
+    AppliedPosition, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
+    ReplicationConfig, RowChange, StableCut, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -168,10 +168,6 @@ struct Applied {
     /// How far the peer's changes are applied on disk (see `Applier::durable`).
     durable: u64,
 }
-
-/// With `synchronous_commit` off, how often a busy applier flushes to learn its durable position
-/// (an idle one does after every batch).
-const DURABLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Starts a node. `network` is given the node's identity (what peers are checked against) and the
 /// source of its hellos, and returns the node's network port.
@@ -377,22 +373,23 @@ async fn apply_worker(
     mut batches: mpsc::Receiver<Vec<RowChange>>,
     done: mpsc::Sender<Applied>,
 ) {
-    let mut durable = applier.applied();
-    let mut flushed = Instant::now();
+    // What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
+    let mut position = AppliedPosition::new(applier.applied(), None);
+    let started = Instant::now();
     while let Some(mut batch) = batches.recv().await {
         // What queued up behind it goes into the same transaction: a node that fell behind
         // catches up in large batches, paying the per-batch costs (a commit, a wait for the
         // capture) once per batch rather than once per small message.
         while let Ok(next) = batches.try_recv() {
             if let Err(next) = join_batches(&mut batch, next) {
-                if !apply_batch(&mut applier, &dsn, &batch, true, &mut durable, &mut flushed, &done).await {
+                if !apply_batch(&mut applier, &dsn, &batch, true, &mut position, started, &done).await {
                     return;
                 }
                 batch = next;
             }
         }
         let more = !batches.is_empty();
-        if !apply_batch(&mut applier, &dsn, &batch, more, &mut durable, &mut flushed, &done).await {
+        if !apply_batch(&mut applier, &dsn, &batch, more, &mut position, started, &done).await {
             return;
         }
     }
@@ -416,15 +413,15 @@ fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result
 }
 
 /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
-/// reports it. `more`: further batches are queued (a busy applier learns its durable position
-/// only every `DURABLE_EVERY`). `false` when the node is stopping.
+/// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
+/// flushes to learn its durable position less often). `false` when the node is stopping.
 async fn apply_batch(
     applier: &mut Applier,
     dsn: &str,
     batch: &[RowChange],
     more: bool,
-    durable: &mut u64,
-    flushed: &mut Instant,
+    position: &mut AppliedPosition,
+    started: Instant,
     done: &mpsc::Sender<Applied>,
 ) -> bool {
     let peer = applier.peer();
@@ -437,18 +434,18 @@ async fn apply_batch(
         );
         match applier.apply(batch).instrument(span).await {
             Ok(ok) => {
-                if !more || flushed.elapsed() >= DURABLE_EVERY {
+                let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if position.committed(ok.0, more, now()) {
                     match applier.durable().await {
-                        Ok(position) => *durable = (*durable).max(position),
+                        Ok(durable) => position.flushed(durable, now()),
                         Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
                     }
-                    *flushed = Instant::now();
                 }
                 let applied = Applied {
                     peer,
                     result: Ok(ok),
                     last_stamp: batch.last().map(|c| c.stamp),
-                    durable: *durable,
+                    durable: position.acknowledgeable(),
                 };
                 return done.send(applied).await.is_ok();
             }
