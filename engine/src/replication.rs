@@ -98,9 +98,16 @@ pub struct Replication {
     /// The outbound log holds every change after this one.
     pruned: u64,
     links: BTreeMap<NodeId, Link>,
+    /// The simulator's planted bug, if it lives here; the service never sets one.
+    planted: Option<crate::apply::PlantedBug>,
 }
 
 impl Replication {
+    /// Plants a bug (the simulator proves its checks catch it).
+    pub fn plant(&mut self, bug: Option<crate::apply::PlantedBug>) {
+        self.planted = bug;
+    }
+
     pub fn new(
         node: NodeId,
         config: ReplicationConfig,
@@ -125,6 +132,7 @@ impl Replication {
             head,
             pruned,
             links,
+            planted: None,
         }
     }
 
@@ -252,6 +260,7 @@ impl Replication {
         physical: u64,
     ) -> Result<&'a [RowChange], ReplicationError> {
         let max_offset = self.config.max_offset_micros;
+        let past_gaps = self.planted == Some(crate::apply::PlantedBug::ApplyPastGap);
         let link = self.link_mut(peer)?;
         if link.sent.is_none() {
             return Err(ReplicationError::NotConnected(peer));
@@ -268,6 +277,9 @@ impl Replication {
             if change.seq < expected && skip == i {
                 skip += 1;
                 continue;
+            }
+            if change.seq > expected && past_gaps {
+                expected = change.seq;
             }
             if change.seq != expected {
                 return Err(ReplicationError::Gap {

@@ -171,10 +171,13 @@ pub enum PlantedBug {
     /// Acknowledge, say in hellos and in collection rounds what an apply committed, before it
     /// is on disk: a crash of the machine loses changes the peer has pruned.
     AckBeforeDurable,
+    /// A batch that skips changes after the applied position is taken: the changes in between
+    /// are never applied.
+    ApplyPastGap,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 7] = [
+    pub const ALL: [PlantedBug; 8] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -182,6 +185,7 @@ impl PlantedBug {
         PlantedBug::NoMissingRowWait,
         PlantedBug::DropDeferred,
         PlantedBug::AckBeforeDurable,
+        PlantedBug::ApplyPastGap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -193,6 +197,7 @@ impl PlantedBug {
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
             PlantedBug::DropDeferred => "drop-deferred",
             PlantedBug::AckBeforeDurable => "ack-before-durable",
+            PlantedBug::ApplyPastGap => "apply-past-gap",
         }
     }
 
@@ -206,6 +211,7 @@ impl PlantedBug {
             PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
+            PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
             PlantedBug::ForgetFromPeer => None,
         }
     }

@@ -199,6 +199,8 @@ impl Node {
         self.inc += 1;
         self.pg_down = false;
         let planted = apply_rules(ctx.bug).planted;
+        let mut replication = replication;
+        replication.plant(planted);
         let positions = self
             .db
             .progress
