@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::nodes::{TestCluster, SHOP};
+use support::nodes::{id, TestCluster, SHOP};
 
 const TABLES: &[&str] = &["shop.products", "shop.users"];
 
@@ -715,5 +715,73 @@ async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
             node + 1
         );
     }
+    cluster.stop_all().await;
+}
+
+/// A local change the capture cannot replicate (here an update without its old row image, after
+/// an operator set the table's replica identity back to DEFAULT) stops the capture with an error
+/// naming the table, the key and the cause; the change is not dropped: the slot keeps it and
+/// nothing after it reaches the peer either, so no later write overtakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_the_capture_cannot_replicate_stops_it_and_stays_in_the_slot() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (7, 'seven', 10)")
+        .await
+        .unwrap();
+    cluster.converge(&["shop.products"], Duration::from_secs(30)).await;
+
+    a.batch_execute("ALTER TABLE shop.products REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let before: String = a
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    a.batch_execute("UPDATE shop.products SET stock = stock + 5 WHERE id = 7")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO shop.products (id, name) VALUES (8, 'after')")
+        .await
+        .unwrap();
+
+    let status = &cluster.nodes[&id(0)].status;
+    let started = std::time::Instant::now();
+    let error = loop {
+        if let Some(error) = status.borrow().capture_error.clone() {
+            break error;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the capture did not report the change it cannot replicate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for part in ["shop.products", "(7)", "old row image", "REPLICA IDENTITY FULL"] {
+        assert!(error.contains(part), "the error does not say {part:?}: {error}");
+    }
+    // Give a capture that dropped the change time to send what follows it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stock: i64 = b
+        .query_one("SELECT stock FROM shop.products WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stock, 10, "node 2 got the update although it cannot be replicated");
+    let after = b
+        .query_opt("SELECT 1 FROM shop.products WHERE id = 8", &[])
+        .await
+        .unwrap();
+    assert!(after.is_none(), "a later change overtook the stopped one");
+    let kept: bool = a
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'accord_slot'",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept, "the slot moved past the change the capture could not replicate");
     cluster.stop_all().await;
 }

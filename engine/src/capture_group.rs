@@ -97,7 +97,7 @@ pub struct CaptureStop {
     pub table: String,
     pub key: RowKey,
     pub xid: Xid,
-    #[source]
+    /// (Not a `#[source]`: the message already says it, and chains would print it twice.)
     pub cause: CaptureError,
 }
 
