@@ -194,10 +194,17 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
             state.meta.created = Some(ours.min(theirs));
         }
     }
-    // Knowledge of writes only grows, whichever incarnation won.
-    state.meta.clock.merge(local.meta.clock.clone());
-    state.meta.clock.merge(rem.meta.clock.clone());
-    state.meta.stamp = state.meta.stamp.max(local.meta.stamp).max(rem.meta.stamp);
+    // Knowledge of writes grows within the incarnation that won. An older incarnation's writes
+    // are not knowledge of this one: a node that collected the older tombstone no longer has
+    // them, so joining them here would make the row's metadata depend on the order of delivery
+    // and collection (the simulator found two nodes left with different clocks this way).
+    let incarnation = state.meta.causal_length;
+    for other in [&local.meta, &rem.meta] {
+        if other.causal_length == incarnation {
+            state.meta.clock.merge(other.clock.clone());
+            state.meta.stamp = state.meta.stamp.max(other.stamp);
+        }
+    }
 
     let review = review_actions(table, &remote.key, local, &state, remote);
     Ok(MergeOutcome::Applied(Merged {

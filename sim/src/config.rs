@@ -21,7 +21,8 @@ pub enum FaultKind {
     /// A connection breaks: what was in flight on it is lost.
     Drop,
     /// A message of a broken connection is delivered late, on the next connection (duplicated
-    /// and reordered delivery across reconnects).
+    /// and reordered delivery across reconnects); and now and then a batch is lost inside a
+    /// connection, which then breaks (a faulty transport: what makes a receiver meet a gap).
     Ghost,
     /// Wall-clock steps (forward and back) and drift within the allowed offset.
     ClockStep,

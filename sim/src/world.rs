@@ -448,6 +448,26 @@ impl World {
             }
             return Ok(());
         }
+        // A batch lost inside a connection: QUIC never does this, but a faulty transport or
+        // sender could, and it is what makes a receiver meet a gap. The connection is then
+        // faulty: the receiver's refusal of the gap closes it, and so does the transport soon
+        // after (when no later batch reveals the gap, the sender must still resend).
+        if matches!(flight.msg, Message::Batch(_))
+            && self.params.ghost_p > 0.0
+            && self.rng_net.chance(self.params.ghost_p / 20.0)
+        {
+            self.stats.ghosts += 1;
+            self.net.conns[pair].ghost_epoch = Some(flight.epoch);
+            let at = self.now + self.rng_net.range(1, 5_000);
+            self.push(
+                at,
+                EventKind::Break {
+                    pair,
+                    epoch: flight.epoch,
+                },
+            );
+            return Ok(());
+        }
         self.stats.deliveries += 1;
         self.trace.add(mix(0xDE11 | (link as u64) << 16, msg_tag(&flight.msg)));
         let conn = &mut self.net.conns[pair];

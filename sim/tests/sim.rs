@@ -116,6 +116,8 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400),
         // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs.
         (PlantedBug::DropDeferred, Invariant::Convergence, 800),
+        // Gaps come from batches lost inside a connection (the ghost fault).
+        (PlantedBug::ApplyPastGap, Invariant::ExactlyOnce, 400),
     ] {
         let cfg = caught(bug, expected, ops, 0..80);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
