@@ -452,9 +452,10 @@ impl World {
         // sender could, and it is what makes a receiver meet a gap. The connection is then
         // faulty: the receiver's refusal of the gap closes it, and so does the transport soon
         // after (when no later batch reveals the gap, the sender must still resend).
-        if matches!(flight.msg, Message::Batch(_))
+        if self.phase == Phase::Workload
+            && matches!(flight.msg, Message::Batch(_))
             && self.params.ghost_p > 0.0
-            && self.rng_net.chance(self.params.ghost_p / 20.0)
+            && self.rng_net.chance(self.params.ghost_p / 50.0)
         {
             self.stats.ghosts += 1;
             self.net.conns[pair].ghost_epoch = Some(flight.epoch);
