@@ -202,8 +202,8 @@ pub async fn drive(mut state: NodeState, mut events: mpsc::Receiver<PeerEvent>) 
                             // The apply "transaction" commits: durable position, then the ack.
                             let last = applied.last().copied().unwrap_or(0);
                             state.durable.set(peer, last);
-                            let ack = state.repl.applied(peer, last).unwrap();
-                            let _ = link.send(&ack).await;
+                            state.repl.applied(peer, last).unwrap();
+                            let _ = link.send(&Message::Ack { applied: last }).await;
                         }
                         Err(error) => link.close(error.to_string()),
                     }
