@@ -20,7 +20,7 @@ pub struct AppliedPosition {
 
 /// How often a busy applier flushes to learn its durable position (an idle one does after every
 /// batch): the lag of acknowledgements against the cost of a WAL flush.
-pub const FLUSH_EVERY_MICROS: u64 = 100_000;
+const FLUSH_EVERY_MICROS: u64 = 100_000;
 
 impl AppliedPosition {
     /// `durable`: the position on disk when the applier started (it flushes when it binds).
@@ -57,10 +57,6 @@ impl AppliedPosition {
         } else {
             self.durable
         }
-    }
-
-    pub fn committed_position(&self) -> u64 {
-        self.committed
     }
 }
 

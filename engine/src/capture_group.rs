@@ -216,24 +216,12 @@ impl Capturer {
 mod tests {
     use super::*;
     use crate::hlc::NodeId;
-    use crate::schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn};
+    use crate::schema::ColumnPolicy;
     use crate::state::Cell;
     use crate::value::Value;
 
     fn table() -> TableDef {
-        TableDef::new(
-            "s.t",
-            vec![KeyColumn {
-                name: "id".into(),
-                ty: ColumnType::Integer,
-            }],
-            vec![ColumnDef {
-                name: "n".into(),
-                ty: ColumnType::Integer,
-                policy: ColumnPolicy::Lww,
-            }],
-        )
-        .unwrap()
+        crate::capturer::tests::table_with(ColumnPolicy::Lww)
     }
 
     fn row(kind: ChangeKind, k: i64, old: Option<i64>, new: Option<i64>) -> DecodedRow {

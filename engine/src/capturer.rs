@@ -141,7 +141,7 @@ impl Capturer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::change::{ChangeKind, RowKey};
     use crate::schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn};
@@ -149,6 +149,11 @@ mod tests {
     use crate::value::Value;
 
     fn table() -> TableDef {
+        table_with(ColumnPolicy::Delta)
+    }
+
+    /// `s.t`: an integer key `id` and one integer column `n` with `policy`.
+    pub(crate) fn table_with(policy: ColumnPolicy) -> TableDef {
         TableDef::new(
             "s.t",
             vec![KeyColumn {
@@ -158,10 +163,10 @@ mod tests {
             vec![ColumnDef {
                 name: "n".into(),
                 ty: ColumnType::Integer,
-                policy: ColumnPolicy::Delta,
+                policy,
             }],
         )
-        .unwrap()
+        .expect("a valid one-column table")
     }
 
     fn insert(k: i64) -> CapturedChange {

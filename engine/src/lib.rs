@@ -19,7 +19,7 @@ pub mod schema;
 pub mod state;
 pub mod value;
 
-pub use acknowledge::{AppliedPosition, FLUSH_EVERY_MICROS};
+pub use acknowledge::AppliedPosition;
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
     PlannedWrite, PlantedBug, Records, RowWrite, Verdict, Xid,

@@ -197,30 +197,10 @@ impl Db {
     /// The machine crashed: what was not flushed is gone.
     pub fn lose_unflushed(&mut self) {
         while let Some(AsyncCommit { undo, .. }) = self.unflushed.pop() {
-            for (key, row) in undo.rows.into_iter().rev() {
-                match row {
-                    Some(row) => self.rows.insert(key, row),
-                    None => self.rows.remove(&key),
-                };
-            }
-            for (key, meta) in undo.meta.into_iter().rev() {
-                match meta {
-                    Some(meta) => self.meta.insert(key, meta),
-                    None => self.meta.remove(&key),
-                };
-            }
-            for (key, change) in undo.deferred.into_iter().rev() {
-                match change {
-                    Some(change) => self.deferred.insert(key, change),
-                    None => self.deferred.remove(&key),
-                };
-            }
-            for (id, entry) in undo.queue.into_iter().rev() {
-                match entry {
-                    Some(entry) => self.queue.insert(id, entry),
-                    None => self.queue.remove(&id),
-                };
-            }
+            restore(&mut self.rows, undo.rows);
+            restore(&mut self.meta, undo.meta);
+            restore(&mut self.deferred, undo.deferred);
+            restore(&mut self.queue, undo.queue);
             self.conflicts.truncate(undo.conflicts);
             if let Some((peer, progress)) = undo.progress {
                 self.progress.insert(peer, progress);
@@ -270,6 +250,16 @@ impl Db {
             meta: meta.meta.clone(),
             values,
         })
+    }
+}
+
+/// Puts back the entries an undone commit replaced (`None`: the key was absent), last first.
+fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, before: Vec<(K, Option<V>)>) {
+    for (key, value) in before.into_iter().rev() {
+        match value {
+            Some(value) => map.insert(key, value),
+            None => map.remove(&key),
+        };
     }
 }
 

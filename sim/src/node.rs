@@ -189,7 +189,7 @@ impl Node {
             max_offset_micros: max_offset,
             ..ReplicationConfig::default()
         };
-        let replication = Replication::new(
+        let mut replication = Replication::new(
             self.id,
             config,
             self.db.outbound_head(),
@@ -199,7 +199,6 @@ impl Node {
         self.inc += 1;
         self.pg_down = false;
         let planted = apply_rules(ctx.bug).planted;
-        let mut replication = replication;
         replication.plant(planted);
         let positions = self
             .db

@@ -29,6 +29,22 @@ pub struct RowPlan {
     pub changes_nothing: bool,
 }
 
+impl RowPlan {
+    fn delete(key: i64, old: Vec<Cell>) -> RowPlan {
+        RowPlan {
+            key,
+            kind: ChangeKind::Delete,
+            old: Some(old),
+            new: None,
+            toast_name: false,
+            name: None,
+            stock: 0,
+            price: None,
+            changes_nothing: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TxPlan {
     pub rows: Vec<RowPlan>,
@@ -101,17 +117,7 @@ fn plan_rekey(rng: &mut SimRng, params: &Params, db: &Db, key: i64, fresh: &mut 
     let mut new = old.clone();
     new[NAME] = Cell::Value(name.clone());
     Some(vec![
-        RowPlan {
-            key,
-            kind: ChangeKind::Delete,
-            old: Some(old.clone()),
-            new: None,
-            toast_name: false,
-            name: None,
-            stock: 0,
-            price: None,
-            changes_nothing: false,
-        },
+        RowPlan::delete(key, old.clone()),
         RowPlan {
             key: to,
             kind: ChangeKind::Insert,
@@ -171,17 +177,7 @@ fn plan_row(
     };
     let old = row.values.clone();
     if kind == OpKind::Delete {
-        return RowPlan {
-            key,
-            kind: ChangeKind::Delete,
-            old: Some(old),
-            new: None,
-            toast_name: false,
-            name: None,
-            stock: 0,
-            price: None,
-            changes_nothing: false,
-        };
+        return RowPlan::delete(key, old);
     }
     let mut new = old.clone();
     let (mut name, mut stock, mut price) = (None, 0, None);
