@@ -143,7 +143,10 @@ pub enum ApplyCommand {
     /// Lock the rows of these slots (`FOR UPDATE`; tables in name order, keys in order), then,
     /// after a savepoint when `guard` is set, load their metadata (locked) and kept changes, and
     /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
-    /// first open a transaction that commits with this origin position.
+    /// first open a transaction that commits with this origin position, and lock the slots'
+    /// keys for it (the first load of a transaction names every key of the batch): a missing
+    /// row cannot be locked, and two appliers merging into one missing row would otherwise both
+    /// find no metadata, the later commit overwriting the earlier's.
     Load {
         begin: Option<u64>,
         guard: bool,
@@ -160,7 +163,7 @@ pub enum ApplyCommand {
     Restart { probe: bool, pause_micros: u64 },
     /// Write these rows under a savepoint; answer [`ApplyInput::Written`] with the new xmin of
     /// each inserted or updated row (in this order; `None` for a delete), or, after rolling back
-    /// to the savepoint, with the database's refusal.
+    /// to the savepoint, with the database's refusal ([`WriteRefusal`]).
     Write(Vec<PlannedWrite>),
     /// Record these (metadata, conflict log, review queue, parked and kept changes) and answer
     /// [`ApplyInput::Recorded`].
@@ -186,9 +189,32 @@ pub enum ApplyInput {
     Restarted {
         now: u64,
     },
-    Written(Result<Vec<Option<Xid>>, String>),
+    Written(Result<Vec<Option<Xid>>, WriteRefusal>),
     Recorded,
     Committed,
+}
+
+/// Why the database refused a part's writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRefusal {
+    /// An insert met a committed row of its key (a unique violation of the key itself): a
+    /// local write or another peer's merge inserted it after this batch found it missing.
+    /// Never a reason to park: the batch starts over and merges against that row. The driver
+    /// tells it from the violated constraint, not by looking for the row later, which may be
+    /// gone again by then (the simulator found that race between two appliers).
+    pub key_exists: bool,
+    /// The database's message.
+    pub message: String,
+}
+
+impl WriteRefusal {
+    /// A refusal for another reason than the key (a check, a foreign key, another unique index).
+    pub fn other(message: impl Into<String>) -> Self {
+        WriteRefusal {
+            key_exists: false,
+            message: message.into(),
+        }
+    }
 }
 
 /// A batch's counts.
@@ -391,8 +417,6 @@ struct Pending {
     part: (usize, usize),
     /// The slots written, in the order of the `Write` command.
     writes: Vec<usize>,
-    /// Whether the one change of a one-change part inserted its row.
-    inserted: bool,
     records: Records,
     done: ApplySummary,
     greatest: Option<Hlc>,
@@ -417,12 +441,6 @@ enum Phase {
     },
     /// A `Write` is out.
     Writing(Box<Pending>),
-    /// The database refused the insert of a one-change part: a `Load` of its row is out, to
-    /// learn whether a row of that key appeared meanwhile.
-    Rechecking {
-        part: (usize, usize),
-        refusal: String,
-    },
     Recording,
     Committing,
     Restarting,
@@ -580,14 +598,6 @@ impl BatchApply {
                 Ok(xmins) => self.written(*pending, xmins),
                 Err(refusal) => Ok(self.refused(*pending, refusal)),
             },
-            (Phase::Rechecking { part, refusal }, ApplyInput::Loaded(rows)) => {
-                if rows.first().is_some_and(|r| r.row.is_some()) {
-                    // A row of the key appeared after it was found missing: a local insert, or
-                    // another peer's merge, raced this one. Not a refusal: merge against it.
-                    return Ok(self.restart(false));
-                }
-                Ok(self.park_refused(part, refusal))
-            }
             (Phase::Recording, ApplyInput::Recorded) => Ok(self.next_part()),
             (Phase::Committing, ApplyInput::Committed) => {
                 let mut summary = self.attempt;
@@ -807,11 +817,9 @@ impl BatchApply {
             .iter()
             .filter_map(|&slot| self.work[slot].write.take().map(|write| PlannedWrite { slot, write }))
             .collect();
-        let inserted = part.1 - part.0 == 1 && planned.iter().any(|p| matches!(p.write, RowWrite::Insert(_)));
         self.phase = Phase::Writing(Box::new(Pending {
             part,
             writes,
-            inserted,
             records,
             done,
             greatest,
@@ -869,22 +877,17 @@ impl BatchApply {
     }
 
     /// The database refused the part's writes (they were rolled back to their savepoint).
-    fn refused(&mut self, pending: Pending, refusal: String) -> ApplyCommand {
+    fn refused(&mut self, pending: Pending, refusal: WriteRefusal) -> ApplyCommand {
+        if refusal.key_exists {
+            // A row of the key appeared after it was found missing: a local insert, or another
+            // peer's merge, raced this one. Not a refusal: start over and merge against it.
+            return self.restart(false);
+        }
         let part = pending.part;
         if part.1 - part.0 > 1 {
             return self.split(part);
         }
-        match self.change_slots[part.0].filter(|_| pending.inserted) {
-            Some(slot) => {
-                self.phase = Phase::Rechecking { part, refusal };
-                ApplyCommand::Load {
-                    begin: None,
-                    guard: false,
-                    slots: vec![slot],
-                }
-            }
-            None => self.park_refused(part, refusal),
-        }
+        self.park_refused(part, refusal.message)
     }
 
     /// Parks the one change of `part`, which the database refused.
@@ -901,7 +904,7 @@ impl Phase {
     fn expects(&self) -> &'static str {
         match self {
             Phase::Idle => "Start",
-            Phase::Loading { .. } | Phase::Rechecking { .. } => "Loaded",
+            Phase::Loading { .. } => "Loaded",
             Phase::Probing { .. } => "CaptureReached",
             Phase::Restarting => "Restarted",
             Phase::Writing(_) => "Written",

@@ -22,7 +22,7 @@ pub mod value;
 pub use acknowledge::AppliedPosition;
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
-    PlannedWrite, PlantedBug, Records, RowWrite, Verdict, Xid,
+    PlannedWrite, PlantedBug, Records, RowWrite, Verdict, WriteRefusal, Xid,
 };
 pub use capture::{capture, CaptureError, Captured};
 pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite};

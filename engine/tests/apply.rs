@@ -7,6 +7,7 @@ use std::sync::Arc;
 use accord_engine::{
     capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Cell, ChangeKind, ColumnDef,
     ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, RowChange, RowKey, RowMeta, RowWrite, TableDef, Value,
+    WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -244,7 +245,9 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
                 probed = true;
                 ApplyInput::CaptureReached { now: 1 }
             }
-            ApplyCommand::Write(writes) if refuse(writes) => ApplyInput::Written(Err("refused".into())),
+            ApplyCommand::Write(writes) if refuse(writes) => {
+                ApplyInput::Written(Err(WriteRefusal::other("violates check constraint")))
+            }
             ApplyCommand::Write(writes) => ApplyInput::Written(Ok(writes.iter().map(|_| Some(5)).collect())),
             ApplyCommand::Record(_) => ApplyInput::Recorded,
             ApplyCommand::Commit { .. } => ApplyInput::Committed,
@@ -286,25 +289,28 @@ fn a_refused_part_is_halved_until_exactly_the_refused_change_is_parked() {
 }
 
 #[test]
-fn a_refused_insert_of_a_row_that_appeared_meanwhile_starts_over_instead_of_parking() {
-    let mut m = machine(0, vec![insert(A, 1, 1, "a", 1)]);
+fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_parking() {
+    // Two changes, so that a refusal for another reason would split the part, not restart.
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
-    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
-        panic!("expected the insert");
+    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
+        panic!("expected the inserts");
     };
-    let recheck = m.step(ApplyInput::Written(Err("duplicate key".into()))).unwrap();
-    assert_eq!(loaded_slots(&recheck), 1);
-    let appeared = LoadedRow {
-        row: Some((3, cells("local", 1))),
-        meta: None,
-        deferred: Vec::new(),
+    // Whether the row is still there when the engine hears of the refusal does not matter: a
+    // second applier may have deleted it again by then.
+    let refusal = WriteRefusal {
+        key_exists: true,
+        message: "duplicate key value violates unique constraint \"items_pkey\"".into(),
     };
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![appeared])).unwrap(),
+        m.step(ApplyInput::Written(Err(refusal))).unwrap(),
         ApplyCommand::Restart { probe: false, .. }
     ));
+    let ApplyCommand::Load { begin: Some(_), .. } = m.step(ApplyInput::Restarted { now: 2 }).unwrap() else {
+        panic!("the attempt starts over with a new transaction");
+    };
 }
 
 #[test]

@@ -4,16 +4,27 @@
 //! this module only reads and writes rows.
 //!
 //! A transaction's writes go to an overlay that reads see first and that the commit moves into
-//! the database in one step; a rollback or a crash drops it. Between the guard's probe and the
-//! next load the node waits for its capture (other events run meanwhile); from the last load to
-//! the commit nothing else runs, so the rows a transaction reads stay as they were, as the row
-//! locks keep them in PostgreSQL.
+//! the database in one step; a rollback or a crash drops it. Each peer has its own applier, and
+//! they run side by side: every round trip to the database (a load, a write, a record) is a
+//! pause in which other appliers, the capture and local writers run. What keeps a transaction's
+//! rows as it read them is what keeps them in PostgreSQL, row locks, simulated here
+//! (`Applying::holds_row`, `Applying::holds_meta`):
+//!
+//! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then,
+//!   after the guard's savepoint, the metadata that exists; a lock another applier holds makes
+//!   the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
+//!   are those its statement's snapshot saw, at their latest versions, as `FOR UPDATE` returns
+//!   them after a wait;
+//! - rolling back to the guard's savepoint releases the metadata locks, a restart all of them;
+//! - an insert of a key another applier wrote and has not committed waits for it, then is
+//!   refused as a duplicate if that one committed; metadata writes wait for its locks;
+//! - local writers and the capture wait for these locks too (`crate::node`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
     ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, LoadedRow, NodeId, PlannedWrite,
-    Records, ReviewAction, ReviewItem, RowChange, RowWrite,
+    Records, ReviewAction, ReviewItem, RowChange, RowWrite, WriteRefusal,
 };
 
 use crate::db::{Db, MetaRow, Undo, UserRow};
@@ -25,13 +36,32 @@ pub struct Applying {
     /// The peer's index.
     pub peer: usize,
     pub machine: BatchApply,
+    /// The batch as received: after a deadlock the applier starts it over, as the service does.
+    pub batch: Vec<RowChange>,
     tx: Overlay,
     /// What the machine waits for.
     pub waiting: Waiting,
-    /// The WAL position of the last probe.
-    last_probe: Option<u64>,
-    /// The slots of the last load.
-    loaded: Vec<usize>,
+    /// Keys locked (the service's advisory locks on keys, which hold another applier off a
+    /// key whether its row exists or not).
+    key_locks: BTreeSet<i64>,
+    /// Rows locked `FOR UPDATE` (existing rows only; written rows are held through `tx`).
+    row_locks: BTreeSet<i64>,
+    /// Metadata rows locked by a load since the guard's savepoint.
+    meta_locks: BTreeSet<i64>,
+    /// Keys a load found without a row. PostgreSQL cannot lock them (ARCHITECTURE.md, "The gap
+    /// left"); the simulator holds local writers off them as if it could, until the engine
+    /// closes that gap.
+    missing: BTreeSet<i64>,
+    /// The keys whose rows the blocked load's statement saw when it began (its snapshot).
+    load_seen: Option<BTreeSet<i64>>,
+    /// A command that waits for a lock, carried out again once it is released.
+    pending: Option<ApplyCommand>,
+    /// The input to feed after a round trip.
+    ready: Option<ApplyInput>,
+    /// The WAL position of the last probe, and the rows as they were then.
+    last_probe: Option<(u64, Vec<RowPicture>)>,
+    /// What the last load returned, as a probe pictures it.
+    loaded_picture: Vec<RowPicture>,
     /// What the last commit replaced.
     undo: Undo,
 }
@@ -40,8 +70,12 @@ pub struct Applying {
 pub enum Waiting {
     /// The capture must have covered this WAL position; then the input is fed.
     Capture { lsn: u64, then: Resume },
-    /// A pause until this time.
+    /// A pause until this time, then the restarted attempt.
     Until { at: u64 },
+    /// A lock held by another peer's applier.
+    Lock { holder: usize },
+    /// A round trip to the database, over at this time.
+    RoundTrip { at: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +83,9 @@ pub enum Resume {
     CaptureReached,
     Restarted,
 }
+
+/// What a probe saw of a row: its xmin, and its metadata's causal length and known xmin.
+type RowPicture = (Option<u64>, Option<(u64, Option<u64>)>);
 
 /// The open transaction's writes, not yet in the database.
 #[derive(Debug, Default)]
@@ -70,6 +107,8 @@ struct Overlay {
 pub enum Stop {
     /// The machine waits (see `Applying::waiting`).
     Waiting,
+    /// A command waits for a lock held by the applier of peer `holder`.
+    Blocked { holder: usize },
     /// The batch committed: what it merged, and the machine's last word.
     Done(Box<Committed>),
 }
@@ -92,46 +131,127 @@ pub struct Committed {
 #[derive(Debug)]
 pub struct DriverError(pub String);
 
+/// What a run of the driver is given besides the database.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnv {
+    pub now: u64,
+    pub physical: u64,
+    /// Merge transactions carry row images in the WAL (only a capture that fails to skip
+    /// peers' transactions reads them).
+    pub images: bool,
+    /// The capture has dealt with everything up to this WAL position.
+    pub capture_read: u64,
+    /// How long the next round trip to the database takes (0: none; nothing runs meanwhile).
+    pub round_trip: u64,
+}
+
 impl Applying {
-    pub fn new(peer: usize, machine: BatchApply) -> Self {
+    pub fn new(peer: usize, machine: BatchApply, batch: Vec<RowChange>) -> Self {
         Applying {
             peer,
             machine,
+            batch,
             tx: Overlay::default(),
             waiting: Waiting::Until { at: 0 },
+            key_locks: BTreeSet::new(),
+            row_locks: BTreeSet::new(),
+            meta_locks: BTreeSet::new(),
+            missing: BTreeSet::new(),
+            load_seen: None,
+            pending: None,
+            ready: None,
             last_probe: None,
-            loaded: Vec::new(),
+            loaded_picture: Vec::new(),
             undo: Undo::default(),
         }
     }
 
-    /// Feeds `input` and carries out commands until the machine waits or the batch is done.
-    /// `images`: merge transactions carry row images in the WAL (only a capture that fails to
-    /// skip peers' transactions reads them).
+    /// Whether this transaction holds `key`'s row: locked, or written and not committed.
+    pub fn holds_row(&self, key: i64) -> bool {
+        self.row_locks.contains(&key) || self.tx.rows.contains_key(&key)
+    }
+
+    /// Whether a local write of `key` must wait for this transaction: it holds the row, or
+    /// found it missing (the gap the simulator closes by hand, see `missing`).
+    pub fn holds_off_local_write(&self, key: i64) -> bool {
+        self.holds_row(key) || self.missing.contains(&key)
+    }
+
+    /// Whether this transaction holds `key`'s metadata row: locked, or written.
+    pub fn holds_meta(&self, key: i64) -> bool {
+        self.meta_locks.contains(&key) || self.tx.metas.contains_key(&key)
+    }
+
+    /// Rolls the open transaction back: its writes and locks go.
+    fn roll_back(&mut self) {
+        self.tx = Overlay::default();
+        self.key_locks.clear();
+        self.row_locks.clear();
+        self.meta_locks.clear();
+        self.missing.clear();
+        self.load_seen = None;
+    }
+
+    /// Feeds `input` (or, after a round trip, the input it returned; after a lock wait, nothing:
+    /// the blocked command runs again) and carries out commands until the machine waits, a
+    /// command waits for a lock, or the batch is done. `others`: the other peers' appliers.
     pub fn run(
         &mut self,
         db: &mut Db,
-        mut input: ApplyInput,
-        now: u64,
-        physical: u64,
-        images: bool,
-        capture_read: u64,
+        others: &[&Applying],
+        input: Option<ApplyInput>,
+        env: RunEnv,
     ) -> Result<Stop, DriverError> {
+        let mut command = match (self.pending.take(), input.or_else(|| self.ready.take())) {
+            (Some(command), None) => command,
+            (None, Some(input)) => self.step(input)?,
+            (pending, input) => {
+                return Err(DriverError(format!(
+                    "apply driver: resumed with a blocked command {:?} and an input {:?}",
+                    pending.is_some(),
+                    input.is_some()
+                )))
+            }
+        };
+        let RunEnv {
+            now,
+            physical,
+            images,
+            capture_read,
+            round_trip,
+        } = env;
         loop {
-            let command = self
-                .machine
-                .step(input)
-                .map_err(|e| DriverError(format!("apply: {e}")))?;
-            input = match command {
-                ApplyCommand::Load { begin, slots, .. } => {
-                    if begin.is_some() {
-                        self.tx = Overlay::default();
+            let input = match command {
+                ApplyCommand::Load { begin, guard, slots } => {
+                    if begin.is_some() && self.load_seen.is_none() {
+                        self.roll_back();
                     }
-                    let rows = self.load(db, &slots)?;
-                    self.loaded = slots;
+                    if let Some(holder) = self.lock_for_load(db, others, &slots)? {
+                        self.pending = Some(ApplyCommand::Load { begin, guard, slots });
+                        self.waiting = Waiting::Lock { holder };
+                        return Ok(Stop::Blocked { holder });
+                    }
+                    let seen = self.load_seen.take();
+                    let rows = self.load(db, &slots, seen.as_ref())?;
+                    for (slot, row) in slots.iter().zip(&rows) {
+                        if row.row.is_none() {
+                            self.missing.insert(self.key(*slot)?);
+                        }
+                    }
+                    self.loaded_picture = rows
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.row.as_ref().map(|(xmin, _)| *xmin),
+                                r.meta.as_ref().map(|(m, known)| (m.causal_length, *known)),
+                            )
+                        })
+                        .collect();
                     ApplyInput::Loaded(rows)
                 }
                 ApplyCommand::ProbeAndWait => {
+                    // Rolling back to the guard's savepoint releases the metadata locks.
+                    self.meta_locks.clear();
                     self.probing(db, capture_read)?;
                     // The probe is followed by a synchronous commit on another session, which
                     // flushes the WAL (the walsender sends only flushed WAL).
@@ -144,7 +264,7 @@ impl Applying {
                     return Ok(Stop::Waiting);
                 }
                 ApplyCommand::Restart { probe, pause_micros } => {
-                    self.tx = Overlay::default();
+                    self.roll_back();
                     if probe {
                         self.probing(db, capture_read)?;
                         db.flush();
@@ -157,14 +277,37 @@ impl Applying {
                     }
                     return Ok(Stop::Waiting);
                 }
-                ApplyCommand::Write(planned) => ApplyInput::Written(self.write(db, planned, images)),
+                ApplyCommand::Write(planned) => {
+                    if let Some(holder) = self.insert_blocked(others, &planned)? {
+                        self.pending = Some(ApplyCommand::Write(planned));
+                        self.waiting = Waiting::Lock { holder };
+                        return Ok(Stop::Blocked { holder });
+                    }
+                    ApplyInput::Written(self.write(db, planned, images))
+                }
                 ApplyCommand::Record(records) => {
+                    let holder = records.metas.iter().find_map(|(slot, _, _)| {
+                        let key = self.key(*slot).ok()?;
+                        others.iter().find(|o| o.holds_meta(key)).map(|o| o.peer)
+                    });
+                    if let Some(holder) = holder {
+                        self.pending = Some(ApplyCommand::Record(records));
+                        self.waiting = Waiting::Lock { holder };
+                        return Ok(Stop::Blocked { holder });
+                    }
                     self.record(records)?;
                     ApplyInput::Recorded
                 }
                 ApplyCommand::Commit { merged_stamp } => {
                     self.undo = self.commit(db, merged_stamp, physical);
-                    ApplyInput::Committed
+                    // The commit releases the locks; what it did is reported at `Done`.
+                    self.key_locks.clear();
+                    self.row_locks.clear();
+                    self.meta_locks.clear();
+                    self.missing.clear();
+                    // The commit is the round trip's end: the machine answers at once.
+                    command = self.step(ApplyInput::Committed)?;
+                    continue;
                 }
                 ApplyCommand::Done { applied, summary } => {
                     let tx = std::mem::take(&mut self.tx);
@@ -180,31 +323,94 @@ impl Applying {
                     })));
                 }
             };
+            if round_trip > 0 {
+                // The answer arrives after a round trip; the locks taken stay held meanwhile.
+                self.ready = Some(input);
+                self.waiting = Waiting::RoundTrip { at: now + round_trip };
+                return Ok(Stop::Waiting);
+            }
+            command = self.step(input)?;
         }
     }
 
-    /// A probe is only worth waiting for when something committed since the last one that the
-    /// capture has not read: otherwise the machine waits for nothing, and would forever.
-    /// `capture_read`: the capture has dealt with everything up to this WAL position.
+    fn step(&mut self, input: ApplyInput) -> Result<ApplyCommand, DriverError> {
+        self.machine.step(input).map_err(|e| DriverError(format!("apply: {e}")))
+    }
+
+    /// Takes the locks of a load, in its order: each key's (appliers only), then each existing
+    /// row's (`FOR UPDATE` waits for a row another transaction locked or wrote), then, when all
+    /// are held, each existing metadata row's. Returns the applier it must wait for, keeping
+    /// the locks taken so far.
+    fn lock_for_load(&mut self, db: &Db, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
+        let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
+        // The statement's snapshot is taken when it begins: rows committed later are not
+        // among those it returns, even after a wait.
+        let mut ordered = keys.clone();
+        ordered.sort_unstable();
+        for &key in &ordered {
+            if self.key_locks.contains(&key) {
+                continue;
+            }
+            if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
+                return Ok(Some(other.peer));
+            }
+            self.key_locks.insert(key);
+        }
+        let seen = self
+            .load_seen
+            .get_or_insert_with(|| keys.iter().copied().filter(|k| db.rows.contains_key(k)).collect())
+            .clone();
+        for &key in &keys {
+            if self.tx.rows.contains_key(&key) || !seen.contains(&key) || !db.rows.contains_key(&key) {
+                continue;
+            }
+            if let Some(other) = others.iter().find(|o| o.holds_row(key)) {
+                return Ok(Some(other.peer));
+            }
+            self.row_locks.insert(key);
+        }
+        for &key in &keys {
+            if self.tx.metas.contains_key(&key) || !db.meta.contains_key(&key) {
+                continue;
+            }
+            if let Some(other) = others.iter().find(|o| o.holds_meta(key)) {
+                return Ok(Some(other.peer));
+            }
+            self.meta_locks.insert(key);
+        }
+        Ok(None)
+    }
+
+    /// An insert waits for another transaction's uncommitted write of the same key (the unique
+    /// index's check), then is refused if that one committed it.
+    fn insert_blocked(&self, others: &[&Applying], planned: &[PlannedWrite]) -> Result<Option<usize>, DriverError> {
+        for write in planned {
+            if let RowWrite::Insert(_) = write.write {
+                let key = self.key(write.slot)?;
+                if let Some(other) = others.iter().find(|o| o.tx.rows.contains_key(&key)) {
+                    return Ok(Some(other.peer));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A probe is only worth waiting for when something changed since the last one: a commit
+    /// the capture has not read, or a row the machine was given differently (a row a load's
+    /// snapshot missed may have been inserted before the probe, and its version must be
+    /// settled by a probe written after it was seen). Otherwise the machine waits for nothing, and would
+    /// forever. `capture_read`: the capture has dealt with everything up to this WAL position.
     fn probing(&mut self, db: &Db, capture_read: u64) -> Result<(), DriverError> {
         let lsn = db.wal_insert_lsn();
-        if self.last_probe == Some(lsn) && capture_read >= lsn {
-            let rows: Vec<_> = self
-                .load(db, &self.loaded)?
-                .into_iter()
-                .map(|r| {
-                    (
-                        r.row.map(|(xmin, _)| xmin),
-                        r.meta.map(|(m, known)| (m.causal_length, known)),
-                    )
-                })
-                .collect();
+        let probe = (lsn, self.loaded_picture.clone());
+        if self.last_probe.as_ref() == Some(&probe) && capture_read >= lsn {
             return Err(DriverError(format!(
-                "apply: probes again although the capture read everything up to WAL position {lsn}; rows \
-                 (xmin, (causal length, known xmin)): {rows:?}"
+                "apply: probes again although the capture read everything up to WAL position {lsn} and no row \
+                 changed; rows (xmin, (causal length, known xmin)): {:?}",
+                probe.1
             )));
         }
-        self.last_probe = Some(lsn);
+        self.last_probe = Some(probe);
         Ok(())
     }
 
@@ -222,11 +428,17 @@ impl Applying {
         }
     }
 
-    fn load(&self, db: &Db, slots: &[usize]) -> Result<Vec<LoadedRow>, DriverError> {
+    /// The rows of `slots` as a load returns them: its own writes, else the latest version of
+    /// each row its statement saw (`seen`; `None`: every committed row).
+    fn load(&self, db: &Db, slots: &[usize], seen: Option<&BTreeSet<i64>>) -> Result<Vec<LoadedRow>, DriverError> {
         let mut loaded = Vec::with_capacity(slots.len());
         for &slot in slots {
             let key = self.key(slot)?;
-            let row = self.row(db, key).map(|r| (r.xmin, r.values.clone()));
+            let row = match self.tx.rows.get(&key) {
+                Some(row) => row.as_ref(),
+                None => db.rows.get(&key).filter(|_| seen.is_none_or(|s| s.contains(&key))),
+            }
+            .map(|r| (r.xmin, r.values.clone()));
             let meta = self.tx.metas.get(&key).or_else(|| db.meta.get(&key));
             let undeferred = |origin: NodeId, seq: u64| self.tx.undefer.contains(&(key, origin, seq));
             let deferred = db
@@ -248,19 +460,27 @@ impl Applying {
 
     /// The part's writes, all or none (a savepoint): an insert of a key that is there, or an
     /// update or delete of a row that is not, is refused as PostgreSQL would refuse or miss it.
-    fn write(&mut self, db: &mut Db, planned: Vec<PlannedWrite>, images: bool) -> Result<Vec<Option<u64>>, String> {
+    fn write(
+        &mut self,
+        db: &mut Db,
+        planned: Vec<PlannedWrite>,
+        images: bool,
+    ) -> Result<Vec<Option<u64>>, WriteRefusal> {
         let xid = *self.tx.xid.get_or_insert_with(|| db.new_xid());
         let mut rows = Vec::with_capacity(planned.len());
         let mut xmins = Vec::with_capacity(planned.len());
         let mut wal = Vec::with_capacity(planned.len());
         for PlannedWrite { slot, write } in planned {
-            let key = self.key(slot).map_err(|e| e.0)?;
+            let key = self.key(slot).map_err(|e| WriteRefusal::other(e.0))?;
             let old = self.row(db, key).cloned();
             let row_key = crate::table::row_key(key);
             let (new, kind) = match (write, old.as_ref()) {
                 (RowWrite::Insert(values), None) => (Some(values), ChangeKind::Insert),
                 (RowWrite::Insert(_), Some(_)) => {
-                    return Err(format!("duplicate key value violates unique constraint (key {key})"))
+                    return Err(WriteRefusal {
+                        key_exists: true,
+                        message: format!("duplicate key value violates unique constraint (key {key})"),
+                    })
                 }
                 (RowWrite::Update(columns), Some(old)) => {
                     let mut values: Vec<accord_engine::Value> =
@@ -268,13 +488,13 @@ impl Applying {
                     for (column, value) in columns {
                         match values.get_mut(column) {
                             Some(v) => *v = value,
-                            None => return Err(format!("column {column} is not in the table")),
+                            None => return Err(WriteRefusal::other(format!("column {column} is not in the table"))),
                         }
                     }
                     (Some(values), ChangeKind::Update)
                 }
                 (RowWrite::Delete, Some(_)) => (None, ChangeKind::Delete),
-                (_, None) => return Err(format!("row {key} to update or delete is missing")),
+                (_, None) => return Err(WriteRefusal::other(format!("row {key} to update or delete is missing"))),
             };
             xmins.push(new.as_ref().map(|_| xid));
             wal.push(CapturedChange {

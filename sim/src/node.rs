@@ -16,7 +16,7 @@ use accord_engine::{
     ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, PROTOCOL_VERSION,
 };
 
-use crate::apply::{Applying, Committed, DriverError, Resume, Stop, Waiting};
+use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
 use crate::config::PlantedBug;
 use crate::db::{apply_review, AppliedNote, Db, MetaRow, QueueEntry, UserRow, WalBody, WalRow, WriteId};
 use crate::oracle::Oracle;
@@ -50,7 +50,8 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
     Capture,
-    Apply,
+    /// The applier of this peer's batches.
+    Apply(usize),
     Prune,
     /// The coordinator may start a tombstone-collection round.
     Round,
@@ -71,12 +72,32 @@ pub struct Ctx<'a> {
     pub out: &'a mut Vec<Output>,
 }
 
-/// A batch received from a peer, waiting for the apply.
-#[derive(Debug)]
-struct Incoming {
-    peer: usize,
-    changes: Vec<RowChange>,
+impl Timer {
+    /// A number for the trace.
+    pub fn tag(&self) -> u64 {
+        match self {
+            Timer::Capture => 0,
+            Timer::Apply(peer) => 1 | (*peer as u64) << 4,
+            Timer::Prune => 2,
+            Timer::Round => 3,
+        }
+    }
 }
+
+/// One peer's applier, as the service runs one per peer, each on its own sessions: the batches
+/// received and not applied yet, and the one being applied.
+#[derive(Debug, Default)]
+struct Applier {
+    queue: VecDeque<Vec<RowChange>>,
+    applying: Option<Applying>,
+    scheduled: bool,
+    /// After a deadlock, the service pauses before it tries the batch again.
+    not_before: u64,
+}
+
+/// How long PostgreSQL waits before it looks for a deadlock, plus the pause the service takes
+/// after an apply error before it tries again (`apply_batch` in `src/node/runtime.rs`).
+const DEADLOCK_RETRY_MICROS: u64 = 1_000_000 + 500_000;
 
 /// What the accord process holds in memory; lost in a crash.
 #[derive(Debug)]
@@ -89,11 +110,9 @@ pub struct Volatile {
     pub replication: Replication,
     /// Per peer, what its applies committed and what is on disk (what may be acknowledged).
     positions: BTreeMap<NodeId, AppliedPosition>,
-    apply_queue: VecDeque<Incoming>,
-    /// The batch being applied, when one is.
-    applying: Option<Applying>,
+    /// Per peer (by index), its applier.
+    appliers: BTreeMap<usize, Applier>,
     capture_scheduled: bool,
-    apply_scheduled: bool,
     prune_scheduled: bool,
     /// This node's part in the tombstone-collection rounds; its state is durable in `db`.
     collector: Collector,
@@ -130,12 +149,14 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
 
 /// Whether a wait for the capture is over. PostgreSQL's probe only promises that the capture
 /// read past the probe's WAL position (`lsn`); the simulator waits until it read everything
-/// committed so far. A missing row cannot be locked: with the probe's promise alone, a local
-/// insert and delete of its key committed during the wait are still unread when the merge
-/// inserts the row (the simulator found this, seed 91; ARCHITECTURE.md, "The gap left"), and
-/// until the engine closes that gap the simulator checks the rest under the stronger promise.
-fn capture_covers(vol: &Volatile, db: &Db, lsn: u64) -> bool {
-    vol.capture_read() >= lsn.max(db.wal_insert_lsn())
+/// flushed so far, which holds every local commit (they are synchronous). A missing row cannot
+/// be locked: with the probe's promise alone, a local insert and delete of its key committed
+/// during the wait are still unread when the merge inserts the row (the simulator found this,
+/// seed 91; ARCHITECTURE.md, "The gap left"), and until the engine closes that gap the
+/// simulator checks the rest under the stronger promise. (Other appliers' asynchronous commits
+/// need not be read: nobody flushes them meanwhile, and they are no local writes.)
+fn capture_covers(capture_read: u64, db: &Db, lsn: u64) -> bool {
+    capture_read >= lsn.max(db.flushed_lsn)
 }
 
 /// The engine's apply rules, with the planted bug that lives in them.
@@ -212,10 +233,11 @@ impl Node {
             read_lsn: self.db.slot_confirmed + 1,
             written_lsn: 0,
             replication,
-            apply_queue: VecDeque::new(),
-            applying: None,
+            appliers: (0..self.nodes)
+                .filter(|&p| p != self.ix)
+                .map(|p| (p, Applier::default()))
+                .collect(),
             capture_scheduled: false,
-            apply_scheduled: false,
             prune_scheduled: false,
             collector: Collector::new(
                 self.id,
@@ -299,24 +321,75 @@ impl Node {
         });
     }
 
+    /// Schedules every applier that has something to do.
     fn want_apply(&mut self, ctx: &mut Ctx) {
+        let (nodes, ix) = (self.nodes, self.ix);
+        for peer in (0..nodes).filter(|&p| p != ix) {
+            self.want_apply_of(ctx, peer);
+        }
+    }
+
+    fn want_apply_of(&mut self, ctx: &mut Ctx, peer: usize) {
         let Some(vol) = &mut self.vol else { return };
-        if vol.apply_scheduled {
+        let capture_read = vol.capture_read();
+        let covers = |lsn| capture_covers(capture_read, &self.db, lsn);
+        let Some(applier) = vol.appliers.get(&peer) else { return };
+        if applier.scheduled {
             return;
         }
-        let at = match vol.applying.as_ref().map(|a| a.waiting) {
+        let at = match applier.applying.as_ref().map(|a| a.waiting) {
             // The capture's progress wakes the apply (`capture_tick`).
-            Some(Waiting::Capture { lsn, .. }) if !capture_covers(vol, &self.db, lsn) => return,
-            Some(Waiting::Until { at }) => at.max(ctx.now),
+            Some(Waiting::Capture { lsn, .. }) if !covers(lsn) => return,
             Some(Waiting::Capture { .. }) => ctx.now,
-            None if vol.apply_queue.is_empty() => return,
-            None => ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max),
+            Some(Waiting::Until { at } | Waiting::RoundTrip { at }) => at.max(ctx.now),
+            // The holder's release wakes it (`wake_lock_waiters`).
+            Some(Waiting::Lock { .. }) => return,
+            None if applier.queue.is_empty() => return,
+            None => (ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max)).max(applier.not_before),
         };
-        vol.apply_scheduled = true;
+        if let Some(applier) = vol.appliers.get_mut(&peer) {
+            applier.scheduled = true;
+        }
         ctx.out.push(Output::Timer {
             at,
-            timer: Timer::Apply,
+            timer: Timer::Apply(peer),
         });
+    }
+
+    /// An applier released locks: those waiting for a lock try again (and wait again if
+    /// another still holds it).
+    fn wake_lock_waiters(&mut self, ctx: &mut Ctx) {
+        let Some(vol) = &self.vol else { return };
+        let waiting: Vec<usize> = vol
+            .appliers
+            .iter()
+            .filter(|(_, a)| matches!(a.applying.as_ref().map(|x| x.waiting), Some(Waiting::Lock { .. })))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in waiting {
+            let Some(vol) = &mut self.vol else { return };
+            let Some(applier) = vol.appliers.get_mut(&peer) else {
+                continue;
+            };
+            if applier.scheduled {
+                continue;
+            }
+            applier.scheduled = true;
+            ctx.out.push(Output::Timer {
+                at: ctx.now,
+                timer: Timer::Apply(peer),
+            });
+        }
+    }
+
+    /// Whether an applier holds the lock of a row this local transaction writes (it then waits).
+    pub fn local_write_blocked(&self, keys: &[i64]) -> bool {
+        self.vol.as_ref().is_some_and(|vol| {
+            vol.appliers
+                .values()
+                .filter_map(|a| a.applying.as_ref())
+                .any(|a| keys.iter().any(|&k| a.holds_off_local_write(k)))
+        })
     }
 
     fn want_prune(&mut self, ctx: &mut Ctx) {
@@ -516,9 +589,21 @@ impl Node {
             .min(vol.read_lsn + ctx.params.capture_batch as u64 - 1);
         let done = end + 1 - vol.read_lsn.min(end + 1);
         if done > 0 {
-            if capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)? {
+            match capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)? {
                 // The capture commits synchronously, flushing what committed before it.
-                self.db.flush();
+                Grouped::Written => self.db.flush(),
+                Grouped::NothingToWrite => {}
+                Grouped::Blocked => {
+                    // Its metadata query waits for an applier's locks.
+                    ctx.stats.capture_lock_waits += 1;
+                    vol.capture_scheduled = true;
+                    let at = (ctx.now + ctx.rng.range(1, ctx.params.lock_retry_max)).max(self.capture_stalled_until);
+                    ctx.out.push(Output::Timer {
+                        at,
+                        timer: Timer::Capture,
+                    });
+                    return Ok(());
+                }
             }
             vol.read_lsn = end + 1;
             vol.written_lsn = end;
@@ -599,15 +684,16 @@ impl Node {
     /// the peer resends them after the hello, and the durable applied position cannot move
     /// between this node's hello and the new connection (a position beyond what the hello said
     /// would be acknowledged beyond what the peer sent on the new connection).
-    pub fn disconnected(&mut self, peer: usize) {
+    pub fn disconnected(&mut self, ctx: &mut Ctx, peer: usize) {
         if let Some(vol) = &mut self.vol {
             vol.replication.disconnected(peer_id(peer));
-            vol.apply_queue.retain(|incoming| incoming.peer != peer);
             // A batch of that connection still being applied rolls back (nothing of it is
             // committed yet): its peer resends it.
-            if vol.applying.as_ref().is_some_and(|a| a.peer == peer) {
-                vol.applying = None;
+            if let Some(applier) = vol.appliers.get_mut(&peer) {
+                applier.queue.clear();
+                applier.applying = None;
             }
+            self.wake_lock_waiters(ctx);
         }
     }
 
@@ -641,8 +727,10 @@ impl Node {
                     batch.drain(..skip);
                 }
                 if !batch.is_empty() {
-                    vol.apply_queue.push_back(Incoming { peer, changes: batch });
-                    self.want_apply(ctx);
+                    if let Some(applier) = vol.appliers.get_mut(&peer) {
+                        applier.queue.push_back(batch);
+                    }
+                    self.want_apply_of(ctx, peer);
                 }
                 Ok(())
             }
@@ -697,61 +785,106 @@ impl Node {
         vol.replication.pruned(upto);
     }
 
-    /// Drives the apply of the batch at the head of the queue: the engine's `BatchApply` decides,
-    /// `crate::apply` carries its commands out against the database.
-    pub fn apply_step(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+    /// Drives `peer`'s applier: the engine's `BatchApply` decides, `crate::apply` carries its
+    /// commands out against the database, beside the other peers' appliers.
+    pub fn apply_step(&mut self, ctx: &mut Ctx, peer: usize) -> Result<(), Failure> {
         let Some(vol) = &mut self.vol else { return Ok(()) };
-        vol.apply_scheduled = false;
-        let input = match &vol.applying {
+        let capture_read = vol.capture_read();
+        let covered = |lsn| capture_covers(capture_read, &self.db, lsn);
+        let Some(applier) = vol.appliers.get_mut(&peer) else {
+            return Ok(());
+        };
+        applier.scheduled = false;
+        let input = match &applier.applying {
             Some(applying) => match applying.waiting {
                 Waiting::Capture { lsn, then } => {
-                    if !capture_covers(vol, &self.db, lsn) {
+                    if !covered(lsn) {
                         self.want_capture(ctx);
                         return Ok(());
                     }
-                    match then {
+                    Some(match then {
                         Resume::CaptureReached => ApplyInput::CaptureReached { now: ctx.now },
                         Resume::Restarted => ApplyInput::Restarted { now: ctx.now },
-                    }
+                    })
                 }
-                Waiting::Until { at } if ctx.now < at => {
-                    self.want_apply(ctx);
+                Waiting::Until { at } | Waiting::RoundTrip { at } if ctx.now < at => {
+                    self.want_apply_of(ctx, peer);
                     return Ok(());
                 }
-                Waiting::Until { .. } => ApplyInput::Restarted { now: ctx.now },
+                Waiting::Until { .. } => Some(ApplyInput::Restarted { now: ctx.now }),
+                // The driver feeds what the round trip returned, or runs the blocked command
+                // again.
+                Waiting::RoundTrip { .. } | Waiting::Lock { .. } => None,
             },
             None => {
-                let Some(incoming) = vol.apply_queue.pop_front() else {
+                if ctx.now < applier.not_before {
+                    self.want_apply_of(ctx, peer);
+                    return Ok(());
+                }
+                let Some(batch) = applier.queue.pop_front() else {
                     return Ok(());
                 };
-                let pid = peer_id(incoming.peer);
+                let pid = peer_id(peer);
                 // The replication-origin position: what is at or below it was applied.
                 let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
-                let received = incoming.changes.len();
                 let machine = BatchApply::new(
                     pid,
                     durable,
-                    incoming.changes,
+                    batch.clone(),
                     Arc::clone(&self.tables),
                     self.db.collection.cut.clone(),
                     apply_rules(ctx.bug),
                 )
                 .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
-                ctx.stats.duplicates_skipped += (received - machine.changes().len()) as u64;
-                vol.applying = Some(Applying::new(incoming.peer, machine));
-                ApplyInput::Start { now: ctx.now }
+                ctx.stats.duplicates_skipped += (batch.len() - machine.changes().len()) as u64;
+                applier.applying = Some(Applying::new(peer, machine, batch));
+                Some(ApplyInput::Start { now: ctx.now })
             }
         };
-        let Some(applying) = vol.applying.as_mut() else {
+        let Some(mut applying) = applier.applying.take() else {
             return Ok(());
         };
-        let images = ctx.bug == Some(PlantedBug::ForgetFromPeer);
-        let capture_read = vol.read_lsn - 1;
-        let committed = match applying.run(&mut self.db, input, ctx.now, ctx.physical, images, capture_read) {
+        let env = RunEnv {
+            now: ctx.now,
+            physical: ctx.physical,
+            images: ctx.bug == Some(PlantedBug::ForgetFromPeer),
+            capture_read: vol.capture_read(),
+            round_trip: ctx.rng.range(0, ctx.params.round_trip_max),
+        };
+        let others: Vec<&Applying> = vol.appliers.values().filter_map(|a| a.applying.as_ref()).collect();
+        let result = applying.run(&mut self.db, &others, input, env);
+        let committed = match result {
             Ok(Stop::Waiting) => {
+                let released = !matches!(applying.waiting, Waiting::RoundTrip { .. });
+                if let Some(applier) = vol.appliers.get_mut(&peer) {
+                    applier.applying = Some(applying);
+                }
                 ctx.trace.add(mix(0xA1A1, self.db.wal_insert_lsn()));
+                if released {
+                    // A probe released the metadata locks, a restart all of them.
+                    self.wake_lock_waiters(ctx);
+                }
                 self.want_capture(ctx);
-                self.want_apply(ctx);
+                self.want_apply_of(ctx, peer);
+                return Ok(());
+            }
+            Ok(Stop::Blocked { holder }) => {
+                ctx.stats.lock_waits += 1;
+                if waits_for(&vol.appliers, holder, peer) {
+                    // A deadlock: PostgreSQL aborts one of the transactions; the service logs
+                    // the error and tries the batch again from the start, after a pause.
+                    ctx.stats.deadlocks += 1;
+                    ctx.trace.add(mix(0xDEAD, peer as u64));
+                    let Some(vol) = &mut self.vol else { return Ok(()) };
+                    if let Some(applier) = vol.appliers.get_mut(&peer) {
+                        applier.queue.push_front(applying.batch);
+                        applier.not_before = ctx.now + DEADLOCK_RETRY_MICROS;
+                    }
+                    self.wake_lock_waiters(ctx);
+                    self.want_apply_of(ctx, peer);
+                } else if let Some(applier) = vol.appliers.get_mut(&peer) {
+                    applier.applying = Some(applying);
+                }
                 return Ok(());
             }
             Ok(Stop::Done(committed)) => committed,
@@ -759,9 +892,7 @@ impl Node {
                 return Err(Failure::new(Invariant::Engine, format!("node {}: {message}", self.id)))
             }
         };
-        let peer = applying.peer;
         let pid = peer_id(peer);
-        vol.applying = None;
         self.finish_apply(ctx, peer, *committed)?;
         let Some(vol) = &mut self.vol else { return Ok(()) };
         let last = self.db.progress.get(&pid).map_or(0, |p| p.applied);
@@ -769,7 +900,7 @@ impl Node {
             .applied(pid, last)
             .map_err(|e| engine_error("Replication::applied", e))?;
         // What may be acknowledged is what is on disk; an idle applier flushes to learn it.
-        let busy = vol.apply_queue.iter().any(|i| i.peer == peer);
+        let busy = vol.appliers.get(&peer).is_some_and(|a| !a.queue.is_empty());
         if let Some(position) = vol.positions.get_mut(&pid) {
             if position.committed(last, busy, ctx.now) {
                 self.db.flush();
@@ -784,8 +915,9 @@ impl Node {
             });
         }
         self.deliver_durable(ctx)?;
+        self.wake_lock_waiters(ctx);
         self.want_capture(ctx);
-        self.want_apply(ctx);
+        self.want_apply_of(ctx, peer);
         self.collection_after_step(ctx);
         Ok(())
     }
@@ -867,11 +999,14 @@ impl Node {
             })
             .collect();
         format!(
-            "node {}: head {} queue {} wait {:?} read {} covered {} wal {} deferred {}; {}",
+            "node {}: head {} queued {:?} waits {:?} read {} covered {} wal {} deferred {}; {}",
             self.id,
             self.db.outbound_head(),
-            vol.apply_queue.len(),
-            vol.applying.as_ref().map(|a| a.waiting),
+            vol.appliers.values().map(|a| a.queue.len()).collect::<Vec<_>>(),
+            vol.appliers
+                .values()
+                .map(|a| a.applying.as_ref().map(|a| a.waiting))
+                .collect::<Vec<_>>(),
             vol.read_lsn,
             self.db.covered_lsn(),
             self.db.wal_insert_lsn(),
@@ -882,11 +1017,34 @@ impl Node {
 
     /// Whether the node has nothing left to do: capture caught up, nothing queued or deferred.
     pub fn is_idle(&self) -> bool {
-        self.vol
-            .as_ref()
-            .is_some_and(|v| v.apply_queue.is_empty() && v.applying.is_none() && v.read_lsn > self.db.wal_insert_lsn())
-            && self.db.deferred.is_empty()
+        self.vol.as_ref().is_some_and(|v| {
+            v.appliers.values().all(|a| a.queue.is_empty() && a.applying.is_none())
+                && v.read_lsn > self.db.wal_insert_lsn()
+        }) && self.db.deferred.is_empty()
     }
+}
+
+/// Whether `from`'s applier waits, directly or through others, for `to`'s.
+fn waits_for(appliers: &BTreeMap<usize, Applier>, from: usize, to: usize) -> bool {
+    let mut at = from;
+    for _ in 0..=appliers.len() {
+        if at == to {
+            return true;
+        }
+        match appliers.get(&at).and_then(|a| a.applying.as_ref()).map(|a| a.waiting) {
+            Some(Waiting::Lock { holder }) => at = holder,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// What became of a group the capture decoded.
+enum Grouped {
+    Written,
+    NothingToWrite,
+    /// An applier holds the lock of a metadata row the group must load: nothing was done.
+    Blocked,
 }
 
 /// The capture decodes the WAL's transactions at `lsns` and writes them as one group, as the
@@ -897,7 +1055,7 @@ fn capture_group(
     ix: usize,
     lsns: std::ops::RangeInclusive<u64>,
     ctx: &mut Ctx,
-) -> Result<bool, Failure> {
+) -> Result<Grouped, Failure> {
     let node = ix + 1;
     let covered_before = vol.capturer.checkpoint().covered_lsn;
     let mut group = Vec::new();
@@ -947,9 +1105,18 @@ fn capture_group(
         });
         writes.push(ids);
     }
-    let loaded = vol
-        .capturer
-        .rows_to_load(&group)
+    let to_load = vol.capturer.rows_to_load(&group);
+    // The service loads them `FOR UPDATE`: an applier's locks hold it off.
+    let locked = to_load.iter().filter_map(|(_, key)| key_of(key)).any(|k| {
+        vol.appliers
+            .values()
+            .filter_map(|a| a.applying.as_ref())
+            .any(|a| a.holds_meta(k))
+    });
+    if locked {
+        return Ok(Grouped::Blocked);
+    }
+    let loaded = to_load
         .iter()
         .map(|(_, key)| key_of(key).and_then(|k| db.meta.get(&k)).map(|m| m.meta.clone()))
         .collect();
@@ -1027,7 +1194,7 @@ fn capture_group(
         .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
         .count() as u64;
     if !write.needs_write {
-        return Ok(false);
+        return Ok(Grouped::NothingToWrite);
     }
     apply_review(&mut db.queue, write.review)
         .map_err(|e| Failure::new(Invariant::Review, format!("node {node} capture: {}", e.0)))?;
@@ -1043,5 +1210,5 @@ fn capture_group(
     }
     db.checkpoint = Some(write.checkpoint);
     vol.replication.logged(write.checkpoint.last_seq);
-    Ok(true)
+    Ok(Grouped::Written)
 }

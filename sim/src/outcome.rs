@@ -85,6 +85,13 @@ pub struct Stats {
     pub apply_txs: u64,
     /// Apply transactions rolled back to wait for the capture (HARD-PARTS §2).
     pub apply_waits: u64,
+    /// Times an applier waited for a lock another held, and deadlocks among appliers (each
+    /// costs a rolled-back batch, tried again after a pause).
+    pub lock_waits: u64,
+    pub deadlocks: u64,
+    /// Times a local writer or the capture found a row or its metadata locked by an applier.
+    pub local_lock_waits: u64,
+    pub capture_lock_waits: u64,
     pub deferred: u64,
     pub parked: u64,
     pub conflicts: u64,

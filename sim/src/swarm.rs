@@ -62,6 +62,12 @@ pub struct Params {
     pub capture_lag_max: u64,
     pub capture_batch: usize,
     pub apply_delay_max: u64,
+    /// The longest round trip of an applier to its database; other appliers, the capture and
+    /// local writers run meanwhile, held off the rows it locked (0: none).
+    pub round_trip_max: u64,
+    /// The longest a local writer or the capture waits before it tries again a lock an applier
+    /// holds.
+    pub lock_retry_max: u64,
     // Network (µs).
     pub latency_base: u64,
     pub latency_jitter: u64,
@@ -131,6 +137,8 @@ impl Params {
             capture_lag_max: *pick(rng, &[10u64, 500, 5_000, 50_000]),
             capture_batch: *pick(rng, &[1usize, 8, 256]),
             apply_delay_max: *pick(rng, &[0u64, 200, 3_000]),
+            round_trip_max: 0,
+            lock_retry_max: 0,
             latency_base,
             latency_jitter: latency_base * *pick(rng, &[0u64, 1, 4]),
             latency_tail_p: *pick(rng, &[0.0, 0.01, 0.1]),
@@ -151,6 +159,8 @@ impl Params {
         params.mix[7] = late(rng);
         params.mix[8] = late(rng);
         params.subtransaction_p = *pick(rng, &[0.0, 0.0, 0.1, 0.5]);
+        params.round_trip_max = *pick(rng, &[0u64, 50, 300, 3_000]);
+        params.lock_retry_max = *pick(rng, &[10u64, 200, 2_000]);
         params
     }
 

@@ -33,24 +33,56 @@ const STREAM_CLOCK: u64 = 6;
 #[derive(Debug)]
 enum EventKind {
     Op,
-    NodeTimer { node: usize, inc: u32, timer: Timer },
-    LinkReady { link: usize },
-    Dial { pair: usize },
-    HandshakeTimeout { pair: usize, epoch: u64 },
-    IdleTimeout { link: usize, gen: u64 },
-    Break { pair: usize, epoch: u64 },
+    NodeTimer {
+        node: usize,
+        inc: u32,
+        timer: Timer,
+    },
+    LinkReady {
+        link: usize,
+    },
+    Dial {
+        pair: usize,
+    },
+    HandshakeTimeout {
+        pair: usize,
+        epoch: u64,
+    },
+    IdleTimeout {
+        link: usize,
+        gen: u64,
+    },
+    Break {
+        pair: usize,
+        epoch: u64,
+    },
     Fault,
-    Unblock { links: Vec<usize> },
-    Unclog { links: Vec<usize> },
-    ClockHeal { node: usize },
-    Restart { node: usize },
+    Unblock {
+        links: Vec<usize>,
+    },
+    Unclog {
+        links: Vec<usize>,
+    },
+    ClockHeal {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    /// A local transaction that waited for a row an applier locked tries again: planned again
+    /// from the same draws on the rows as they are now, as a statement in READ COMMITTED
+    /// re-reads a row it waited for.
+    LocalRetry {
+        node: usize,
+        draws: Box<SimRng>,
+    },
 }
 
 impl EventKind {
     fn tag(&self) -> u64 {
         match self {
             EventKind::Op => 1,
-            EventKind::NodeTimer { node, timer, .. } => 2 | (*node as u64) << 8 | (*timer as u64) << 16,
+            EventKind::NodeTimer { node, timer, .. } => 2 | (*node as u64) << 8 | timer.tag() << 16,
             EventKind::LinkReady { link } => 3 | (*link as u64) << 8,
             EventKind::Dial { pair } => 4 | (*pair as u64) << 8,
             EventKind::HandshakeTimeout { pair, .. } => 5 | (*pair as u64) << 8,
@@ -61,6 +93,7 @@ impl EventKind {
             EventKind::Unclog { .. } => 10,
             EventKind::ClockHeal { node } => 11 | (*node as u64) << 8,
             EventKind::Restart { node } => 12 | (*node as u64) << 8,
+            EventKind::LocalRetry { node, .. } => 13 | (*node as u64) << 8,
         }
     }
 }
@@ -281,7 +314,7 @@ impl World {
                 }
                 self.with_node(node, |n, ctx| match timer {
                     Timer::Capture => n.capture_tick(ctx),
-                    Timer::Apply => n.apply_step(ctx),
+                    Timer::Apply(peer) => n.apply_step(ctx, peer),
                     Timer::Prune => {
                         n.prune();
                         Ok(())
@@ -335,6 +368,7 @@ impl World {
                 Ok(())
             }
             EventKind::Restart { node } => self.restart(node),
+            EventKind::LocalRetry { node, draws } => self.local_tx(node, *draws),
         }
     }
 
@@ -380,12 +414,17 @@ impl World {
     fn op(&mut self) -> Result<(), Failure> {
         let node = self.rng_work.index(self.nodes.len());
         self.ops_done += 1;
-        if self.nodes[node].pg_down {
-            self.stats.ops_skipped += 1;
-        } else {
-            let plan = workload::plan(&mut self.rng_work, &self.params, &self.nodes[node].db, &mut self.fresh);
-            self.with_node(node, |n, ctx| n.commit_local(ctx, plan))?;
-        }
+        let draws = self.rng_work.clone();
+        // The draws the transaction's plan takes, as if it were planned now.
+        let mut skipped = self.rng_work.clone();
+        workload::plan(
+            &mut skipped,
+            &self.params,
+            &self.nodes[node].db,
+            &mut self.fresh.clone(),
+        );
+        self.rng_work = skipped;
+        self.local_tx(node, draws)?;
         if self.ops_done < self.cfg.ops {
             let gap = self.rng_work.exp(self.params.op_gap_mean);
             self.push(self.now + gap, EventKind::Op);
@@ -393,6 +432,31 @@ impl World {
             self.begin_liveness();
         }
         Ok(())
+    }
+
+    /// A local transaction on `node`, planned with `draws`. It waits while an applier holds a
+    /// row it writes; the workload's end, or PostgreSQL going down, ends it unwritten.
+    fn local_tx(&mut self, node: usize, draws: SimRng) -> Result<(), Failure> {
+        if self.nodes[node].pg_down || self.phase != Phase::Workload {
+            self.stats.ops_skipped += 1;
+            return Ok(());
+        }
+        let mut rng = draws.clone();
+        let plan = workload::plan(&mut rng, &self.params, &self.nodes[node].db, &mut self.fresh);
+        let keys: Vec<i64> = plan.rows.iter().map(|r| r.key).collect();
+        if self.nodes[node].local_write_blocked(&keys) {
+            self.stats.local_lock_waits += 1;
+            let at = self.now + self.rng_work.range(1, self.params.lock_retry_max);
+            self.push(
+                at,
+                EventKind::LocalRetry {
+                    node,
+                    draws: Box::new(draws),
+                },
+            );
+            return Ok(());
+        }
+        self.with_node(node, |n, ctx| n.commit_local(ctx, plan))
     }
 
     fn send(&mut self, from: usize, to: usize, msg: Message) {
@@ -569,10 +633,16 @@ impl World {
         conn.dialing = false;
         self.trace.add(mix(0xC105E, pair as u64));
         if was[0] {
-            self.nodes[a].disconnected(b);
+            let _ = self.with_node(a, |n, ctx| {
+                n.disconnected(ctx, b);
+                Ok(())
+            });
         }
         if was[1] {
-            self.nodes[b].disconnected(a);
+            let _ = self.with_node(b, |n, ctx| {
+                n.disconnected(ctx, a);
+                Ok(())
+            });
         }
         self.schedule_dial(pair);
     }

@@ -42,6 +42,17 @@ fn two_hundred_seeds_pass_with_every_fault_kind() {
     assert!(total(|s| s.capture_stalls) > 0, "no capture stall");
     assert!(total(|s| s.conflicts) > 0, "no conflict");
     assert!(total(|s| s.apply_waits) > 0, "no merge waited for the capture");
+    // The appliers ran side by side and met each other's locks, and so did local writers and
+    // the capture.
+    assert!(total(|s| s.lock_waits) > 0, "no applier waited for another's lock");
+    assert!(
+        total(|s| s.local_lock_waits) > 0,
+        "no local writer waited for an applier's lock"
+    );
+    assert!(
+        total(|s| s.capture_lock_waits) > 0,
+        "the capture never waited for an applier's lock"
+    );
     assert!(total(|s| s.resolutions) > 0, "no review resolution");
     assert!(
         total(|s| s.collection_rounds_completed) > 0,
@@ -109,17 +120,18 @@ fn planted_double_apply_is_caught_and_shrunk() {
 /// planted there, and the simulator must catch each and shrink the run.
 #[test]
 fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
-    for (bug, expected, ops) in [
+    for (bug, expected, ops, seeds) in [
         // The merge overwrites a local write the capture had not read: the capture then records
         // it over the merge's metadata, and the row and its metadata disagree for good.
-        (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400),
-        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400),
-        // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs.
-        (PlantedBug::DropDeferred, Invariant::Convergence, 800),
+        (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400, 0..80),
+        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 0..80),
+        // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs and
+        // more seeds (the first that catches it is 163 since the appliers run side by side).
+        (PlantedBug::DropDeferred, Invariant::Convergence, 800, 0..240),
         // Gaps come from batches lost inside a connection (the ghost fault).
-        (PlantedBug::ApplyPastGap, Invariant::ExactlyOnce, 400),
+        (PlantedBug::ApplyPastGap, Invariant::ExactlyOnce, 400, 0..80),
     ] {
-        let cfg = caught(bug, expected, ops, 0..80);
+        let cfg = caught(bug, expected, ops, seeds);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
         let shrunk = shrink(&cfg, &failure, 40);
         assert_eq!(shrunk.failure.invariant, expected, "{}", shrunk.config.command());

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use accord_engine::{
     ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, PlannedWrite, Records, RowChange, RowWrite,
-    StableCut, TableDef, Value, Xid,
+    StableCut, TableDef, Value, WriteRefusal, Xid,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -292,6 +292,8 @@ impl Applier {
             names.push(table(slot)?.name.clone());
             texts.push(key(slot)?.0.clone());
         }
+        let lock_keys = statements.get(db, store::LOCK_KEYS_SQL).await?;
+        let lock_keys_params: Params = vec![Box::new(names.clone()), Box::new(texts.clone())];
         let load_params: Params = vec![Box::new(ords_param(&all)), Box::new(names), Box::new(texts)];
 
         let mut queries = Vec::new();
@@ -309,6 +311,9 @@ impl Applier {
             ));
             // The batch's position is committed with its changes (exactly once).
             queries.push(pipeline::query(db, &setup, &setup_params));
+            // A new transaction's first load holds every key of the batch; later loads are of
+            // parts of it.
+            queries.push(pipeline::query(db, &lock_keys, &lock_keys_params));
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {
@@ -362,7 +367,7 @@ impl Applier {
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         planned: &[PlannedWrite],
-    ) -> Result<std::result::Result<Vec<Option<Xid>>, String>> {
+    ) -> Result<std::result::Result<Vec<Option<Xid>>, WriteRefusal>> {
         let mut order: Vec<&TableDef> = Vec::new();
         let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, write) in planned.iter().enumerate() {
@@ -447,13 +452,14 @@ impl Applier {
         match written {
             Ok(xmins) => Ok(Ok(xmins)),
             Err(error) => {
-                tracing::debug!(
-                    error = format!("{error:#}"),
-                    "a write was refused; the engine splits the part"
-                );
+                tracing::debug!(error = format!("{error:#}"), "a write was refused");
                 db.batch_execute("ROLLBACK TO SAVEPOINT accord_batch; RELEASE SAVEPOINT accord_batch")
                     .await?;
-                Ok(Err(format!("{error:#}")))
+                let key_exists = violates_primary_key(db, &error).await?;
+                Ok(Err(WriteRefusal {
+                    key_exists,
+                    message: format!("{error:#}"),
+                }))
             }
         }
     }
@@ -563,6 +569,35 @@ fn parse_xid(text: &str) -> Result<Xid> {
 
 /// Checks that every write statement wrote exactly its rows; the new xmin of each planned write
 /// (none for a delete).
+/// Whether `error` is a unique violation of a table's primary key: a row of the key is there
+/// (the engine starts over and merges against it), not a refusal to park.
+async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool> {
+    let Some(db_error) = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::as_db_error)
+    else {
+        return Ok(false);
+    };
+    if *db_error.code() != tokio_postgres::error::SqlState::UNIQUE_VIOLATION {
+        return Ok(false);
+    }
+    let (Some(schema), Some(constraint)) = (db_error.schema(), db_error.constraint()) else {
+        return Ok(false);
+    };
+    let row = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2)",
+            &[&schema, &constraint],
+        )
+        .await
+        .context("cannot tell which constraint refused a write")?;
+    Ok(row.get(0))
+}
+
 fn written_xmins(planned: usize, writes: &[WriteStatement], results: &[Vec<Row>]) -> Result<Vec<Option<Xid>>> {
     if results.len() < writes.len() {
         bail!("{} write statements gave {} results", writes.len(), results.len());
