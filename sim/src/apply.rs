@@ -42,7 +42,8 @@ pub struct Applying {
     /// What the machine waits for.
     pub waiting: Waiting,
     /// Keys locked (the service's advisory locks on keys, which hold another applier off a
-    /// key whether its row exists or not).
+    /// key whether its row exists or not). The service locks buckets of keys: that only adds
+    /// waits between appliers, never removes one.
     key_locks: BTreeSet<i64>,
     /// Rows locked `FOR UPDATE` (existing rows only; written rows are held through `tx`).
     row_locks: BTreeSet<i64>,

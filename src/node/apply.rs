@@ -24,6 +24,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
+use super::key_locks;
 use super::pipeline::{self, Params, Statements};
 use super::rows::{delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, update_rows_sql};
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
@@ -283,6 +284,21 @@ impl Applier {
             let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
             locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
         }
+        // A new transaction's first load holds every key of the batch (later loads are of parts
+        // of it).
+        let key_locks = match begin {
+            Some(_) => {
+                let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
+                let statement = statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
+                let mut params: Params = Vec::new();
+                for (t, ords) in &groups {
+                    let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
+                    params.extend(key_arrays(keys, &rows, t.key.len())?);
+                }
+                Some((statement, params))
+            }
+            None => None,
+        };
         let load_metas = statements.get(db, store::LOAD_METAS_SQL).await?;
         let load_kept = statements.get(db, store::LOAD_DEFERRED_SQL).await?;
         let all: Vec<usize> = (0..slots.len()).collect();
@@ -292,8 +308,6 @@ impl Applier {
             names.push(table(slot)?.name.clone());
             texts.push(key(slot)?.0.clone());
         }
-        let lock_keys = statements.get(db, store::LOCK_KEYS_SQL).await?;
-        let lock_keys_params: Params = vec![Box::new(names.clone()), Box::new(texts.clone())];
         let load_params: Params = vec![Box::new(ords_param(&all)), Box::new(names), Box::new(texts)];
 
         let mut queries = Vec::new();
@@ -311,9 +325,9 @@ impl Applier {
             ));
             // The batch's position is committed with its changes (exactly once).
             queries.push(pipeline::query(db, &setup, &setup_params));
-            // A new transaction's first load holds every key of the batch; later loads are of
-            // parts of it.
-            queries.push(pipeline::query(db, &lock_keys, &lock_keys_params));
+            if let Some((statement, params)) = &key_locks {
+                queries.push(pipeline::query(db, statement, params));
+            }
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {

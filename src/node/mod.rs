@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod capture;
 pub mod init;
+pub mod key_locks;
 pub mod net;
 pub mod pgoutput;
 pub mod pipeline;

@@ -173,7 +173,7 @@ pub async fn all_keys(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(
 // so results never have to be matched through text forms of the key.
 
 /// `expr` (text) cast to `ty`.
-fn cast(expr: &str, ty: &ColumnType) -> String {
+pub(super) fn cast(expr: &str, ty: &ColumnType) -> String {
     match ty {
         // money reads a plain number only through numeric in every locale.
         ColumnType::Money => format!("({expr})::numeric::money"),
@@ -182,7 +182,7 @@ fn cast(expr: &str, ty: &ColumnType) -> String {
 }
 
 /// `unnest($first::int4[], $first+1::text[], ...) AS u(ord, c0, c1, ...)` with `columns` text arrays.
-fn unnest(first_param: usize, columns: usize) -> String {
+pub(super) fn unnest(first_param: usize, columns: usize) -> String {
     let arrays: Vec<String> = std::iter::once(format!("${first_param}::int4[]"))
         .chain((0..columns).map(|i| format!("${}::text[]", first_param + 1 + i)))
         .collect();
@@ -315,12 +315,12 @@ pub fn key_texts(table: &TableDef, key: &RowKey) -> Result<Vec<Option<String>>, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use accord_engine::{ColumnDef, ColumnPolicy, KeyColumn};
 
     use super::*;
 
-    fn table() -> TableDef {
+    pub(crate) fn table() -> TableDef {
         TableDef::new(
             "s.t",
             vec![

@@ -376,17 +376,6 @@ pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin
      ORDER BY m.table_name, m.row_key
      FOR UPDATE OF m";
 
-/// Locks the keys of many rows for the transaction, whether their rows exist or not: a row lock
-/// cannot be taken on a missing row, and without this two peers' appliers merging into the
-/// same missing row both find no metadata and the later commit overwrites the earlier's (the
-/// simulator found it: a delta lost). Advisory locks of accord's class (`0x61637264`, "acrd"),
-/// taken in one global order (by hash) so that appliers do not deadlock on them. Parameters:
-/// table names, row keys.
-pub const LOCK_KEYS_SQL: &str = "SELECT pg_advisory_xact_lock(1633907300, s.k)
-     FROM (SELECT DISTINCT hashtext(u.table_name || '/' || u.row_key) AS k
-           FROM unnest($1::text[], $2::text[]) AS u(table_name, row_key)
-           ORDER BY 1) AS s";
-
 /// Writes the metadata of many rows (each (table, key) at most once). Parameters: table names,
 /// row keys, metas, alive flags, known xmins.
 pub const SAVE_METAS_SQL: &str = "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin)
