@@ -10,8 +10,9 @@
 //! rows as it read them is what keeps them in PostgreSQL, row locks, simulated here
 //! (`Applying::holds_row`, `Applying::holds_meta`):
 //!
-//! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then,
-//!   after the guard's savepoint, the metadata that exists; a lock another applier holds makes
+//! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then, in
+//!   a transaction's first load, the keys of the rows that are missing (the service's advisory
+//!   key locks), then, after the guard's savepoint, the metadata that exists; a lock another applier holds makes
 //!   the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
 //!   are those its statement's snapshot saw, at their latest versions, as `FOR UPDATE` returns
 //!   them after a wait;
@@ -41,9 +42,9 @@ pub struct Applying {
     tx: Overlay,
     /// What the machine waits for.
     pub waiting: Waiting,
-    /// Keys locked (the service's advisory locks on keys, which hold another applier off a
-    /// key whether its row exists or not). The service locks buckets of keys: that only adds
-    /// waits between appliers, never removes one.
+    /// Keys of missing rows locked (the service's advisory locks on keys, which hold another
+    /// applier off a key that has no row to lock). The service locks buckets of keys: that only
+    /// adds waits between appliers, never removes one.
     key_locks: BTreeSet<i64>,
     /// Rows locked `FOR UPDATE` (existing rows only; written rows are held through `tx`).
     row_locks: BTreeSet<i64>,
@@ -227,7 +228,7 @@ impl Applying {
                     if begin.is_some() && self.load_seen.is_none() {
                         self.roll_back();
                     }
-                    if let Some(holder) = self.lock_for_load(db, others, &slots)? {
+                    if let Some(holder) = self.lock_for_load(db, others, &slots, begin.is_some())? {
                         self.pending = Some(ApplyCommand::Load { begin, guard, slots });
                         self.waiting = Waiting::Lock { holder };
                         return Ok(Stop::Blocked { holder });
@@ -342,21 +343,16 @@ impl Applying {
     /// row's (`FOR UPDATE` waits for a row another transaction locked or wrote), then, when all
     /// are held, each existing metadata row's. Returns the applier it must wait for, keeping
     /// the locks taken so far.
-    fn lock_for_load(&mut self, db: &Db, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
+    fn lock_for_load(
+        &mut self,
+        db: &Db,
+        others: &[&Applying],
+        slots: &[usize],
+        first: bool,
+    ) -> Result<Option<usize>, DriverError> {
         let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
         // The statement's snapshot is taken when it begins: rows committed later are not
         // among those it returns, even after a wait.
-        let mut ordered = keys.clone();
-        ordered.sort_unstable();
-        for &key in &ordered {
-            if self.key_locks.contains(&key) {
-                continue;
-            }
-            if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
-                return Ok(Some(other.peer));
-            }
-            self.key_locks.insert(key);
-        }
         let seen = self
             .load_seen
             .get_or_insert_with(|| keys.iter().copied().filter(|k| db.rows.contains_key(k)).collect())
@@ -369,6 +365,25 @@ impl Applying {
                 return Ok(Some(other.peer));
             }
             self.row_locks.insert(key);
+        }
+        if first {
+            // The first load of a transaction then locks the keys of the rows that are missing
+            // now, in one order.
+            let mut missing: Vec<i64> = keys
+                .iter()
+                .copied()
+                .filter(|k| !self.row_locks.contains(k) && !self.tx.rows.contains_key(k) && !db.rows.contains_key(k))
+                .collect();
+            missing.sort_unstable();
+            for key in missing {
+                if self.key_locks.contains(&key) {
+                    continue;
+                }
+                if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
+                    return Ok(Some(other.peer));
+                }
+                self.key_locks.insert(key);
+            }
         }
         for &key in &keys {
             if self.tx.metas.contains_key(&key) || !db.meta.contains_key(&key) {

@@ -284,8 +284,8 @@ impl Applier {
             let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
             locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
         }
-        // A new transaction's first load holds every key of the batch (later loads are of parts
-        // of it).
+        // A new transaction's first load locks the keys of the batch's missing rows (later loads
+        // are of parts of it, and a row it locked cannot go missing).
         let key_locks = match begin {
             Some(_) => {
                 let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
@@ -325,12 +325,13 @@ impl Applier {
             ));
             // The batch's position is committed with its changes (exactly once).
             queries.push(pipeline::query(db, &setup, &setup_params));
-            if let Some((statement, params)) = &key_locks {
-                queries.push(pipeline::query(db, statement, params));
-            }
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {
+            queries.push(pipeline::query(db, statement, params));
+        }
+        // After every row lock and before the guard's savepoint (a rollback to it must keep them).
+        if let Some((statement, params)) = &key_locks {
             queries.push(pipeline::query(db, statement, params));
         }
         if guard {

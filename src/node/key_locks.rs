@@ -2,8 +2,11 @@
 //!
 //! A missing row cannot be locked: two peers' appliers merging into one missing row both found
 //! no metadata, and the later commit overwrote the earlier's (a delta lost; the simulator found
-//! it once it ran the appliers side by side). So an apply transaction first takes an exclusive
-//! transaction-level advisory lock on every key of its batch.
+//! it once it ran the appliers side by side). So an apply transaction, once it has locked the
+//! rows that exist, takes an exclusive transaction-level advisory lock on the key of every row it
+//! found missing. Only those: the rows that exist are held by their row locks, and locking every
+//! key made two appliers of a node wait for each other on nearly every batch (the buckets below
+//! overlap), which doubled the mesh's lag in the comparison bench.
 //!
 //! The locks are buckets, not keys: PostgreSQL's lock table is shared and small (by default 64
 //! locks per connection for all of them), and one lock per key of a 2,000-change batch, times
@@ -14,7 +17,7 @@
 
 use accord_engine::TableDef;
 
-use super::rows::{cast, unnest};
+use super::rows::{cast, key_join, quote_table, unnest};
 
 /// accord's advisory-lock class ("acrd"): an application's own two-key advisory locks meet it
 /// only if they use the same class.
@@ -28,10 +31,10 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Locks the buckets of many keys of several tables exclusively for the transaction, all in one
-/// statement and in bucket order, so that appliers do not deadlock on them. Parameters: per
-/// table in this order, those of [`super::rows::lock_rows_sql`] (ords, then one text array per
-/// key column).
+/// Locks the buckets of the keys of several tables that have no row, exclusively for the
+/// transaction, all in one statement and in bucket order, so that appliers do not deadlock on
+/// them (every applier takes its row locks before these). Parameters: per table in this order,
+/// those of [`super::rows::lock_rows_sql`] (ords, then one text array per key column).
 pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
     let mut first = 1;
     let mut parts = Vec::with_capacity(tables.len());
@@ -43,11 +46,14 @@ pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
             .map(|(i, k)| cast(&format!("u.c{i}"), &k.ty))
             .collect();
         parts.push(format!(
-            "SELECT (hashtext({}) # hash_record(ROW({}))) & {} AS bucket FROM {}",
+            "SELECT (hashtext({}) # hash_record(ROW({}))) & {} AS bucket FROM {} \
+             WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
             literal(&table.name),
             key.join(", "),
             BUCKETS - 1,
-            unnest(first, table.key.len())
+            unnest(first, table.key.len()),
+            quote_table(&table.name),
+            key_join(table)
         ));
         first += 1 + table.key.len();
     }
@@ -63,7 +69,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_locked_by_bucket_of_their_typed_values_in_order() {
+    fn missing_rows_keys_are_locked_by_bucket_of_their_typed_values_in_order() {
         let table = crate::node::rows::tests::table();
         let sql = lock_keys_sql(&[&table, &table]);
         assert!(
@@ -74,6 +80,10 @@ mod tests {
         assert!(sql.contains("unnest($4::int4[], $5::text[], $6::text[])"), "{sql}");
         assert!(sql.contains("pg_advisory_xact_lock(1633907300, s.bucket)"), "{sql}");
         assert!(sql.contains("ORDER BY 1"), "{sql}");
+        assert!(
+            sql.contains("WHERE NOT EXISTS (SELECT 1 FROM \"s\".\"t\" AS t WHERE t.\"region\" = (u.c0)::text"),
+            "only missing rows' keys: {sql}"
+        );
         assert!(BUCKETS.is_power_of_two(), "the mask needs a power of two");
     }
 }

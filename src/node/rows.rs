@@ -193,7 +193,7 @@ pub(super) fn unnest(first_param: usize, columns: usize) -> String {
 }
 
 /// `t.k1 = (u.c0)::type AND ...`: the table's key equal to the unnested key columns.
-fn key_join(table: &TableDef) -> String {
+pub(super) fn key_join(table: &TableDef) -> String {
     table
         .key
         .iter()

@@ -1,6 +1,7 @@
 //! The built `accord` binary as a user runs it, and loopback ports for what it serves.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::process::Command;
 
 /// Runs `accord ARGS` without the environment overrides a developer's shell may hold; returns
@@ -20,9 +21,19 @@ pub fn accord(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A TCP port free on loopback now, below Linux's ephemeral range (32768 and up): a port the
+/// kernel hands out could be taken by any outgoing connection (a PostgreSQL client of a test
+/// running beside) before the node binds it, or between two of its restarts. A run saw that
+/// ("Address already in use" on a node's metrics port).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free TCP port on loopback")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let spread = std::process::id().wrapping_mul(7_919);
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (spread.wrapping_add(n.wrapping_mul(104_729)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on loopback between 20000 and 32000")
 }
