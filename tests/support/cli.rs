@@ -1,8 +1,8 @@
 //! The built `accord` binary as a user runs it, and loopback ports for what it serves.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Runs `accord ARGS` without the environment overrides a developer's shell may hold; returns
 /// whether it succeeded and its stdout and stderr together.
