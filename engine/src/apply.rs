@@ -143,10 +143,11 @@ pub enum ApplyCommand {
     /// Lock the rows of these slots (`FOR UPDATE`; tables in name order, keys in order), then,
     /// after a savepoint when `guard` is set, load their metadata (locked) and kept changes, and
     /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
-    /// first open a transaction that commits with this origin position, and lock the slots'
-    /// keys for it (the first load of a transaction names every key of the batch): a missing
-    /// row cannot be locked, and two appliers merging into one missing row would otherwise both
-    /// find no metadata, the later commit overwriting the earlier's.
+    /// first open a transaction that commits with this origin position, and, after the row
+    /// locks, lock the keys of the slots whose rows are missing (the first load of a transaction
+    /// names every key of the batch): a missing row cannot be locked, and two appliers merging
+    /// into one missing row would otherwise both find no metadata, the later commit overwriting
+    /// the earlier's.
     Load {
         begin: Option<u64>,
         guard: bool,

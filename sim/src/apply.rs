@@ -12,8 +12,8 @@
 //!
 //! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then, in
 //!   a transaction's first load, the keys of the rows that are missing (the service's advisory
-//!   key locks), then, after the guard's savepoint, the metadata that exists; a lock another applier holds makes
-//!   the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
+//!   key locks), then, after the guard's savepoint, the metadata that exists; a lock another
+//!   applier holds makes the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
 //!   are those its statement's snapshot saw, at their latest versions, as `FOR UPDATE` returns
 //!   them after a wait;
 //! - rolling back to the guard's savepoint releases the metadata locks, a restart all of them;
@@ -187,11 +187,22 @@ impl Applying {
     /// Rolls the open transaction back: its writes and locks go.
     fn roll_back(&mut self) {
         self.tx = Overlay::default();
+        self.release_locks();
+        self.load_seen = None;
+    }
+
+    fn release_locks(&mut self) {
         self.key_locks.clear();
         self.row_locks.clear();
         self.meta_locks.clear();
         self.missing.clear();
-        self.load_seen = None;
+    }
+
+    /// `command` waits for a lock `holder` holds; it runs again once that is released.
+    fn block(&mut self, command: ApplyCommand, holder: usize) -> Stop {
+        self.pending = Some(command);
+        self.waiting = Waiting::Lock { holder };
+        Stop::Blocked { holder }
     }
 
     /// Feeds `input` (or, after a round trip, the input it returned; after a lock wait, nothing:
@@ -229,9 +240,7 @@ impl Applying {
                         self.roll_back();
                     }
                     if let Some(holder) = self.lock_for_load(db, others, &slots, begin.is_some())? {
-                        self.pending = Some(ApplyCommand::Load { begin, guard, slots });
-                        self.waiting = Waiting::Lock { holder };
-                        return Ok(Stop::Blocked { holder });
+                        return Ok(self.block(ApplyCommand::Load { begin, guard, slots }, holder));
                     }
                     let seen = self.load_seen.take();
                     let rows = self.load(db, &slots, seen.as_ref())?;
@@ -281,9 +290,7 @@ impl Applying {
                 }
                 ApplyCommand::Write(planned) => {
                     if let Some(holder) = self.insert_blocked(others, &planned)? {
-                        self.pending = Some(ApplyCommand::Write(planned));
-                        self.waiting = Waiting::Lock { holder };
-                        return Ok(Stop::Blocked { holder });
+                        return Ok(self.block(ApplyCommand::Write(planned), holder));
                     }
                     ApplyInput::Written(self.write(db, planned, images))
                 }
@@ -293,9 +300,7 @@ impl Applying {
                         others.iter().find(|o| o.holds_meta(key)).map(|o| o.peer)
                     });
                     if let Some(holder) = holder {
-                        self.pending = Some(ApplyCommand::Record(records));
-                        self.waiting = Waiting::Lock { holder };
-                        return Ok(Stop::Blocked { holder });
+                        return Ok(self.block(ApplyCommand::Record(records), holder));
                     }
                     self.record(records)?;
                     ApplyInput::Recorded
@@ -303,10 +308,7 @@ impl Applying {
                 ApplyCommand::Commit { merged_stamp } => {
                     self.undo = self.commit(db, merged_stamp, physical);
                     // The commit releases the locks; what it did is reported at `Done`.
-                    self.key_locks.clear();
-                    self.row_locks.clear();
-                    self.meta_locks.clear();
-                    self.missing.clear();
+                    self.release_locks();
                     // The commit is the round trip's end: the machine answers at once.
                     command = self.step(ApplyInput::Committed)?;
                     continue;
@@ -339,9 +341,9 @@ impl Applying {
         self.machine.step(input).map_err(|e| DriverError(format!("apply: {e}")))
     }
 
-    /// Takes the locks of a load, in its order: each key's (appliers only), then each existing
-    /// row's (`FOR UPDATE` waits for a row another transaction locked or wrote), then, when all
-    /// are held, each existing metadata row's. Returns the applier it must wait for, keeping
+    /// Takes the locks of a load, in its order: each existing row's (`FOR UPDATE` waits for a row
+    /// another transaction locked or wrote), then, in a transaction's first load (`first`), the
+    /// keys of the rows missing now (appliers only), then each existing metadata row's. Returns the applier it must wait for, keeping
     /// the locks taken so far.
     fn lock_for_load(
         &mut self,

@@ -279,23 +279,24 @@ impl Applier {
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
         let mut locks = Vec::with_capacity(groups.len());
+        // A new transaction's first load also locks the keys of the batch's missing rows (later
+        // loads are of parts of it, and a row it locked cannot go missing), with the same keys.
+        let mut key_params: Params = Vec::new();
         for (t, ords) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
             let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
+            if begin.is_some() {
+                key_params.extend(key_arrays(keys, &rows, t.key.len())?);
+            }
             locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
         }
-        // A new transaction's first load locks the keys of the batch's missing rows (later loads
-        // are of parts of it, and a row it locked cannot go missing).
         let key_locks = match begin {
             Some(_) => {
                 let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
-                let statement = statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
-                let mut params: Params = Vec::new();
-                for (t, ords) in &groups {
-                    let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
-                    params.extend(key_arrays(keys, &rows, t.key.len())?);
-                }
-                Some((statement, params))
+                Some((
+                    statements.get(db, &key_locks::lock_keys_sql(&tables)).await?,
+                    key_params,
+                ))
             }
             None => None,
         };
@@ -582,8 +583,6 @@ fn parse_xid(text: &str) -> Result<Xid> {
         .map_err(|_| anyhow!("a row version's xmin {text:?} is not a transaction id"))
 }
 
-/// Checks that every write statement wrote exactly its rows; the new xmin of each planned write
-/// (none for a delete).
 /// Whether `error` is a unique violation of a table's primary key: a row of the key is there
 /// (the engine starts over and merges against it), not a refusal to park.
 async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool> {
@@ -613,6 +612,8 @@ async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool
     Ok(row.get(0))
 }
 
+/// Checks that every write statement wrote exactly its rows; the new xmin of each planned write
+/// (none for a delete).
 fn written_xmins(planned: usize, writes: &[WriteStatement], results: &[Vec<Row>]) -> Result<Vec<Option<Xid>>> {
     if results.len() < writes.len() {
         bail!("{} write statements gave {} results", writes.len(), results.len());
