@@ -785,3 +785,78 @@ async fn a_change_the_capture_cannot_replicate_stops_it_and_stays_in_the_slot() 
     assert!(kept, "the slot moved past the change the capture could not replicate");
     cluster.stop_all().await;
 }
+
+/// The advisory locks of accord's class on `db`, granted or waited for, in `mode`.
+async fn key_locks(db: &tokio_postgres::Client, mode: &str, granted: bool) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1633907300 \
+         AND mode = $1 AND granted = $2",
+        &[&mode, &granted],
+    )
+    .await
+    .expect("pg_locks is readable")
+    .get(0)
+}
+
+/// A missing row cannot be locked: while node 2's merge of node 1's insert waits for its capture
+/// (held), a local insert and delete of the same key on node 2 could commit unseen, and the
+/// capture would read them after the merge's metadata, with causal lengths their writer never
+/// saw (the simulator's `no-key-lock-trigger` bug shows where that ends). The merge locks the key
+/// before it waits, and the local insert's trigger waits for that lock, then meets the merged
+/// row. (With the trigger dropped on node 2, the pair commits during the wait, and both nodes
+/// end without the row node 1 inserted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_insert_waits_while_a_merge_holds_its_missing_key() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    let hold_b = CaptureHold::start(&b).await;
+    a.batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (50, 'from node 1', 5)")
+        .await
+        .unwrap();
+    let waited = tokio::time::Instant::now();
+    while key_locks(&b, "ExclusiveLock", true).await == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "node 2's applier never locked the missing row's key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local = cluster.client(1).await;
+    let pair = tokio::spawn(async move {
+        local
+            .batch_execute(
+                "BEGIN; INSERT INTO shop.products (id, name, stock) VALUES (50, 'local on node 2', 7); \
+                 DELETE FROM shop.products WHERE id = 50; COMMIT",
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !pair.is_finished(),
+        "the local insert went through while the merge held its key"
+    );
+    assert_eq!(
+        key_locks(&b, "ShareLock", false).await,
+        1,
+        "the local insert waits for the key"
+    );
+    drop(hold_b);
+    let outcome = pair.await.expect("the local transaction's task");
+    let error = outcome.expect_err("the merged row is there when the local insert goes on");
+    assert_eq!(
+        error.as_db_error().map(|e| e.code().code()),
+        Some("23505"),
+        "a duplicate key, as for any insert of a key that exists: {error}"
+    );
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        assert_eq!(
+            row_of(&db, 50).await,
+            ("from node 1".to_owned(), 5),
+            "node {}\n{snapshot}",
+            node + 1
+        );
+    }
+    cluster.stop_all().await;
+}

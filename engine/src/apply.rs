@@ -42,7 +42,8 @@ pub enum PlantedBug {
     /// Merge without the xmin guard's main check: a row whose metadata says it lives is taken as
     /// that metadata describes it, whatever its xmin.
     SkipGuard,
-    /// Take a missing row as missing without waiting for the capture to read past a probe.
+    /// Take a missing row as missing without locking its key and waiting for the capture to
+    /// read past a probe.
     NoMissingRowWait,
     /// Forget a deferred change instead of keeping it.
     DropDeferred,
@@ -61,8 +62,9 @@ pub enum PlantedBug {
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyRules {
     /// How many times one transaction probes while holding its row locks before it rolls back
-    /// and starts over. Each further round is caused by a row that appeared (a local insert)
-    /// after the previous probe.
+    /// and starts over. Each further round is caused by a row whose version the previous probe
+    /// did not settle: one that appeared after the load (a local insert that committed before
+    /// its key's lock was granted) in a subtransaction, whose xid the capture never sees.
     pub guard_rounds: u32,
     /// How long a batch may wait for the capture in all before it fails.
     pub wait_limit_micros: u64,
@@ -143,20 +145,25 @@ pub enum ApplyCommand {
     /// Lock the rows of these slots (`FOR UPDATE`; tables in name order, keys in order), then,
     /// after a savepoint when `guard` is set, load their metadata (locked) and kept changes, and
     /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
-    /// first open a transaction that commits with this origin position, and, after the row
-    /// locks, lock the keys of the slots whose rows are missing (the first load of a transaction
-    /// names every key of the batch): a missing row cannot be locked, and two appliers merging
-    /// into one missing row would otherwise both find no metadata, the later commit overwriting
-    /// the earlier's.
+    /// first open a transaction that commits with this origin position.
     Load {
         begin: Option<u64>,
         guard: bool,
         slots: Vec<usize>,
     },
     /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
-    /// may need to write it), write a probe, and answer [`ApplyInput::CaptureReached`] once the
-    /// capture has read past it.
-    ProbeAndWait,
+    /// may need to write it); lock the keys of the `missing` slots, whose rows the load did not
+    /// find, for the rest of the transaction (exclusively; local inserts and key updates take
+    /// the same locks shared, and other appliers take them too); then write a probe, and answer
+    /// [`ApplyInput::CaptureReached`] once the capture has read past it.
+    ///
+    /// A missing row cannot be locked. Without the key locks, a local insert and delete of the
+    /// key committed after the probe, or a local insert committed before this transaction does,
+    /// would reach the capture after this merge's metadata, and be read against it; and two
+    /// appliers merging into one missing row would both find no metadata, the later commit
+    /// overwriting the earlier's. With them, every write of the key committed before the lock
+    /// is before the probe, and none can commit after it until this transaction ends.
+    ProbeAndWait { missing: Vec<usize> },
     /// Roll back the transaction and reset the session's origin position (PostgreSQL keeps it
     /// after a rollback, and a later commit of the session would record it); then, with
     /// `probe`, write a probe and wait until the capture has read past it, else pause
@@ -465,7 +472,8 @@ pub struct BatchApply {
     phase: Phase,
     started: Option<u64>,
     pause: u64,
-    /// Whether the capture has read past a probe written after this attempt's rows were read.
+    /// Whether the capture has read past a probe written after this attempt's rows were read
+    /// and its missing rows' keys were locked.
     probed: bool,
     /// Rows whose current xmin the capture is known to have read past.
     settled: BTreeMap<usize, Xid>,
@@ -688,7 +696,9 @@ impl BatchApply {
     fn restart(&mut self, probe: bool) -> ApplyCommand {
         self.phase = Phase::Restarting;
         self.waits += self.attempt.waits + 1;
-        self.probed = probe;
+        // The restart's probe settles the rows' versions, but the next attempt's missing rows
+        // still wait for one written after their keys are locked.
+        self.probed = false;
         for work in &mut self.work {
             *work = Work::default();
         }
@@ -717,7 +727,7 @@ impl BatchApply {
         // them passed only after a probe.
         let probed = self.probed || !guard;
         let mut suspects = Vec::new();
-        let mut missing = false;
+        let mut missing = Vec::new();
         for (&slot, row) in slots.iter().zip(rows) {
             let settled = self.settled.get(&slot).copied();
             match judge(&row, probed, settled, self.cut.as_ref(), self.rules.planted) {
@@ -732,18 +742,18 @@ impl BatchApply {
                     };
                 }
                 Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
-                Verdict::Unaccounted(None) => missing = true,
+                Verdict::Unaccounted(None) => missing.push(slot),
                 Verdict::DeleteNotCaptured => return Ok(self.restart(false)),
             }
         }
-        if missing || !suspects.is_empty() {
+        if !missing.is_empty() || !suspects.is_empty() {
             if guard && self.rounds < self.rules.guard_rounds {
                 // Wait with the rows locked: no local write can change them meanwhile, so once
                 // the capture has read past the probe every row seen is accounted for, and the
                 // batch goes on instead of starting over behind the next local write (hot rows
                 // starved that way).
                 self.phase = Phase::Probing { part, slots, suspects };
-                return Ok(ApplyCommand::ProbeAndWait);
+                return Ok(ApplyCommand::ProbeAndWait { missing });
             }
             self.settled.extend(suspects);
             return Ok(self.restart(true));

@@ -149,7 +149,10 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
     ));
     // The row is missing: a local insert and delete may both be on their way through the capture.
     let probe = m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    assert!(matches!(probe, ApplyCommand::ProbeAndWait));
+    let ApplyCommand::ProbeAndWait { missing: locked } = probe else {
+        panic!("expected a probe, got {probe:?}");
+    };
+    assert_eq!(locked, vec![0], "the missing row's key is locked before the probe");
     let again = m.step(ApplyInput::CaptureReached { now: 10 }).unwrap();
     assert!(matches!(
         again,
@@ -191,13 +194,13 @@ fn a_row_version_accord_has_not_accounted_for_waits_then_is_taken_once_settled()
     let row = |xmin| row_at(&meta, xmin);
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![row(9)])).unwrap(),
-        ApplyCommand::ProbeAndWait
+        ApplyCommand::ProbeAndWait { .. }
     ));
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     // A different version again: another round.
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![row(10)])).unwrap(),
-        ApplyCommand::ProbeAndWait
+        ApplyCommand::ProbeAndWait { .. }
     ));
     m.step(ApplyInput::CaptureReached { now: 2 }).unwrap();
     // The same version as before the probe: the capture has read past it, the metadata
@@ -216,7 +219,7 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     let mut xmin = 100;
     let mut command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
     for _ in 0..ApplyRules::default().guard_rounds {
-        assert!(matches!(command, ApplyCommand::ProbeAndWait));
+        assert!(matches!(command, ApplyCommand::ProbeAndWait { .. }));
         m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
         xmin += 1;
         command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
@@ -224,6 +227,12 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     assert!(matches!(command, ApplyCommand::Restart { probe: true, .. }));
     let restarted = m.step(ApplyInput::Restarted { now: 2 }).unwrap();
     assert!(matches!(restarted, ApplyCommand::Load { begin: Some(1), .. }));
+    // The restart's probe settled versions, but a row missing now still waits for a probe
+    // written after its key is locked: a local insert and delete of it may have committed since.
+    let ApplyCommand::ProbeAndWait { missing: locked } = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+        panic!("a missing row after a restart must lock its key and probe");
+    };
+    assert_eq!(locked, vec![0]);
     // Past the wait limit the batch fails instead of waiting on.
     let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
     late.step(ApplyInput::Start { now: 0 }).unwrap();
@@ -241,7 +250,7 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
     loop {
         let input = match &command {
             ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
-            ApplyCommand::ProbeAndWait if !probed => {
+            ApplyCommand::ProbeAndWait { .. } if !probed => {
                 probed = true;
                 ApplyInput::CaptureReached { now: 1 }
             }

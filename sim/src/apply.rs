@@ -10,12 +10,13 @@
 //! rows as it read them is what keeps them in PostgreSQL, row locks, simulated here
 //! (`Applying::holds_row`, `Applying::holds_meta`):
 //!
-//! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then, in
-//!   a transaction's first load, the keys of the rows that are missing (the service's advisory
-//!   key locks), then, after the guard's savepoint, the metadata that exists; a lock another
-//!   applier holds makes the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
+//! - a load locks the rows that exist (`FOR UPDATE`, in the order the engine gives), then,
+//!   after the guard's savepoint, the metadata that exists; a lock another applier holds makes
+//!   the load wait (`Stop::Blocked`), keeping the locks taken before it; the rows a load returns
 //!   are those its statement's snapshot saw, at their latest versions, as `FOR UPDATE` returns
 //!   them after a wait;
+//! - before a probe, the keys of the rows the load found missing are locked (the service's
+//!   advisory key locks), in key order;
 //! - rolling back to the guard's savepoint releases the metadata locks, a restart all of them;
 //! - an insert of a key another applier wrote and has not committed waits for it, then is
 //!   refused as a duplicate if that one committed; metadata writes wait for its locks;
@@ -42,26 +43,22 @@ pub struct Applying {
     tx: Overlay,
     /// What the machine waits for.
     pub waiting: Waiting,
-    /// Keys of missing rows locked (the service's advisory locks on keys, which hold another
-    /// applier off a key that has no row to lock). The service locks buckets of keys: that only
-    /// adds waits between appliers, never removes one.
+    /// Keys of missing rows locked (the service's advisory locks on keys, which hold other
+    /// appliers and local inserts off a key that has no row to lock). The service locks buckets
+    /// of keys: that only adds waits, never removes one.
     key_locks: BTreeSet<i64>,
     /// Rows locked `FOR UPDATE` (existing rows only; written rows are held through `tx`).
     row_locks: BTreeSet<i64>,
     /// Metadata rows locked by a load since the guard's savepoint.
     meta_locks: BTreeSet<i64>,
-    /// Keys a load found without a row. PostgreSQL cannot lock them (ARCHITECTURE.md, "The gap
-    /// left"); the simulator holds local writers off them as if it could, until the engine
-    /// closes that gap.
-    missing: BTreeSet<i64>,
     /// The keys whose rows the blocked load's statement saw when it began (its snapshot).
     load_seen: Option<BTreeSet<i64>>,
     /// A command that waits for a lock, carried out again once it is released.
     pending: Option<ApplyCommand>,
     /// The input to feed after a round trip.
     ready: Option<ApplyInput>,
-    /// The WAL position of the last probe, and the rows as they were then.
-    last_probe: Option<(u64, Vec<RowPicture>)>,
+    /// The WAL position of the last probe, the keys locked then, and the rows as they were.
+    last_probe: Option<(u64, BTreeSet<i64>, Vec<RowPicture>)>,
     /// What the last load returned, as a probe pictures it.
     loaded_picture: Vec<RowPicture>,
     /// What the last commit replaced.
@@ -158,7 +155,6 @@ impl Applying {
             key_locks: BTreeSet::new(),
             row_locks: BTreeSet::new(),
             meta_locks: BTreeSet::new(),
-            missing: BTreeSet::new(),
             load_seen: None,
             pending: None,
             ready: None,
@@ -173,10 +169,11 @@ impl Applying {
         self.row_locks.contains(&key) || self.tx.rows.contains_key(&key)
     }
 
-    /// Whether a local write of `key` must wait for this transaction: it holds the row, or
-    /// found it missing (the gap the simulator closes by hand, see `missing`).
-    pub fn holds_off_local_write(&self, key: i64) -> bool {
-        self.holds_row(key) || self.missing.contains(&key)
+    /// Whether this transaction locked `key` as a key. A key lock is only taken on a key without
+    /// a row, and only this transaction can insert it then: a local write of it is an insert,
+    /// whose trigger takes that lock too.
+    pub fn holds_key(&self, key: i64) -> bool {
+        self.key_locks.contains(&key)
     }
 
     /// Whether this transaction holds `key`'s metadata row: locked, or written.
@@ -195,7 +192,6 @@ impl Applying {
         self.key_locks.clear();
         self.row_locks.clear();
         self.meta_locks.clear();
-        self.missing.clear();
     }
 
     /// `command` waits for a lock `holder` holds; it runs again once that is released.
@@ -239,16 +235,11 @@ impl Applying {
                     if begin.is_some() && self.load_seen.is_none() {
                         self.roll_back();
                     }
-                    if let Some(holder) = self.lock_for_load(db, others, &slots, begin.is_some())? {
+                    if let Some(holder) = self.lock_for_load(db, others, &slots)? {
                         return Ok(self.block(ApplyCommand::Load { begin, guard, slots }, holder));
                     }
                     let seen = self.load_seen.take();
                     let rows = self.load(db, &slots, seen.as_ref())?;
-                    for (slot, row) in slots.iter().zip(&rows) {
-                        if row.row.is_none() {
-                            self.missing.insert(self.key(*slot)?);
-                        }
-                    }
                     self.loaded_picture = rows
                         .iter()
                         .map(|r| {
@@ -260,9 +251,12 @@ impl Applying {
                         .collect();
                     ApplyInput::Loaded(rows)
                 }
-                ApplyCommand::ProbeAndWait => {
+                ApplyCommand::ProbeAndWait { missing } => {
                     // Rolling back to the guard's savepoint releases the metadata locks.
                     self.meta_locks.clear();
+                    if let Some(holder) = self.lock_keys(others, &missing)? {
+                        return Ok(self.block(ApplyCommand::ProbeAndWait { missing }, holder));
+                    }
                     self.probing(db, capture_read)?;
                     // The probe is followed by a synchronous commit on another session, which
                     // flushes the WAL (the walsender sends only flushed WAL).
@@ -342,16 +336,9 @@ impl Applying {
     }
 
     /// Takes the locks of a load, in its order: each existing row's (`FOR UPDATE` waits for a row
-    /// another transaction locked or wrote), then, in a transaction's first load (`first`), the
-    /// keys of the rows missing now (appliers only), then each existing metadata row's. Returns the applier it must wait for, keeping
-    /// the locks taken so far.
-    fn lock_for_load(
-        &mut self,
-        db: &Db,
-        others: &[&Applying],
-        slots: &[usize],
-        first: bool,
-    ) -> Result<Option<usize>, DriverError> {
+    /// another transaction locked or wrote), then each existing metadata row's. Returns the
+    /// applier it must wait for, keeping the locks taken so far.
+    fn lock_for_load(&mut self, db: &Db, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
         let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
         // The statement's snapshot is taken when it begins: rows committed later are not
         // among those it returns, even after a wait.
@@ -368,25 +355,6 @@ impl Applying {
             }
             self.row_locks.insert(key);
         }
-        if first {
-            // The first load of a transaction then locks the keys of the rows that are missing
-            // now, in one order.
-            let mut missing: Vec<i64> = keys
-                .iter()
-                .copied()
-                .filter(|k| !self.row_locks.contains(k) && !self.tx.rows.contains_key(k) && !db.rows.contains_key(k))
-                .collect();
-            missing.sort_unstable();
-            for key in missing {
-                if self.key_locks.contains(&key) {
-                    continue;
-                }
-                if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
-                    return Ok(Some(other.peer));
-                }
-                self.key_locks.insert(key);
-            }
-        }
         for &key in &keys {
             if self.tx.metas.contains_key(&key) || !db.meta.contains_key(&key) {
                 continue;
@@ -395,6 +363,24 @@ impl Applying {
                 return Ok(Some(other.peer));
             }
             self.meta_locks.insert(key);
+        }
+        Ok(None)
+    }
+
+    /// Locks the keys of `slots` for the transaction, in key order (the service's one statement
+    /// in bucket order). Returns the applier it must wait for, keeping the locks taken so far.
+    /// Local writers hold none while this waits: their transactions are atomic here.
+    fn lock_keys(&mut self, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
+        let mut keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
+        keys.sort_unstable();
+        for key in keys {
+            if self.key_locks.contains(&key) {
+                continue;
+            }
+            if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
+                return Ok(Some(other.peer));
+            }
+            self.key_locks.insert(key);
         }
         Ok(None)
     }
@@ -414,18 +400,19 @@ impl Applying {
     }
 
     /// A probe is only worth waiting for when something changed since the last one: a commit
-    /// the capture has not read, or a row the machine was given differently (a row a load's
-    /// snapshot missed may have been inserted before the probe, and its version must be
-    /// settled by a probe written after it was seen). Otherwise the machine waits for nothing, and would
-    /// forever. `capture_read`: the capture has dealt with everything up to this WAL position.
+    /// the capture has not read, a key locked since (a probe must follow the lock), or a row
+    /// the machine was given differently (a row a load's snapshot missed may have been inserted
+    /// before the probe, and its version must be settled by a probe written after it was
+    /// seen). Otherwise the machine waits for nothing, and would forever. `capture_read`: the
+    /// capture has dealt with everything up to this WAL position.
     fn probing(&mut self, db: &Db, capture_read: u64) -> Result<(), DriverError> {
         let lsn = db.wal_insert_lsn();
-        let probe = (lsn, self.loaded_picture.clone());
+        let probe = (lsn, self.key_locks.clone(), self.loaded_picture.clone());
         if self.last_probe.as_ref() == Some(&probe) && capture_read >= lsn {
             return Err(DriverError(format!(
-                "apply: probes again although the capture read everything up to WAL position {lsn} and no row \
-                 changed; rows (xmin, (causal length, known xmin)): {:?}",
-                probe.1
+                "apply: probes again although the capture read everything up to WAL position {lsn}, no key was \
+                 locked since and no row changed; rows (xmin, (causal length, known xmin)): {:?}",
+                probe.2
             )));
         }
         self.last_probe = Some(probe);

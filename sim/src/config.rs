@@ -169,6 +169,10 @@ pub enum PlantedBug {
     /// A change that lacks a TOASTed value the row does not have here yet is forgotten instead of
     /// kept until the value arrives.
     DropDeferred,
+    /// Local inserts do not wait for the key an applier locked before its probe (the
+    /// service's trigger is missing): a local insert and delete of a key committed after the
+    /// probe are read by the capture against the merge's metadata.
+    NoKeyLockTrigger,
     /// Acknowledge, say in hellos and in collection rounds what an apply committed, before it
     /// is on disk: a crash of the machine loses changes the peer has pruned.
     AckBeforeDurable,
@@ -178,13 +182,14 @@ pub enum PlantedBug {
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 8] = [
+    pub const ALL: [PlantedBug; 9] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
         PlantedBug::NoMissingRowWait,
         PlantedBug::DropDeferred,
+        PlantedBug::NoKeyLockTrigger,
         PlantedBug::AckBeforeDurable,
         PlantedBug::ApplyPastGap,
     ];
@@ -197,6 +202,7 @@ impl PlantedBug {
             PlantedBug::NoMergedStamp => "no-merged-stamp",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
             PlantedBug::DropDeferred => "drop-deferred",
+            PlantedBug::NoKeyLockTrigger => "no-key-lock-trigger",
             PlantedBug::AckBeforeDurable => "ack-before-durable",
             PlantedBug::ApplyPastGap => "apply-past-gap",
         }
@@ -213,7 +219,7 @@ impl PlantedBug {
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
-            PlantedBug::ForgetFromPeer => None,
+            PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger => None,
         }
     }
 }

@@ -147,16 +147,12 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::new(Invariant::Engine, format!("{what}: {e}"))
 }
 
-/// Whether a wait for the capture is over. PostgreSQL's probe only promises that the capture
-/// read past the probe's WAL position (`lsn`); the simulator waits until it read everything
-/// flushed so far, which holds every local commit (they are synchronous). A missing row cannot
-/// be locked: with the probe's promise alone, a local insert and delete of its key committed
-/// during the wait are still unread when the merge inserts the row (the simulator found this,
-/// seed 91; ARCHITECTURE.md, "The gap left"), and until the engine closes that gap the
-/// simulator checks the rest under the stronger promise. (Other appliers' asynchronous commits
-/// need not be read: nobody flushes them meanwhile, and they are no local writes.)
-fn capture_covers(capture_read: u64, db: &Db, lsn: u64) -> bool {
-    capture_read >= lsn.max(db.flushed_lsn)
+/// Whether a wait for the capture is over: it read past the probe's WAL position (`lsn`), which
+/// is all PostgreSQL's probe promises. The simulator once had to wait for everything flushed
+/// instead: a local insert and delete of a missing row's key could commit during the wait
+/// (seed 91); the key locks closed that (`ApplyCommand::ProbeAndWait`).
+fn capture_covers(capture_read: u64, lsn: u64) -> bool {
+    capture_read >= lsn
 }
 
 /// The engine's apply rules, with the planted bug that lives in them.
@@ -332,7 +328,7 @@ impl Node {
     fn want_apply_of(&mut self, ctx: &mut Ctx, peer: usize) {
         let Some(vol) = &mut self.vol else { return };
         let capture_read = vol.capture_read();
-        let covers = |lsn| capture_covers(capture_read, &self.db, lsn);
+        let covers = |lsn| capture_covers(capture_read, lsn);
         let Some(applier) = vol.appliers.get(&peer) else { return };
         if applier.scheduled {
             return;
@@ -382,13 +378,15 @@ impl Node {
         }
     }
 
-    /// Whether an applier holds the lock of a row this local transaction writes (it then waits).
-    pub fn local_write_blocked(&self, keys: &[i64]) -> bool {
+    /// Whether an applier holds the lock of a row this local transaction writes, or of a key it
+    /// found missing (the local insert's trigger waits for it), and the transaction waits.
+    /// `trigger`: local inserts take key locks (the service's trigger is there).
+    pub fn local_write_blocked(&self, keys: &[i64], trigger: bool) -> bool {
         self.vol.as_ref().is_some_and(|vol| {
             vol.appliers
                 .values()
                 .filter_map(|a| a.applying.as_ref())
-                .any(|a| keys.iter().any(|&k| a.holds_off_local_write(k)))
+                .any(|a| keys.iter().any(|&k| a.holds_row(k) || (trigger && a.holds_key(k))))
         })
     }
 
@@ -790,7 +788,7 @@ impl Node {
     pub fn apply_step(&mut self, ctx: &mut Ctx, peer: usize) -> Result<(), Failure> {
         let Some(vol) = &mut self.vol else { return Ok(()) };
         let capture_read = vol.capture_read();
-        let covered = |lsn| capture_covers(capture_read, &self.db, lsn);
+        let covered = |lsn| capture_covers(capture_read, lsn);
         let Some(applier) = vol.appliers.get_mut(&peer) else {
             return Ok(());
         };

@@ -8,7 +8,7 @@ use std::collections::BinaryHeap;
 use accord_engine::{Message, TableDef};
 
 use crate::clock::SimClock;
-use crate::config::{FaultKind, SimConfig};
+use crate::config::{FaultKind, PlantedBug, SimConfig};
 use crate::network::Network;
 use crate::node::{Ctx, Node, Output, Timer};
 use crate::oracle::Oracle;
@@ -444,7 +444,8 @@ impl World {
         let mut rng = draws.clone();
         let plan = workload::plan(&mut rng, &self.params, &self.nodes[node].db, &mut self.fresh);
         let keys: Vec<i64> = plan.rows.iter().map(|r| r.key).collect();
-        if self.nodes[node].local_write_blocked(&keys) {
+        let trigger = self.cfg.bug != Some(PlantedBug::NoKeyLockTrigger);
+        if self.nodes[node].local_write_blocked(&keys, trigger) {
             self.stats.local_lock_waits += 1;
             let at = self.now + self.rng_work.range(1, self.params.lock_retry_max);
             self.push(

@@ -125,6 +125,9 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // it over the merge's metadata, and the row and its metadata disagree for good.
         (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400, 0..80),
         (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 0..80),
+        // Planted in the simulator's local writers (the service's trigger missing), beside the
+        // engine's key locks.
+        (PlantedBug::NoKeyLockTrigger, Invariant::Convergence, 400, 0..80),
         // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs and
         // more seeds (the first that catches it is 163 since the appliers run side by side).
         (PlantedBug::DropDeferred, Invariant::Convergence, 800, 0..240),

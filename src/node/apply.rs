@@ -93,6 +93,11 @@ impl Applier {
                 }
             }
         }
+        // The key-lock triggers leave this session's writes alone: it locks the keys it
+        // merges into itself (`key_locks`).
+        db.batch_execute(&format!("SET {} = on", key_locks::APPLYING_SETTING))
+            .await
+            .context("cannot mark the applier's session")?;
         let position: Option<PgLsn> = db
             .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
             .await?
@@ -186,8 +191,8 @@ impl Applier {
                     }
                     ApplyInput::Loaded(self.load(&machine, &keys, begin, guard, &slots).await?)
                 }
-                ApplyCommand::ProbeAndWait => {
-                    self.db.batch_execute("ROLLBACK TO SAVEPOINT accord_guard").await?;
+                ApplyCommand::ProbeAndWait { missing } => {
+                    self.lock_keys(&machine, &keys, &missing).await?;
                     let lsn = probe(&self.db).await?;
                     let waiting = tokio::time::Instant::now();
                     wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
@@ -279,27 +284,11 @@ impl Applier {
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
         let mut locks = Vec::with_capacity(groups.len());
-        // A new transaction's first load also locks the keys of the batch's missing rows (later
-        // loads are of parts of it, and a row it locked cannot go missing), with the same keys.
-        let mut key_params: Params = Vec::new();
         for (t, ords) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
             let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
-            if begin.is_some() {
-                key_params.extend(key_arrays(keys, &rows, t.key.len())?);
-            }
             locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
         }
-        let key_locks = match begin {
-            Some(_) => {
-                let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
-                Some((
-                    statements.get(db, &key_locks::lock_keys_sql(&tables)).await?,
-                    key_params,
-                ))
-            }
-            None => None,
-        };
         let load_metas = statements.get(db, store::LOAD_METAS_SQL).await?;
         let load_kept = statements.get(db, store::LOAD_DEFERRED_SQL).await?;
         let all: Vec<usize> = (0..slots.len()).collect();
@@ -329,10 +318,6 @@ impl Applier {
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {
-            queries.push(pipeline::query(db, statement, params));
-        }
-        // After every row lock and before the guard's savepoint (a rollback to it must keep them).
-        if let Some((statement, params)) = &key_locks {
             queries.push(pipeline::query(db, statement, params));
         }
         if guard {
@@ -374,6 +359,45 @@ impl Applier {
             loaded[ord].deferred.push(change);
         }
         Ok(loaded)
+    }
+
+    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and locks
+    /// the keys of `missing` slots in the transaction itself, outside any savepoint: a later
+    /// rollback to the guard's must keep them (locks taken in a subtransaction go with it).
+    async fn lock_keys(
+        &mut self,
+        machine: &BatchApply,
+        keys: &BTreeMap<usize, SlotKey>,
+        missing: &[usize],
+    ) -> Result<()> {
+        let db = &self.db;
+        let mut groups: Vec<(&TableDef, Vec<(usize, usize)>)> = Vec::new();
+        for (ord, &slot) in missing.iter().enumerate() {
+            let (t, _) = machine.slot(slot).context("the engine named an unknown slot")?;
+            match groups.iter_mut().find(|(g, _)| g.name == t.name) {
+                Some((_, rows)) => rows.push((ord, slot)),
+                None => groups.push((t, vec![(ord, slot)])),
+            }
+        }
+        let mut params: Params = Vec::new();
+        for (t, rows) in &groups {
+            params.extend(key_arrays(keys, rows, t.key.len())?);
+        }
+        let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
+        let statement = match tables.is_empty() {
+            true => None,
+            false => Some(self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?),
+        };
+        let mut queries = vec![pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard")];
+        if let Some(statement) = &statement {
+            queries.push(pipeline::command(db, "RELEASE SAVEPOINT accord_guard"));
+            queries.push(pipeline::query(db, statement, &params));
+            queries.push(pipeline::command(db, "SAVEPOINT accord_guard"));
+        }
+        pipeline::run_all(queries)
+            .await
+            .context("cannot lock the keys of rows missing from a batch")?;
+        Ok(())
     }
 
     /// Writes a part's rows under a savepoint: per table (in the order the part first wrote it)

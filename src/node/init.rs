@@ -6,6 +6,7 @@ use accord_schema_annotations::{Checked, SchemaPolicy};
 use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 
+use super::key_locks;
 use super::rows::{all_keys, quote_table};
 use super::store::{self, encode, key_text, PUBLICATION, SLOT};
 
@@ -110,6 +111,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;
+    key_locks::install_triggers(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?

@@ -1,67 +1,159 @@
-//! Locks on keys, rows or not, between appliers (ARCHITECTURE.md, "Apply").
+//! Locks on keys without rows, between appliers and local writers (ARCHITECTURE.md, "Apply").
 //!
-//! A missing row cannot be locked: two peers' appliers merging into one missing row both found
-//! no metadata, and the later commit overwrote the earlier's (a delta lost; the simulator found
-//! it once it ran the appliers side by side). So an apply transaction, once it has locked the
-//! rows that exist, takes an exclusive transaction-level advisory lock on the key of every row it
-//! found missing. Only those: the rows that exist are held by their row locks, and locking every
-//! key made two appliers of a node wait for each other on nearly every batch (the buckets below
-//! overlap), which doubled the mesh's lag in the comparison bench.
+//! A missing row cannot be locked. When a load finds rows missing, the engine has the apply lock
+//! their keys before it probes (`ApplyCommand::ProbeAndWait`), exclusively and for the rest of
+//! its transaction; a local insert of a key, or an update that changes a key, takes the same
+//! lock shared, from a trigger `accord init` installs on every replicated table. So a local
+//! write of such a key either committed before the lock, and so before the probe the capture
+//! reads past, or waits until the merge committed: it can no longer reach the capture after the
+//! merge's metadata and be read against it (the simulator found both, a local insert and delete
+//! during the probe's wait, and an insert committed just before a merge that wrote only a
+//! tombstone). And two peers' appliers merging into one missing row take turns: both found no
+//! metadata once, and the later commit overwrote the earlier's (a delta lost).
 //!
 //! The locks are buckets, not keys: PostgreSQL's lock table is shared and small (by default 64
 //! locks per connection for all of them), and one lock per key of a 2,000-change batch, times
-//! one applier per peer, would run it out ("out of shared memory"). A key's bucket is its
-//! table's name and PostgreSQL's own hash of the typed key values (`hash_record`, which hashes
-//! equal numerics alike), folded into [`BUCKETS`] locks of accord's advisory-lock class. Two
-//! keys in one bucket only make their appliers wait for each other.
+//! one applier per peer, or of a local bulk insert, would run it out ("out of shared memory").
+//! A key's bucket is its table's name and PostgreSQL's own hash of the typed key values
+//! (`hash_record`, which hashes equal numerics alike), folded into [`BUCKETS`] locks of
+//! accord's advisory-lock class. Two keys in one bucket only make their writers wait for each
+//! other.
+//!
+//! The appliers' own writes skip the trigger (`accord.applying`, set on their sessions): they
+//! lock what they insert into themselves, and a shared lock taken on the way would only add
+//! waits between them.
 
 use accord_engine::TableDef;
+use anyhow::{Context, Result};
+use tokio_postgres::GenericClient;
 
-use super::rows::{cast, key_join, quote_table, unnest};
+use super::rows::{cast, quote_ident, quote_table, unnest};
 
 /// accord's advisory-lock class ("acrd"): an application's own two-key advisory locks meet it
 /// only if they use the same class.
 const CLASS: i32 = 0x6163_7264;
 
-/// How many locks the keys of all replicated tables share. At most this many per apply
-/// transaction.
+/// How many locks the keys of all replicated tables share. At most this many per transaction.
 pub const BUCKETS: u32 = 256;
+
+/// Set to `on` on the appliers' sessions: their writes skip the key-lock trigger.
+pub const APPLYING_SETTING: &str = "accord.applying";
+
+/// The triggers, named to fire after the table's other `BEFORE` triggers (PostgreSQL fires them
+/// in name order), so that they lock the key those settled on.
+const INSERT_TRIGGER: &str = "zz_accord_key_lock_insert";
+const UPDATE_TRIGGER: &str = "zz_accord_key_lock_update";
 
 fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Locks the buckets of the keys of several tables that have no row, exclusively for the
-/// transaction, all in one statement and in bucket order, so that appliers do not deadlock on
-/// them (every applier takes its row locks before these). Parameters: per table in this order,
-/// those of [`super::rows::lock_rows_sql`] (ords, then one text array per key column).
+/// A key's bucket: `key` gives each key column's value as an SQL expression (text).
+fn bucket(table: &TableDef, key: impl Fn(usize, &str) -> String) -> String {
+    let values: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| cast(&key(i, &k.name), &k.ty))
+        .collect();
+    format!(
+        "(pg_catalog.hashtext({}) # pg_catalog.hash_record(ROW({}))) & {}",
+        literal(&table.name),
+        values.join(", "),
+        BUCKETS - 1
+    )
+}
+
+/// Locks the buckets of keys of several tables, exclusively for the transaction, all in one
+/// statement and in bucket order, so that appliers do not deadlock on them. Parameters: per
+/// table in this order, those of [`super::rows::lock_rows_sql`] (ords, then one text array per
+/// key column).
 pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
     let mut first = 1;
     let mut parts = Vec::with_capacity(tables.len());
     for table in tables {
-        let key: Vec<String> = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| cast(&format!("u.c{i}"), &k.ty))
-            .collect();
         parts.push(format!(
-            "SELECT (hashtext({}) # hash_record(ROW({}))) & {} AS bucket FROM {} \
-             WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
-            literal(&table.name),
-            key.join(", "),
-            BUCKETS - 1,
+            "SELECT {} AS bucket FROM {}",
+            bucket(table, |i, _| format!("u.c{i}")),
             unnest(first, table.key.len()),
-            quote_table(&table.name),
-            key_join(table)
         ));
         first += 1 + table.key.len();
     }
     format!(
-        "SELECT pg_advisory_xact_lock({CLASS}, s.bucket) FROM (SELECT DISTINCT b.bucket FROM ({}) AS b \
+        "SELECT pg_catalog.pg_advisory_xact_lock({CLASS}, s.bucket) FROM (SELECT DISTINCT b.bucket FROM ({}) AS b \
          ORDER BY 1) AS s",
         parts.join(" UNION ALL ")
     )
+}
+
+/// The trigger function of one table (named by its oid: a name made of the table's would not
+/// fit PostgreSQL's 63 bytes) and its two triggers: every insert, and updates that change the
+/// key, take their key's bucket shared.
+fn triggers_sql(table: &TableDef, oid: u32) -> String {
+    let function = format!("accord.key_lock_{oid}");
+    let target = quote_table(&table.name);
+    let new_key: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("NEW.{}", quote_ident(&k.name)))
+        .collect();
+    let old_key: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("OLD.{}", quote_ident(&k.name)))
+        .collect();
+    let bucket = bucket(table, |_, name| format!("NEW.{}", quote_ident(name)));
+    let comment = literal(&format!(
+        "accord: a local insert into {}, or a change of its key, waits while an apply merges into that key",
+        table.name
+    ));
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $accord$
+BEGIN
+    IF pg_catalog.current_setting('{APPLYING_SETTING}', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared({CLASS}, {bucket});
+    END IF;
+    RETURN NEW;
+END
+$accord$;
+COMMENT ON FUNCTION {function}() IS {comment};
+CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target}
+    FOR EACH ROW WHEN (ROW({}) IS DISTINCT FROM ROW({})) EXECUTE FUNCTION {function}();
+",
+        old_key.join(", "),
+        new_key.join(", "),
+    )
+}
+
+/// Installs the key-lock triggers on the replicated tables: all of them (`accord init`, whose
+/// policy may have changed a key), or only where they are missing (a node starting on a
+/// database initialised by an earlier version; creating a trigger waits for the table's
+/// writers, so a restart does not do it needlessly).
+pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], replace: bool) -> Result<usize> {
+    let mut installed = 0;
+    for table in tables {
+        let row = db
+            .query_one(
+                "SELECT c.oid, (SELECT count(*) FROM pg_catalog.pg_trigger AS t
+                                 WHERE t.tgrelid = c.oid AND t.tgname IN ($2, $3))
+                   FROM pg_catalog.pg_class AS c WHERE c.oid = $1::text::regclass",
+                &[&quote_table(&table.name), &INSERT_TRIGGER, &UPDATE_TRIGGER],
+            )
+            .await
+            .with_context(|| format!("cannot find table {}", table.name))?;
+        let oid: u32 = row.try_get(0)?;
+        let present: i64 = row.try_get(1)?;
+        if present == 2 && !replace {
+            continue;
+        }
+        db.batch_execute(&triggers_sql(table, oid))
+            .await
+            .with_context(|| format!("cannot install accord's key-lock triggers on {}", table.name))?;
+        installed += 1;
+    }
+    Ok(installed)
 }
 
 #[cfg(test)]
@@ -69,21 +161,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn missing_rows_keys_are_locked_by_bucket_of_their_typed_values_in_order() {
+    fn keys_are_locked_by_bucket_of_their_typed_values_in_order() {
         let table = crate::node::rows::tests::table();
         let sql = lock_keys_sql(&[&table, &table]);
         assert!(
-            sql.contains("(hashtext('s.t') # hash_record(ROW((u.c0)::text, (u.c1)::bigint))) & 255"),
+            sql.contains(
+                "(pg_catalog.hashtext('s.t') # pg_catalog.hash_record(ROW((u.c0)::text, (u.c1)::bigint))) & 255"
+            ),
             "{sql}"
         );
         // The second table's parameters follow the first's three.
         assert!(sql.contains("unnest($4::int4[], $5::text[], $6::text[])"), "{sql}");
         assert!(sql.contains("pg_advisory_xact_lock(1633907300, s.bucket)"), "{sql}");
         assert!(sql.contains("ORDER BY 1"), "{sql}");
-        assert!(
-            sql.contains("WHERE NOT EXISTS (SELECT 1 FROM \"s\".\"t\" AS t WHERE t.\"region\" = (u.c0)::text"),
-            "only missing rows' keys: {sql}"
-        );
         assert!(BUCKETS.is_power_of_two(), "the mask needs a power of two");
+    }
+
+    #[test]
+    fn the_trigger_takes_the_bucket_the_apply_locks_shared_unless_an_applier_writes() {
+        let table = crate::node::rows::tests::table();
+        let sql = triggers_sql(&table, 4242);
+        assert!(
+            sql.contains(
+                "pg_advisory_xact_lock_shared(1633907300, (pg_catalog.hashtext('s.t') # \
+                 pg_catalog.hash_record(ROW((NEW.\"region\")::text, (NEW.\"id\")::bigint))) & 255)"
+            ),
+            "the same typed values, table and class as the apply's: {sql}"
+        );
+        assert!(
+            sql.contains("current_setting('accord.applying', true) IS DISTINCT FROM 'on'"),
+            "{sql}"
+        );
+        assert!(sql.contains("BEFORE INSERT ON \"s\".\"t\""), "{sql}");
+        assert!(
+            sql.contains("WHEN (ROW(OLD.\"region\", OLD.\"id\") IS DISTINCT FROM ROW(NEW.\"region\", NEW.\"id\"))"),
+            "updates pay only when they change the key: {sql}"
+        );
+        assert!(sql.contains("accord.key_lock_4242()"), "{sql}");
     }
 }

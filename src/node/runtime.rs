@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::apply::{Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
 use super::init::{connect, load_policy};
+use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
 use super::store::{self, decode, StoreError};
 
@@ -200,6 +201,11 @@ where
     db.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;
+    // Nor the triggers that make local inserts wait for an apply that locked their key.
+    let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
+    if installed > 0 {
+        tracing::info!(tables = installed, "installed accord's key-lock triggers");
+    }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::new();
