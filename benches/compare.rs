@@ -7,6 +7,8 @@
 
 #[path = "compare/deploy.rs"]
 mod deploy;
+#[path = "compare/inserts.rs"]
+mod inserts;
 #[path = "compare/micro.rs"]
 mod micro;
 #[path = "compare/scenarios.rs"]
@@ -33,6 +35,9 @@ pub struct Opts {
     pub conflict_tx: u64,
     /// Transactions per node in the three-node scenario (2 clients each).
     pub mesh_tx: u64,
+    /// Single-row inserts per client and round, and rows per bulk insert, of the inserts scenario.
+    pub insert_tx: u64,
+    pub insert_bulk: u64,
     pub sim_seeds: u64,
     /// How often the lag pollers look for new markers.
     pub poll: Duration,
@@ -79,10 +84,10 @@ impl Opts {
                 _ => bail!("ACCORD_CMP_SYNC: {s:?} is neither off nor on"),
             }
         }
-        let scenarios = env_list("ACCORD_CMP_SCENARIOS", "drain,lag,conflict,mesh,micro");
+        let scenarios = env_list("ACCORD_CMP_SCENARIOS", "drain,lag,conflict,mesh,micro,inserts");
         for s in &scenarios {
-            if !["drain", "lag", "conflict", "mesh", "micro"].contains(&s.as_str()) {
-                bail!("ACCORD_CMP_SCENARIOS: unknown scenario {s:?} (drain, lag, conflict, mesh, micro)");
+            if !["drain", "lag", "conflict", "mesh", "micro", "inserts"].contains(&s.as_str()) {
+                bail!("ACCORD_CMP_SCENARIOS: unknown scenario {s:?} (drain, lag, conflict, mesh, micro, inserts)");
             }
         }
         Ok(Opts {
@@ -94,6 +99,8 @@ impl Opts {
             lag_tx: env_or("ACCORD_CMP_LAG_TX", pick(40_000, 8_000))?,
             conflict_tx: env_or("ACCORD_CMP_CONFLICT_TX", pick(20_000, 1_000))?,
             mesh_tx: env_or("ACCORD_CMP_MESH_TX", pick(10_000, 1_000))?,
+            insert_tx: env_or("ACCORD_CMP_INSERT_TX", pick(20_000, 2_000))?,
+            insert_bulk: env_or("ACCORD_CMP_INSERT_BULK", pick(200_000, 20_000))?,
             sim_seeds: env_or("ACCORD_CMP_SIM_SEEDS", pick(20, 3))?,
             poll: Duration::from_micros(env_or("ACCORD_CMP_POLL_US", 500)?),
             fsync: env_or::<String>("ACCORD_CMP_FSYNC", "on".into())? != "off",
@@ -163,10 +170,15 @@ impl Row {
     }
 
     pub fn micro(scenario: &str, figure: &str, value: f64, shown: String) -> Row {
+        Row::accord(&format!("5 {scenario}"), figure, value, shown)
+    }
+
+    /// A figure of accord alone, with nothing of the other systems to compare it to.
+    pub fn accord(scenario: &str, figure: &str, value: f64, shown: String) -> Row {
         Row {
             system: "accord".into(),
             sync: "-".into(),
-            scenario: format!("5 {scenario}"),
+            scenario: scenario.into(),
             figure: figure.into(),
             value: Some(value),
             shown,
@@ -424,6 +436,25 @@ async fn main() {
             Ok(Ok(r)) => rows.extend(r),
             Ok(Err(e)) => rows.push(Row::note(System::Accord, false, "5 micro", format!("failed: {e:#}"))),
             Err(e) => rows.push(Row::note(System::Accord, false, "5 micro", format!("panicked: {e}"))),
+        }
+    }
+    if opts.has("inserts") {
+        progress("local inserts beside accord's key-lock triggers".into());
+        let per_client = i64::try_from(opts.insert_tx).unwrap_or(i64::MAX);
+        let bulk = i64::try_from(opts.insert_bulk).unwrap_or(i64::MAX);
+        match inserts::run(per_client, bulk).await {
+            Ok(r) => {
+                for row in &r {
+                    progress(format!("  {}: {}", row.figure, row.shown));
+                }
+                rows.extend(r)
+            }
+            Err(e) => rows.push(Row::note(
+                System::Accord,
+                false,
+                "6 local inserts",
+                format!("failed: {e:#}"),
+            )),
         }
     }
     progress(format!("done in {:.1?}", started.elapsed()));

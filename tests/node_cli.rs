@@ -53,3 +53,102 @@ async fn init_prepares_a_database_once_and_refuses_mistakes() {
     let (ok, out) = accord(&["review", "resolve", "00000000000000ff", "--dsn", &dsn, "--pick", "1"]);
     assert!(!ok && out.contains("no review item 00000000000000ff"), "{out}");
 }
+
+/// The key-lock triggers `accord init` installs: a local insert takes its key's bucket shared,
+/// an update takes it only when it changes the key, an applier's session (`accord.applying`)
+/// takes none; the bucket is the one the apply locks for the same key. And a user's own
+/// `BEFORE` trigger that sets the key runs first, so the lock is on the key it set.
+#[tokio::test]
+async fn init_installs_triggers_that_lock_inserted_keys_the_way_the_apply_does() {
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let db = pg.create_database("shop").await;
+    db.batch_execute(SHOP).await.unwrap();
+    db.batch_execute(
+        "CREATE FUNCTION shop.shift_id() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.id := NEW.id + 1000; RETURN NEW; END $$;
+         CREATE TRIGGER shift_id BEFORE INSERT ON shop.users FOR EACH ROW EXECUTE FUNCTION shop.shift_id();",
+    )
+    .await
+    .unwrap();
+    let (ok, out) = accord(&["init", "--dsn", &pg.dsn("shop"), "--node-id", "1"]);
+    assert!(ok, "{out}");
+    // Buckets held by this session, as (bucket, mode).
+    let held = "SELECT objid::bigint, mode FROM pg_locks WHERE locktype = 'advisory' AND classid = 1633907300 \
+                AND pid = pg_backend_pid() ORDER BY 1, 2";
+    let bucket = |table: &str, key: i64| {
+        format!("SELECT ((hashtext('{table}') # hash_record(ROW(('{key}')::bigint))) & 255)::bigint")
+    };
+    let locks =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<(i64, String)> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
+    let bucket_of = |table: &'static str, key: i64| {
+        let db = &db;
+        async move { db.query_one(&bucket(table, key), &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    db.batch_execute("BEGIN; INSERT INTO shop.products (id, name) VALUES (7, 'seven')")
+        .await
+        .unwrap();
+    let expected = bucket_of("shop.products", 7).await;
+    assert_eq!(
+        locks(db.query(held, &[]).await.unwrap()),
+        vec![(expected, "ShareLock".to_owned())],
+        "the insert holds its key's bucket, shared"
+    );
+    db.batch_execute("COMMIT; BEGIN; UPDATE shop.products SET name = 'renamed' WHERE id = 7")
+        .await
+        .unwrap();
+    assert!(
+        db.query(held, &[]).await.unwrap().is_empty(),
+        "an update that keeps the key takes nothing"
+    );
+    db.batch_execute("COMMIT; BEGIN; UPDATE shop.products SET id = 8 WHERE id = 7")
+        .await
+        .unwrap();
+    let expected = bucket_of("shop.products", 8).await;
+    assert_eq!(
+        locks(db.query(held, &[]).await.unwrap()),
+        vec![(expected, "ShareLock".to_owned())],
+        "an update to a new key holds the new key's bucket"
+    );
+    db.batch_execute("COMMIT; BEGIN; INSERT INTO shop.users (id, email) VALUES (1, 'a@example.com')")
+        .await
+        .unwrap();
+    let expected = bucket_of("shop.users", 1001).await;
+    assert_eq!(
+        locks(db.query(held, &[]).await.unwrap()),
+        vec![(expected, "ShareLock".to_owned())],
+        "the key the user's own trigger set"
+    );
+    db.batch_execute(
+        "COMMIT; BEGIN; SET LOCAL accord.applying = on; INSERT INTO shop.products (id, name) VALUES (9, 'nine')",
+    )
+    .await
+    .unwrap();
+    assert!(
+        db.query(held, &[]).await.unwrap().is_empty(),
+        "an applier locks its keys itself"
+    );
+    db.batch_execute("COMMIT").await.unwrap();
+
+    // The apply's statement locks the same bucket for the same key.
+    let table = accord_engine::TableDef::new(
+        "shop.products",
+        vec![accord_engine::KeyColumn {
+            name: "id".into(),
+            ty: accord_engine::ColumnType::BigInt,
+        }],
+        Vec::new(),
+    )
+    .unwrap();
+    let sql = accord::node::key_locks::lock_keys_sql(&[&table]);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.query(&sql, &[&vec![0i32], &vec![Some("42".to_owned())]])
+        .await
+        .unwrap();
+    let expected = bucket_of("shop.products", 42).await;
+    assert_eq!(
+        locks(db.query(held, &[]).await.unwrap()),
+        vec![(expected, "ExclusiveLock".to_owned())]
+    );
+    db.batch_execute("COMMIT").await.unwrap();
+}
