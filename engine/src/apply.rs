@@ -53,6 +53,9 @@ pub enum PlantedBug {
     DoubleApply,
     /// Acknowledge what committed, flushed to disk or not (`AppliedPosition`).
     AckBeforeDurable,
+    /// Hand the applier batches cut anywhere, inside transactions too (`ApplyQueue`): a
+    /// receiver applies part of a source transaction, and readers there see it.
+    SplitTransactions,
     /// Take a batch that does not continue the applied position (the receiver's check in
     /// `Replication::received` and the apply's own): the changes in between are never applied.
     ApplyPastGap,
@@ -153,9 +156,13 @@ pub enum ApplyCommand {
     },
     /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
     /// may need to write it); lock the keys of the `missing` slots, whose rows the load did not
-    /// find, for the rest of the transaction (exclusively; local inserts and key updates take
-    /// the same locks shared, and other appliers take them too); then write a probe, and answer
-    /// [`ApplyInput::CaptureReached`] once the capture has read past it.
+    /// find, exclusively until the transaction ends (local inserts and key updates take the same
+    /// locks shared, and other appliers take them too); then write a probe, and answer
+    /// [`ApplyInput::CaptureReached`] once the capture has read past it. The locks are only
+    /// tried: if another transaction holds one, release them all and answer
+    /// [`ApplyInput::KeysBusy`] (the batch starts over after a pause, its row locks released).
+    /// Waiting for them instead closed deadlocks with local transactions that insert many rows,
+    /// taking the same locks in their own order.
     ///
     /// A missing row cannot be locked. Without the key locks, a local insert and delete of the
     /// key committed after the probe, or a local insert committed before this transaction does,
@@ -192,6 +199,10 @@ pub enum ApplyInput {
     },
     Loaded(Vec<LoadedRow>),
     CaptureReached {
+        now: u64,
+    },
+    /// Another transaction holds a key lock [`ApplyCommand::ProbeAndWait`] tried; none is held.
+    KeysBusy {
         now: u64,
     },
     Restarted {
@@ -595,6 +606,10 @@ impl BatchApply {
                 Ok(self.begin_attempt())
             }
             (Phase::Loading { part, slots, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, slots, guard, rows),
+            (Phase::Probing { .. }, ApplyInput::KeysBusy { now }) => {
+                self.check_time(now)?;
+                Ok(self.restart(false))
+            }
             (Phase::Probing { part, slots, suspects }, ApplyInput::CaptureReached { now }) => {
                 self.check_time(now)?;
                 self.attempt.waits += 1;
@@ -916,7 +931,7 @@ impl Phase {
         match self {
             Phase::Idle => "Start",
             Phase::Loading { .. } => "Loaded",
-            Phase::Probing { .. } => "CaptureReached",
+            Phase::Probing { .. } => "CaptureReached or KeysBusy",
             Phase::Restarting => "Restarted",
             Phase::Writing(_) => "Written",
             Phase::Recording => "Recorded",
@@ -932,6 +947,7 @@ impl ApplyInput {
             ApplyInput::Start { .. } => "Start",
             ApplyInput::Loaded(_) => "Loaded",
             ApplyInput::CaptureReached { .. } => "CaptureReached",
+            ApplyInput::KeysBusy { .. } => "KeysBusy",
             ApplyInput::Restarted { .. } => "Restarted",
             ApplyInput::Written(_) => "Written",
             ApplyInput::Recorded => "Recorded",

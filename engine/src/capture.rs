@@ -259,6 +259,8 @@ pub fn capture(
         origin: node,
         stamp,
         seq,
+        // A transaction of its own until the group writer knows the transaction's last.
+        tx_last: seq,
         row: after_state.clone(),
         closures,
     };

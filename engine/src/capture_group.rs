@@ -149,6 +149,7 @@ impl Capturer {
                 next.merged(stamp);
             }
             let local = next.is_capturing();
+            let first = changes.len();
             for (ri, row) in t.rows.iter().enumerate() {
                 let Some(table) = tables(&row.table) else { continue };
                 let slot = (row.table.clone(), row.change.key.clone());
@@ -180,6 +181,13 @@ impl Capturer {
                     change: captured.change,
                     had_metadata,
                 });
+            }
+            // Every change of the transaction names its last: receivers apply them together.
+            let made = &mut changes[first..];
+            if let Some(last) = made.last().map(|c| c.change.seq) {
+                for c in made {
+                    c.change.tx_last = last;
+                }
             }
             next.commit();
         }

@@ -51,6 +51,13 @@ pub struct CapturedChange {
     pub new: Option<Vec<Cell>>,
 }
 
+impl RowChange {
+    /// Whether this change is the last of its origin's transaction: a batch may end after it.
+    pub fn ends_transaction(&self) -> bool {
+        self.tx_last <= self.seq
+    }
+}
+
 /// A stamped change as one node sends it to the others: the origin's whole state of the row after
 /// the write, so that a receiver converges whatever it received before or receives after.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +70,11 @@ pub struct RowChange {
     pub stamp: Hlc,
     /// The origin's gapless sequence number for its outbound changes.
     pub seq: u64,
+    /// The sequence number of the last change of the origin's transaction that made this one:
+    /// a receiver applies a transaction's changes together or not at all. 0 on changes captured
+    /// before accord recorded it (each is then a transaction of its own).
+    #[serde(default)]
+    pub tx_last: u64,
     pub row: RowState,
     /// Review items this write closed on its origin (resolved or superseded). Every node records
     /// them, so the closed items are the same everywhere, whatever each node saw open.

@@ -5,6 +5,7 @@
 
 pub mod acknowledge;
 pub mod apply;
+pub mod apply_queue;
 pub mod capture;
 pub mod capture_group;
 pub mod capturer;
@@ -24,6 +25,7 @@ pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
     PlannedWrite, PlantedBug, Records, RowWrite, Verdict, WriteRefusal, Xid,
 };
+pub use apply_queue::{ApplyQueue, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};
 pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite};
 pub use capturer::{CaptureCheckpoint, Capturer};

@@ -86,6 +86,8 @@ struct Link {
     sent: Option<u64>,
     /// The last of the peer's changes handed to apply (applied, or being applied).
     received: u64,
+    /// The last change sent belongs to a transaction that ends at this one, later.
+    open_until: Option<u64>,
 }
 
 /// The replication links of one node.
@@ -122,6 +124,7 @@ impl Replication {
                     progress,
                     sent: None,
                     received: progress.applied,
+                    open_until: None,
                 };
                 (peer, link)
             })
@@ -220,13 +223,30 @@ impl Replication {
         let link = self.links.get_mut(&peer)?;
         let sent = link.sent?;
         let in_flight = sent - link.progress.acked;
-        let room = config.window.saturating_sub(in_flight).min(config.max_batch as u64);
+        let mut room = config.window.saturating_sub(in_flight);
+        if room == 0 {
+            // The peer applies whole transactions only: a full window that ends inside one
+            // would never be acknowledged. Send on to the transaction's end.
+            if let Some(end) = link.open_until.filter(|&end| end > sent) {
+                room = end - sent;
+            }
+        }
+        let room = room.min(config.max_batch as u64);
         let last = head.min(sent + room);
         if last <= sent {
             return None;
         }
         link.sent = Some(last);
         Some(sent + 1..=last)
+    }
+
+    /// The last change of the batch just sent to `peer` belongs to a transaction whose last
+    /// change is `tx_last` (`RowChange::tx_last`): if the window is full before it, sending goes
+    /// on to it.
+    pub fn sent_through(&mut self, peer: NodeId, tx_last: u64) {
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.open_until = Some(tx_last);
+        }
     }
 
     /// The peer acknowledged our changes up to `applied`.
@@ -342,6 +362,7 @@ mod tests {
             origin,
             stamp: Hlc::new(1_000 + seq, 0, origin),
             seq,
+            tx_last: seq,
             row: RowState::absent(),
             closures: Vec::new(),
         }
@@ -371,6 +392,25 @@ mod tests {
             "resent from the peer's durable position"
         );
         assert_eq!(a.prune_point(), 9);
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_window_is_sent_to_its_end() {
+        let mut a = Replication::new(A, config(), 0, 0, [(B, PeerProgress::default())]);
+        a.logged(15);
+        a.connected(B, 0).unwrap();
+        assert_eq!(a.next_batch(B), Some(1..=3));
+        a.sent_through(B, 14);
+        assert_eq!(a.next_batch(B), Some(4..=5), "window of 5 unacked");
+        a.sent_through(B, 14);
+        // The peer cannot acknowledge the transaction 3..=14 before it has all of it.
+        assert_eq!(a.next_batch(B), Some(6..=8));
+        assert_eq!(a.next_batch(B), Some(9..=11));
+        assert_eq!(a.next_batch(B), Some(12..=14));
+        a.sent_through(B, 14);
+        assert_eq!(a.next_batch(B), None, "its end: the window holds again");
+        a.acked(B, 14).unwrap();
+        assert_eq!(a.next_batch(B), Some(15..=15));
     }
 
     #[test]

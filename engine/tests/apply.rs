@@ -153,6 +153,15 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         panic!("expected a probe, got {probe:?}");
     };
     assert_eq!(locked, vec![0], "the missing row's key is locked before the probe");
+    // Another transaction holds the key's lock: the batch lets go of everything and starts
+    // over after a pause, rather than wait holding its row locks.
+    let mut busy = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    busy.step(ApplyInput::Start { now: 0 }).unwrap();
+    busy.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    assert!(matches!(
+        busy.step(ApplyInput::KeysBusy { now: 5 }).unwrap(),
+        ApplyCommand::Restart { probe: false, .. }
+    ));
     let again = m.step(ApplyInput::CaptureReached { now: 10 }).unwrap();
     assert!(matches!(
         again,

@@ -16,7 +16,7 @@
 //!   are those its statement's snapshot saw, at their latest versions, as `FOR UPDATE` returns
 //!   them after a wait;
 //! - before a probe, the keys of the rows the load found missing are locked (the service's
-//!   advisory key locks), in key order;
+//!   advisory key locks), or, if another applier holds one, none is and the batch starts over;
 //! - rolling back to the guard's savepoint releases the metadata locks, a restart all of them;
 //! - an insert of a key another applier wrote and has not committed waits for it, then is
 //!   refused as a duplicate if that one committed; metadata writes wait for its locks;
@@ -254,19 +254,20 @@ impl Applying {
                 ApplyCommand::ProbeAndWait { missing } => {
                     // Rolling back to the guard's savepoint releases the metadata locks.
                     self.meta_locks.clear();
-                    if let Some(holder) = self.lock_keys(others, &missing)? {
-                        return Ok(self.block(ApplyCommand::ProbeAndWait { missing }, holder));
+                    if !self.lock_keys(others, &missing)? {
+                        ApplyInput::KeysBusy { now }
+                    } else {
+                        self.probing(db, capture_read)?;
+                        // The probe is followed by a synchronous commit on another session, which
+                        // flushes the WAL (the walsender sends only flushed WAL).
+                        db.flush();
+                        // Nothing was written before the guard's savepoint.
+                        self.waiting = Waiting::Capture {
+                            lsn: db.wal_insert_lsn(),
+                            then: Resume::CaptureReached,
+                        };
+                        return Ok(Stop::Waiting);
                     }
-                    self.probing(db, capture_read)?;
-                    // The probe is followed by a synchronous commit on another session, which
-                    // flushes the WAL (the walsender sends only flushed WAL).
-                    db.flush();
-                    // Nothing was written before the guard's savepoint.
-                    self.waiting = Waiting::Capture {
-                        lsn: db.wal_insert_lsn(),
-                        then: Resume::CaptureReached,
-                    };
-                    return Ok(Stop::Waiting);
                 }
                 ApplyCommand::Restart { probe, pause_micros } => {
                     self.roll_back();
@@ -367,22 +368,16 @@ impl Applying {
         Ok(None)
     }
 
-    /// Locks the keys of `slots` for the transaction, in key order (the service's one statement
-    /// in bucket order). Returns the applier it must wait for, keeping the locks taken so far.
-    /// Local writers hold none while this waits: their transactions are atomic here.
-    fn lock_keys(&mut self, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
-        let mut keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
-        keys.sort_unstable();
-        for key in keys {
-            if self.key_locks.contains(&key) {
-                continue;
-            }
-            if let Some(other) = others.iter().find(|o| o.key_locks.contains(&key)) {
-                return Ok(Some(other.peer));
-            }
-            self.key_locks.insert(key);
+    /// Tries the locks of the keys of `slots` (the service's one statement of
+    /// `pg_try_advisory_lock`s): `false`, holding none of them, when another applier holds one.
+    /// Local writers hold none while this runs: their transactions are atomic here.
+    fn lock_keys(&mut self, others: &[&Applying], slots: &[usize]) -> Result<bool, DriverError> {
+        let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
+        if keys.iter().any(|k| others.iter().any(|o| o.key_locks.contains(k))) {
+            return Ok(false);
         }
-        Ok(None)
+        self.key_locks.extend(keys);
+        Ok(true)
     }
 
     /// An insert waits for another transaction's uncommitted write of the same key (the unique

@@ -173,6 +173,8 @@ pub enum PlantedBug {
     /// service's trigger is missing): a local insert and delete of a key committed after the
     /// probe are read by the capture against the merge's metadata.
     NoKeyLockTrigger,
+    /// The apply queue cuts batches inside transactions: a receiver commits part of one.
+    SplitTransactions,
     /// Acknowledge, say in hellos and in collection rounds what an apply committed, before it
     /// is on disk: a crash of the machine loses changes the peer has pruned.
     AckBeforeDurable,
@@ -182,7 +184,7 @@ pub enum PlantedBug {
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 9] = [
+    pub const ALL: [PlantedBug; 10] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -190,6 +192,7 @@ impl PlantedBug {
         PlantedBug::NoMissingRowWait,
         PlantedBug::DropDeferred,
         PlantedBug::NoKeyLockTrigger,
+        PlantedBug::SplitTransactions,
         PlantedBug::AckBeforeDurable,
         PlantedBug::ApplyPastGap,
     ];
@@ -203,6 +206,7 @@ impl PlantedBug {
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
             PlantedBug::DropDeferred => "drop-deferred",
             PlantedBug::NoKeyLockTrigger => "no-key-lock-trigger",
+            PlantedBug::SplitTransactions => "split-transactions",
             PlantedBug::AckBeforeDurable => "ack-before-durable",
             PlantedBug::ApplyPastGap => "apply-past-gap",
         }
@@ -217,6 +221,7 @@ impl PlantedBug {
             PlantedBug::NoMergedStamp => Some(Engine::NoMergedStamp),
             PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
+            PlantedBug::SplitTransactions => Some(Engine::SplitTransactions),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
             PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger => None,

@@ -7,13 +7,14 @@
 //!
 //! Only `db` survives a crash; `Volatile` is what the process holds in memory.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
-    AppliedPosition, ApplyInput, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind, CollectionState,
-    Collector, DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal, Replication,
-    ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, PROTOCOL_VERSION,
+    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
+    CollectionState, Collector, DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal,
+    Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, MAX_APPLY_BATCH,
+    PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -88,7 +89,7 @@ impl Timer {
 /// received and not applied yet, and the one being applied.
 #[derive(Debug, Default)]
 struct Applier {
-    queue: VecDeque<Vec<RowChange>>,
+    queue: ApplyQueue,
     applying: Option<Applying>,
     scheduled: bool,
     /// After a deadlock, the service pauses before it tries the batch again.
@@ -231,7 +232,11 @@ impl Node {
             replication,
             appliers: (0..self.nodes)
                 .filter(|&p| p != self.ix)
-                .map(|p| (p, Applier::default()))
+                .map(|p| {
+                    let mut applier = Applier::default();
+                    applier.queue.plant(planted);
+                    (p, applier)
+                })
                 .collect(),
             capture_scheduled: false,
             prune_scheduled: false,
@@ -340,7 +345,7 @@ impl Node {
             Some(Waiting::Until { at } | Waiting::RoundTrip { at }) => at.max(ctx.now),
             // The holder's release wakes it (`wake_lock_waiters`).
             Some(Waiting::Lock { .. }) => return,
-            None if applier.queue.is_empty() => return,
+            None if !applier.queue.has_batch() => return,
             None => (ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max)).max(applier.not_before),
         };
         if let Some(applier) = vol.appliers.get_mut(&peer) {
@@ -656,6 +661,9 @@ impl Node {
                 })?;
                 batch.push(change.clone());
             }
+            if let Some(last) = batch.last() {
+                vol.replication.sent_through(pid, last.tx_last);
+            }
             ctx.out.push(Output::Send {
                 to: peer,
                 msg: Message::Batch(batch),
@@ -726,7 +734,7 @@ impl Node {
                 }
                 if !batch.is_empty() {
                     if let Some(applier) = vol.appliers.get_mut(&peer) {
-                        applier.queue.push_back(batch);
+                        applier.queue.push(batch);
                     }
                     self.want_apply_of(ctx, peer);
                 }
@@ -819,7 +827,7 @@ impl Node {
                     self.want_apply_of(ctx, peer);
                     return Ok(());
                 }
-                let Some(batch) = applier.queue.pop_front() else {
+                let Some(batch) = applier.queue.next_batch(MAX_APPLY_BATCH) else {
                     return Ok(());
                 };
                 let pid = peer_id(peer);
@@ -898,7 +906,7 @@ impl Node {
             .applied(pid, last)
             .map_err(|e| engine_error("Replication::applied", e))?;
         // What may be acknowledged is what is on disk; an idle applier flushes to learn it.
-        let busy = vol.appliers.get(&peer).is_some_and(|a| !a.queue.is_empty());
+        let busy = vol.appliers.get(&peer).is_some_and(|a| a.queue.has_batch());
         if let Some(position) = vol.positions.get_mut(&pid) {
             if position.committed(last, busy, ctx.now) {
                 self.db.flush();
@@ -922,6 +930,9 @@ impl Node {
 
     /// What a committed apply transaction tells the oracle, the statistics and the review queue.
     fn finish_apply(&mut self, ctx: &mut Ctx, peer: usize, c: Committed) -> Result<(), Failure> {
+        if let Some(&(origin, seq)) = c.changes.last() {
+            ctx.oracle.committed_through(self.ix, origin, seq)?;
+        }
         ctx.stats.apply_txs += 1;
         ctx.stats.merges += c.merged.len() as u64;
         ctx.stats.conflicts += c.conflicts as u64;
@@ -1162,6 +1173,17 @@ fn capture_group(
         }
     }
 
+    // Which changes each local transaction made, as the simulator saw them committed.
+    let mut first = 0;
+    while let Some(c) = write.changes.get(first) {
+        let end = write.changes[first..]
+            .iter()
+            .take_while(|d| d.transaction == c.transaction)
+            .count();
+        let last = write.changes[first + end - 1].change.seq;
+        ctx.oracle.transaction_captured(ix, c.change.seq..=last);
+        first += end;
+    }
     // One transaction: outbound log, metadata, review queue, checkpoint.
     for c in &write.changes {
         match writes[c.transaction][c.row] {

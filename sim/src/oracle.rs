@@ -64,6 +64,9 @@ pub struct Oracle {
     seen: Vec<Vec<Vec<u32>>>,
     /// [origin][seq - 1] → the write.
     by_seq: Vec<Vec<WriteId>>,
+    /// [origin][seq - 1] → the last sequence number of the local transaction that made it, as
+    /// the simulator saw it committed (not the change's own `tx_last`).
+    transaction_end: Vec<Vec<u64>>,
     last_issued: Vec<Option<Hlc>>,
     max_merged: Vec<Option<Hlc>>,
     /// [node][origin] → the last of origin's sequence numbers the node applied.
@@ -81,6 +84,7 @@ impl Oracle {
             writes: Vec::new(),
             seen: vec![vec![vec![0; nodes]; keys]; nodes],
             by_seq: vec![Vec::new(); nodes],
+            transaction_end: vec![Vec::new(); nodes],
             last_issued: vec![None; nodes],
             max_merged: vec![None; nodes],
             applied: vec![vec![0; nodes]; nodes],
@@ -253,6 +257,32 @@ impl Oracle {
             );
         }
         *last = seq;
+        Ok(())
+    }
+
+    /// `origin`'s local transaction was captured as its changes `seqs`.
+    pub fn transaction_captured(&mut self, origin: usize, seqs: std::ops::RangeInclusive<u64>) {
+        let ends = &mut self.transaction_end[origin];
+        ends.resize(ends.len().max(*seqs.end() as usize), 0);
+        for seq in seqs.clone() {
+            ends[seq as usize - 1] = *seqs.end();
+        }
+    }
+
+    /// `node` committed an apply transaction whose last change of `origin` is `seq`: it must
+    /// end the origin's transaction, or a reader on `node` sees part of it.
+    pub fn committed_through(&self, node: usize, origin: NodeId, seq: u64) -> Result<(), Failure> {
+        let o = origin.0 as usize - 1;
+        let end = self.transaction_end[o].get(seq as usize - 1).copied().unwrap_or(0);
+        if end != seq {
+            return fail(
+                Invariant::Atomicity,
+                format!(
+                    "node {} committed node {origin}'s changes through {seq}, inside a transaction that ends at {end}",
+                    node + 1
+                ),
+            );
+        }
         Ok(())
     }
 

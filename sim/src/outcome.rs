@@ -18,6 +18,7 @@ pub enum Invariant {
     Liveness,
     Engine,
     Protocol,
+    Atomicity,
 }
 
 impl fmt::Display for Invariant {
@@ -35,6 +36,7 @@ impl fmt::Display for Invariant {
             Invariant::Liveness => "liveness",
             Invariant::Engine => "engine contract",
             Invariant::Protocol => "replication protocol",
+            Invariant::Atomicity => "atomicity (a source transaction applies whole)",
         })
     }
 }

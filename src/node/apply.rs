@@ -48,6 +48,8 @@ pub struct Applier {
     statements: Statements,
     /// The latest completed tombstone-collection round: tombstones it covers read as absent.
     cut: watch::Receiver<Option<StableCut>>,
+    /// The session holds key locks (`key_locks`), to release once the transaction ends.
+    keys_locked: bool,
 }
 
 /// A slot's key as text (accord's tables) and as parameters (the user's table).
@@ -113,6 +115,7 @@ impl Applier {
             applied: position.map(u64::from).unwrap_or(0),
             statements: Statements::default(),
             cut: watch::channel(None).1,
+            keys_locked: false,
         })
     }
 
@@ -192,15 +195,18 @@ impl Applier {
                     ApplyInput::Loaded(self.load(&machine, &keys, begin, guard, &slots).await?)
                 }
                 ApplyCommand::ProbeAndWait { missing } => {
-                    self.lock_keys(&machine, &keys, &missing).await?;
-                    let lsn = probe(&self.db).await?;
-                    let waiting = tokio::time::Instant::now();
-                    wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
-                    tracing::debug!(
-                        millis = waiting.elapsed().as_millis() as u64,
-                        "waited for the capture with the rows locked"
-                    );
-                    ApplyInput::CaptureReached { now: now() }
+                    if !self.lock_keys(&machine, &keys, &missing).await? {
+                        ApplyInput::KeysBusy { now: now() }
+                    } else {
+                        let lsn = probe(&self.db).await?;
+                        let waiting = tokio::time::Instant::now();
+                        wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
+                        tracing::debug!(
+                            millis = waiting.elapsed().as_millis() as u64,
+                            "waited for the capture with the rows locked"
+                        );
+                        ApplyInput::CaptureReached { now: now() }
+                    }
                 }
                 ApplyCommand::Restart {
                     probe: with_probe,
@@ -219,6 +225,7 @@ impl Applier {
                         .batch_execute("ROLLBACK; SELECT pg_replication_origin_xact_reset()")
                         .await
                         .context("cannot roll back a batch and reset its origin position")?;
+                    self.unlock_keys().await?;
                     match lsn {
                         Some(lsn) => wait_for_capture(&self.flusher, &mut self.capture, lsn).await?,
                         None => tokio::time::sleep(Duration::from_micros(pause_micros)).await,
@@ -239,7 +246,11 @@ impl Applier {
                         queries.push(pipeline::query(&self.db, &emit, params));
                     }
                     queries.push(pipeline::command(&self.db, "COMMIT"));
+                    if self.keys_locked {
+                        queries.push(pipeline::command(&self.db, key_locks::UNLOCK_SQL));
+                    }
                     pipeline::run_all(queries).await?;
+                    self.keys_locked = false;
                     ApplyInput::Committed
                 }
                 ApplyCommand::Done { applied, summary } => {
@@ -361,15 +372,15 @@ impl Applier {
         Ok(loaded)
     }
 
-    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and locks
-    /// the keys of `missing` slots in the transaction itself, outside any savepoint: a later
-    /// rollback to the guard's must keep them (locks taken in a subtransaction go with it).
+    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and tries
+    /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`). `false`: one was
+    /// busy, and none is held.
     async fn lock_keys(
         &mut self,
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         missing: &[usize],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let db = &self.db;
         let mut groups: Vec<(&TableDef, Vec<(usize, usize)>)> = Vec::new();
         for (ord, &slot) in missing.iter().enumerate() {
@@ -390,13 +401,35 @@ impl Applier {
         };
         let mut queries = vec![pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard")];
         if let Some(statement) = &statement {
-            queries.push(pipeline::command(db, "RELEASE SAVEPOINT accord_guard"));
             queries.push(pipeline::query(db, statement, &params));
-            queries.push(pipeline::command(db, "SAVEPOINT accord_guard"));
         }
-        pipeline::run_all(queries)
+        let results = pipeline::run_all(queries)
             .await
             .context("cannot lock the keys of rows missing from a batch")?;
+        let Some(rows) = results.get(1) else {
+            return Ok(true);
+        };
+        self.keys_locked = true;
+        let taken: Option<bool> = rows
+            .first()
+            .context("the key locks' statement returned no row")?
+            .try_get(0)?;
+        if taken == Some(false) {
+            self.unlock_keys().await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Releases the key locks this session holds, once its transaction ended.
+    async fn unlock_keys(&mut self) -> Result<()> {
+        if self.keys_locked {
+            self.db
+                .batch_execute(key_locks::UNLOCK_SQL)
+                .await
+                .context("cannot release the key locks")?;
+            self.keys_locked = false;
+        }
         Ok(())
     }
 

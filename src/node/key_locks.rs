@@ -1,9 +1,9 @@
 //! Locks on keys without rows, between appliers and local writers (ARCHITECTURE.md, "Apply").
 //!
 //! A missing row cannot be locked. When a load finds rows missing, the engine has the apply lock
-//! their keys before it probes (`ApplyCommand::ProbeAndWait`), exclusively and for the rest of
-//! its transaction; a local insert of a key, or an update that changes a key, takes the same
-//! lock shared, from triggers `accord init` installs on every replicated table. So a local
+//! their keys before it probes (`ApplyCommand::ProbeAndWait`), exclusively and until its
+//! transaction ends (or it starts over, if one is busy); a local insert of a key, or an update
+//! that changes a key, takes the same lock shared, from triggers `accord init` installs on every replicated table. So a local
 //! write of such a key either committed before the lock, and so before the probe the capture
 //! reads past, or waits until the merge committed: it can no longer reach the capture after the
 //! merge's metadata and be read against it (the simulator found both, a local insert and delete
@@ -64,10 +64,15 @@ fn bucket(table: &TableDef, key: impl Fn(usize, &str) -> String) -> String {
     )
 }
 
-/// Locks the buckets of keys of several tables, exclusively for the transaction, all in one
-/// statement and in bucket order, so that appliers do not deadlock on them. Parameters: per
-/// table in this order, those of [`super::rows::lock_rows_sql`] (ords, then one text array per
-/// key column).
+/// Tries to lock the buckets of keys of several tables, exclusively, as session locks (released
+/// by [`UNLOCK_SQL`] after the transaction ends, or if any is busy), all in one statement and in
+/// bucket order. Returns one row: whether every lock was taken (NULL when there were none).
+/// Parameters: per table in this order, those of [`super::rows::lock_rows_sql`] (ords, then one
+/// text array per key column).
+///
+/// Tried, not waited for: a local transaction inserting many rows takes these buckets shared in
+/// its own order, and an applier waiting for one while holding others deadlocked with it.
+/// Session locks, because a transaction's own cannot be let go before it ends.
 pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
     let mut first = 1;
     let mut parts = Vec::with_capacity(tables.len());
@@ -80,16 +85,20 @@ pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
         first += 1 + table.key.len();
     }
     format!(
-        "SELECT pg_catalog.pg_advisory_xact_lock({CLASS}, s.bucket) FROM (SELECT DISTINCT b.bucket FROM ({}) AS b \
-         ORDER BY 1) AS s",
+        "SELECT bool_and(pg_catalog.pg_try_advisory_lock({CLASS}, s.bucket)) FROM \
+         (SELECT DISTINCT b.bucket FROM ({}) AS b ORDER BY 1) AS s",
         parts.join(" UNION ALL ")
     )
 }
 
+/// Releases the key locks of an applier's session (it takes no other session-level advisory
+/// locks).
+pub const UNLOCK_SQL: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
+
 /// The function the triggers name. It does nothing: the lock is taken in the triggers' `WHEN`
 /// conditions, which PostgreSQL evaluates as an expression, without calling a function per row
-/// (a PL/pgSQL trigger that took the lock itself made a bulk insert 3.4 times slower; measured
-/// by the bench `compare`'s inserts scenario). The lock function returns `void`, never NULL, so
+/// (a PL/pgSQL trigger that took the lock itself made a bulk insert 3.4 times slower, this one
+/// 1.3 times; measured by the bench `compare`'s inserts scenario). The lock function returns `void`, never NULL, so
 /// the condition is false and the function is not called.
 const NOTHING_FUNCTION: &str = "
 CREATE OR REPLACE FUNCTION accord.key_lock_taken() RETURNS trigger LANGUAGE plpgsql AS $accord$
@@ -182,7 +191,10 @@ mod tests {
         );
         // The second table's parameters follow the first's three.
         assert!(sql.contains("unnest($4::int4[], $5::text[], $6::text[])"), "{sql}");
-        assert!(sql.contains("pg_advisory_xact_lock(1633907300, s.bucket)"), "{sql}");
+        assert!(
+            sql.contains("bool_and(pg_catalog.pg_try_advisory_lock(1633907300, s.bucket))"),
+            "{sql}"
+        );
         assert!(sql.contains("ORDER BY 1"), "{sql}");
         assert!(BUCKETS.is_power_of_two(), "the mask needs a power of two");
     }

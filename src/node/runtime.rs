@@ -2,13 +2,13 @@
 //! the network. The loop owns the engine's `Replication` state machine; everything it decides, the
 //! loop carries out with PostgreSQL and the network.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    AppliedPosition, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
-    ReplicationConfig, RowChange, StableCut, PROTOCOL_VERSION,
+    AppliedPosition, ApplyQueue, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
+    ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -401,17 +401,15 @@ async fn apply_worker(
     }
 }
 
-/// Most changes one apply transaction takes from queued batches.
-const MAX_JOINED_BATCH: usize = 2_000;
-
 /// Appends `next` to `batch` when it continues it and the two fit in one apply transaction;
-/// otherwise hands `next` back.
+/// otherwise hands `next` back. Both hold whole transactions (`ApplyQueue`), and a batch of one
+/// transaction may be larger.
 fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result::Result<(), Vec<RowChange>> {
     let continues = match (batch.last(), next.first()) {
         (Some(last), Some(first)) => first.seq == last.seq + 1,
         _ => true,
     };
-    if !continues || batch.len() + next.len() > MAX_JOINED_BATCH {
+    if !continues || batch.len() + next.len() > MAX_APPLY_BATCH {
         return Err(next);
     }
     batch.extend(next);
@@ -499,7 +497,7 @@ struct Loop {
     stats: BTreeMap<NodeId, PeerStatus>,
     captured: u64,
     persisted_acks: BTreeMap<NodeId, u64>,
-    pending_apply: BTreeMap<NodeId, VecDeque<Vec<RowChange>>>,
+    pending_apply: BTreeMap<NodeId, ApplyQueue>,
     pending_acks: BTreeMap<NodeId, Message>,
     pending_refusals: Vec<(NodeId, u64, Message)>,
     /// The current connection to each connected peer.
@@ -640,18 +638,7 @@ impl Loop {
                         };
                         self.pending_acks.insert(peer, Message::Ack { applied });
                     }
-                    Ok(fresh) => {
-                        let pending = self.pending_apply.entry(peer).or_default();
-                        let fresh = fresh.to_vec();
-                        match pending.back_mut() {
-                            Some(last) => {
-                                if let Err(fresh) = join_batches(last, fresh) {
-                                    pending.push_back(fresh);
-                                }
-                            }
-                            None => pending.push_back(fresh),
-                        }
-                    }
+                    Ok(fresh) => self.pending_apply.entry(peer).or_default().push(fresh.iter().cloned()),
                     Err(error) => {
                         tracing::error!(%peer, %error, "refusing a batch; dropping the connection state");
                         self.links.remove(&peer);
@@ -707,17 +694,17 @@ impl Loop {
         !self.pending_collection.is_empty()
             || !self.pending_acks.is_empty()
             || !self.pending_refusals.is_empty()
-            || self.pending_apply.values().any(|q| !q.is_empty())
+            || self.pending_apply.values().any(ApplyQueue::has_batch)
     }
 
-    /// Hands received batches to the appliers, as far as their queues have room.
+    /// Hands received transactions to the appliers, as far as their queues have room.
     fn flush_apply(&mut self) -> Result<()> {
         for (peer, pending) in &mut self.pending_apply {
             let Some(queue) = self.apply_queues.get(peer) else {
                 pending.clear();
                 continue;
             };
-            while let Some(batch) = pending.pop_front() {
+            while let Some(batch) = pending.next_batch(MAX_APPLY_BATCH) {
                 match queue.try_send(batch) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(batch)) => {
@@ -778,6 +765,9 @@ impl Loop {
                     break;
                 };
                 let changes = self.read_outbound(*range.start(), *range.end()).await?;
+                if let Some(last) = changes.last() {
+                    self.replication.sent_through(peer, last.tx_last);
+                }
                 permit.send(Outgoing {
                     peer,
                     link,
@@ -1049,6 +1039,7 @@ mod tests {
             origin: NodeId(2),
             stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
             seq,
+            tx_last: seq,
             row: RowState::absent(),
             closures: Vec::new(),
         })
@@ -1071,16 +1062,12 @@ mod tests {
         assert_eq!(seqs(&back), [5, 6]);
         assert!(join_batches(&mut joined, batch(7..=7)).is_err(), "a gap stays apart");
 
-        let mut big = batch(1..=MAX_JOINED_BATCH as u64 - 1);
-        assert!(join_batches(&mut big, batch(MAX_JOINED_BATCH as u64..=MAX_JOINED_BATCH as u64)).is_ok());
+        let mut big = batch(1..=MAX_APPLY_BATCH as u64 - 1);
+        assert!(join_batches(&mut big, batch(MAX_APPLY_BATCH as u64..=MAX_APPLY_BATCH as u64)).is_ok());
         assert!(
-            join_batches(
-                &mut big,
-                batch(MAX_JOINED_BATCH as u64 + 1..=MAX_JOINED_BATCH as u64 + 1)
-            )
-            .is_err(),
+            join_batches(&mut big, batch(MAX_APPLY_BATCH as u64 + 1..=MAX_APPLY_BATCH as u64 + 1)).is_err(),
             "a full batch takes no more"
         );
-        assert_eq!(big.len(), MAX_JOINED_BATCH);
+        assert_eq!(big.len(), MAX_APPLY_BATCH);
     }
 }

@@ -109,6 +109,7 @@ pub fn padded_change(origin: NodeId, seq: u64, pad: usize) -> RowChange {
         // Long past: the receiver's clock-offset check only refuses stamps from the future.
         stamp: Hlc::new(1_000_000 + seq, 0, origin),
         seq,
+        tx_last: seq,
         row: RowState::absent(),
         closures: Vec::new(),
     }
