@@ -65,7 +65,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
     captured.inc_by(status.captured);
     registry.register("captured", "Local changes captured since the node started", captured);
 
-    let peer_gauges: [PeerFigure<f64>; 8] = [
+    let peer_gauges: [PeerFigure<f64>; 9] = [
         ("peer_connected", "1 when the peer is connected", |p| {
             f64::from(u8::from(p.connected))
         }),
@@ -83,6 +83,11 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_inbound_lag_changes",
             "The peer's changes not applied here yet",
             |p| p.inbound_lag_changes as f64,
+        ),
+        (
+            "peer_incomplete_transaction_changes",
+            "The peer's changes held here until the rest of their transaction arrives",
+            |p| p.incomplete_transaction_changes as f64,
         ),
         (
             "peer_inbound_lag_seconds",
@@ -212,6 +217,13 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
             "  from peer:    {} changes waiting, {} behind; {:.0} applied/s, {} applied since start",
             p.inbound_lag_changes, inbound_secs, p.applied_per_sec, p.applied_changes
         );
+        if p.incomplete_transaction_changes > 0 {
+            let _ = writeln!(
+                out,
+                "  held:         {} changes of a transaction still arriving (applied whole)",
+                p.incomplete_transaction_changes
+            );
+        }
         let kinds = conflict_kinds(p)
             .iter()
             .map(|(k, n)| format!("{k} {n}"))
@@ -285,6 +297,7 @@ mod tests {
             applied_changes: 900,
             applied_per_sec: 120.0,
             parked: 1,
+            incomplete_transaction_changes: 300,
             ..PeerStatus::default()
         };
         p.conflicts.concurrent_update = 4;
@@ -308,6 +321,7 @@ mod tests {
             "accord_peer_connected{peer=\"3\"} 0.0",
             "accord_peer_unacked_changes{peer=\"2\"} 7.0",
             "accord_peer_inbound_lag_seconds{peer=\"2\"} 1.5",
+            "accord_peer_incomplete_transaction_changes{peer=\"2\"} 300.0",
             "accord_peer_applied_total{peer=\"2\"} 900",
             "accord_conflicts_total{peer=\"2\",kind=\"concurrent_update\"} 4",
         ] {
@@ -327,6 +341,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("concurrent_update 4"), "{text}");
+        assert!(
+            text.contains("held:         300 changes of a transaction still arriving"),
+            "{text}"
+        );
+        assert!(!text.contains("peer 3: NOT CONNECTED since start\n  held"), "{text}");
     }
 
     #[test]

@@ -78,6 +78,16 @@ impl ApplyQueue {
             || (self.planted == Some(PlantedBug::SplitTransactions) && !self.changes.is_empty())
     }
 
+    /// The changes after the last complete transaction: held until the rest arrives.
+    pub fn incomplete(&self) -> usize {
+        let complete = self
+            .changes
+            .iter()
+            .rposition(RowChange::ends_transaction)
+            .map_or(0, |i| i + 1);
+        self.changes.len() - complete
+    }
+
     pub fn len(&self) -> usize {
         self.changes.len()
     }
@@ -132,6 +142,7 @@ mod tests {
         q.push(t[..3].to_vec());
         assert!(q.next_batch(2).is_none(), "the transaction is not complete");
         assert!(!q.has_batch());
+        assert_eq!(q.incomplete(), 3);
         q.push(t[3..].to_vec());
         q.push(tx(6..=6));
         q.push(tx(7..=8));

@@ -69,6 +69,9 @@ pub struct PeerStatus {
     pub conflicts: ConflictCounts,
     /// Times an apply waited for the capture (a local write raced a merge).
     pub capture_waits: u64,
+    /// The peer's changes received and held in memory until the rest of their transaction
+    /// arrives (a transaction is applied whole).
+    pub incomplete_transaction_changes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -1015,6 +1018,7 @@ impl Loop {
                 s.last_applied_micros.map(|t| now.saturating_sub(t) as f64 / 1e6)
             };
             s.applied_per_sec = self.slow.applied_per_sec.get(&peer).copied().unwrap_or(0.0);
+            s.incomplete_transaction_changes = self.pending_apply.get(&peer).map_or(0, |q| q.incomplete() as u64);
             status.peers.insert(peer, s);
         }
         self.status.send_if_modified(|old| {
