@@ -78,57 +78,51 @@ async fn init_installs_triggers_that_lock_inserted_keys_the_way_the_apply_does()
     let bucket = |table: &str, key: i64| {
         format!("SELECT ((hashtext('{table}') # hash_record(ROW(('{key}')::bigint))) & 255)::bigint")
     };
-    let locks =
-        |rows: Vec<tokio_postgres::Row>| -> Vec<(i64, String)> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
     let bucket_of = |table: &'static str, key: i64| {
         let db = &db;
         async move { db.query_one(&bucket(table, key), &[]).await.unwrap().get::<_, i64>(0) }
     };
+    // Runs `sql` in a new transaction and returns the buckets it holds, as (bucket, mode).
+    let held_after = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.batch_execute(&format!("BEGIN; {sql}")).await.unwrap();
+            let rows = db.query(held, &[]).await.unwrap();
+            db.batch_execute("COMMIT").await.unwrap();
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect::<Vec<(i64, String)>>()
+        }
+    };
+    let shared = |bucket: i64| vec![(bucket, "ShareLock".to_owned())];
 
-    db.batch_execute("BEGIN; INSERT INTO shop.products (id, name) VALUES (7, 'seven')")
-        .await
-        .unwrap();
-    let expected = bucket_of("shop.products", 7).await;
     assert_eq!(
-        locks(db.query(held, &[]).await.unwrap()),
-        vec![(expected, "ShareLock".to_owned())],
+        held_after("INSERT INTO shop.products (id, name) VALUES (7, 'seven')").await,
+        shared(bucket_of("shop.products", 7).await),
         "the insert holds its key's bucket, shared"
     );
-    db.batch_execute("COMMIT; BEGIN; UPDATE shop.products SET name = 'renamed' WHERE id = 7")
-        .await
-        .unwrap();
     assert!(
-        db.query(held, &[]).await.unwrap().is_empty(),
+        held_after("UPDATE shop.products SET name = 'renamed' WHERE id = 7")
+            .await
+            .is_empty(),
         "an update that keeps the key takes nothing"
     );
-    db.batch_execute("COMMIT; BEGIN; UPDATE shop.products SET id = 8 WHERE id = 7")
-        .await
-        .unwrap();
-    let expected = bucket_of("shop.products", 8).await;
     assert_eq!(
-        locks(db.query(held, &[]).await.unwrap()),
-        vec![(expected, "ShareLock".to_owned())],
+        held_after("UPDATE shop.products SET id = 8 WHERE id = 7").await,
+        shared(bucket_of("shop.products", 8).await),
         "an update to a new key holds the new key's bucket"
     );
-    db.batch_execute("COMMIT; BEGIN; INSERT INTO shop.users (id, email) VALUES (1, 'a@example.com')")
-        .await
-        .unwrap();
-    let expected = bucket_of("shop.users", 1001).await;
     assert_eq!(
-        locks(db.query(held, &[]).await.unwrap()),
-        vec![(expected, "ShareLock".to_owned())],
+        held_after("INSERT INTO shop.users (id, email) VALUES (1, 'a@example.com')").await,
+        shared(bucket_of("shop.users", 1001).await),
         "the key the user's own trigger set"
     );
-    db.batch_execute(
-        "COMMIT; BEGIN; SET LOCAL accord.applying = on; INSERT INTO shop.products (id, name) VALUES (9, 'nine')",
-    )
-    .await
-    .unwrap();
     assert!(
-        db.query(held, &[]).await.unwrap().is_empty(),
+        held_after("SET LOCAL accord.applying = on; INSERT INTO shop.products (id, name) VALUES (9, 'nine')")
+            .await
+            .is_empty(),
         "an applier locks its keys itself"
     );
-    db.batch_execute("COMMIT").await.unwrap();
 
     // The apply's statement locks the same bucket for the same key.
     let table = accord_engine::TableDef::new(
@@ -141,14 +135,22 @@ async fn init_installs_triggers_that_lock_inserted_keys_the_way_the_apply_does()
     )
     .unwrap();
     let sql = accord::node::key_locks::lock_keys_sql(&[&table]);
+    let held_now = || async {
+        let rows = db.query(held, &[]).await.unwrap();
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect::<Vec<(i64, String)>>()
+    };
     db.batch_execute("BEGIN").await.unwrap();
-    db.query(&sql, &[&vec![0i32], &vec![Some("42".to_owned())]])
+    let taken: Option<bool> = db
+        .query_one(&sql, &[&vec![0i32], &vec![Some("42".to_owned())]])
         .await
-        .unwrap();
-    let expected = bucket_of("shop.products", 42).await;
-    assert_eq!(
-        locks(db.query(held, &[]).await.unwrap()),
-        vec![(expected, "ExclusiveLock".to_owned())]
-    );
+        .unwrap()
+        .get(0);
+    assert_eq!(taken, Some(true));
     db.batch_execute("COMMIT").await.unwrap();
+    let exclusive = vec![(bucket_of("shop.products", 42).await, "ExclusiveLock".to_owned())];
+    assert_eq!(held_now().await, exclusive, "held past the commit, until released");
+    db.batch_execute(accord::node::key_locks::UNLOCK_SQL).await.unwrap();
+    assert!(held_now().await.is_empty());
 }

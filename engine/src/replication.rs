@@ -206,6 +206,7 @@ impl Replication {
         link.progress.acked = applied_yours.min(head);
         link.sent = Some(link.progress.acked);
         link.received = link.progress.applied;
+        link.open_until = None;
         Ok(())
     }
 
@@ -213,6 +214,7 @@ impl Replication {
         if let Some(link) = self.links.get_mut(&peer) {
             link.sent = None;
             link.received = link.progress.applied;
+            link.open_until = None;
         }
     }
 

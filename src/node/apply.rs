@@ -169,6 +169,14 @@ impl Applier {
 
     /// Applies what of `changes` was not applied yet. Returns the new applied position.
     pub async fn apply(&mut self, changes: &[RowChange]) -> Result<(u64, ApplySummary)> {
+        // An attempt that failed midway may have left its key locks on this session.
+        if self.keys_locked {
+            self.db
+                .batch_execute("ROLLBACK")
+                .await
+                .context("cannot end a failed batch's transaction")?;
+            self.unlock_keys().await?;
+        }
         let fresh: Vec<RowChange> = changes.iter().filter(|c| c.seq > self.applied).cloned().collect();
         let cut = self.cut.borrow().clone();
         let mut machine = BatchApply::new(
@@ -279,15 +287,7 @@ impl Applier {
     ) -> Result<Vec<LoadedRow>> {
         let key = |slot: usize| keys.get(&slot).context("a slot without its key");
         let table = |slot: usize| machine.slot(slot).map(|(t, _)| t).context("an unknown slot");
-        // Slots come in lock order: consecutive per table.
-        let mut groups: Vec<(&TableDef, Vec<usize>)> = Vec::new();
-        for (ord, &slot) in slots.iter().enumerate() {
-            let t = table(slot)?;
-            match groups.last_mut() {
-                Some((last, ords)) if last.name == t.name => ords.push(ord),
-                _ => groups.push((t, vec![ord])),
-            }
-        }
+        let groups = table_groups(machine, slots)?;
         let db = &self.db;
         let statements = &mut self.statements;
         let setup = statements
@@ -295,10 +295,9 @@ impl Applier {
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
         let mut locks = Vec::with_capacity(groups.len());
-        for (t, ords) in &groups {
+        for (t, rows) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
-            let rows: Vec<(usize, usize)> = ords.iter().map(|&o| (o, slots[o])).collect();
-            locks.push((statement, key_arrays(keys, &rows, t.key.len())?));
+            locks.push((statement, key_arrays(keys, rows, t.key.len())?));
         }
         let load_metas = statements.get(db, store::LOAD_METAS_SQL).await?;
         let load_kept = statements.get(db, store::LOAD_DEFERRED_SQL).await?;
@@ -382,14 +381,7 @@ impl Applier {
         missing: &[usize],
     ) -> Result<bool> {
         let db = &self.db;
-        let mut groups: Vec<(&TableDef, Vec<(usize, usize)>)> = Vec::new();
-        for (ord, &slot) in missing.iter().enumerate() {
-            let (t, _) = machine.slot(slot).context("the engine named an unknown slot")?;
-            match groups.iter_mut().find(|(g, _)| g.name == t.name) {
-                Some((_, rows)) => rows.push((ord, slot)),
-                None => groups.push((t, vec![(ord, slot)])),
-            }
-        }
+        let groups = table_groups(machine, missing)?;
         let mut params: Params = Vec::new();
         for (t, rows) in &groups {
             params.extend(key_arrays(keys, rows, t.key.len())?);
@@ -403,13 +395,14 @@ impl Applier {
         if let Some(statement) = &statement {
             queries.push(pipeline::query(db, statement, &params));
         }
+        // Set before the statement runs: it may take some of them and then fail.
+        self.keys_locked |= statement.is_some();
         let results = pipeline::run_all(queries)
             .await
             .context("cannot lock the keys of rows missing from a batch")?;
         let Some(rows) = results.get(1) else {
             return Ok(true);
         };
-        self.keys_locked = true;
         let taken: Option<bool> = rows
             .first()
             .context("the key locks' statement returned no row")?
@@ -598,6 +591,22 @@ struct WriteStatement {
     writes: Vec<usize>,
     /// Whether it returns each row's new xmin (an insert or update) or only its ord (a delete).
     returns_xmin: bool,
+}
+
+/// One table's slots of a command, as (ord, slot).
+type TableGroup<'m> = (&'m TableDef, Vec<(usize, usize)>);
+
+/// The slots per table: the engine names slots in lock order, consecutive per table.
+fn table_groups<'m>(machine: &'m BatchApply, slots: &[usize]) -> Result<Vec<TableGroup<'m>>> {
+    let mut groups: Vec<TableGroup<'m>> = Vec::new();
+    for (ord, &slot) in slots.iter().enumerate() {
+        let (t, _) = machine.slot(slot).context("the engine named an unknown slot")?;
+        match groups.last_mut() {
+            Some((last, rows)) if last.name == t.name => rows.push((ord, slot)),
+            _ => groups.push((t, vec![(ord, slot)])),
+        }
+    }
+    Ok(groups)
 }
 
 /// Parameters that name rows: their ords, then one text array per key column. `rows`: (ord,
