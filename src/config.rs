@@ -54,6 +54,11 @@ max_clock_offset_ms = 500
 # How often the node with the lowest id starts a round of tombstone collection (deleted rows'
 # metadata is dropped once every node has acknowledged the deletes; ARCHITECTURE.md).
 tombstone_round_secs = 60
+# A node applies another's transaction only after the transactions that one had applied before
+# it (its rows carry their effects), so that no reader sees part of a third node's transaction.
+# While the node those come from is unreachable, it waits at most this long, then applies anyway
+# so that the nodes that are up keep replicating (accord status counts it).
+causal_wait_ms = 10000
 # synchronous_commit of apply transactions. Off, like PostgreSQL's own subscription workers: a
 # server crash may lose the last applied batches, which peers then resend.
 synchronous_commit = false
@@ -122,6 +127,7 @@ struct ReplicationFile {
     window: u64,
     max_clock_offset_ms: u64,
     tombstone_round_secs: u64,
+    causal_wait_ms: u64,
     synchronous_commit: bool,
 }
 
@@ -133,6 +139,7 @@ impl Default for ReplicationFile {
             window: d.window,
             max_clock_offset_ms: d.max_offset_micros / 1000,
             tombstone_round_secs: d.tombstone_round_micros / 1_000_000,
+            causal_wait_ms: d.causal_wait_micros / 1000,
             synchronous_commit: false,
         }
     }
@@ -319,11 +326,18 @@ impl ServiceConfig {
                 "must be between 1 and 2592000 (30 days)".into(),
             ));
         }
+        if r.causal_wait_ms > 86_400_000 {
+            return Err(invalid(
+                "replication.causal_wait_ms",
+                "must be at most 86400000 (a day)".into(),
+            ));
+        }
         let replication = ReplicationConfig {
             max_batch: r.max_batch,
             window: r.window,
             max_offset_micros: r.max_clock_offset_ms * 1000,
             tombstone_round_micros: r.tombstone_round_secs * 1_000_000,
+            causal_wait_micros: r.causal_wait_ms * 1000,
         };
 
         let metrics = file

@@ -119,7 +119,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
         }
         registry.register(name, help, family);
     }
-    let peer_counters: [PeerFigure<u64>; 3] = [
+    let peer_counters: [PeerFigure<u64>; 4] = [
         (
             "peer_applied",
             "Changes applied from the peer since the node started",
@@ -134,6 +134,11 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_capture_waits",
             "Applies that waited for the capture of a racing local write",
             |p| p.capture_waits,
+        ),
+        (
+            "peer_causal_waivers",
+            "The peer's transactions applied before what they built on, its node being unreachable",
+            |p| p.causal_waivers,
         ),
     ];
     for (name, help, read) in peer_counters {
@@ -217,6 +222,19 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
             "  from peer:    {} changes waiting, {} behind; {:.0} applied/s, {} applied since start",
             p.inbound_lag_changes, inbound_secs, p.applied_per_sec, p.applied_changes
         );
+        if let Some((node, through)) = p.waiting_for {
+            let _ = writeln!(
+                out,
+                "  held:         next transaction waits for node {node}'s changes through {through} (it built on them)"
+            );
+        }
+        if p.causal_waivers > 0 {
+            let _ = writeln!(
+                out,
+                "  applied early: {} transactions before what they built on (its node was unreachable)",
+                p.causal_waivers
+            );
+        }
         if p.incomplete_transaction_changes > 0 {
             let _ = writeln!(
                 out,
@@ -298,6 +316,8 @@ mod tests {
             applied_per_sec: 120.0,
             parked: 1,
             incomplete_transaction_changes: 300,
+            waiting_for: Some((NodeId(3), 41)),
+            causal_waivers: 2,
             ..PeerStatus::default()
         };
         p.conflicts.concurrent_update = 4;
@@ -323,6 +343,7 @@ mod tests {
             "accord_peer_inbound_lag_seconds{peer=\"2\"} 1.5",
             "accord_peer_incomplete_transaction_changes{peer=\"2\"} 300.0",
             "accord_peer_applied_total{peer=\"2\"} 900",
+            "accord_peer_causal_waivers_total{peer=\"2\"} 2",
             "accord_conflicts_total{peer=\"2\",kind=\"concurrent_update\"} 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
@@ -346,6 +367,11 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("peer 3: NOT CONNECTED since start\n  held"), "{text}");
+        assert!(
+            text.contains("next transaction waits for node 3's changes through 41"),
+            "{text}"
+        );
+        assert!(text.contains("applied early: 2 transactions"), "{text}");
     }
 
     #[test]

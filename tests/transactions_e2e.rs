@@ -1,9 +1,9 @@
 //! Source transactions arrive whole: nodes writing at once, readers on every node checking, in
 //! every snapshot they take, invariants that hold only between whole transactions.
 //!
-//! Two nodes for now: with three, a row's state relayed by one node carries a third node's
-//! contributions before that node's own transaction arrives, and a reader sees part of it (found
-//! with this test; issue 15's note says what is next).
+//! Three nodes: a row's state relayed by one node carries a third node's contributions, so a
+//! node applies a transaction only after what it built on (`RowChange::builds_on`), or a reader
+//! there sees part of the third node's transaction before it arrives.
 
 mod support;
 
@@ -118,12 +118,12 @@ fn order_sql(id: i64, lines: i32) -> String {
 }
 
 /// Transfers of 2,001 rows and orders of 2,500 lines on one node, two-row transfers and small
-/// orders on the other, all at once, while a reader on every node checks every snapshot it
+/// orders on the other two, all at once, while a reader on every node checks every snapshot it
 /// takes: the balances' sum never changes, no order shows part of its lines. The nodes batch at
 /// most 200 changes per message, so every large transaction arrives in many messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
-    let cluster = TestCluster::start(2, BANK).await;
+    let cluster = TestCluster::start(3, BANK).await;
     let seed = cluster.client(0).await;
     seed.batch_execute(&format!(
         "INSERT INTO bank.accounts (id, balance) SELECT g, {START_BALANCE} FROM generate_series(1, {ACCOUNTS}) AS g"
@@ -134,7 +134,7 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
-    for node in 0..2 {
+    for node in 0..3 {
         let mut db = cluster.client(node).await;
         let stop = Arc::clone(&stop);
         readers.push(tokio::spawn(async move {
@@ -166,8 +166,8 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
             commit(&big, &order_sql(1_000 + i64::from(round), 2_500)).await;
         }
     }));
-    // Node 2: two-row transfers and small orders, concurrently.
-    for node in 1..2 {
+    // Nodes 2 and 3: two-row transfers over the same accounts and small orders, concurrently.
+    for node in 1..3 {
         let db = cluster.client(node).await;
         writers.push(tokio::spawn(async move {
             for i in 0..300i32 {
@@ -206,8 +206,10 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(orders, 4 + 30, "every order arrived\n{}", snapshots[1]);
-    let mut db = cluster.client(1).await;
-    assert!(check_snapshot(&mut db).await.is_empty());
+    assert_eq!(orders, 4 + 2 * 30, "every order arrived\n{}", snapshots[1]);
+    for node in 1..3 {
+        let mut db = cluster.client(node).await;
+        assert!(check_snapshot(&mut db).await.is_empty());
+    }
     cluster.stop_all().await;
 }

@@ -56,6 +56,9 @@ pub enum PlantedBug {
     /// Hand the applier batches cut anywhere, inside transactions too (`ApplyQueue`): a
     /// receiver applies part of a source transaction, and readers there see it.
     SplitTransactions,
+    /// Hand out a transaction before what it builds on is applied here (`ApplyQueue`): its
+    /// relayed row states show readers part of another node's transaction.
+    IgnoreBuildsOn,
     /// Take a batch that does not continue the applied position (the receiver's check in
     /// `Replication::received` and the apply's own): the changes in between are never applied.
     ApplyPastGap,
@@ -184,8 +187,17 @@ pub enum ApplyCommand {
     /// [`ApplyInput::Recorded`].
     Record(Records),
     /// Write the greatest stamp merged into the WAL for the capture (`accord.hlc`), when there is
-    /// one, commit, and answer [`ApplyInput::Committed`].
-    Commit { merged_stamp: Option<Hlc> },
+    /// one, with `builds_on`, commit, and answer [`ApplyInput::Committed`].
+    ///
+    /// `builds_on` is the greatest of the batch's `RowChange::builds_on` per node: the merged
+    /// rows may carry those nodes' effects, so the capture counts them as applied here, and
+    /// what this node writes after the merge claims to build on them too. (A transaction is
+    /// applied only after what it builds on, unless its node stayed away: then this is how the
+    /// claim travels on.)
+    Commit {
+        merged_stamp: Option<Hlc>,
+        builds_on: Vec<(NodeId, u64)>,
+    },
     /// The batch is applied up to `applied`.
     Done { applied: u64, summary: ApplySummary },
 }
@@ -695,7 +707,15 @@ impl BatchApply {
         let merged_stamp = self
             .greatest
             .filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
-        ApplyCommand::Commit { merged_stamp }
+        let mut builds_on: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for &(node, through) in self.changes.iter().flat_map(|c| &c.builds_on) {
+            let entry = builds_on.entry(node).or_insert(0);
+            *entry = (*entry).max(through);
+        }
+        ApplyCommand::Commit {
+            merged_stamp,
+            builds_on: builds_on.into_iter().collect(),
+        }
     }
 
     fn load(&mut self, part: (usize, usize), slots: Vec<usize>, begin: Option<u64>, guard: bool) -> ApplyCommand {

@@ -5,11 +5,20 @@
 //! A change names the last change of its transaction (`RowChange::tx_last`). A batch ends only
 //! after such a last change; a transaction still arriving waits here whole, and one larger than
 //! the batch size is handed out alone.
+//!
+//! A transaction also waits until this node has applied what it builds on
+//! (`RowChange::builds_on`): its origin merged other nodes' transactions before it, and its row
+//! states carry their effects. Applied first, it would show a reader here part of such a
+//! transaction (one row of a transfer, through the relayed state) before the transaction itself
+//! arrives. While the node it waits for is not connected, it waits at most
+//! `ReplicationConfig::causal_wait_micros`, so that the nodes that are up keep replicating.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::apply::PlantedBug;
 use crate::change::RowChange;
+use crate::hlc::NodeId;
+use crate::replication::{Dependency, Replication};
 
 /// Most changes a batch takes when it joins several transactions.
 pub const MAX_APPLY_BATCH: usize = 2_000;
@@ -20,7 +29,21 @@ pub struct ApplyQueue {
     /// The greatest sequence number queued so far: a change at or below it arrived again (a
     /// resend after a reconnect) and is dropped, or it would be applied twice in one batch.
     last: u64,
+    /// What the first transaction waited for when a batch was last asked for.
+    held: Option<Dependency>,
+    /// Per node that is not connected: since when a transaction here has waited for it.
+    waiting_since: BTreeMap<NodeId, u64>,
+    /// Dependencies given up on (their node stayed away), not yet taken by `take_waived`.
+    waived: Vec<Dependency>,
     planted: Option<PlantedBug>,
+}
+
+/// Whether the queue's first transaction may be handed out now.
+enum Gate {
+    Pass,
+    /// Only past what these nodes, away too long, have not sent yet.
+    Waive(Vec<Dependency>),
+    Hold(Dependency),
 }
 
 impl ApplyQueue {
@@ -53,29 +76,67 @@ impl ApplyQueue {
     }
 
     /// The next batch: the queued transactions from the front, as many whole ones as fit in
-    /// `max` changes, or the first alone if it is larger. `None` while the first transaction is
-    /// not complete.
-    pub fn next_batch(&mut self, max: usize) -> Option<Vec<RowChange>> {
+    /// `max` changes, or the first alone if it is larger, each only once what it builds on is
+    /// applied here (per `replication`; `now` in µs of any steady clock). `None` while the first
+    /// transaction is not complete or waits.
+    pub fn next_batch(&mut self, max: usize, replication: &Replication, now: u64) -> Option<Vec<RowChange>> {
         if self.planted == Some(PlantedBug::SplitTransactions) {
             let n = self.changes.len().min(max);
             return (n > 0).then(|| self.changes.drain(..n).collect());
         }
+        self.held = None;
         let mut end = 0;
-        for (i, change) in self.changes.iter().enumerate() {
-            if i >= max && end > 0 {
+        let mut waived = Vec::new();
+        let mut i = 0;
+        while let Some(first) = self.changes.get(i) {
+            let Some(last) = self.changes.range(i..).position(RowChange::ends_transaction) else {
+                break; // still arriving
+            };
+            if i + last >= max && end > 0 {
                 break;
             }
-            if change.ends_transaction() {
-                end = i + 1;
+            match gate(&mut self.waiting_since, self.planted, first, replication, now) {
+                Gate::Pass => {}
+                Gate::Waive(dependencies) => waived.extend(dependencies),
+                Gate::Hold(dependency) => {
+                    self.held = Some(dependency);
+                    break;
+                }
             }
+            i += last + 1;
+            end = i;
         }
+        self.waived.extend(waived);
         (end > 0).then(|| self.changes.drain(..end).collect())
     }
 
-    /// Whether a batch can be handed out.
+    /// Whether a complete transaction is queued that did not wait at the last `next_batch`.
     pub fn has_batch(&self) -> bool {
+        self.held.is_none() && self.has_complete()
+    }
+
+    /// Whether a complete transaction is queued (it may still wait for what it builds on).
+    pub fn has_complete(&self) -> bool {
         self.changes.iter().any(RowChange::ends_transaction)
             || (self.planted == Some(PlantedBug::SplitTransactions) && !self.changes.is_empty())
+    }
+
+    /// What the first transaction waited for at the last `next_batch`.
+    pub fn held(&self) -> Option<Dependency> {
+        self.held
+    }
+
+    /// When the first transaction, waiting for a node that is not connected, stops waiting for
+    /// it (it may wait for another then).
+    pub fn waits_until(&self, replication: &Replication) -> Option<u64> {
+        let held = self.held.filter(|d| !d.connected)?;
+        let since = self.waiting_since.get(&held.node)?;
+        Some(since.saturating_add(replication.config().causal_wait_micros))
+    }
+
+    /// The dependencies given up on in the batches handed out since the last call.
+    pub fn take_waived(&mut self) -> Vec<Dependency> {
+        std::mem::take(&mut self.waived)
     }
 
     /// The changes after the last complete transaction: held until the rest arrives.
@@ -100,7 +161,42 @@ impl ApplyQueue {
     pub fn clear(&mut self) {
         self.changes.clear();
         self.last = 0;
+        self.held = None;
     }
+}
+
+/// Whether `first`, the first change of the queue's first transaction, may be handed out now.
+fn gate(
+    waiting_since: &mut BTreeMap<NodeId, u64>,
+    planted: Option<PlantedBug>,
+    first: &RowChange,
+    replication: &Replication,
+    now: u64,
+) -> Gate {
+    if planted == Some(PlantedBug::IgnoreBuildsOn) {
+        return Gate::Pass;
+    }
+    let missing: Vec<Dependency> = replication.missing_dependencies(&first.builds_on).collect();
+    if missing.is_empty() {
+        return Gate::Pass;
+    }
+    // A node that is connected is sending what is needed: wait for it.
+    if let Some(&dependency) = missing.iter().find(|d| d.connected) {
+        for d in &missing {
+            if d.connected {
+                waiting_since.remove(&d.node);
+            }
+        }
+        return Gate::Hold(dependency);
+    }
+    let wait = replication.config().causal_wait_micros;
+    for &dependency in &missing {
+        let since = *waiting_since.entry(dependency.node).or_insert(now);
+        if now.saturating_sub(since) < wait {
+            return Gate::Hold(dependency);
+        }
+    }
+    Gate::Waive(missing)
 }
 
 #[cfg(test)]
@@ -108,6 +204,7 @@ mod tests {
     use super::*;
     use crate::change::{ChangeKind, RowKey};
     use crate::hlc::{Hlc, NodeId};
+    use crate::replication::{PeerProgress, ReplicationConfig};
     use crate::state::{RowMeta, RowState};
     use crate::value::Value;
 
@@ -122,6 +219,7 @@ mod tests {
             stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
             seq,
             tx_last: last,
+            builds_on: Vec::new(),
             row: RowState {
                 meta: RowMeta::absent(),
                 values: Vec::new(),
@@ -129,6 +227,26 @@ mod tests {
             closures: Vec::new(),
         })
         .collect()
+    }
+
+    impl ApplyQueue {
+        /// With nothing to wait for.
+        fn next_batch_now(&mut self, max: usize) -> Option<Vec<RowChange>> {
+            self.next_batch(max, &cluster(), 0)
+        }
+    }
+
+    /// Node 1, with peers 2 and 3, connected to both, nothing applied.
+    fn cluster() -> Replication {
+        let config = ReplicationConfig {
+            causal_wait_micros: 1_000,
+            ..ReplicationConfig::default()
+        };
+        let peers = [NodeId(2), NodeId(3)].map(|p| (p, PeerProgress::default()));
+        let mut r = Replication::new(NodeId(1), config, 0, 0, peers);
+        r.connected(NodeId(2), 0).unwrap();
+        r.connected(NodeId(3), 0).unwrap();
+        r
     }
 
     fn seqs(batch: &[RowChange]) -> Vec<u64> {
@@ -140,26 +258,26 @@ mod tests {
         let mut q = ApplyQueue::new();
         let t = tx(1..=5);
         q.push(t[..3].to_vec());
-        assert!(q.next_batch(2).is_none(), "the transaction is not complete");
+        assert!(q.next_batch_now(2).is_none(), "the transaction is not complete");
         assert!(!q.has_batch());
         assert_eq!(q.incomplete(), 3);
         q.push(t[3..].to_vec());
         q.push(tx(6..=6));
         q.push(tx(7..=8));
         assert_eq!(
-            seqs(&q.next_batch(2).unwrap()),
+            seqs(&q.next_batch_now(2).unwrap()),
             [1, 2, 3, 4, 5],
             "larger than max: alone"
         );
         assert_eq!(
-            seqs(&q.next_batch(3).unwrap()),
+            seqs(&q.next_batch_now(3).unwrap()),
             [6, 7, 8],
             "whole transactions up to max"
         );
         q.push(tx(9..=9));
         q.push(tx(10..=12));
-        assert_eq!(seqs(&q.next_batch(3).unwrap()), [9], "the next does not fit");
-        assert_eq!(seqs(&q.next_batch(3).unwrap()), [10, 11, 12]);
+        assert_eq!(seqs(&q.next_batch_now(3).unwrap()), [9], "the next does not fit");
+        assert_eq!(seqs(&q.next_batch_now(3).unwrap()), [10, 11, 12]);
         assert!(q.is_empty());
     }
 
@@ -168,19 +286,93 @@ mod tests {
         let mut q = ApplyQueue::new();
         q.push(tx(1..=3));
         q.push(tx(1..=3));
-        let batch = q.next_batch(10).unwrap();
+        let batch = q.next_batch_now(10).unwrap();
         assert_eq!(seqs(&batch), [1, 2, 3]);
         q.push(tx(1..=3));
         assert!(q.is_empty(), "what was handed out is not queued again");
         q.push(tx(4..=4));
         q.push_front(batch);
-        assert_eq!(seqs(&q.next_batch(10).unwrap()), [1, 2, 3, 4]);
+        assert_eq!(seqs(&q.next_batch_now(10).unwrap()), [1, 2, 3, 4]);
         // Changes captured before transactions were recorded are each a transaction.
         let mut old = tx(5..=6);
         for c in &mut old {
             c.tx_last = 0;
         }
         q.push(old);
-        assert_eq!(seqs(&q.next_batch(1).unwrap()), [5]);
+        assert_eq!(seqs(&q.next_batch_now(1).unwrap()), [5]);
+    }
+
+    #[test]
+    fn a_transaction_waits_for_what_it_builds_on() {
+        let mut r = cluster();
+        let mut q = ApplyQueue::new();
+        q.push(tx(1..=2));
+        let mut t = tx(3..=4);
+        for c in &mut t {
+            c.builds_on = vec![(NodeId(1), 9), (NodeId(3), 5)];
+        }
+        q.push(t);
+        assert_eq!(
+            seqs(&q.next_batch(10, &r, 0).unwrap()),
+            [1, 2],
+            "up to the one that waits"
+        );
+        assert!(q.next_batch(10, &r, 0).is_none());
+        let waiting = Dependency {
+            node: NodeId(3),
+            through: 5,
+            connected: true,
+        };
+        assert_eq!(q.held(), Some(waiting), "this node's own positions need nothing");
+        assert!(!q.has_batch() && q.has_complete());
+        r.applied(NodeId(3), 4).unwrap();
+        assert!(q.next_batch(10, &r, 5_000).is_none(), "a connected node is waited for");
+        r.applied(NodeId(3), 5).unwrap();
+        assert_eq!(seqs(&q.next_batch(10, &r, 5_000).unwrap()), [3, 4]);
+        assert!(q.take_waived().is_empty());
+    }
+
+    #[test]
+    fn a_node_away_is_waited_for_a_while_then_given_up_on() {
+        let mut r = cluster();
+        r.disconnected(NodeId(3));
+        let mut q = ApplyQueue::new();
+        let mut t = tx(1..=4);
+        for c in &mut t {
+            c.builds_on = vec![(NodeId(3), 5)];
+        }
+        q.push(t[..2].to_vec());
+        assert!(q.next_batch(10, &r, 100).is_none(), "incomplete");
+        q.push(t[2..].to_vec());
+        assert!(q.next_batch(10, &r, 200).is_none());
+        let away = Dependency {
+            node: NodeId(3),
+            through: 5,
+            connected: false,
+        };
+        assert_eq!(q.held(), Some(away));
+        assert_eq!(
+            q.waits_until(&r),
+            Some(1_200),
+            "from the first wait of a whole transaction"
+        );
+        assert!(q.next_batch(10, &r, 1_199).is_none());
+        assert_eq!(seqs(&q.next_batch(10, &r, 1_200).unwrap()), [1, 2, 3, 4]);
+        assert_eq!(q.take_waived(), [away]);
+        // While the node stays away, later transactions that build on it do not wait again.
+        let mut t = tx(5..=5);
+        t[0].builds_on = vec![(NodeId(3), 6)];
+        q.push(t);
+        assert_eq!(seqs(&q.next_batch(10, &r, 1_250).unwrap()), [5]);
+        assert_eq!(q.take_waived().len(), 1);
+        // Once it is back, they wait for it again.
+        r.connected(NodeId(3), 0).unwrap();
+        let mut t = tx(6..=6);
+        t[0].builds_on = vec![(NodeId(3), 7)];
+        q.push(t);
+        assert!(q.next_batch(10, &r, 1_300).is_none());
+        r.disconnected(NodeId(3));
+        assert!(q.next_batch(10, &r, 1_400).is_none(), "the wait starts over");
+        assert_eq!(seqs(&q.next_batch(10, &r, 2_400).unwrap()), [6]);
     }
 }

@@ -261,6 +261,7 @@ pub fn capture(
         seq,
         // A transaction of its own until the group writer knows the transaction's last.
         tx_last: seq,
+        builds_on: Vec::new(),
         row: after_state.clone(),
         closures,
     };

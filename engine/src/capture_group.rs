@@ -18,7 +18,7 @@ use crate::capture::CaptureError;
 use crate::capturer::{CaptureCheckpoint, Capturer};
 use crate::change::{CapturedChange, ChangeKind, RowChange, RowKey};
 use crate::collection::StableCut;
-use crate::hlc::Hlc;
+use crate::hlc::{Hlc, NodeId};
 use crate::review::{ReviewAction, ReviewItemId};
 use crate::schema::TableDef;
 use crate::state::RowMeta;
@@ -33,6 +33,10 @@ pub struct DecodedTransaction {
     pub commit_time: u64,
     /// It carries a replication origin: a merge of a peer's changes, not this node's own.
     pub from_peer: bool,
+    /// For a merge of accord's: per peer, the last of its changes whose effects the merge's
+    /// rows may carry: the peer whose changes it applied and the last of them (its replication
+    /// origin and position), and what those changes built on (`ApplyCommand::Commit`).
+    pub peer_applied: Vec<(NodeId, u64)>,
     /// The greatest stamp it merged (the `accord.hlc` message of a merge).
     pub merged: Option<Hlc>,
     pub rows: Vec<DecodedRow>,
@@ -143,7 +147,7 @@ impl Capturer {
         for (ti, t) in transactions.iter().enumerate() {
             next.begin(t.end_lsn, t.commit_time);
             if t.from_peer {
-                next.from_peer();
+                next.from_peer(&t.peer_applied);
             }
             if let Some(stamp) = t.merged {
                 next.merged(stamp);
@@ -182,11 +186,14 @@ impl Capturer {
                     had_metadata,
                 });
             }
-            // Every change of the transaction names its last: receivers apply them together.
+            // Every change of the transaction names its last (receivers apply them together) and
+            // what the node had applied from the others when it committed.
             let made = &mut changes[first..];
             if let Some(last) = made.last().map(|c| c.change.seq) {
+                let builds_on = next.builds_on();
                 for c in made {
                     c.change.tx_last = last;
+                    c.change.builds_on.clone_from(&builds_on);
                 }
             }
             next.commit();
@@ -273,6 +280,36 @@ mod tests {
         assert_eq!(write.metas[0].known_xmin, Some(101));
         assert_eq!(write.checkpoint.covered_lsn, 20);
         assert_eq!(write.checkpoint.last_seq, 2);
+    }
+
+    #[test]
+    fn local_transactions_build_on_the_merges_committed_before_them() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        c.applied_before([(NodeId(3), 4), (NodeId(1), 99)]);
+        let merge = |end_lsn, peer, seq| DecodedTransaction {
+            from_peer: true,
+            peer_applied: vec![(NodeId(peer), seq)],
+            ..tx(end_lsn, 0, vec![row(ChangeKind::Insert, 9, None, Some(1))])
+        };
+        let group = vec![
+            tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))]),
+            merge(20, 2, 7),
+            merge(30, 3, 3),
+            tx(
+                40,
+                101,
+                vec![
+                    row(ChangeKind::Insert, 2, None, Some(1)),
+                    row(ChangeKind::Insert, 3, None, Some(1)),
+                ],
+            ),
+        ];
+        let loaded = vec![None; c.rows_to_load(&group).len()];
+        let write = c.capture_group(|_| Some(&t), &group, loaded, None).unwrap();
+        let builds_on: Vec<_> = write.changes.iter().map(|w| w.change.builds_on.clone()).collect();
+        let after = vec![(NodeId(2), 7), (NodeId(3), 4)];
+        assert_eq!(builds_on, [vec![(NodeId(3), 4)], after.clone(), after]);
     }
 
     #[test]

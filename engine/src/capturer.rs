@@ -6,6 +6,8 @@
 //! transaction, and only then lets the slot advance. After a crash, [`Capturer::restore`] from the
 //! last checkpoint skips the transactions it already covered, so nothing is stamped twice.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::capture::{capture, CaptureError, Captured};
@@ -46,6 +48,9 @@ pub struct Capturer {
     last_seq: u64,
     covered_lsn: u64,
     tx: Transaction,
+    /// Per peer, the last of its changes applied before the point the stream has reached: what
+    /// a local transaction committed here could have seen (`RowChange::builds_on`).
+    applied: BTreeMap<NodeId, u64>,
 }
 
 impl Capturer {
@@ -55,6 +60,7 @@ impl Capturer {
             last_seq: 0,
             covered_lsn: 0,
             tx: Transaction::None,
+            applied: BTreeMap::new(),
         }
     }
 
@@ -64,6 +70,7 @@ impl Capturer {
             last_seq: checkpoint.last_seq,
             covered_lsn: checkpoint.covered_lsn,
             tx: Transaction::None,
+            applied: BTreeMap::new(),
         }
     }
 
@@ -89,12 +96,43 @@ impl Capturer {
         };
     }
 
+    /// Where the stream starts, what this node had applied from each peer: its replication
+    /// origins' positions now. They may be ahead of the stream's start (merges the stream will
+    /// read again); local transactions read before those then claim to build on more than they
+    /// saw, which only makes a receiver wait longer, never show less.
+    pub fn applied_before(&mut self, positions: impl IntoIterator<Item = (NodeId, u64)>) {
+        for (peer, applied) in positions {
+            self.peer_applied(peer, applied);
+        }
+    }
+
     /// The transaction was applied from a peer (it carries a replication origin): its row
-    /// changes are not this node's own and are not captured again.
-    pub fn from_peer(&mut self) {
+    /// changes are not this node's own and are not captured again. `applied`: per peer, the
+    /// last of its changes whose effects the transaction's rows may carry
+    /// (`DecodedTransaction::peer_applied`).
+    pub fn from_peer(&mut self, applied: &[(NodeId, u64)]) {
         if let Transaction::Local { end_lsn, .. } = self.tx {
             self.tx = Transaction::Skipped { end_lsn };
         }
+        for &(peer, seq) in applied {
+            self.peer_applied(peer, seq);
+        }
+    }
+
+    fn peer_applied(&mut self, peer: NodeId, seq: u64) {
+        if peer != self.node() {
+            let entry = self.applied.entry(peer).or_insert(0);
+            *entry = (*entry).max(seq);
+        }
+    }
+
+    /// What a local transaction committed at the stream's current point builds on.
+    pub fn builds_on(&self) -> Vec<(NodeId, u64)> {
+        self.applied
+            .iter()
+            .filter(|&(_, &seq)| seq > 0)
+            .map(|(&peer, &seq)| (peer, seq))
+            .collect()
     }
 
     /// The current transaction is a local one, not covered before: its rows are captured.
@@ -183,7 +221,7 @@ pub(crate) mod tests {
         let t = table();
         let mut c = Capturer::new(NodeId(1), 500);
         c.begin(100, 1_000);
-        c.from_peer();
+        c.from_peer(&[]);
         assert!(c.row(&t, None, &insert(1), &[]).unwrap().is_none());
         c.merged(Hlc::new(5_000, 3, NodeId(2)));
         c.commit();

@@ -75,6 +75,13 @@ pub struct RowChange {
     /// before accord recorded it (each is then a transaction of its own).
     #[serde(default)]
     pub tx_last: u64,
+    /// Per other node, the last of its changes the origin had applied when this change's
+    /// transaction committed. The row state may carry their effects (a merge relays what it
+    /// merged), so a receiver applies this change only once it has applied those itself, or a
+    /// reader there could see part of another node's transaction. Empty for changes captured
+    /// before accord recorded it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds_on: Vec<(NodeId, u64)>,
     pub row: RowState,
     /// Review items this write closed on its origin (resolved or superseded). Every node records
     /// them, so the closed items are the same everywhere, whatever each node saw open.

@@ -32,10 +32,30 @@ pub struct ReplicationConfig {
     /// How often the coordinator starts a tombstone-collection round (`collection`).
     #[serde(default = "default_tombstone_round_micros")]
     pub tombstone_round_micros: u64,
+    /// How long a peer's transaction waits for a node that is not connected, when it builds on
+    /// that node's changes not applied here yet (`RowChange::builds_on`). After that it is
+    /// applied anyway: readers may then see part of the other node's transaction until it
+    /// arrives, but replication between the nodes that are up goes on.
+    #[serde(default = "default_causal_wait_micros")]
+    pub causal_wait_micros: u64,
 }
 
 fn default_tombstone_round_micros() -> u64 {
     60_000_000
+}
+
+fn default_causal_wait_micros() -> u64 {
+    10_000_000
+}
+
+/// A node's changes this node must apply before a change that builds on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    pub node: NodeId,
+    /// The last of the node's changes needed.
+    pub through: u64,
+    /// The node is connected now: its changes are on their way.
+    pub connected: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -45,6 +65,7 @@ impl Default for ReplicationConfig {
             window: 10_000,
             max_offset_micros: crate::hlc::DEFAULT_MAX_OFFSET_MICROS,
             tombstone_round_micros: default_tombstone_round_micros(),
+            causal_wait_micros: default_causal_wait_micros(),
         }
     }
 }
@@ -327,6 +348,19 @@ impl Replication {
         Ok(())
     }
 
+    /// What of `builds_on` (`RowChange::builds_on`) is not applied here yet. Positions of this
+    /// node itself, and of nodes that are not peers (any more), need nothing.
+    pub fn missing_dependencies<'a>(&'a self, builds_on: &'a [(NodeId, u64)]) -> impl Iterator<Item = Dependency> + 'a {
+        builds_on.iter().filter_map(|&(node, through)| {
+            let link = self.links.get(&node)?;
+            (link.progress.applied < through).then_some(Dependency {
+                node,
+                through,
+                connected: link.sent.is_some(),
+            })
+        })
+    }
+
     fn link(&self, peer: NodeId) -> Result<&Link, ReplicationError> {
         self.links.get(&peer).ok_or(ReplicationError::UnknownPeer(peer))
     }
@@ -365,6 +399,7 @@ mod tests {
             stamp: Hlc::new(1_000 + seq, 0, origin),
             seq,
             tx_last: seq,
+            builds_on: Vec::new(),
             row: RowState::absent(),
             closures: Vec::new(),
         }

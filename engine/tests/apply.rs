@@ -184,7 +184,7 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         Some(77),
         "the metadata accounts for the version written"
     );
-    let ApplyCommand::Commit { merged_stamp } = m.step(ApplyInput::Recorded).unwrap() else {
+    let ApplyCommand::Commit { merged_stamp, .. } = m.step(ApplyInput::Recorded).unwrap() else {
         panic!("expected the commit");
     };
     assert_eq!(merged_stamp, Some(Hlc::new(1_001, 0, A)));

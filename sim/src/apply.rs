@@ -300,8 +300,11 @@ impl Applying {
                     self.record(records)?;
                     ApplyInput::Recorded
                 }
-                ApplyCommand::Commit { merged_stamp } => {
-                    self.undo = self.commit(db, merged_stamp, physical);
+                ApplyCommand::Commit {
+                    merged_stamp,
+                    builds_on,
+                } => {
+                    self.undo = self.commit(db, merged_stamp, builds_on, physical);
                     // The commit releases the locks; what it did is reported at `Done`.
                     self.release_locks();
                     // The commit is the round trip's end: the machine answers at once.
@@ -555,7 +558,13 @@ impl Applying {
 
     /// Moves the transaction into the database in one step, with its WAL record and the origin
     /// position; returns what puts the database back if the commit is lost.
-    fn commit(&mut self, db: &mut Db, merged_stamp: Option<accord_engine::Hlc>, physical: u64) -> Undo {
+    fn commit(
+        &mut self,
+        db: &mut Db,
+        merged_stamp: Option<accord_engine::Hlc>,
+        builds_on: Vec<(NodeId, u64)>,
+        physical: u64,
+    ) -> Undo {
         let tx = &mut self.tx;
         let mut undo = Undo {
             conflicts: db.conflicts.len(),
@@ -592,6 +601,9 @@ impl Applying {
             physical,
             crate::db::WalBody::Merge {
                 origin: peer,
+                applied: self.machine.last(),
+                // As the service writes it: in the `accord.hlc` message, with the stamp.
+                builds_on: if merged_stamp.is_some() { builds_on } else { Vec::new() },
                 stamp: merged_stamp,
                 rows: std::mem::take(&mut tx.wal_rows),
             },

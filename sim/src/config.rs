@@ -181,10 +181,13 @@ pub enum PlantedBug {
     /// A batch that skips changes after the applied position is taken: the changes in between
     /// are never applied.
     ApplyPastGap,
+    /// A transaction is applied before what it builds on: the row states it relays show part
+    /// of a third node's transaction.
+    IgnoreBuildsOn,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 10] = [
+    pub const ALL: [PlantedBug; 11] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -195,6 +198,7 @@ impl PlantedBug {
         PlantedBug::SplitTransactions,
         PlantedBug::AckBeforeDurable,
         PlantedBug::ApplyPastGap,
+        PlantedBug::IgnoreBuildsOn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -209,6 +213,7 @@ impl PlantedBug {
             PlantedBug::SplitTransactions => "split-transactions",
             PlantedBug::AckBeforeDurable => "ack-before-durable",
             PlantedBug::ApplyPastGap => "apply-past-gap",
+            PlantedBug::IgnoreBuildsOn => "ignore-builds-on",
         }
     }
 
@@ -224,6 +229,7 @@ impl PlantedBug {
             PlantedBug::SplitTransactions => Some(Engine::SplitTransactions),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
+            PlantedBug::IgnoreBuildsOn => Some(Engine::IgnoreBuildsOn),
             PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger => None,
         }
     }

@@ -59,6 +59,10 @@ pub enum WalBody {
     /// the greatest stamp it merged.
     Merge {
         origin: NodeId,
+        /// The last of the origin's changes it applied (its replication-origin position).
+        applied: u64,
+        /// What the changes it merged build on (`ApplyCommand::Commit`).
+        builds_on: Vec<(NodeId, u64)>,
         stamp: Option<Hlc>,
         rows: Vec<CapturedChange>,
     },

@@ -56,6 +56,8 @@ pub enum Timer {
     Prune,
     /// The coordinator may start a tombstone-collection round.
     Round,
+    /// A transaction of this peer's stops waiting for a node that is away.
+    CausalWaitOver(usize),
 }
 
 /// Everything a node handler may use besides the node itself.
@@ -79,6 +81,7 @@ impl Timer {
         match self {
             Timer::Capture => 0,
             Timer::Apply(peer) => 1 | (*peer as u64) << 4,
+            Timer::CausalWaitOver(peer) => 4 | (*peer as u64) << 4,
             Timer::Prune => 2,
             Timer::Round => 3,
         }
@@ -197,14 +200,17 @@ impl Node {
         self.db.flush();
         self.deliver_durable(ctx)?;
         let max_offset = ctx.params.max_offset;
-        let capturer = match self.db.checkpoint {
+        let mut capturer = match self.db.checkpoint {
             Some(checkpoint) => Capturer::restore(checkpoint, max_offset),
             None => Capturer::new(self.id, max_offset),
         };
+        // As the service reads its replication origins' positions.
+        capturer.applied_before(self.db.progress.iter().map(|(p, progress)| (*p, progress.applied)));
         let config = ReplicationConfig {
             max_batch: ctx.params.max_batch,
             window: ctx.params.window,
             max_offset_micros: max_offset,
+            causal_wait_micros: ctx.params.causal_wait,
             ..ReplicationConfig::default()
         };
         let mut replication = Replication::new(
@@ -272,6 +278,7 @@ impl Node {
             for &(origin, seq) in &note.merged {
                 ctx.oracle.merged(self.ix, origin, seq);
             }
+            ctx.oracle.check_whole()?;
         }
         Ok(())
     }
@@ -330,7 +337,7 @@ impl Node {
         }
     }
 
-    fn want_apply_of(&mut self, ctx: &mut Ctx, peer: usize) {
+    pub fn want_apply_of(&mut self, ctx: &mut Ctx, peer: usize) {
         let Some(vol) = &mut self.vol else { return };
         let capture_read = vol.capture_read();
         let covers = |lsn| capture_covers(capture_read, lsn);
@@ -345,7 +352,9 @@ impl Node {
             Some(Waiting::Until { at } | Waiting::RoundTrip { at }) => at.max(ctx.now),
             // The holder's release wakes it (`wake_lock_waiters`).
             Some(Waiting::Lock { .. }) => return,
-            None if !applier.queue.has_batch() => return,
+            // A queue whose first transaction waits for another applier is woken by that
+            // applier's commits, or by the end of its wait (`apply_step`).
+            None if !applier.queue.has_complete() => return,
             None => (ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max)).max(applier.not_before),
         };
         if let Some(applier) = vol.appliers.get_mut(&peer) {
@@ -700,6 +709,8 @@ impl Node {
                 applier.applying = None;
             }
             self.wake_lock_waiters(ctx);
+            // Transactions waiting for the node that went away start their bounded wait.
+            self.want_apply(ctx);
         }
     }
 
@@ -827,9 +838,25 @@ impl Node {
                     self.want_apply_of(ctx, peer);
                     return Ok(());
                 }
-                let Some(batch) = applier.queue.next_batch(MAX_APPLY_BATCH) else {
+                let Some(batch) = applier.queue.next_batch(MAX_APPLY_BATCH, &vol.replication, ctx.now) else {
+                    if let Some(at) = applier.queue.waits_until(&vol.replication) {
+                        ctx.out.push(Output::Timer {
+                            at,
+                            timer: Timer::CausalWaitOver(peer),
+                        });
+                    }
                     return Ok(());
                 };
+                let waived = applier.queue.take_waived();
+                if let (false, Some(last)) = (waived.is_empty(), batch.last()) {
+                    // Its changes too may show in part: those that carry values of the
+                    // transactions they built on are kept until those arrive.
+                    ctx.oracle.waived(self.ix, last.origin, last.seq);
+                }
+                for dependency in waived {
+                    ctx.stats.causal_waivers += 1;
+                    ctx.oracle.waived(self.ix, dependency.node, dependency.through);
+                }
                 let pid = peer_id(peer);
                 // The replication-origin position: what is at or below it was applied.
                 let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
@@ -923,7 +950,8 @@ impl Node {
         self.deliver_durable(ctx)?;
         self.wake_lock_waiters(ctx);
         self.want_capture(ctx);
-        self.want_apply_of(ctx, peer);
+        // The other appliers' first transactions may have waited for this one.
+        self.want_apply(ctx);
         self.collection_after_step(ctx);
         Ok(())
     }
@@ -1008,10 +1036,14 @@ impl Node {
             })
             .collect();
         format!(
-            "node {}: head {} queued {:?} waits {:?} read {} covered {} wal {} deferred {}; {}",
+            "node {}: head {} queued {:?} held {:?} waits {:?} read {} covered {} wal {} deferred {}; {}",
             self.id,
             self.db.outbound_head(),
             vol.appliers.values().map(|a| a.queue.len()).collect::<Vec<_>>(),
+            vol.appliers
+                .values()
+                .map(|a| a.queue.held().map(|d| (d.node.0, d.through)))
+                .collect::<Vec<_>>(),
             vol.appliers
                 .values()
                 .map(|a| a.applying.as_ref().map(|a| a.waiting))
@@ -1077,9 +1109,10 @@ fn capture_group(
                 format!("node {node}: WAL position {lsn} is gone before the capture read it"),
             ));
         };
-        let (from_peer, merged, rows, ids) = match &tx.body {
+        let (from_peer, peer_applied, merged, rows, ids) = match &tx.body {
             WalBody::Local { rows, resolving } => (
                 false,
+                Vec::new(),
                 None,
                 rows.iter()
                     .map(|r| DecodedRow {
@@ -1090,9 +1123,22 @@ fn capture_group(
                     .collect::<Vec<_>>(),
                 rows.iter().map(|r| r.write).collect(),
             ),
-            WalBody::Merge { stamp, rows, .. } => (
+            WalBody::Merge {
+                origin,
+                applied,
+                builds_on,
+                stamp,
+                rows,
+            } => (
                 // Planted: decoding loses the replication origin of a merge.
                 ctx.bug != Some(PlantedBug::ForgetFromPeer),
+                if ctx.bug == Some(PlantedBug::ForgetFromPeer) {
+                    Vec::new()
+                } else {
+                    let mut positions = builds_on.clone();
+                    positions.push((*origin, *applied));
+                    positions
+                },
                 *stamp,
                 rows.iter()
                     .map(|change| DecodedRow {
@@ -1109,6 +1155,7 @@ fn capture_group(
             xid: tx.xid,
             commit_time: tx.commit_time,
             from_peer,
+            peer_applied,
             merged,
             rows,
         });

@@ -7,6 +7,8 @@
 //! i-th write of origin o to a row has absorbed o's earlier writes to it too (o saw its own), so a
 //! count per origin is the whole set, and the history stays linear in size.
 
+use std::collections::BTreeMap;
+
 use accord_engine::{ChangeKind, Hlc, NodeId, ReviewItemId, RowChange, Value};
 
 use crate::db::WriteId;
@@ -71,6 +73,13 @@ pub struct Oracle {
     max_merged: Vec<Option<Hlc>>,
     /// [node][origin] → the last of origin's sequence numbers the node applied.
     applied: Vec<Vec<u64>>,
+    /// (origin, key, idx) → the write.
+    by_row: BTreeMap<(usize, i64, u32), WriteId>,
+    /// [node][origin] → origin's changes the node may show before applying them: a transaction
+    /// it applied built on them while their node stayed away (`ApplyQueue`'s bounded wait).
+    waived: Vec<Vec<u64>>,
+    /// Writes the node absorbed since the last `check_whole`: (node, write).
+    absorbed: Vec<(usize, WriteId)>,
 }
 
 fn fail(invariant: Invariant, message: String) -> Result<(), Failure> {
@@ -88,6 +97,9 @@ impl Oracle {
             last_issued: vec![None; nodes],
             max_merged: vec![None; nodes],
             applied: vec![vec![0; nodes]; nodes],
+            by_row: BTreeMap::new(),
+            waived: vec![vec![0; nodes]; nodes],
+            absorbed: Vec::new(),
         }
     }
 
@@ -112,6 +124,7 @@ impl Oracle {
         let seen: Box<[u32]> = vector.clone().into_boxed_slice();
         vector[node] += 1;
         let idx = vector[node];
+        self.by_row.insert((node, key, idx), self.writes.len());
         self.writes.push(WriteRec {
             node,
             key,
@@ -294,8 +307,16 @@ impl Oracle {
         };
         let rec = &self.writes[write];
         let vector = &mut self.seen[node][rec.key as usize];
-        for (mine, theirs) in vector.iter_mut().zip(rec.seen.iter()) {
+        for (origin, (mine, theirs)) in vector.iter_mut().zip(rec.seen.iter()).enumerate() {
+            for idx in *mine + 1..=*theirs {
+                self.absorbed
+                    .extend(self.by_row.get(&(origin, rec.key, idx)).map(|&w| (node, w)));
+            }
             *mine = (*mine).max(*theirs);
+        }
+        for idx in vector[o] + 1..=rec.idx {
+            self.absorbed
+                .extend(self.by_row.get(&(o, rec.key, idx)).map(|&w| (node, w)));
         }
         vector[o] = vector[o].max(rec.idx);
         if let Some(stamp) = rec.stamp {
@@ -303,6 +324,55 @@ impl Oracle {
                 self.max_merged[node] = Some(stamp);
             }
         }
+    }
+
+    /// `node` applied a transaction that built on `origin`'s changes up to `through` before it
+    /// had applied them (their node was away): it may show part of those transactions.
+    pub fn waived(&mut self, node: usize, origin: NodeId, through: u64) {
+        let o = origin.0 as usize - 1;
+        self.waived[node][o] = self.waived[node][o].max(through);
+    }
+
+    /// After an apply transaction: every write the node absorbed since the last check, directly
+    /// or carried in another node's row state, came with the rest of its transaction, or a
+    /// reader there saw part of it.
+    pub fn check_whole(&mut self) -> Result<(), Failure> {
+        for (node, write) in std::mem::take(&mut self.absorbed) {
+            let rec = &self.writes[write];
+            let o = rec.node;
+            if rec.seq == 0 {
+                continue;
+            }
+            let end = self.transaction_end[o].get(rec.seq as usize - 1).copied().unwrap_or(0);
+            if end <= self.waived[node][o] {
+                continue;
+            }
+            let mut seq = rec.seq;
+            // The transaction's changes are consecutive and share their last.
+            while seq > 1 && self.transaction_end[o].get(seq as usize - 2) == Some(&end) {
+                seq -= 1;
+            }
+            for s in seq..=end {
+                let Some(&sibling) = self.by_seq[o].get(s as usize - 1) else {
+                    continue;
+                };
+                let sib = &self.writes[sibling];
+                if self.seen[node][sib.key as usize][o] < sib.idx {
+                    return fail(
+                        Invariant::Atomicity,
+                        format!(
+                            "node {} shows node {}'s change {} (row {}) without change {s} (row {}) of the same transaction",
+                            node + 1,
+                            o + 1,
+                            rec.seq,
+                            rec.key,
+                            sib.key
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How many changes `origin` captured.

@@ -89,6 +89,8 @@ pub struct Params {
     /// Tombstone collection: µs between two rounds the coordinator starts (while it holds
     /// tombstones).
     pub round_every: u64,
+    /// How long a transaction waits for a node that is away when it builds on its changes.
+    pub causal_wait: u64,
 }
 
 impl Params {
@@ -155,12 +157,14 @@ impl Params {
             fault_weights,
             fault_duration_max: *pick(rng, &[20_000u64, 300_000, 2_000_000]),
             round_every: *pick(rng, &[20_000u64, 200_000, 2_000_000]),
+            causal_wait: 0,
         };
         params.mix[7] = late(rng);
         params.mix[8] = late(rng);
         params.subtransaction_p = *pick(rng, &[0.0, 0.0, 0.1, 0.5]);
         params.round_trip_max = *pick(rng, &[0u64, 50, 300, 3_000]);
         params.lock_retry_max = *pick(rng, &[10u64, 200, 2_000]);
+        params.causal_wait = *pick(rng, &[0u64, 50_000, 1_000_000, 10_000_000]);
         params
     }
 

@@ -315,6 +315,10 @@ impl World {
                 self.with_node(node, |n, ctx| match timer {
                     Timer::Capture => n.capture_tick(ctx),
                     Timer::Apply(peer) => n.apply_step(ctx, peer),
+                    Timer::CausalWaitOver(peer) => {
+                        n.want_apply_of(ctx, peer);
+                        Ok(())
+                    }
                     Timer::Prune => {
                         n.prune();
                         Ok(())

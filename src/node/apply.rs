@@ -245,10 +245,14 @@ impl Applier {
                     self.record(&machine, &keys, records).await?;
                     ApplyInput::Recorded
                 }
-                ApplyCommand::Commit { merged_stamp } => {
+                ApplyCommand::Commit {
+                    merged_stamp,
+                    builds_on,
+                } => {
                     let emit = self.statements.get(&self.db, EMIT_HLC_SQL).await?;
-                    let params: Option<Params> = merged_stamp
-                        .map(|stamp| -> Params { vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp))] });
+                    let params: Option<Params> = merged_stamp.map(|stamp| -> Params {
+                        vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))]
+                    });
                     let mut queries = Vec::new();
                     if let Some(params) = &params {
                         queries.push(pipeline::query(&self.db, &emit, params));

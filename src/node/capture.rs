@@ -31,20 +31,33 @@ use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HL
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
-/// The stamp text a merge writes into the WAL, and its reading.
-pub fn hlc_message(stamp: Hlc) -> String {
-    format!("{}:{}:{}", stamp.physical, stamp.logical, stamp.node.0)
+/// The text a merge writes into the WAL: the greatest stamp it merged, then what the merged
+/// changes built on (`ApplyCommand::Commit`), as `physical:logical:node[ peer=seq...]`.
+pub fn hlc_message(stamp: Hlc, builds_on: &[(NodeId, u64)]) -> String {
+    let mut text = format!("{}:{}:{}", stamp.physical, stamp.logical, stamp.node.0);
+    for (peer, seq) in builds_on {
+        text.push_str(&format!(" {}={seq}", peer.0));
+    }
+    text
 }
 
-pub fn parse_hlc_message(text: &str) -> Option<Hlc> {
-    let mut parts = text.split(':');
+/// Reads [`hlc_message`]'s text (messages of earlier versions carry only the stamp).
+pub fn parse_hlc_message(text: &str) -> Option<(Hlc, Vec<(NodeId, u64)>)> {
+    let mut words = text.split(' ');
+    let mut parts = words.next()?.split(':');
     let physical = parts.next()?.parse().ok()?;
     let logical = parts.next()?.parse().ok()?;
     let node = parts.next()?.parse().ok()?;
-    parts
-        .next()
-        .is_none()
-        .then_some(Hlc::new(physical, logical, NodeId(node)))
+    if parts.next().is_some() {
+        return None;
+    }
+    let builds_on = words
+        .map(|word| {
+            let (peer, seq) = word.split_once('=')?;
+            Some((NodeId(peer.parse().ok()?), seq.parse().ok()?))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((Hlc::new(physical, logical, NodeId(node)), builds_on))
 }
 
 /// How far the capture has got, for the rest of the node.
@@ -95,6 +108,9 @@ struct Transaction {
     xid: u32,
     commit_time: u64,
     from_peer: bool,
+    /// The peer whose changes it applied with its origin position (the last of them), and what
+    /// they built on (from the `accord.hlc` message).
+    peer_applied: Vec<(NodeId, u64)>,
     merged: Option<Hlc>,
     rows: Vec<PgOutput>,
 }
@@ -206,6 +222,7 @@ impl Capture {
         // which never moves past what the database holds either.
         let checkpoint = load_checkpoint(&self.db).await?;
         self.capturer = Capturer::restore(checkpoint, self.max_offset_micros);
+        self.capturer.applied_before(store::applied_positions(&self.db).await?);
         self.progress.send_if_modified(|p| {
             let changed = p.head != checkpoint.last_seq;
             p.head = checkpoint.last_seq;
@@ -260,9 +277,11 @@ impl Capture {
                             }
                             self.relations.insert(r.id, r);
                         }
-                        PgOutput::Origin { .. } => {
+                        PgOutput::Origin { commit_lsn, name } => {
                             if let Some(tx) = tx.as_mut() {
                                 tx.from_peer = true;
+                                tx.peer_applied
+                                    .extend(store::peer_of_origin(&name).map(|peer| (peer, commit_lsn)));
                             }
                         }
                         PgOutput::Truncate { .. } => {
@@ -283,10 +302,11 @@ impl Capture {
                 }
                 ReplicationEvent::Message { prefix, content, .. } if prefix == HLC_MESSAGE_PREFIX => {
                     let text = String::from_utf8_lossy(&content);
-                    let stamp =
+                    let (stamp, builds_on) =
                         parse_hlc_message(&text).ok_or_else(|| anyhow!("malformed {prefix} message {text:?}"))?;
                     if let Some(tx) = tx.as_mut() {
                         tx.merged = tx.merged.max(Some(stamp));
+                        tx.peer_applied.extend(builds_on);
                     }
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
@@ -334,6 +354,7 @@ impl Capture {
             xid: u64::from(tx.xid),
             commit_time: tx.commit_time,
             from_peer: tx.from_peer,
+            peer_applied: tx.peer_applied,
             merged: tx.merged,
             rows,
         })
@@ -611,7 +632,14 @@ mod tests {
     #[test]
     fn hlc_messages_round_trip() {
         let stamp = Hlc::new(1_700_000_000_000_000, 7, NodeId(3));
-        assert_eq!(parse_hlc_message(&hlc_message(stamp)), Some(stamp));
+        assert_eq!(parse_hlc_message(&hlc_message(stamp, &[])), Some((stamp, vec![])));
+        let builds_on = vec![(NodeId(2), 17), (NodeId(3), 4)];
+        assert_eq!(
+            parse_hlc_message(&hlc_message(stamp, &builds_on)),
+            Some((stamp, builds_on))
+        );
+        assert_eq!(parse_hlc_message("1:2:3 2"), None);
+        assert_eq!(parse_hlc_message("1:2:3 2=x"), None);
         assert_eq!(parse_hlc_message("1:2"), None);
         assert_eq!(parse_hlc_message("1:2:3:4"), None);
     }

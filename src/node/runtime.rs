@@ -72,6 +72,14 @@ pub struct PeerStatus {
     /// The peer's changes received and held in memory until the rest of their transaction
     /// arrives (a transaction is applied whole).
     pub incomplete_transaction_changes: u64,
+    /// The peer's next transaction waits until this node has applied another node's changes
+    /// up to a position (it built on them there): that node and position.
+    #[serde(default)]
+    pub waiting_for: Option<(NodeId, u64)>,
+    /// The peer's transactions applied before what they built on, because the node that made
+    /// it stayed unreachable longer than `causal_wait_ms` (since this node started).
+    #[serde(default)]
+    pub causal_waivers: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -361,6 +369,7 @@ where
         collected_round: 0,
         tombstones_collected: 0,
         capture_progress: capture_rx.clone(),
+        epoch: Instant::now(),
     };
     let task = tokio::spawn(
         looped
@@ -527,6 +536,8 @@ struct Loop {
     /// The capture's progress, read directly when acknowledging a round (the loop's own copy
     /// may lag behind what an applier already waited for).
     capture_progress: watch::Receiver<CaptureProgress>,
+    /// The loop's steady clock, for the apply queues' bounded waits.
+    epoch: Instant,
 }
 
 /// Status figures that take a query or a time window, refreshed about once a second.
@@ -700,14 +711,27 @@ impl Loop {
             || self.pending_apply.values().any(ApplyQueue::has_batch)
     }
 
-    /// Hands received transactions to the appliers, as far as their queues have room.
+    /// Hands received transactions to the appliers, as far as their queues have room and what
+    /// they build on is applied (committed) here.
     fn flush_apply(&mut self) -> Result<()> {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         for (peer, pending) in &mut self.pending_apply {
             let Some(queue) = self.apply_queues.get(peer) else {
                 pending.clear();
                 continue;
             };
-            while let Some(batch) = pending.next_batch(MAX_APPLY_BATCH) {
+            while let Some(batch) = pending.next_batch(MAX_APPLY_BATCH, &self.replication, now) {
+                for waived in pending.take_waived() {
+                    tracing::warn!(
+                        %peer,
+                        node = %waived.node,
+                        through = waived.through,
+                        "applying a transaction before node {}'s changes it builds on: that node is unreachable; \
+                         readers may see part of its transactions until they arrive",
+                        waived.node
+                    );
+                    self.stats.entry(*peer).or_default().causal_waivers += 1;
+                }
                 match queue.try_send(batch) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(batch)) => {
@@ -1018,7 +1042,9 @@ impl Loop {
                 s.last_applied_micros.map(|t| now.saturating_sub(t) as f64 / 1e6)
             };
             s.applied_per_sec = self.slow.applied_per_sec.get(&peer).copied().unwrap_or(0.0);
-            s.incomplete_transaction_changes = self.pending_apply.get(&peer).map_or(0, |q| q.incomplete() as u64);
+            let queue = self.pending_apply.get(&peer);
+            s.incomplete_transaction_changes = queue.map_or(0, |q| q.incomplete() as u64);
+            s.waiting_for = queue.and_then(ApplyQueue::held).map(|d| (d.node, d.through));
             status.peers.insert(peer, s);
         }
         self.status.send_if_modified(|old| {
@@ -1044,6 +1070,7 @@ mod tests {
             stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
             seq,
             tx_last: seq,
+            builds_on: Vec::new(),
             row: RowState::absent(),
             closures: Vec::new(),
         })

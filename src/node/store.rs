@@ -26,6 +26,36 @@ pub fn origin_name(peer: accord_engine::NodeId) -> String {
     format!("accord_peer_{}", peer.0)
 }
 
+/// The peer whose changes a replication origin named by [`origin_name`] tracks.
+pub fn peer_of_origin(name: &str) -> Option<accord_engine::NodeId> {
+    let id = name.strip_prefix("accord_peer_")?;
+    // Only the canonical spelling, so that one peer has one origin.
+    if id.starts_with('0') || id.starts_with('+') {
+        return None;
+    }
+    id.parse().ok().map(accord_engine::NodeId)
+}
+
+/// Every peer's applied position as its replication origin holds it now (committed applies,
+/// flushed or not).
+pub async fn applied_positions(db: &impl GenericClient) -> Result<Vec<(accord_engine::NodeId, u64)>, StoreError> {
+    let rows = db
+        .query(
+            "SELECT roname, pg_replication_origin_progress(roname, false) FROM pg_replication_origin \
+             WHERE roname LIKE 'accord\\_peer\\_%'",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            let position: Option<tokio_postgres::types::PgLsn> = row.get(1);
+            Some((peer_of_origin(&name)?, position.map_or(0, u64::from)))
+        })
+        .collect())
+}
+
 /// Changes that lack values their row does not have here yet (unchanged TOAST relayed by a node
 /// that was not the values' origin), kept until a merge brings the values. Created by `accord
 /// init`, and by a node starting on a database initialised before it existed.

@@ -110,6 +110,7 @@ pub fn padded_change(origin: NodeId, seq: u64, pad: usize) -> RowChange {
         stamp: Hlc::new(1_000_000 + seq, 0, origin),
         seq,
         tx_last: seq,
+        builds_on: Vec::new(),
         row: RowState::absent(),
         closures: Vec::new(),
     }
