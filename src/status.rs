@@ -119,7 +119,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
         }
         registry.register(name, help, family);
     }
-    let peer_counters: [PeerFigure<u64>; 4] = [
+    let peer_counters: [PeerFigure<u64>; 5] = [
         (
             "peer_applied",
             "Changes applied from the peer since the node started",
@@ -139,6 +139,11 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_causal_waivers",
             "The peer's transactions applied before what they built on, its node being unreachable",
             |p| p.causal_waivers,
+        ),
+        (
+            "apply_deadlocks",
+            "Applies of the peer's changes rolled back as a deadlock's victim and tried again",
+            |p| p.apply_deadlocks,
         ),
     ];
     for (name, help, read) in peer_counters {
@@ -248,6 +253,13 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
             .collect::<Vec<_>>()
             .join(", ");
         let _ = writeln!(out, "  conflicts:    {kinds}; {} changes parked", p.parked);
+        if p.apply_deadlocks > 0 {
+            let _ = writeln!(
+                out,
+                "  deadlocks:    {} applies met a local transaction in a deadlock and were tried again",
+                p.apply_deadlocks
+            );
+        }
     }
     out
 }
@@ -318,6 +330,7 @@ mod tests {
             incomplete_transaction_changes: 300,
             waiting_for: Some((NodeId(3), 41)),
             causal_waivers: 2,
+            apply_deadlocks: 3,
             ..PeerStatus::default()
         };
         p.conflicts.concurrent_update = 4;
@@ -344,6 +357,7 @@ mod tests {
             "accord_peer_incomplete_transaction_changes{peer=\"2\"} 300.0",
             "accord_peer_applied_total{peer=\"2\"} 900",
             "accord_peer_causal_waivers_total{peer=\"2\"} 2",
+            "accord_apply_deadlocks_total{peer=\"2\"} 3",
             "accord_conflicts_total{peer=\"2\",kind=\"concurrent_update\"} 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
@@ -372,6 +386,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("applied early: 2 transactions"), "{text}");
+        assert!(text.contains("deadlocks:    3 applies"), "{text}");
     }
 
     #[test]

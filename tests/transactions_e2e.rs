@@ -109,6 +109,15 @@ async fn commit(db: &tokio_postgres::Client, sql: &str) -> u32 {
     }
 }
 
+/// The lines of the largest order: 20,000 in the short form, `ACCORD_BIG_TX_ROWS` (200000 in
+/// the long form the README gives) otherwise.
+fn big_order_lines() -> i32 {
+    match std::env::var("ACCORD_BIG_TX_ROWS") {
+        Ok(rows) => rows.parse().expect("ACCORD_BIG_TX_ROWS: a number of rows"),
+        Err(_) => 20_000,
+    }
+}
+
 /// An order and its `lines` lines, in one transaction.
 fn order_sql(id: i64, lines: i32) -> String {
     format!(
@@ -117,8 +126,9 @@ fn order_sql(id: i64, lines: i32) -> String {
     )
 }
 
-/// Transfers of 2,001 rows and orders of 2,500 lines on one node, two-row transfers and small
-/// orders on the other two, all at once, while a reader on every node checks every snapshot it
+/// Transfers of 2,001 rows, orders of 2,500 lines and one of 20,000 (or more, see
+/// `big_order_lines`) on one node, two-row transfers and small orders on the other two, all at
+/// once, while a reader on every node checks every snapshot it
 /// takes: the balances' sum never changes, no order shows part of its lines. The nodes batch at
 /// most 200 changes per message, so every large transaction arrives in many messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -165,6 +175,8 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
             .await;
             commit(&big, &order_sql(1_000 + i64::from(round), 2_500)).await;
         }
+        // And one larger order.
+        commit(&big, &order_sql(2_000, big_order_lines())).await;
     }));
     // Nodes 2 and 3: two-row transfers over the same accounts and small orders, concurrently.
     for node in 1..3 {
@@ -206,10 +218,77 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(orders, 4 + 2 * 30, "every order arrived\n{}", snapshots[1]);
+    assert_eq!(orders, 4 + 1 + 2 * 30, "every order arrived\n{}", snapshots[1]);
     for node in 1..3 {
         let mut db = cluster.client(node).await;
         assert!(check_snapshot(&mut db).await.is_empty());
     }
+    cluster.stop_all().await;
+}
+
+/// A local transaction that locks two rows in the order opposite to an apply's deadlocks with
+/// it; when PostgreSQL picks the apply as the victim, the applier rolls back and tries the batch
+/// again on the same session (no reconnect, no error), and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_apply_chosen_as_a_deadlocks_victim_is_tried_again_and_counted() {
+    let cluster = TestCluster::start(2, BANK).await;
+    let one = cluster.client(0).await;
+    one.batch_execute("INSERT INTO bank.accounts (id, balance) VALUES (1, 100), (2, 100)")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    // Node 2's user holds row 2, with a long deadlock_timeout: the apply's deadlock check,
+    // which runs a second after it starts waiting, is the one that finds the cycle.
+    let user = cluster.client(1).await;
+    user.batch_execute(
+        "SET deadlock_timeout = '20s'; BEGIN; UPDATE bank.accounts SET balance = balance + 1 WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    // Node 1 moves both rows in one transaction: node 2's apply locks row 1, then waits for row 2.
+    one.batch_execute(
+        "BEGIN; UPDATE bank.accounts SET balance = balance + 1 WHERE id = 1;
+         UPDATE bank.accounts SET balance = balance + 1 WHERE id = 2; COMMIT",
+    )
+    .await
+    .unwrap();
+    let watcher = cluster.client(1).await;
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node 2's apply never waited for the user's row"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Now the user wants row 1, which the apply holds: a cycle.
+    user.batch_execute("UPDATE bank.accounts SET balance = balance + 1 WHERE id = 1; COMMIT")
+        .await
+        .expect("the user's transaction goes through: the apply was the victim");
+
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let deadlocks = cluster.statuses()[1].peers[&support::nodes::id(0)].apply_deadlocks;
+    assert!(deadlocks >= 1, "no deadlock counted\n{}", snapshots[1]);
+    let db = cluster.client(0).await;
+    let balances: Vec<i64> = db
+        .query("SELECT balance FROM bank.accounts ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(balances, [102, 102], "both transactions counted once on every node");
     cluster.stop_all().await;
 }

@@ -419,6 +419,21 @@ impl Applier {
     }
 
     /// Releases the key locks this session holds, once its transaction ended.
+    /// Ends a failed attempt's transaction on this session (its origin position and key locks
+    /// with it), so that the batch can be tried again on the same session: reconnecting would
+    /// find the replication origin still bound to the old backend for a while.
+    pub async fn abandon_attempt(&mut self) -> Result<()> {
+        self.db
+            .batch_execute(&format!(
+                "ROLLBACK; SELECT pg_replication_origin_xact_reset(); {}",
+                key_locks::UNLOCK_SQL
+            ))
+            .await
+            .context("cannot roll back a failed batch on its session")?;
+        self.keys_locked = false;
+        Ok(())
+    }
+
     async fn unlock_keys(&mut self) -> Result<()> {
         if self.keys_locked {
             self.db
@@ -651,6 +666,18 @@ fn ords_param(which: &[usize]) -> Vec<i32> {
 fn parse_xid(text: &str) -> Result<Xid> {
     text.parse()
         .map_err(|_| anyhow!("a row version's xmin {text:?} is not a transaction id"))
+}
+
+/// Whether an apply failed because PostgreSQL chose it as a deadlock's victim: a local
+/// transaction took the same rows in another order. The session is sound; the batch is tried
+/// again on it (`Applier::abandon_attempt`).
+pub fn is_deadlock(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+    })
 }
 
 /// Whether `error` is a unique violation of a table's primary key: a row of the key is there

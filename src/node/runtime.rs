@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tracing::Instrument;
 
-use super::apply::{Applier, ApplySummary, ConflictCounts};
+use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
 use super::init::{connect, load_policy};
 use super::key_locks;
@@ -80,6 +80,11 @@ pub struct PeerStatus {
     /// it stayed unreachable longer than `causal_wait_ms` (since this node started).
     #[serde(default)]
     pub causal_waivers: u64,
+    /// Attempts to apply the peer's changes that PostgreSQL rolled back as a deadlock's victim
+    /// (a local transaction locked the same rows in another order), tried again (since this node
+    /// started).
+    #[serde(default)]
+    pub apply_deadlocks: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -175,6 +180,8 @@ pub fn wall_micros() -> u64 {
 struct Applied {
     peer: NodeId,
     result: Result<(u64, ApplySummary)>,
+    /// Attempts of the batch that were a deadlock's victim, and were tried again.
+    deadlocks: u64,
     /// The commit stamp of the batch's last change.
     last_stamp: Option<Hlc>,
     /// How far the peer's changes are applied on disk (see `Applier::durable`).
@@ -441,6 +448,7 @@ async fn apply_batch(
     done: &mpsc::Sender<Applied>,
 ) -> bool {
     let peer = applier.peer();
+    let mut deadlocks = 0;
     loop {
         let span = tracing::debug_span!(
             "batch",
@@ -460,38 +468,57 @@ async fn apply_batch(
                 let applied = Applied {
                     peer,
                     result: Ok(ok),
+                    deadlocks,
                     last_stamp: batch.last().map(|c| c.stamp),
                     durable: position.acknowledgeable(),
                 };
                 return done.send(applied).await.is_ok();
             }
+            Err(error) if is_deadlock(&error) => {
+                // A local transaction locked the batch's rows in another order, and PostgreSQL
+                // rolled the batch back to let it through. Nothing is wrong with the session:
+                // try again on it after a moment, once the local transaction has moved on.
+                deadlocks += 1;
+                tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
+                match applier.abandon_attempt().await {
+                    Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
+                    Err(error) => {
+                        tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                        reconnect(applier, dsn).await;
+                    }
+                }
+            }
             Err(error) => {
                 tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 // The connection may be what failed: start over on a new one.
-                match async {
-                    Applier::connect(
-                        connect(dsn).await?,
-                        connect(dsn).await?,
-                        applier.capture(),
-                        peer,
-                        applier.policy(),
-                        applier.synchronous_commit(),
-                    )
-                    .await
-                }
-                .await
-                {
-                    Ok(mut fresh) => {
-                        fresh.follow_collection(applier.collection());
-                        *applier = fresh
-                    }
-                    Err(error) => {
-                        tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier")
-                    }
-                }
+                reconnect(applier, dsn).await;
             }
         }
+    }
+}
+
+/// Replaces the applier by one on new connections (left as it is if that fails).
+async fn reconnect(applier: &mut Applier, dsn: &str) {
+    let peer = applier.peer();
+    let fresh = async {
+        Applier::connect(
+            connect(dsn).await?,
+            connect(dsn).await?,
+            applier.capture(),
+            peer,
+            applier.policy(),
+            applier.synchronous_commit(),
+        )
+        .await
+    }
+    .await;
+    match fresh {
+        Ok(mut fresh) => {
+            fresh.follow_collection(applier.collection());
+            *applier = fresh
+        }
+        Err(error) => tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier"),
     }
 }
 
@@ -695,6 +722,7 @@ impl Loop {
         stats.parked += summary.parked;
         stats.conflicts.add(&summary.conflicts);
         stats.capture_waits += summary.waits;
+        stats.apply_deadlocks += done.deadlocks;
         self.replication.applied(peer, upto)?;
         let ack = Message::Ack { applied: durable };
         if self.replication.is_connected(peer) {

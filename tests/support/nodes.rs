@@ -221,7 +221,7 @@ impl TestCluster {
         self.pg[i].connect(DB).await
     }
 
-    fn statuses(&self) -> Vec<NodeStatus> {
+    pub fn statuses(&self) -> Vec<NodeStatus> {
         self.nodes.values().map(|h| h.status.borrow().clone()).collect()
     }
 
