@@ -485,6 +485,28 @@ impl Deployment {
             .get(0))
     }
 
+    /// Stops every accord node gracefully; the databases go on (their slots keep what is written
+    /// meanwhile). accord only.
+    pub async fn stop_accord(&mut self) -> Result<()> {
+        let net = self
+            .accord
+            .as_mut()
+            .ok_or_else(|| anyhow!("not an accord deployment"))?;
+        for (i, h) in std::mem::take(&mut net.nodes) {
+            net.hub.leave(node_id(i)).await;
+            h.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts every accord node again after [`Deployment::stop_accord`].
+    pub async fn restart_accord(&mut self) -> Result<()> {
+        for i in 0..self.pg.len() {
+            self.start_accord_node(i).await?;
+        }
+        Ok(())
+    }
+
     pub async fn stop(mut self) {
         if let Some(net) = self.accord.take() {
             for (_, h) in net.nodes {

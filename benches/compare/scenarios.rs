@@ -508,9 +508,174 @@ pub async fn mesh(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Accounts the transfers scenario moves amounts between (the first rows of `bench.items`).
+const ACCOUNTS: i64 = 1_000;
+/// Rounds of the transfers scenario, each with accord running and then stopped.
+const TRANSFER_ROUNDS: usize = 2;
+
+/// What one round of transfers measured: each committed transfer's latency (retries included),
+/// the rate, and the user's transactions PostgreSQL aborted as a deadlock's victim.
+struct TransferRound {
+    latencies: Vec<Duration>,
+    per_sec: f64,
+    deadlocks: u64,
+}
+
+/// 2 clients on every node, each committing `per_client` transfers `n = n - 1` on one account
+/// and `n = n + 1` on another in one transaction, retried as a user would on a deadlock.
+async fn transfer_round(dep: &Deployment, per_client: u64, round: usize) -> Result<TransferRound> {
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for node in 0..dep.pg.len() {
+        for c in 0..2u64 {
+            let db = session(dep, node, false).await?;
+            let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ ((node as u64 + 1) << 40) ^ ((round as u64 + 1) << 20) ^ (c + 1));
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client as usize);
+                let mut deadlocks = 0u64;
+                for _ in 0..per_client {
+                    let from = 1 + rng.below(ACCOUNTS);
+                    let to = 1 + (from + rng.below(ACCOUNTS - 1)) % ACCOUNTS;
+                    let sql = format!(
+                        "BEGIN; UPDATE bench.items SET n = n - 1 WHERE id = {from}; \
+                         UPDATE bench.items SET n = n + 1 WHERE id = {to}; COMMIT"
+                    );
+                    let began = Instant::now();
+                    loop {
+                        match db.batch_execute(&sql).await {
+                            Ok(()) => break,
+                            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
+                                db.batch_execute("ROLLBACK").await?;
+                                deadlocks += 1;
+                            }
+                            Err(e) => return Err(anyhow::Error::new(e).context("transfer")),
+                        }
+                    }
+                    latencies.push(began.elapsed());
+                }
+                Ok::<_, anyhow::Error>((latencies, deadlocks))
+            }));
+        }
+    }
+    let mut round = TransferRound {
+        latencies: Vec::new(),
+        per_sec: 0.0,
+        deadlocks: 0,
+    };
+    for t in tasks {
+        let (latencies, deadlocks) = t.await.map_err(|e| anyhow!("a transfer client panicked: {e}"))??;
+        round.latencies.extend(latencies);
+        round.deadlocks += deadlocks;
+    }
+    round.per_sec = round.latencies.len() as f64 / started.elapsed().as_secs_f64();
+    Ok(round)
+}
+
+/// Scenario 7 (issue 21): what users moving amounts between two accounts feel on every node,
+/// with accord running (and its applies locking the same rows) and with accord stopped, on the
+/// same databases, alternated. The sum of `n` over every row never changes, and the nodes end
+/// identical.
+pub async fn transfers(dep: &mut Deployment, opts: &Opts) -> Result<Vec<Row>> {
+    let sum_sql = "SELECT coalesce(sum(n), 0)::bigint FROM bench.items";
+    let before: i64 = dep.client(0).await?.query_one(sum_sql, &[]).await?.get(0);
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let (mut with_rate, mut without_rate) = (Vec::new(), Vec::new());
+    let (mut with_deadlocks, mut without_deadlocks) = (0, 0);
+    for round in 0..TRANSFER_ROUNDS {
+        let r = transfer_round(dep, opts.transfer_tx, 2 * round).await?;
+        with.extend(r.latencies);
+        with_rate.push(r.per_sec);
+        with_deadlocks += r.deadlocks;
+        dep.fence_all(Duration::from_secs(600)).await?;
+        dep.stop_accord().await?;
+        let r = transfer_round(dep, opts.transfer_tx, 2 * round + 1).await?;
+        without.extend(r.latencies);
+        without_rate.push(r.per_sec);
+        without_deadlocks += r.deadlocks;
+        dep.restart_accord().await?;
+        dep.fence_all(Duration::from_secs(600)).await?;
+    }
+    let mut sums = Vec::new();
+    let mut digests = Vec::new();
+    for i in 0..dep.pg.len() {
+        sums.push(dep.client(i).await?.query_one(sum_sql, &[]).await?.get::<_, i64>(0));
+        digests.push(dep.checksum(i).await?);
+    }
+    let apply_deadlocks: u64 = (0..dep.pg.len())
+        .filter_map(|i| dep.accord_status(i))
+        .map(|s| s.borrow().peers.values().map(|p| p.apply_deadlocks).sum::<u64>())
+        .sum();
+    with.sort();
+    without.sort();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (p99_with, p99_without) = (percentile(&with, 0.99), percentile(&without, 0.99));
+    const S: &str = "7 transfers";
+    Ok(vec![
+        Row::text(
+            dep,
+            S,
+            "p50 / p99 ms, accord running",
+            &format!("{:.2} / {:.2}", ms(percentile(&with, 0.5)), ms(p99_with)),
+        ),
+        Row::text(
+            dep,
+            S,
+            "p50 / p99 ms, accord stopped",
+            &format!("{:.2} / {:.2}", ms(percentile(&without, 0.5)), ms(p99_without)),
+        ),
+        Row::figure(
+            dep,
+            S,
+            "p99 with / without accord",
+            ms(p99_with) / ms(p99_without).max(1e-9),
+            format!("{:.2}×", ms(p99_with) / ms(p99_without).max(1e-9)),
+            Better::Lower,
+        ),
+        Row::figure(
+            dep,
+            S,
+            "transfers/s with / without accord",
+            mean(&with_rate) / mean(&without_rate).max(1e-9),
+            format!(
+                "{:.0} / {:.0} ({:.2}×)",
+                mean(&with_rate),
+                mean(&without_rate),
+                mean(&with_rate) / mean(&without_rate).max(1e-9)
+            ),
+            Better::Higher,
+        ),
+        Row::text(
+            dep,
+            S,
+            "deadlocks: users' retried with / without; applies retried (last round)",
+            &format!("{with_deadlocks} / {without_deadlocks}; {apply_deadlocks}"),
+        ),
+        Row::text(
+            dep,
+            S,
+            "nodes identical",
+            if digests.windows(2).all(|w| w[0] == w[1]) {
+                "yes"
+            } else {
+                "NO"
+            },
+        ),
+        Row::text(
+            dep,
+            S,
+            "sum of balances kept",
+            if sums.iter().all(|&s| s == before) { "yes" } else { "NO" },
+        ),
+    ])
+}
+
 /// Why a system cannot run a scenario, if it cannot.
 pub fn unsupported(system: System, scenario: &str) -> Option<&'static str> {
     match (system, scenario) {
+        (System::Native | System::Pglogical, "transfers") => {
+            Some("n/a: measures what accord costs users writing on every node")
+        }
         (System::Native, "conflict") | (System::Native, "mesh") => Some(
             "n/a: PostgreSQL 15 subscriptions cannot skip changes that came from another \
              subscription (origin = none is 16+), so two-way or mesh setups loop",
