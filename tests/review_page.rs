@@ -143,8 +143,8 @@ impl Chromedriver {
         for binary in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 std::path::Path::new(binary).is_file(),
-                "{binary} is missing: this test drives headless Chromium; install it with \
-                 `apt-get install -y chromium chromium-driver`"
+                "{binary} is missing: this test drives headless Chromium; run the tests with \
+                 `scripts/test` (it installs what is missing), or `apt-get install -y chromium chromium-driver`"
             );
         }
         use std::os::unix::process::CommandExt;
