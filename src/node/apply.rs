@@ -171,11 +171,7 @@ impl Applier {
     pub async fn apply(&mut self, changes: &[RowChange]) -> Result<(u64, ApplySummary)> {
         // An attempt that failed midway may have left its key locks on this session.
         if self.keys_locked {
-            self.db
-                .batch_execute("ROLLBACK")
-                .await
-                .context("cannot end a failed batch's transaction")?;
-            self.unlock_keys().await?;
+            self.abandon_attempt().await?;
         }
         let fresh: Vec<RowChange> = changes.iter().filter(|c| c.seq > self.applied).cloned().collect();
         let cut = self.cut.borrow().clone();
@@ -226,14 +222,7 @@ impl Applier {
                         true => Some(probe(&self.db).await?),
                         false => None,
                     };
-                    // The rolled-back batch set this session's origin position, and a ROLLBACK
-                    // keeps it: committed by a later transaction of this session, it would
-                    // record the batch as applied with none of it written. Reset it first.
-                    self.db
-                        .batch_execute("ROLLBACK; SELECT pg_replication_origin_xact_reset()")
-                        .await
-                        .context("cannot roll back a batch and reset its origin position")?;
-                    self.unlock_keys().await?;
+                    self.abandon_attempt().await?;
                     match lsn {
                         Some(lsn) => wait_for_capture(&self.flusher, &mut self.capture, lsn).await?,
                         None => tokio::time::sleep(Duration::from_micros(pause_micros)).await,
@@ -419,9 +408,11 @@ impl Applier {
     }
 
     /// Releases the key locks this session holds, once its transaction ended.
-    /// Ends a failed attempt's transaction on this session (its origin position and key locks
-    /// with it), so that the batch can be tried again on the same session: reconnecting would
-    /// find the replication origin still bound to the old backend for a while.
+    /// Ends an attempt's transaction on this session (its origin position and key locks with
+    /// it), so that the batch can be tried again on the same session: reconnecting would find the
+    /// replication origin still bound to the old backend for a while. The origin position is
+    /// reset because a ROLLBACK keeps it: committed by a later transaction of this session, it
+    /// would record the batch as applied with none of it written.
     pub async fn abandon_attempt(&mut self) -> Result<()> {
         self.db
             .batch_execute(&format!(
