@@ -3,6 +3,7 @@
 pub mod config;
 pub mod demo;
 pub mod node;
+pub mod pg_connection;
 pub mod review_page;
 pub mod scratch_pg;
 pub mod service;

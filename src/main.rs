@@ -279,7 +279,7 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
 
 async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
     use accord::node::init;
-    let mut db = init::connect(dsn).await?;
+    let mut db = accord::pg_connection::connect(dsn).await?;
     let done = init::init(&mut db, accord_engine::NodeId(node_id)).await?;
     println!("node {} is ready to replicate:", done.node);
     for table in &done.tables {
@@ -299,7 +299,7 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
     use accord::node::{init, review};
     match command {
         ReviewCommand::List { dsn, all } => {
-            let db = init::connect(&dsn).await?;
+            let db = accord::pg_connection::connect(&dsn).await?;
             let entries = review::list(&db, (!all).then_some("open")).await?;
             if entries.is_empty() {
                 println!("no {}review items", if all { "" } else { "open " });
@@ -319,7 +319,7 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
             }
         }
         ReviewCommand::Show { id, dsn } => {
-            let db = init::connect(&dsn).await?;
+            let db = accord::pg_connection::connect(&dsn).await?;
             let e = review::show(&db, id).await?;
             let column = e.item.column.as_deref().unwrap_or("(whole change)");
             println!("item {}: {} {} {column} — {}", e.id, e.item.table, e.item.key, e.status);
@@ -353,7 +353,7 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
             }
         }
         ReviewCommand::Resolve { id, dsn, pick, value } => {
-            let mut db = init::connect(&dsn).await?;
+            let mut db = accord::pg_connection::connect(&dsn).await?;
             let policy = init::load_policy(&mut db).await?;
             let choice = match (pick, value) {
                 (Some(n), _) => review::Choice::Pick(n),

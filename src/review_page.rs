@@ -40,7 +40,7 @@ pub struct ReviewPage {
 impl std::fmt::Debug for ReviewPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReviewPage")
-            .field("dsn", &init::redact(&self.dsn))
+            .field("dsn", &crate::pg_connection::redact(&self.dsn))
             .field("token", &"***")
             .finish()
     }
@@ -295,7 +295,7 @@ async fn not_found(State(s): AppState, headers: HeaderMap) -> Response {
 /// A connection to the node's database, or the page that says it is unavailable. Neither the page
 /// nor the log names the DSN: it may carry a password.
 async fn connect(dsn: &str) -> Result<Client, Response> {
-    init::connect(dsn).await.map_err(|error| {
+    crate::pg_connection::connect(dsn).await.map_err(|error| {
         tracing::warn!(cause = %error.root_cause(), "the review page cannot connect to the node's database");
         failure(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -4,101 +4,12 @@
 
 mod support;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::cli::{accord, free_tcp_port};
 use support::nodes::{free_udp_port, snapshot, SHOP};
 use support::pg::PgCluster;
-
-struct NodeFiles {
-    config: PathBuf,
-    metrics: u16,
-}
-
-/// Writes node `id`'s configuration (peers: the other ids) into `dir`, with certificates made by
-/// `accord certs` as an operator would.
-fn write_node(dir: &Path, id: u32, dsn: &str, quic: &[(u32, u16)], extra: &str) -> NodeFiles {
-    let certs = dir.join(format!("certs-{id}"));
-    let (ok, out) = accord(&[
-        "certs",
-        "node",
-        &id.to_string(),
-        "--ca-dir",
-        dir.join("ca").to_str().unwrap(),
-        "--out",
-        certs.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let metrics = free_tcp_port();
-    let own = quic.iter().find(|(n, _)| *n == id).unwrap().1;
-    let mut text = format!(
-        "node_id = {id}\ncluster = \"service-test\"\ndsn = \"{dsn}\"\nlisten = \"127.0.0.1:{own}\"\n\
-         [tls]\nca = \"certs-{id}/ca.pem\"\ncert = \"certs-{id}/node-{id}.pem\"\nkey = \"certs-{id}/node-{id}.key\"\n\
-         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n{extra}\n"
-    );
-    for (peer, port) in quic.iter().filter(|(n, _)| *n != id) {
-        text.push_str(&format!("[[peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"));
-    }
-    let config = dir.join(format!("node-{id}.toml"));
-    std::fs::write(&config, text).unwrap();
-    NodeFiles { config, metrics }
-}
-
-/// A running `accord run`; killed if the test fails before stopping it.
-struct RunningNode {
-    child: Option<Child>,
-}
-
-impl RunningNode {
-    fn start(config: &Path, extra: &[&str]) -> RunningNode {
-        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .args(extra)
-            .env_remove("ACCORD_DSN")
-            .env("ACCORD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("accord run starts");
-        RunningNode { child: Some(child) }
-    }
-
-    /// SIGTERM, then the exit status and the logs.
-    fn terminate(mut self) -> (bool, String) {
-        let mut child = self.child.take().unwrap();
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("accord run did not stop within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut logs = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-        (status.success(), logs)
-    }
-}
-
-impl Drop for RunningNode {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use support::service::{wait_until, write_node, RunningNode};
 
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,14 +19,6 @@ async fn http_get(port: u16, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
-}
-
-async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut check: impl FnMut() -> F) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

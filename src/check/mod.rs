@@ -5,6 +5,7 @@ mod text;
 
 use std::time::Duration;
 
+use accord::pg_connection::{self, Dsn};
 use accord_schema_annotations::pg;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -35,18 +36,20 @@ pub enum Verdict {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
-    let mut config: tokio_postgres::Config = args.dsn.parse().context("--dsn is not a valid connection string")?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
+    let mut dsn = Dsn::parse(&args.dsn).context("--dsn is not a valid connection string")?;
+    if dsn.config.get_connect_timeout().is_none() {
+        dsn.config.connect_timeout(CONNECT_TIMEOUT);
     }
-    if config.get_application_name().is_none() {
-        config.application_name("accord check");
+    if dsn.config.get_application_name().is_none() {
+        dsn.config.application_name("accord check");
     }
     // The DSN is not repeated in messages: it may hold a password.
-    let (mut client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to the database given by --dsn")?;
+    let (mut client, connection) = pg_connection::connect_parsed(&dsn).await.with_context(|| {
+        format!(
+            "cannot connect to the database given by --dsn{}",
+            pg_connection::tls_note(&dsn.tls)
+        )
+    })?;
     let connection = tokio::spawn(connection);
     let checked = pg::check_database(&mut client).await?;
     drop(client);

@@ -22,11 +22,11 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::init::connect;
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
 use super::rows::parse_cell;
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
+use crate::pg_connection::{self, connect, redact, Dsn, ReplicationEndpoint};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -76,29 +76,40 @@ pub struct CaptureProgress {
 /// read everything committed before it.
 pub const PROBE_MESSAGE_PREFIX: &str = "accord.probe";
 
-/// A replication-protocol connection configuration from a libpq-style DSN.
-pub fn replication_config(dsn: &str) -> Result<ReplicationConfig> {
-    let config: tokio_postgres::Config = dsn.parse().context("cannot read the DSN")?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(path)) => path.to_string_lossy().into_owned(),
-        None => "localhost".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let password = config
+/// A replication-protocol connection configuration from a libpq-style DSN, reaching the server
+/// through `endpoint` (the server itself, or a TLS tunnel to it).
+pub fn replication_config(dsn: &Dsn, endpoint: &ReplicationEndpoint) -> ReplicationConfig {
+    let user = dsn.config.get_user().unwrap_or("postgres").to_owned();
+    let password = dsn
+        .config
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    let dbname = config.get_dbname().unwrap_or(&user).to_owned();
-    Ok(ReplicationConfig::new(host, user, password, dbname, SLOT, PUBLICATION)
-        .with_port(port)
+    let dbname = dsn.config.get_dbname().unwrap_or(&user).to_owned();
+    ReplicationConfig::new(endpoint.host.clone(), user, password, dbname, SLOT, PUBLICATION)
+        .with_port(endpoint.port)
+        // TLS, when asked for, is the endpoint's (see `pg_connection::replication_endpoint`).
         .with_tls(TlsConfig::disabled())
         .with_status_interval(std::time::Duration::from_millis(200))
         // Decoded text must not depend on the server's settings: the same value must read the same
         // on every node.
         .with_options("-c datestyle=ISO,YMD -c intervalstyle=iso_8601 -c timezone=UTC -c extra_float_digits=3")
-        .with_application_name("accord-capture"))
+        .with_application_name("accord-capture")
+}
+
+/// Starts streaming from the slot, over TLS when the DSN asks for it.
+async fn start_stream(dsn: &str) -> Result<ReplicationClient> {
+    let parsed = Dsn::parse(dsn).with_context(|| format!("cannot use the connection string ({})", redact(dsn)))?;
+    let endpoint = pg_connection::replication_endpoint(&parsed).await.with_context(|| {
+        format!(
+            "cannot open the replication connection ({}{})",
+            redact(dsn),
+            pg_connection::tls_note(&parsed.tls)
+        )
+    })?;
+    ReplicationClient::connect(replication_config(&parsed, &endpoint))
+        .await
+        .context("cannot start streaming from the replication slot")
 }
 
 /// A transaction being decoded.
@@ -228,9 +239,7 @@ impl Capture {
             p.head = checkpoint.last_seq;
             changed
         });
-        let mut stream = ReplicationClient::connect(replication_config(dsn)?)
-            .await
-            .context("cannot start streaming from the replication slot")?;
+        let mut stream = start_stream(dsn).await?;
         let mut tx: Option<Transaction> = None;
         let mut group = Group::default();
         loop {
@@ -646,7 +655,13 @@ mod tests {
 
     #[test]
     fn dsn_becomes_a_replication_config() {
-        let config = replication_config("host=127.0.0.1 port=5433 user=postgres dbname=shop").unwrap();
+        let dsn = Dsn::parse("host=127.0.0.1 port=5433 user=postgres dbname=shop sslmode=disable").unwrap();
+        let endpoint = ReplicationEndpoint {
+            host: "127.0.0.1".into(),
+            port: 5433,
+            encrypted: false,
+        };
+        let config = replication_config(&dsn, &endpoint);
         assert_eq!(config.port, 5433);
         assert_eq!(config.database, "shop");
     }

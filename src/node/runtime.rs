@@ -19,10 +19,11 @@ use tracing::Instrument;
 
 use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
-use super::init::{connect, load_policy};
+use super::init::load_policy;
 use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
 use super::store::{self, decode, StoreError};
+use crate::pg_connection::connect;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod nodes;
 pub mod pg;
+pub mod service;

@@ -1,0 +1,125 @@
+//! `accord run` as an operator runs it: configuration files with certificates made by
+//! `accord certs`, and the built binary as a process.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cli::{accord, free_tcp_port};
+
+pub struct NodeFiles {
+    pub config: PathBuf,
+    pub metrics: u16,
+}
+
+/// Writes node `id`'s configuration (peers: the other ids) into `dir`, with certificates made by
+/// `accord certs` as an operator would.
+pub fn write_node(dir: &Path, id: u32, dsn: &str, quic: &[(u32, u16)], extra: &str) -> NodeFiles {
+    let certs = dir.join(format!("certs-{id}"));
+    let (ok, out) = accord(&[
+        "certs",
+        "node",
+        &id.to_string(),
+        "--ca-dir",
+        dir.join("ca").to_str().unwrap(),
+        "--out",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let metrics = free_tcp_port();
+    let own = quic.iter().find(|(n, _)| *n == id).unwrap().1;
+    let mut text = format!(
+        "node_id = {id}\ncluster = \"service-test\"\ndsn = \"{dsn}\"\nlisten = \"127.0.0.1:{own}\"\n\
+         [tls]\nca = \"certs-{id}/ca.pem\"\ncert = \"certs-{id}/node-{id}.pem\"\nkey = \"certs-{id}/node-{id}.key\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n{extra}\n"
+    );
+    for (peer, port) in quic.iter().filter(|(n, _)| *n != id) {
+        text.push_str(&format!("[[peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"));
+    }
+    let config = dir.join(format!("node-{id}.toml"));
+    std::fs::write(&config, text).unwrap();
+    NodeFiles { config, metrics }
+}
+
+/// A running `accord run`; killed if the test fails before stopping it.
+pub struct RunningNode {
+    child: Option<Child>,
+    exited: Option<ExitStatus>,
+}
+
+impl RunningNode {
+    pub fn start(config: &Path, extra: &[&str]) -> RunningNode {
+        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .args(extra)
+            .env_remove("ACCORD_DSN")
+            .env("ACCORD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("accord run starts");
+        RunningNode {
+            child: Some(child),
+            exited: None,
+        }
+    }
+
+    /// Whether the process has ended (as a node does when its database goes away).
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+        }
+        self.exited.is_some()
+    }
+
+    /// SIGTERM, then the exit status and the logs.
+    pub fn terminate(mut self) -> (bool, String) {
+        let mut child = self.child.take().unwrap();
+        if self.exited.is_none() {
+            let sent = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.exited {
+                break status;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("accord run did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut logs = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+        (status.success(), logs)
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
