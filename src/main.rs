@@ -292,6 +292,20 @@ async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
     if done.slot_created {
         println!("created the logical replication slot {}", accord::node::store::SLOT);
     }
+    match &done.partition_guard {
+        init::PartitionGuard::NotNeeded => {}
+        init::PartitionGuard::Installed => println!(
+            "partitioned: {} (replicated through the root; partitions made or attached later get \
+             REPLICA IDENTITY FULL from an event trigger)",
+            done.partitioned.join(", ")
+        ),
+        init::PartitionGuard::NotPermitted(why) => eprintln!(
+            "warning: partitioned: {}; the event trigger that gives partitions made later REPLICA IDENTITY \
+             FULL could not be installed ({why}): run `ALTER TABLE <partition> REPLICA IDENTITY FULL` for \
+             each new partition before writing to it, or run `accord init` as a superuser",
+            done.partitioned.join(", ")
+        ),
+    }
     Ok(())
 }
 

@@ -233,6 +233,12 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
                 "  held:         next transaction waits for node {node}'s changes through {through} (it built on them)"
             );
         }
+        if let Some(why) = &p.apply_waiting {
+            let _ = writeln!(
+                out,
+                "  waiting:      next transaction cannot be applied here yet: {why}"
+            );
+        }
         if p.causal_waivers > 0 {
             let _ = writeln!(
                 out,
@@ -331,6 +337,7 @@ mod tests {
             waiting_for: Some((NodeId(3), 41)),
             causal_waivers: 2,
             apply_deadlocks: 3,
+            apply_waiting: Some("no partition of relation \"events\" found for row (...): create a partition".into()),
             ..PeerStatus::default()
         };
         p.conflicts.concurrent_update = 4;
@@ -387,6 +394,10 @@ mod tests {
         );
         assert!(text.contains("applied early: 2 transactions"), "{text}");
         assert!(text.contains("deadlocks:    3 applies"), "{text}");
+        assert!(
+            text.contains("waiting:      next transaction cannot be applied here yet: no partition of relation"),
+            "{text}"
+        );
     }
 
     #[test]

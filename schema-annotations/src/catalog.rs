@@ -7,6 +7,9 @@ pub struct CatalogTable {
     pub schema: String,
     pub name: String,
     pub kind: RelationKind,
+    /// For a partition: the partitioned table at the top of its tree (`schema.table`), through
+    /// which its changes replicate.
+    pub partition_of: Option<String>,
     pub replica_identity: ReplicaIdentity,
     /// `UNLOGGED`: its changes never reach the WAL, so logical decoding cannot see them.
     pub unlogged: bool,

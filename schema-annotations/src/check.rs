@@ -113,10 +113,17 @@ fn check_table(name: &str, table: &CatalogTable, problems: &mut Vec<Problem>) ->
         // The user meant to replicate it; warning that its column tags have no effect would mislead.
         Err(()) => return None,
     };
-    if table.kind != RelationKind::Table {
+    if !matches!(table.kind, RelationKind::Table | RelationKind::PartitionedTable) {
         problems.push(Problem::NotATable {
             table: name.to_string(),
             kind: table.kind.describe(),
+        });
+        return None;
+    }
+    if let Some(root) = &table.partition_of {
+        problems.push(Problem::PartitionTagged {
+            table: name.to_string(),
+            root: root.clone(),
         });
         return None;
     }

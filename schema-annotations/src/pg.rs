@@ -28,7 +28,12 @@ impl From<tokio_postgres::Error> for LoadError {
 /// `@`, so that misspelled tags are found too. System schemas are left out.
 const RELATIONS: &str = r"
 SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text,
-       c.relpersistence = 'u', d.description
+       c.relpersistence = 'u', d.description,
+       CASE WHEN c.relispartition THEN
+         (SELECT rn.nspname || '.' || rc.relname FROM pg_catalog.pg_class rc
+            JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+           WHERE rc.oid = pg_catalog.pg_partition_root(c.oid))
+       END
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_catalog.pg_description d
@@ -94,6 +99,7 @@ fn relation(row: &Row) -> Result<(u32, CatalogTable), tokio_postgres::Error> {
             replica_identity: ReplicaIdentity::from_relreplident(row.try_get(4)?),
             unlogged: row.try_get(5)?,
             comment: row.try_get(6)?,
+            partition_of: row.try_get(7)?,
             columns: Vec::new(),
         },
     ))

@@ -60,8 +60,15 @@ pub enum Problem {
         column: String,
         policy: ColumnPolicy,
     },
-    #[error("{kind} {table} is tagged `@accord replicate`, but accord replicates only ordinary tables")]
+    #[error(
+        "{kind} {table} is tagged `@accord replicate`, but accord replicates only tables (ordinary or partitioned)"
+    )]
     NotATable { table: String, kind: &'static str },
+    #[error(
+        "table {table} is a partition of {root}: accord replicates a partitioned table as one table, through \
+         its root, whatever its partitions are on each node; move the `@accord` tags to {root}"
+    )]
+    PartitionTagged { table: String, root: String },
     #[error(
         "table {table} is UNLOGGED: its changes are not written to the WAL, so logical decoding never \
          sees them and they would silently not replicate; make it logged (ALTER TABLE {table} SET LOGGED)"
@@ -116,6 +123,7 @@ impl Problem {
             Problem::PolicyOnKeyColumn { .. } => "policy-on-key-column",
             Problem::PolicyOnGeneratedColumn { .. } => "policy-on-generated-column",
             Problem::NotATable { .. } => "not-a-table",
+            Problem::PartitionTagged { .. } => "partition-tagged",
             Problem::UnloggedTable { .. } => "unlogged-table",
             Problem::TagOnUnreplicatedTable { .. } => "tag-on-unreplicated-table",
             Problem::ReplicaIdentityNotFull { .. } => "replica-identity-not-full",
@@ -134,6 +142,7 @@ impl Problem {
             | Problem::PolicyOnKeyColumn { table, .. }
             | Problem::PolicyOnGeneratedColumn { table, .. }
             | Problem::NotATable { table, .. }
+            | Problem::PartitionTagged { table, .. }
             | Problem::UnloggedTable { table }
             | Problem::TagOnUnreplicatedTable { table, .. }
             | Problem::ReplicaIdentityNotFull { table, .. } => table,
@@ -152,6 +161,7 @@ impl Problem {
             | Problem::TagOnUnreplicatedTable { column, .. } => Some(column),
             Problem::DuplicateTable { .. }
             | Problem::NotATable { .. }
+            | Problem::PartitionTagged { .. }
             | Problem::UnloggedTable { .. }
             | Problem::ReplicaIdentityNotFull { .. } => None,
         }

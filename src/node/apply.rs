@@ -26,7 +26,9 @@ use tokio_postgres::{Client, GenericClient, Row};
 use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
 use super::key_locks;
 use super::pipeline::{self, Params, Statements};
-use super::rows::{delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, update_rows_sql};
+use super::rows::{
+    delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table, update_rows_sql, xmins_sql,
+};
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
 
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
@@ -50,6 +52,8 @@ pub struct Applier {
     cut: watch::Receiver<Option<StableCut>>,
     /// The session holds key locks (`key_locks`), to release once the transaction ends.
     keys_locked: bool,
+    /// Tables partitioned on this node (`schema.table`), whose inserts cannot return xmins.
+    partitioned: BTreeSet<String>,
 }
 
 /// A slot's key as text (accord's tables) and as parameters (the user's table).
@@ -104,6 +108,19 @@ impl Applier {
             .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
             .await?
             .get(0);
+        let names: Vec<String> = policy.tables().iter().map(|t| t.name.clone()).collect();
+        let quoted: Vec<String> = names.iter().map(|t| quote_table(t)).collect();
+        let partitioned = db
+            .query(
+                "SELECT n FROM unnest($1::text[]) WITH ORDINALITY AS q(t, n)
+                   JOIN pg_catalog.pg_class c ON c.oid = to_regclass(q.t) WHERE c.relkind = 'p'",
+                &[&quoted],
+            )
+            .await
+            .context("cannot read which replicated tables are partitioned")?
+            .iter()
+            .filter_map(|row| names.get(usize::try_from(row.get::<_, i64>(0) - 1).ok()?).cloned())
+            .collect();
         Ok(Applier {
             db,
             flusher,
@@ -116,6 +133,7 @@ impl Applier {
             statements: Statements::default(),
             cut: watch::channel(None).1,
             keys_locked: false,
+            partitioned,
         })
     }
 
@@ -502,12 +520,21 @@ impl Applier {
                 for column in 0..t.columns.len() {
                     params.push(Box::new(column_values(planned, &inserts, column)));
                 }
+                let partitioned = self.partitioned.contains(&t.name);
                 writes.push(WriteStatement {
-                    sql: insert_rows_sql(t),
+                    sql: insert_rows_sql(t, !partitioned),
                     params,
-                    writes: inserts,
-                    returns_xmin: true,
+                    writes: inserts.clone(),
+                    returns_xmin: !partitioned,
                 });
+                if partitioned {
+                    writes.push(WriteStatement {
+                        sql: xmins_sql(t),
+                        params: key_params(&inserts, width)?,
+                        writes: inserts,
+                        returns_xmin: true,
+                    });
+                }
             }
         }
         let db = &self.db;
@@ -531,6 +558,11 @@ impl Applier {
                 tracing::debug!(error = format!("{error:#}"), "a write was refused");
                 db.batch_execute("ROLLBACK TO SAVEPOINT accord_batch; RELEASE SAVEPOINT accord_batch")
                     .await?;
+                // Not the change's fault but this node's layout, which its users mend: the
+                // transaction waits whole rather than being applied without that row.
+                if let Some(missing) = MissingPartition::of(&error) {
+                    return Err(missing.into());
+                }
                 let key_exists = violates_primary_key(db, &error).await?;
                 Ok(Err(WriteRefusal {
                     key_exists,
@@ -673,6 +705,36 @@ pub fn is_deadlock(error: &anyhow::Error) -> bool {
 
 /// Whether `error` is a unique violation of a table's primary key: a row of the key is there
 /// (the engine starts over and merges against it), not a refusal to park.
+/// A row has no partition to go to on this node (range or list partitions that do not cover it,
+/// and no DEFAULT partition).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({detail}): create a partition for it on this node (or a DEFAULT partition), and the peer's transaction is applied")]
+pub struct MissingPartition {
+    pub message: String,
+    pub detail: String,
+}
+
+impl MissingPartition {
+    fn of(error: &anyhow::Error) -> Option<MissingPartition> {
+        let db = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())?
+            .as_db_error()?;
+        // check_violation, raised by tuple routing with this message (PostgreSQL 11 and later).
+        (db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+            && db.message().starts_with("no partition of relation"))
+        .then(|| MissingPartition {
+            message: db.message().to_owned(),
+            detail: db.detail().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// The missing partition an apply failed for, if that is why.
+    pub fn in_error(error: &anyhow::Error) -> Option<&MissingPartition> {
+        error.chain().find_map(|e| e.downcast_ref::<MissingPartition>())
+    }
+}
+
 async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool> {
     let Some(db_error) = error
         .chain()

@@ -18,7 +18,56 @@ pub struct Initialized {
     pub fingerprint: String,
     pub rows_recorded: u64,
     pub slot_created: bool,
+    /// Replicated partitioned tables, and whether partitions made later get `REPLICA IDENTITY
+    /// FULL` by themselves (an event trigger, which takes a superuser to install).
+    pub partitioned: Vec<String>,
+    pub partition_guard: PartitionGuard,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionGuard {
+    NotNeeded,
+    Installed,
+    /// Why not (the server's message); partitions made later need `REPLICA IDENTITY FULL` by hand.
+    NotPermitted(String),
+}
+
+/// Sets `REPLICA IDENTITY FULL` on every partition below a table accord publishes. A partitioned
+/// table's changes are decoded from its partitions with their own replica identity, and
+/// `ALTER TABLE` does not pass that setting on to partitions, nor do `CREATE TABLE ... PARTITION
+/// OF` and `ATTACH PARTITION` take it from the parent. Run as an event trigger, it acts in the
+/// transaction that made or attached the partition, before any row can be written to it.
+const PARTITION_IDENTITY: &str = "
+CREATE OR REPLACE FUNCTION accord.set_partitions_identity_full() RETURNS void LANGUAGE plpgsql AS $accord$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN
+        SELECT t.relid
+          FROM pg_catalog.pg_publication p
+          JOIN pg_catalog.pg_publication_rel r ON r.prpubid = p.oid
+          CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.prrelid) t
+          JOIN pg_catalog.pg_class c ON c.oid = t.relid
+         WHERE p.pubname = 'accord_pub' AND t.level > 0 AND c.relreplident <> 'f'
+    LOOP
+        -- Fires this trigger again, which then finds nothing left to do.
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part);
+    END LOOP;
+END
+$accord$;
+CREATE OR REPLACE FUNCTION accord.partitions_identity_full() RETURNS event_trigger LANGUAGE plpgsql AS $accord$
+BEGIN
+    PERFORM accord.set_partitions_identity_full();
+END
+$accord$;
+";
+
+const PARTITION_IDENTITY_TRIGGER: &str = "
+DROP EVENT TRIGGER IF EXISTS accord_partitions_identity_full;
+CREATE EVENT TRIGGER accord_partitions_identity_full ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION accord.partitions_identity_full();
+";
 
 /// The schema policy of a database, refusing one with annotation errors.
 pub async fn load_policy(client: &mut Client) -> Result<SchemaPolicy> {
@@ -103,6 +152,18 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         .with_context(|| format!("cannot set REPLICA IDENTITY FULL on {}", table.name))?;
         tables.push(table.name.clone());
     }
+    let mut partitioned = Vec::new();
+    for table in &tables {
+        let kind = tx
+            .query_one(
+                "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1::text::regclass",
+                &[&quote_table(table)],
+            )
+            .await?;
+        if kind.get::<_, String>(0) == "p" {
+            partitioned.push(table.clone());
+        }
+    }
     let mut published: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
     published.push(quote_table(store::RESOLUTIONS_TABLE));
     let has_publication = tx
@@ -118,6 +179,35 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(&format!("{verb} {PUBLICATION} {op} {}", published.join(", ")))
         .await
         .context("cannot create the publication")?;
+    // A partitioned table's changes are published as its own, whatever partition holds the row,
+    // so that nodes may partition a table differently.
+    tx.batch_execute(&format!(
+        "ALTER PUBLICATION {PUBLICATION} SET (publish_via_partition_root = true)"
+    ))
+    .await
+    .context("cannot set publish_via_partition_root on the publication")?;
+    let partition_guard = if partitioned.is_empty() {
+        PartitionGuard::NotNeeded
+    } else {
+        debug_assert!(PARTITION_IDENTITY.contains(&format!("'{PUBLICATION}'")));
+        tx.batch_execute(PARTITION_IDENTITY).await?;
+        // The partitions there are now; the trigger sees to later ones.
+        tx.batch_execute("SELECT accord.set_partitions_identity_full()")
+            .await
+            .context("cannot set REPLICA IDENTITY FULL on the partitions of replicated tables")?;
+        tx.batch_execute("SAVEPOINT partition_guard").await?;
+        match tx.batch_execute(PARTITION_IDENTITY_TRIGGER).await {
+            Ok(()) => PartitionGuard::Installed,
+            Err(error) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT partition_guard").await?;
+                PartitionGuard::NotPermitted(
+                    error
+                        .as_db_error()
+                        .map_or_else(|| error.to_string(), |e| e.message().to_owned()),
+                )
+            }
+        }
+    };
     let checkpoint = Capturer::new(node, DEFAULT_MAX_OFFSET_MICROS).checkpoint();
     tx.execute(
         "INSERT INTO accord.capture_state (checkpoint, last_seq, covered_lsn) VALUES ($1, 0, '0/0')
@@ -161,5 +251,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         fingerprint,
         rows_recorded,
         slot_created,
+        partitioned,
+        partition_guard,
     })
 }

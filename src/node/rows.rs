@@ -269,8 +269,9 @@ fn key_and_columns(table: &TableDef) -> (Vec<String>, Vec<&ColumnType>) {
 }
 
 /// Inserts many rows. Parameters: ords, one text array per key column, one per column. Returns
-/// `ord, xmin` of every row inserted.
-pub fn insert_rows_sql(table: &TableDef) -> String {
+/// `ord, xmin` of every row inserted, or only `ord` without `returns_xmin`: PostgreSQL cannot
+/// return a system column from an insert into a partitioned table ([`xmins_sql`] reads them).
+pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
     let keys = table.key.len();
     let (names, types) = key_and_columns(table);
     let values: Vec<String> = types
@@ -284,10 +285,15 @@ pub fn insert_rows_sql(table: &TableDef) -> String {
     // (The select list begins with the key columns.)
     let order: Vec<String> = (1..=keys).map(|i| i.to_string()).collect();
     // INSERT's RETURNING cannot name the input rows: join what was inserted back to them by key.
+    let (xmin, xmin_out) = if returns_xmin {
+        ("xmin::text AS accord_xmin, ", ", t.accord_xmin")
+    } else {
+        ("", "")
+    };
     format!(
         "WITH i AS (INSERT INTO {table} ({names}) SELECT {values} FROM {unnest} ORDER BY {order} \
-         RETURNING xmin::text AS accord_xmin, {returned}) \
-         SELECT u.ord, t.accord_xmin FROM {unnest} JOIN i AS t ON {join}",
+         RETURNING {xmin}{returned}) \
+         SELECT u.ord{xmin_out} FROM {unnest} JOIN i AS t ON {join}",
         table = quote_table(&table.name),
         names = names.join(", "),
         values = values.join(", "),
@@ -300,6 +306,17 @@ pub fn insert_rows_sql(table: &TableDef) -> String {
 
 /// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
 /// row deleted.
+/// The xmins of rows this transaction wrote. Parameters: ords, one text array per key column.
+/// Returns `ord, xmin`.
+pub fn xmins_sql(table: &TableDef) -> String {
+    format!(
+        "SELECT u.ord, t.xmin::text FROM {} JOIN {} AS t ON {}",
+        unnest(1, table.key.len()),
+        quote_table(&table.name),
+        key_join(table)
+    )
+}
+
 pub fn delete_rows_sql(table: &TableDef) -> String {
     format!(
         "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
@@ -368,7 +385,7 @@ pub(crate) mod tests {
             lock.contains("ORDER BY t.\"region\", t.\"id\" FOR UPDATE OF t"),
             "{lock}"
         );
-        let insert = insert_rows_sql(&t);
+        let insert = insert_rows_sql(&t, true);
         assert!(
             insert.contains("SELECT (u.c0)::text, (u.c1)::bigint, (u.c2)::numeric::money, (u.c3)::integer"),
             "{insert}"

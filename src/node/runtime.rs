@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tracing::Instrument;
 
-use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts};
+use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts, MissingPartition};
 use super::capture::{Capture, CaptureProgress};
 use super::init::load_policy;
 use super::key_locks;
@@ -86,6 +86,10 @@ pub struct PeerStatus {
     /// started).
     #[serde(default)]
     pub apply_deadlocks: u64,
+    /// Why the peer's next transaction cannot be applied on this node yet and waits (a row with
+    /// no partition here to go to), with what to do.
+    #[serde(default)]
+    pub apply_waiting: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -271,6 +275,7 @@ where
     }));
 
     let (applied_tx, applied_rx) = mpsc::channel::<Applied>(64);
+    let apply_waits = ApplyWaits::default();
     let mut apply_queues = BTreeMap::new();
     let mut progress = Vec::new();
     for &peer in &config.peers {
@@ -303,7 +308,14 @@ where
         apply_queues.insert(peer, queue);
         let span = tracing::info_span!("peer", node = %node, peer = %peer);
         workers.push(tokio::spawn(
-            apply_worker(applier, config.dsn.clone(), batches, applied_tx.clone()).instrument(span),
+            apply_worker(
+                applier,
+                config.dsn.clone(),
+                batches,
+                applied_tx.clone(),
+                apply_waits.clone(),
+            )
+            .instrument(span),
         ));
     }
     let head = capture_rx.borrow().head;
@@ -377,6 +389,7 @@ where
         collected_round: 0,
         tombstones_collected: 0,
         capture_progress: capture_rx.clone(),
+        apply_waits,
         epoch: Instant::now(),
     };
     let task = tokio::spawn(
@@ -393,29 +406,49 @@ where
     })
 }
 
+/// What each peer's applier waits for, when it cannot go on until this node's users act.
+type ApplyWaits = Arc<Mutex<BTreeMap<NodeId, String>>>;
+
+/// A peer's applier with what applying its batches reports to.
+struct ApplyWorker {
+    applier: Applier,
+    dsn: String,
+    /// What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
+    position: AppliedPosition,
+    started: Instant,
+    done: mpsc::Sender<Applied>,
+    waits: ApplyWaits,
+}
+
 async fn apply_worker(
-    mut applier: Applier,
+    applier: Applier,
     dsn: String,
     mut batches: mpsc::Receiver<Vec<RowChange>>,
     done: mpsc::Sender<Applied>,
+    waits: ApplyWaits,
 ) {
-    // What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
-    let mut position = AppliedPosition::new(applier.applied(), None);
-    let started = Instant::now();
+    let mut worker = ApplyWorker {
+        position: AppliedPosition::new(applier.applied(), None),
+        applier,
+        dsn,
+        started: Instant::now(),
+        done,
+        waits,
+    };
     while let Some(mut batch) = batches.recv().await {
         // What queued up behind it goes into the same transaction: a node that fell behind
         // catches up in large batches, paying the per-batch costs (a commit, a wait for the
         // capture) once per batch rather than once per small message.
         while let Ok(next) = batches.try_recv() {
             if let Err(next) = join_batches(&mut batch, next) {
-                if !apply_batch(&mut applier, &dsn, &batch, true, &mut position, started, &done).await {
+                if !worker.apply_batch(&batch, true).await {
                     return;
                 }
                 batch = next;
             }
         }
         let more = !batches.is_empty();
-        if !apply_batch(&mut applier, &dsn, &batch, more, &mut position, started, &done).await {
+        if !worker.apply_batch(&batch, more).await {
             return;
         }
     }
@@ -436,64 +469,90 @@ fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result
     Ok(())
 }
 
-/// Applies one batch, retrying (on a new connection when needed) until it is applied, and
-/// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
-/// flushes to learn its durable position less often). `false` when the node is stopping.
-async fn apply_batch(
-    applier: &mut Applier,
-    dsn: &str,
-    batch: &[RowChange],
-    more: bool,
-    position: &mut AppliedPosition,
-    started: Instant,
-    done: &mpsc::Sender<Applied>,
-) -> bool {
-    let peer = applier.peer();
-    let mut deadlocks = 0;
-    loop {
-        let span = tracing::debug_span!(
-            "batch",
-            first = batch.first().map(|c| c.seq),
-            last = batch.last().map(|c| c.seq),
-            changes = batch.len()
-        );
-        match applier.apply(batch).instrument(span).await {
-            Ok(ok) => {
-                let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                if position.committed(ok.0, more, now()) {
-                    match applier.durable().await {
-                        Ok(durable) => position.flushed(durable, now()),
-                        Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
+impl ApplyWorker {
+    /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
+    /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
+    /// flushes to learn its durable position less often). `false` when the node is stopping.
+    async fn apply_batch(&mut self, batch: &[RowChange], more: bool) -> bool {
+        let ApplyWorker {
+            applier,
+            dsn,
+            position,
+            started,
+            done,
+            waits,
+        } = self;
+        let (dsn, started) = (dsn.as_str(), *started);
+        let peer = applier.peer();
+        let mut deadlocks = 0;
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            let span = tracing::debug_span!(
+                "batch",
+                first = batch.first().map(|c| c.seq),
+                last = batch.last().map(|c| c.seq),
+                changes = batch.len()
+            );
+            match applier.apply(batch).instrument(span).await {
+                Ok(ok) => {
+                    if waiting_since.is_some() {
+                        waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+                        tracing::info!(%peer, "the transaction that waited for a partition is applied");
+                    }
+                    let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    if position.committed(ok.0, more, now()) {
+                        match applier.durable().await {
+                            Ok(durable) => position.flushed(durable, now()),
+                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
+                        }
+                    }
+                    let applied = Applied {
+                        peer,
+                        result: Ok(ok),
+                        deadlocks,
+                        last_stamp: batch.last().map(|c| c.stamp),
+                        durable: position.acknowledgeable(),
+                    };
+                    return done.send(applied).await.is_ok();
+                }
+                Err(error) if is_deadlock(&error) => {
+                    // A local transaction locked the batch's rows in another order, and PostgreSQL
+                    // rolled the batch back to let it through. Nothing is wrong with the session:
+                    // try again on it after a moment, once the local transaction has moved on.
+                    deadlocks += 1;
+                    tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
+                    match applier.abandon_attempt().await {
+                        Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
+                        Err(error) => {
+                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                            reconnect(applier, dsn).await;
+                        }
                     }
                 }
-                let applied = Applied {
-                    peer,
-                    result: Ok(ok),
-                    deadlocks,
-                    last_stamp: batch.last().map(|c| c.stamp),
-                    durable: position.acknowledgeable(),
-                };
-                return done.send(applied).await.is_ok();
-            }
-            Err(error) if is_deadlock(&error) => {
-                // A local transaction locked the batch's rows in another order, and PostgreSQL
-                // rolled the batch back to let it through. Nothing is wrong with the session:
-                // try again on it after a moment, once the local transaction has moved on.
-                deadlocks += 1;
-                tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
-                match applier.abandon_attempt().await {
-                    Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
-                    Err(error) => {
-                        tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                        reconnect(applier, dsn).await;
+                Err(error) if MissingPartition::in_error(&error).is_some() => {
+                    let why = MissingPartition::in_error(&error)
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    // Said when it starts and every minute after, not on every attempt.
+                    if waiting_since.is_none_or(|since| since.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%peer, why, "a transaction from the peer waits for a partition on this node");
+                        waiting_since = Some(Instant::now());
+                    }
+                    waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
+                    match applier.abandon_attempt().await {
+                        Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
+                        Err(error) => {
+                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                            reconnect(applier, dsn).await;
+                        }
                     }
                 }
-            }
-            Err(error) => {
-                tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // The connection may be what failed: start over on a new one.
-                reconnect(applier, dsn).await;
+                Err(error) => {
+                    tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // The connection may be what failed: start over on a new one.
+                    reconnect(applier, dsn).await;
+                }
             }
         }
     }
@@ -528,6 +587,8 @@ async fn reconnect(applier: &mut Applier, dsn: &str) {
 /// waits in `pending_apply` and `pending_acks`, both bounded by the peers' windows.
 struct Loop {
     db: Client,
+    /// What appliers wait for (see `PeerStatus::apply_waiting`).
+    apply_waits: ApplyWaits,
     replication: Replication,
     identity: LocalIdentity,
     port: NetworkPort,
@@ -1073,6 +1134,12 @@ impl Loop {
             s.applied_per_sec = self.slow.applied_per_sec.get(&peer).copied().unwrap_or(0.0);
             let queue = self.pending_apply.get(&peer);
             s.incomplete_transaction_changes = queue.map_or(0, |q| q.incomplete() as u64);
+            s.apply_waiting = self
+                .apply_waits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&peer)
+                .cloned();
             s.waiting_for = queue.and_then(ApplyQueue::held).map(|d| (d.node, d.through));
             status.peers.insert(peer, s);
         }

@@ -65,6 +65,16 @@ impl RunningNode {
         }
     }
 
+    /// SIGKILL: a crash, with nothing flushed or said. Returns what it had logged.
+    pub fn kill9(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut logs = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+        logs
+    }
+
     /// Whether the process has ended (as a node does when its database goes away).
     pub fn has_exited(&mut self) -> bool {
         if self.exited.is_none() {

@@ -23,6 +23,7 @@ fn table(name: &str, comment: &str, columns: Vec<CatalogColumn>) -> CatalogTable
         schema: "shop".into(),
         name: name.into(),
         kind: RelationKind::Table,
+        partition_of: None,
         replica_identity: ReplicaIdentity::Full,
         unlogged: false,
         comment: Some(comment.into()),
@@ -146,6 +147,28 @@ fn only_ordinary_tables_replicate() {
     let checked = check(&[view]);
     assert_eq!(codes(&checked), ["not-a-table"]);
     assert!(checked.problems[0].to_string().contains("view shop.v"));
+}
+
+#[test]
+fn a_partitioned_table_replicates_as_one_table_and_its_partitions_cannot_be_tagged() {
+    let mut root = table("events", "@accord replicate", vec![key("id", 1)]);
+    root.kind = RelationKind::PartitionedTable;
+    let mut part = table("events_2026", "@accord replicate", vec![key("id", 1)]);
+    part.partition_of = Some("shop.events".into());
+    let checked = check(&[root, part]);
+    assert_eq!(codes(&checked), ["partition-tagged"]);
+    assert!(checked.problems[0]
+        .to_string()
+        .contains("move the `@accord` tags to shop.events"));
+    assert_eq!(
+        checked
+            .policy
+            .tables()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+        ["shop.events"]
+    );
 }
 
 #[test]
