@@ -4,11 +4,16 @@
 //! PostgreSQL clusters ([`crate::scratch_pg`]). The nodes run in this process, as `accord run`
 //! would run them, and talk QUIC with mutual TLS on loopback. The report goes to stdout, the
 //! progress bar to stderr.
+//!
+//! The workload's price changes meet only by chance, so the demo then makes one meeting certain
+//! by stopping one node's accord while two nodes change the same price, and resolves the item with
+//! `accord review resolve` run as its own process, as a user would.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use accord_engine::{NodeId, ReplicationConfig, ReviewKind};
+use accord_engine::{NodeId, ReplicationConfig, ReviewItemId, ReviewKind};
 use accord_transport::{certs, EndpointConfig, PeerAddr, TlsIdentity};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use crate::node::quic::quic_port;
+use crate::node::review::ReviewEntry;
 use crate::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
 use crate::node::{init, review};
 use crate::scratch_pg::PgCluster;
@@ -53,8 +59,12 @@ What it does: starts three temporary PostgreSQL clusters from the installed serv
 stock delta, price review) on each with the same products, runs `accord init`, makes a CA and node \
 certificates, starts three nodes on 127.0.0.1 (QUIC with mutual TLS), then writes on all three \
 nodes at once: stock increments and decrements on a few hot rows, renames, and price changes on \
-the same rows. When the nodes have converged it reports, for each node, the rows with a checksum, \
-the stock sum against the exact expected sum, the review queue, and lag and throughput.
+the same rows. Whether those price changes meet is chance, so the demo then makes one certain: \
+it stops node 3's accord for a moment, changes one product's price on node 1 and on node 3, starts \
+node 3's accord again, shows the review item that opens on every node, and resolves it on node 2 \
+with `accord review resolve`. It reports, for each node, the rows with a checksum, the stock sum \
+against the exact expected sum, the review queue, the review item and its resolution, and lag and \
+throughput.
 
 Everything lives in one temporary directory, printed at the start, which is removed at the end, \
 also after Ctrl-C. With --keep the nodes and servers stay up after the report so that you can \
@@ -63,7 +73,8 @@ with `accord review` or node 1's review page; the commands and the page's addres
 Ctrl-C (or SIGTERM) then stops and removes it all.
 
 Exit status: 0 when the nodes converged with identical rows, exact stock sums and the same \
-review queue; 1 when they did not; 2 when the demo could not run (for example PostgreSQL is not \
+review queue, and the certain concurrent price change was reviewed and resolved on every node; 1 \
+when not; 2 when the demo could not run (for example PostgreSQL is not \
 installed: `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN). ACCORD_LOG=accord=debug shows \
 what the nodes do.")]
 pub struct DemoArgs {
@@ -167,6 +178,8 @@ struct Demo {
     pg: Vec<PgCluster>,
     nodes: Vec<NodeHandle>,
     quic: Vec<SocketAddr>,
+    /// Kept to start a stopped node again.
+    tls: Vec<TlsIdentity>,
 }
 
 /// One write client's account of what it did.
@@ -240,6 +253,14 @@ struct Convergence {
     snapshots: Vec<Snapshot>,
 }
 
+/// What the demo's own concurrent price change came to.
+struct Showcase {
+    lines: Vec<String>,
+    /// The item opened on every node with both changes as candidates, `accord review resolve`
+    /// closed it, and every node then holds the chosen price and the item resolved.
+    ok: bool,
+}
+
 impl Demo {
     async fn run(&mut self, args: &DemoArgs, bar: &ProgressBar) -> Result<bool> {
         let seed = args.seed.unwrap_or_else(rand::random);
@@ -299,8 +320,10 @@ impl Demo {
 
         bar.set_message("starting the nodes");
         self.quic = (0..NODES).map(|_| free_udp_port()).collect::<Result<_>>()?;
-        for (i, tls) in tls.into_iter().enumerate() {
-            self.start_node(i, tls).await?;
+        self.tls = tls;
+        for i in 0..NODES {
+            let handle = self.start_node(i).await?;
+            self.nodes.push(handle);
         }
 
         for (i, pg) in self.pg.iter().enumerate() {
@@ -392,6 +415,19 @@ impl Demo {
         let applied = applied_total(&statuses).saturating_sub(applied_before);
         let expected = start_sum + tally.delta_sum;
         let open = review::list(&monitors[0], Some("open")).await?;
+        // Past a failed convergence, its waits would only time out too.
+        let showcase = match converged.at {
+            Some(_) => {
+                // A product the workload leaves the price of alone, when there is one, so that the
+                // item shown is this part's alone.
+                let product = if hot < args.products { hot + 1 } else { 1 };
+                Some(
+                    self.concurrent_price_edit(&monitors, i64::from(product), Duration::from_secs(args.timeout), bar)
+                        .await?,
+                )
+            }
+            None => None,
+        };
         bar.finish_and_clear();
 
         // The report.
@@ -482,34 +518,18 @@ impl Demo {
             .collect();
         const SHOWN: usize = 3;
         for entry in concurrent.iter().take(SHOWN) {
-            let column = entry.item.column.as_deref().unwrap_or("");
-            line(
-                &mut out,
-                format!("  item {}: {} {} {column}", entry.id, entry.item.table, entry.item.key),
-            );
-            if let ReviewKind::Concurrent {
-                candidates,
-                provisional,
-            } = &entry.item.kind
-            {
-                for (n, c) in candidates.iter().enumerate() {
-                    let mark = if c.stamp == *provisional {
-                        "  (provisional winner, in the table now)"
-                    } else {
-                        ""
-                    };
-                    line(
-                        &mut out,
-                        format!("    {}. {}  written on node {}{mark}", n + 1, c.value, c.stamp.node),
-                    );
-                }
+            for text in item_lines(entry) {
+                line(&mut out, text);
             }
         }
         if concurrent.len() > SHOWN {
             line(&mut out, format!("  ... and {} more", concurrent.len() - SHOWN));
         }
         if concurrent.is_empty() {
-            line(&mut out, "  (no concurrent price changes met this time)".into());
+            line(
+                &mut out,
+                "  (none of the workload's price changes met this time; the next part makes one certain)".into(),
+            );
         }
         let parked: i64 = snaps.iter().map(|s| s.parked).sum();
         if parked > 0 {
@@ -518,6 +538,18 @@ impl Demo {
                 format!("  changes parked because they could not be applied: {parked} (see `accord review list`)"),
             );
         }
+
+        line(&mut out, String::new());
+        line(&mut out, "A concurrent price change, made certain (review)".into());
+        match &showcase {
+            Some(showcase) => {
+                for text in &showcase.lines {
+                    line(&mut out, text.clone());
+                }
+            }
+            None => line(&mut out, "  skipped: the nodes had not converged".into()),
+        }
+        let reviewed = showcase.as_ref().is_some_and(|s| s.ok);
 
         line(&mut out, String::new());
         line(&mut out, "Replication".into());
@@ -564,12 +596,14 @@ impl Demo {
             );
         }
 
-        let ok = converged.at.is_some() && identical && exact && same_queue;
+        let ok = converged.at.is_some() && identical && exact && same_queue && reviewed;
         line(&mut out, String::new());
         if ok {
             line(
                 &mut out,
-                "Result: converged: identical rows, exact stock sums and the same review queue on every node".into(),
+                "Result: converged: identical rows, exact stock sums and the same review queue on every node; \
+                 the concurrent price change was reviewed and resolved on every node"
+                    .into(),
             );
         } else {
             let mut missing = Vec::new();
@@ -585,14 +619,22 @@ impl Demo {
             if !same_queue {
                 missing.push("the review queues differ".into());
             }
+            if !reviewed {
+                missing.push("the concurrent price change was not reviewed and resolved on every node".into());
+            }
             line(&mut out, format!("Result: NOT converged: {}", missing.join("; ")));
         }
         print!("{out}");
         Ok(ok)
     }
 
-    async fn start_node(&mut self, i: usize, tls: TlsIdentity) -> Result<()> {
+    async fn start_node(&self, i: usize) -> Result<NodeHandle> {
         let node = node_id(i);
+        let tls = self
+            .tls
+            .get(i)
+            .cloned()
+            .with_context(|| format!("node {node} has no certificate loaded"))?;
         let listen = self.quic[i];
         let peers: Vec<PeerAddr> = (0..NODES)
             .filter(|&j| j != i)
@@ -620,8 +662,240 @@ impl Demo {
         })
         .await
         .with_context(|| format!("node {node} did not start"))?;
-        self.nodes.push(handle);
-        Ok(())
+        Ok(handle)
+    }
+
+    /// Makes a concurrent price change certain, as the workload's writers meet only by chance:
+    /// node 3's accord stops (its PostgreSQL keeps taking writes), nodes 1 and 3 change the same
+    /// price, node 3's accord starts again. A reviewer then resolves the item on node 2 with
+    /// `accord review resolve`, the command the README gives, run as a separate process.
+    async fn concurrent_price_edit(
+        &mut self,
+        monitors: &[Client],
+        product: i64,
+        limit: Duration,
+        bar: &ProgressBar,
+    ) -> Result<Showcase> {
+        const WRITERS: [usize; 2] = [0, NODES - 1];
+        const REVIEWER: usize = 1;
+        let stopped = WRITERS[1];
+        let mut lines = Vec::new();
+        let failed = |mut lines: Vec<String>, why: String| -> Result<Showcase> {
+            lines.push(format!("  FAILED: {why}"));
+            Ok(Showcase { lines, ok: false })
+        };
+        let known: BTreeSet<ReviewItemId> = review::list(&monitors[0], None)
+            .await?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+
+        bar.set_message(format!("stopping node {}'s accord", node_id(stopped)));
+        let handle = self.nodes.remove(stopped);
+        handle
+            .stop()
+            .await
+            .with_context(|| format!("node {} did not stop", node_id(stopped)))?;
+        let before: String = monitors[0]
+            .query_one("SELECT price::text FROM shop.products WHERE id = $1", &[&product])
+            .await
+            .with_context(|| format!("cannot read product {product}'s price"))?
+            .get(0);
+        lines.push(format!(
+            "  node {}'s accord stopped (its PostgreSQL keeps taking writes); product {product}'s price is {before} on every node",
+            node_id(stopped)
+        ));
+        let mut written = Vec::new();
+        for (step, &i) in WRITERS.iter().enumerate() {
+            let raise = format!("{}.00", step + 1);
+            let row = monitors[i]
+                .query_one(
+                    "UPDATE shop.products SET price = price + $2::text::numeric WHERE id = $1 RETURNING price::text",
+                    &[&product, &raise],
+                )
+                .await
+                .with_context(|| format!("cannot change product {product}'s price on node {}", node_id(i)))?;
+            written.push(row.get::<_, String>(0));
+        }
+        lines.push(format!(
+            "  node {} sets it to {}, node {} to {}: neither node has seen the other's change",
+            node_id(WRITERS[0]),
+            written[0],
+            node_id(WRITERS[1]),
+            written[1]
+        ));
+
+        bar.set_message(format!("starting node {}'s accord again", node_id(stopped)));
+        self.wait_port_free(stopped, limit).await?;
+        let handle = self.start_node(stopped).await?;
+        self.nodes.insert(stopped, handle);
+        let restarted = Instant::now();
+
+        bar.set_message("waiting for the review item on every node");
+        let item = loop {
+            let mut seen = Vec::new();
+            for db in monitors {
+                let open = review::list(db, Some("open")).await?;
+                seen.push(open.into_iter().find(|e| {
+                    !known.contains(&e.id)
+                        && e.item.column.as_deref() == Some("price")
+                        && matches!(e.item.kind, ReviewKind::Concurrent { .. })
+                }));
+            }
+            if let [Some(first), rest @ ..] = seen.as_slice() {
+                if rest.iter().all(|e| e.as_ref() == Some(first)) {
+                    break first.clone();
+                }
+            }
+            if restarted.elapsed() > limit {
+                let on: Vec<String> = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.is_some())
+                    .map(|(i, _)| node_id(i).to_string())
+                    .collect();
+                return failed(
+                    lines,
+                    format!(
+                        "no review item on every node {} s after node {}'s accord started again (one on nodes: [{}])",
+                        limit.as_secs(),
+                        node_id(stopped),
+                        on.join(", ")
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        lines.push(format!(
+            "  node {}'s accord started again; {:.1} s later the same item is open on nodes 1, 2 and 3:",
+            node_id(stopped),
+            restarted.elapsed().as_secs_f64()
+        ));
+        lines.extend(item_lines(&item));
+        let ReviewKind::Concurrent {
+            candidates,
+            provisional,
+        } = &item.item.kind
+        else {
+            return failed(lines, format!("item {} is not a choice between values", item.id));
+        };
+        let origins: BTreeSet<NodeId> = candidates.iter().map(|c| c.stamp.node).collect();
+        let writers: BTreeSet<NodeId> = WRITERS.iter().map(|&i| node_id(i)).collect();
+        if candidates.len() != 2 || origins != writers {
+            return failed(
+                lines,
+                format!("item {} does not hold just the changes of nodes 1 and 3", item.id),
+            );
+        }
+        // The candidate that is not in the table now, so that the resolution visibly changes it.
+        let Some(pick) = candidates.iter().position(|c| c.stamp != *provisional).map(|n| n + 1) else {
+            return failed(
+                lines,
+                format!("every candidate of item {} is the provisional winner", item.id),
+            );
+        };
+
+        bar.set_message("resolving the item with accord review resolve");
+        let dsn = self.pg[REVIEWER].dsn(DB);
+        let program =
+            std::env::current_exe().context("cannot find this accord binary to run `accord review resolve`")?;
+        // The name this binary was started by, so that the printed command works as printed.
+        let shown = std::env::args().next().unwrap_or_else(|| "accord".into());
+        let resolve_args = vec![
+            "review".to_string(),
+            "resolve".into(),
+            item.id.to_string(),
+            "--pick".into(),
+            pick.to_string(),
+            "--dsn".into(),
+            dsn.clone(),
+        ];
+        lines.push(format!(
+            "  a reviewer keeps candidate {pick} on node {}, with the command the README gives:",
+            node_id(REVIEWER)
+        ));
+        lines.push(format!(
+            "    $ {shown} review resolve {} --pick {pick} --dsn '{dsn}'",
+            item.id
+        ));
+        let output =
+            tokio::task::spawn_blocking(move || std::process::Command::new(program).args(resolve_args).output())
+                .await
+                .context("running `accord review resolve` panicked")?
+                .context("cannot run `accord review resolve`")?;
+        let resolved_at = Instant::now();
+        for text in String::from_utf8_lossy(&output.stdout).lines() {
+            lines.push(format!("    {text}"));
+        }
+        if !output.status.success() {
+            let error = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            return failed(lines, format!("`accord review resolve` failed: {error}"));
+        }
+        let chosen = candidates[pick - 1].value.to_string();
+
+        bar.set_message("waiting for the resolution on every node");
+        loop {
+            let mut done = 0;
+            for db in monitors {
+                let entry = review::show(db, item.id).await?;
+                let holds: bool = db
+                    .query_one(
+                        "SELECT price = $2::text::numeric FROM shop.products WHERE id = $1",
+                        &[&product, &chosen],
+                    )
+                    .await
+                    .with_context(|| format!("cannot read product {product}'s price"))?
+                    .get(0);
+                if entry.status == "resolved" && holds {
+                    done += 1;
+                }
+            }
+            if done == monitors.len() {
+                break;
+            }
+            if resolved_at.elapsed() > limit {
+                return failed(
+                    lines,
+                    format!(
+                        "the resolution reached {done} of {} nodes within {} s",
+                        monitors.len(),
+                        limit.as_secs()
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reached = resolved_at.elapsed();
+        let settled = self
+            .wait_converged(monitors, limit, bar, "waiting for convergence after the review")
+            .await?;
+        let equal = settled.at.is_some() && settled.snapshots.windows(2).all(|w| w[0] == w[1]);
+        lines.push(format!(
+            "  {:.1} s later item {} is resolved on nodes 1, 2 and 3, and product {product}'s price is {chosen} on every node",
+            reached.as_secs_f64(),
+            item.id
+        ));
+        if !equal {
+            return failed(lines, "the nodes did not converge after the review".into());
+        }
+        lines.push("  rows and review queues identical on every node again: yes".into());
+        Ok(Showcase { lines, ok: true })
+    }
+
+    /// Waits until node `i`'s QUIC port can be bound again: its stopped endpoint lets go of the
+    /// socket in the background, and the node must come back on the address its peers dial.
+    async fn wait_port_free(&self, i: usize, limit: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            match UdpSocket::bind(self.quic[i]) {
+                Ok(_) => return Ok(()),
+                Err(error) if started.elapsed() > limit => {
+                    return Err(error)
+                        .with_context(|| format!("node {}'s QUIC port {} stays taken", node_id(i), self.quic[i]))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     async fn connect_all(&self) -> Result<Vec<Client>> {
@@ -848,6 +1122,35 @@ async fn load_products(db: &Client, products: u32, seed: u64) -> Result<()> {
         db.batch_execute("COMMIT").await?;
     }
     Ok(())
+}
+
+/// A concurrent-write item as the report shows it: the row, then the candidates with their nodes.
+fn item_lines(entry: &ReviewEntry) -> Vec<String> {
+    let column = entry.item.column.as_deref().unwrap_or("");
+    let mut lines = vec![format!(
+        "  item {}: {} {} {column}",
+        entry.id, entry.item.table, entry.item.key
+    )];
+    if let ReviewKind::Concurrent {
+        candidates,
+        provisional,
+    } = &entry.item.kind
+    {
+        for (n, c) in candidates.iter().enumerate() {
+            let mark = if c.stamp == *provisional {
+                "  (provisional winner, in the table now)"
+            } else {
+                ""
+            };
+            lines.push(format!(
+                "    {}. {}  written on node {}{mark}",
+                n + 1,
+                c.value,
+                c.stamp.node
+            ));
+        }
+    }
+    lines
 }
 
 fn price_text(cents: u32) -> String {

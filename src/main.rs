@@ -68,8 +68,10 @@ enum Command {
     /// Start a three-node cluster on this machine and show it converge.
     ///
     /// Three temporary PostgreSQL clusters from the installed binaries, an annotated example schema,
-    /// certificates, three nodes on loopback and conflicting writes on all three at once; then a
-    /// report: identical rows, exact stock sums, the review queue, lag and throughput.
+    /// certificates, three nodes on loopback and conflicting writes on all three at once, and a
+    /// concurrent price change made certain, then resolved with `accord review resolve`; then a
+    /// report: identical rows, exact stock sums, the review queue and the resolved item, lag and
+    /// throughput.
     Demo(accord::demo::DemoArgs),
 }
 

@@ -72,6 +72,57 @@ fn assert_converged(out: &str) {
     assert!(out.contains("Result: converged"), "{out}");
 }
 
+/// What the report says of its certain concurrent price change.
+struct Reviewed {
+    item: String,
+    product: String,
+    value: String,
+}
+
+/// The checks of the certain concurrent price change: one item with the changes of nodes 1 and
+/// 3, resolved with `accord review resolve` and then resolved, with the chosen price, everywhere.
+fn assert_reviewed(out: &str) -> Reviewed {
+    let part = out
+        .split("A concurrent price change, made certain")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap_or_else(|| panic!("the report has the concurrent price change:\n{out}"));
+    assert!(!part.contains("FAILED"), "{part}");
+    let (item, product) = part
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("item ")?.split_once(": shop.products ("))
+        .and_then(|(item, rest)| Some((item.to_string(), rest.split_once(") price")?.0.to_string())))
+        .unwrap_or_else(|| panic!("the item is shown with its row:\n{part}"));
+    assert!(part.contains("open on nodes 1, 2 and 3"), "{part}");
+    let candidates: Vec<&str> = part.lines().filter(|l| l.contains("  written on node ")).collect();
+    assert_eq!(candidates.len(), 2, "two candidates:\n{part}");
+    assert!(candidates.iter().any(|l| l.contains("written on node 1")), "{part}");
+    assert!(candidates.iter().any(|l| l.contains("written on node 3")), "{part}");
+    assert!(
+        part.contains(&format!(" review resolve {item} --pick ")),
+        "the command run is shown:\n{part}"
+    );
+    let value = part
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("resolved {item} with "))?
+                .split(';')
+                .next()
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("accord review resolve's own answer is shown:\n{part}"));
+    assert!(
+        part.contains(&format!(
+            "item {item} is resolved on nodes 1, 2 and 3, and product {product}'s price is {value} on every node"
+        )),
+        "{part}"
+    );
+    assert!(part.contains("identical on every node again: yes"), "{part}");
+    assert!(out.contains("reviewed and resolved on every node"), "{out}");
+    Reviewed { item, product, value }
+}
+
 /// Nothing of the demo remains: its directory, its servers' ports, its processes.
 fn assert_gone(traces: &Traces) {
     assert!(!traces.dir.exists(), "{} is removed", traces.dir.display());
@@ -106,6 +157,7 @@ fn demo_converges_with_exact_sums_and_cleans_up() {
     let report = format!("{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{report}");
     assert_converged(&stdout);
+    assert_reviewed(&stdout);
     assert!(
         stdout.contains("@accord delta") && stdout.contains("@accord review"),
         "{report}"
@@ -155,6 +207,7 @@ async fn demo_keep_replicates_until_ctrl_c_then_cleans_up() {
         }
     }
     assert_converged(&out);
+    let reviewed = assert_reviewed(&out);
     let traces = traces(&out);
     assert!(
         traces.dir.exists(),
@@ -197,6 +250,33 @@ async fn demo_keep_replicates_until_ctrl_c_then_cleans_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop((one, three));
+
+    // The review as the databases have it, not as the report tells it.
+    for dsn in &dsns {
+        let db = connect(dsn.clone()).await;
+        let status: String = db
+            .query_one(
+                "SELECT status FROM accord.review_items WHERE id = $1",
+                &[&reviewed.item],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("item {} on {dsn}: {e}", reviewed.item))
+            .get(0);
+        assert_eq!(status, "resolved", "item {} on {dsn}", reviewed.item);
+        let holds: bool = db
+            .query_one(
+                "SELECT price = $2::text::numeric FROM shop.products WHERE id = $1::text::bigint",
+                &[&reviewed.product, &reviewed.value],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            holds,
+            "product {}'s price is {} on {dsn}",
+            reviewed.product, reviewed.value
+        );
+    }
 
     // The printed review command runs as printed: its program is this very binary's path.
     let review = out
