@@ -59,6 +59,15 @@ enum Command {
     /// Asks the node's metrics address (from --config, or --metrics). Exits 2 when the node cannot
     /// be reached.
     Status(StatusArgs),
+    /// Give a table's generated ids from accord.next_id, so that two nodes never make the same.
+    ///
+    /// `serial`, `bigserial` and identity keys count from the same start on every node, so two
+    /// nodes give one id to two different rows (`accord check` flags them). Run on every node
+    /// after `accord init`: the column's default becomes `accord.next_id(counter, lanes)`, which
+    /// gives counter * lanes + this node's id from a new sequence starting above every id the
+    /// table holds or its old sequence gave. Existing rows keep their ids.
+    #[command(subcommand)]
+    Ids(IdsCommand),
     /// Work the review queue.
     ///
     /// The queue holds concurrent writes to review columns, and changes parked because they could
@@ -110,6 +119,28 @@ struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum IdsCommand {
+    /// Convert one table's id column (its key, when it has one key column).
+    Convert {
+        #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
+        dsn: String,
+        /// The table, as schema.table.
+        #[arg(long, value_name = "TABLE")]
+        table: String,
+        /// The column, when the key has several or another column is numbered.
+        #[arg(long, value_name = "COLUMN")]
+        column: Option<String>,
+        /// A power of two above every node id (default 1024 for bigint, 64 for integer). Use the
+        /// same on every node.
+        #[arg(long, value_name = "N")]
+        lanes: Option<i32>,
+        /// Keep ids below 2^53, so that JavaScript numbers hold them exactly.
+        #[arg(long)]
+        js_safe: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +212,7 @@ fn main() -> ExitCode {
         Command::Certs(command) => certs(command).map(|()| check::Verdict::Clean),
         Command::Init { dsn, node_id } => runtime.block_on(init(&dsn, node_id)).map(|()| check::Verdict::Clean),
         Command::Review(command) => runtime.block_on(review(command)).map(|()| check::Verdict::Clean),
+        Command::Ids(command) => runtime.block_on(ids(command)).map(|()| check::Verdict::Clean),
         Command::Run(args) => runtime.block_on(run(args)).map(|()| check::Verdict::Clean),
         Command::Status(args) => runtime.block_on(status(args)).map(|()| check::Verdict::Clean),
         Command::Demo(args) => runtime.block_on(accord::demo::run(args)).map(|converged| {
@@ -307,6 +339,65 @@ async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
              each new partition before writing to it, or run `accord init` as a superuser",
             done.partitioned.join(", ")
         ),
+    }
+    Ok(())
+}
+
+async fn ids(command: IdsCommand) -> anyhow::Result<()> {
+    use accord::node::ids;
+    match command {
+        IdsCommand::Convert {
+            dsn,
+            table,
+            column,
+            lanes,
+            js_safe,
+        } => {
+            let mut db = accord::pg_connection::connect(&dsn).await?;
+            let request = ids::ConvertRequest {
+                table,
+                column,
+                lanes,
+                js_safe,
+            };
+            let done = ids::convert(&mut db, &request).await?;
+            if done.already {
+                println!(
+                    "{}.{} already takes its ids from accord.next_id; nothing changed",
+                    done.table, done.column
+                );
+                return Ok(());
+            }
+            println!(
+                "{}.{} now takes its ids from accord.next_id({}, {}){}",
+                done.table,
+                done.column,
+                done.counter,
+                done.lanes,
+                if done.was_identity {
+                    " (its identity was dropped)"
+                } else {
+                    ""
+                }
+            );
+            let lanes = i64::from(done.lanes);
+            match done.node {
+                Some(node) => {
+                    let first = done.first_counter * lanes + i64::from(node);
+                    println!(
+                        "node {node}'s ids: {first}, {}, ... (every {lanes}th), up to {}; existing rows keep theirs",
+                        first + lanes,
+                        done.max_counter * lanes + i64::from(node)
+                    );
+                }
+                None => println!(
+                    "ids: {} * {lanes} + the node id `accord init` gives this database, counting up to {}; \
+                     existing rows keep theirs",
+                    done.first_counter, done.max_counter
+                ),
+            }
+            println!("run the same command on every node, with the same --lanes");
+        }
     }
     Ok(())
 }

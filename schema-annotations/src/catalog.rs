@@ -31,6 +31,10 @@ pub struct CatalogColumn {
     /// As `format_type(atttypid, atttypmod)` prints it.
     pub type_name: String,
     pub not_null: bool,
+    /// The column's default expression, as `pg_get_expr` prints it.
+    pub default: Option<String>,
+    /// An identity column (`GENERATED ... AS IDENTITY`).
+    pub identity: bool,
     /// A generated column, which every node computes for itself.
     pub generated: bool,
     /// Position in the primary key, from 1; `None` when not part of it.

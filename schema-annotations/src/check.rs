@@ -133,6 +133,28 @@ fn check_table(name: &str, table: &CatalogTable, problems: &mut Vec<Problem>) ->
         });
         failed = true;
     }
+    if !tag.sequences_disjoint {
+        for column in &table.columns {
+            let Some(counter) = counted_by_sequence(column) else {
+                continue;
+            };
+            let (table, column_name) = (name.to_string(), column.name.clone());
+            if column.key_position.is_some() {
+                problems.push(Problem::SequenceKey {
+                    table,
+                    column: column_name,
+                    counter,
+                });
+                failed = true;
+            } else {
+                problems.push(Problem::SequenceColumn {
+                    table,
+                    column: column_name,
+                    counter,
+                });
+            }
+        }
+    }
     let (key, columns) = replicated_columns(name, tag, &tagged, problems, &mut failed);
     if key.is_empty() {
         problems.push(Problem::Schema {
@@ -164,6 +186,18 @@ fn check_table(name: &str, table: &CatalogTable, problems: &mut Vec<Problem>) ->
             })
         })
         .ok()
+}
+
+/// What numbers a column's values when an insert leaves it out, when that is a sequence every
+/// node counts on its own: an identity, or a default calling `nextval` (not through
+/// `accord.next_id`, whose ids carry the node).
+fn counted_by_sequence(column: &CatalogColumn) -> Option<String> {
+    if column.identity {
+        return Some("an identity (GENERATED ... AS IDENTITY)".to_owned());
+    }
+    let default = column.default.as_deref()?;
+    (default.contains("nextval(") && !default.contains("accord.next_id("))
+        .then(|| format!("a sequence (DEFAULT {default})"))
 }
 
 /// The key columns in key order and the merged columns by name, checking each column's policy.

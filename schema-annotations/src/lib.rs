@@ -21,6 +21,8 @@
 //!           | "lww" | "delta" | "review"       (column comments)
 //! option    = key "=" value                    (table comments only, no spaces around "=")
 //!             default=lww|review               policy of the columns without a tag of their own
+//!             sequences=disjoint               the sequences behind the keys are disjoint across
+//!                                              nodes (else `accord check` flags them)
 //! ```
 //!
 //! Words are separated by whitespace and matched without regard to ASCII case; trailing sentence

@@ -12,7 +12,7 @@ const TABLE_WORDS: &[&str] = &["replicate"];
 const POLICY_WORDS: &[&str] = &["lww", "delta", "review"];
 const TABLE_LIST: &str = "replicate";
 const POLICY_LIST: &str = "lww, delta, review";
-const OPTION_KEYS: &[&str] = &["default"];
+const OPTION_KEYS: &[&str] = &["default", "sequences"];
 /// `delta` is left out on purpose: it changes what a write means (an addition, not a value), so it
 /// has to be chosen column by column, and a table default would also hit its text columns.
 const DEFAULT_VALUES: &[&str] = &["lww", "review"];
@@ -22,6 +22,9 @@ const DEFAULT_VALUES: &[&str] = &["lww", "review"];
 pub struct TableTag {
     /// The policy of the columns that have no tag of their own (`default=`, else `lww`).
     pub default_policy: ColumnPolicy,
+    /// `sequences=disjoint`: the user made the sequences behind the table's keys disjoint across
+    /// nodes, so `accord check` does not flag them.
+    pub sequences_disjoint: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -74,6 +77,11 @@ pub enum AnnotationError {
          `@accord replicate` in the table's comment"
     )]
     OptionOnColumn { place: Place, text: String },
+    #[error(
+        "{place}: `sequences={value}` is not a valid value; the one value is `sequences=disjoint`, saying the \
+         sequences behind this table's keys give each node ids no other node gives"
+    )]
+    BadSequencesValue { place: Place, value: String },
 }
 
 impl AnnotationError {
@@ -88,7 +96,8 @@ impl AnnotationError {
             | AnnotationError::RepeatedOption { place, .. }
             | AnnotationError::BadOptionValue { place, .. }
             | AnnotationError::MalformedOption { place, .. }
-            | AnnotationError::OptionOnColumn { place, .. } => place,
+            | AnnotationError::OptionOnColumn { place, .. }
+            | AnnotationError::BadSequencesValue { place, .. } => place,
         }
     }
 
@@ -105,6 +114,7 @@ impl AnnotationError {
             AnnotationError::BadOptionValue { .. } => "bad-option-value",
             AnnotationError::MalformedOption { .. } => "malformed-option",
             AnnotationError::OptionOnColumn { .. } => "option-on-column",
+            AnnotationError::BadSequencesValue { .. } => "bad-sequences-value",
         }
     }
 }
@@ -133,6 +143,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
         });
     }
     let mut default_policy = None;
+    let mut sequences_disjoint = None;
     for option in tag.options {
         let Some((key, value)) = option.split_once('=').filter(|(k, v)| !k.is_empty() && !v.is_empty()) else {
             return Err(AnnotationError::MalformedOption {
@@ -150,6 +161,21 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
                 }
                 default_policy = Some(default_value(&place, key, value)?);
             }
+            "sequences" => {
+                if sequences_disjoint.is_some() {
+                    return Err(AnnotationError::RepeatedOption {
+                        place,
+                        key: key.to_string(),
+                    });
+                }
+                if !value.eq_ignore_ascii_case("disjoint") {
+                    return Err(AnnotationError::BadSequencesValue {
+                        place,
+                        value: value.to_string(),
+                    });
+                }
+                sequences_disjoint = Some(true);
+            }
             other => {
                 return Err(AnnotationError::UnknownOption {
                     suggestion: closest(other, OPTION_KEYS),
@@ -161,6 +187,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
     }
     Ok(Some(TableTag {
         default_policy: default_policy.unwrap_or_default(),
+        sequences_disjoint: sequences_disjoint.unwrap_or(false),
     }))
 }
 

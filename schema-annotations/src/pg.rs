@@ -52,9 +52,10 @@ SELECT a.attrelid, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypm
        a.attgenerated <> '',
        (SELECT k.ord FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
         WHERE k.attnum = a.attnum)::int4,
-       d.description
+       d.description, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid), a.attidentity <> ''
 FROM pg_catalog.pg_attribute a
 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum AND a.attgenerated = ''
 LEFT JOIN pg_catalog.pg_description d
   ON d.objoid = a.attrelid AND d.classoid = 'pg_catalog.pg_class'::regclass AND d.objsubid = a.attnum
 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -116,6 +117,8 @@ fn column(row: &Row) -> Result<(u32, CatalogColumn), tokio_postgres::Error> {
             generated: row.try_get(4)?,
             key_position: key_position.and_then(|p| u32::try_from(p).ok()),
             comment: row.try_get(6)?,
+            default: row.try_get(7)?,
+            identity: row.try_get(8)?,
         },
     ))
 }

@@ -70,6 +70,28 @@ pub enum Problem {
     )]
     PartitionTagged { table: String, root: String },
     #[error(
+        "key column {table}.{column} takes its values from {counter}: every node counts from the same start, so \
+         two nodes give the same id to different rows and accord merges them into one. Convert it to ids no \
+         other node gives: `accord ids convert --dsn ... --table {table}` on every node (existing rows keep \
+         theirs); or, if you made the sequences disjoint yourself, say so: `@accord replicate sequences=disjoint`"
+    )]
+    SequenceKey {
+        table: String,
+        column: String,
+        counter: String,
+    },
+    #[error(
+        "column {table}.{column} takes its values from {counter}: two nodes will write the same numbers for \
+         different rows (harmless unless the numbers must be unique); `accord ids convert --dsn ... --table \
+         {table} --column {column}` gives each node its own, or `@accord replicate sequences=disjoint` says \
+         you made them disjoint"
+    )]
+    SequenceColumn {
+        table: String,
+        column: String,
+        counter: String,
+    },
+    #[error(
         "table {table} is UNLOGGED: its changes are not written to the WAL, so logical decoding never \
          sees them and they would silently not replicate; make it logged (ALTER TABLE {table} SET LOGGED)"
     )]
@@ -98,6 +120,7 @@ impl Problem {
     pub fn severity(&self) -> Severity {
         match self {
             Problem::TagOnUnreplicatedTable { .. }
+            | Problem::SequenceColumn { .. }
             | Problem::ReplicaIdentityNotFull { .. }
             | Problem::MisspelledMarker { .. } => Severity::Warning,
             _ => Severity::Error,
@@ -124,6 +147,8 @@ impl Problem {
             Problem::PolicyOnGeneratedColumn { .. } => "policy-on-generated-column",
             Problem::NotATable { .. } => "not-a-table",
             Problem::PartitionTagged { .. } => "partition-tagged",
+            Problem::SequenceKey { .. } => "sequence-key",
+            Problem::SequenceColumn { .. } => "sequence-column",
             Problem::UnloggedTable { .. } => "unlogged-table",
             Problem::TagOnUnreplicatedTable { .. } => "tag-on-unreplicated-table",
             Problem::ReplicaIdentityNotFull { .. } => "replica-identity-not-full",
@@ -143,6 +168,8 @@ impl Problem {
             | Problem::PolicyOnGeneratedColumn { table, .. }
             | Problem::NotATable { table, .. }
             | Problem::PartitionTagged { table, .. }
+            | Problem::SequenceKey { table, .. }
+            | Problem::SequenceColumn { table, .. }
             | Problem::UnloggedTable { table }
             | Problem::TagOnUnreplicatedTable { table, .. }
             | Problem::ReplicaIdentityNotFull { table, .. } => table,
@@ -158,7 +185,9 @@ impl Problem {
             Problem::NullableDelta { column, .. }
             | Problem::PolicyOnKeyColumn { column, .. }
             | Problem::PolicyOnGeneratedColumn { column, .. }
-            | Problem::TagOnUnreplicatedTable { column, .. } => Some(column),
+            | Problem::TagOnUnreplicatedTable { column, .. }
+            | Problem::SequenceKey { column, .. }
+            | Problem::SequenceColumn { column, .. } => Some(column),
             Problem::DuplicateTable { .. }
             | Problem::NotATable { .. }
             | Problem::PartitionTagged { .. }

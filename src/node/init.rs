@@ -103,6 +103,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::DDL)
         .await
         .context("cannot create the accord schema")?;
+    tx.batch_execute(super::ids::NEXT_ID_DDL)
+        .await
+        .context("cannot create accord.next_id")?;
     tx.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;

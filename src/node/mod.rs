@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod ids;
 pub mod init;
 pub mod key_locks;
 pub mod net;

@@ -5,6 +5,8 @@ fn col(name: &str, type_name: &str, comment: &str) -> CatalogColumn {
         name: name.into(),
         type_name: type_name.into(),
         not_null: true,
+        default: None,
+        identity: false,
         generated: false,
         key_position: None,
         comment: (!comment.is_empty()).then(|| comment.to_string()),
@@ -147,6 +149,40 @@ fn only_ordinary_tables_replicate() {
     let checked = check(&[view]);
     assert_eq!(codes(&checked), ["not-a-table"]);
     assert!(checked.problems[0].to_string().contains("view shop.v"));
+}
+
+#[test]
+fn keys_counted_by_a_sequence_are_refused_unless_declared_disjoint() {
+    let mut id = key("id", 1);
+    id.default = Some("nextval('shop.orders_id_seq'::regclass)".into());
+    let mut number = col("number", "bigint", "");
+    number.identity = true;
+    let checked = check(&[table("orders", "@accord replicate", vec![id.clone(), number.clone()])]);
+    assert_eq!(codes(&checked), ["sequence-key", "sequence-column"]);
+    let error = checked.problems[0].to_string();
+    assert!(
+        error.contains("key column shop.orders.id takes its values from a sequence"),
+        "{error}"
+    );
+    assert!(
+        error.contains("accord ids convert --dsn ... --table shop.orders"),
+        "{error}"
+    );
+    assert!(checked.policy.is_empty(), "the table is left out");
+
+    let declared = check(&[table(
+        "orders",
+        "@accord replicate sequences=disjoint",
+        vec![id.clone(), number],
+    )]);
+    assert!(declared.problems.is_empty(), "{:?}", declared.problems);
+    let mut converted = key("id", 1);
+    converted.default = Some("accord.next_id('shop.orders_id_ids'::regclass, 1024)".into());
+    assert!(check(&[table("orders", "@accord replicate", vec![converted])])
+        .problems
+        .is_empty());
+    let bad = check(&[table("orders", "@accord replicate sequences=yes", vec![id])]);
+    assert_eq!(codes(&bad), ["bad-sequences-value"]);
 }
 
 #[test]

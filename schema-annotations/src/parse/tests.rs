@@ -11,7 +11,10 @@ fn column(comment: &str) -> Result<Option<ColumnPolicy>, AnnotationError> {
 }
 
 fn replicated(default_policy: ColumnPolicy) -> Result<Option<TableTag>, AnnotationError> {
-    Ok(Some(TableTag { default_policy }))
+    Ok(Some(TableTag {
+        default_policy,
+        sequences_disjoint: false,
+    }))
 }
 
 #[test]
