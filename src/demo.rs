@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 use crate::node::quic::quic_port;
 use crate::node::review::ReviewEntry;
 use crate::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
-use crate::node::{init, review};
+use crate::node::{ids, init, review};
 use crate::scratch_pg::PgCluster;
 
 const NODES: usize = 3;
@@ -47,7 +47,20 @@ COMMENT ON TABLE  shop.products       IS 'The catalogue. @accord replicate';
 COMMENT ON COLUMN shop.products.name  IS 'The latest rename wins. @accord lww';
 COMMENT ON COLUMN shop.products.stock IS 'Every increment counts, once. @accord delta';
 COMMENT ON COLUMN shop.products.price IS 'Concurrent changes go to a person. @accord review';
+CREATE TABLE shop.orders (
+    id       bigserial PRIMARY KEY,
+    product  bigint NOT NULL,
+    quantity bigint NOT NULL,
+    node     integer NOT NULL
+);
+COMMENT ON TABLE  shop.orders         IS 'Taken on every node. @accord replicate';
 ";
+
+/// What `accord ids convert` is run for on every node before `accord init`: a `bigserial`
+/// counts from 1 on every node, so orders taken at once on two nodes would share ids.
+const ORDERS: &str = "shop.orders";
+/// `accord ids convert`'s default for bigint keys.
+const ORDER_LANES: i64 = 1024;
 
 /// What every product holds in stock before the workload.
 const START_STOCK: i64 = 100;
@@ -56,14 +69,15 @@ const START_STOCK: i64 = 100;
 #[command(after_long_help = "\
 What it does: starts three temporary PostgreSQL clusters from the installed server binaries \
 (as the `postgres` user when run as root), creates the annotated table shop.products (name lww, \
-stock delta, price review) on each with the same products, runs `accord init`, makes a CA and node \
+stock delta, price review) on each with the same products and shop.orders, whose bigserial key \
+`accord ids convert` turns into conflict-free ids, runs `accord init`, makes a CA and node \
 certificates, starts three nodes on 127.0.0.1 (QUIC with mutual TLS), then writes on all three \
 nodes at once: stock increments and decrements on a few hot rows, renames, and price changes on \
-the same rows. Whether those price changes meet is chance, so the demo then makes one certain: \
+the same rows; every sale (a decrement) also takes an order. Whether those price changes meet is chance, so the demo then makes one certain: \
 it stops node 3's accord for a moment, changes one product's price on node 1 and on node 3, starts \
 node 3's accord again, shows the review item that opens on every node, and resolves it on node 2 \
 with `accord review resolve`. It reports, for each node, the rows with a checksum, the stock sum \
-against the exact expected sum, the review queue, the review item and its resolution, and lag and \
+against the exact expected sum, the orders (every one kept, each id in its node's lane), the review queue, the review item and its resolution, and lag and \
 throughput.
 
 Everything lives in one temporary directory, printed at the start, which is removed at the end, \
@@ -72,8 +86,8 @@ look around: write on one node and watch the change reach the others, or work th
 with `accord review` or node 1's review page; the commands and the page's address are printed. \
 Ctrl-C (or SIGTERM) then stops and removes it all.
 
-Exit status: 0 when the nodes converged with identical rows, exact stock sums and the same \
-review queue, and the certain concurrent price change was reviewed and resolved on every node; 1 \
+Exit status: 0 when the nodes converged with identical rows, exact stock sums, every order kept \
+and the same review queue, and the certain concurrent price change was reviewed and resolved on every node; 1 \
 when not; 2 when the demo could not run (for example PostgreSQL is not \
 installed: `apt-get install -y postgresql-15`, or set ACCORD_PG_BIN). ACCORD_LOG=accord=debug shows \
 what the nodes do.")]
@@ -186,6 +200,8 @@ struct Demo {
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     stock_writes: u64,
+    /// Orders inserted with a sale (a stock decrement), in the sale's transaction.
+    orders: u64,
     delta_sum: i64,
     renames: u64,
     price_writes: u64,
@@ -198,6 +214,7 @@ impl Tally {
 
     fn add(&mut self, other: Tally) {
         self.stock_writes += other.stock_writes;
+        self.orders += other.orders;
         self.delta_sum += other.delta_sum;
         self.renames += other.renames;
         self.price_writes += other.price_writes;
@@ -210,6 +227,10 @@ struct Snapshot {
     rows: i64,
     checksum: String,
     stock: i64,
+    orders: i64,
+    orders_checksum: String,
+    /// Orders whose id is not in the lane of the node that took them.
+    orders_off_lane: i64,
     open_items: i64,
     review_digest: String,
     parked: i64,
@@ -225,6 +246,15 @@ async fn snapshot(db: &Client) -> Result<Snapshot> {
         )
         .await
         .context("cannot read shop.products")?;
+    let orders = db
+        .query_one(
+            "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t.id), '')),
+                    count(*) FILTER (WHERE t.id % $1 <> t.node)
+             FROM shop.orders t",
+            &[&ORDER_LANES],
+        )
+        .await
+        .context("cannot read shop.orders")?;
     let review = db
         .query_one(
             "SELECT count(*) FILTER (WHERE kind = 'concurrent' AND status = 'open'),
@@ -240,6 +270,9 @@ async fn snapshot(db: &Client) -> Result<Snapshot> {
         rows: products.get(0),
         checksum: products.get(1),
         stock: products.get(2),
+        orders: orders.get(0),
+        orders_checksum: orders.get(1),
+        orders_off_lane: orders.get(2),
         open_items: review.get(0),
         review_digest: review.get(1),
         parked: review.get(2),
@@ -299,6 +332,15 @@ impl Demo {
             // copies of one database: init records the rows as they are, and only the
             // conflicting work replicates.
             load_products(&db, args.products, seed).await?;
+            let request = ids::ConvertRequest {
+                table: ORDERS.into(),
+                column: None,
+                lanes: None,
+                js_safe: false,
+            };
+            ids::convert(&mut db, &request)
+                .await
+                .with_context(|| format!("accord ids convert of {ORDERS} on node {} failed", node_id(i)))?;
             init::init(&mut db, node_id(i))
                 .await
                 .with_context(|| format!("accord init of node {} failed", node_id(i)))?;
@@ -462,9 +504,9 @@ impl Demo {
         );
 
         let snaps = &converged.snapshots;
-        let identical = snaps
-            .windows(2)
-            .all(|w| w[0].rows == w[1].rows && w[0].checksum == w[1].checksum);
+        let identical = snaps.windows(2).all(|w| {
+            w[0].rows == w[1].rows && w[0].checksum == w[1].checksum && w[0].orders_checksum == w[1].orders_checksum
+        });
         line(&mut out, String::new());
         line(&mut out, "Rows".into());
         for (i, s) in snaps.iter().enumerate() {
@@ -496,6 +538,35 @@ impl Demo {
             line(&mut out, format!("  node {}: {}  {verdict}", node_id(i), s.stock));
         }
         line(&mut out, format!("  exact on every node: {}", yes_no(exact)));
+
+        let orders_kept = snaps
+            .iter()
+            .all(|s| u64::try_from(s.orders).ok() == Some(tally.orders) && s.orders_off_lane == 0);
+        line(&mut out, String::new());
+        line(&mut out, "Orders (ids from accord.next_id)".into());
+        line(
+            &mut out,
+            format!(
+                "  {} orders taken with the sales on three nodes at once; shop.orders.id was a bigserial, \
+                 converted by `accord ids convert` on every node",
+                tally.orders
+            ),
+        );
+        for (i, s) in snaps.iter().enumerate() {
+            line(
+                &mut out,
+                format!(
+                    "  node {}: {} orders, {} ids outside the lane of the node that took them",
+                    node_id(i),
+                    s.orders,
+                    s.orders_off_lane
+                ),
+            );
+        }
+        line(
+            &mut out,
+            format!("  every order kept, no id shared by two nodes: {}", yes_no(orders_kept)),
+        );
 
         let same_queue = snaps.windows(2).all(|w| w[0].review_digest == w[1].review_digest);
         line(&mut out, String::new());
@@ -596,7 +667,7 @@ impl Demo {
             );
         }
 
-        let ok = converged.at.is_some() && identical && exact && same_queue && reviewed;
+        let ok = converged.at.is_some() && identical && exact && orders_kept && same_queue && reviewed;
         line(&mut out, String::new());
         if ok {
             line(
@@ -609,6 +680,9 @@ impl Demo {
             let mut missing = Vec::new();
             if converged.at.is_none() {
                 missing.push(format!("no convergence within {} s", args.timeout));
+            }
+            if !orders_kept {
+                missing.push("orders were lost or took another node's ids".into());
             }
             if !identical {
                 missing.push("the rows differ".into());
@@ -1063,6 +1137,15 @@ async fn write_client(
     let stock = db
         .prepare("UPDATE shop.products SET stock = stock + $1 WHERE id = $2")
         .await?;
+    // A sale takes stock and records an order, in one transaction; the order's id comes from its
+    // default, accord.next_id.
+    let sale = db
+        .prepare(
+            "WITH sold AS (UPDATE shop.products SET stock = stock + $1 WHERE id = $2 RETURNING id)
+             INSERT INTO shop.orders (product, quantity, node) SELECT id, -$1::bigint, $3 FROM sold",
+        )
+        .await?;
+    let node_number = i32::try_from(node.0).context("a node id beyond integer")?;
     let rename = db.prepare("UPDATE shop.products SET name = $1 WHERE id = $2").await?;
     let price = db
         .prepare("UPDATE shop.products SET price = $1::text::numeric WHERE id = $2")
@@ -1077,10 +1160,15 @@ async fn write_client(
         };
         let updated = if roll < 70 {
             let delta: i64 = rng.random_range(1..=9) * if rng.random_bool(0.5) { 1 } else { -1 };
-            let n = db.execute(&stock, &[&delta, &id]).await?;
+            let n = if delta < 0 {
+                db.execute(&sale, &[&delta, &id, &node_number]).await?
+            } else {
+                db.execute(&stock, &[&delta, &id]).await?
+            };
             if n == 1 {
                 tally.stock_writes += 1;
                 tally.delta_sum += delta;
+                tally.orders += u64::from(delta < 0);
             }
             n
         } else if roll < 85 {

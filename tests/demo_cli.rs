@@ -68,6 +68,10 @@ fn assert_converged(out: &str) {
         assert!(line.contains(&format!(": {expected} ")), "{line} holds {expected}");
     }
     assert!(out.contains("exact on every node: yes"), "{out}");
+    assert!(
+        out.contains("every order kept, no id shared by two nodes: yes"),
+        "{out}"
+    );
     assert!(out.contains("the same on every node: yes"), "{out}");
     assert!(out.contains("Result: converged"), "{out}");
 }
