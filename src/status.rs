@@ -65,7 +65,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
     captured.inc_by(status.captured);
     registry.register("captured", "Local changes captured since the node started", captured);
 
-    let peer_gauges: [PeerFigure<f64>; 9] = [
+    let peer_gauges: [PeerFigure<f64>; 10] = [
         ("peer_connected", "1 when the peer is connected", |p| {
             f64::from(u8::from(p.connected))
         }),
@@ -108,6 +108,11 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_acked_position",
             "Last of this node's sequence numbers the peer acknowledged",
             |p| p.progress.acked as f64,
+        ),
+        (
+            "peer_apply_waiting",
+            "1 while the peer's next transaction cannot be applied here until this node's users act (a row with no partition here)",
+            |p| f64::from(u8::from(p.apply_waiting.is_some())),
         ),
     ];
     for (name, help, read) in peer_gauges {
@@ -364,6 +369,8 @@ mod tests {
             "accord_peer_incomplete_transaction_changes{peer=\"2\"} 300.0",
             "accord_peer_applied_total{peer=\"2\"} 900",
             "accord_peer_causal_waivers_total{peer=\"2\"} 2",
+            "accord_peer_apply_waiting{peer=\"2\"} 1.0",
+            "accord_peer_apply_waiting{peer=\"3\"} 0.0",
             "accord_apply_deadlocks_total{peer=\"2\"} 3",
             "accord_conflicts_total{peer=\"2\",kind=\"concurrent_update\"} 4",
         ] {

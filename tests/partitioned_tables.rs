@@ -169,18 +169,28 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
         })
         .collect();
 
+    // Node 2 crashes while the writers run; it comes back to a backlog, which it applies in
+    // large batches.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = nodes.pop().expect("two nodes").kill9();
     // Meanwhile node 1 makes July's partition and writes there; node 2 has no partition for
     // 2027 yet when node 1 writes a 2027 row, so that change waits on node 2 until it has one.
     dbs[0]
         .batch_execute(
             "CREATE TABLE shop.events_2026_07 PARTITION OF shop.events FOR VALUES FROM ('2026-07-01') TO ('2026-08-01');
              CREATE TABLE shop.events_2027 (LIKE shop.events INCLUDING DEFAULTS);
-             ALTER TABLE shop.events ATTACH PARTITION shop.events_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
-             INSERT INTO shop.events (id, at, amount) VALUES (7001, '2026-07-04', 1000);
-             INSERT INTO shop.events (id, at, amount) VALUES (7002, '2027-03-01', 2000);",
+             ALTER TABLE shop.events ATTACH PARTITION shop.events_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');",
         )
         .await
         .unwrap();
+    // Three transactions: July's row, the 2027 row, then July's row again.
+    for sql in [
+        "INSERT INTO shop.events (id, at, amount) VALUES (7001, '2026-07-04', 1000)",
+        "INSERT INTO shop.events (id, at, amount) VALUES (7002, '2027-03-01', 2000)",
+        "UPDATE shop.events SET amount = amount + 5 WHERE id = 7001",
+    ] {
+        dbs[0].batch_execute(sql).await.unwrap();
+    }
     let identities: Vec<String> = dbs[0]
         .query(
             "SELECT relname::text || '=' || relreplident::text FROM pg_class
@@ -198,22 +208,33 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
         "partitions made or attached later get REPLICA IDENTITY FULL"
     );
     dbs[0]
-        .batch_execute(
-            "UPDATE shop.events SET amount = amount + 5 WHERE id = 7001;
-             UPDATE shop.events SET amount = amount + 5 WHERE id = 7002;",
-        )
+        .batch_execute("UPDATE shop.events SET amount = amount + 5 WHERE id = 7002")
         .await
         .unwrap();
-    // Node 2 crashes and comes back while the writers run.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let _ = nodes.pop().expect("two nodes").kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes.push(RunningNode::start(&files[1].config, &[]));
     for writer in writers {
         writer.await.unwrap();
     }
     // The 2027 row cannot be applied on node 2 yet: its transaction waits, and what node 1
-    // committed after it waits behind it (a peer's transactions apply in order).
+    // committed after it waits behind it (a peer's transactions apply in order); what came
+    // before it, July's row, is applied.
+    let started = Instant::now();
+    loop {
+        let july = dbs[1]
+            .query_opt("SELECT amount FROM shop.events WHERE id = 7001", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i64>(0));
+        if july == Some(1000) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "July's row, committed before the 2027 row, reaches node 2 as it was then: {july:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         dbs[1]
             .query_opt("SELECT 1 FROM shop.events WHERE id = 7002", &[])

@@ -470,6 +470,18 @@ fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result
 }
 
 impl ApplyWorker {
+    /// `apply_batch` for each of the batch's transactions in turn.
+    async fn apply_by_transaction(&mut self, batch: &[RowChange], more: bool) -> bool {
+        let parts: Vec<&[RowChange]> = batch.split_inclusive(|c| c.ends_transaction()).collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            if !Box::pin(self.apply_batch(part, more || i < last)).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
     /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
     /// flushes to learn its durable position less often). `false` when the node is stopping.
@@ -528,6 +540,19 @@ impl ApplyWorker {
                             reconnect(applier, dsn).await;
                         }
                     }
+                }
+                Err(error)
+                    if MissingPartition::in_error(&error).is_some()
+                        && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
+                {
+                    // One of its transactions lacks a partition here: apply them one at a time,
+                    // so that what comes before that one is applied and only it, with what
+                    // follows, waits.
+                    if let Err(error) = applier.abandon_attempt().await {
+                        tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                        reconnect(applier, dsn).await;
+                    }
+                    return Box::pin(self.apply_by_transaction(batch, more)).await;
                 }
                 Err(error) if MissingPartition::in_error(&error).is_some() => {
                     let why = MissingPartition::in_error(&error)
