@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use super::key_locks;
 use super::rows::{all_keys, quote_table};
 use super::store::{self, encode, key_text, PUBLICATION, SLOT};
+use super::truncate_guard;
 
 /// What `init` did, for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,41 +33,52 @@ pub enum PartitionGuard {
     NotPermitted(String),
 }
 
-/// Sets `REPLICA IDENTITY FULL` on every partition below a table accord publishes. A partitioned
-/// table's changes are decoded from its partitions with their own replica identity, and
-/// `ALTER TABLE` does not pass that setting on to partitions, nor do `CREATE TABLE ... PARTITION
-/// OF` and `ATTACH PARTITION` take it from the parent. Run as an event trigger, it acts in the
-/// transaction that made or attached the partition, before any row can be written to it.
+/// Prepares every partition below a table accord publishes: `REPLICA IDENTITY FULL` and the
+/// TRUNCATE guard (`truncate_guard`). A partitioned table's changes are decoded from its
+/// partitions with their own replica identity, and `ALTER TABLE` does not pass that setting on to
+/// partitions, nor do `CREATE TABLE ... PARTITION OF` and `ATTACH PARTITION` take it from the
+/// parent; a statement trigger on the parent does not fire for a partition truncated by name.
+/// Run as an event trigger, it acts in the transaction that made or attached the partition,
+/// before any row can be written to it.
 const PARTITION_IDENTITY: &str = "
-CREATE OR REPLACE FUNCTION accord.set_partitions_identity_full() RETURNS void LANGUAGE plpgsql AS $accord$
+CREATE OR REPLACE FUNCTION accord.prepare_partitions() RETURNS void LANGUAGE plpgsql AS $accord$
 DECLARE
-    part regclass;
+    part record;
 BEGIN
     FOR part IN
-        SELECT t.relid
+        SELECT t.relid::regclass AS name, c.relreplident <> 'f' AS needs_identity,
+               NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                            WHERE g.tgrelid = t.relid AND g.tgname = 'zz_accord_refuse_truncate') AS needs_guard
           FROM pg_catalog.pg_publication p
           JOIN pg_catalog.pg_publication_rel r ON r.prpubid = p.oid
           CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.prrelid) t
           JOIN pg_catalog.pg_class c ON c.oid = t.relid
-         WHERE p.pubname = 'accord_pub' AND t.level > 0 AND c.relreplident <> 'f'
+         WHERE p.pubname = 'accord_pub' AND t.level > 0
     LOOP
-        -- Fires this trigger again, which then finds nothing left to do.
-        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part);
+        -- The guard first: the ALTER below fires this event trigger again, which must then find
+        -- nothing left to do.
+        IF part.needs_guard THEN
+            EXECUTE format('CREATE OR REPLACE TRIGGER zz_accord_refuse_truncate BEFORE TRUNCATE ON %s
+                            FOR EACH STATEMENT EXECUTE FUNCTION accord.refuse_truncate()', part.name);
+        END IF;
+        IF part.needs_identity THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part.name);
+        END IF;
     END LOOP;
 END
 $accord$;
-CREATE OR REPLACE FUNCTION accord.partitions_identity_full() RETURNS event_trigger LANGUAGE plpgsql AS $accord$
+CREATE OR REPLACE FUNCTION accord.partitions_prepared() RETURNS event_trigger LANGUAGE plpgsql AS $accord$
 BEGIN
-    PERFORM accord.set_partitions_identity_full();
+    PERFORM accord.prepare_partitions();
 END
 $accord$;
 ";
 
 const PARTITION_IDENTITY_TRIGGER: &str = "
-DROP EVENT TRIGGER IF EXISTS accord_partitions_identity_full;
-CREATE EVENT TRIGGER accord_partitions_identity_full ON ddl_command_end
+DROP EVENT TRIGGER IF EXISTS accord_prepare_partitions;
+CREATE EVENT TRIGGER accord_prepare_partitions ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
-    EXECUTE FUNCTION accord.partitions_identity_full();
+    EXECUTE FUNCTION accord.partitions_prepared();
 ";
 
 /// The schema policy of a database, refusing one with annotation errors.
@@ -110,6 +122,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         .await
         .context("cannot create accord.deferred")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
+    truncate_guard::install(&tx, policy.tables()).await?;
     let existing: Option<(i32, String)> = tx
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?
@@ -195,7 +208,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         debug_assert!(PARTITION_IDENTITY.contains(&format!("'{PUBLICATION}'")));
         tx.batch_execute(PARTITION_IDENTITY).await?;
         // The partitions there are now; the trigger sees to later ones.
-        tx.batch_execute("SELECT accord.set_partitions_identity_full()")
+        tx.batch_execute("SELECT accord.prepare_partitions()")
             .await
             .context("cannot set REPLICA IDENTITY FULL on the partitions of replicated tables")?;
         tx.batch_execute("SAVEPOINT partition_guard").await?;
