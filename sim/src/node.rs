@@ -1158,6 +1158,8 @@ fn capture_group(
             peer_applied,
             merged,
             rows,
+            // The simulated workload does not TRUNCATE yet (ARCHITECTURE.md, "TRUNCATE").
+            truncates: Vec::new(),
         });
         writes.push(ids);
     }
@@ -1183,6 +1185,7 @@ fn capture_group(
             |name| (name == table.name).then_some(table),
             &group,
             loaded,
+            Vec::new(),
             db.collection.cut.as_ref(),
         )
         .map_err(|e| engine_error("capture", e))?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::{
     CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc, NodeId,
-    ReviewItemId, RowKey, RowMeta, StableCut, TableDef,
+    ReviewItemId, RowKey, RowMeta, StableCut, TableDef, Truncate, TruncatedTable,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
-use super::rows::parse_cell;
+use super::rows::{all_keys, parse_cell};
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
 use crate::pg_connection::{self, connect, redact, Dsn, ReplicationEndpoint};
 
@@ -124,6 +124,8 @@ struct Transaction {
     peer_applied: Vec<(NodeId, u64)>,
     merged: Option<Hlc>,
     rows: Vec<PgOutput>,
+    /// TRUNCATEs, each with how many of `rows` came before it and the relations it emptied.
+    truncates: Vec<(usize, Vec<u32>)>,
 }
 
 /// Decoded transactions written to the database together, in one transaction: the changes of
@@ -293,13 +295,11 @@ impl Capture {
                                     .extend(store::peer_of_origin(&name).map(|peer| (peer, commit_lsn)));
                             }
                         }
-                        PgOutput::Truncate { .. } => {
-                            // A TRUNCATE is not replicated, and would leave metadata for rows that
-                            // are gone: say so loudly rather than silently diverge.
-                            tracing::error!(
-                                "TRUNCATE of a replicated table is not replicated by accord; delete the rows instead \
-                                 (the other nodes keep theirs)"
-                            );
+                        PgOutput::Truncate { relations, .. } => {
+                            // Replicated as a delete of every row the table had (`decoded`).
+                            if let Some(tx) = tx.as_mut() {
+                                tx.truncates.push((tx.rows.len(), relations));
+                            }
                         }
                         row @ (PgOutput::Insert { .. } | PgOutput::Update { .. } | PgOutput::Delete { .. }) => {
                             if let Some(tx) = tx.as_mut() {
@@ -345,10 +345,12 @@ impl Capture {
     /// A committed transaction's row messages as engine changes.
     fn decoded(&self, tx: Transaction) -> Result<DecodedTransaction> {
         let mut rows = Vec::new();
+        let mut truncates = Vec::new();
         if !tx.from_peer {
             // Resolutions come before the writes they resolve, in the same transaction.
             let mut resolving: Vec<ReviewItemId> = Vec::new();
-            for message in &tx.rows {
+            for (m, message) in tx.rows.iter().enumerate() {
+                self.truncated_at(&tx, m, rows.len(), &mut truncates)?;
                 for (table, change) in self.changes(message, &mut resolving)? {
                     rows.push(DecodedRow {
                         table,
@@ -357,6 +359,7 @@ impl Capture {
                     });
                 }
             }
+            self.truncated_at(&tx, tx.rows.len(), rows.len(), &mut truncates)?;
         }
         Ok(DecodedTransaction {
             end_lsn: tx.final_lsn,
@@ -366,7 +369,29 @@ impl Capture {
             peer_applied: tx.peer_applied,
             merged: tx.merged,
             rows,
+            truncates,
         })
+    }
+
+    /// The replicated tables the transaction's TRUNCATEs before its message `m` emptied, placed
+    /// before its decoded row `before_row`.
+    fn truncated_at(&self, tx: &Transaction, m: usize, before_row: usize, out: &mut Vec<Truncate>) -> Result<()> {
+        for (_, relations) in tx.truncates.iter().filter(|(at, _)| *at == m) {
+            for relation in relations {
+                let rel = self
+                    .relations
+                    .get(relation)
+                    .ok_or_else(|| anyhow!("TRUNCATE of relation {relation} before its description"))?;
+                let name = rel.qualified_name();
+                if self.policy.table(&name).is_some() {
+                    out.push(Truncate {
+                        before_row,
+                        table: name,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the group, then lets the slot move past it.
@@ -393,14 +418,20 @@ impl Capture {
     /// transaction. Returns the checkpoint and the number of row changes captured.
     async fn write(&mut self, transactions: &[DecodedTransaction]) -> Result<(CaptureCheckpoint, u64)> {
         let slots = self.capturer.rows_to_load(transactions);
-        let needs_db = !slots.is_empty() || transactions.iter().any(|t| t.merged.is_some());
+        let truncated_tables = self.capturer.tables_to_truncate(transactions);
+        let needs_db =
+            !slots.is_empty() || !truncated_tables.is_empty() || transactions.iter().any(|t| t.merged.is_some());
         let policy = Arc::clone(&self.policy);
         let cut = self.cut.borrow().clone();
         if !needs_db {
             // Nothing to capture and no clock to persist: no database round trip.
-            let write =
-                self.capturer
-                    .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
+            let write = self.capturer.capture_group(
+                |name| policy.table(name),
+                transactions,
+                Vec::new(),
+                Vec::new(),
+                cut.as_ref(),
+            )?;
             return Ok((write.checkpoint, 0));
         }
         let Capture {
@@ -426,7 +457,18 @@ impl Capture {
                 *slot = Some(meta);
             }
         }
-        let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, cut.as_ref())?;
+        // A truncated table's live rows, locked, then the rows it holds now (written after the
+        // TRUNCATE): in this order, an apply's row inserted between the two is one it holds.
+        let mut truncated = Vec::with_capacity(truncated_tables.len());
+        for name in &truncated_tables {
+            let table = policy
+                .table(name)
+                .ok_or_else(|| anyhow!("a TRUNCATE of {name}, which is not replicated"))?;
+            let alive = store::alive_metas(&db, table).await?;
+            let present = all_keys(&db, table).await?.into_iter().map(|(key, _)| key).collect();
+            truncated.push(TruncatedTable { alive, present });
+        }
+        let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, truncated, cut.as_ref())?;
         if !write.needs_write {
             db.commit().await?;
             return Ok((write.checkpoint, 0));

@@ -122,7 +122,6 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         .await
         .context("cannot create accord.deferred")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
-    truncate_guard::install(&tx, policy.tables()).await?;
     let existing: Option<(i32, String)> = tx
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?
@@ -206,6 +205,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         PartitionGuard::NotNeeded
     } else {
         debug_assert!(PARTITION_IDENTITY.contains(&format!("'{PUBLICATION}'")));
+        truncate_guard::install_function(&tx).await?;
         tx.batch_execute(PARTITION_IDENTITY).await?;
         // The partitions there are now; the trigger sees to later ones.
         tx.batch_execute("SELECT accord.prepare_partitions()")

@@ -23,7 +23,6 @@ use super::init::load_policy;
 use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
 use super::store::{self, decode, StoreError};
-use super::truncate_guard;
 use crate::pg_connection::connect;
 
 #[derive(Debug, Clone)]
@@ -229,11 +228,6 @@ where
     let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
     if installed > 0 {
         tracing::info!(tables = installed, "installed accord's key-lock triggers");
-    }
-    // Nor the guard that refuses a TRUNCATE accord would not replicate.
-    let guarded = truncate_guard::install(&db, policy.tables()).await?;
-    if guarded > 0 {
-        tracing::info!(tables = guarded, "installed accord's TRUNCATE guard");
     }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
