@@ -44,23 +44,16 @@ pub struct DecodedTransaction {
     pub truncates: Vec<Truncate>,
 }
 
-/// A TRUNCATE of a replicated table: every row the table had at that point of the transaction
-/// (in commit order) is deleted, replicated as one delete per row, so that it meets concurrent
-/// writes as a `DELETE` does (ARCHITECTURE.md, "TRUNCATE").
+/// A TRUNCATE of a replicated table, replicated as a delete of every row it emptied, so that it
+/// meets concurrent writes as a `DELETE` does (ARCHITECTURE.md, "TRUNCATE").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truncate {
     /// How many of the transaction's rows came before it.
     pub before_row: usize,
     pub table: String,
-}
-
-/// What a truncated table held when the group was written: the metadata of its rows accord
-/// counts as alive (locked), and the keys of the rows the table holds now, which later
-/// transactions wrote (TRUNCATE emptied it).
-#[derive(Debug, Clone, Default)]
-pub struct TruncatedTable {
-    pub alive: Vec<(RowKey, RowMeta)>,
-    pub present: std::collections::BTreeSet<RowKey>,
+    /// The keys of the rows it emptied (decoding names only the table: the service records them
+    /// in the truncating transaction).
+    pub emptied: Vec<RowKey>,
 }
 
 /// One row change of a decoded transaction, with the review items the transaction resolved
@@ -79,7 +72,7 @@ pub struct CapturedRow {
     pub transaction: usize,
     pub row: usize,
     pub change: RowChange,
-    /// A delete a TRUNCATE made (`row` is then the TRUNCATE's place among the rows).
+    /// A delete of a row a TRUNCATE emptied (`row` is then the TRUNCATE's place among the rows).
     pub truncated: bool,
     /// The row had metadata (alive or a tombstone not yet collected) before this change; without,
     /// an insert was numbered as a new key's.
@@ -136,27 +129,18 @@ impl Capturer {
         let mut slots: Vec<(String, RowKey)> = transactions
             .iter()
             .filter(|t| !t.from_peer && t.end_lsn > covered)
-            .flat_map(|t| &t.rows)
-            .map(|r| (r.table.clone(), r.change.key.clone()))
+            .flat_map(|t| {
+                let rows = t.rows.iter().map(|r| (r.table.clone(), r.change.key.clone()));
+                let emptied = t
+                    .truncates
+                    .iter()
+                    .flat_map(|tr| tr.emptied.iter().map(|k| (tr.table.clone(), k.clone())));
+                rows.chain(emptied)
+            })
             .collect();
         slots.sort();
         slots.dedup();
         slots
-    }
-
-    /// The tables truncated by the group's local transactions not covered before, in order: the
-    /// driver loads a [`TruncatedTable`] for each, after the rows of `rows_to_load`.
-    pub fn tables_to_truncate(&self, transactions: &[DecodedTransaction]) -> Vec<String> {
-        let covered = self.checkpoint().covered_lsn;
-        let mut tables: Vec<String> = transactions
-            .iter()
-            .filter(|t| !t.from_peer && t.end_lsn > covered)
-            .flat_map(|t| &t.truncates)
-            .map(|t| t.table.clone())
-            .collect();
-        tables.sort();
-        tables.dedup();
-        tables
     }
 
     /// Captures the group's transactions in commit order. `loaded[i]` is the metadata (if any) of
@@ -168,7 +152,6 @@ impl Capturer {
         tables: impl Fn(&str) -> Option<&'t TableDef>,
         transactions: &[DecodedTransaction],
         loaded: Vec<Option<RowMeta>>,
-        truncated: Vec<TruncatedTable>,
         cut: Option<&StableCut>,
     ) -> Result<GroupWrite, Box<CaptureStop>> {
         let before = self.checkpoint();
@@ -179,14 +162,6 @@ impl Capturer {
             if let Some(meta) = StableCut::live(cut, meta.as_ref()) {
                 metas.insert(slot, meta.clone());
             }
-        }
-        let mut present: BTreeMap<String, std::collections::BTreeSet<RowKey>> = BTreeMap::new();
-        for (table, whole) in self.tables_to_truncate(transactions).into_iter().zip(truncated) {
-            for (key, meta) in whole.alive {
-                // One snapshot: a row also among `rows_to_load` has the same metadata.
-                metas.entry((table.clone(), key)).or_insert(meta);
-            }
-            present.insert(table, whole.present);
         }
         let mut known: BTreeMap<(String, RowKey), Option<Xid>> = BTreeMap::new();
         let mut changes = Vec::new();
@@ -204,17 +179,7 @@ impl Capturer {
             for ri in 0..=t.rows.len() {
                 for truncate in t.truncates.iter().filter(|tr| tr.before_row == ri) {
                     let Some(table) = tables(&truncate.table) else { continue };
-                    // What the table had at this point: every key alive by the metadata so far,
-                    // but not the rows it holds now, which later transactions wrote.
-                    let keys: Vec<RowKey> = metas
-                        .range((truncate.table.clone(), RowKey(Vec::new()))..)
-                        .take_while(|((name, _), _)| *name == truncate.table)
-                        .filter(|((_, key), meta)| {
-                            meta.is_alive() && !present.get(&truncate.table).is_some_and(|p| p.contains(key))
-                        })
-                        .map(|((_, key), _)| key.clone())
-                        .collect();
-                    for key in keys {
+                    for key in truncate.emptied.iter().cloned() {
                         let slot = (truncate.table.clone(), key.clone());
                         let delete = CapturedChange {
                             kind: ChangeKind::Delete,
@@ -363,9 +328,7 @@ mod tests {
             tx(20, 101, vec![row(ChangeKind::Update, 1, Some(1), Some(2))]),
         ];
         assert_eq!(c.rows_to_load(&group).len(), 1);
-        let write = c
-            .capture_group(|_| Some(&t), &group, vec![None], Vec::new(), None)
-            .unwrap();
+        let write = c.capture_group(|_| Some(&t), &group, vec![None], None).unwrap();
         assert_eq!(write.changes.len(), 2);
         assert!(!write.changes[0].had_metadata);
         assert!(write.changes[1].had_metadata);
@@ -376,18 +339,15 @@ mod tests {
     }
 
     #[test]
-    fn a_truncate_deletes_every_row_the_table_had_at_its_place_and_none_written_after() {
+    fn a_truncate_deletes_the_rows_it_emptied_at_its_place_among_the_rows() {
         let t = table();
         let mut c = Capturer::new(NodeId(1), 500);
-        // Rows 1-3 captured before; row 3 is in the table again now (written after the TRUNCATE,
-        // by a later transaction or an apply).
         let earlier: Vec<DecodedRow> = (1..=3).map(|k| row(ChangeKind::Insert, k, None, Some(k))).collect();
         let before = c
-            .capture_group(|_| Some(&t), &[tx(10, 100, earlier)], vec![None; 3], Vec::new(), None)
+            .capture_group(|_| Some(&t), &[tx(10, 100, earlier)], vec![None; 3], None)
             .unwrap();
-        let alive: Vec<(RowKey, RowMeta)> = before.metas.iter().map(|m| (m.key.clone(), m.meta.clone())).collect();
         let key = |k: i64| RowKey(vec![Value::Int(k)]);
-        // In one transaction: insert 4, TRUNCATE, insert 2 again.
+        // In one transaction: insert 4, TRUNCATE (emptying 1-4), insert 2 again.
         let mut truncating = tx(
             20,
             101,
@@ -399,29 +359,29 @@ mod tests {
         truncating.truncates = vec![Truncate {
             before_row: 1,
             table: "s.t".into(),
+            emptied: vec![key(1), key(2), key(3), key(4)],
         }];
         let group = vec![truncating];
-        assert_eq!(c.tables_to_truncate(&group), ["s.t"]);
-        let loaded = vec![None; c.rows_to_load(&group).len()];
-        let whole = TruncatedTable {
-            alive,
-            present: [key(2), key(3), key(4)].into_iter().collect(),
-        };
-        let write = c
-            .capture_group(|_| Some(&t), &group, loaded, vec![whole], None)
-            .unwrap();
+        let slots = c.rows_to_load(&group);
+        assert_eq!(slots.len(), 4, "the emptied rows' metadata is loaded: {slots:?}");
+        let loaded = slots
+            .iter()
+            .map(|(_, k)| before.metas.iter().find(|m| &m.key == k).map(|m| m.meta.clone()))
+            .collect();
+        let write = c.capture_group(|_| Some(&t), &group, loaded, None).unwrap();
         let made: Vec<(ChangeKind, RowKey, bool)> = write
             .changes
             .iter()
             .map(|w| (w.change.kind, w.change.key.clone(), w.truncated))
             .collect();
-        // 4 was inserted before the TRUNCATE and is gone with 1; 2 is inserted again after it
-        // (present now, so not deleted, and a new incarnation); 3 was written after it.
         assert_eq!(
             made,
             [
                 (ChangeKind::Insert, key(4), false),
                 (ChangeKind::Delete, key(1), true),
+                (ChangeKind::Delete, key(2), true),
+                (ChangeKind::Delete, key(3), true),
+                (ChangeKind::Delete, key(4), true),
                 (ChangeKind::Insert, key(2), false),
             ]
         );
@@ -430,14 +390,18 @@ mod tests {
             write.changes.iter().all(|w| Some(w.change.tx_last) == tx_last),
             "one transaction"
         );
-        let meta = |k: i64| {
+        let cl = |k: i64| {
             write
                 .metas
                 .iter()
                 .find(|m| m.key == key(k))
                 .map(|m| m.meta.causal_length)
         };
-        assert_eq!((meta(1), meta(2)), (Some(2), Some(3)), "1 deleted; 2 a new incarnation");
+        assert_eq!(
+            (cl(1), cl(2), cl(4)),
+            (Some(2), Some(3), Some(2)),
+            "2 is a new incarnation"
+        );
     }
 
     #[test]
@@ -464,7 +428,7 @@ mod tests {
             ),
         ];
         let loaded = vec![None; c.rows_to_load(&group).len()];
-        let write = c.capture_group(|_| Some(&t), &group, loaded, Vec::new(), None).unwrap();
+        let write = c.capture_group(|_| Some(&t), &group, loaded, None).unwrap();
         let builds_on: Vec<_> = write.changes.iter().map(|w| w.change.builds_on.clone()).collect();
         let after = vec![(NodeId(2), 7), (NodeId(3), 4)];
         assert_eq!(builds_on, [vec![(NodeId(3), 4)], after.clone(), after]);
@@ -475,16 +439,11 @@ mod tests {
         let t = table();
         let mut c = Capturer::new(NodeId(1), 500);
         let first = vec![tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))])];
-        let meta = c
-            .capture_group(|_| Some(&t), &first, vec![None], Vec::new(), None)
-            .unwrap()
-            .metas[0]
+        let meta = c.capture_group(|_| Some(&t), &first, vec![None], None).unwrap().metas[0]
             .meta
             .clone();
         let noop = vec![tx(20, 101, vec![row(ChangeKind::Update, 1, Some(1), Some(1))])];
-        let write = c
-            .capture_group(|_| Some(&t), &noop, vec![Some(meta)], Vec::new(), None)
-            .unwrap();
+        let write = c.capture_group(|_| Some(&t), &noop, vec![Some(meta)], None).unwrap();
         assert!(write.changes.is_empty());
         assert_eq!(write.metas[0].known_xmin, Some(101));
         assert!(write.needs_write);
@@ -503,7 +462,7 @@ mod tests {
             tx(20, 101, vec![bad]),
         ];
         let stop = c
-            .capture_group(|_| Some(&t), &group, vec![None, None], Vec::new(), None)
+            .capture_group(|_| Some(&t), &group, vec![None, None], None)
             .unwrap_err();
         assert_eq!(stop.xid, 101);
         assert_eq!(stop.key, RowKey(vec![Value::Int(2)]));
@@ -518,9 +477,7 @@ mod tests {
         peer.from_peer = true;
         let group = vec![peer];
         assert!(c.rows_to_load(&group).is_empty());
-        let write = c
-            .capture_group(|_| Some(&t), &group, Vec::new(), Vec::new(), None)
-            .unwrap();
+        let write = c.capture_group(|_| Some(&t), &group, Vec::new(), None).unwrap();
         assert!(write.changes.is_empty() && !write.needs_write);
         assert_eq!(write.checkpoint.covered_lsn, 10);
     }

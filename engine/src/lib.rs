@@ -27,9 +27,7 @@ pub use apply::{
 };
 pub use apply_queue::{ApplyQueue, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};
-pub use capture_group::{
-    CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, Truncate, TruncatedTable,
-};
+pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, Truncate};
 pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
 pub use collection::{Ack1, CollectionState, Collector, StableCut};

@@ -54,6 +54,9 @@ pub enum WalBody {
         rows: Vec<WalRow>,
         /// Review items the transaction resolves (a reviewer's choice).
         resolving: Vec<ReviewItemId>,
+        /// A TRUNCATE (`rows` is then empty): decoding says only that, but the simulator keeps
+        /// the rows it emptied, each the workload's delete, to check what the capture makes of it.
+        truncated: Option<Vec<(i64, WriteId)>>,
     },
     /// A merge transaction: it carries a replication origin, and the `accord.hlc` message with
     /// the greatest stamp it merged.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use accord_engine::{
     AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
     CollectionState, Collector, DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal,
-    Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, MAX_APPLY_BATCH,
+    Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, Truncate, MAX_APPLY_BATCH,
     PROTOCOL_VERSION,
 };
 
@@ -24,7 +24,7 @@ use crate::oracle::Oracle;
 use crate::outcome::{Failure, Invariant, Stats};
 use crate::rng::SimRng;
 use crate::swarm::Params;
-use crate::table::key_of;
+use crate::table::{key_of, row_key};
 use crate::trace::{mix, Trace};
 use crate::workload::TxPlan;
 
@@ -392,6 +392,14 @@ impl Node {
         }
     }
 
+    /// Whether a TRUNCATE waits: it takes the table's exclusive lock, which any applier in the
+    /// middle of a transaction holds off.
+    pub fn truncate_blocked(&self) -> bool {
+        self.vol
+            .as_ref()
+            .is_some_and(|vol| vol.appliers.values().any(|a| a.applying.is_some()))
+    }
+
     /// Whether an applier holds the lock of a row this local transaction writes, or of a key it
     /// found missing (the local insert's trigger waits for it), and the transaction waits.
     /// `trigger`: local inserts take key locks (the service's trigger is there).
@@ -508,6 +516,34 @@ impl Node {
         self.db.flush();
         self.deliver_durable(ctx)?;
         let xid = self.db.new_xid();
+        if plan.truncate {
+            // Every row goes, each a delete of the workload's; decoding will deliver only the
+            // table's name.
+            let keys: Vec<i64> = self.db.rows.keys().copied().collect();
+            let mut emptied = Vec::with_capacity(keys.len());
+            for key in keys {
+                self.db.rows.remove(&key);
+                let write = ctx
+                    .oracle
+                    .local_write(self.ix, key, ChangeKind::Delete, None, 0, None, None, ctx.physical);
+                emptied.push((key, write));
+                ctx.trace.add(mix(key as u64, ChangeKind::Delete as u64));
+            }
+            ctx.stats.local_txs += 1;
+            ctx.stats.truncates += 1;
+            self.db.append_wal(
+                xid,
+                ctx.physical,
+                WalBody::Local {
+                    rows: Vec::new(),
+                    resolving: Vec::new(),
+                    truncated: Some(emptied),
+                },
+            );
+            self.db.flush();
+            self.want_capture(ctx);
+            return Ok(());
+        }
         let mut rows = Vec::with_capacity(plan.rows.len());
         for row in plan.rows {
             match &row.new {
@@ -572,6 +608,7 @@ impl Node {
             WalBody::Local {
                 rows,
                 resolving: plan.resolving.into_iter().collect(),
+                truncated: None,
             },
         );
         self.db.flush();
@@ -1102,6 +1139,8 @@ fn capture_group(
     let mut group = Vec::new();
     // Per transaction and row, the workload write it is (`None` for a merge's rows).
     let mut writes: Vec<Vec<Option<WriteId>>> = Vec::new();
+    // Per transaction, the workload's deletes of a TRUNCATE, by key.
+    let mut emptied: Vec<BTreeMap<i64, WriteId>> = Vec::new();
     for lsn in lsns {
         let Some(tx) = db.wal_tx(lsn) else {
             return Err(Failure::new(
@@ -1109,8 +1148,14 @@ fn capture_group(
                 format!("node {node}: WAL position {lsn} is gone before the capture read it"),
             ));
         };
+        let truncated = match &tx.body {
+            WalBody::Local {
+                truncated: Some(keys), ..
+            } => keys.iter().copied().collect(),
+            _ => BTreeMap::new(),
+        };
         let (from_peer, peer_applied, merged, rows, ids) = match &tx.body {
-            WalBody::Local { rows, resolving } => (
+            WalBody::Local { rows, resolving, .. } => (
                 false,
                 Vec::new(),
                 None,
@@ -1158,10 +1203,20 @@ fn capture_group(
             peer_applied,
             merged,
             rows,
-            // The simulated workload does not TRUNCATE yet (ARCHITECTURE.md, "TRUNCATE").
-            truncates: Vec::new(),
+            // The service reads the keys the TRUNCATE's trigger recorded in its transaction.
+            truncates: match &tx.body {
+                WalBody::Local {
+                    truncated: Some(keys), ..
+                } => vec![Truncate {
+                    before_row: 0,
+                    table: ctx.table.name.clone(),
+                    emptied: keys.iter().map(|&(k, _)| row_key(k)).collect(),
+                }],
+                _ => Vec::new(),
+            },
         });
         writes.push(ids);
+        emptied.push(truncated);
     }
     let to_load = vol.capturer.rows_to_load(&group);
     // The service loads them `FOR UPDATE`: an applier's locks hold it off.
@@ -1185,13 +1240,13 @@ fn capture_group(
             |name| (name == table.name).then_some(table),
             &group,
             loaded,
-            Vec::new(),
             db.collection.cut.as_ref(),
         )
         .map_err(|e| engine_error("capture", e))?;
 
     // Every local write not covered before was captured, once.
     let mut captured: std::collections::BTreeSet<(usize, usize)> = std::collections::BTreeSet::new();
+    let mut pending = emptied.clone();
     for c in &write.changes {
         if group[c.transaction].end_lsn <= covered_before {
             return Err(Failure::new(
@@ -1202,11 +1257,29 @@ fn capture_group(
                 ),
             ));
         }
+        if c.truncated {
+            let key = key_of(&c.change.key).unwrap_or(-1);
+            if pending[c.transaction].remove(&key).is_none() {
+                return Err(Failure::new(
+                    Invariant::LocalWrites,
+                    format!(
+                        "node {node}: the capture made a TRUNCATE delete row {key}, which the TRUNCATE did not empty"
+                    ),
+                ));
+            }
+            continue;
+        }
         captured.insert((c.transaction, c.row));
     }
     for (ti, tx) in group.iter().enumerate() {
         if tx.end_lsn <= covered_before {
             continue;
+        }
+        if let Some((key, id)) = pending[ti].iter().next() {
+            return Err(Failure::new(
+                Invariant::NothingDropped,
+                format!("node {node}: the capture dropped the TRUNCATE's delete {id} of row {key}"),
+            ));
         }
         for (ri, id) in writes[ti].iter().enumerate() {
             if let Some(id) = id {
@@ -1236,7 +1309,12 @@ fn capture_group(
     }
     // One transaction: outbound log, metadata, review queue, checkpoint.
     for c in &write.changes {
-        match writes[c.transaction][c.row] {
+        let write = if c.truncated {
+            key_of(&c.change.key).and_then(|k| emptied[c.transaction].get(&k).copied())
+        } else {
+            writes[c.transaction][c.row]
+        };
+        match write {
             Some(id) => {
                 let fresh = !c.had_metadata && c.change.kind == ChangeKind::Insert;
                 ctx.oracle.captured(ix, id, &c.change, fresh)?;

@@ -93,6 +93,8 @@ pub struct Stats {
     pub deadlocks: u64,
     /// Transactions applied before what they build on, because its node stayed away.
     pub causal_waivers: u64,
+    /// Local TRUNCATEs committed.
+    pub truncates: u64,
     /// Times a local writer or the capture found a row or its metadata locked by an applier.
     pub local_lock_waits: u64,
     pub capture_lock_waits: u64,

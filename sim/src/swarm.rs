@@ -26,9 +26,11 @@ pub enum OpKind {
     Touch,
     /// An update of the key (decoding delivers a delete of the old key and an insert of the new).
     Rekey,
+    /// TRUNCATE: decoding delivers only the table's name.
+    Truncate,
 }
 
-pub const OP_KINDS: [OpKind; 9] = [
+pub const OP_KINDS: [OpKind; 10] = [
     OpKind::Counter,
     OpKind::Name,
     OpKind::Price,
@@ -38,6 +40,7 @@ pub const OP_KINDS: [OpKind; 9] = [
     OpKind::Mixed,
     OpKind::Touch,
     OpKind::Rekey,
+    OpKind::Truncate,
 ];
 
 /// The regime of one run.
@@ -49,7 +52,7 @@ pub struct Params {
     pub hot_p: f64,
     /// Mean µs between two local transactions anywhere in the cluster.
     pub op_gap_mean: f64,
-    pub mix: [u32; 9],
+    pub mix: [u32; 10],
     pub two_row_p: f64,
     pub toast_p: f64,
     /// The chance that a row is written inside a subtransaction.
@@ -100,7 +103,7 @@ impl Params {
             .unwrap_or_else(|| *pick(rng, &[500_000u64, 500_000, 100_000, 20_000, 5_000]));
         let keys = *pick(rng, &[1u64, 2, 3, 5, 8, 16, 40]);
         let hot_keys = rng.range(1, keys);
-        let mut mix = [0u32; 9];
+        let mut mix = [0u32; 10];
         for w in &mut mix[..7] {
             *w = *pick(rng, &[0u32, 1, 3, 6, 10]);
         }
@@ -165,6 +168,8 @@ impl Params {
         params.round_trip_max = *pick(rng, &[0u64, 50, 300, 3_000]);
         params.lock_retry_max = *pick(rng, &[10u64, 200, 2_000]);
         params.causal_wait = *pick(rng, &[0u64, 50_000, 1_000_000, 10_000_000]);
+        // Rare, and in a quarter of the regimes: each empties the node's table.
+        params.mix[9] = *pick(rng, &[0u32, 0, 0, 1]);
         params
     }
 

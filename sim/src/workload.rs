@@ -49,6 +49,8 @@ impl RowPlan {
 pub struct TxPlan {
     pub rows: Vec<RowPlan>,
     pub resolving: Option<ReviewItemId>,
+    /// A TRUNCATE of the table (`rows` is then empty).
+    pub truncate: bool,
 }
 
 fn stock_of(cells: &[Cell]) -> i64 {
@@ -84,11 +86,22 @@ fn other_price(rng: &mut SimRng, current: Option<&Value>) -> Value {
 /// Plans one transaction on `db`. `fresh` numbers new names so every name write is unique.
 pub fn plan(rng: &mut SimRng, params: &Params, db: &Db, fresh: &mut u64) -> TxPlan {
     let kind = OP_KINDS[rng.weighted(&params.mix)];
+    if kind == OpKind::Truncate {
+        return TxPlan {
+            rows: Vec::new(),
+            resolving: None,
+            truncate: true,
+        };
+    }
     let key = pick_key(rng, params);
     let mut resolving = None;
     if kind == OpKind::Rekey {
         if let Some(rows) = plan_rekey(rng, params, db, key, fresh) {
-            return TxPlan { rows, resolving };
+            return TxPlan {
+                rows,
+                resolving,
+                truncate: false,
+            };
         }
     }
     let mut rows = vec![plan_row(rng, params, db, key, kind, fresh, &mut resolving)];
@@ -99,7 +112,11 @@ pub fn plan(rng: &mut SimRng, params: &Params, db: &Db, fresh: &mut u64) -> TxPl
         }
         rows.push(plan_row(rng, params, db, other, OpKind::Counter, fresh, &mut None));
     }
-    TxPlan { rows, resolving }
+    TxPlan {
+        rows,
+        resolving,
+        truncate: false,
+    }
 }
 
 /// An update of `key`'s key to a key absent here, as decoding delivers it: a delete of the old
@@ -216,7 +233,7 @@ fn plan_row(
                 None => price = Some(other_price(rng, current_price.as_ref())),
             }
         }
-        OpKind::Delete | OpKind::Touch | OpKind::Rekey => {}
+        OpKind::Delete | OpKind::Touch | OpKind::Rekey | OpKind::Truncate => {}
     }
     if let Some(n) = &name {
         new[NAME] = Cell::Value(n.clone());

@@ -449,7 +449,12 @@ impl World {
         let plan = workload::plan(&mut rng, &self.params, &self.nodes[node].db, &mut self.fresh);
         let keys: Vec<i64> = plan.rows.iter().map(|r| r.key).collect();
         let trigger = self.cfg.bug != Some(PlantedBug::NoKeyLockTrigger);
-        if self.nodes[node].local_write_blocked(&keys, trigger) {
+        let blocked = if plan.truncate {
+            self.nodes[node].truncate_blocked()
+        } else {
+            self.nodes[node].local_write_blocked(&keys, trigger)
+        };
+        if blocked {
             self.stats.local_lock_waits += 1;
             let at = self.now + self.rng_work.range(1, self.params.lock_retry_max);
             self.push(

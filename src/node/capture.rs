@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::{
     CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc, NodeId,
-    ReviewItemId, RowKey, RowMeta, StableCut, TableDef, Truncate, TruncatedTable,
+    ReviewItemId, RowKey, RowMeta, StableCut, TableDef, Truncate,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,8 +24,9 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
-use super::rows::{all_keys, parse_cell};
+use super::rows::parse_cell;
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
+use super::truncate;
 use crate::pg_connection::{self, connect, redact, Dsn, ReplicationEndpoint};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
@@ -384,9 +385,11 @@ impl Capture {
                     .ok_or_else(|| anyhow!("TRUNCATE of relation {relation} before its description"))?;
                 let name = rel.qualified_name();
                 if self.policy.table(&name).is_some() {
+                    // Its rows' keys are read from what its trigger recorded (`fill_truncates`).
                     out.push(Truncate {
                         before_row,
                         table: name,
+                        emptied: Vec::new(),
                     });
                 }
             }
@@ -396,7 +399,8 @@ impl Capture {
 
     /// Writes the group, then lets the slot move past it.
     async fn flush(&mut self, stream: &ReplicationClient, group: &mut Group) -> Result<()> {
-        let group = std::mem::take(group);
+        let mut group = std::mem::take(group);
+        self.fill_truncates(&mut group.transactions).await?;
         // On failure the run ends; the next one resumes from the database's checkpoint, and the
         // stream, restarted from the slot, delivers the group again.
         let (checkpoint, captured) = self.write(&group.transactions).await?;
@@ -413,25 +417,45 @@ impl Capture {
         Ok(())
     }
 
+    /// The keys of the rows each TRUNCATE of the group's local transactions emptied, as its
+    /// trigger recorded them (the `n`-th TRUNCATE of a table in a transaction is its statement `n`).
+    async fn fill_truncates(&mut self, transactions: &mut [DecodedTransaction]) -> Result<()> {
+        let covered = self.capturer.checkpoint().covered_lsn;
+        for t in transactions.iter_mut().filter(|t| !t.from_peer && t.end_lsn > covered) {
+            for i in 0..t.truncates.len() {
+                let name = t.truncates[i].table.clone();
+                let statement = t.truncates[..=i].iter().filter(|tr| tr.table == name).count();
+                let table = self
+                    .policy
+                    .table(&name)
+                    .ok_or_else(|| anyhow!("a TRUNCATE of {name}, which is not replicated"))?;
+                let statement = i32::try_from(statement).context("too many TRUNCATEs in one transaction")?;
+                t.truncates[i].emptied = truncate::emptied(&self.db, t.xid, table, statement).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Captures the group's transactions with the engine (`Capturer::capture_group`) and writes
     /// their changes, metadata, review actions and the checkpoint that covers them in one database
     /// transaction. Returns the checkpoint and the number of row changes captured.
     async fn write(&mut self, transactions: &[DecodedTransaction]) -> Result<(CaptureCheckpoint, u64)> {
         let slots = self.capturer.rows_to_load(transactions);
-        let truncated_tables = self.capturer.tables_to_truncate(transactions);
-        let needs_db =
-            !slots.is_empty() || !truncated_tables.is_empty() || transactions.iter().any(|t| t.merged.is_some());
+        // Local transactions that truncated: what their triggers recorded is forgotten with the
+        // deletes written.
+        let truncating: Vec<i64> = transactions
+            .iter()
+            .filter(|t| !t.from_peer && !t.truncates.is_empty())
+            .filter_map(|t| i64::try_from(t.xid).ok())
+            .collect();
+        let needs_db = !slots.is_empty() || !truncating.is_empty() || transactions.iter().any(|t| t.merged.is_some());
         let policy = Arc::clone(&self.policy);
         let cut = self.cut.borrow().clone();
         if !needs_db {
             // Nothing to capture and no clock to persist: no database round trip.
-            let write = self.capturer.capture_group(
-                |name| policy.table(name),
-                transactions,
-                Vec::new(),
-                Vec::new(),
-                cut.as_ref(),
-            )?;
+            let write =
+                self.capturer
+                    .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
             return Ok((write.checkpoint, 0));
         }
         let Capture {
@@ -457,18 +481,10 @@ impl Capture {
                 *slot = Some(meta);
             }
         }
-        // A truncated table's live rows, locked, then the rows it holds now (written after the
-        // TRUNCATE): in this order, an apply's row inserted between the two is one it holds.
-        let mut truncated = Vec::with_capacity(truncated_tables.len());
-        for name in &truncated_tables {
-            let table = policy
-                .table(name)
-                .ok_or_else(|| anyhow!("a TRUNCATE of {name}, which is not replicated"))?;
-            let alive = store::alive_metas(&db, table).await?;
-            let present = all_keys(&db, table).await?.into_iter().map(|(key, _)| key).collect();
-            truncated.push(TruncatedTable { alive, present });
+        let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, cut.as_ref())?;
+        if !truncating.is_empty() {
+            db.execute(truncate::FORGET_SQL, &[&truncating]).await?;
         }
-        let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, truncated, cut.as_ref())?;
         if !write.needs_write {
             db.commit().await?;
             return Ok((write.checkpoint, 0));

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use super::key_locks;
 use super::rows::{all_keys, quote_table};
 use super::store::{self, encode, key_text, PUBLICATION, SLOT};
-use super::truncate_guard;
+use super::truncate;
 
 /// What `init` did, for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub enum PartitionGuard {
 }
 
 /// Prepares every partition below a table accord publishes: `REPLICA IDENTITY FULL` and the
-/// TRUNCATE guard (`truncate_guard`). A partitioned table's changes are decoded from its
+/// TRUNCATE guard (`truncate`). A partitioned table's changes are decoded from its
 /// partitions with their own replica identity, and `ALTER TABLE` does not pass that setting on to
 /// partitions, nor do `CREATE TABLE ... PARTITION OF` and `ATTACH PARTITION` take it from the
 /// parent; a statement trigger on the parent does not fire for a partition truncated by name.
@@ -122,6 +122,7 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         .await
         .context("cannot create accord.deferred")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
+    truncate::install(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await?
@@ -205,7 +206,6 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         PartitionGuard::NotNeeded
     } else {
         debug_assert!(PARTITION_IDENTITY.contains(&format!("'{PUBLICATION}'")));
-        truncate_guard::install_function(&tx).await?;
         tx.batch_execute(PARTITION_IDENTITY).await?;
         // The partitions there are now; the trigger sees to later ones.
         tx.batch_execute("SELECT accord.prepare_partitions()")

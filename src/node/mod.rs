@@ -13,4 +13,4 @@ pub mod review;
 pub mod rows;
 pub mod runtime;
 pub mod store;
-pub mod truncate_guard;
+pub mod truncate;

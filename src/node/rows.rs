@@ -71,7 +71,7 @@ fn param(n: usize, ty: &ColumnType) -> String {
     }
 }
 
-fn read_expr(name: &str, ty: &ColumnType) -> String {
+pub(super) fn read_expr(name: &str, ty: &ColumnType) -> String {
     match ty {
         ColumnType::Money => format!("{}::numeric::text", quote_ident(name)),
         _ => format!("{}::text", quote_ident(name)),

@@ -23,6 +23,7 @@ use super::init::load_policy;
 use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
 use super::store::{self, decode, StoreError};
+use super::truncate;
 use crate::pg_connection::connect;
 
 #[derive(Debug, Clone)]
@@ -228,6 +229,11 @@ where
     let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
     if installed > 0 {
         tracing::info!(tables = installed, "installed accord's key-lock triggers");
+    }
+    // Nor the triggers that record what a TRUNCATE empties.
+    let installed = truncate::install(&db, policy.tables(), false).await?;
+    if installed > 0 {
+        tracing::info!(tables = installed, "installed accord's TRUNCATE triggers");
     }
 
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -6,7 +6,7 @@
 
 use accord_engine::{
     Candidate, ClosureKind, CollectionState, Conflict, NodeId, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
-    RowMeta, StableCut, TableDef, Value,
+    RowMeta, StableCut, Value,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -223,8 +223,6 @@ pub enum StoreError {
         #[source]
         source: rmp_serde::decode::Error,
     },
-    #[error("stored row key {text} of {table} does not read back: {why}")]
-    BadKey { table: String, text: String, why: String },
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -235,55 +233,6 @@ pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, St
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
-}
-
-/// A row key from its canonical text ([`key_text`]), typed by the table's key columns.
-pub fn key_from_text(table: &TableDef, text: &str) -> Result<RowKey, StoreError> {
-    let bad = |why: String| StoreError::BadKey {
-        table: table.name.clone(),
-        text: text.to_owned(),
-        why,
-    };
-    let parts: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-    if parts.len() != table.key.len() {
-        return Err(bad(format!(
-            "{} parts for {} key columns",
-            parts.len(),
-            table.key.len()
-        )));
-    }
-    let values = parts
-        .into_iter()
-        .zip(&table.key)
-        .map(|(part, column)| match part {
-            serde_json::Value::Null => Ok(Value::Null),
-            serde_json::Value::Number(n) => n
-                .as_i64()
-                .map(Value::Int)
-                .ok_or_else(|| bad(format!("{n} is not an integer"))),
-            serde_json::Value::String(s) => Value::parse(&column.ty, &s).map_err(|e| bad(e.to_string())),
-            other => Err(bad(format!("{other} is not a key value"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RowKey(values))
-}
-
-/// The metadata of a table's rows accord counts as alive, locked: what a TRUNCATE deleted, but
-/// for the rows written since.
-pub async fn alive_metas(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(RowKey, RowMeta)>, StoreError> {
-    let rows = db
-        .query(
-            "SELECT row_key, meta FROM accord.row_meta WHERE table_name = $1 AND alive ORDER BY row_key FOR UPDATE",
-            &[&table.name],
-        )
-        .await?;
-    rows.iter()
-        .map(|row| {
-            let text: &str = row.try_get(0)?;
-            let bytes: &[u8] = row.try_get(1)?;
-            Ok((key_from_text(table, text)?, decode("row metadata", bytes)?))
-        })
-        .collect()
 }
 
 /// The canonical text of a row key: a JSON array, numerics normalised so that `1.5` and `1.50`
