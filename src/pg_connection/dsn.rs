@@ -131,6 +131,16 @@ impl Dsn {
         if mode == SslMode::Require && matches!(roots, Some(RootCerts::File(_))) {
             mode = SslMode::VerifyCa;
         }
+        let mut config: tokio_postgres::Config = rest.parse()?;
+        // libpq ignores sslmode over Unix sockets (the server never offers TLS there).
+        let unix_only = !config.get_hosts().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        if unix_only {
+            mode = SslMode::Disable;
+        }
         if mode.verifies_certificate() && roots.is_none() {
             return Err(DsnError::NoRootCert {
                 mode,
@@ -146,7 +156,6 @@ impl Dsn {
             (None, Some(_)) => return Err(DsnError::HalfClientCert("sslkey")),
             (None, None) => None,
         };
-        let mut config: tokio_postgres::Config = rest.parse()?;
         config.ssl_mode(match mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -333,6 +342,13 @@ mod tests {
         assert!(open.to_string().contains("closing quote"), "{open}");
         let novalue = parse("host").unwrap_err();
         assert!(matches!(novalue, DsnError::Syntax(_)), "{novalue}");
+    }
+
+    #[test]
+    fn sslmode_does_not_apply_over_unix_sockets() {
+        let dsn = parse("host=/var/run/postgresql sslmode=verify-full dbname=shop").unwrap();
+        assert_eq!(dsn.tls.mode, SslMode::Disable);
+        assert_eq!(dsn.config.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
     }
 
     #[test]
