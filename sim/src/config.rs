@@ -184,10 +184,14 @@ pub enum PlantedBug {
     /// A transaction is applied before what it builds on: the row states it relays show part
     /// of a third node's transaction.
     IgnoreBuildsOn,
+    /// The capture takes the rows a TRUNCATE emptied from the metadata as it reads it (live,
+    /// and no longer in the table) instead of from what the TRUNCATE's trigger recorded: rows
+    /// written just before it and not captured yet are missed, metadata written after it counts.
+    TruncateFromMetadata,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 11] = [
+    pub const ALL: [PlantedBug; 12] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -199,6 +203,7 @@ impl PlantedBug {
         PlantedBug::AckBeforeDurable,
         PlantedBug::ApplyPastGap,
         PlantedBug::IgnoreBuildsOn,
+        PlantedBug::TruncateFromMetadata,
     ];
 
     pub fn name(self) -> &'static str {
@@ -214,6 +219,7 @@ impl PlantedBug {
             PlantedBug::AckBeforeDurable => "ack-before-durable",
             PlantedBug::ApplyPastGap => "apply-past-gap",
             PlantedBug::IgnoreBuildsOn => "ignore-builds-on",
+            PlantedBug::TruncateFromMetadata => "truncate-from-metadata",
         }
     }
 
@@ -230,7 +236,7 @@ impl PlantedBug {
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
             PlantedBug::IgnoreBuildsOn => Some(Engine::IgnoreBuildsOn),
-            PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger => None,
+            PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger | PlantedBug::TruncateFromMetadata => None,
         }
     }
 }

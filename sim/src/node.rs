@@ -1210,7 +1210,15 @@ fn capture_group(
                 } => vec![Truncate {
                     before_row: 0,
                     table: ctx.table.name.clone(),
-                    emptied: keys.iter().map(|&(k, _)| row_key(k)).collect(),
+                    emptied: if ctx.bug == Some(PlantedBug::TruncateFromMetadata) {
+                        db.meta
+                            .iter()
+                            .filter(|(k, m)| m.meta.is_alive() && !db.rows.contains_key(k))
+                            .map(|(&k, _)| row_key(k))
+                            .collect()
+                    } else {
+                        keys.iter().map(|&(k, _)| row_key(k)).collect()
+                    },
                 }],
                 _ => Vec::new(),
             },

@@ -157,6 +157,9 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // A transaction applied before what it built on shows, through its relayed row
         // states, part of a third node's transaction.
         (PlantedBug::IgnoreBuildsOn, Invariant::Atomicity, 400, 0..80),
+        // The rows a TRUNCATE emptied read from the metadata instead of its trigger's record:
+        // rows written just before it and not captured yet are missed (seed 6 is the first).
+        (PlantedBug::TruncateFromMetadata, Invariant::NothingDropped, 400, 0..80),
     ] {
         let cfg = caught(bug, expected, ops, seeds);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
