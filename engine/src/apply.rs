@@ -234,6 +234,10 @@ pub struct WriteRefusal {
     /// tells it from the violated constraint, not by looking for the row later, which may be
     /// gone again by then (the simulator found that race between two appliers).
     pub key_exists: bool,
+    /// A row has no place in this node's table (no partition covers it): this node's layout,
+    /// which its users mend, not the change's fault. Never a reason to park either: the batch
+    /// fails with [`ApplyError::NoPlace`] and its transactions wait until the place exists.
+    pub no_place: bool,
     /// The database's message.
     pub message: String,
 }
@@ -243,6 +247,7 @@ impl WriteRefusal {
     pub fn other(message: impl Into<String>) -> Self {
         WriteRefusal {
             key_exists: false,
+            no_place: false,
             message: message.into(),
         }
     }
@@ -321,6 +326,11 @@ pub enum ApplyError {
     LoadedCount { found: usize, asked: usize },
     #[error("the driver reported {found} written rows for {asked} writes")]
     WrittenCount { found: usize, asked: usize },
+    #[error(
+        "a row from node {peer} has no place here ({message}): create a partition for it on this node (or a \
+         DEFAULT partition), and the transaction is applied"
+    )]
+    NoPlace { peer: NodeId, message: String },
 }
 
 /// The guard's verdict on one loaded row.
@@ -632,6 +642,10 @@ impl BatchApply {
             }
             (Phase::Writing(pending), ApplyInput::Written(result)) => match result {
                 Ok(xmins) => self.written(*pending, xmins),
+                Err(refusal) if refusal.no_place => Err(ApplyError::NoPlace {
+                    peer: self.peer,
+                    message: refusal.message,
+                }),
                 Err(refusal) => Ok(self.refused(*pending, refusal)),
             },
             (Phase::Recording, ApplyInput::Recorded) => Ok(self.next_part()),

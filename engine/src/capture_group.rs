@@ -65,6 +65,13 @@ pub struct DecodedRow {
     pub resolving: Vec<ReviewItemId>,
 }
 
+/// One thing a transaction asks the capture to capture.
+enum Entry<'t> {
+    Row(&'t DecodedRow),
+    /// A row a TRUNCATE emptied: a delete.
+    Emptied(&'t RowKey),
+}
+
 /// A change the group captured, with where it came from.
 #[derive(Debug, Clone)]
 pub struct CapturedRow {
@@ -176,48 +183,37 @@ impl Capturer {
             }
             let local = next.is_capturing();
             let first = changes.len();
-            for ri in 0..=t.rows.len() {
-                for truncate in t.truncates.iter().filter(|tr| tr.before_row == ri) {
-                    let Some(table) = tables(&truncate.table) else { continue };
-                    for key in truncate.emptied.iter().cloned() {
-                        let slot = (truncate.table.clone(), key.clone());
-                        let delete = CapturedChange {
+            // The transaction's rows, each TRUNCATE's deletes at its place among them.
+            let entries = (0..=t.rows.len()).flat_map(|ri| {
+                let emptied = t
+                    .truncates
+                    .iter()
+                    .filter(move |tr| tr.before_row == ri)
+                    .flat_map(move |tr| tr.emptied.iter().map(move |key| (ri, &tr.table, Entry::Emptied(key))));
+                emptied.chain(t.rows.get(ri).map(|row| (ri, &row.table, Entry::Row(row))))
+            });
+            for (ri, table_name, entry) in entries {
+                let Some(table) = tables(table_name) else { continue };
+                let delete;
+                let (change, resolving, truncated) = match entry {
+                    Entry::Row(row) => (&row.change, row.resolving.as_slice(), false),
+                    Entry::Emptied(key) => {
+                        delete = CapturedChange {
                             kind: ChangeKind::Delete,
-                            key,
+                            key: key.clone(),
                             old: None,
                             new: None,
                         };
-                        let prior = metas.get(&slot);
-                        let captured = next.row(table, prior, &delete, &[]).map_err(|cause| {
-                            Box::new(CaptureStop {
-                                table: truncate.table.clone(),
-                                key: delete.key.clone(),
-                                xid: t.xid,
-                                cause,
-                            })
-                        })?;
-                        let Some(captured) = captured else { continue };
-                        known.insert(slot.clone(), None);
-                        review.extend(captured.review);
-                        metas.insert(slot, captured.meta);
-                        changes.push(CapturedRow {
-                            transaction: ti,
-                            row: ri,
-                            change: captured.change,
-                            truncated: true,
-                            had_metadata: true,
-                        });
+                        (&delete, &[][..], true)
                     }
-                }
-                let Some(row) = t.rows.get(ri) else { break };
-                let Some(table) = tables(&row.table) else { continue };
-                let slot = (row.table.clone(), row.change.key.clone());
+                };
+                let slot = (table_name.clone(), change.key.clone());
                 let prior = metas.get(&slot);
                 let had_metadata = prior.is_some();
-                let captured = next.row(table, prior, &row.change, &row.resolving).map_err(|cause| {
+                let captured = next.row(table, prior, change, resolving).map_err(|cause| {
                     Box::new(CaptureStop {
-                        table: row.table.clone(),
-                        key: row.change.key.clone(),
+                        table: table_name.clone(),
+                        key: change.key.clone(),
                         xid: t.xid,
                         cause,
                     })
@@ -226,7 +222,7 @@ impl Capturer {
                     // A local update that changed nothing accord tracks still made a new row
                     // version: the unchanged metadata now accounts for it, or a merge would wait
                     // for a capture that already happened.
-                    if local && row.change.kind == ChangeKind::Update && prior.is_some_and(RowMeta::is_alive) {
+                    if local && change.kind == ChangeKind::Update && prior.is_some_and(RowMeta::is_alive) {
                         known.insert(slot, Some(t.xid));
                     }
                     continue;
@@ -238,7 +234,7 @@ impl Capturer {
                     transaction: ti,
                     row: ri,
                     change: captured.change,
-                    truncated: false,
+                    truncated,
                     had_metadata,
                 });
             }

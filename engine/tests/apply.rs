@@ -320,6 +320,7 @@ fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_p
     // second applier may have deleted it again by then.
     let refusal = WriteRefusal {
         key_exists: true,
+        no_place: false,
         message: "duplicate key value violates unique constraint \"items_pkey\"".into(),
     };
     assert!(matches!(
@@ -329,6 +330,26 @@ fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_p
     let ApplyCommand::Load { begin: Some(_), .. } = m.step(ApplyInput::Restarted { now: 2 }).unwrap() else {
         panic!("the attempt starts over with a new transaction");
     };
+}
+
+#[test]
+fn a_row_with_no_place_here_fails_the_batch_instead_of_parking_any_change() {
+    // Two changes: a refusal for another reason would split the part and park one.
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
+    m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
+    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
+        panic!("expected the inserts");
+    };
+    let refusal = WriteRefusal {
+        key_exists: false,
+        no_place: true,
+        message: "no partition of relation \"items\" found for row".into(),
+    };
+    let failed = m.step(ApplyInput::Written(Err(refusal))).unwrap_err();
+    assert!(matches!(failed, ApplyError::NoPlace { .. }), "{failed}");
+    assert!(failed.to_string().contains("create a partition"), "{failed}");
 }
 
 #[test]

@@ -482,6 +482,7 @@ impl Applying {
                 (RowWrite::Insert(_), Some(_)) => {
                     return Err(WriteRefusal {
                         key_exists: true,
+                        no_place: false,
                         message: format!("duplicate key value violates unique constraint (key {key})"),
                     })
                 }

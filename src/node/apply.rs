@@ -558,15 +558,11 @@ impl Applier {
                 tracing::debug!(error = format!("{error:#}"), "a write was refused");
                 db.batch_execute("ROLLBACK TO SAVEPOINT accord_batch; RELEASE SAVEPOINT accord_batch")
                     .await?;
-                // Not the change's fault but this node's layout, which its users mend: the
-                // transaction waits whole rather than being applied without that row.
-                if let Some(missing) = MissingPartition::of(&error) {
-                    return Err(missing.into());
-                }
                 let key_exists = violates_primary_key(db, &error).await?;
                 Ok(Err(WriteRefusal {
                     key_exists,
-                    message: format!("{error:#}"),
+                    no_place: has_no_partition(&error),
+                    message: no_partition_message(&error).unwrap_or_else(|| format!("{error:#}")),
                 }))
             }
         }
@@ -705,34 +701,26 @@ pub fn is_deadlock(error: &anyhow::Error) -> bool {
 
 /// Whether `error` is a unique violation of a table's primary key: a row of the key is there
 /// (the engine starts over and merges against it), not a refusal to park.
-/// A row has no partition to go to on this node (range or list partitions that do not cover it,
-/// and no DEFAULT partition).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message} ({detail}): create a partition for it on this node (or a DEFAULT partition), and the peer's transaction is applied")]
-pub struct MissingPartition {
-    pub message: String,
-    pub detail: String,
+/// The database error, when it says a row has no partition to go to on this node (range or
+/// list partitions that do not cover it, and no DEFAULT partition): check_violation, raised by
+/// tuple routing with this message (PostgreSQL 11 and later).
+fn no_partition_error(error: &anyhow::Error) -> Option<&tokio_postgres::error::DbError> {
+    let db = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())?
+        .as_db_error()?;
+    (db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+        && db.message().starts_with("no partition of relation"))
+    .then_some(db)
 }
 
-impl MissingPartition {
-    fn of(error: &anyhow::Error) -> Option<MissingPartition> {
-        let db = error
-            .chain()
-            .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())?
-            .as_db_error()?;
-        // check_violation, raised by tuple routing with this message (PostgreSQL 11 and later).
-        (db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
-            && db.message().starts_with("no partition of relation"))
-        .then(|| MissingPartition {
-            message: db.message().to_owned(),
-            detail: db.detail().unwrap_or_default().to_owned(),
-        })
-    }
+fn has_no_partition(error: &anyhow::Error) -> bool {
+    no_partition_error(error).is_some()
+}
 
-    /// The missing partition an apply failed for, if that is why.
-    pub fn in_error(error: &anyhow::Error) -> Option<&MissingPartition> {
-        error.chain().find_map(|e| e.downcast_ref::<MissingPartition>())
-    }
+/// What the user reads of a row with no partition here: the server's message and its detail.
+fn no_partition_message(error: &anyhow::Error) -> Option<String> {
+    no_partition_error(error).map(|db| format!("{}: {}", db.message(), db.detail().unwrap_or_default()))
 }
 
 async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool> {

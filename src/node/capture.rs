@@ -717,7 +717,6 @@ mod tests {
         let endpoint = ReplicationEndpoint {
             host: "127.0.0.1".into(),
             port: 5433,
-            encrypted: false,
         };
         let config = replication_config(&dsn, &endpoint);
         assert_eq!(config.port, 5433);

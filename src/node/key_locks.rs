@@ -44,7 +44,7 @@ pub const APPLYING_SETTING: &str = "accord.applying";
 const INSERT_TRIGGER: &str = "zz_accord_key_lock_insert";
 const UPDATE_TRIGGER: &str = "zz_accord_key_lock_update";
 
-fn literal(text: &str) -> String {
+pub(super) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

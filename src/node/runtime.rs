@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    AppliedPosition, ApplyQueue, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
-    ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    AppliedPosition, ApplyError, ApplyQueue, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress,
+    Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tracing::Instrument;
 
-use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts, MissingPartition};
+use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts};
 use super::capture::{Capture, CaptureProgress};
 use super::init::load_policy;
 use super::key_locks;
@@ -412,6 +412,14 @@ where
     })
 }
 
+/// The engine's refusal of a batch whose row has no place here (`ApplyError::NoPlace`).
+fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
+    error
+        .chain()
+        .find_map(|e| e.downcast_ref::<ApplyError>())
+        .filter(|e| matches!(e, ApplyError::NoPlace { .. }))
+}
+
 /// What each peer's applier waits for, when it cannot go on until this node's users act.
 type ApplyWaits = Arc<Mutex<BTreeMap<NodeId, String>>>;
 
@@ -548,8 +556,7 @@ impl ApplyWorker {
                     }
                 }
                 Err(error)
-                    if MissingPartition::in_error(&error).is_some()
-                        && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
+                    if no_place(&error).is_some() && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
                 {
                     // One of its transactions lacks a partition here: apply them one at a time,
                     // so that what comes before that one is applied and only it, with what
@@ -560,10 +567,8 @@ impl ApplyWorker {
                     }
                     return Box::pin(self.apply_by_transaction(batch, more)).await;
                 }
-                Err(error) if MissingPartition::in_error(&error).is_some() => {
-                    let why = MissingPartition::in_error(&error)
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
+                Err(error) if no_place(&error).is_some() => {
+                    let why = no_place(&error).map(ToString::to_string).unwrap_or_default();
                     // Said when it starts and every minute after, not on every attempt.
                     if waiting_since.is_none_or(|since| since.elapsed() >= Duration::from_secs(60)) {
                         tracing::warn!(%peer, why, "a transaction from the peer waits for a partition on this node");

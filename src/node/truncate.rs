@@ -10,6 +10,7 @@ use accord_engine::{RowKey, TableDef, Value};
 use anyhow::{Context, Result};
 use tokio_postgres::GenericClient;
 
+use super::key_locks::literal;
 use super::rows::{quote_table, read_expr};
 
 pub const RECORD_TRIGGER: &str = "zz_accord_record_truncate";
@@ -65,7 +66,6 @@ $accord$;
 
 fn record_trigger_sql(table: &TableDef) -> String {
     let key: Vec<String> = table.key.iter().map(|k| read_expr(&k.name, &k.ty)).collect();
-    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
     format!(
         "CREATE OR REPLACE TRIGGER {RECORD_TRIGGER} BEFORE TRUNCATE ON {} FOR EACH STATEMENT
             EXECUTE FUNCTION accord.record_truncate({}, {})",

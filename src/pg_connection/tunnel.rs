@@ -31,8 +31,6 @@ const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 pub struct ReplicationEndpoint {
     pub host: String,
     pub port: u16,
-    /// Whether the stream goes through TLS.
-    pub encrypted: bool,
 }
 
 /// Opens the TLS connection now, when the connection string asks for it, so that a refused
@@ -47,7 +45,6 @@ pub async fn replication_endpoint(dsn: &Dsn) -> Result<ReplicationEndpoint> {
     let direct = ReplicationEndpoint {
         host: host.clone(),
         port,
-        encrypted: false,
     };
     // libpq does not use TLS over Unix sockets either.
     if dsn.tls.mode == SslMode::Disable || host.starts_with('/') {
@@ -100,9 +97,5 @@ pub async fn replication_endpoint(dsn: &Dsn) -> Result<ReplicationEndpoint> {
             tracing::debug!(%error, "the replication stream's TLS tunnel ended");
         }
     });
-    Ok(ReplicationEndpoint {
-        host: socket_dir,
-        port,
-        encrypted: true,
-    })
+    Ok(ReplicationEndpoint { host: socket_dir, port })
 }
