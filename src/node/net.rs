@@ -135,9 +135,16 @@ fn ordered(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 
 /// An in-process network for tests and the demo: every member is linked to every other, and a
 /// test can cut and heal links. Messages on a cut link are lost, as on a closed connection.
+///
+/// Like the QUIC transport, a member sees a link's events in order: `Up`, its messages, `Down`.
+/// `delivery` makes that hold: links come up and messages are routed one at a time, so a peer
+/// that hears of a new link first cannot send on it before the other end has heard of it too
+/// (the other end would drop that batch as from a peer not connected, and the sender, thinking
+/// it sent, would not send it again until the next reconnect).
 #[derive(Clone, Default)]
 pub struct MemoryHub {
     hub: Arc<Mutex<Hub>>,
+    delivery: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl MemoryHub {
@@ -152,6 +159,7 @@ impl MemoryHub {
 
     /// Adds `node`; its links to the other members come up.
     pub async fn join(&self, node: NodeId, hello: HelloSource) -> NetworkPort {
+        let delivery = self.delivery.lock().await;
         let (events_tx, events) = mpsc::channel(CHANNEL_CAPACITY);
         let (outbox, mut outbox_rx) = mpsc::channel::<Outgoing>(CHANNEL_CAPACITY);
         let ups = {
@@ -170,9 +178,13 @@ impl MemoryHub {
                 .collect::<Vec<_>>()
         };
         deliver(ups).await;
+        drop(delivery);
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(out) = outbox_rx.recv().await {
+                // Held across the send: nodes never wait on the hub, only on their own queues,
+                // so this cannot deadlock.
+                let _delivery = me.delivery.lock().await;
                 let target = me.lock().route(node, &out);
                 if let Some(target) = target {
                     let _ = target
@@ -189,6 +201,7 @@ impl MemoryHub {
 
     /// Removes `node` (it stopped or crashed); its peers see its links go down.
     pub async fn leave(&self, node: NodeId) {
+        let _delivery = self.delivery.lock().await;
         let downs = {
             let mut hub = self.lock();
             let others: Vec<NodeId> = hub.members.keys().copied().filter(|&n| hub.linked(node, n)).collect();
@@ -203,6 +216,7 @@ impl MemoryHub {
     }
 
     pub async fn cut(&self, a: NodeId, b: NodeId) {
+        let _delivery = self.delivery.lock().await;
         let downs = {
             let mut hub = self.lock();
             let was = hub.linked(a, b);
@@ -217,6 +231,7 @@ impl MemoryHub {
     }
 
     pub async fn heal(&self, a: NodeId, b: NodeId) {
+        let _delivery = self.delivery.lock().await;
         let ups = {
             let mut hub = self.lock();
             hub.cut.remove(&ordered(a, b));
@@ -234,5 +249,81 @@ async fn deliver(events: Vec<(mpsc::Sender<PeerEvent>, PeerEvent)>) {
     for (to, event) in events {
         // A member that is gone no longer needs to hear about its links.
         let _ = to.send(event).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accord_engine::Hlc;
+
+    fn hello_from(node: NodeId) -> HelloSource {
+        Arc::new(move |_peer| Hello {
+            version: 1,
+            cluster: "test".into(),
+            node,
+            fingerprint: String::new(),
+            hlc: Hlc::zero(node),
+            applied_yours: 0,
+        })
+    }
+
+    /// A node that answers a link coming up by sending at once: its peer must hear of the link
+    /// before it hears the message, every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_link_comes_up_at_both_ends_before_its_first_message() {
+        let (a, b) = (NodeId(1), NodeId(2));
+        let hub = MemoryHub::new();
+        let mut port_a = hub.join(a, hello_from(a)).await;
+        let mut port_b = hub.join(b, hello_from(b)).await;
+        let outbox_a = port_a.outbox.clone();
+        let echo = tokio::spawn(async move {
+            while let Some(event) = port_a.events.recv().await {
+                if let PeerEvent::Up { peer, link, .. } = event {
+                    let message = Message::Ack { applied: link };
+                    if outbox_a.send(Outgoing { peer, link, message }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // Busy threads beside the runtime's, so that the OS preempts the hub between the two
+        // ends of a link coming up: that is where a message used to slip in first.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinners: Vec<_> = (0..8)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let mut current = None;
+        for round in 0..3000 {
+            hub.cut(a, b).await;
+            hub.heal(a, b).await;
+            // Read until this round's echo: every Ack must be for a link B has seen come up.
+            loop {
+                match port_b.events.recv().await.expect("the hub lives") {
+                    PeerEvent::Up { link, .. } => current = Some(link),
+                    PeerEvent::Down { .. } => current = None,
+                    PeerEvent::Message {
+                        message: Message::Ack { applied },
+                        ..
+                    } => {
+                        assert_eq!(current, Some(applied), "round {round}: a message before its link's Up");
+                        break;
+                    }
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for spinner in spinners {
+            spinner.join().expect("a spinner only loops");
+        }
+        echo.abort();
     }
 }
