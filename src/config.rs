@@ -12,6 +12,8 @@ use accord_engine::{NodeId, ReplicationConfig};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::node::runtime::SpoolConfig;
+
 /// Environment variables that override the file, so secrets need not be written in it.
 pub const DSN_ENV: &str = "ACCORD_DSN";
 pub const REVIEW_TOKEN_ENV: &str = "ACCORD_REVIEW_TOKEN";
@@ -62,6 +64,13 @@ causal_wait_ms = 10000
 # synchronous_commit of apply transactions. Off, like PostgreSQL's own subscription workers: a
 # server crash may lose the last applied batches, which peers then resend.
 synchronous_commit = false
+# A peer's transaction is applied whole, in one local transaction. One larger than this (MB,
+# estimated as held in memory) is spooled to a file while it arrives, and applied from there
+# when complete, so memory stays bounded whatever its size.
+spool_mb = 32
+# Where spool files go (they are unlinked at creation: nothing stays behind after a crash).
+# Default: the system's temporary directory ($TMPDIR or /tmp).
+# spool_dir = "/var/lib/accord/spool"
 
 # Optional: Prometheus metrics at /metrics and the status at /status (JSON, read by
 # `accord status`). No secrets are served here; bind it to an address only operators reach.
@@ -129,6 +138,8 @@ struct ReplicationFile {
     tombstone_round_secs: u64,
     causal_wait_ms: u64,
     synchronous_commit: bool,
+    spool_mb: usize,
+    spool_dir: Option<PathBuf>,
 }
 
 impl Default for ReplicationFile {
@@ -141,6 +152,8 @@ impl Default for ReplicationFile {
             tombstone_round_secs: d.tombstone_round_micros / 1_000_000,
             causal_wait_ms: d.causal_wait_micros / 1000,
             synchronous_commit: false,
+            spool_mb: crate::node::runtime::DEFAULT_SPOOL_MB,
+            spool_dir: None,
         }
     }
 }
@@ -190,6 +203,7 @@ pub struct ServiceConfig {
     pub peers: Vec<PeerConfig>,
     pub replication: ReplicationConfig,
     pub synchronous_commit: bool,
+    pub spool: SpoolConfig,
     pub metrics: Option<SocketAddr>,
     pub review_page: Option<ReviewPageConfig>,
 }
@@ -207,6 +221,7 @@ impl std::fmt::Debug for ServiceConfig {
             .field("peers", &self.peers)
             .field("replication", &self.replication)
             .field("synchronous_commit", &self.synchronous_commit)
+            .field("spool", &self.spool)
             .field("metrics", &self.metrics)
             .field("review_page", &self.review_page.as_ref().map(|r| r.listen))
             .finish()
@@ -332,6 +347,24 @@ impl ServiceConfig {
                 "must be at most 86400000 (a day)".into(),
             ));
         }
+        if r.spool_mb == 0 || r.spool_mb > 1 << 20 {
+            return Err(invalid(
+                "replication.spool_mb",
+                "must be between 1 and 1048576 (a TB)".into(),
+            ));
+        }
+        if let Some(dir) = &r.spool_dir {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "replication.spool_dir",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        let spool = SpoolConfig {
+            bound_bytes: r.spool_mb << 20,
+            dir: r.spool_dir.clone(),
+        };
         let replication = ReplicationConfig {
             max_batch: r.max_batch,
             window: r.window,
@@ -374,6 +407,7 @@ impl ServiceConfig {
             peers,
             replication,
             synchronous_commit: r.synchronous_commit,
+            spool,
             metrics,
             review_page,
         })

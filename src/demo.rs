@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 
 use crate::node::quic::quic_port;
 use crate::node::review::ReviewEntry;
-use crate::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
+use crate::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus, SpoolConfig};
 use crate::node::{ids, init, review};
 use crate::scratch_pg::PgCluster;
 
@@ -724,6 +724,7 @@ impl Demo {
             peers: peers.iter().map(|p| p.node).collect(),
             replication: ReplicationConfig::default(),
             synchronous_commit: false,
+            spool: SpoolConfig::default(),
         };
         let handle = start(config, move |identity, hello| async move {
             let mut endpoint = EndpointConfig::new(identity, listen, peers, tls);

@@ -62,6 +62,7 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
         peers: config.peers.iter().map(|p| p.id).collect(),
         replication: config.replication,
         synchronous_commit: config.synchronous_commit,
+        spool: config.spool.clone(),
     };
     let listen = config.listen;
     let handle = runtime::start(node_config, move |identity, hello| async move {

@@ -65,7 +65,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
     captured.inc_by(status.captured);
     registry.register("captured", "Local changes captured since the node started", captured);
 
-    let peer_gauges: [PeerFigure<f64>; 10] = [
+    let peer_gauges: [PeerFigure<f64>; 12] = [
         ("peer_connected", "1 when the peer is connected", |p| {
             f64::from(u8::from(p.connected))
         }),
@@ -88,6 +88,16 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_incomplete_transaction_changes",
             "The peer's changes held here until the rest of their transaction arrives",
             |p| p.incomplete_transaction_changes as f64,
+        ),
+        (
+            "peer_in_flight_transaction_bytes",
+            "Estimated size of the peer's transaction still arriving (in memory and spooled)",
+            |p| p.in_flight_bytes as f64,
+        ),
+        (
+            "peer_in_flight_spooled_bytes",
+            "Of the peer's transaction still arriving, the part spooled to disk (estimated as in memory)",
+            |p| p.in_flight_spooled_bytes as f64,
         ),
         (
             "peer_inbound_lag_seconds",
@@ -124,7 +134,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
         }
         registry.register(name, help, family);
     }
-    let peer_counters: [PeerFigure<u64>; 5] = [
+    let peer_counters: [PeerFigure<u64>; 7] = [
         (
             "peer_applied",
             "Changes applied from the peer since the node started",
@@ -149,6 +159,16 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "apply_deadlocks",
             "Applies of the peer's changes rolled back as a deadlock's victim and tried again",
             |p| p.apply_deadlocks,
+        ),
+        (
+            "peer_spooled_transactions",
+            "The peer's transactions larger than replication.spool_mb, spooled to disk while they arrived",
+            |p| p.spooled_transactions,
+        ),
+        (
+            "peer_spooled_bytes",
+            "Estimated size (as in memory) of what was spooled of the peer's transactions",
+            |p| p.spooled_bytes,
         ),
     ];
     for (name, help, read) in peer_counters {
@@ -252,10 +272,23 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
             );
         }
         if p.incomplete_transaction_changes > 0 {
+            let spooled = match p.in_flight_spooled_bytes {
+                0 => String::new(),
+                n => format!(", {} spooled to disk", megabytes(n)),
+            };
             let _ = writeln!(
                 out,
-                "  held:         {} changes of a transaction still arriving (applied whole)",
-                p.incomplete_transaction_changes
+                "  held:         {} changes of a transaction still arriving (applied whole; {}{spooled})",
+                p.incomplete_transaction_changes,
+                megabytes(p.in_flight_bytes)
+            );
+        }
+        if p.spooled_transactions > 0 {
+            let _ = writeln!(
+                out,
+                "  spooled:      {} large transactions ({}) since start",
+                p.spooled_transactions,
+                megabytes(p.spooled_bytes)
             );
         }
         let kinds = conflict_kinds(p)
@@ -273,6 +306,10 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
         }
     }
     out
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn seconds(s: f64) -> String {
@@ -339,6 +376,10 @@ mod tests {
             applied_per_sec: 120.0,
             parked: 1,
             incomplete_transaction_changes: 300,
+            in_flight_bytes: 3 << 20,
+            in_flight_spooled_bytes: 2 << 20,
+            spooled_transactions: 4,
+            spooled_bytes: 40 << 20,
             waiting_for: Some((NodeId(3), 41)),
             causal_waivers: 2,
             apply_deadlocks: 3,
@@ -372,6 +413,10 @@ mod tests {
             "accord_peer_apply_waiting{peer=\"2\"} 1.0",
             "accord_peer_apply_waiting{peer=\"3\"} 0.0",
             "accord_apply_deadlocks_total{peer=\"2\"} 3",
+            "accord_peer_in_flight_transaction_bytes{peer=\"2\"} 3145728.0",
+            "accord_peer_in_flight_spooled_bytes{peer=\"2\"} 2097152.0",
+            "accord_peer_spooled_transactions_total{peer=\"2\"} 4",
+            "accord_peer_spooled_bytes_total{peer=\"2\"} 41943040",
             "accord_conflicts_total{peer=\"2\",kind=\"concurrent_update\"} 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
@@ -391,7 +436,13 @@ mod tests {
         );
         assert!(text.contains("concurrent_update 4"), "{text}");
         assert!(
-            text.contains("held:         300 changes of a transaction still arriving"),
+            text.contains(
+                "held:         300 changes of a transaction still arriving (applied whole; 3.0 MB, 2.0 MB spooled to disk)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("spooled:      4 large transactions (40.0 MB) since start"),
             "{text}"
         );
         assert!(!text.contains("peer 3: NOT CONNECTED since start\n  held"), "{text}");

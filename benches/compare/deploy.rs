@@ -258,6 +258,7 @@ impl Deployment {
             peers: (0..n).filter(|&j| j != i).map(node_id).collect(),
             replication: ReplicationConfig::default(),
             synchronous_commit: self.sync_on,
+            spool: Default::default(),
         };
         let net = self
             .accord

@@ -145,6 +145,30 @@ impl Records {
     }
 }
 
+/// Where a batch stands in a source transaction applied in segments within one local
+/// transaction: a transaction larger than the receiver's spool bound (`Handout::Spool`), whose
+/// segments do not all fit in memory at once.
+#[derive(Debug, Clone, Default)]
+pub struct Segment {
+    /// The first segment opens the local transaction; the others continue it.
+    pub first: bool,
+    /// The last segment commits it.
+    pub last: bool,
+    /// The position the local transaction commits with: the source transaction's last change.
+    pub commit_at: u64,
+    /// What the segments before this one merged.
+    pub carried: Carried,
+    /// How many times the transaction started over so far (for the pause before the next).
+    pub restarts: u32,
+}
+
+/// What earlier segments of one local transaction merged, for its commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub greatest: Option<Hlc>,
+    pub builds_on: BTreeMap<NodeId, u64>,
+}
+
 /// What the driver must do next.
 #[derive(Debug)]
 pub enum ApplyCommand {
@@ -179,6 +203,11 @@ pub enum ApplyCommand {
     /// `probe`, write a probe and wait until the capture has read past it, else pause
     /// `pause_micros`; answer [`ApplyInput::Restarted`].
     Restart { probe: bool, pause_micros: u64 },
+    /// A segment after the first must start over: do as for `Restart`, then apply the whole
+    /// source transaction again from its first segment (the machine is done). The segments before
+    /// this one were rolled back with it, and their row locks released, so their guard must run
+    /// again.
+    StartOver { probe: bool, pause_micros: u64 },
     /// Write these rows under a savepoint; answer [`ApplyInput::Written`] with the new xmin of
     /// each inserted or updated row (in this order; `None` for a delete), or, after rolling back
     /// to the savepoint, with the database's refusal ([`WriteRefusal`]).
@@ -198,7 +227,8 @@ pub enum ApplyCommand {
         merged_stamp: Option<Hlc>,
         builds_on: Vec<(NodeId, u64)>,
     },
-    /// The batch is applied up to `applied`.
+    /// The batch is applied up to `applied`; for a segment but the last, uncommitted, and its
+    /// local transaction goes on with the next segment.
     Done { applied: u64, summary: ApplySummary },
 }
 
@@ -521,6 +551,7 @@ pub struct BatchApply {
     attempt: ApplySummary,
     greatest: Option<Hlc>,
     work: Vec<Work>,
+    segment: Option<Segment>,
 }
 
 impl BatchApply {
@@ -590,7 +621,34 @@ impl BatchApply {
             attempt: ApplySummary::default(),
             greatest: None,
             work,
+            segment: None,
         })
+    }
+
+    /// Applies the batch as `segment` of a larger source transaction.
+    pub fn in_segment(mut self, segment: Segment) -> Self {
+        self.segment = Some(segment);
+        self
+    }
+
+    /// What this batch and the segments before it merged, for the next segment.
+    pub fn carried(&self) -> Carried {
+        let mut carried = self.segment.as_ref().map(|s| s.carried.clone()).unwrap_or_default();
+        carried.greatest = carried.greatest.max(self.greatest);
+        for &(node, through) in self.changes.iter().flat_map(|c| &c.builds_on) {
+            let entry = carried.builds_on.entry(node).or_insert(0);
+            *entry = (*entry).max(through);
+        }
+        carried
+    }
+
+    /// The position to open the transaction with: none when a segment before opened it.
+    fn begin_position(&self) -> Option<u64> {
+        match &self.segment {
+            None => Some(self.last),
+            Some(segment) if segment.first => Some(segment.commit_at),
+            Some(_) => None,
+        }
     }
 
     pub fn peer(&self) -> NodeId {
@@ -715,17 +773,17 @@ impl BatchApply {
             let guard = self.first_part;
             self.first_part = false;
             let slots = self.part_slots(part);
-            return self.load(part, slots, guard.then_some(self.last), guard);
+            let begin = if guard { self.begin_position() } else { None };
+            return self.load(part, slots, begin, guard);
+        }
+        if self.segment.as_ref().is_some_and(|s| !s.last) {
+            let mut summary = self.attempt;
+            summary.waits += self.waits;
+            return self.done(summary);
         }
         self.phase = Phase::Committing;
-        let merged_stamp = self
-            .greatest
-            .filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
-        let mut builds_on: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for &(node, through) in self.changes.iter().flat_map(|c| &c.builds_on) {
-            let entry = builds_on.entry(node).or_insert(0);
-            *entry = (*entry).max(through);
-        }
+        let Carried { greatest, builds_on } = self.carried();
+        let merged_stamp = greatest.filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
         ApplyCommand::Commit {
             merged_stamp,
             builds_on: builds_on.into_iter().collect(),
@@ -743,6 +801,15 @@ impl BatchApply {
 
     /// Rolls the attempt back; the next starts over, after a probe or a pause.
     fn restart(&mut self, probe: bool) -> ApplyCommand {
+        if let Some(segment) = self.segment.as_ref().filter(|s| !s.first) {
+            self.phase = Phase::Done;
+            let (least, most) = self.rules.backoff_micros;
+            let pause_micros = match probe {
+                true => 0,
+                false => least.saturating_mul(1 << segment.restarts.min(16)).min(most),
+            };
+            return ApplyCommand::StartOver { probe, pause_micros };
+        }
         self.phase = Phase::Restarting;
         self.waits += self.attempt.waits + 1;
         // The restart's probe settles the rows' versions, but the next attempt's missing rows

@@ -12,6 +12,13 @@
 //! transaction (one row of a transfer, through the relayed state) before the transaction itself
 //! arrives. While the node it waits for is not connected, it waits at most
 //! `ReplicationConfig::causal_wait_micros`, so that the nodes that are up keep replicating.
+//!
+//! Memory stays bounded for a transaction of any size: while the first transaction is still
+//! arriving and what is queued of it exceeds the spool bound, its changes are handed out as
+//! [`Handout::Spool`] for the applier to keep on disk, and its end comes later as the next
+//! [`Handout::Batch`], alone; the applier then applies the spooled part and the end in one local
+//! transaction. All queued changes belong to the first transaction while it is incomplete
+//! (changes arrive in sequence order), so the spool is always a prefix of one transaction.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -23,9 +30,46 @@ use crate::replication::{Dependency, Replication};
 /// Most changes a batch takes when it joins several transactions.
 pub const MAX_APPLY_BATCH: usize = 2_000;
 
+/// What the queue hands the applier, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handout {
+    /// Whole transactions, to apply now; or the end of the transaction whose beginning came as
+    /// `Spool`, to apply together with it.
+    Batch(Vec<RowChange>),
+    /// The beginning of a transaction larger than the spool bound, still arriving: keep it until
+    /// its end arrives as the next `Batch`.
+    Spool(Vec<RowChange>),
+}
+
+/// The transaction being spooled.
+#[derive(Debug, Clone)]
+struct Spooling {
+    /// Its first change: what it builds on decides when it may be applied.
+    first: RowChange,
+    changes: u64,
+    bytes: u64,
+}
+
+/// The size of the transaction still arriving at the front of the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub changes: u64,
+    /// Estimated ([`RowChange::approx_bytes`]).
+    pub bytes: u64,
+    /// Of which handed out to be spooled.
+    pub spooled_bytes: u64,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct ApplyQueue {
     changes: VecDeque<RowChange>,
+    /// Estimated memory of `changes`.
+    bytes: usize,
+    /// The changes after the last complete transaction, and their estimated memory.
+    tail: (usize, usize),
+    /// Spool the first transaction while it arrives once more than this is queued of it.
+    spool_bound: Option<usize>,
+    spooling: Option<Spooling>,
     /// The greatest sequence number queued so far: a change at or below it arrived again (a
     /// resend after a reconnect) and is dropped, or it would be applied twice in one batch.
     last: u64,
@@ -56,22 +100,103 @@ impl ApplyQueue {
         self.planted = bug;
     }
 
+    /// Spools a transaction still arriving once more than `bytes` of it is queued (estimated by
+    /// [`RowChange::approx_bytes`]); `None`: never (then use `next_batch`).
+    pub fn set_spool_bound(&mut self, bytes: Option<usize>) {
+        self.spool_bound = bytes;
+    }
+
     /// Queues received changes, in sequence order.
     pub fn push(&mut self, changes: impl IntoIterator<Item = RowChange>) {
         for change in changes {
             if change.seq > self.last {
                 self.last = change.seq;
+                let bytes = change.approx_bytes();
+                self.bytes += bytes;
+                self.tail = match change.ends_transaction() {
+                    true => (0, 0),
+                    false => (self.tail.0 + 1, self.tail.1 + bytes),
+                };
                 self.changes.push_back(change);
             }
         }
     }
 
     /// Puts a batch handed out back at the front, to be handed out again (its apply will start
-    /// over).
+    /// over). Not for the end of a spooled transaction: reserve room for a handout before taking
+    /// it instead.
     pub fn push_front(&mut self, batch: Vec<RowChange>) {
         for change in batch.into_iter().rev() {
             self.last = self.last.max(change.seq);
+            self.bytes += change.approx_bytes();
             self.changes.push_front(change);
+        }
+    }
+
+    fn drain_front(&mut self, end: usize) -> Vec<RowChange> {
+        let batch: Vec<RowChange> = self.changes.drain(..end).collect();
+        let bytes: usize = batch.iter().map(RowChange::approx_bytes).sum();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        if self.tail.0 > self.changes.len() {
+            // The drain reached into the incomplete transaction (a spool takes all of it).
+            let tail = self.changes.iter();
+            self.tail = (tail.len(), tail.map(RowChange::approx_bytes).sum());
+        }
+        batch
+    }
+
+    /// Whether the first transaction is still arriving and more of it is queued than the bound.
+    fn must_spool(&self) -> bool {
+        self.spool_bound.is_some_and(|bound| self.bytes > bound) && self.tail.0 == self.changes.len()
+    }
+
+    /// The next handout: a part of a large transaction to spool, the end of a spooled one (once
+    /// what it builds on is applied here), or whole transactions as [`ApplyQueue::next_batch`].
+    pub fn next_handout(&mut self, max: usize, replication: &Replication, now: u64) -> Option<Handout> {
+        if self.must_spool() {
+            let changes = self.drain_front(self.changes.len());
+            let spooling = self.spooling.get_or_insert_with(|| Spooling {
+                first: changes[0].clone(),
+                changes: 0,
+                bytes: 0,
+            });
+            spooling.changes += changes.len() as u64;
+            spooling.bytes += changes.iter().map(|c| c.approx_bytes() as u64).sum::<u64>();
+            return Some(Handout::Spool(changes));
+        }
+        let Some(spooling) = &self.spooling else {
+            return self.next_batch(max, replication, now).map(Handout::Batch);
+        };
+        self.held = None;
+        let end = self.changes.iter().position(RowChange::ends_transaction)?;
+        match gate(&mut self.waiting_since, self.planted, &spooling.first, replication, now) {
+            Gate::Pass => {}
+            Gate::Waive(dependencies) => self.waived.extend(dependencies),
+            Gate::Hold(dependency) => {
+                self.held = Some(dependency);
+                return None;
+            }
+        }
+        self.spooling = None;
+        Some(Handout::Batch(self.drain_front(end + 1)))
+    }
+
+    /// The transaction still arriving, if any: how much of it is here or spooled.
+    pub fn in_flight(&self) -> Option<InFlight> {
+        let (changes, bytes) = (self.tail.0 as u64, self.tail.1 as u64);
+        match &self.spooling {
+            // Until its end arrives, everything queued belongs to the spooled transaction.
+            Some(s) if self.tail.0 == self.changes.len() => Some(InFlight {
+                changes: s.changes + changes,
+                bytes: s.bytes + bytes,
+                spooled_bytes: s.bytes,
+            }),
+            _ if changes > 0 => Some(InFlight {
+                changes,
+                bytes,
+                spooled_bytes: 0,
+            }),
+            _ => None,
         }
     }
 
@@ -82,7 +207,7 @@ impl ApplyQueue {
     pub fn next_batch(&mut self, max: usize, replication: &Replication, now: u64) -> Option<Vec<RowChange>> {
         if self.planted == Some(PlantedBug::SplitTransactions) {
             let n = self.changes.len().min(max);
-            return (n > 0).then(|| self.changes.drain(..n).collect());
+            return (n > 0).then(|| self.drain_front(n));
         }
         self.held = None;
         let mut end = 0;
@@ -107,12 +232,13 @@ impl ApplyQueue {
             end = i;
         }
         self.waived.extend(waived);
-        (end > 0).then(|| self.changes.drain(..end).collect())
+        (end > 0).then(|| self.drain_front(end))
     }
 
-    /// Whether a complete transaction is queued that did not wait at the last `next_batch`.
+    /// Whether a complete transaction is queued that did not wait at the last `next_batch`, or
+    /// a part of one to spool.
     pub fn has_batch(&self) -> bool {
-        self.held.is_none() && self.has_complete()
+        (self.held.is_none() && self.has_complete()) || self.must_spool()
     }
 
     /// Whether a complete transaction is queued (it may still wait for what it builds on).
@@ -141,12 +267,7 @@ impl ApplyQueue {
 
     /// The changes after the last complete transaction: held until the rest arrives.
     pub fn incomplete(&self) -> usize {
-        let complete = self
-            .changes
-            .iter()
-            .rposition(RowChange::ends_transaction)
-            .map_or(0, |i| i + 1);
-        self.changes.len() - complete
+        self.tail.0
     }
 
     pub fn len(&self) -> usize {
@@ -160,6 +281,9 @@ impl ApplyQueue {
     /// Forgets everything queued (the receiving side starts over from the applied position).
     pub fn clear(&mut self) {
         self.changes.clear();
+        self.bytes = 0;
+        self.tail = (0, 0);
+        self.spooling = None;
         self.last = 0;
         self.held = None;
     }
@@ -374,5 +498,51 @@ mod tests {
         r.disconnected(NodeId(3));
         assert!(q.next_batch(10, &r, 1_400).is_none(), "the wait starts over");
         assert_eq!(seqs(&q.next_batch(10, &r, 2_400).unwrap()), [6]);
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_bound_is_spooled_and_its_end_comes_alone() {
+        let r = cluster();
+        let mut q = ApplyQueue::new();
+        let one = tx(1..=1)[0].approx_bytes();
+        q.set_spool_bound(Some(3 * one));
+        q.push(tx(1..=1));
+        let big = tx(2..=11);
+        q.push(big[..3].to_vec());
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(tx(1..=1))));
+        assert_eq!(q.next_handout(100, &r, 0), None, "3 changes are within the bound");
+        assert_eq!(q.in_flight().map(|f| f.changes), Some(3));
+        q.push(big[3..5].to_vec());
+        assert!(q.has_batch(), "a part to spool is something to hand out");
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Spool(big[..5].to_vec())));
+        assert_eq!(
+            q.in_flight().map(|f| (f.changes, f.spooled_bytes)),
+            Some((5, 5 * one as u64))
+        );
+        q.push(big[5..].to_vec());
+        q.push(tx(12..=12));
+        // The end is within the bound now that the rest is complete: handed out alone.
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(big[5..].to_vec())));
+        assert_eq!(q.in_flight(), None);
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(tx(12..=12))));
+        assert!(q.is_empty() && q.bytes == 0);
+    }
+
+    #[test]
+    fn the_end_of_a_spooled_transaction_waits_for_what_it_builds_on() {
+        let mut r = cluster();
+        let mut q = ApplyQueue::new();
+        q.set_spool_bound(Some(1));
+        let mut t = tx(1..=3);
+        for c in &mut t {
+            c.builds_on = vec![(NodeId(3), 5)];
+        }
+        q.push(t[..2].to_vec());
+        assert!(matches!(q.next_handout(100, &r, 0), Some(Handout::Spool(s)) if s.len() == 2));
+        q.push(t[2..].to_vec());
+        assert_eq!(q.next_handout(100, &r, 0), None);
+        assert_eq!(q.held().map(|d| d.node), Some(NodeId(3)));
+        r.applied(NodeId(3), 5).unwrap();
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(t[2..].to_vec())));
     }
 }

@@ -22,10 +22,10 @@ pub mod value;
 
 pub use acknowledge::AppliedPosition;
 pub use apply::{
-    fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, ConflictCounts, LoadedRow,
-    PlannedWrite, PlantedBug, Records, RowWrite, Verdict, WriteRefusal, Xid,
+    fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
+    LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Verdict, WriteRefusal, Xid,
 };
-pub use apply_queue::{ApplyQueue, MAX_APPLY_BATCH};
+pub use apply_queue::{ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};
 pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, Truncate};
 pub use capturer::{CaptureCheckpoint, Capturer};

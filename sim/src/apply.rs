@@ -283,6 +283,11 @@ impl Applying {
                     }
                     return Ok(Stop::Waiting);
                 }
+                ApplyCommand::StartOver { .. } => {
+                    return Err(DriverError(
+                        "apply driver: StartOver of a batch that is not a segment".into(),
+                    ))
+                }
                 ApplyCommand::Write(planned) => {
                     if let Some(holder) = self.insert_blocked(others, &planned)? {
                         return Ok(self.block(ApplyCommand::Write(planned), holder));

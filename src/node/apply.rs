@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, PlannedWrite, Records, RowChange, RowWrite,
-    StableCut, TableDef, Value, WriteRefusal, Xid,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, Carried, LoadedRow, NodeId, PlannedWrite, Records, RowChange,
+    RowWrite, Segment, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -29,6 +29,7 @@ use super::pipeline::{self, Params, Statements};
 use super::rows::{
     delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table, update_rows_sql, xmins_sql,
 };
+use super::spool::Spool;
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
 
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
@@ -54,6 +55,14 @@ pub struct Applier {
     keys_locked: bool,
     /// Tables partitioned on this node (`schema.table`), whose inserts cannot return xmins.
     partitioned: BTreeSet<String>,
+}
+
+/// How a machine's run ended.
+enum Run {
+    /// Committed; or, for a segment but the last, applied in the open transaction.
+    Done { applied: u64, summary: ApplySummary },
+    /// A segment rolled the transaction back: apply it again from the first segment.
+    StartOver,
 }
 
 /// A slot's key as text (accord's tables) and as parameters (the user's table).
@@ -192,15 +201,90 @@ impl Applier {
             self.abandon_attempt().await?;
         }
         let fresh: Vec<RowChange> = changes.iter().filter(|c| c.seq > self.applied).cloned().collect();
+        let mut machine = self.machine(self.applied, fresh)?;
+        match self.run(&mut machine).await? {
+            Run::Done { applied, summary } => {
+                self.applied = applied;
+                Ok((applied, summary))
+            }
+            Run::StartOver => bail!("the engine started over a batch that is not a segment"),
+        }
+    }
+
+    /// Applies a source transaction whose beginning is in `spool` and whose end is `tail`, in
+    /// one local transaction, a segment at a time: memory holds one spooled chunk and one
+    /// segment's machine, whatever the transaction's size. Returns the new applied position.
+    pub async fn apply_spooled(&mut self, spool: &mut Spool, tail: &[RowChange]) -> Result<(u64, ApplySummary)> {
+        if self.keys_locked {
+            self.abandon_attempt().await?;
+        }
+        let commit_at = tail.last().context("a spooled transaction without its end")?.seq;
+        let mut restarts = 0;
+        'attempt: loop {
+            let mut reader = spool.read().await?;
+            let mut segment = Segment {
+                first: true,
+                last: false,
+                commit_at,
+                carried: Carried::default(),
+                restarts,
+            };
+            let mut applied = self.applied;
+            let mut summary = ApplySummary::default();
+            let mut chunk: Vec<RowChange> = Vec::new();
+            let mut in_tail = false;
+            loop {
+                if chunk.is_empty() {
+                    match reader.next().await? {
+                        Some(next) => chunk = next,
+                        None if !in_tail => {
+                            chunk = tail.to_vec();
+                            in_tail = true;
+                        }
+                        None => break,
+                    }
+                    continue;
+                }
+                let rest = chunk.split_off(chunk.len().min(MAX_APPLY_BATCH));
+                let changes = std::mem::replace(&mut chunk, rest);
+                segment.last = in_tail && chunk.is_empty();
+                let mut machine = self.machine(applied, changes)?.in_segment(segment.clone());
+                match self.run(&mut machine).await? {
+                    Run::Done {
+                        applied: upto,
+                        summary: part,
+                    } => {
+                        applied = upto;
+                        summary.add(&part);
+                        segment.first = false;
+                        segment.carried = machine.carried();
+                    }
+                    Run::StartOver => {
+                        restarts += 1;
+                        tracing::debug!(restarts, "a spooled transaction starts over");
+                        continue 'attempt;
+                    }
+                }
+            }
+            self.applied = applied;
+            return Ok((applied, summary));
+        }
+    }
+
+    fn machine(&self, applied: u64, changes: Vec<RowChange>) -> Result<BatchApply> {
         let cut = self.cut.borrow().clone();
-        let mut machine = BatchApply::new(
+        Ok(BatchApply::new(
             self.peer,
-            self.applied,
-            fresh,
+            applied,
+            changes,
             Arc::clone(&self.tables),
             cut,
             ApplyRules::default(),
-        )?;
+        )?)
+    }
+
+    /// Carries out the machine's commands until it is done.
+    async fn run(&mut self, machine: &mut BatchApply) -> Result<Run> {
         let started = tokio::time::Instant::now();
         let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut keys: BTreeMap<usize, SlotKey> = BTreeMap::new();
@@ -214,10 +298,10 @@ impl Applier {
                             entry.insert((key_text(key), key_texts(table, key)?));
                         }
                     }
-                    ApplyInput::Loaded(self.load(&machine, &keys, begin, guard, &slots).await?)
+                    ApplyInput::Loaded(self.load(machine, &keys, begin, guard, &slots).await?)
                 }
                 ApplyCommand::ProbeAndWait { missing } => {
-                    if !self.lock_keys(&machine, &keys, &missing).await? {
+                    if !self.lock_keys(machine, &keys, &missing).await? {
                         ApplyInput::KeysBusy { now: now() }
                     } else {
                         let lsn = probe(&self.db).await?;
@@ -230,26 +314,17 @@ impl Applier {
                         ApplyInput::CaptureReached { now: now() }
                     }
                 }
-                ApplyCommand::Restart {
-                    probe: with_probe,
-                    pause_micros,
-                } => {
-                    // The probe comes after every row was read: whatever version was seen is
-                    // committed before it.
-                    let lsn = match with_probe {
-                        true => Some(probe(&self.db).await?),
-                        false => None,
-                    };
-                    self.abandon_attempt().await?;
-                    match lsn {
-                        Some(lsn) => wait_for_capture(&self.flusher, &mut self.capture, lsn).await?,
-                        None => tokio::time::sleep(Duration::from_micros(pause_micros)).await,
-                    }
+                ApplyCommand::Restart { probe, pause_micros } => {
+                    self.roll_back_for_restart(probe, pause_micros).await?;
                     ApplyInput::Restarted { now: now() }
                 }
-                ApplyCommand::Write(planned) => ApplyInput::Written(self.write(&machine, &keys, &planned).await?),
+                ApplyCommand::StartOver { probe, pause_micros } => {
+                    self.roll_back_for_restart(probe, pause_micros).await?;
+                    return Ok(Run::StartOver);
+                }
+                ApplyCommand::Write(planned) => ApplyInput::Written(self.write(machine, &keys, &planned).await?),
                 ApplyCommand::Record(records) => {
-                    self.record(&machine, &keys, records).await?;
+                    self.record(machine, &keys, records).await?;
                     ApplyInput::Recorded
                 }
                 ApplyCommand::Commit {
@@ -279,10 +354,27 @@ impl Applier {
                         millis = started.elapsed().as_millis() as u64,
                         "batch applied"
                     );
-                    self.applied = applied;
-                    return Ok((applied, summary));
+                    return Ok(Run::Done { applied, summary });
                 }
             };
+        }
+    }
+
+    /// Rolls the attempt back for the engine's `Restart` or `StartOver`.
+    async fn roll_back_for_restart(&mut self, with_probe: bool, pause_micros: u64) -> Result<()> {
+        // The probe comes after every row was read: whatever version was seen is committed
+        // before it.
+        let lsn = match with_probe {
+            true => Some(probe(&self.db).await?),
+            false => None,
+        };
+        self.abandon_attempt().await?;
+        match lsn {
+            Some(lsn) => wait_for_capture(&self.flusher, &mut self.capture, lsn).await,
+            None => {
+                tokio::time::sleep(Duration::from_micros(pause_micros)).await;
+                Ok(())
+            }
         }
     }
 

@@ -12,5 +12,6 @@ pub mod quic;
 pub mod review;
 pub mod rows;
 pub mod runtime;
+pub mod spool;
 pub mod store;
 pub mod truncate;

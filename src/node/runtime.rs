@@ -3,12 +3,13 @@
 //! loop carries out with PostgreSQL and the network.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    AppliedPosition, ApplyError, ApplyQueue, Collector, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress,
-    Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    AppliedPosition, ApplyError, ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Message, NodeId,
+    PeerProgress, Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use super::capture::{Capture, CaptureProgress};
 use super::init::load_policy;
 use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
+use super::spool::Spool;
 use super::store::{self, decode, StoreError};
 use super::truncate;
 use crate::pg_connection::connect;
@@ -37,7 +39,30 @@ pub struct NodeConfig {
     /// workers: a crash of the server may lose the last applied batches, which are then resent,
     /// since the applied position is in the same transaction.
     pub synchronous_commit: bool,
+    /// Where a peer's transaction too large for memory waits until it is complete.
+    pub spool: SpoolConfig,
 }
+
+/// Spooling of large source transactions on the receiver (`engine::Handout::Spool`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// Spool a transaction still arriving once more than this of it is in memory (estimated).
+    pub bound_bytes: usize,
+    /// The directory of the spool files (the system's temporary directory when `None`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            bound_bytes: DEFAULT_SPOOL_MB << 20,
+            dir: None,
+        }
+    }
+}
+
+/// `replication.spool_mb`'s default.
+pub const DEFAULT_SPOOL_MB: usize = 32;
 
 /// One peer as this node sees it. Times are wall-clock microseconds since the Unix epoch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -91,6 +116,20 @@ pub struct PeerStatus {
     /// no partition here to go to), with what to do.
     #[serde(default)]
     pub apply_waiting: Option<String>,
+    /// The peer's transactions larger than `replication.spool_mb` that were spooled to disk here
+    /// while they arrived (since this node started).
+    #[serde(default)]
+    pub spooled_transactions: u64,
+    /// The size of what was spooled, estimated as in memory (since this node started).
+    #[serde(default)]
+    pub spooled_bytes: u64,
+    /// The peer's transaction still arriving here, estimated size in memory (spooled part
+    /// included); 0 when none.
+    #[serde(default)]
+    pub in_flight_bytes: u64,
+    /// Of which spooled to disk.
+    #[serde(default)]
+    pub in_flight_spooled_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -310,7 +349,7 @@ where
                 acked: acked as u64,
             },
         ));
-        let (queue, batches) = mpsc::channel::<Vec<RowChange>>(8);
+        let (queue, batches) = mpsc::channel::<Handout>(8);
         apply_queues.insert(peer, queue);
         let span = tracing::info_span!("peer", node = %node, peer = %peer);
         workers.push(tokio::spawn(
@@ -320,6 +359,7 @@ where
                 batches,
                 applied_tx.clone(),
                 apply_waits.clone(),
+                config.spool.clone(),
             )
             .instrument(span),
         ));
@@ -373,6 +413,7 @@ where
         identity,
         port,
         apply_queues,
+        spool_bound: config.spool.bound_bytes,
         applied_positions,
         status: status_tx,
         stats: BTreeMap::new(),
@@ -432,14 +473,18 @@ struct ApplyWorker {
     started: Instant,
     done: mpsc::Sender<Applied>,
     waits: ApplyWaits,
+    spool_dir: Option<PathBuf>,
+    /// The beginning of a transaction still arriving (`Handout::Spool`), created at the first.
+    spool: Option<Spool>,
 }
 
 async fn apply_worker(
     applier: Applier,
     dsn: String,
-    mut batches: mpsc::Receiver<Vec<RowChange>>,
+    mut handouts: mpsc::Receiver<Handout>,
     done: mpsc::Sender<Applied>,
     waits: ApplyWaits,
+    spool: SpoolConfig,
 ) {
     let mut worker = ApplyWorker {
         position: AppliedPosition::new(applier.applied(), None),
@@ -448,20 +493,49 @@ async fn apply_worker(
         started: Instant::now(),
         done,
         waits,
+        spool_dir: spool.dir,
+        spool: None,
     };
-    while let Some(mut batch) = batches.recv().await {
+    let mut next: Option<Handout> = None;
+    loop {
+        let handout = match next.take() {
+            Some(handout) => handout,
+            None => match handouts.recv().await {
+                Some(handout) => handout,
+                None => return,
+            },
+        };
+        let mut batch = match handout {
+            Handout::Spool(changes) => {
+                if !worker.spool(&changes).await {
+                    return;
+                }
+                continue;
+            }
+            Handout::Batch(batch) if worker.spool.as_ref().is_some_and(|s| !s.is_empty()) => {
+                if !worker.apply_spooled(&batch, !handouts.is_empty()).await {
+                    return;
+                }
+                continue;
+            }
+            Handout::Batch(batch) => batch,
+        };
         // What queued up behind it goes into the same transaction: a node that fell behind
         // catches up in large batches, paying the per-batch costs (a commit, a wait for the
         // capture) once per batch rather than once per small message.
-        while let Ok(next) = batches.try_recv() {
-            if let Err(next) = join_batches(&mut batch, next) {
+        while let Ok(following) = handouts.try_recv() {
+            let Handout::Batch(following) = following else {
+                next = Some(following);
+                break;
+            };
+            if let Err(following) = join_batches(&mut batch, following) {
                 if !worker.apply_batch(&batch, true).await {
                     return;
                 }
-                batch = next;
+                batch = following;
             }
         }
-        let more = !batches.is_empty();
+        let more = next.is_some() || !handouts.is_empty();
         if !worker.apply_batch(&batch, more).await {
             return;
         }
@@ -484,6 +558,61 @@ fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result
 }
 
 impl ApplyWorker {
+    /// Keeps a chunk of a transaction still arriving on disk. A write that fails (a full disk) is
+    /// tried again until it succeeds: nothing of the transaction may be dropped, and the peer
+    /// cannot resend it while this node holds its connection. `false` when the node is stopping.
+    async fn spool(&mut self, changes: &[RowChange]) -> bool {
+        let peer = self.applier.peer();
+        loop {
+            let result = match &mut self.spool {
+                Some(spool) => spool.append(changes).await,
+                None => Spool::create(self.spool_dir.as_deref()).map(|spool| {
+                    self.spool = Some(spool);
+                }),
+            };
+            match result {
+                Ok(()) if self.spool.as_ref().is_some_and(|s| !s.is_empty()) => return true,
+                Ok(()) => continue, // created; now append
+                Err(error) => {
+                    tracing::error!(%peer, error = format!("{error:#}"), "cannot spool a large transaction; retrying");
+                    if self.done.is_closed() {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies the spooled transaction that `tail` ends, then empties the spool.
+    async fn apply_spooled(&mut self, tail: &[RowChange], more: bool) -> bool {
+        let Some(mut spool) = self.spool.take() else {
+            return self.apply_batch(tail, more).await;
+        };
+        tracing::info!(
+            peer = %self.applier.peer(),
+            changes = spool.changes() + tail.len() as u64,
+            spooled_bytes = spool.bytes(),
+            "applying a spooled transaction"
+        );
+        let applied = self
+            .apply_work(
+                Work::Spooled {
+                    spool: &mut spool,
+                    tail,
+                },
+                more,
+            )
+            .await;
+        if let Err(error) = spool.clear().await {
+            // A new file then, the next time one is needed.
+            tracing::warn!(error = format!("{error:#}"), "cannot empty the spool file");
+        } else {
+            self.spool = Some(spool);
+        }
+        applied
+    }
+
     /// `apply_batch` for each of the batch's transactions in turn.
     async fn apply_by_transaction(&mut self, batch: &[RowChange], more: bool) -> bool {
         let parts: Vec<&[RowChange]> = batch.split_inclusive(|c| c.ends_transaction()).collect();
@@ -500,6 +629,10 @@ impl ApplyWorker {
     /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
     /// flushes to learn its durable position less often). `false` when the node is stopping.
     async fn apply_batch(&mut self, batch: &[RowChange], more: bool) -> bool {
+        self.apply_work(Work::Batch(batch), more).await
+    }
+
+    async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> bool {
         let ApplyWorker {
             applier,
             dsn,
@@ -507,7 +640,9 @@ impl ApplyWorker {
             started,
             done,
             waits,
+            ..
         } = self;
+        let batch = work.changes();
         let (dsn, started) = (dsn.as_str(), *started);
         let peer = applier.peer();
         let mut deadlocks = 0;
@@ -519,7 +654,11 @@ impl ApplyWorker {
                 last = batch.last().map(|c| c.seq),
                 changes = batch.len()
             );
-            match applier.apply(batch).instrument(span).await {
+            let result = match &mut work {
+                Work::Batch(batch) => applier.apply(batch).instrument(span).await,
+                Work::Spooled { spool, tail } => applier.apply_spooled(spool, tail).instrument(span).await,
+            };
+            match result {
                 Ok(ok) => {
                     if waiting_since.is_some() {
                         waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
@@ -556,7 +695,9 @@ impl ApplyWorker {
                     }
                 }
                 Err(error)
-                    if no_place(&error).is_some() && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
+                    if no_place(&error).is_some()
+                        && matches!(work, Work::Batch(_))
+                        && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
                 {
                     // One of its transactions lacks a partition here: apply them one at a time,
                     // so that what comes before that one is applied and only it, with what
@@ -590,6 +731,26 @@ impl ApplyWorker {
                     reconnect(applier, dsn).await;
                 }
             }
+        }
+    }
+}
+
+/// What an apply worker applies: a batch of whole transactions, or a spooled transaction with
+/// its end.
+enum Work<'a> {
+    Batch(&'a [RowChange]),
+    Spooled {
+        spool: &'a mut Spool,
+        tail: &'a [RowChange],
+    },
+}
+
+impl<'a> Work<'a> {
+    /// The changes in memory (for a spooled transaction, its end).
+    fn changes(&self) -> &'a [RowChange] {
+        match self {
+            Work::Batch(batch) => batch,
+            Work::Spooled { tail, .. } => tail,
         }
     }
 }
@@ -628,7 +789,9 @@ struct Loop {
     replication: Replication,
     identity: LocalIdentity,
     port: NetworkPort,
-    apply_queues: BTreeMap<NodeId, mpsc::Sender<Vec<RowChange>>>,
+    apply_queues: BTreeMap<NodeId, mpsc::Sender<Handout>>,
+    /// `SpoolConfig::bound_bytes`, for the peers' apply queues.
+    spool_bound: usize,
     applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>>,
     status: watch::Sender<NodeStatus>,
     stats: BTreeMap<NodeId, PeerStatus>,
@@ -777,7 +940,17 @@ impl Loop {
                         };
                         self.pending_acks.insert(peer, Message::Ack { applied });
                     }
-                    Ok(fresh) => self.pending_apply.entry(peer).or_default().push(fresh.iter().cloned()),
+                    Ok(fresh) => {
+                        let bound = self.spool_bound;
+                        self.pending_apply
+                            .entry(peer)
+                            .or_insert_with(|| {
+                                let mut queue = ApplyQueue::new();
+                                queue.set_spool_bound(Some(bound));
+                                queue
+                            })
+                            .push(fresh.iter().cloned())
+                    }
                     Err(error) => {
                         tracing::error!(%peer, %error, "refusing a batch; dropping the connection state");
                         self.links.remove(&peer);
@@ -846,7 +1019,17 @@ impl Loop {
                 pending.clear();
                 continue;
             };
-            while let Some(batch) = pending.next_batch(MAX_APPLY_BATCH, &self.replication, now) {
+            // Room first, then the handout: the end of a spooled transaction cannot be put back.
+            loop {
+                let permit = match queue.try_reserve() {
+                    Ok(permit) => permit,
+                    Err(mpsc::error::TrySendError::Full(())) => break,
+                    Err(mpsc::error::TrySendError::Closed(())) => bail!("the applier for node {peer} stopped"),
+                };
+                let first_spool = pending.in_flight().is_none_or(|f| f.spooled_bytes == 0);
+                let Some(handout) = pending.next_handout(MAX_APPLY_BATCH, &self.replication, now) else {
+                    break;
+                };
                 for waived in pending.take_waived() {
                     tracing::warn!(
                         %peer,
@@ -858,14 +1041,15 @@ impl Loop {
                     );
                     self.stats.entry(*peer).or_default().causal_waivers += 1;
                 }
-                match queue.try_send(batch) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(batch)) => {
-                        pending.push_front(batch);
-                        break;
+                if let Handout::Spool(changes) = &handout {
+                    let stats = self.stats.entry(*peer).or_default();
+                    if first_spool {
+                        stats.spooled_transactions += 1;
+                        tracing::info!(%peer, first = changes.first().map(|c| c.seq), "spooling a large transaction to disk while it arrives");
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => bail!("the applier for node {peer} stopped"),
+                    stats.spooled_bytes += changes.iter().map(|c| c.approx_bytes() as u64).sum::<u64>();
                 }
+                permit.send(handout);
             }
         }
         Ok(())
@@ -1169,7 +1353,10 @@ impl Loop {
             };
             s.applied_per_sec = self.slow.applied_per_sec.get(&peer).copied().unwrap_or(0.0);
             let queue = self.pending_apply.get(&peer);
-            s.incomplete_transaction_changes = queue.map_or(0, |q| q.incomplete() as u64);
+            let in_flight = queue.and_then(ApplyQueue::in_flight).unwrap_or_default();
+            s.incomplete_transaction_changes = in_flight.changes;
+            s.in_flight_bytes = in_flight.bytes;
+            s.in_flight_spooled_bytes = in_flight.spooled_bytes;
             s.apply_waiting = self
                 .apply_waits
                 .lock()

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, UdpSocket};
 
 use accord::node::net::MemoryHub;
 use accord::node::quic::quic_port;
-use accord::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus};
+use accord::node::runtime::{start, NodeConfig, NodeHandle, NodeStatus, SpoolConfig};
 use accord_engine::{NodeId, ReplicationConfig};
 use accord_transport::{EndpointConfig, PeerAddr, TlsIdentity};
 
@@ -117,6 +117,7 @@ impl TestCluster {
             peers: (0..self.pg.len()).filter(|&j| j != i).map(id).collect(),
             replication: self.replication,
             synchronous_commit: false,
+            spool: SpoolConfig::default(),
         }
     }
 
