@@ -130,7 +130,8 @@ fn order_sql(id: i64, lines: i32) -> String {
 /// `big_order_lines`) on one node, two-row transfers and small orders on the other two, all at
 /// once, while a reader on every node checks every snapshot it
 /// takes: the balances' sum never changes, no order shows part of its lines. The nodes batch at
-/// most 200 changes per message, so every large transaction arrives in many messages.
+/// most 200 changes per message, so every large transaction arrives in many messages, and
+/// spool transactions above 1 MB, so the largest are applied from disk in segments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
     let cluster = TestCluster::start(3, BANK).await;
@@ -219,6 +220,22 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
         .unwrap()
         .get(0);
     assert_eq!(orders, 4 + 1 + 2 * 30, "every order arrived\n{}", snapshots[1]);
+    // The test cluster spools transactions above 1 MB: the large ones came through the spool.
+    let statuses = cluster.statuses();
+    for node in 1..3 {
+        let from_one = &statuses[node].peers[&support::nodes::id(0)];
+        assert!(
+            from_one.spooled_transactions >= 1,
+            "node {}: no transaction of node 1 was spooled: {from_one:?}",
+            node + 1
+        );
+        eprintln!(
+            "node {}: {} transactions of node 1 spooled ({} bytes)",
+            node + 1,
+            from_one.spooled_transactions,
+            from_one.spooled_bytes
+        );
+    }
     for node in 1..3 {
         let mut db = cluster.client(node).await;
         assert!(check_snapshot(&mut db).await.is_empty());

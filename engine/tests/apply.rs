@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use accord_engine::{
-    capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Cell, ChangeKind, ColumnDef,
-    ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, RowChange, RowKey, RowMeta, RowWrite, TableDef, Value,
-    WriteRefusal,
+    capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Carried, Cell, ChangeKind,
+    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, RowChange, RowKey, RowMeta, RowWrite,
+    Segment, TableDef, Value, WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -401,4 +401,103 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
     };
     assert_eq!(records.undefer, [("shop.products".to_owned(), key(1), B, 1)]);
     assert_eq!(records.merged, [(A, 1), (B, 1)]);
+}
+
+/// Drives a segment whose one row is missing through the probe to its end.
+fn run_segment(m: &mut BatchApply) -> Vec<ApplyCommand> {
+    let mut commands = vec![m.step(ApplyInput::Start { now: 0 }).unwrap()];
+    commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
+    commands.push(m.step(ApplyInput::CaptureReached { now: 1 }).unwrap());
+    commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
+    commands.push(m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap());
+    let next = m.step(ApplyInput::Recorded).unwrap();
+    let ends_with_commit = matches!(next, ApplyCommand::Commit { .. });
+    commands.push(next);
+    if ends_with_commit {
+        commands.push(m.step(ApplyInput::Committed).unwrap());
+    }
+    commands
+}
+
+#[test]
+fn a_transaction_in_segments_opens_once_commits_once_and_carries_what_it_merged() {
+    // Changes 1..=3 of one transaction of B's (ending at 3), each its own segment.
+    let mut changes: Vec<RowChange> = (1..=3).map(|s| insert(B, s, s as i64, "x", 1)).collect();
+    for c in &mut changes {
+        c.tx_last = 3;
+        c.builds_on = vec![(NodeId(3), 10 + c.seq)];
+    }
+    let mut carried = Carried::default();
+    for (i, change) in changes.iter().enumerate() {
+        let segment = Segment {
+            first: i == 0,
+            last: i == 2,
+            commit_at: 3,
+            carried: carried.clone(),
+            restarts: 0,
+        };
+        let mut m = BatchApply::new(B, i as u64, vec![change.clone()], tables(), None, ApplyRules::default())
+            .unwrap()
+            .in_segment(segment);
+        let commands = run_segment(&mut m);
+        let ApplyCommand::Load { begin, .. } = &commands[0] else {
+            panic!("a segment starts with a load");
+        };
+        assert_eq!(
+            *begin,
+            (i == 0).then_some(3),
+            "only the first segment opens the transaction, at the end's position"
+        );
+        let commits: Vec<_> = commands
+            .iter()
+            .filter_map(|c| match c {
+                ApplyCommand::Commit {
+                    merged_stamp,
+                    builds_on,
+                } => Some((*merged_stamp, builds_on.clone())),
+                _ => None,
+            })
+            .collect();
+        if i < 2 {
+            assert!(commits.is_empty(), "segment {i} must not commit");
+        } else {
+            assert_eq!(
+                commits,
+                [(Some(Hlc::new(1_003, 0, B)), vec![(NodeId(3), 13)])],
+                "the commit carries the greatest stamp and dependencies of every segment"
+            );
+        }
+        let Some(ApplyCommand::Done { applied, .. }) = commands.last() else {
+            panic!("segment {i} ends");
+        };
+        assert_eq!(*applied, i as u64 + 1);
+        carried = m.carried();
+    }
+}
+
+#[test]
+fn a_later_segment_that_must_restart_starts_the_whole_transaction_over() {
+    let mut change = insert(B, 2, 2, "x", 1);
+    change.tx_last = 3;
+    let segment = Segment {
+        first: false,
+        last: false,
+        commit_at: 3,
+        carried: Carried::default(),
+        restarts: 2,
+    };
+    let mut m = BatchApply::new(B, 1, vec![change], tables(), None, ApplyRules::default())
+        .unwrap()
+        .in_segment(segment);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    let ApplyCommand::StartOver { probe, pause_micros } = m.step(ApplyInput::KeysBusy { now: 5 }).unwrap() else {
+        panic!("a segment after the first cannot restart alone: the segments before were rolled back too");
+    };
+    assert!(!probe);
+    assert_eq!(
+        pause_micros,
+        4 * ApplyRules::default().backoff_micros.0,
+        "the pause grows with the restarts"
+    );
 }

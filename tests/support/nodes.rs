@@ -57,6 +57,7 @@ pub struct TestCluster {
     quic: Option<QuicSetup>,
     pub nodes: BTreeMap<NodeId, NodeHandle>,
     pub replication: ReplicationConfig,
+    pub spool: SpoolConfig,
 }
 
 pub fn id(i: usize) -> NodeId {
@@ -102,6 +103,11 @@ impl TestCluster {
                 tombstone_round_micros: 1_000_000,
                 ..ReplicationConfig::default()
             },
+            // Small, so that the tests' large transactions (a few MB) are spooled to disk.
+            spool: SpoolConfig {
+                bound_bytes: 1 << 20,
+                dir: None,
+            },
         };
         for i in 0..n {
             cluster.start_node(i).await;
@@ -117,7 +123,7 @@ impl TestCluster {
             peers: (0..self.pg.len()).filter(|&j| j != i).map(id).collect(),
             replication: self.replication,
             synchronous_commit: false,
-            spool: SpoolConfig::default(),
+            spool: self.spool.clone(),
         }
     }
 
