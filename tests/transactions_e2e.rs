@@ -221,9 +221,8 @@ async fn readers_never_see_part_of_a_transaction_while_every_node_writes() {
         .get(0);
     assert_eq!(orders, 4 + 1 + 2 * 30, "every order arrived\n{}", snapshots[1]);
     // The test cluster spools transactions above 1 MB: the large ones came through the spool.
-    let statuses = cluster.statuses();
-    for node in 1..3 {
-        let from_one = &statuses[node].peers[&support::nodes::id(0)];
+    for (node, status) in cluster.statuses().iter().enumerate().skip(1) {
+        let from_one = &status.peers[&support::nodes::id(0)];
         assert!(
             from_one.spooled_transactions >= 1,
             "node {}: no transaction of node 1 was spooled: {from_one:?}",
