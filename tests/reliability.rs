@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use support::cli::{accord, free_tcp_port};
 use support::nodes::{free_udp_port, snapshot, SHOP};
 use support::pg::{PgCluster, StopMode};
+use support::service::{http_get, memory_kib};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -274,19 +275,6 @@ impl Drop for NodeProc {
             let _ = child.wait();
         }
     }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        Some(response)
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
 }
 
 /// A UDP relay in front of a node: datagrams from one peer to the node's QUIC port and back, with a
@@ -1240,12 +1228,6 @@ async fn a_relayed_change_missing_a_toasted_value_waits_for_it() {
 /// Seconds since the start, and per node: RSS (KiB), greatest outbound lag (s), most unacknowledged.
 type Sample = (f64, Vec<(u64, f64, u64)>);
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: run with --ignored, ACCORD_SOAK_SECS=600"]
 async fn soak() {
@@ -1263,7 +1245,7 @@ async fn soak() {
         cluster.assert_all_running();
         let mut row = Vec::new();
         for node in &cluster.nodes {
-            let rss = node.pid().and_then(rss_kib).unwrap_or(0);
+            let rss = node.pid().and_then(|pid| memory_kib(pid, "VmRSS")).unwrap_or(0);
             let (ok, json) = accord(&["status", "--config", node.config.to_str().unwrap(), "--json"]);
             assert!(ok, "[{name}] accord status of node {}: {json}", node.id);
             let status: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -9,17 +9,7 @@ use std::time::{Duration, Instant};
 use support::cli::{accord, free_tcp_port};
 use support::nodes::{free_udp_port, snapshot, SHOP};
 use support::pg::PgCluster;
-use support::service::{wait_until, write_node, RunningNode};
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
+use support::service::{http_get, wait_until, write_node, RunningNode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() {
@@ -122,7 +112,9 @@ async fn two_nodes_run_from_config_files_replicate_report_and_stop_on_sigterm() 
     assert!(out.contains("peer 2: connected for"), "{out}");
     assert!(out.contains("0 changes unacknowledged"), "{out}");
     assert!(out.contains("review queue: 0 open"), "{out}");
-    let metrics = http_get(files[1].metrics, "/metrics").await;
+    let metrics = http_get(files[1].metrics, "/metrics")
+        .await
+        .expect("the metrics endpoint answers");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("accord_peer_connected{peer=\"1\"} 1.0"), "{metrics}");
     assert!(metrics.contains("accord_peer_applied_total{peer=\"1\"}"), "{metrics}");

@@ -142,7 +142,11 @@ mod tests {
             seq,
             tx_last: 100,
             // Empty, so skipped when serialized: a positional encoding does not read back.
-            builds_on: if seq.is_multiple_of(2) { vec![(NodeId(3), 7)] } else { Vec::new() },
+            builds_on: if seq.is_multiple_of(2) {
+                vec![(NodeId(3), 7)]
+            } else {
+                Vec::new()
+            },
             row: RowState {
                 meta: RowMeta::absent(),
                 values: Vec::new(),

@@ -65,6 +65,10 @@ impl RunningNode {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGKILL: a crash, with nothing flushed or said. Returns what it had logged.
     pub fn kill9(mut self) -> String {
         let mut child = self.child.take().unwrap();
@@ -120,6 +124,31 @@ impl Drop for RunningNode {
             let _ = child.wait();
         }
     }
+}
+
+/// A GET on loopback (the metrics endpoint): the whole response, `None` if it fails or takes
+/// longer than 5 s.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response)
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+}
+
+/// A process's memory from `/proc/PID/status`, in KiB: `field` is `VmRSS` (now) or `VmHWM`
+/// (the peak).
+pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub async fn wait_until<F: std::future::Future<Output = bool>>(
