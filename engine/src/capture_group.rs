@@ -42,7 +42,27 @@ pub struct DecodedTransaction {
     pub rows: Vec<DecodedRow>,
     /// TRUNCATEs of replicated tables, in order, each with its place among `rows`.
     pub truncates: Vec<Truncate>,
+    /// Which part of its transaction this is. A local transaction too large to hold in memory
+    /// is captured in parts as it is decoded, each part a group of its own, all written in one
+    /// database transaction that commits with the last (`Capture` in the service). Whole when
+    /// both are false.
+    pub part: TransactionPart,
 }
+
+/// Where a part of a transaction captured in parts stands (see `DecodedTransaction::part`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransactionPart {
+    /// Parts of the transaction came before this one: the capturer is inside it already.
+    pub continued: bool,
+    /// More parts follow: the transaction does not end here. Its changes name no last change
+    /// yet ([`OPEN_TRANSACTION`]); the last part's do.
+    pub continues: bool,
+}
+
+/// The `RowChange::tx_last` of a change whose transaction's end was not known when it was
+/// captured (a transaction captured in parts): greater than every sequence number, so it never
+/// ends a transaction at a receiver; the last part's changes end it.
+pub const OPEN_TRANSACTION: u64 = u64::MAX;
 
 /// A TRUNCATE of a replicated table, replicated as a delete of every row it emptied, so that it
 /// meets concurrent writes as a `DELETE` does (ARCHITECTURE.md, "TRUNCATE").
@@ -174,12 +194,14 @@ impl Capturer {
         let mut changes = Vec::new();
         let mut review = Vec::new();
         for (ti, t) in transactions.iter().enumerate() {
-            next.begin(t.end_lsn, t.commit_time);
-            if t.from_peer {
-                next.from_peer(&t.peer_applied);
-            }
-            if let Some(stamp) = t.merged {
-                next.merged(stamp);
+            if !t.part.continued {
+                next.begin(t.end_lsn, t.commit_time);
+                if t.from_peer {
+                    next.from_peer(&t.peer_applied);
+                }
+                if let Some(stamp) = t.merged {
+                    next.merged(stamp);
+                }
             }
             let local = next.is_capturing();
             let first = changes.len();
@@ -242,13 +264,16 @@ impl Capturer {
             // what the node had applied from the others when it committed.
             let made = &mut changes[first..];
             if let Some(last) = made.last().map(|c| c.change.seq) {
+                let last = if t.part.continues { OPEN_TRANSACTION } else { last };
                 let builds_on = next.builds_on();
                 for c in made {
                     c.change.tx_last = last;
                     c.change.builds_on.clone_from(&builds_on);
                 }
             }
-            next.commit();
+            if !t.part.continues {
+                next.commit();
+            }
         }
         let checkpoint = next.checkpoint();
         let metas: Vec<MetaWrite> = known
@@ -476,5 +501,51 @@ mod tests {
         let write = c.capture_group(|_| Some(&t), &group, Vec::new(), None).unwrap();
         assert!(write.changes.is_empty() && !write.needs_write);
         assert_eq!(write.checkpoint.covered_lsn, 10);
+    }
+
+    #[test]
+    fn a_transaction_in_parts_is_numbered_on_and_ends_only_with_its_last_part() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let part = |rows, continued, continues| DecodedTransaction {
+            part: TransactionPart { continued, continues },
+            ..tx(10, 100, rows)
+        };
+        let first = part(
+            vec![
+                row(ChangeKind::Insert, 1, None, Some(1)),
+                row(ChangeKind::Insert, 2, None, Some(1)),
+            ],
+            false,
+            true,
+        );
+        let write = c.capture_group(|_| Some(&t), &[first], vec![None, None], None).unwrap();
+        assert_eq!(
+            write.changes.iter().map(|c| c.change.tx_last).collect::<Vec<_>>(),
+            [OPEN_TRANSACTION; 2]
+        );
+        assert_eq!(
+            write.checkpoint.covered_lsn, 0,
+            "the transaction is not covered before its end"
+        );
+        assert_eq!(write.checkpoint.last_seq, 2);
+        let last = part(vec![row(ChangeKind::Update, 1, Some(1), Some(5))], true, false);
+        let prior = write
+            .metas
+            .iter()
+            .find(|m| m.key == RowKey(vec![Value::Int(1)]))
+            .map(|m| m.meta.clone());
+        let write = c.capture_group(|_| Some(&t), &[last], vec![prior], None).unwrap();
+        let change = &write.changes[0].change;
+        assert_eq!(
+            (change.seq, change.tx_last),
+            (3, 3),
+            "the last part's changes end the transaction"
+        );
+        assert_eq!(write.checkpoint.covered_lsn, 10);
+        assert!(
+            write.changes[0].had_metadata,
+            "the later part sees what the earlier left"
+        );
     }
 }

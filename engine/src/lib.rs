@@ -27,7 +27,10 @@ pub use apply::{
 };
 pub use apply_queue::{ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};
-pub use capture_group::{CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, Truncate};
+pub use capture_group::{
+    CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, TransactionPart, Truncate,
+    OPEN_TRANSACTION,
+};
 pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
 pub use collection::{Ack1, CollectionState, Collector, StableCut};

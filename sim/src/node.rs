@@ -1204,6 +1204,8 @@ fn capture_group(
             merged,
             rows,
             // The service reads the keys the TRUNCATE's trigger recorded in its transaction.
+            // The service captures a large transaction in parts; the simulator's are small.
+            part: Default::default(),
             truncates: match &tx.body {
                 WalBody::Local {
                     truncated: Some(keys), ..

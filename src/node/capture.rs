@@ -7,14 +7,20 @@
 //! decoded transaction on its own and in order (stamps, sequence numbers, merged clocks, skipped
 //! peers' transactions); only the writes are grouped, and the checkpoint written with a group
 //! covers its last transaction, so a restart resumes right after the last group written.
+//!
+//! A local transaction larger than [`PART_ROWS`] rows is captured in parts as it is decoded, so
+//! that memory stays bounded whatever its size: each part is captured and written as it fills, all
+//! in one database transaction that commits with the checkpoint after the last part. Until then
+//! nothing of it is visible (the senders read the outbound log up to the published head), and a
+//! failure rolls all of it back; the slot replays it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use accord_engine::{
-    CaptureCheckpoint, CapturedChange, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc, NodeId,
-    ReviewItemId, RowKey, RowMeta, StableCut, TableDef, Truncate,
+    CaptureCheckpoint, CapturedChange, CapturedRow, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc,
+    NodeId, ReviewItemId, RowKey, RowMeta, StableCut, TableDef, TransactionPart, Truncate,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -127,6 +133,23 @@ struct Transaction {
     rows: Vec<PgOutput>,
     /// TRUNCATEs, each with how many of `rows` came before it and the relations it emptied.
     truncates: Vec<(usize, Vec<u32>)>,
+    /// Review items its rows so far resolved (carried from part to part).
+    resolving: Vec<ReviewItemId>,
+    /// Parts of it written so far (see [`PART_ROWS`]).
+    parts: u32,
+}
+
+/// A local transaction with more rows than this is captured in parts as it is decoded.
+const PART_ROWS: usize = 10_000;
+
+/// A transaction being captured in parts, in the database transaction its first part opened.
+#[derive(Default)]
+struct OpenParts {
+    /// The last change captured so far, written with the next part: if the last part makes no
+    /// change of its own, this one is marked as the transaction's last.
+    held: Option<CapturedRow>,
+    /// Changes written so far.
+    captured: u64,
 }
 
 /// Decoded transactions written to the database together, in one transaction: the changes of
@@ -173,6 +196,10 @@ pub struct Capture {
     /// The latest completed tombstone-collection round: a local insert of a key whose tombstone
     /// it covers is numbered as a new key's, as on a node that already dropped the tombstone.
     cut: watch::Receiver<Option<StableCut>>,
+    /// `db` has a transaction open (a group's or a large transaction's parts): rolled back if
+    /// the run ends before it commits.
+    in_transaction: bool,
+    parts: Option<OpenParts>,
 }
 
 /// The capture checkpoint the database holds.
@@ -214,6 +241,8 @@ impl Capture {
                 statements: Statements::default(),
                 max_offset_micros,
                 cut: watch::channel(None).1,
+                in_transaction: false,
+                parts: None,
             },
             rx,
         ))
@@ -230,7 +259,16 @@ impl Capture {
             // The server restarted or the connection broke: a new one, with its own statements.
             self.db = connect(dsn).await?;
             self.statements = Statements::default();
+            self.in_transaction = false;
         }
+        if std::mem::take(&mut self.in_transaction) {
+            // What a failed run wrote is replayed from the slot.
+            self.db
+                .batch_execute("ROLLBACK")
+                .await
+                .context("cannot roll back the capture's unfinished transaction")?;
+        }
+        self.parts = None;
         // Resume from what the database holds. After a failed write (even one whose commit did
         // reach the server) the capturer may differ from it; the stream resumes from the slot,
         // which never moves past what the database holds either.
@@ -303,8 +341,17 @@ impl Capture {
                             }
                         }
                         row @ (PgOutput::Insert { .. } | PgOutput::Update { .. } | PgOutput::Delete { .. }) => {
-                            if let Some(tx) = tx.as_mut() {
+                            // A peer's rows are not captured again (its Origin comes first): not
+                            // kept either, however many there are.
+                            if let Some(tx) = tx.as_mut().filter(|tx| !tx.from_peer) {
                                 tx.rows.push(row);
+                                if tx.rows.len() >= PART_ROWS && tx.truncates.is_empty() {
+                                    // The transactions before it are written first, in order.
+                                    if !group.is_empty() {
+                                        self.flush(&stream, &mut group).await?;
+                                    }
+                                    self.write_part(tx, false).await?;
+                                }
                             }
                         }
                         PgOutput::Type { .. } | PgOutput::Other(_) => {}
@@ -320,6 +367,18 @@ impl Capture {
                     }
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
+                    if let Some(mut done) = tx.take_if(|tx| tx.parts > 0) {
+                        let (checkpoint, captured) = self.write_part(&mut done, true).await?;
+                        stream.update_applied_lsn(end_lsn);
+                        self.progress.send_if_modified(|p| {
+                            let before = *p;
+                            p.head = checkpoint.last_seq;
+                            p.captured += captured;
+                            p.processed_lsn = p.processed_lsn.max(end_lsn.as_u64());
+                            *p != before
+                        });
+                        continue;
+                    }
                     if let Some(done) = tx.take() {
                         // Decoded now, against the relations as they are at this point of the stream.
                         let committed = self.decoded(done)?;
@@ -344,34 +403,82 @@ impl Capture {
     }
 
     /// A committed transaction's row messages as engine changes.
-    fn decoded(&self, tx: Transaction) -> Result<DecodedTransaction> {
+    fn decoded(&self, mut tx: Transaction) -> Result<DecodedTransaction> {
+        self.decoded_part(&mut tx, TransactionPart::default())
+    }
+
+    /// The transaction's row messages so far as engine changes (they are taken from it).
+    fn decoded_part(&self, tx: &mut Transaction, part: TransactionPart) -> Result<DecodedTransaction> {
         let mut rows = Vec::new();
         let mut truncates = Vec::new();
+        let messages = std::mem::take(&mut tx.rows);
         if !tx.from_peer {
             // Resolutions come before the writes they resolve, in the same transaction.
-            let mut resolving: Vec<ReviewItemId> = Vec::new();
-            for (m, message) in tx.rows.iter().enumerate() {
-                self.truncated_at(&tx, m, rows.len(), &mut truncates)?;
-                for (table, change) in self.changes(message, &mut resolving)? {
+            for (m, message) in messages.iter().enumerate() {
+                self.truncated_at(tx, m, rows.len(), &mut truncates)?;
+                for (table, change) in self.changes(message, &mut tx.resolving)? {
                     rows.push(DecodedRow {
                         table,
                         change,
-                        resolving: resolving.clone(),
+                        resolving: tx.resolving.clone(),
                     });
                 }
             }
-            self.truncated_at(&tx, tx.rows.len(), rows.len(), &mut truncates)?;
+            self.truncated_at(tx, messages.len(), rows.len(), &mut truncates)?;
         }
         Ok(DecodedTransaction {
             end_lsn: tx.final_lsn,
             xid: u64::from(tx.xid),
             commit_time: tx.commit_time,
             from_peer: tx.from_peer,
-            peer_applied: tx.peer_applied,
+            peer_applied: tx.peer_applied.clone(),
             merged: tx.merged,
             rows,
             truncates,
+            part,
         })
+    }
+
+    /// Captures and writes `tx`'s rows so far as a part of it, in the database transaction its
+    /// first part opens; the last part commits it, with the checkpoint that covers it. Returns
+    /// that checkpoint and the changes the whole transaction captured.
+    async fn write_part(&mut self, tx: &mut Transaction, last: bool) -> Result<(CaptureCheckpoint, u64)> {
+        let part = TransactionPart {
+            continued: tx.parts > 0,
+            continues: !last,
+        };
+        let mut decoded = vec![self.decoded_part(tx, part)?];
+        self.fill_truncates(&mut decoded).await?;
+        if !self.in_transaction {
+            self.db
+                .batch_execute("BEGIN")
+                .await
+                .context("cannot begin the capture's transaction")?;
+            self.in_transaction = true;
+        }
+        let parts = self.parts.get_or_insert_with(OpenParts::default);
+        let held = parts.held.take();
+        let (checkpoint, captured, held) = self.write_open(&decoded, Some((held, part.continues))).await?;
+        let parts = self.parts.get_or_insert_with(OpenParts::default);
+        parts.held = held;
+        parts.captured += captured;
+        tx.parts += 1;
+        tracing::debug!(
+            part = tx.parts,
+            captured = parts.captured,
+            "a part of a large transaction captured"
+        );
+        if !last {
+            return Ok((checkpoint, 0));
+        }
+        let captured = parts.captured;
+        self.db
+            .batch_execute("COMMIT")
+            .await
+            .context("cannot commit a large transaction's capture")?;
+        self.in_transaction = false;
+        self.parts = None;
+        Ok((checkpoint, captured))
     }
 
     /// The replicated tables the transaction's TRUNCATEs before its message `m` emptied, placed
@@ -441,6 +548,40 @@ impl Capture {
     /// transaction. Returns the checkpoint and the number of row changes captured.
     async fn write(&mut self, transactions: &[DecodedTransaction]) -> Result<(CaptureCheckpoint, u64)> {
         let slots = self.capturer.rows_to_load(transactions);
+        let truncating = transactions.iter().any(|t| !t.from_peer && !t.truncates.is_empty());
+        let needs_db = !slots.is_empty() || truncating || transactions.iter().any(|t| t.merged.is_some());
+        if !needs_db {
+            // Nothing to capture and no clock to persist: no database round trip.
+            let policy = Arc::clone(&self.policy);
+            let cut = self.cut.borrow().clone();
+            let write =
+                self.capturer
+                    .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
+            return Ok((write.checkpoint, 0));
+        }
+        self.db
+            .batch_execute("BEGIN")
+            .await
+            .context("cannot begin the capture's transaction")?;
+        self.in_transaction = true;
+        let (checkpoint, captured, _) = self.write_open(transactions, None).await?;
+        self.db
+            .batch_execute("COMMIT")
+            .await
+            .context("cannot commit the capture's transaction")?;
+        self.in_transaction = false;
+        Ok((checkpoint, captured))
+    }
+
+    /// `write`'s statements, in the database transaction open on `db`. `part`, for a part of a
+    /// transaction captured in parts: the change held from the part before, and whether more
+    /// parts follow; the change to hold for the next part is returned.
+    async fn write_open(
+        &mut self,
+        transactions: &[DecodedTransaction],
+        part: Option<(Option<CapturedRow>, bool)>,
+    ) -> Result<(CaptureCheckpoint, u64, Option<CapturedRow>)> {
+        let slots = self.capturer.rows_to_load(transactions);
         // Local transactions that truncated: what their triggers recorded is forgotten with the
         // deletes written.
         let truncating: Vec<i64> = transactions
@@ -448,28 +589,19 @@ impl Capture {
             .filter(|t| !t.from_peer && !t.truncates.is_empty())
             .filter_map(|t| i64::try_from(t.xid).ok())
             .collect();
-        let needs_db = !slots.is_empty() || !truncating.is_empty() || transactions.iter().any(|t| t.merged.is_some());
         let policy = Arc::clone(&self.policy);
         let cut = self.cut.borrow().clone();
-        if !needs_db {
-            // Nothing to capture and no clock to persist: no database round trip.
-            let write =
-                self.capturer
-                    .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
-            return Ok((write.checkpoint, 0));
-        }
         let Capture {
             db,
             capturer,
             statements,
             ..
         } = self;
-        let db = db.transaction().await?;
 
         // The prior metadata of every row the group changes, locked, in one query.
         let mut loaded: Vec<Option<RowMeta>> = vec![None; slots.len()];
         if !slots.is_empty() {
-            let load = statements.get(&db, store::LOAD_METAS_SQL).await?;
+            let load = statements.get(db, store::LOAD_METAS_SQL).await?;
             let ords: Vec<i32> = (0..slots.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
             let tables: Vec<&str> = slots.iter().map(|(t, _)| t.as_str()).collect();
             let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
@@ -485,9 +617,22 @@ impl Capture {
         if !truncating.is_empty() {
             db.execute(truncate::FORGET_SQL, &[&truncating]).await?;
         }
-        if !write.needs_write {
-            db.commit().await?;
-            return Ok((write.checkpoint, 0));
+        let mut changes = write.changes;
+        let mut held = None;
+        if let Some((before, continues)) = part {
+            let own = !changes.is_empty();
+            changes.splice(0..0, before);
+            if continues {
+                held = changes.pop();
+            } else if !own {
+                // The last part changed nothing: the last change written ends the transaction.
+                if let Some(last) = changes.last_mut() {
+                    last.change.tx_last = last.change.seq;
+                }
+            }
+        }
+        if !write.needs_write && changes.is_empty() {
+            return Ok((write.checkpoint, 0, held));
         }
 
         let mut rows = MetaRows::default();
@@ -497,14 +642,12 @@ impl Capture {
         }
         let has_metas = !rows.is_empty();
         let meta_params = rows.into_params();
-        let has_changes = !write.changes.is_empty();
-        let seqs: Vec<i64> = write
-            .changes
+        let has_changes = !changes.is_empty();
+        let seqs: Vec<i64> = changes
             .iter()
             .map(|c| i64::try_from(c.change.seq).unwrap_or(i64::MAX))
             .collect();
-        let encoded = write
-            .changes
+        let encoded = changes
             .iter()
             .map(|c| encode("change", &c.change))
             .collect::<Result<Vec<_>, _>>()?;
@@ -515,29 +658,28 @@ impl Capture {
             Box::new(i64::try_from(checkpoint.last_seq).unwrap_or(i64::MAX)),
             Box::new(tokio_postgres::types::PgLsn::from(checkpoint.covered_lsn)),
         ];
-        let append = statements.get(&db, store::APPEND_OUTBOUND_SQL).await?;
-        let save = statements.get(&db, store::SAVE_METAS_SQL).await?;
+        let append = statements.get(db, store::APPEND_OUTBOUND_SQL).await?;
+        let save = statements.get(db, store::SAVE_METAS_SQL).await?;
         let check = statements
             .get(
-                &db,
+                db,
                 "UPDATE accord.capture_state SET checkpoint = $1, last_seq = $2, covered_lsn = $3, updated_at = now()",
             )
             .await?;
         // Synchronous whatever the server's default: the slot moves past this group once it
         // committed, and a commit lost in a crash would take the group's changes with it.
-        let mut queries = vec![pipeline::command(&db, "SET LOCAL synchronous_commit = on")];
+        let mut queries = vec![pipeline::command(db, "SET LOCAL synchronous_commit = on")];
         if has_changes {
-            queries.push(pipeline::query(&db, &append, &outbound_params));
+            queries.push(pipeline::query(db, &append, &outbound_params));
         }
         if has_metas {
-            queries.push(pipeline::query(&db, &save, &meta_params));
+            queries.push(pipeline::query(db, &save, &meta_params));
         }
         // The checkpoint, in the same transaction as the changes it covers.
-        queries.push(pipeline::query(&db, &check, &checkpoint_params));
+        queries.push(pipeline::query(db, &check, &checkpoint_params));
         pipeline::run_all(queries).await?;
-        store::apply_review(&db, &write.review).await?;
-        db.commit().await?;
-        Ok((checkpoint, write.changes.len() as u64))
+        store::apply_review(db, &write.review).await?;
+        Ok((checkpoint, changes.len() as u64, held))
     }
 
     /// The engine changes of one decoded row message (an update of the key is a delete and an
