@@ -133,11 +133,11 @@ async fn a_transaction_larger_than_memory_is_spooled_survives_a_crash_of_the_rec
 
     // Node 2 crashes while it spools the transaction, and comes back.
     let metrics = files[1].metrics;
-    wait_until(
-        "node 2 spools node 1's transaction",
-        Duration::from_secs(300),
-        || async { spooled_in_flight(metrics).await > 0 },
-    )
+    // Generous limits, in proportion to the transaction: its capture on node 1 comes first.
+    let per_row = |base: u64, rows_per_sec: u64| Duration::from_secs(base + rows as u64 / rows_per_sec);
+    wait_until("node 2 spools node 1's transaction", per_row(120, 1_000), || async {
+        spooled_in_flight(metrics).await > 0
+    })
     .await;
     let logs = receiver.kill9();
     assert!(logs.contains("spooling a large transaction"), "{logs}");
@@ -149,7 +149,7 @@ async fn a_transaction_larger_than_memory_is_spooled_survives_a_crash_of_the_rec
     receiver = RunningNode::start(&files[1].config, &[]);
     let peak_pid = receiver.pid();
 
-    wait_until("the transaction reaches node 2", Duration::from_secs(900), || async {
+    wait_until("the transaction reaches node 2", per_row(300, 250), || async {
         one_count(&dbs[1], rows).await == rows
     })
     .await;

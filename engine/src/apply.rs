@@ -660,6 +660,11 @@ impl BatchApply {
         self.last
     }
 
+    /// Where the batch stands in a transaction applied in segments, if it is one.
+    pub fn segment(&self) -> Option<&Segment> {
+        self.segment.as_ref()
+    }
+
     /// The changes the batch applies (what was at or below the applied position is not here).
     pub fn changes(&self) -> &[RowChange] {
         &self.changes

@@ -13,12 +13,12 @@
 //! arrives. While the node it waits for is not connected, it waits at most
 //! `ReplicationConfig::causal_wait_micros`, so that the nodes that are up keep replicating.
 //!
-//! Memory stays bounded for a transaction of any size: while the first transaction is still
-//! arriving and what is queued of it exceeds the spool bound, its changes are handed out as
-//! [`Handout::Spool`] for the applier to keep on disk, and its end comes later as the next
-//! [`Handout::Batch`], alone; the applier then applies the spooled part and the end in one local
-//! transaction. All queued changes belong to the first transaction while it is incomplete
-//! (changes arrive in sequence order), so the spool is always a prefix of one transaction.
+//! Memory stays bounded for a transaction of any size: once what is queued of the first
+//! transaction exceeds the spool bound, whether it is still arriving or complete, its changes
+//! are handed out as [`Handout::Spool`] to be kept on disk, and its end (at least its last
+//! change) as [`Handout::SpooledEnd`]; the applier then applies the spooled part and the end in
+//! one local transaction. A transaction handed out whole is within the bound or within
+//! [`MAX_APPLY_BATCH`] changes.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -33,12 +33,13 @@ pub const MAX_APPLY_BATCH: usize = 2_000;
 /// What the queue hands the applier, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handout {
-    /// Whole transactions, to apply now; or the end of the transaction whose beginning came as
-    /// `Spool`, to apply together with it.
+    /// Whole transactions, to apply now.
     Batch(Vec<RowChange>),
-    /// The beginning of a transaction larger than the spool bound, still arriving: keep it until
-    /// its end arrives as the next `Batch`.
+    /// A part of a transaction larger than the spool bound: keep it until its end comes as
+    /// `SpooledEnd`.
     Spool(Vec<RowChange>),
+    /// The end of the transaction whose beginning came as `Spool`: apply them together.
+    SpooledEnd(Vec<RowChange>),
 }
 
 /// The transaction being spooled.
@@ -145,16 +146,32 @@ impl ApplyQueue {
         batch
     }
 
-    /// Whether the first transaction is still arriving and more of it is queued than the bound.
-    fn must_spool(&self) -> bool {
-        self.spool_bound.is_some_and(|bound| self.bytes > bound) && self.tail.0 == self.changes.len()
+    /// How many changes from the front to spool now: all that is queued of the first
+    /// transaction while it is still arriving, all but its last change once it is complete, when
+    /// that is more than the bound.
+    fn spool_len(&self) -> Option<usize> {
+        let bound = self.spool_bound?;
+        if self.bytes <= bound || self.planted == Some(PlantedBug::SplitTransactions) {
+            return None;
+        }
+        if self.tail.0 == self.changes.len() {
+            return Some(self.changes.len());
+        }
+        let end = self.changes.iter().position(RowChange::ends_transaction)?;
+        let head: usize = self.changes.range(..=end).map(RowChange::approx_bytes).sum();
+        (head > bound && end > 0).then_some(end)
+    }
+
+    /// Whether the next handout is a part to spool (which goes somewhere else than a batch).
+    pub fn next_is_spool(&self) -> bool {
+        self.spool_len().is_some()
     }
 
     /// The next handout: a part of a large transaction to spool, the end of a spooled one (once
     /// what it builds on is applied here), or whole transactions as [`ApplyQueue::next_batch`].
     pub fn next_handout(&mut self, max: usize, replication: &Replication, now: u64) -> Option<Handout> {
-        if self.must_spool() {
-            let changes = self.drain_front(self.changes.len());
+        if let Some(n) = self.spool_len() {
+            let changes = self.drain_front(n);
             let spooling = self.spooling.get_or_insert_with(|| Spooling {
                 first: changes[0].clone(),
                 changes: 0,
@@ -178,7 +195,7 @@ impl ApplyQueue {
             }
         }
         self.spooling = None;
-        Some(Handout::Batch(self.drain_front(end + 1)))
+        Some(Handout::SpooledEnd(self.drain_front(end + 1)))
     }
 
     /// The transaction still arriving, if any: how much of it is here or spooled.
@@ -238,7 +255,7 @@ impl ApplyQueue {
     /// Whether a complete transaction is queued that did not wait at the last `next_batch`, or
     /// a part of one to spool.
     pub fn has_batch(&self) -> bool {
-        (self.held.is_none() && self.has_complete()) || self.must_spool()
+        (self.held.is_none() && self.has_complete()) || self.spool_len().is_some()
     }
 
     /// Whether a complete transaction is queued (it may still wait for what it builds on).
@@ -521,8 +538,9 @@ mod tests {
         );
         q.push(big[5..].to_vec());
         q.push(tx(12..=12));
-        // The end is within the bound now that the rest is complete: handed out alone.
-        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(big[5..].to_vec())));
+        // The rest is complete now, but still above the bound: spooled but for its last change.
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Spool(big[5..9].to_vec())));
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::SpooledEnd(big[9..].to_vec())));
         assert_eq!(q.in_flight(), None);
         assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(tx(12..=12))));
         assert!(q.is_empty() && q.bytes == 0);
@@ -543,6 +561,23 @@ mod tests {
         assert_eq!(q.next_handout(100, &r, 0), None);
         assert_eq!(q.held().map(|d| d.node), Some(NodeId(3)));
         r.applied(NodeId(3), 5).unwrap();
-        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(t[2..].to_vec())));
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::SpooledEnd(t[2..].to_vec())));
+    }
+
+    #[test]
+    fn a_complete_transaction_larger_than_the_bound_is_spooled_too() {
+        let r = cluster();
+        let mut q = ApplyQueue::new();
+        let one = tx(1..=1)[0].approx_bytes();
+        q.set_spool_bound(Some(3 * one));
+        // Arrived whole while the applier was busy: still not handed out in one piece.
+        let big = tx(1..=6);
+        q.push(big.clone());
+        q.push(tx(7..=7));
+        assert!(q.next_is_spool());
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Spool(big[..5].to_vec())));
+        assert!(!q.next_is_spool());
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::SpooledEnd(big[5..].to_vec())));
+        assert_eq!(q.next_handout(100, &r, 0), Some(Handout::Batch(tx(7..=7))));
     }
 }

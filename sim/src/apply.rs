@@ -63,6 +63,13 @@ pub struct Applying {
     loaded_picture: Vec<RowPicture>,
     /// What the last commit replaced.
     undo: Undo,
+    /// A spooled transaction's segment rolled everything back: it starts over from its first
+    /// segment once the wait is over.
+    pub start_over: bool,
+    /// Of a spooled transaction: the segment being applied, and what the ones before applied.
+    pub segment_index: usize,
+    earlier: Vec<(NodeId, u64)>,
+    earlier_summary: accord_engine::ApplySummary,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +117,9 @@ pub enum Stop {
     Blocked { holder: usize },
     /// The batch committed: what it merged, and the machine's last word.
     Done(Box<Committed>),
+    /// A segment of a spooled transaction is applied, its transaction still open: the next
+    /// segment goes on in it (`Applying::next_segment`).
+    SegmentDone { applied: u64 },
 }
 
 #[derive(Debug)]
@@ -161,7 +171,27 @@ impl Applying {
             last_probe: None,
             loaded_picture: Vec::new(),
             undo: Undo::default(),
+            start_over: false,
+            segment_index: 0,
+            earlier: Vec::new(),
+            earlier_summary: accord_engine::ApplySummary::default(),
         }
+    }
+
+    /// Goes on with segment `index` of a spooled transaction (`machine` applies `batch`) in the
+    /// same open transaction; index 0 after a start over.
+    pub fn next_segment(&mut self, machine: BatchApply, batch: Vec<RowChange>, index: usize) {
+        if index == 0 {
+            self.earlier.clear();
+            self.earlier_summary = accord_engine::ApplySummary::default();
+        } else {
+            self.earlier
+                .extend(self.machine.changes().iter().map(|c| (c.origin, c.seq)));
+        }
+        self.machine = machine;
+        self.batch = batch;
+        self.segment_index = index;
+        self.start_over = false;
     }
 
     /// Whether this transaction holds `key`'s row: locked, or written and not committed.
@@ -283,10 +313,26 @@ impl Applying {
                     }
                     return Ok(Stop::Waiting);
                 }
-                ApplyCommand::StartOver { .. } => {
-                    return Err(DriverError(
-                        "apply driver: StartOver of a batch that is not a segment".into(),
-                    ))
+                ApplyCommand::StartOver { probe, pause_micros } => {
+                    if self.machine.segment().is_none() {
+                        return Err(DriverError(
+                            "apply driver: StartOver of a batch that is not a segment".into(),
+                        ));
+                    }
+                    // Everything the transaction's segments did goes, as for a restart.
+                    self.roll_back();
+                    self.start_over = true;
+                    if probe {
+                        self.probing(db, capture_read)?;
+                        db.flush();
+                        self.waiting = Waiting::Capture {
+                            lsn: db.wal_insert_lsn(),
+                            then: Resume::Restarted,
+                        };
+                    } else {
+                        self.waiting = Waiting::Until { at: now + pause_micros };
+                    }
+                    return Ok(Stop::Waiting);
                 }
                 ApplyCommand::Write(planned) => {
                     if let Some(holder) = self.insert_blocked(others, &planned)? {
@@ -316,12 +362,19 @@ impl Applying {
                     command = self.step(ApplyInput::Committed)?;
                     continue;
                 }
-                ApplyCommand::Done { applied, summary } => {
+                ApplyCommand::Done { applied, summary } if self.machine.segment().is_some_and(|s| !s.last) => {
+                    self.earlier_summary.add(&summary);
+                    return Ok(Stop::SegmentDone { applied });
+                }
+                ApplyCommand::Done { applied, mut summary } => {
+                    summary.add(&std::mem::take(&mut self.earlier_summary));
+                    let mut changes = std::mem::take(&mut self.earlier);
+                    changes.extend(self.machine.changes().iter().map(|c| (c.origin, c.seq)));
                     let tx = std::mem::take(&mut self.tx);
                     return Ok(Stop::Done(Box::new(Committed {
                         applied,
                         summary,
-                        changes: self.machine.changes().iter().map(|c| (c.origin, c.seq)).collect(),
+                        changes,
                         merged: tx.merged,
                         conflicts: tx.conflicts.len(),
                         review: tx.review,

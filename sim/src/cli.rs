@@ -87,7 +87,7 @@ impl SimArgs {
 fn line(report: &SeedReport) -> String {
     let s = &report.stats;
     format!(
-        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} locks={} deadlocks={} waived={} truncates={} refused={} faults={} rounds={} collected={} window={}",
+        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} locks={} deadlocks={} waived={} truncates={} spooled={}/{} refused={} faults={} rounds={} collected={} window={}",
         report.config.seed,
         if report.passed() { "ok" } else { "FAIL" },
         report.hash,
@@ -101,6 +101,8 @@ fn line(report: &SeedReport) -> String {
         s.deadlocks,
         s.causal_waivers,
         s.truncates,
+        s.spooled_transactions,
+        s.spool_start_overs,
         s.refused_hellos + s.refused_batches,
         s.crashes
             + s.machine_crashes

@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
-    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
-    CollectionState, Collector, DecodedRow, DecodedTransaction, Hello, Hlc, LocalIdentity, Message, NodeId, Refusal,
-    Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, TableDef, Truncate, MAX_APPLY_BATCH,
-    PROTOCOL_VERSION,
+    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Carried, Cell,
+    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity,
+    Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segment,
+    StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -93,10 +93,51 @@ impl Timer {
 #[derive(Debug, Default)]
 struct Applier {
     queue: ApplyQueue,
+    /// The beginning of a transaction still arriving (`Handout::Spool`; the service's spool file).
+    spool: Vec<RowChange>,
+    /// A spooled transaction being applied, in segments.
+    spooled: Option<Spooled>,
     applying: Option<Applying>,
     scheduled: bool,
     /// After a deadlock, the service pauses before it tries the batch again.
     not_before: u64,
+}
+
+/// A spooled transaction, complete, cut into segments as the service reads it back.
+#[derive(Debug)]
+struct Spooled {
+    segments: Vec<Vec<RowChange>>,
+    restarts: u32,
+}
+
+/// The machine for segment `index` of a spooled transaction, after position `applied`. `with`:
+/// the peer, the replicated tables, the collection cut and the planted bug.
+fn segment_machine(
+    with: (NodeId, &Arc<[TableDef]>, &Option<StableCut>, Option<PlantedBug>),
+    spooled: &Spooled,
+    index: usize,
+    applied: u64,
+    carried: Carried,
+) -> Result<BatchApply, Failure> {
+    let (pid, tables, cut, bug) = with;
+    let segments = &spooled.segments;
+    let commit_at = segments.last().and_then(|s| s.last()).map_or(0, |c| c.seq);
+    let machine = BatchApply::new(
+        pid,
+        applied,
+        segments[index].clone(),
+        Arc::clone(tables),
+        cut.clone(),
+        apply_rules(bug),
+    )
+    .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {pid}: {e}")))?;
+    Ok(machine.in_segment(Segment {
+        first: index == 0,
+        last: index + 1 == segments.len(),
+        commit_at,
+        carried,
+        restarts: spooled.restarts,
+    }))
 }
 
 /// How long PostgreSQL waits before it looks for a deadlock, plus the pause the service takes
@@ -223,6 +264,7 @@ impl Node {
         self.inc += 1;
         self.pg_down = false;
         let planted = apply_rules(ctx.bug).planted;
+        let spool_bound = ctx.params.spool_bound;
         replication.plant(planted);
         let positions = self
             .db
@@ -241,6 +283,7 @@ impl Node {
                 .map(|p| {
                     let mut applier = Applier::default();
                     applier.queue.plant(planted);
+                    applier.queue.set_spool_bound(spool_bound);
                     (p, applier)
                 })
                 .collect(),
@@ -849,7 +892,10 @@ impl Node {
             return Ok(());
         };
         applier.scheduled = false;
-        let input = match &applier.applying {
+        let pid = peer_id(peer);
+        // The replication-origin position: what is at or below it was applied.
+        let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
+        let mut input = match &applier.applying {
             Some(applying) => match applying.waiting {
                 Waiting::Capture { lsn, then } => {
                     if !covered(lsn) {
@@ -875,94 +921,175 @@ impl Node {
                     self.want_apply_of(ctx, peer);
                     return Ok(());
                 }
-                let Some(batch) = applier.queue.next_batch(MAX_APPLY_BATCH, &vol.replication, ctx.now) else {
-                    if let Some(at) = applier.queue.waits_until(&vol.replication) {
-                        ctx.out.push(Output::Timer {
-                            at,
-                            timer: Timer::CausalWaitOver(peer),
+                if applier.spooled.is_none() {
+                    let batch = loop {
+                        match applier.queue.next_handout(MAX_APPLY_BATCH, &vol.replication, ctx.now) {
+                            // The service keeps it in a file, gone in a crash as this is.
+                            Some(Handout::Spool(part)) => {
+                                ctx.stats.spooled_changes += part.len() as u64;
+                                applier.spool.extend(part);
+                            }
+                            Some(Handout::Batch(batch) | Handout::SpooledEnd(batch)) => break batch,
+                            None => {
+                                if let Some(at) = applier.queue.waits_until(&vol.replication) {
+                                    ctx.out.push(Output::Timer {
+                                        at,
+                                        timer: Timer::CausalWaitOver(peer),
+                                    });
+                                }
+                                return Ok(());
+                            }
+                        }
+                    };
+                    let waived = applier.queue.take_waived();
+                    if let (false, Some(last)) = (waived.is_empty(), batch.last()) {
+                        // Its changes too may show in part: those that carry values of the
+                        // transactions they built on are kept until those arrive.
+                        ctx.oracle.waived(self.ix, last.origin, last.seq);
+                    }
+                    for dependency in waived {
+                        ctx.stats.causal_waivers += 1;
+                        ctx.oracle.waived(self.ix, dependency.node, dependency.through);
+                    }
+                    if applier.spool.is_empty() {
+                        let machine = BatchApply::new(
+                            pid,
+                            durable,
+                            batch.clone(),
+                            Arc::clone(&self.tables),
+                            self.db.collection.cut.clone(),
+                            apply_rules(ctx.bug),
+                        )
+                        .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
+                        ctx.stats.duplicates_skipped += (batch.len() - machine.changes().len()) as u64;
+                        applier.applying = Some(Applying::new(peer, machine, batch));
+                    } else {
+                        let mut changes = std::mem::take(&mut applier.spool);
+                        changes.extend(batch);
+                        ctx.stats.spooled_transactions += 1;
+                        applier.spooled = Some(Spooled {
+                            segments: changes
+                                .chunks(ctx.params.segment_len.max(1))
+                                .map(<[RowChange]>::to_vec)
+                                .collect(),
+                            restarts: 0,
                         });
                     }
-                    return Ok(());
-                };
-                let waived = applier.queue.take_waived();
-                if let (false, Some(last)) = (waived.is_empty(), batch.last()) {
-                    // Its changes too may show in part: those that carry values of the
-                    // transactions they built on are kept until those arrive.
-                    ctx.oracle.waived(self.ix, last.origin, last.seq);
                 }
-                for dependency in waived {
-                    ctx.stats.causal_waivers += 1;
-                    ctx.oracle.waived(self.ix, dependency.node, dependency.through);
+                if let Some(spooled) = &applier.spooled {
+                    let machine = segment_machine(
+                        (pid, &self.tables, &self.db.collection.cut, ctx.bug),
+                        spooled,
+                        0,
+                        durable,
+                        Carried::default(),
+                    )?;
+                    applier.applying = Some(Applying::new(peer, machine, spooled.segments[0].clone()));
                 }
-                let pid = peer_id(peer);
-                // The replication-origin position: what is at or below it was applied.
-                let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
-                let machine = BatchApply::new(
-                    pid,
-                    durable,
-                    batch.clone(),
-                    Arc::clone(&self.tables),
-                    self.db.collection.cut.clone(),
-                    apply_rules(ctx.bug),
-                )
-                .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
-                ctx.stats.duplicates_skipped += (batch.len() - machine.changes().len()) as u64;
-                applier.applying = Some(Applying::new(peer, machine, batch));
                 Some(ApplyInput::Start { now: ctx.now })
             }
         };
         let Some(mut applying) = applier.applying.take() else {
             return Ok(());
         };
-        let env = RunEnv {
-            now: ctx.now,
-            physical: ctx.physical,
-            images: ctx.bug == Some(PlantedBug::ForgetFromPeer),
-            capture_read: vol.capture_read(),
-            round_trip: ctx.rng.range(0, ctx.params.round_trip_max),
-        };
-        let others: Vec<&Applying> = vol.appliers.values().filter_map(|a| a.applying.as_ref()).collect();
-        let result = applying.run(&mut self.db, &others, input, env);
-        let committed = match result {
-            Ok(Stop::Waiting) => {
-                let released = !matches!(applying.waiting, Waiting::RoundTrip { .. });
-                if let Some(applier) = vol.appliers.get_mut(&peer) {
-                    applier.applying = Some(applying);
-                }
-                ctx.trace.add(mix(0xA1A1, self.db.wal_insert_lsn()));
-                if released {
-                    // A probe released the metadata locks, a restart all of them.
-                    self.wake_lock_waiters(ctx);
-                }
-                self.want_capture(ctx);
-                self.want_apply_of(ctx, peer);
-                return Ok(());
+        let committed = loop {
+            if applying.start_over && matches!(input, Some(ApplyInput::Restarted { .. })) {
+                // The whole spooled transaction again, from its first segment.
+                let Some(spooled) = vol.appliers.get_mut(&peer).and_then(|a| a.spooled.as_mut()) else {
+                    return Err(Failure::new(
+                        Invariant::Engine,
+                        format!("node {}: a start over without a spooled transaction", self.id),
+                    ));
+                };
+                spooled.restarts += 1;
+                ctx.stats.spool_start_overs += 1;
+                let spooled = &*spooled;
+                let machine = segment_machine(
+                    (pid, &self.tables, &self.db.collection.cut, ctx.bug),
+                    spooled,
+                    0,
+                    durable,
+                    Carried::default(),
+                )?;
+                applying.next_segment(machine, spooled.segments[0].clone(), 0);
+                input = Some(ApplyInput::Start { now: ctx.now });
             }
-            Ok(Stop::Blocked { holder }) => {
-                ctx.stats.lock_waits += 1;
-                if waits_for(&vol.appliers, holder, peer) {
-                    // A deadlock: PostgreSQL aborts one of the transactions; the service logs
-                    // the error and tries the batch again from the start, after a pause.
-                    ctx.stats.deadlocks += 1;
-                    ctx.trace.add(mix(0xDEAD, peer as u64));
-                    let Some(vol) = &mut self.vol else { return Ok(()) };
-                    if let Some(applier) = vol.appliers.get_mut(&peer) {
-                        applier.queue.push_front(applying.batch);
-                        applier.not_before = ctx.now + DEADLOCK_RETRY_MICROS;
+            let env = RunEnv {
+                now: ctx.now,
+                physical: ctx.physical,
+                images: ctx.bug == Some(PlantedBug::ForgetFromPeer),
+                capture_read: vol.capture_read(),
+                round_trip: ctx.rng.range(0, ctx.params.round_trip_max),
+            };
+            let others: Vec<&Applying> = vol.appliers.values().filter_map(|a| a.applying.as_ref()).collect();
+            let result = applying.run(&mut self.db, &others, input.take(), env);
+            let Some(applier) = vol.appliers.get_mut(&peer) else {
+                return Ok(());
+            };
+            match result {
+                Ok(Stop::Waiting) => {
+                    let released = !matches!(applying.waiting, Waiting::RoundTrip { .. });
+                    applier.applying = Some(applying);
+                    ctx.trace.add(mix(0xA1A1, self.db.wal_insert_lsn()));
+                    if released {
+                        // A probe released the metadata locks, a restart all of them.
+                        self.wake_lock_waiters(ctx);
                     }
-                    self.wake_lock_waiters(ctx);
+                    self.want_capture(ctx);
                     self.want_apply_of(ctx, peer);
-                } else if let Some(applier) = vol.appliers.get_mut(&peer) {
-                    applier.applying = Some(applying);
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Ok(Stop::Done(committed)) => committed,
-            Err(DriverError(message)) => {
-                return Err(Failure::new(Invariant::Engine, format!("node {}: {message}", self.id)))
+                Ok(Stop::SegmentDone { applied }) => {
+                    let Some(spooled) = &applier.spooled else {
+                        return Err(Failure::new(
+                            Invariant::Engine,
+                            format!("node {}: a segment without a spooled transaction", self.id),
+                        ));
+                    };
+                    let next = applying.segment_index + 1;
+                    let carried = applying.machine.carried();
+                    let machine = segment_machine(
+                        (pid, &self.tables, &self.db.collection.cut, ctx.bug),
+                        spooled,
+                        next,
+                        applied,
+                        carried,
+                    )?;
+                    applying.next_segment(machine, spooled.segments[next].clone(), next);
+                    ctx.trace.add(mix(0x5E65, next as u64));
+                    input = Some(ApplyInput::Start { now: ctx.now });
+                }
+                Ok(Stop::Blocked { holder }) => {
+                    ctx.stats.lock_waits += 1;
+                    if waits_for(&vol.appliers, holder, peer) {
+                        // A deadlock: PostgreSQL aborts one of the transactions; the service logs
+                        // the error and tries the batch again from the start, after a pause.
+                        ctx.stats.deadlocks += 1;
+                        ctx.trace.add(mix(0xDEAD, peer as u64));
+                        let Some(vol) = &mut self.vol else { return Ok(()) };
+                        if let Some(applier) = vol.appliers.get_mut(&peer) {
+                            // A spooled transaction is tried again from its spool.
+                            if applier.spooled.is_none() {
+                                applier.queue.push_front(applying.batch);
+                            }
+                            applier.not_before = ctx.now + DEADLOCK_RETRY_MICROS;
+                        }
+                        self.wake_lock_waiters(ctx);
+                        self.want_apply_of(ctx, peer);
+                    } else if let Some(applier) = vol.appliers.get_mut(&peer) {
+                        applier.applying = Some(applying);
+                    }
+                    return Ok(());
+                }
+                Ok(Stop::Done(committed)) => {
+                    applier.spooled = None;
+                    break committed;
+                }
+                Err(DriverError(message)) => {
+                    return Err(Failure::new(Invariant::Engine, format!("node {}: {message}", self.id)))
+                }
             }
         };
-        let pid = peer_id(peer);
         self.finish_apply(ctx, peer, *committed)?;
         let Some(vol) = &mut self.vol else { return Ok(()) };
         let last = self.db.progress.get(&pid).map_or(0, |p| p.applied);

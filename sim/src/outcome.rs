@@ -95,6 +95,11 @@ pub struct Stats {
     pub causal_waivers: u64,
     /// Local TRUNCATEs committed.
     pub truncates: u64,
+    /// Large transactions spooled by a receiver and applied in segments, the changes that went
+    /// to a spool, and the times such a transaction started over from its first segment.
+    pub spooled_transactions: u64,
+    pub spooled_changes: u64,
+    pub spool_start_overs: u64,
     /// Times a local writer or the capture found a row or its metadata locked by an applier.
     pub local_lock_waits: u64,
     pub capture_lock_waits: u64,

@@ -94,6 +94,11 @@ pub struct Params {
     pub round_every: u64,
     /// How long a transaction waits for a node that is away when it builds on its changes.
     pub causal_wait: u64,
+    /// A receiver spools a transaction still arriving once more than this is queued of it
+    /// (estimated bytes; `None`: never), and applies a spooled one in segments of this many
+    /// changes.
+    pub spool_bound: Option<usize>,
+    pub segment_len: usize,
 }
 
 impl Params {
@@ -161,6 +166,8 @@ impl Params {
             fault_duration_max: *pick(rng, &[20_000u64, 300_000, 2_000_000]),
             round_every: *pick(rng, &[20_000u64, 200_000, 2_000_000]),
             causal_wait: 0,
+            spool_bound: None,
+            segment_len: 1,
         };
         params.mix[7] = late(rng);
         params.mix[8] = late(rng);
@@ -170,6 +177,10 @@ impl Params {
         params.causal_wait = *pick(rng, &[0u64, 50_000, 1_000_000, 10_000_000]);
         // Rare, and in a quarter of the regimes: each empties the node's table.
         params.mix[9] = *pick(rng, &[0u32, 0, 0, 1]);
+        // Half the regimes spool: from the first change of a transaction still arriving (1
+        // byte), or a few changes in.
+        params.spool_bound = *pick(rng, &[None, None, Some(1usize), Some(2_000)]);
+        params.segment_len = *pick(rng, &[1usize, 2, 3]);
         params
     }
 

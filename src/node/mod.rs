@@ -1,6 +1,7 @@
 //! The node beside one PostgreSQL database: init, capture, apply, and the replication loop.
 
 pub mod apply;
+pub mod apply_worker;
 pub mod capture;
 pub mod ids;
 pub mod init;

@@ -8,22 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    AppliedPosition, ApplyError, ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Message, NodeId,
-    PeerProgress, Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
+    ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tracing::Instrument;
 
-use super::apply::{is_deadlock, Applier, ApplySummary, ConflictCounts};
+use super::apply::{Applier, ConflictCounts};
+use super::apply_worker::{apply_worker, spooler, Applied, ApplyWaits, ApplyWork, SpoolWork};
 use super::capture::{Capture, CaptureProgress};
 use super::init::load_policy;
 use super::key_locks;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
-use super::spool::Spool;
 use super::store::{self, decode, StoreError};
 use super::truncate;
 use crate::pg_connection::connect;
@@ -222,17 +222,6 @@ pub fn wall_micros() -> u64 {
         .unwrap_or(0)
 }
 
-struct Applied {
-    peer: NodeId,
-    result: Result<(u64, ApplySummary)>,
-    /// Attempts of the batch that were a deadlock's victim, and were tried again.
-    deadlocks: u64,
-    /// The commit stamp of the batch's last change.
-    last_stamp: Option<Hlc>,
-    /// How far the peer's changes are applied on disk (see `Applier::durable`).
-    durable: u64,
-}
-
 /// Starts a node. `network` is given the node's identity (what peers are checked against) and the
 /// source of its hellos, and returns the node's network port.
 pub async fn start<F, Fut>(config: NodeConfig, network: F) -> Result<NodeHandle>
@@ -349,19 +338,23 @@ where
                 acked: acked as u64,
             },
         ));
-        let (queue, batches) = mpsc::channel::<Handout>(8);
-        apply_queues.insert(peer, queue);
+        let (apply, work) = mpsc::channel::<ApplyWork>(8);
+        // Few parts in flight: each holds up to the spool bound in memory.
+        let (spool, spool_work) = mpsc::channel::<SpoolWork>(2);
+        apply_queues.insert(peer, PeerWork { apply, spool });
         let span = tracing::info_span!("peer", node = %node, peer = %peer);
         workers.push(tokio::spawn(
             apply_worker(
                 applier,
                 config.dsn.clone(),
-                batches,
+                work,
                 applied_tx.clone(),
                 apply_waits.clone(),
-                config.spool.clone(),
             )
-            .instrument(span),
+            .instrument(span.clone()),
+        ));
+        workers.push(tokio::spawn(
+            spooler(peer, spool_work, config.spool.dir.clone()).instrument(span),
         ));
     }
     let head = capture_rx.borrow().head;
@@ -453,330 +446,22 @@ where
     })
 }
 
-/// The engine's refusal of a batch whose row has no place here (`ApplyError::NoPlace`).
-fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
-    error
-        .chain()
-        .find_map(|e| e.downcast_ref::<ApplyError>())
-        .filter(|e| matches!(e, ApplyError::NoPlace { .. }))
-}
-
-/// What each peer's applier waits for, when it cannot go on until this node's users act.
-type ApplyWaits = Arc<Mutex<BTreeMap<NodeId, String>>>;
-
-/// A peer's applier with what applying its batches reports to.
-struct ApplyWorker {
-    applier: Applier,
-    dsn: String,
-    /// What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
-    position: AppliedPosition,
-    started: Instant,
-    done: mpsc::Sender<Applied>,
-    waits: ApplyWaits,
-    spool_dir: Option<PathBuf>,
-    /// The beginning of a transaction still arriving (`Handout::Spool`), created at the first.
-    spool: Option<Spool>,
-}
-
-async fn apply_worker(
-    applier: Applier,
-    dsn: String,
-    mut handouts: mpsc::Receiver<Handout>,
-    done: mpsc::Sender<Applied>,
-    waits: ApplyWaits,
-    spool: SpoolConfig,
-) {
-    let mut worker = ApplyWorker {
-        position: AppliedPosition::new(applier.applied(), None),
-        applier,
-        dsn,
-        started: Instant::now(),
-        done,
-        waits,
-        spool_dir: spool.dir,
-        spool: None,
-    };
-    let mut next: Option<Handout> = None;
-    loop {
-        let handout = match next.take() {
-            Some(handout) => handout,
-            None => match handouts.recv().await {
-                Some(handout) => handout,
-                None => return,
-            },
-        };
-        let mut batch = match handout {
-            Handout::Spool(changes) => {
-                if !worker.spool(&changes).await {
-                    return;
-                }
-                continue;
-            }
-            Handout::Batch(batch) if worker.spool.as_ref().is_some_and(|s| !s.is_empty()) => {
-                if !worker.apply_spooled(&batch, !handouts.is_empty()).await {
-                    return;
-                }
-                continue;
-            }
-            Handout::Batch(batch) => batch,
-        };
-        // What queued up behind it goes into the same transaction: a node that fell behind
-        // catches up in large batches, paying the per-batch costs (a commit, a wait for the
-        // capture) once per batch rather than once per small message.
-        while let Ok(following) = handouts.try_recv() {
-            let Handout::Batch(following) = following else {
-                next = Some(following);
-                break;
-            };
-            if let Err(following) = join_batches(&mut batch, following) {
-                if !worker.apply_batch(&batch, true).await {
-                    return;
-                }
-                batch = following;
-            }
-        }
-        let more = next.is_some() || !handouts.is_empty();
-        if !worker.apply_batch(&batch, more).await {
-            return;
-        }
+/// A permit to send on a channel that had room, `None` if it is full.
+fn room<T>(
+    reserved: std::result::Result<mpsc::Permit<'_, T>, mpsc::error::TrySendError<()>>,
+    peer: NodeId,
+) -> Result<Option<mpsc::Permit<'_, T>>> {
+    match reserved {
+        Ok(permit) => Ok(Some(permit)),
+        Err(mpsc::error::TrySendError::Full(())) => Ok(None),
+        Err(mpsc::error::TrySendError::Closed(())) => bail!("the applier or spooler of node {peer} stopped"),
     }
 }
 
-/// Appends `next` to `batch` when it continues it and the two fit in one apply transaction;
-/// otherwise hands `next` back. Both hold whole transactions (`ApplyQueue`), and a batch of one
-/// transaction may be larger.
-fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result::Result<(), Vec<RowChange>> {
-    let continues = match (batch.last(), next.first()) {
-        (Some(last), Some(first)) => first.seq == last.seq + 1,
-        _ => true,
-    };
-    if !continues || batch.len() + next.len() > MAX_APPLY_BATCH {
-        return Err(next);
-    }
-    batch.extend(next);
-    Ok(())
-}
-
-impl ApplyWorker {
-    /// Keeps a chunk of a transaction still arriving on disk. A write that fails (a full disk) is
-    /// tried again until it succeeds: nothing of the transaction may be dropped, and the peer
-    /// cannot resend it while this node holds its connection. `false` when the node is stopping.
-    async fn spool(&mut self, changes: &[RowChange]) -> bool {
-        let peer = self.applier.peer();
-        loop {
-            let result = match &mut self.spool {
-                Some(spool) => spool.append(changes).await,
-                None => Spool::create(self.spool_dir.as_deref()).map(|spool| {
-                    self.spool = Some(spool);
-                }),
-            };
-            match result {
-                Ok(()) if self.spool.as_ref().is_some_and(|s| !s.is_empty()) => return true,
-                Ok(()) => continue, // created; now append
-                Err(error) => {
-                    tracing::error!(%peer, error = format!("{error:#}"), "cannot spool a large transaction; retrying");
-                    if self.done.is_closed() {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-
-    /// Applies the spooled transaction that `tail` ends, then empties the spool.
-    async fn apply_spooled(&mut self, tail: &[RowChange], more: bool) -> bool {
-        let Some(mut spool) = self.spool.take() else {
-            return self.apply_batch(tail, more).await;
-        };
-        tracing::info!(
-            peer = %self.applier.peer(),
-            changes = spool.changes() + tail.len() as u64,
-            spooled_bytes = spool.bytes(),
-            "applying a spooled transaction"
-        );
-        let applied = self
-            .apply_work(
-                Work::Spooled {
-                    spool: &mut spool,
-                    tail,
-                },
-                more,
-            )
-            .await;
-        if let Err(error) = spool.clear().await {
-            // A new file then, the next time one is needed.
-            tracing::warn!(error = format!("{error:#}"), "cannot empty the spool file");
-        } else {
-            self.spool = Some(spool);
-        }
-        applied
-    }
-
-    /// `apply_batch` for each of the batch's transactions in turn.
-    async fn apply_by_transaction(&mut self, batch: &[RowChange], more: bool) -> bool {
-        let parts: Vec<&[RowChange]> = batch.split_inclusive(|c| c.ends_transaction()).collect();
-        let last = parts.len().saturating_sub(1);
-        for (i, part) in parts.into_iter().enumerate() {
-            if !Box::pin(self.apply_batch(part, more || i < last)).await {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
-    /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
-    /// flushes to learn its durable position less often). `false` when the node is stopping.
-    async fn apply_batch(&mut self, batch: &[RowChange], more: bool) -> bool {
-        self.apply_work(Work::Batch(batch), more).await
-    }
-
-    async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> bool {
-        let ApplyWorker {
-            applier,
-            dsn,
-            position,
-            started,
-            done,
-            waits,
-            ..
-        } = self;
-        let batch = work.changes();
-        let (dsn, started) = (dsn.as_str(), *started);
-        let peer = applier.peer();
-        let mut deadlocks = 0;
-        let mut waiting_since: Option<Instant> = None;
-        loop {
-            let span = tracing::debug_span!(
-                "batch",
-                first = batch.first().map(|c| c.seq),
-                last = batch.last().map(|c| c.seq),
-                changes = batch.len()
-            );
-            let result = match &mut work {
-                Work::Batch(batch) => applier.apply(batch).instrument(span).await,
-                Work::Spooled { spool, tail } => applier.apply_spooled(spool, tail).instrument(span).await,
-            };
-            match result {
-                Ok(ok) => {
-                    if waiting_since.is_some() {
-                        waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
-                        tracing::info!(%peer, "the transaction that waited for a partition is applied");
-                    }
-                    let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    if position.committed(ok.0, more, now()) {
-                        match applier.durable().await {
-                            Ok(durable) => position.flushed(durable, now()),
-                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
-                        }
-                    }
-                    let applied = Applied {
-                        peer,
-                        result: Ok(ok),
-                        deadlocks,
-                        last_stamp: batch.last().map(|c| c.stamp),
-                        durable: position.acknowledgeable(),
-                    };
-                    return done.send(applied).await.is_ok();
-                }
-                Err(error) if is_deadlock(&error) => {
-                    // A local transaction locked the batch's rows in another order, and PostgreSQL
-                    // rolled the batch back to let it through. Nothing is wrong with the session:
-                    // try again on it after a moment, once the local transaction has moved on.
-                    deadlocks += 1;
-                    tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
-                    match applier.abandon_attempt().await {
-                        Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
-                        Err(error) => {
-                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                            reconnect(applier, dsn).await;
-                        }
-                    }
-                }
-                Err(error)
-                    if no_place(&error).is_some()
-                        && matches!(work, Work::Batch(_))
-                        && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
-                {
-                    // One of its transactions lacks a partition here: apply them one at a time,
-                    // so that what comes before that one is applied and only it, with what
-                    // follows, waits.
-                    if let Err(error) = applier.abandon_attempt().await {
-                        tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                        reconnect(applier, dsn).await;
-                    }
-                    return Box::pin(self.apply_by_transaction(batch, more)).await;
-                }
-                Err(error) if no_place(&error).is_some() => {
-                    let why = no_place(&error).map(ToString::to_string).unwrap_or_default();
-                    // Said when it starts and every minute after, not on every attempt.
-                    if waiting_since.is_none_or(|since| since.elapsed() >= Duration::from_secs(60)) {
-                        tracing::warn!(%peer, why, "a transaction from the peer waits for a partition on this node");
-                        waiting_since = Some(Instant::now());
-                    }
-                    waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
-                    match applier.abandon_attempt().await {
-                        Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
-                        Err(error) => {
-                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                            reconnect(applier, dsn).await;
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    // The connection may be what failed: start over on a new one.
-                    reconnect(applier, dsn).await;
-                }
-            }
-        }
-    }
-}
-
-/// What an apply worker applies: a batch of whole transactions, or a spooled transaction with
-/// its end.
-enum Work<'a> {
-    Batch(&'a [RowChange]),
-    Spooled {
-        spool: &'a mut Spool,
-        tail: &'a [RowChange],
-    },
-}
-
-impl<'a> Work<'a> {
-    /// The changes in memory (for a spooled transaction, its end).
-    fn changes(&self) -> &'a [RowChange] {
-        match self {
-            Work::Batch(batch) => batch,
-            Work::Spooled { tail, .. } => tail,
-        }
-    }
-}
-
-/// Replaces the applier by one on new connections (left as it is if that fails).
-async fn reconnect(applier: &mut Applier, dsn: &str) {
-    let peer = applier.peer();
-    let fresh = async {
-        Applier::connect(
-            connect(dsn).await?,
-            connect(dsn).await?,
-            applier.capture(),
-            peer,
-            applier.policy(),
-            applier.synchronous_commit(),
-        )
-        .await
-    }
-    .await;
-    match fresh {
-        Ok(mut fresh) => {
-            fresh.follow_collection(applier.collection());
-            *applier = fresh
-        }
-        Err(error) => tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier"),
-    }
+/// Where the loop hands a peer's received transactions.
+struct PeerWork {
+    apply: mpsc::Sender<ApplyWork>,
+    spool: mpsc::Sender<SpoolWork>,
 }
 
 /// The replication loop. It never waits for a full channel: a blocked send could close a cycle
@@ -789,7 +474,7 @@ struct Loop {
     replication: Replication,
     identity: LocalIdentity,
     port: NetworkPort,
-    apply_queues: BTreeMap<NodeId, mpsc::Sender<Handout>>,
+    apply_queues: BTreeMap<NodeId, PeerWork>,
     /// `SpoolConfig::bound_bytes`, for the peers' apply queues.
     spool_bound: usize,
     applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>>,
@@ -1021,12 +706,30 @@ impl Loop {
             };
             // Room first, then the handout: the end of a spooled transaction cannot be put back.
             loop {
-                let permit = match queue.try_reserve() {
-                    Ok(permit) => permit,
-                    Err(mpsc::error::TrySendError::Full(())) => break,
-                    Err(mpsc::error::TrySendError::Closed(())) => bail!("the applier for node {peer} stopped"),
+                if pending.next_is_spool() {
+                    let Some(permit) = room(queue.spool.try_reserve(), *peer)? else {
+                        break;
+                    };
+                    let first = pending.in_flight().is_none_or(|f| f.spooled_bytes == 0);
+                    let Some(Handout::Spool(changes)) = pending.next_handout(MAX_APPLY_BATCH, &self.replication, now)
+                    else {
+                        bail!("the apply queue of node {peer} did not hand out the part to spool it announced");
+                    };
+                    let stats = self.stats.entry(*peer).or_default();
+                    if first {
+                        stats.spooled_transactions += 1;
+                        tracing::info!(%peer, first = changes.first().map(|c| c.seq), "spooling a large transaction to disk while it arrives");
+                    }
+                    stats.spooled_bytes += changes.iter().map(|c| c.approx_bytes() as u64).sum::<u64>();
+                    permit.send(SpoolWork::Part(changes));
+                    continue;
+                }
+                let Some(apply) = room(queue.apply.try_reserve(), *peer)? else {
+                    break;
                 };
-                let first_spool = pending.in_flight().is_none_or(|f| f.spooled_bytes == 0);
+                let Some(seal) = room(queue.spool.try_reserve(), *peer)? else {
+                    break;
+                };
                 let Some(handout) = pending.next_handout(MAX_APPLY_BATCH, &self.replication, now) else {
                     break;
                 };
@@ -1041,15 +744,15 @@ impl Loop {
                     );
                     self.stats.entry(*peer).or_default().causal_waivers += 1;
                 }
-                if let Handout::Spool(changes) = &handout {
-                    let stats = self.stats.entry(*peer).or_default();
-                    if first_spool {
-                        stats.spooled_transactions += 1;
-                        tracing::info!(%peer, first = changes.first().map(|c| c.seq), "spooling a large transaction to disk while it arrives");
+                match handout {
+                    Handout::Batch(batch) => apply.send(ApplyWork::Batch(batch)),
+                    Handout::SpooledEnd(tail) => {
+                        let (reply, spool) = oneshot::channel();
+                        seal.send(SpoolWork::Seal(reply));
+                        apply.send(ApplyWork::Spooled { spool, tail });
                     }
-                    stats.spooled_bytes += changes.iter().map(|c| c.approx_bytes() as u64).sum::<u64>();
+                    Handout::Spool(_) => bail!("the apply queue of node {peer} handed out a part to spool unannounced"),
                 }
-                permit.send(handout);
             }
         }
         Ok(())
@@ -1371,53 +1074,5 @@ impl Loop {
             *old = status;
             changed
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use accord_engine::{ChangeKind, RowKey, RowState, Value};
-
-    use super::*;
-
-    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<RowChange> {
-        seqs.map(|seq| RowChange {
-            table: "s.t".into(),
-            key: RowKey(vec![Value::Int(seq as i64)]),
-            kind: ChangeKind::Delete,
-            origin: NodeId(2),
-            stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
-            seq,
-            tx_last: seq,
-            builds_on: Vec::new(),
-            row: RowState::absent(),
-            closures: Vec::new(),
-        })
-        .collect()
-    }
-
-    fn seqs(batch: &[RowChange]) -> Vec<u64> {
-        batch.iter().map(|c| c.seq).collect()
-    }
-
-    #[test]
-    fn queued_batches_join_only_when_they_continue_and_fit() {
-        let mut joined = batch(1..=3);
-        assert!(join_batches(&mut joined, batch(4..=5)).is_ok());
-        assert_eq!(seqs(&joined), [1, 2, 3, 4, 5]);
-
-        // A resend after a reconnect overlaps: applied on its own, where the applier skips
-        // what it applied already.
-        let back = join_batches(&mut joined, batch(5..=6)).expect_err("an overlapping batch stays apart");
-        assert_eq!(seqs(&back), [5, 6]);
-        assert!(join_batches(&mut joined, batch(7..=7)).is_err(), "a gap stays apart");
-
-        let mut big = batch(1..=MAX_APPLY_BATCH as u64 - 1);
-        assert!(join_batches(&mut big, batch(MAX_APPLY_BATCH as u64..=MAX_APPLY_BATCH as u64)).is_ok());
-        assert!(
-            join_batches(&mut big, batch(MAX_APPLY_BATCH as u64 + 1..=MAX_APPLY_BATCH as u64 + 1)).is_err(),
-            "a full batch takes no more"
-        );
-        assert_eq!(big.len(), MAX_APPLY_BATCH);
     }
 }

@@ -90,15 +90,6 @@ impl Spool {
             left: self.chunks,
         })
     }
-
-    /// Empties the spool for the next transaction.
-    pub async fn clear(&mut self) -> Result<()> {
-        self.file.set_len(0).await.context("cannot truncate the spool file")?;
-        self.chunks = 0;
-        self.changes = 0;
-        self.bytes = 0;
-        Ok(())
-    }
 }
 
 pub struct SpoolReader<'a> {
@@ -156,7 +147,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunks_come_back_in_order_and_a_cleared_spool_starts_empty() {
+    async fn chunks_come_back_in_order_as_often_as_they_are_read() {
         let mut spool = Spool::create(None).unwrap();
         assert!(spool.is_empty());
         let first: Vec<RowChange> = (1..=3).map(change).collect();
@@ -170,11 +161,5 @@ mod tests {
             assert_eq!(reader.next().await.unwrap(), Some(second.clone()));
             assert_eq!(reader.next().await.unwrap(), None);
         }
-        spool.clear().await.unwrap();
-        assert!(spool.is_empty() && spool.bytes() == 0);
-        spool.append(&second).await.unwrap();
-        let mut reader = spool.read().await.unwrap();
-        assert_eq!(reader.next().await.unwrap(), Some(second));
-        assert_eq!(reader.next().await.unwrap(), None);
     }
 }

@@ -1,0 +1,415 @@
+//! A peer's applier and spooler, beside the replication loop: the applier applies what the
+//! loop hands it (`engine::Handout`) with the `Applier`, retrying until it is applied, and
+//! reports what may be acknowledged; the spooler keeps the parts of large transactions on disk
+//! until they are complete.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use accord_engine::{AppliedPosition, ApplyError, Hlc, NodeId, RowChange, MAX_APPLY_BATCH};
+use anyhow::Result;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::apply::{is_deadlock, Applier, ApplySummary};
+use super::spool::Spool;
+use crate::pg_connection::connect;
+
+/// What the loop hands a peer's applier.
+pub enum ApplyWork {
+    /// Whole transactions.
+    Batch(Vec<RowChange>),
+    /// A spooled transaction: its spool file, once the spooler has written all of it, and its
+    /// end.
+    Spooled {
+        spool: oneshot::Receiver<Spool>,
+        tail: Vec<RowChange>,
+    },
+}
+
+/// What the loop hands a peer's spooler.
+pub enum SpoolWork {
+    /// A part of a large transaction, in order.
+    Part(Vec<RowChange>),
+    /// The transaction is complete: hand its file over.
+    Seal(oneshot::Sender<Spool>),
+}
+
+/// What an applier reports of a batch.
+pub struct Applied {
+    pub peer: NodeId,
+    pub result: Result<(u64, ApplySummary)>,
+    /// Attempts of the batch that were a deadlock's victim, and were tried again.
+    pub deadlocks: u64,
+    /// The commit stamp of the batch's last change.
+    pub last_stamp: Option<Hlc>,
+    /// How far the peer's changes are applied on disk (see `Applier::durable`).
+    pub durable: u64,
+}
+
+/// The engine's refusal of a batch whose row has no place here (`ApplyError::NoPlace`).
+fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
+    error
+        .chain()
+        .find_map(|e| e.downcast_ref::<ApplyError>())
+        .filter(|e| matches!(e, ApplyError::NoPlace { .. }))
+}
+
+/// What each peer's applier waits for, when it cannot go on until this node's users act.
+pub type ApplyWaits = Arc<Mutex<BTreeMap<NodeId, String>>>;
+
+/// A peer's applier with what applying its batches reports to.
+struct ApplyWorker {
+    applier: Applier,
+    dsn: String,
+    /// What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
+    position: AppliedPosition,
+    started: Instant,
+    done: mpsc::Sender<Applied>,
+    waits: ApplyWaits,
+}
+
+/// Applies a peer's work as it comes, in order, until the node stops.
+pub async fn apply_worker(
+    applier: Applier,
+    dsn: String,
+    mut work: mpsc::Receiver<ApplyWork>,
+    done: mpsc::Sender<Applied>,
+    waits: ApplyWaits,
+) {
+    let mut worker = ApplyWorker {
+        position: AppliedPosition::new(applier.applied(), None),
+        applier,
+        dsn,
+        started: Instant::now(),
+        done,
+        waits,
+    };
+    let mut next: Option<ApplyWork> = None;
+    loop {
+        let item = match next.take() {
+            Some(item) => item,
+            None => match work.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        let mut batch = match item {
+            ApplyWork::Spooled { spool, tail } => {
+                // The spooler hands the file over once it has written the last part before it.
+                let Ok(mut spool) = spool.await else { return };
+                if !worker.apply_spooled(&mut spool, &tail, !work.is_empty()).await {
+                    return;
+                }
+                continue;
+            }
+            ApplyWork::Batch(batch) => batch,
+        };
+        // What queued up behind it goes into the same transaction: a node that fell behind
+        // catches up in large batches, paying the per-batch costs (a commit, a wait for the
+        // capture) once per batch rather than once per small message.
+        while let Ok(following) = work.try_recv() {
+            let ApplyWork::Batch(following) = following else {
+                next = Some(following);
+                break;
+            };
+            if let Err(following) = join_batches(&mut batch, following) {
+                if !worker.apply_batch(&batch, true).await {
+                    return;
+                }
+                batch = following;
+            }
+        }
+        let more = next.is_some() || !work.is_empty();
+        if !worker.apply_batch(&batch, more).await {
+            return;
+        }
+    }
+}
+
+/// Writes the parts of a peer's large transactions to spool files as they arrive, beside the
+/// applier, so that a busy applier does not hold them in memory; hands each file over when its
+/// transaction is complete. A write that fails (a full disk) is tried again until it succeeds:
+/// nothing of a transaction may be dropped, and the peer resends it only after a reconnect.
+pub async fn spooler(peer: NodeId, mut work: mpsc::Receiver<SpoolWork>, dir: Option<PathBuf>) {
+    let mut current: Option<Spool> = None;
+    while let Some(item) = work.recv().await {
+        match item {
+            SpoolWork::Part(changes) => loop {
+                let written = match &mut current {
+                    Some(spool) => spool.append(&changes).await,
+                    None => Spool::create(dir.as_deref()).map(|spool| {
+                        current = Some(spool);
+                    }),
+                };
+                match written {
+                    Ok(()) if current.as_ref().is_some_and(|s| !s.is_empty()) => break,
+                    Ok(()) => continue, // created; now the part
+                    Err(error) => {
+                        tracing::error!(%peer, error = format!("{error:#}"), "cannot spool a large transaction; retrying");
+                        if work.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            },
+            SpoolWork::Seal(reply) => {
+                let spool = match current.take() {
+                    Some(spool) => spool,
+                    None => match Spool::create(dir.as_deref()) {
+                        Ok(spool) => spool,
+                        Err(error) => {
+                            tracing::error!(%peer, error = format!("{error:#}"), "cannot create a spool file");
+                            return;
+                        }
+                    },
+                };
+                let _ = reply.send(spool);
+            }
+        }
+    }
+}
+
+/// Appends `next` to `batch` when it continues it and the two fit in one apply transaction;
+/// otherwise hands `next` back. Both hold whole transactions (`ApplyQueue`), and a batch of one
+/// transaction may be larger.
+fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result::Result<(), Vec<RowChange>> {
+    let continues = match (batch.last(), next.first()) {
+        (Some(last), Some(first)) => first.seq == last.seq + 1,
+        _ => true,
+    };
+    if !continues || batch.len() + next.len() > MAX_APPLY_BATCH {
+        return Err(next);
+    }
+    batch.extend(next);
+    Ok(())
+}
+
+impl ApplyWorker {
+    /// Applies the spooled transaction that `tail` ends.
+    async fn apply_spooled(&mut self, spool: &mut Spool, tail: &[RowChange], more: bool) -> bool {
+        tracing::info!(
+            peer = %self.applier.peer(),
+            changes = spool.changes() + tail.len() as u64,
+            spooled_bytes = spool.bytes(),
+            "applying a spooled transaction"
+        );
+        self.apply_work(Work::Spooled { spool, tail }, more).await
+    }
+
+    /// `apply_batch` for each of the batch's transactions in turn.
+    async fn apply_by_transaction(&mut self, batch: &[RowChange], more: bool) -> bool {
+        let parts: Vec<&[RowChange]> = batch.split_inclusive(|c| c.ends_transaction()).collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            if !Box::pin(self.apply_batch(part, more || i < last)).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
+    /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
+    /// flushes to learn its durable position less often). `false` when the node is stopping.
+    async fn apply_batch(&mut self, batch: &[RowChange], more: bool) -> bool {
+        self.apply_work(Work::Batch(batch), more).await
+    }
+
+    async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> bool {
+        let ApplyWorker {
+            applier,
+            dsn,
+            position,
+            started,
+            done,
+            waits,
+            ..
+        } = self;
+        let batch = work.changes();
+        let (dsn, started) = (dsn.as_str(), *started);
+        let peer = applier.peer();
+        let mut deadlocks = 0;
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            let span = tracing::debug_span!(
+                "batch",
+                first = batch.first().map(|c| c.seq),
+                last = batch.last().map(|c| c.seq),
+                changes = batch.len()
+            );
+            let result = match &mut work {
+                Work::Batch(batch) => applier.apply(batch).instrument(span).await,
+                Work::Spooled { spool, tail } => applier.apply_spooled(spool, tail).instrument(span).await,
+            };
+            match result {
+                Ok(ok) => {
+                    if waiting_since.is_some() {
+                        waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+                        tracing::info!(%peer, "the transaction that waited for a partition is applied");
+                    }
+                    let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    if position.committed(ok.0, more, now()) {
+                        match applier.durable().await {
+                            Ok(durable) => position.flushed(durable, now()),
+                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
+                        }
+                    }
+                    let applied = Applied {
+                        peer,
+                        result: Ok(ok),
+                        deadlocks,
+                        last_stamp: batch.last().map(|c| c.stamp),
+                        durable: position.acknowledgeable(),
+                    };
+                    return done.send(applied).await.is_ok();
+                }
+                Err(error) if is_deadlock(&error) => {
+                    // A local transaction locked the batch's rows in another order, and PostgreSQL
+                    // rolled the batch back to let it through. Nothing is wrong with the session:
+                    // try again on it after a moment, once the local transaction has moved on.
+                    deadlocks += 1;
+                    tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
+                    match applier.abandon_attempt().await {
+                        Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
+                        Err(error) => {
+                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                            reconnect(applier, dsn).await;
+                        }
+                    }
+                }
+                Err(error)
+                    if no_place(&error).is_some()
+                        && matches!(work, Work::Batch(_))
+                        && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
+                {
+                    // One of its transactions lacks a partition here: apply them one at a time,
+                    // so that what comes before that one is applied and only it, with what
+                    // follows, waits.
+                    if let Err(error) = applier.abandon_attempt().await {
+                        tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                        reconnect(applier, dsn).await;
+                    }
+                    return Box::pin(self.apply_by_transaction(batch, more)).await;
+                }
+                Err(error) if no_place(&error).is_some() => {
+                    let why = no_place(&error).map(ToString::to_string).unwrap_or_default();
+                    // Said when it starts and every minute after, not on every attempt.
+                    if waiting_since.is_none_or(|since| since.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%peer, why, "a transaction from the peer waits for a partition on this node");
+                        waiting_since = Some(Instant::now());
+                    }
+                    waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
+                    match applier.abandon_attempt().await {
+                        Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
+                        Err(error) => {
+                            tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
+                            reconnect(applier, dsn).await;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // The connection may be what failed: start over on a new one.
+                    reconnect(applier, dsn).await;
+                }
+            }
+        }
+    }
+}
+
+/// What an apply worker applies: a batch of whole transactions, or a spooled transaction with
+/// its end.
+enum Work<'a> {
+    Batch(&'a [RowChange]),
+    Spooled {
+        spool: &'a mut Spool,
+        tail: &'a [RowChange],
+    },
+}
+
+impl<'a> Work<'a> {
+    /// The changes in memory (for a spooled transaction, its end).
+    fn changes(&self) -> &'a [RowChange] {
+        match self {
+            Work::Batch(batch) => batch,
+            Work::Spooled { tail, .. } => tail,
+        }
+    }
+}
+
+/// Replaces the applier by one on new connections (left as it is if that fails).
+async fn reconnect(applier: &mut Applier, dsn: &str) {
+    let peer = applier.peer();
+    let fresh = async {
+        Applier::connect(
+            connect(dsn).await?,
+            connect(dsn).await?,
+            applier.capture(),
+            peer,
+            applier.policy(),
+            applier.synchronous_commit(),
+        )
+        .await
+    }
+    .await;
+    match fresh {
+        Ok(mut fresh) => {
+            fresh.follow_collection(applier.collection());
+            *applier = fresh
+        }
+        Err(error) => tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use accord_engine::{ChangeKind, RowKey, RowState, Value};
+
+    use super::*;
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<RowChange> {
+        seqs.map(|seq| RowChange {
+            table: "s.t".into(),
+            key: RowKey(vec![Value::Int(seq as i64)]),
+            kind: ChangeKind::Delete,
+            origin: NodeId(2),
+            stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
+            seq,
+            tx_last: seq,
+            builds_on: Vec::new(),
+            row: RowState::absent(),
+            closures: Vec::new(),
+        })
+        .collect()
+    }
+
+    fn seqs(batch: &[RowChange]) -> Vec<u64> {
+        batch.iter().map(|c| c.seq).collect()
+    }
+
+    #[test]
+    fn queued_batches_join_only_when_they_continue_and_fit() {
+        let mut joined = batch(1..=3);
+        assert!(join_batches(&mut joined, batch(4..=5)).is_ok());
+        assert_eq!(seqs(&joined), [1, 2, 3, 4, 5]);
+
+        // A resend after a reconnect overlaps: applied on its own, where the applier skips
+        // what it applied already.
+        let back = join_batches(&mut joined, batch(5..=6)).expect_err("an overlapping batch stays apart");
+        assert_eq!(seqs(&back), [5, 6]);
+        assert!(join_batches(&mut joined, batch(7..=7)).is_err(), "a gap stays apart");
+
+        let mut big = batch(1..=MAX_APPLY_BATCH as u64 - 1);
+        assert!(join_batches(&mut big, batch(MAX_APPLY_BATCH as u64..=MAX_APPLY_BATCH as u64)).is_ok());
+        assert!(
+            join_batches(&mut big, batch(MAX_APPLY_BATCH as u64 + 1..=MAX_APPLY_BATCH as u64 + 1)).is_err(),
+            "a full batch takes no more"
+        );
+        assert_eq!(big.len(), MAX_APPLY_BATCH);
+    }
+}
