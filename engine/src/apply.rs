@@ -62,6 +62,9 @@ pub enum PlantedBug {
     /// Take a batch that does not continue the applied position (the receiver's check in
     /// `Replication::received` and the apply's own): the changes in between are never applied.
     ApplyPastGap,
+    /// A segment after the first of a spooled transaction that must restart restarts alone,
+    /// not from the first segment: the rollback took the earlier segments' writes with it.
+    RestartSegmentAlone,
 }
 
 /// The limits of the apply.
@@ -806,7 +809,8 @@ impl BatchApply {
 
     /// Rolls the attempt back; the next starts over, after a probe or a pause.
     fn restart(&mut self, probe: bool) -> ApplyCommand {
-        if let Some(segment) = self.segment.as_ref().filter(|s| !s.first) {
+        let alone = self.rules.planted == Some(PlantedBug::RestartSegmentAlone);
+        if let Some(segment) = self.segment.as_ref().filter(|s| !s.first && !alone) {
             self.phase = Phase::Done;
             let (least, most) = self.rules.backoff_micros;
             let pause_micros = match probe {

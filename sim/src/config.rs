@@ -188,10 +188,13 @@ pub enum PlantedBug {
     /// and no longer in the table) instead of from what the TRUNCATE's trigger recorded: rows
     /// written just before it and not captured yet are missed, metadata written after it counts.
     TruncateFromMetadata,
+    /// A segment of a spooled transaction that must restart restarts alone instead of starting
+    /// the transaction over: the rollback took the earlier segments' writes with it.
+    RestartSegmentAlone,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 12] = [
+    pub const ALL: [PlantedBug; 13] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -204,6 +207,7 @@ impl PlantedBug {
         PlantedBug::ApplyPastGap,
         PlantedBug::IgnoreBuildsOn,
         PlantedBug::TruncateFromMetadata,
+        PlantedBug::RestartSegmentAlone,
     ];
 
     pub fn name(self) -> &'static str {
@@ -220,6 +224,7 @@ impl PlantedBug {
             PlantedBug::ApplyPastGap => "apply-past-gap",
             PlantedBug::IgnoreBuildsOn => "ignore-builds-on",
             PlantedBug::TruncateFromMetadata => "truncate-from-metadata",
+            PlantedBug::RestartSegmentAlone => "restart-segment-alone",
         }
     }
 
@@ -236,6 +241,7 @@ impl PlantedBug {
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
             PlantedBug::IgnoreBuildsOn => Some(Engine::IgnoreBuildsOn),
+            PlantedBug::RestartSegmentAlone => Some(Engine::RestartSegmentAlone),
             PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger | PlantedBug::TruncateFromMetadata => None,
         }
     }

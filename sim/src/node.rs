@@ -397,7 +397,10 @@ impl Node {
             Some(Waiting::Lock { .. }) => return,
             // A queue whose first transaction waits for another applier is woken by that
             // applier's commits, or by the end of its wait (`apply_step`).
-            None if !applier.queue.has_complete() => return,
+            // A spooled transaction to try again after a deadlock, or a part to spool, is work.
+            None if !applier.queue.has_complete() && !applier.queue.next_is_spool() && applier.spooled.is_none() => {
+                return
+            }
             None => (ctx.now + ctx.rng.range(0, ctx.params.apply_delay_max)).max(applier.not_before),
         };
         if let Some(applier) = vol.appliers.get_mut(&peer) {
@@ -786,6 +789,8 @@ impl Node {
             // committed yet): its peer resends it.
             if let Some(applier) = vol.appliers.get_mut(&peer) {
                 applier.queue.clear();
+                applier.spool.clear();
+                applier.spooled = None;
                 applier.applying = None;
             }
             self.wake_lock_waiters(ctx);
@@ -1200,10 +1205,14 @@ impl Node {
             })
             .collect();
         format!(
-            "node {}: head {} queued {:?} held {:?} waits {:?} read {} covered {} wal {} deferred {}; {}",
+            "node {}: head {} queued {:?} spooled {:?} held {:?} waits {:?} read {} covered {} wal {} deferred {}; {}",
             self.id,
             self.db.outbound_head(),
             vol.appliers.values().map(|a| a.queue.len()).collect::<Vec<_>>(),
+            vol.appliers
+                .values()
+                .map(|a| (a.spool.len(), a.spooled.as_ref().map(|s| s.segments.len())))
+                .collect::<Vec<_>>(),
             vol.appliers
                 .values()
                 .map(|a| a.queue.held().map(|d| (d.node.0, d.through)))
@@ -1223,7 +1232,9 @@ impl Node {
     /// Whether the node has nothing left to do: capture caught up, nothing queued or deferred.
     pub fn is_idle(&self) -> bool {
         self.vol.as_ref().is_some_and(|v| {
-            v.appliers.values().all(|a| a.queue.is_empty() && a.applying.is_none())
+            v.appliers
+                .values()
+                .all(|a| a.queue.is_empty() && a.applying.is_none() && a.spooled.is_none() && a.spool.is_empty())
                 && v.read_lsn > self.db.wal_insert_lsn()
         }) && self.db.deferred.is_empty()
     }

@@ -143,10 +143,12 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // the simulator reports as a breach of the engine's contract before the rows differ.
         (PlantedBug::NoMissingRowWait, Invariant::Engine, 400, 0..80),
         // Planted in the simulator's local writers (the service's trigger missing), beside the
-        // engine's key locks. Rare: seed 522 is the first that catches it since transactions
-        // wait for what they build on, and there the capture records the lost local writes
-        // against the merge's metadata, so the causal lengths disagree.
-        (PlantedBug::NoKeyLockTrigger, Invariant::Convergence, 400, 0..600),
+        // engine's key locks. Without spooling it is rare (seed 522 was the first: the capture
+        // records the lost local writes against the merge's metadata, and the causal lengths
+        // disagree). With spooled transactions applied in segments it shows sooner (seed 136):
+        // a local write that slipped past the missing lock makes the capture wait for metadata
+        // an earlier segment holds, while a later segment waits for the capture.
+        (PlantedBug::NoKeyLockTrigger, Invariant::Liveness, 400, 0..200),
         // Batches cut inside a source transaction: a receiver commits part of it.
         (PlantedBug::SplitTransactions, Invariant::Atomicity, 400, 0..80),
         // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs and
@@ -160,6 +162,10 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // The rows a TRUNCATE emptied read from the metadata instead of its trigger's record:
         // rows written just before it and not captured yet are missed (seed 6 is the first).
         (PlantedBug::TruncateFromMetadata, Invariant::NothingDropped, 400, 0..80),
+        // A segment of a spooled transaction that restarts alone after the rollback took the
+        // segments before it: the receiver commits the transaction without them. Needs a
+        // restart inside a spooled transaction, so longer runs (seed 21 is the first).
+        (PlantedBug::RestartSegmentAlone, Invariant::Atomicity, 2000, 0..40),
     ] {
         let cfg = caught(bug, expected, ops, seeds);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
