@@ -201,7 +201,15 @@ async fn newer_and_truncated_frames_get_clear_answers() {
         theirs: PROTOCOL_VERSION + 1,
     };
     assert!(answers.contains(&Message::Refused(expected.clone())), "{answers:?}");
-    assert_eq!(close_code(&conn2).await, CloseCode::Refused);
+    // The refusal itself is the answer. Its connection close can reach a client starved for
+    // longer than the server's closing period (a loaded machine) as a stateless reset instead.
+    match tokio::time::timeout(Duration::from_secs(30), conn2.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(CloseCode::from_code(close.error_code.into_inner()), CloseCode::Refused)
+        }
+        Ok(quinn::ConnectionError::Reset) => {}
+        other => panic!("not closed: {other:?}"),
+    }
 
     // A field this version does not know is ignored (the compatibility rule: fields are added
     // with defaults); the link stays up.
