@@ -189,6 +189,7 @@ async fn a_transaction_larger_than_memory_is_spooled_survives_a_crash_of_the_rec
         let (ok, logs) = node.terminate();
         assert!(ok, "{logs}");
         assert!(!logs.contains("ERROR"), "{logs}");
+        eprintln!("a node logged {} lines", logs.lines().count());
     }
 }
 

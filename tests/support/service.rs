@@ -46,11 +46,14 @@ pub fn write_node(dir: &Path, id: u32, dsn: &str, quic: &[(u32, u16)], extra: &s
 pub struct RunningNode {
     child: Option<Child>,
     exited: Option<ExitStatus>,
+    /// Reads the process's log as it comes: a pipe nobody reads fills up (64 KiB), and the node
+    /// then blocks in its next log line, whole runtime threads with it.
+    logs: Option<std::thread::JoinHandle<String>>,
 }
 
 impl RunningNode {
     pub fn start(config: &Path, extra: &[&str]) -> RunningNode {
-        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_accord"))
             .args(["run", "--config", config.to_str().unwrap()])
             .args(extra)
             .env_remove("ACCORD_DSN")
@@ -59,9 +62,16 @@ impl RunningNode {
             .stderr(Stdio::piped())
             .spawn()
             .expect("accord run starts");
+        let mut stderr = child.stderr.take().expect("piped");
+        let logs = std::thread::spawn(move || {
+            let mut logs = String::new();
+            let _ = stderr.read_to_string(&mut logs);
+            logs
+        });
         RunningNode {
             child: Some(child),
             exited: None,
+            logs: Some(logs),
         }
     }
 
@@ -74,9 +84,15 @@ impl RunningNode {
         let mut child = self.child.take().unwrap();
         let _ = child.kill();
         let _ = child.wait();
-        let mut logs = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-        logs
+        self.logs()
+    }
+
+    /// What the process logged; once it has ended.
+    fn logs(&mut self) -> String {
+        self.logs
+            .take()
+            .map(|reader| reader.join().unwrap_or_else(|_| "(the log reader panicked)".into()))
+            .unwrap_or_default()
     }
 
     /// Whether the process has ended (as a node does when its database goes away).
@@ -111,9 +127,7 @@ impl RunningNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let mut logs = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-        (status.success(), logs)
+        (status.success(), self.logs())
     }
 }
 
