@@ -32,6 +32,9 @@ use super::rows::{
 use super::spool::Spool;
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
 
+/// Tries (100 ms apart) to bind a replication origin another session still holds.
+const ORIGIN_BIND_ATTEMPTS: u32 = 600;
+
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
 const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
 
@@ -87,7 +90,9 @@ impl Applier {
                 .await
                 .with_context(|| format!("cannot create replication origin {origin} (needs superuser)"))?;
         }
-        // After a crash the old session may hold the origin until its backend has exited.
+        // After a crash the old session holds the origin until its backend exits, which it does
+        // only once its statement ends: one waiting for a row lock a user's transaction holds
+        // waits as long as that does. A second accord on the same database holds it for good.
         let mut attempts = 0;
         loop {
             match db
@@ -95,8 +100,16 @@ impl Applier {
                 .await
             {
                 Ok(_) => break,
-                Err(error) if attempts < 100 && error.to_string().contains("is already active") => {
+                Err(error) if attempts < ORIGIN_BIND_ATTEMPTS && error.to_string().contains("is already active") => {
                     attempts += 1;
+                    if attempts == 20 {
+                        tracing::info!(
+                            %peer,
+                            error = %error,
+                            "replication origin {origin} is still bound to another session (a previous accord's, \
+                             whose statement has not ended yet?); waiting up to a minute"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(error) => {
