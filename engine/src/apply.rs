@@ -172,6 +172,76 @@ pub struct Carried {
     pub builds_on: BTreeMap<NodeId, u64>,
 }
 
+/// The segments of one spooled transaction, applied in order in one local transaction: what each
+/// carries from those before, and where a start over goes back to. The drivers cut and read the
+/// segments; this decides how each is applied.
+#[derive(Debug, Clone)]
+pub struct Segments {
+    /// The applied position before the transaction, where a start over begins again.
+    before: u64,
+    /// After the segments done so far.
+    applied: u64,
+    next: Segment,
+}
+
+impl Segments {
+    /// A transaction ending at `commit_at`, to apply after position `applied`.
+    pub fn new(commit_at: u64, applied: u64) -> Segments {
+        Segments {
+            before: applied,
+            applied,
+            next: Segment {
+                first: true,
+                last: false,
+                commit_at,
+                carried: Carried::default(),
+                restarts: 0,
+            },
+        }
+    }
+
+    /// The machine for the next segment, `changes`; `last` for the one that commits.
+    pub fn machine(
+        &self,
+        peer: NodeId,
+        changes: Vec<RowChange>,
+        tables: Arc<[TableDef]>,
+        cut: Option<StableCut>,
+        rules: ApplyRules,
+        last: bool,
+    ) -> Result<BatchApply, ApplyError> {
+        let segment = Segment {
+            last,
+            ..self.next.clone()
+        };
+        Ok(BatchApply::new(peer, self.applied, changes, tables, cut, rules)?.in_segment(segment))
+    }
+
+    /// The next segment's machine finished: the one after continues from it.
+    pub fn done(&mut self, machine: &BatchApply) {
+        self.applied = machine.last();
+        self.next.first = false;
+        self.next.carried = machine.carried();
+    }
+
+    /// A segment said `StartOver`: the next machine is the first segment's again.
+    pub fn start_over(&mut self) {
+        self.applied = self.before;
+        self.next.first = true;
+        self.next.carried = Carried::default();
+        self.next.restarts += 1;
+    }
+
+    /// The applied position after the segments done so far.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.next.restarts
+    }
+}
+
 /// What the driver must do next.
 #[derive(Debug)]
 pub enum ApplyCommand {

@@ -282,11 +282,6 @@ impl ApplyQueue {
         std::mem::take(&mut self.waived)
     }
 
-    /// The changes after the last complete transaction: held until the rest arrives.
-    pub fn incomplete(&self) -> usize {
-        self.tail.0
-    }
-
     pub fn len(&self) -> usize {
         self.changes.len()
     }
@@ -401,7 +396,7 @@ mod tests {
         q.push(t[..3].to_vec());
         assert!(q.next_batch_now(2).is_none(), "the transaction is not complete");
         assert!(!q.has_batch());
-        assert_eq!(q.incomplete(), 3);
+        assert_eq!(q.in_flight().map(|f| f.changes), Some(3));
         q.push(t[3..].to_vec());
         q.push(tx(6..=6));
         q.push(tx(7..=8));

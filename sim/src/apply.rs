@@ -119,7 +119,7 @@ pub enum Stop {
     Done(Box<Committed>),
     /// A segment of a spooled transaction is applied, its transaction still open: the next
     /// segment goes on in it (`Applying::next_segment`).
-    SegmentDone { applied: u64 },
+    SegmentDone,
 }
 
 #[derive(Debug)]
@@ -300,17 +300,7 @@ impl Applying {
                     }
                 }
                 ApplyCommand::Restart { probe, pause_micros } => {
-                    self.roll_back();
-                    if probe {
-                        self.probing(db, capture_read)?;
-                        db.flush();
-                        self.waiting = Waiting::Capture {
-                            lsn: db.wal_insert_lsn(),
-                            then: Resume::Restarted,
-                        };
-                    } else {
-                        self.waiting = Waiting::Until { at: now + pause_micros };
-                    }
+                    self.roll_back_and_wait(db, capture_read, probe, now + pause_micros)?;
                     return Ok(Stop::Waiting);
                 }
                 ApplyCommand::StartOver { probe, pause_micros } => {
@@ -320,18 +310,8 @@ impl Applying {
                         ));
                     }
                     // Everything the transaction's segments did goes, as for a restart.
-                    self.roll_back();
                     self.start_over = true;
-                    if probe {
-                        self.probing(db, capture_read)?;
-                        db.flush();
-                        self.waiting = Waiting::Capture {
-                            lsn: db.wal_insert_lsn(),
-                            then: Resume::Restarted,
-                        };
-                    } else {
-                        self.waiting = Waiting::Until { at: now + pause_micros };
-                    }
+                    self.roll_back_and_wait(db, capture_read, probe, now + pause_micros)?;
                     return Ok(Stop::Waiting);
                 }
                 ApplyCommand::Write(planned) => {
@@ -362,9 +342,9 @@ impl Applying {
                     command = self.step(ApplyInput::Committed)?;
                     continue;
                 }
-                ApplyCommand::Done { applied, summary } if self.machine.segment().is_some_and(|s| !s.last) => {
+                ApplyCommand::Done { summary, .. } if self.machine.segment().is_some_and(|s| !s.last) => {
                     self.earlier_summary.add(&summary);
-                    return Ok(Stop::SegmentDone { applied });
+                    return Ok(Stop::SegmentDone);
                 }
                 ApplyCommand::Done { applied, mut summary } => {
                     summary.add(&std::mem::take(&mut self.earlier_summary));
@@ -391,6 +371,29 @@ impl Applying {
             }
             command = self.step(input)?;
         }
+    }
+
+    /// Rolls the transaction back (`Restart`, `StartOver`), then waits for the capture to read
+    /// past a probe, or until `until`.
+    fn roll_back_and_wait(
+        &mut self,
+        db: &mut Db,
+        capture_read: u64,
+        probe: bool,
+        until: u64,
+    ) -> Result<(), DriverError> {
+        self.roll_back();
+        self.waiting = if probe {
+            self.probing(db, capture_read)?;
+            db.flush();
+            Waiting::Capture {
+                lsn: db.wal_insert_lsn(),
+                then: Resume::Restarted,
+            }
+        } else {
+            Waiting::Until { at: until }
+        };
+        Ok(())
     }
 
     fn step(&mut self, input: ApplyInput) -> Result<ApplyCommand, DriverError> {

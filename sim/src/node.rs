@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
-    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Carried, Cell,
-    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity,
-    Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segment,
-    StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
+    CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Message, NodeId,
+    Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, StableCut, TableDef,
+    Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -103,41 +103,35 @@ struct Applier {
     not_before: u64,
 }
 
-/// A spooled transaction, complete, cut into segments as the service reads it back.
+/// A spooled transaction, complete, cut into segments as the service reads it back, and how
+/// far its apply got (`engine::Segments`).
 #[derive(Debug)]
 struct Spooled {
     segments: Vec<Vec<RowChange>>,
-    restarts: u32,
+    plan: Segments,
 }
 
-/// The machine for segment `index` of a spooled transaction, after position `applied`. `with`:
-/// the peer, the replicated tables, the collection cut and the planted bug.
-fn segment_machine(
-    with: (NodeId, &Arc<[TableDef]>, &Option<StableCut>, Option<PlantedBug>),
-    spooled: &Spooled,
-    index: usize,
-    applied: u64,
-    carried: Carried,
-) -> Result<BatchApply, Failure> {
-    let (pid, tables, cut, bug) = with;
-    let segments = &spooled.segments;
-    let commit_at = segments.last().and_then(|s| s.last()).map_or(0, |c| c.seq);
-    let machine = BatchApply::new(
-        pid,
-        applied,
-        segments[index].clone(),
-        Arc::clone(tables),
-        cut.clone(),
-        apply_rules(bug),
-    )
-    .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {pid}: {e}")))?;
-    Ok(machine.in_segment(Segment {
-        first: index == 0,
-        last: index + 1 == segments.len(),
-        commit_at,
-        carried,
-        restarts: spooled.restarts,
-    }))
+impl Spooled {
+    /// The machine for segment `index`. `with`: the peer, the replicated tables, the collection
+    /// cut and the planted bug.
+    fn machine(
+        &self,
+        with: (NodeId, &Arc<[TableDef]>, &Option<StableCut>, Option<PlantedBug>),
+        index: usize,
+    ) -> Result<BatchApply, Failure> {
+        let (pid, tables, cut, bug) = with;
+        let last = index + 1 == self.segments.len();
+        self.plan
+            .machine(
+                pid,
+                self.segments[index].clone(),
+                Arc::clone(tables),
+                cut.clone(),
+                apply_rules(bug),
+                last,
+            )
+            .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {pid}: {e}")))
+    }
 }
 
 /// How long PostgreSQL waits before it looks for a deadlock, plus the pause the service takes
@@ -972,23 +966,21 @@ impl Node {
                         let mut changes = std::mem::take(&mut applier.spool);
                         changes.extend(batch);
                         ctx.stats.spooled_transactions += 1;
+                        let commit_at = changes.last().map_or(0, |c| c.seq);
                         applier.spooled = Some(Spooled {
                             segments: changes
                                 .chunks(ctx.params.segment_len.max(1))
                                 .map(<[RowChange]>::to_vec)
                                 .collect(),
-                            restarts: 0,
+                            plan: Segments::new(commit_at, durable),
                         });
                     }
                 }
-                if let Some(spooled) = &applier.spooled {
-                    let machine = segment_machine(
-                        (pid, &self.tables, &self.db.collection.cut, ctx.bug),
-                        spooled,
-                        0,
-                        durable,
-                        Carried::default(),
-                    )?;
+                if let Some(spooled) = &mut applier.spooled {
+                    // Each attempt from the first segment, as the service's `apply_spooled`.
+                    let commit_at = spooled.segments.last().and_then(|s| s.last()).map_or(0, |c| c.seq);
+                    spooled.plan = Segments::new(commit_at, durable);
+                    let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), 0)?;
                     applier.applying = Some(Applying::new(peer, machine, spooled.segments[0].clone()));
                 }
                 Some(ApplyInput::Start { now: ctx.now })
@@ -1006,16 +998,9 @@ impl Node {
                         format!("node {}: a start over without a spooled transaction", self.id),
                     ));
                 };
-                spooled.restarts += 1;
+                spooled.plan.start_over();
                 ctx.stats.spool_start_overs += 1;
-                let spooled = &*spooled;
-                let machine = segment_machine(
-                    (pid, &self.tables, &self.db.collection.cut, ctx.bug),
-                    spooled,
-                    0,
-                    durable,
-                    Carried::default(),
-                )?;
+                let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), 0)?;
                 applying.next_segment(machine, spooled.segments[0].clone(), 0);
                 input = Some(ApplyInput::Start { now: ctx.now });
             }
@@ -1044,22 +1029,16 @@ impl Node {
                     self.want_apply_of(ctx, peer);
                     return Ok(());
                 }
-                Ok(Stop::SegmentDone { applied }) => {
-                    let Some(spooled) = &applier.spooled else {
+                Ok(Stop::SegmentDone) => {
+                    let Some(spooled) = &mut applier.spooled else {
                         return Err(Failure::new(
                             Invariant::Engine,
                             format!("node {}: a segment without a spooled transaction", self.id),
                         ));
                     };
                     let next = applying.segment_index + 1;
-                    let carried = applying.machine.carried();
-                    let machine = segment_machine(
-                        (pid, &self.tables, &self.db.collection.cut, ctx.bug),
-                        spooled,
-                        next,
-                        applied,
-                        carried,
-                    )?;
+                    spooled.plan.done(&applying.machine);
+                    let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), next)?;
                     applying.next_segment(machine, spooled.segments[next].clone(), next);
                     ctx.trace.add(mix(0x5E65, next as u64));
                     input = Some(ApplyInput::Start { now: ctx.now });

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, Carried, LoadedRow, NodeId, PlannedWrite, Records, RowChange,
-    RowWrite, Segment, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, PlannedWrite, Records, RowChange, RowWrite,
+    Segments, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -232,17 +232,9 @@ impl Applier {
             self.abandon_attempt().await?;
         }
         let commit_at = tail.last().context("a spooled transaction without its end")?.seq;
-        let mut restarts = 0;
+        let mut segments = Segments::new(commit_at, self.applied);
         'attempt: loop {
             let mut reader = spool.read().await?;
-            let mut segment = Segment {
-                first: true,
-                last: false,
-                commit_at,
-                carried: Carried::default(),
-                restarts,
-            };
-            let mut applied = self.applied;
             let mut summary = ApplySummary::default();
             let mut chunk: Vec<RowChange> = Vec::new();
             let mut in_tail = false;
@@ -260,27 +252,30 @@ impl Applier {
                 }
                 let rest = chunk.split_off(chunk.len().min(MAX_APPLY_BATCH));
                 let changes = std::mem::replace(&mut chunk, rest);
-                segment.last = in_tail && chunk.is_empty();
-                let mut machine = self.machine(applied, changes)?.in_segment(segment.clone());
+                let last = in_tail && chunk.is_empty();
+                let cut = self.cut.borrow().clone();
+                let mut machine = segments.machine(
+                    self.peer,
+                    changes,
+                    Arc::clone(&self.tables),
+                    cut,
+                    ApplyRules::default(),
+                    last,
+                )?;
                 match self.run(&mut machine).await? {
-                    Run::Done {
-                        applied: upto,
-                        summary: part,
-                    } => {
-                        applied = upto;
+                    Run::Done { summary: part, .. } => {
                         summary.add(&part);
-                        segment.first = false;
-                        segment.carried = machine.carried();
+                        segments.done(&machine);
                     }
                     Run::StartOver => {
-                        restarts += 1;
-                        tracing::debug!(restarts, "a spooled transaction starts over");
+                        segments.start_over();
+                        tracing::debug!(restarts = segments.restarts(), "a spooled transaction starts over");
                         continue 'attempt;
                     }
                 }
             }
-            self.applied = applied;
-            return Ok((applied, summary));
+            self.applied = segments.applied();
+            return Ok((self.applied, summary));
         }
     }
 
