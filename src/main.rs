@@ -48,6 +48,17 @@ enum Command {
         #[arg(long, value_name = "ID")]
         node_id: u32,
     },
+    /// Make a new node from a running node's database: copy its replicated tables and accord's
+    /// metadata, review queue and positions, while every node keeps writing.
+    ///
+    /// The new node's database must have the cluster's annotated tables, empty; the join runs
+    /// `accord init` there. It reads the donor in chunks, one short snapshot each, and records
+    /// where it is after every chunk: interrupted, the same command resumes it. The donor's
+    /// `accord run` must be running (rows written there just before a chunk was read are copied
+    /// once its capture has accounted for them). Then start the new node with `accord run
+    /// --config FILE`; it streams every node's changes from where the copy left off. Its peers
+    /// must list it in their configuration (they keep their changes for it until it has them).
+    Join(JoinArgs),
     /// Run a node: capture, apply and replication with its peers, metrics and the review page.
     ///
     /// Reads one TOML file (`accord run --print-example-config` prints a documented one). ACCORD_DSN
@@ -96,6 +107,19 @@ struct RunArgs {
     /// Print a documented example configuration and exit.
     #[arg(long)]
     print_example_config: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// The new node's configuration file (its node id and database are used).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The database of a running node to copy from (libpq's connection string; TLS options honoured).
+    #[arg(long, env = "ACCORD_DONOR_DSN", hide_env_values = true, value_name = "DSN")]
+    donor_dsn: String,
+    /// Rows per chunk: each is one short read on the donor and one transaction on the new node.
+    #[arg(long, default_value_t = accord::node::join::DEFAULT_CHUNK_ROWS, value_name = "N")]
+    chunk_rows: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -214,6 +238,7 @@ fn main() -> ExitCode {
         Command::Init { dsn, node_id } => runtime.block_on(init(&dsn, node_id)).map(|()| check::Verdict::Clean),
         Command::Review(command) => runtime.block_on(review(command)).map(|()| check::Verdict::Clean),
         Command::Ids(command) => runtime.block_on(ids(command)).map(|()| check::Verdict::Clean),
+        Command::Join(args) => runtime.block_on(join(args)).map(|()| check::Verdict::Clean),
         Command::Run(args) => runtime.block_on(run(args)).map(|()| check::Verdict::Clean),
         Command::Status(args) => runtime.block_on(status(args)).map(|()| check::Verdict::Clean),
         Command::Demo(args) => runtime.block_on(accord::demo::run(args)).map(|converged| {
@@ -249,6 +274,68 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServiceConfig::load(&path, &ProcessEnvironment)?;
     init_logs(args.log_format)?;
     accord::service::run(config).await
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    use accord::config::{ProcessEnvironment, ServiceConfig};
+    use accord::node::join::{join, JoinRequest};
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let config = ServiceConfig::load(&args.config, &ProcessEnvironment)?;
+    init_logs(LogFormat::Human)?;
+    let request = JoinRequest {
+        node: config.node,
+        dsn: config.dsn.clone(),
+        donor_dsn: args.donor_dsn,
+        chunk_rows: args.chunk_rows,
+    };
+    // A bar on a terminal; otherwise a log line every few seconds.
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} rows, {binary_bytes_per_sec} ({eta} left)",
+        )?
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let mut logged = started;
+    let mut on_progress = |p: &accord::node::join::JoinProgress| {
+        bar.set_length(p.total_rows.max(p.rows));
+        bar.set_position(p.rows);
+        bar.set_message(p.table.clone());
+        if !terminal && logged.elapsed() >= std::time::Duration::from_secs(5) {
+            logged = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                table = %p.table,
+                rows = p.rows,
+                of = p.total_rows,
+                mb_per_s = format!("{:.1}", p.bytes as f64 / secs / 1e6),
+                "copying"
+            );
+        }
+    };
+    let joined = join(&request, &mut on_progress).await?;
+    bar.finish_and_clear();
+    println!(
+        "node {} joined from node {}{}: {} rows and {} deleted rows' metadata copied in {:.1} s; {} rows written on the \
+         donor during the copy come with its changes",
+        config.node,
+        joined.donor,
+        if joined.resumed { " (resumed)" } else { "" },
+        joined.rows,
+        joined.tombstones,
+        started.elapsed().as_secs_f64(),
+        joined.left_to_stream,
+    );
+    let positions: Vec<String> = joined.positions.iter().map(|(n, s)| format!("node {n}: {s}")).collect();
+    println!("it streams every node's changes after: {}", positions.join(", "));
+    println!("start it: accord run --config {}", args.config.display());
+    Ok(())
 }
 
 fn init_logs(format: LogFormat) -> anyhow::Result<()> {

@@ -352,6 +352,12 @@ impl Drop for Cluster {
 
 impl Cluster {
     async fn start(name: &'static str, n: usize, relayed: bool) -> Cluster {
+        Self::start_joining(name, n, relayed, 0).await
+    }
+
+    /// `n` nodes, of which the last `joining` are listed in every configuration but have only the
+    /// schema, empty, and are not started: they are to join with `accord join`.
+    async fn start_joining(name: &'static str, n: usize, relayed: bool, joining: usize) -> Cluster {
         let started = Instant::now();
         let pg = tokio::task::spawn_blocking(move || PgCluster::start_many(n))
             .await
@@ -379,8 +385,10 @@ impl Cluster {
             db.batch_execute(LEDGER).await.unwrap();
             db.batch_execute(NOTE).await.unwrap();
             let dsn = cluster.dsn("shop");
-            let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &id.to_string()]);
-            assert!(ok, "accord init of node {id}: {out}");
+            if i < n - joining {
+                let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &id.to_string()]);
+                assert!(ok, "accord init of node {id}: {out}");
+            }
             let certs = dir.path().join(format!("certs-{id}"));
             let (ok, out) = accord(&[
                 "certs",
@@ -425,7 +433,8 @@ impl Cluster {
             pg,
             dir,
         };
-        for node in &mut cluster.nodes {
+        let running = n - joining;
+        for node in &mut cluster.nodes[..running] {
             node.start().await;
         }
         // The hot rows, inserted on node 1 and replicated before the load starts.
@@ -440,7 +449,7 @@ impl Cluster {
                 "the hot rows reach every node",
                 Duration::from_secs(90),
                 |c| async move {
-                    for i in 0..c.nodes.len() {
+                    for i in 0..running {
                         let Ok(db) = connect(&c.pg[i].dsn("shop")).await else {
                             return false;
                         };
@@ -611,8 +620,8 @@ impl Cluster {
             .client(0)
             .await
             .query_one(
-                "SELECT ($1::text::numeric + $2::text::numeric + $3::text::numeric)::numeric(30,4)::text",
-                &[&balance[0], &balance[1], &balance[2]],
+                "SELECT sum(b::numeric)::numeric(30,4)::text FROM unnest($1::text[]) AS b",
+                &[&balance],
             )
             .await
             .unwrap()
@@ -708,12 +717,26 @@ struct Load {
 
 impl Load {
     fn start(cluster: &Cluster) -> Load {
+        Self::start_on(cluster, 0..cluster.nodes.len())
+    }
+
+    /// Writers on the databases of `nodes` only.
+    fn start_on(cluster: &Cluster, nodes: std::ops::Range<usize>) -> Load {
+        let mut load = Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            writers: Vec::new(),
+            counts: Arc::new(WriterCounts::default()),
+        };
+        load.add(cluster, nodes);
+        load
+    }
+
+    /// More writers, on the databases of `nodes`.
+    fn add(&mut self, cluster: &Cluster, nodes: std::ops::Range<usize>) {
         let per_node = env_u64("ACCORD_RELIABILITY_WRITERS", 2);
         let pause = Duration::from_millis(env_u64("ACCORD_RELIABILITY_PAUSE_MS", 10));
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts = Arc::new(WriterCounts::default());
-        let mut writers = Vec::new();
-        for node in 0..cluster.nodes.len() {
+        let (stop, counts, writers) = (&self.stop, &self.counts, &mut self.writers);
+        for node in nodes {
             for w in 0..per_node {
                 let dsn = cluster.pg[node].dsn("shop");
                 let stop = stop.clone();
@@ -781,7 +804,6 @@ impl Load {
                 }));
             }
         }
-        Load { stop, writers, counts }
     }
 
     /// Stops the writers; returns (committed, failed) transactions.
@@ -1295,4 +1317,158 @@ async fn soak() {
             i + 1
         );
     }
+}
+
+/// The new node's join, as its database records it: (rows copied, done); `None` before it began.
+async fn join_state(db: &tokio_postgres::Client) -> Option<(i64, bool)> {
+    let row = db
+        .query_opt("SELECT rows_copied, done FROM accord.join_state", &[])
+        .await
+        .ok()??;
+    Some((row.get(0), row.get(1)))
+}
+
+/// Issue 16: a fourth node joins three running nodes that take writes all along (increments,
+/// renames, inserts, deletes, review prices), from a donor's database, copied in chunks. The first
+/// `accord join` is killed in the middle of its copy; `accord run` refuses the half-joined database;
+/// the same command resumes it. Then the new node runs and writes too, and all four converge to
+/// identical tables and review queues with the sums every writer committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_under_load_and_a_killed_join_resumes() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let name = "join_under_load";
+    let mut cluster = Cluster::start_joining(name, 4, false, 1).await;
+    let bulk = env_u64("ACCORD_JOIN_ROWS", 30_000) as i64;
+    let donor = cluster.client(0).await;
+    // Rows to copy, and tombstones among them: stock and balance zero, so the sums stay exact.
+    donor
+        .batch_execute(&format!(
+            "INSERT INTO shop.products (id, name) SELECT 500000000 + g, 'bulk ' || g FROM generate_series(1, {bulk}) g;
+             DELETE FROM shop.products WHERE id > 500000000 AND id % 7 = 0;
+             UPDATE shop.products SET price = 10 WHERE id = {PRICE_ROW};"
+        ))
+        .await
+        .unwrap();
+    let expected: i64 = donor
+        .query_one("SELECT count(*) FROM shop.products WHERE id > 500000000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    cluster
+        .wait_for(
+            "the bulk rows reach the three nodes",
+            converge_limit(),
+            |c| async move {
+                for i in 0..3 {
+                    let n: i64 = c
+                        .client(i)
+                        .await
+                        .query_one("SELECT count(*) FROM shop.products WHERE id > 500000000", &[])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if n != expected {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+    // Concurrent prices, made certain by stopping node 3 for its edit: a review item that the
+    // new node must end up with too.
+    assert!(cluster.nodes[2].terminate(Duration::from_secs(20)).await.success());
+    for (node, price) in [(1usize, "11"), (2, "12")] {
+        cluster
+            .client(node)
+            .await
+            .execute(
+                &format!("UPDATE shop.products SET price = {price} WHERE id = {PRICE_ROW}"),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    cluster.nodes[2].start().await;
+    let mut load = Load::start_on(&cluster, 0..3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let config = cluster.nodes[3].config.clone();
+    let donor_dsn = cluster.pg[0].dsn("shop");
+    let join_args = [
+        "join",
+        "--config",
+        config.to_str().unwrap(),
+        "--donor-dsn",
+        &donor_dsn,
+        "--chunk-rows",
+        "100",
+    ];
+    let joiner_db = cluster.client(3).await;
+    let first_log = cluster.dir.path().join("join-1.log");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args(join_args)
+        .stdout(Stdio::from(std::fs::File::create(&first_log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(cluster.dir.path().join("join-1.err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let waiting = Instant::now();
+    let copied_before_kill = loop {
+        if let Some((rows, done)) = join_state(&joiner_db).await {
+            assert!(
+                !done,
+                "the join finished ({rows} rows) before it could be killed: make ACCORD_JOIN_ROWS larger: {}{}",
+                std::fs::read_to_string(&first_log).unwrap_or_default(),
+                std::fs::read_to_string(cluster.dir.path().join("join-1.err")).unwrap_or_default()
+            );
+            if rows >= 1_000 {
+                break rows;
+            }
+        }
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "accord join ended before it was killed"
+        );
+        assert!(waiting.elapsed() < Duration::from_secs(120), "the join copies nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    first.kill().unwrap();
+    first.wait().unwrap();
+    eprintln!("[{name}] the first accord join killed after {copied_before_kill} rows");
+
+    // A half-joined node does not start.
+    cluster.nodes[3].spawn();
+    let refused = loop {
+        if let Some(status) = cluster.nodes[3].exited() {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!refused.success());
+    let log = cluster.nodes[3].log_tail(20);
+    assert!(log.contains("has not finished"), "{log}");
+
+    let (ok, out) = accord(&join_args);
+    assert!(ok, "the resumed join: {out}");
+    assert!(out.contains("(resumed)"), "{out}");
+    eprintln!("[{name}] {}", out.lines().next().unwrap_or_default());
+    let (rows, done) = join_state(&joiner_db).await.expect("the join recorded");
+    assert!(done && rows >= expected, "every row was copied: {rows}");
+
+    cluster.nodes[3].start().await;
+    load.add(&cluster, 3..4);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    finish(&mut cluster, load, true, started).await;
+    let open: i64 = joiner_db
+        .query_one(
+            "SELECT count(*) FROM accord.review_items WHERE kind = 'concurrent' AND status = 'open'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open > 0, "the concurrent prices' review item reached the new node");
 }

@@ -130,6 +130,16 @@ impl Applier {
             .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
             .await?
             .get(0);
+        // A database that applied before `accord.applied` existed has its positions only in
+        // the origins: recorded once here, while this session holds the origin.
+        let recorded = i64::try_from(position.map(u64::from).unwrap_or(0)).unwrap_or(i64::MAX);
+        db.execute(
+            "INSERT INTO accord.applied (origin, seq) VALUES ($1, $2)
+             ON CONFLICT (origin) DO UPDATE SET seq = GREATEST(accord.applied.seq, EXCLUDED.seq)",
+            &[&peer_param(peer)?, &recorded],
+        )
+        .await
+        .context("cannot record the applied position in accord.applied")?;
         let names: Vec<String> = policy.tables().iter().map(|t| t.name.clone()).collect();
         let quoted: Vec<String> = names.iter().map(|t| quote_table(t)).collect();
         let partitioned = db
@@ -405,6 +415,11 @@ impl Applier {
             .get(db, "SELECT pg_replication_origin_xact_setup($1, now())")
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
+        let record = statements.get(db, store::RECORD_APPLIED_SQL).await?;
+        let record_params: Params = vec![
+            Box::new(peer_param(self.peer)?),
+            Box::new(i64::try_from(begin.unwrap_or(0)).context("an applied position beyond i64")?),
+        ];
         let mut locks = Vec::with_capacity(groups.len());
         for (t, rows) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
@@ -434,8 +449,10 @@ impl Applier {
                     "SET LOCAL synchronous_commit = off"
                 },
             ));
-            // The batch's position is committed with its changes (exactly once).
+            // The batch's position is committed with its changes (exactly once), and recorded
+            // where a snapshot can read it with them.
             queries.push(pipeline::query(db, &setup, &setup_params));
+            queries.push(pipeline::query(db, &record, &record_params));
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {
@@ -775,6 +792,11 @@ fn column_values(planned: &[PlannedWrite], which: &[usize], column: usize) -> Ve
             RowWrite::Delete => None,
         })
         .collect()
+}
+
+/// A node id as `accord.applied.origin` stores it.
+fn peer_param(peer: NodeId) -> Result<i32> {
+    i32::try_from(peer.0).context("node ids must fit in a 32-bit signed integer")
 }
 
 fn ords_param(which: &[usize]) -> Vec<i32> {

@@ -83,6 +83,12 @@ pub struct CaptureProgress {
 /// read everything committed before it.
 pub const PROBE_MESSAGE_PREFIX: &str = "accord.probe";
 
+/// A transactional logical-decoding message that makes the capture persist its checkpoint when
+/// it reaches the message's transaction, although the transaction changes nothing: a process
+/// outside the node (`accord join`) reads `accord.capture_state.covered_lsn` to learn that the
+/// capture has accounted for everything committed before its marker.
+pub const MARK_MESSAGE_PREFIX: &str = "accord.mark";
+
 /// A replication-protocol connection configuration from a libpq-style DSN, reaching the server
 /// through `endpoint` (the server itself, or a TLS tunnel to it).
 pub fn replication_config(dsn: &Dsn, endpoint: &ReplicationEndpoint) -> ReplicationConfig {
@@ -137,6 +143,8 @@ struct Transaction {
     resolving: Vec<ReviewItemId>,
     /// Parts of it written so far (see [`PART_ROWS`]).
     parts: u32,
+    /// It carries a [`MARK_MESSAGE_PREFIX`] message.
+    marked: bool,
 }
 
 /// A local transaction with more rows than this is captured in parts as it is decoded.
@@ -164,6 +172,8 @@ struct Group {
     /// the group's last commit, or a later probe.
     processed_lsn: u64,
     started: Option<Instant>,
+    /// A transaction of the group carries a mark: the checkpoint is written even if nothing else is.
+    marked: bool,
 }
 
 /// A group is written once no further event is ready on the stream, or at these sizes, or at
@@ -380,6 +390,7 @@ impl Capture {
                         continue;
                     }
                     if let Some(done) = tx.take() {
+                        group.marked |= done.marked;
                         // Decoded now, against the relations as they are at this point of the stream.
                         let committed = self.decoded(done)?;
                         group.rows += committed.rows.len();
@@ -388,6 +399,11 @@ impl Capture {
                     group.started.get_or_insert_with(Instant::now);
                     group.end_lsn = Some(end_lsn);
                     group.processed_lsn = group.processed_lsn.max(end_lsn.as_u64());
+                }
+                ReplicationEvent::Message { prefix, .. } if prefix == MARK_MESSAGE_PREFIX => {
+                    if let Some(tx) = tx.as_mut() {
+                        tx.marked = true;
+                    }
                 }
                 ReplicationEvent::Message { prefix, lsn, .. } if prefix == PROBE_MESSAGE_PREFIX => {
                     // Dealt with once the transactions before it are written, with the group.
@@ -458,7 +474,7 @@ impl Capture {
         }
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         let held = parts.held.take();
-        let (checkpoint, captured, held) = self.write_open(&decoded, Some((held, part.continues))).await?;
+        let (checkpoint, captured, held) = self.write_open(&decoded, Some((held, part.continues)), false).await?;
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         parts.held = held;
         parts.captured += captured;
@@ -510,7 +526,7 @@ impl Capture {
         self.fill_truncates(&mut group.transactions).await?;
         // On failure the run ends; the next one resumes from the database's checkpoint, and the
         // stream, restarted from the slot, delivers the group again.
-        let (checkpoint, captured) = self.write(&group.transactions).await?;
+        let (checkpoint, captured) = self.write(&group.transactions, group.marked).await?;
         if let Some(lsn) = group.end_lsn {
             stream.update_applied_lsn(lsn);
         }
@@ -546,10 +562,10 @@ impl Capture {
     /// Captures the group's transactions with the engine (`Capturer::capture_group`) and writes
     /// their changes, metadata, review actions and the checkpoint that covers them in one database
     /// transaction. Returns the checkpoint and the number of row changes captured.
-    async fn write(&mut self, transactions: &[DecodedTransaction]) -> Result<(CaptureCheckpoint, u64)> {
+    async fn write(&mut self, transactions: &[DecodedTransaction], marked: bool) -> Result<(CaptureCheckpoint, u64)> {
         let slots = self.capturer.rows_to_load(transactions);
         let truncating = transactions.iter().any(|t| !t.from_peer && !t.truncates.is_empty());
-        let needs_db = !slots.is_empty() || truncating || transactions.iter().any(|t| t.merged.is_some());
+        let needs_db = marked || !slots.is_empty() || truncating || transactions.iter().any(|t| t.merged.is_some());
         if !needs_db {
             // Nothing to capture and no clock to persist: no database round trip.
             let policy = Arc::clone(&self.policy);
@@ -564,7 +580,7 @@ impl Capture {
             .await
             .context("cannot begin the capture's transaction")?;
         self.in_transaction = true;
-        let (checkpoint, captured, _) = self.write_open(transactions, None).await?;
+        let (checkpoint, captured, _) = self.write_open(transactions, None, marked).await?;
         self.db
             .batch_execute("COMMIT")
             .await
@@ -580,6 +596,7 @@ impl Capture {
         &mut self,
         transactions: &[DecodedTransaction],
         part: Option<(Option<CapturedRow>, bool)>,
+        marked: bool,
     ) -> Result<(CaptureCheckpoint, u64, Option<CapturedRow>)> {
         let slots = self.capturer.rows_to_load(transactions);
         // Local transactions that truncated: what their triggers recorded is forgotten with the
@@ -631,7 +648,7 @@ impl Capture {
                 }
             }
         }
-        if !write.needs_write && changes.is_empty() {
+        if !write.needs_write && changes.is_empty() && !marked {
             return Ok((write.checkpoint, 0, held));
         }
 

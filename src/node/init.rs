@@ -121,6 +121,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;
+    tx.batch_execute(store::APPLIED_DDL)
+        .await
+        .context("cannot create accord.applied")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
     truncate::install(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx

@@ -5,6 +5,7 @@ pub mod apply_worker;
 pub mod capture;
 pub mod ids;
 pub mod init;
+pub mod join;
 pub mod key_locks;
 pub mod net;
 pub mod pgoutput;

@@ -207,6 +207,12 @@ pub(super) fn key_join(table: &TableDef) -> String {
 /// same order cannot deadlock on them). Parameters: ords, then one text array per key column.
 /// Returns `ord, xmin, columns...` for the rows that exist.
 pub fn lock_rows_sql(table: &TableDef) -> String {
+    format!("{} FOR UPDATE OF t", read_rows_sql(table))
+}
+
+/// Reads the rows of many keys, without locking them, in key order. Parameters and results as
+/// [`lock_rows_sql`]'s (the columns as text).
+pub fn read_rows_sql(table: &TableDef) -> String {
     let mut select = vec!["u.ord".to_owned(), "t.xmin::text".to_owned()];
     select.extend(table.columns.iter().map(|c| format!("t.{}", read_expr(&c.name, &c.ty))));
     let order: Vec<String> = table
@@ -215,7 +221,7 @@ pub fn lock_rows_sql(table: &TableDef) -> String {
         .map(|k| format!("t.{}", quote_ident(&k.name)))
         .collect();
     format!(
-        "SELECT {} FROM {} JOIN {} AS t ON {} ORDER BY {} FOR UPDATE OF t",
+        "SELECT {} FROM {} JOIN {} AS t ON {} ORDER BY {}",
         select.join(", "),
         unnest(1, table.key.len()),
         quote_table(&table.name),

@@ -248,11 +248,16 @@ where
         bail!("the @accord annotations changed since `accord init`: run `accord init` again on every node");
     }
 
+    super::join::ensure_joined(&db).await?;
+
     // Databases initialised by an earlier version have no table for kept changes yet; once, here,
     // before any applier needs it.
     db.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;
+    db.batch_execute(store::APPLIED_DDL)
+        .await
+        .context("cannot create accord.applied")?;
     // Nor the triggers that make local inserts wait for an apply that locked their key.
     let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
     if installed > 0 {

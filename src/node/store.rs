@@ -72,6 +72,43 @@ CREATE TABLE IF NOT EXISTS accord.deferred (
 COMMENT ON TABLE accord.deferred IS 'accord: changes waiting for values their row does not have here yet';
 ";
 
+/// What this node has applied of each peer's changes, written by every apply transaction beside
+/// its replication origin's position. The origin's position is what PostgreSQL keeps crash-safe,
+/// but it is not MVCC: a snapshot reads it as it is now, not as it was when the snapshot's rows
+/// were. This table is, so a joining node copies rows, metadata and these positions consistently
+/// from one snapshot (`join`). Created by `accord init`, and by a node starting on a database
+/// initialised before it existed (each applier then records its origin's position once).
+pub const APPLIED_DDL: &str = "
+CREATE TABLE IF NOT EXISTS accord.applied (
+    origin integer PRIMARY KEY,
+    seq    bigint  NOT NULL
+);
+COMMENT ON TABLE accord.applied IS 'accord: the last change of each peer applied here, written with the apply';
+";
+
+/// Records a peer's applied position in the apply's transaction. Parameters: peer, position.
+pub const RECORD_APPLIED_SQL: &str = "INSERT INTO accord.applied (origin, seq) VALUES ($1, $2)
+     ON CONFLICT (origin) DO UPDATE SET seq = EXCLUDED.seq";
+
+/// Every peer's applied position as `accord.applied` holds it in the reading transaction's
+/// snapshot.
+pub async fn recorded_applied(db: &impl GenericClient) -> Result<Vec<(accord_engine::NodeId, u64)>, StoreError> {
+    let rows = db
+        .query("SELECT origin, seq FROM accord.applied ORDER BY origin", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let origin: i32 = row.get(0);
+            let seq: i64 = row.get(1);
+            Some((
+                accord_engine::NodeId(u32::try_from(origin).ok()?),
+                u64::try_from(seq).ok()?,
+            ))
+        })
+        .collect())
+}
+
 /// The kept changes of many rows. Parameters: ords, table names, keys. Returns `ord, change`.
 pub const LOAD_DEFERRED_SQL: &str = "SELECT u.ord, d.change
      FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)

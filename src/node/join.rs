@@ -1,0 +1,948 @@
+//! `accord join`: a new node's database filled from a donor node of the running cluster, rows and
+//! accord's metadata, with the positions from which the new node then streams every node's
+//! changes.
+//!
+//! What makes it safe is a rule about positions, not one snapshot: the new node may start with
+//! *more* of a row than its positions claim (every change is a state-based merge, so receiving
+//! an already-absorbed change again changes nothing), never with less. So the positions `P` are
+//! read once, at the join's start, from the donor's `accord.applied` and capture checkpoint in one
+//! snapshot; every chunk after that is copied in its own, later snapshot, which holds everything
+//! `P` claims and maybe more. A join killed at any point resumes from its last chunk with the same
+//! `P`, and no transaction on the donor stays open for the length of the copy.
+//!
+//! A donor row is copied only when its metadata describes it. One whose last local write the
+//! donor's capture has not accounted for yet (the row's xmin is not the metadata's) is either a
+//! write the capture will send (its sequence number is above `P`'s, since it was not captured in
+//! a snapshot after `P`'s, so the new node receives the row's whole state from the stream) or a
+//! row written in a subtransaction (whose xid decoding never reports) that was captured long ago.
+//! The join cannot tell the two apart from the snapshot, so it waits until the donor's capture
+//! has read past a marker written after the snapshot and reads the row again: still the same
+//! version, it is described by the metadata now; a newer version is again a write the stream
+//! brings. Rows whose metadata and presence disagree (an insert or delete not captured yet) are
+//! left to the stream the same way.
+
+use std::time::Duration;
+
+use accord_engine::{Hlc, NodeId, RowMeta, StableCut, TableDef};
+use anyhow::{bail, Context, Result};
+use tokio_postgres::types::{PgLsn, ToSql};
+use tokio_postgres::Client;
+
+use super::capture::{hlc_message, MARK_MESSAGE_PREFIX};
+use super::init::{self, load_policy};
+use super::rows::{insert_rows_sql, quote_table, read_rows_sql, xmins_sql};
+use super::store::{self, decode, encode, origin_name, MetaRows};
+use super::{key_locks, pipeline::Params};
+use crate::pg_connection::{connect, redact};
+
+/// The replication origin of the join's own transactions on the new node: its capture skips
+/// them (they are the donor's rows, not the new node's writes), as it skips a peer's applies.
+pub const JOIN_ORIGIN: &str = "accord_join";
+
+/// How long the join waits for the donor's capture to read past a marker.
+const CAPTURE_WAIT: Duration = Duration::from_secs(120);
+
+/// Rows per chunk (each chunk is one transaction on each side).
+pub const DEFAULT_CHUNK_ROWS: usize = 5_000;
+
+/// The join's progress on the new node, committed with every chunk.
+pub const JOIN_STATE_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS accord;
+CREATE TABLE IF NOT EXISTS accord.join_state (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    donor       integer NOT NULL,
+    positions   bytea   NOT NULL,
+    claims      bytea   NOT NULL,
+    table_name  text,
+    after_key   text    NOT NULL DEFAULT '',
+    rows_copied bigint  NOT NULL DEFAULT 0,
+    done        boolean NOT NULL DEFAULT false,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+COMMENT ON TABLE accord.join_state IS 'accord: how far accord join copied this node from its donor';
+";
+
+/// What to join, and from where.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The new node's id (its certificate's).
+    pub node: NodeId,
+    /// The new node's database.
+    pub dsn: String,
+    /// A database of a running node, read with a snapshot per chunk.
+    pub donor_dsn: String,
+    pub chunk_rows: usize,
+}
+
+/// How far a join has got, for a progress bar or a log line.
+#[derive(Debug, Clone, Default)]
+pub struct JoinProgress {
+    pub table: String,
+    /// Rows (live and deleted) copied of all tables so far.
+    pub rows: u64,
+    /// The donor's rows (live and deleted) of all tables, counted at the start.
+    pub total_rows: u64,
+    /// Bytes of row values copied.
+    pub bytes: u64,
+}
+
+/// What a finished join did.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub donor: NodeId,
+    /// It went on from an earlier, interrupted run.
+    pub resumed: bool,
+    /// Live rows copied (by this run).
+    pub rows: u64,
+    /// Deleted rows' metadata copied (by this run).
+    pub tombstones: u64,
+    /// Rows left to the donor's stream (written there and not captured yet).
+    pub left_to_stream: u64,
+    /// Per node, the last change the new node takes as applied.
+    pub positions: Vec<(NodeId, u64)>,
+}
+
+/// Where a join stands on the new node.
+struct JoinState {
+    donor: NodeId,
+    positions: Vec<(NodeId, u64)>,
+    claims: Vec<(NodeId, u64)>,
+    table: Option<String>,
+    after: String,
+    rows_copied: u64,
+    done: bool,
+}
+
+/// The donor's row as one snapshot saw it: its values as text and its xmin.
+struct DonorRow {
+    xmin: String,
+    values: Vec<Option<String>>,
+}
+
+/// What a chunk copies of one key.
+enum Copy {
+    Live {
+        key: String,
+        meta: RowMeta,
+        values: Vec<Option<String>>,
+    },
+    Tombstone {
+        key: String,
+        meta: RowMeta,
+    },
+}
+
+/// Joins the database at `request.dsn` to the cluster of the donor's node. `progress` is called
+/// after every chunk.
+pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)) -> Result<Joined> {
+    let donor = connect(&request.donor_dsn)
+        .await
+        .with_context(|| format!("cannot reach the donor ({})", redact(&request.donor_dsn)))?;
+    let mut target = connect(&request.dsn).await?;
+    let (donor_id, donor_fingerprint) = donor_identity(&donor).await?;
+    if donor_id == request.node {
+        bail!("the donor is node {donor_id} itself: a node joins from another node's database");
+    }
+    let policy = load_policy(&mut target).await?;
+    if policy.is_empty() {
+        bail!(
+            "no table of the new node's database is marked for replication: create the cluster's annotated schema \
+             there first (the same tables and @accord comments as the donor's)"
+        );
+    }
+    let fingerprint = policy.fingerprint().to_string();
+    if fingerprint != donor_fingerprint {
+        bail!(
+            "the new node's replicated tables differ from the donor's (policy fingerprint {fingerprint} here, \
+             {donor_fingerprint} on node {donor_id}): create the same tables with the same @accord comments; \
+             `accord check --dsn` on both shows what each has"
+        );
+    }
+
+    let (mut state, resumed) = match load_state(&target).await? {
+        Some(state) if state.done => bail!(
+            "this database already joined the cluster from node {}: start it with `accord run`",
+            state.donor
+        ),
+        Some(state) if state.donor != donor_id => bail!(
+            "this database's join from node {} is unfinished: resume it with that node as the donor (the positions \
+             it streams from are node {}'s)",
+            state.donor,
+            state.donor
+        ),
+        Some(state) => (state, true),
+        None => (
+            begin(&donor, &mut target, request.node, &policy, donor_id).await?,
+            false,
+        ),
+    };
+    if !node_initialised(&target).await? {
+        init::init(&mut target, request.node).await?;
+    }
+
+    // The join's transactions carry an origin the capture skips, and the key-lock triggers
+    // leave them alone (no merge can wait for them: the node is not running).
+    if target
+        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&JOIN_ORIGIN])
+        .await?
+        .is_none()
+    {
+        target
+            .execute("SELECT pg_replication_origin_create($1)", &[&JOIN_ORIGIN])
+            .await
+            .context("cannot create the join's replication origin (needs superuser)")?;
+    }
+    target
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&JOIN_ORIGIN])
+        .await
+        .context("cannot bind the join's replication origin: is another `accord join` running on this database?")?;
+    target
+        .batch_execute(&format!("SET {} = on", key_locks::APPLYING_SETTING))
+        .await?;
+
+    let mut tables: Vec<&TableDef> = policy.tables().iter().collect();
+    tables.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut report = JoinProgress {
+        total_rows: count_rows(&donor, &tables).await?,
+        rows: state.rows_copied,
+        ..JoinProgress::default()
+    };
+    let mut joined = Joined {
+        donor: donor_id,
+        resumed,
+        rows: 0,
+        tombstones: 0,
+        left_to_stream: 0,
+        positions: state.positions.clone(),
+    };
+    let partitioned = partitioned_tables(&target, &tables).await?;
+    while let Some(name) = state.table.clone() {
+        let table = *tables
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("the join's cursor names {name}, which is not replicated any more"))?;
+        report.table = name.clone();
+        let next_table = tables.iter().map(|t| t.name.as_str()).find(|t| *t > name.as_str());
+        let chunk = copy_chunk(
+            &donor,
+            &mut target,
+            table,
+            next_table,
+            partitioned.contains(&table.name),
+            request,
+            &mut state,
+        )
+        .await?;
+        joined.rows += chunk.live;
+        joined.tombstones += chunk.tombstones;
+        joined.left_to_stream += chunk.left;
+        report.rows = state.rows_copied;
+        report.bytes += chunk.bytes;
+        progress(&report);
+    }
+    finish(&donor, &mut target, request.node, &mut state).await?;
+    Ok(joined)
+}
+
+/// The donor's node id and policy fingerprint; refuses a database that is not a node, or whose
+/// accord is older than joins need.
+async fn donor_identity(donor: &Client) -> Result<(NodeId, String)> {
+    let row = donor
+        .query_opt(
+            "SELECT node_id, fingerprint, to_regclass('accord.applied') IS NOT NULL FROM accord.node",
+            &[],
+        )
+        .await
+        .context("the donor's database is not an accord node (no accord.node)")?
+        .context("the donor's database is not an accord node (accord.node is empty)")?;
+    let (id, fingerprint, recorded): (i32, String, bool) = (row.get(0), row.get(1), row.get(2));
+    if !recorded {
+        bail!(
+            "the donor's accord does not record its applied positions yet: run this version's `accord run` there first"
+        );
+    }
+    Ok((NodeId(u32::try_from(id).context("a negative node id")?), fingerprint))
+}
+
+async fn node_initialised(target: &Client) -> Result<bool> {
+    Ok(target
+        .query_one("SELECT to_regclass('accord.node') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0)
+        && target.query_opt("SELECT 1 FROM accord.node", &[]).await?.is_some())
+}
+
+async fn load_state(target: &Client) -> Result<Option<JoinState>> {
+    let exists: bool = target
+        .query_one("SELECT to_regclass('accord.join_state') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let Some(row) = target
+        .query_opt(
+            "SELECT donor, positions, claims, table_name, after_key, rows_copied, done FROM accord.join_state",
+            &[],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(JoinState {
+        donor: NodeId(u32::try_from(row.get::<_, i32>(0)).context("a negative donor id")?),
+        positions: decode("join positions", row.get(1))?,
+        claims: decode("join claims", row.get(2))?,
+        table: row.get(3),
+        after: row.get(4),
+        rows_copied: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
+        done: row.get(6),
+    }))
+}
+
+/// Starts a join: checks the new node's database is new, and records the positions it will
+/// stream from, read from the donor in one snapshot.
+async fn begin(
+    donor: &Client,
+    target: &mut Client,
+    node: NodeId,
+    policy: &accord_schema_annotations::SchemaPolicy,
+    donor_id: NodeId,
+) -> Result<JoinState> {
+    if node_initialised(target).await? {
+        bail!(
+            "this database is already an accord node: a node joins from a new database (with the annotated tables, \
+             empty)"
+        );
+    }
+    for table in policy.tables() {
+        let any: bool = target
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", quote_table(&table.name)),
+                &[],
+            )
+            .await?
+            .get(0);
+        if any {
+            bail!(
+                "{} already has rows on the new node: a node joins with empty tables, which the join fills from \
+                 the donor",
+                table.name
+            );
+        }
+    }
+    let positions = donor_positions(donor, donor_id).await?;
+    let first = policy.tables().iter().map(|t| t.name.clone()).min();
+    target.batch_execute(JOIN_STATE_DDL).await?;
+    target
+        .execute(
+            "INSERT INTO accord.join_state (donor, positions, claims, table_name) VALUES ($1, $2, $2, $3)",
+            &[
+                &i32::try_from(donor_id.0).context("node ids must fit in a 32-bit signed integer")?,
+                &encode("join positions", &positions)?,
+                &first,
+            ],
+        )
+        .await?;
+    tracing::info!(%node, donor = %donor_id, ?positions, "join started");
+    Ok(JoinState {
+        donor: donor_id,
+        claims: positions.clone(),
+        positions,
+        table: first,
+        after: String::new(),
+        rows_copied: 0,
+        done: false,
+    })
+}
+
+/// What the donor had applied of every node, and of its own changes captured, in the snapshot of
+/// its current transaction (or a statement's own).
+async fn donor_positions(donor: &Client, donor_id: NodeId) -> Result<Vec<(NodeId, u64)>> {
+    let mut positions = store::recorded_applied(donor).await?;
+    let last: i64 = donor
+        .query_one("SELECT last_seq FROM accord.capture_state", &[])
+        .await
+        .context("the donor has no capture checkpoint")?
+        .get(0);
+    positions.retain(|(n, _)| *n != donor_id);
+    positions.push((donor_id, u64::try_from(last).unwrap_or(0)));
+    positions.sort();
+    Ok(positions)
+}
+
+async fn count_rows(donor: &Client, tables: &[&TableDef]) -> Result<u64> {
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    let n: i64 = donor
+        .query_one(
+            "SELECT count(*) FROM accord.row_meta WHERE table_name = ANY($1)",
+            &[&names],
+        )
+        .await?
+        .get(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+async fn partitioned_tables(target: &Client, tables: &[&TableDef]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for table in tables {
+        let kind: String = target
+            .query_one(
+                "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1::text::regclass",
+                &[&quote_table(&table.name)],
+            )
+            .await?
+            .get(0);
+        if kind == "p" {
+            out.push(table.name.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What one chunk did.
+#[derive(Default)]
+struct Chunk {
+    live: u64,
+    tombstones: u64,
+    left: u64,
+    bytes: u64,
+}
+
+/// Copies the next chunk of `table` after the cursor, and moves the cursor on (to the next table
+/// after the last chunk of this one), in one transaction on the new node.
+async fn copy_chunk(
+    donor: &Client,
+    target: &mut Client,
+    table: &TableDef,
+    next_table: Option<&str>,
+    partitioned: bool,
+    request: &JoinRequest,
+    state: &mut JoinState,
+) -> Result<Chunk> {
+    let limit = i64::try_from(request.chunk_rows.max(1)).unwrap_or(i64::MAX);
+    donor
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let read = async {
+        let seen = donor_positions(donor, state.donor).await?;
+        let metas = donor
+            .query(
+                "SELECT row_key, meta, known_xmin FROM accord.row_meta
+                 WHERE table_name = $1 AND row_key > $2 ORDER BY row_key LIMIT $3",
+                &[&table.name, &state.after, &limit],
+            )
+            .await?;
+        let mut keyed = Vec::with_capacity(metas.len());
+        for row in &metas {
+            let meta: RowMeta = decode("row metadata", row.get(1))?;
+            keyed.push((row.get::<_, String>(0), meta, row.get::<_, Option<String>>(2)));
+        }
+        let keys: Vec<&str> = keyed.iter().map(|(k, _, _)| k.as_str()).collect();
+        let rows = read_rows(donor, table, &keys).await?;
+        anyhow::Ok((seen, keyed, rows))
+    }
+    .await;
+    let end = donor.batch_execute("COMMIT").await;
+    let (seen, keyed, rows) = read?;
+    end?;
+    merge_claims(&mut state.claims, &seen);
+
+    let mut chunk = Chunk::default();
+    let mut copies = Vec::with_capacity(keyed.len());
+    let mut suspects = Vec::new();
+    for (i, (key, meta, known)) in keyed.iter().enumerate() {
+        match (meta.is_alive(), &rows[i]) {
+            (true, Some(row)) if known.as_deref() == Some(row.xmin.as_str()) => copies.push(Copy::Live {
+                key: key.clone(),
+                meta: meta.clone(),
+                values: row.values.clone(),
+            }),
+            (false, None) => copies.push(Copy::Tombstone {
+                key: key.clone(),
+                meta: meta.clone(),
+            }),
+            (true, Some(row)) => suspects.push((key.clone(), row.xmin.clone())),
+            // An insert or delete the donor's capture has not accounted for: it sends the row.
+            _ => chunk.left += 1,
+        }
+    }
+    if !suspects.is_empty() {
+        let (seen, described, left) = settle_suspects(donor, table, state.donor, request.node, &suspects).await?;
+        merge_claims(&mut state.claims, &seen);
+        copies.extend(described);
+        chunk.left += left;
+    }
+    let last_key = keyed.last().map(|(k, _, _)| k.clone());
+    let next = match last_key {
+        Some(key) if keyed.len() as i64 >= limit => (Some(table.name.clone()), key),
+        _ => (next_table.map(str::to_owned), String::new()),
+    };
+    write_chunk(target, table, partitioned, &copies, state, &next, &mut chunk).await?;
+    state.table = next.0;
+    state.after = next.1;
+    state.rows_copied += u64::try_from(keyed.len()).unwrap_or(0);
+    Ok(chunk)
+}
+
+/// Rows whose xmin is not their metadata's: waits until the donor's capture has read past a
+/// marker written now, then reads them again. The same version is described by its metadata
+/// now; another one is a write the donor's stream brings. Returns the positions of the second
+/// snapshot, the rows to copy and how many were left to the stream.
+async fn settle_suspects(
+    donor: &Client,
+    table: &TableDef,
+    donor_id: NodeId,
+    node: NodeId,
+    suspects: &[(String, String)],
+) -> Result<(Vec<(NodeId, u64)>, Vec<Copy>, u64)> {
+    wait_for_donor_capture(donor, node).await?;
+    donor
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let read = async {
+        let seen = donor_positions(donor, donor_id).await?;
+        let keys: Vec<&str> = suspects.iter().map(|(k, _)| k.as_str()).collect();
+        let metas = donor
+            .query(
+                "SELECT u.n, m.meta FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
+                 JOIN accord.row_meta AS m ON m.table_name = $1 AND m.row_key = u.row_key",
+                &[&table.name, &keys],
+            )
+            .await?;
+        let mut by_key: Vec<Option<RowMeta>> = suspects.iter().map(|_| None).collect();
+        for row in &metas {
+            let n = usize::try_from(row.get::<_, i64>(0) - 1).context("an ordinal below 1")?;
+            if let Some(slot) = by_key.get_mut(n) {
+                *slot = Some(decode("row metadata", row.get(1))?);
+            }
+        }
+        let rows = read_rows(donor, table, &keys).await?;
+        anyhow::Ok((seen, by_key, rows))
+    }
+    .await;
+    let end = donor.batch_execute("COMMIT").await;
+    let (seen, metas, rows) = read?;
+    end?;
+    let mut copies = Vec::new();
+    let mut left = 0;
+    for (((key, xmin), meta), row) in suspects.iter().zip(metas).zip(rows) {
+        match (meta, row) {
+            (Some(meta), Some(row)) if meta.is_alive() && &row.xmin == xmin => copies.push(Copy::Live {
+                key: key.clone(),
+                meta,
+                values: row.values,
+            }),
+            _ => left += 1,
+        }
+    }
+    Ok((seen, copies, left))
+}
+
+/// Writes a mark into the donor's WAL (`capture::MARK_MESSAGE_PREFIX`, which its capture records
+/// with a checkpoint) and waits until the capture's checkpoint covers it: every transaction
+/// committed before it has then been captured.
+async fn wait_for_donor_capture(donor: &Client, node: NodeId) -> Result<()> {
+    let marker = format!("accord join of node {node}");
+    donor.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
+    let lsn: Result<PgLsn> = async {
+        Ok(donor
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&MARK_MESSAGE_PREFIX, &marker],
+            )
+            .await
+            .context("cannot write a mark into the donor's WAL")?
+            .get(0))
+    }
+    .await;
+    let end = donor.batch_execute("COMMIT").await;
+    let lsn = u64::from(lsn?);
+    end?;
+    let waited = std::time::Instant::now();
+    loop {
+        let covered: PgLsn = donor
+            .query_one("SELECT covered_lsn FROM accord.capture_state", &[])
+            .await?
+            .get(0);
+        if u64::from(covered) >= lsn {
+            return Ok(());
+        }
+        if waited.elapsed() > CAPTURE_WAIT {
+            bail!(
+                "the donor's capture has not read past {} in {} s: is `accord run` running on the donor? A row \
+                 written there since its capture's last checkpoint can only be copied once it has",
+                PgLsn::from(lsn),
+                CAPTURE_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The donor's rows of `keys` (row keys as `store::key_text` writes them), in the order given.
+async fn read_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<Vec<Option<DonorRow>>> {
+    let mut params: Params = Vec::with_capacity(1 + table.key.len());
+    let ords: Vec<i32> = (0..keys.len())
+        .map(|i| i32::try_from(i).context("a chunk larger than i32"))
+        .collect::<Result<_>>()?;
+    params.push(Box::new(ords));
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(keys.len()); table.key.len()];
+    for key in keys {
+        let parts = key_parts(table, key)?;
+        for (column, part) in columns.iter_mut().zip(parts) {
+            column.push(part);
+        }
+    }
+    for column in columns {
+        params.push(Box::new(column));
+    }
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let found = donor
+        .query(&read_rows_sql(table), &refs)
+        .await
+        .with_context(|| format!("cannot read {} on the donor", table.name))?;
+    let mut out: Vec<Option<DonorRow>> = keys.iter().map(|_| None).collect();
+    for row in found {
+        let ord = usize::try_from(row.get::<_, i32>(0)).context("a negative ord")?;
+        let values = (0..table.columns.len())
+            .map(|i| row.try_get::<_, Option<String>>(i + 2))
+            .collect::<Result<_, _>>()?;
+        if let Some(slot) = out.get_mut(ord) {
+            *slot = Some(DonorRow {
+                xmin: row.get(1),
+                values,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A row key's text (`store::key_text`: a JSON array) as one text per key column.
+fn key_parts(table: &TableDef, key: &str) -> Result<Vec<Option<String>>> {
+    let parts: Vec<serde_json::Value> =
+        serde_json::from_str(key).with_context(|| format!("{}: a malformed row key {key:?}", table.name))?;
+    if parts.len() != table.key.len() {
+        bail!(
+            "{}: the row key {key:?} has {} parts, the table's key {}",
+            table.name,
+            parts.len(),
+            table.key.len()
+        );
+    }
+    Ok(parts
+        .into_iter()
+        .map(|part| match part {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        })
+        .collect())
+}
+
+/// Per node, the greater of the two positions.
+fn merge_claims(claims: &mut Vec<(NodeId, u64)>, seen: &[(NodeId, u64)]) {
+    for &(node, seq) in seen {
+        match claims.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, mine)) => *mine = (*mine).max(seq),
+            None => claims.push((node, seq)),
+        }
+    }
+    claims.sort();
+}
+
+/// One chunk into the new node: rows, their metadata (accounting for the rows' new xmins), a
+/// clock message that makes the new node's later writes stamp above what was copied, and the
+/// cursor, in one transaction.
+async fn write_chunk(
+    target: &mut Client,
+    table: &TableDef,
+    partitioned: bool,
+    copies: &[Copy],
+    state: &JoinState,
+    next: &(Option<String>, String),
+    chunk: &mut Chunk,
+) -> Result<()> {
+    let tx = target.transaction().await?;
+    let live: Vec<(&String, &RowMeta, &Vec<Option<String>>)> = copies
+        .iter()
+        .filter_map(|c| match c {
+            Copy::Live { key, meta, values } => Some((key, meta, values)),
+            Copy::Tombstone { .. } => None,
+        })
+        .collect();
+    let mut xmins: Vec<Option<String>> = vec![None; live.len()];
+    if !live.is_empty() {
+        let ords: Vec<i32> = (0..live.len())
+            .map(|i| i32::try_from(i).context("a chunk larger than i32"))
+            .collect::<Result<_>>()?;
+        let mut keys: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(live.len()); table.key.len()];
+        let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(live.len()); table.columns.len()];
+        for (key, _, values) in &live {
+            for (column, part) in keys.iter_mut().zip(key_parts(table, key)?) {
+                column.push(part);
+            }
+            for (column, value) in columns.iter_mut().zip(values.iter()) {
+                chunk.bytes += value.as_ref().map_or(0, |v| v.len() as u64);
+                column.push(value.clone());
+            }
+        }
+        let mut params: Params = vec![Box::new(ords.clone())];
+        let mut key_params: Params = vec![Box::new(ords)];
+        for column in keys {
+            key_params.push(Box::new(column.clone()));
+            params.push(Box::new(column));
+        }
+        for column in columns {
+            params.push(Box::new(column));
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        let inserted = tx
+            .query(&insert_rows_sql(table, !partitioned), &refs)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot insert {} rows of {} copied from the donor (was the new node written to during the \
+                     join?)",
+                    live.len(),
+                    table.name
+                )
+            })?;
+        let xmin_rows = match partitioned {
+            false => inserted,
+            true => {
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    key_params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+                tx.query(&xmins_sql(table), &refs).await?
+            }
+        };
+        for row in xmin_rows {
+            let ord = usize::try_from(row.get::<_, i32>(0)).context("a negative ord")?;
+            if let Some(slot) = xmins.get_mut(ord) {
+                *slot = Some(row.get(1));
+            }
+        }
+    }
+    let mut metas = MetaRows::default();
+    let mut greatest: Option<Hlc> = None;
+    for ((key, meta, _), xmin) in live.iter().zip(&xmins) {
+        let xmin = xmin
+            .as_deref()
+            .with_context(|| format!("{}: a copied row's xmin did not come back", table.name))?;
+        metas.push(&table.name, key, meta, Some(xmin))?;
+        greatest = greatest.max(meta.stamp);
+        chunk.live += 1;
+    }
+    for copy in copies {
+        if let Copy::Tombstone { key, meta } = copy {
+            metas.push(&table.name, key, meta, None)?;
+            greatest = greatest.max(meta.stamp);
+            chunk.tombstones += 1;
+        }
+    }
+    if !metas.is_empty() {
+        let params = metas.into_params();
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        tx.query(store::SAVE_METAS_SQL, &refs).await?;
+    }
+    if let Some(stamp) = greatest {
+        // Read by the new node's capture as a merge's: its clock passes every copied stamp, and
+        // what it writes later builds on what the copy holds.
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&store::HLC_MESSAGE_PREFIX, &hlc_message(stamp, &state.claims)],
+        )
+        .await?;
+    }
+    let copied = i64::try_from(state.rows_copied).unwrap_or(i64::MAX)
+        + i64::try_from(chunk.live + chunk.tombstones + chunk.left).unwrap_or(0);
+    tx.execute(
+        "UPDATE accord.join_state SET table_name = $1, after_key = $2, claims = $3, rows_copied = $4",
+        &[&next.0, &next.1, &encode("join claims", &state.claims)?, &copied],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The end of a copy: the review queue, kept changes and the collection's cut as the donor has
+/// them now, the positions the node streams from, and the join marked done.
+async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut JoinState) -> Result<()> {
+    donor
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let read = async {
+        let seen = donor_positions(donor, state.donor).await?;
+        let items = donor
+            .query(
+                "SELECT id, table_name, row_key, column_name, kind, status, candidates::text, error, closed_by, \
+                 closed_value, closed_stamp, item, change, opened_at, closed_at FROM accord.review_items",
+                &[],
+            )
+            .await?;
+        let resolutions = donor
+            .query("SELECT item_id, resolved_at FROM accord.review_resolutions", &[])
+            .await?;
+        let deferred = donor
+            .query(
+                "SELECT table_name, row_key, origin, seq, change, kept_at FROM accord.deferred",
+                &[],
+            )
+            .await?;
+        let collection = store::load_collection(donor).await?;
+        anyhow::Ok((seen, items, resolutions, deferred, collection))
+    }
+    .await;
+    let end = donor.batch_execute("COMMIT").await;
+    let (seen, items, resolutions, deferred, collection) = read?;
+    end?;
+    merge_claims(&mut state.claims, &seen);
+
+    let tx = target.transaction().await?;
+    for item in &items {
+        let candidates: String = item.get(6);
+        tx.execute(
+            "INSERT INTO accord.review_items (id, table_name, row_key, column_name, kind, status, candidates, error, \
+             closed_by, closed_value, closed_stamp, item, change, opened_at, closed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &item.get::<_, String>(0),
+                &item.get::<_, String>(1),
+                &item.get::<_, String>(2),
+                &item.get::<_, Option<String>>(3),
+                &item.get::<_, String>(4),
+                &item.get::<_, String>(5),
+                &candidates,
+                &item.get::<_, Option<String>>(7),
+                &item.get::<_, Option<String>>(8),
+                &item.get::<_, Option<String>>(9),
+                &item.get::<_, Option<String>>(10),
+                &item.get::<_, Vec<u8>>(11),
+                &item.get::<_, Option<Vec<u8>>>(12),
+                &item.get::<_, std::time::SystemTime>(13),
+                &item.get::<_, Option<std::time::SystemTime>>(14),
+            ],
+        )
+        .await
+        .context("cannot copy the review queue")?;
+    }
+    for row in &resolutions {
+        tx.execute(
+            "INSERT INTO accord.review_resolutions (item_id, resolved_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&row.get::<_, String>(0), &row.get::<_, std::time::SystemTime>(1)],
+        )
+        .await?;
+    }
+    for row in &deferred {
+        tx.execute(
+            "INSERT INTO accord.deferred (table_name, row_key, origin, seq, change, kept_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &row.get::<_, String>(0),
+                &row.get::<_, String>(1),
+                &row.get::<_, i32>(2),
+                &row.get::<_, i64>(3),
+                &row.get::<_, Vec<u8>>(4),
+                &row.get::<_, std::time::SystemTime>(5),
+            ],
+        )
+        .await?;
+    }
+    // Only the cut: the round in progress is the others' to tell this node when it connects.
+    let cut: Option<StableCut> = collection.cut;
+    store::save_collection(
+        &tx,
+        &accord_engine::CollectionState {
+            cut,
+            ..Default::default()
+        },
+    )
+    .await?;
+    for &(peer, seq) in state.positions.iter().filter(|(n, _)| *n != node) {
+        let origin = origin_name(peer);
+        tx.execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&origin],
+        )
+        .await?;
+        // Not transactional: a join that fails after this does it again with the same position.
+        tx.execute(
+            "SELECT pg_replication_origin_advance($1, $2)",
+            &[&origin, &PgLsn::from(seq)],
+        )
+        .await?;
+        tx.execute(
+            store::RECORD_APPLIED_SQL,
+            &[
+                &i32::try_from(peer.0).context("node ids must fit in a 32-bit signed integer")?,
+                &i64::try_from(seq).context("a position beyond i64")?,
+            ],
+        )
+        .await?;
+    }
+    tx.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[
+            &store::HLC_MESSAGE_PREFIX,
+            &hlc_message(Hlc::new(0, 0, state.donor), &state.claims),
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE accord.join_state SET done = true, finished_at = now(), claims = $1",
+        &[&encode("join claims", &state.claims)?],
+    )
+    .await?;
+    tx.commit().await?;
+    target
+        .batch_execute("SELECT pg_replication_origin_session_reset()")
+        .await?;
+    target
+        .execute("SELECT pg_replication_origin_drop($1)", &[&JOIN_ORIGIN])
+        .await
+        .context("cannot drop the join's replication origin")?;
+    state.done = true;
+    tracing::info!(%node, donor = %state.donor, positions = ?state.positions, "join finished");
+    Ok(())
+}
+
+/// Refuses to run a node whose join has not finished (its tables hold part of the donor's).
+pub async fn ensure_joined(db: &Client) -> Result<()> {
+    if let Some(state) = load_state(db).await? {
+        if !state.done {
+            bail!(
+                "this database's `accord join` from node {} has not finished: run the same `accord join` again to \
+                 resume it",
+                state.donor
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::rows::tests::table;
+
+    #[test]
+    fn row_keys_read_back_as_one_text_per_key_column() {
+        let t = table();
+        assert_eq!(
+            key_parts(&t, r#"["eu",42]"#).unwrap(),
+            vec![Some("eu".to_owned()), Some("42".to_owned())]
+        );
+        assert!(key_parts(&t, r#"["eu"]"#).is_err());
+        assert!(key_parts(&t, "not json").is_err());
+    }
+
+    #[test]
+    fn claims_keep_the_greater_position_per_node() {
+        let mut claims = vec![(NodeId(1), 5), (NodeId(3), 9)];
+        merge_claims(&mut claims, &[(NodeId(1), 7), (NodeId(2), 1), (NodeId(3), 2)]);
+        assert_eq!(claims, vec![(NodeId(1), 7), (NodeId(2), 1), (NodeId(3), 9)]);
+    }
+}
