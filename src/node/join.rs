@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use accord_engine::{Hlc, NodeId, RowMeta, StableCut, TableDef};
+use accord_engine::{judge_copy, settled, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, StableCut, TableDef};
 use anyhow::{bail, Context, Result};
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::Client;
@@ -106,8 +106,7 @@ pub struct Joined {
 /// Where a join stands on the new node.
 struct JoinState {
     donor: NodeId,
-    positions: Vec<(NodeId, u64)>,
-    claims: Vec<(NodeId, u64)>,
+    positions: JoinPositions,
     table: Option<String>,
     after: String,
     rows_copied: u64,
@@ -214,7 +213,7 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         rows: 0,
         tombstones: 0,
         left_to_stream: 0,
-        positions: state.positions.clone(),
+        positions: state.positions.streams_from.clone(),
     };
     let partitioned = partitioned_tables(&target, &tables).await?;
     while let Some(name) = state.table.clone() {
@@ -292,8 +291,10 @@ async fn load_state(target: &Client) -> Result<Option<JoinState>> {
     };
     Ok(Some(JoinState {
         donor: NodeId(u32::try_from(row.get::<_, i32>(0)).context("a negative donor id")?),
-        positions: decode("join positions", row.get(1))?,
-        claims: decode("join claims", row.get(2))?,
+        positions: JoinPositions {
+            streams_from: decode("join positions", row.get(1))?,
+            claims: decode("join claims", row.get(2))?,
+        },
         table: row.get(3),
         after: row.get(4),
         rows_copied: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
@@ -332,7 +333,7 @@ async fn begin(
             );
         }
     }
-    let positions = donor_positions(donor, donor_id).await?;
+    let positions = JoinPositions::first(donor_positions(donor, donor_id).await?);
     let first = policy.tables().iter().map(|t| t.name.clone()).min();
     target.batch_execute(JOIN_STATE_DDL).await?;
     target
@@ -340,15 +341,14 @@ async fn begin(
             "INSERT INTO accord.join_state (donor, positions, claims, table_name) VALUES ($1, $2, $2, $3)",
             &[
                 &i32::try_from(donor_id.0).context("node ids must fit in a 32-bit signed integer")?,
-                &encode("join positions", &positions)?,
+                &encode("join positions", &positions.streams_from)?,
                 &first,
             ],
         )
         .await?;
-    tracing::info!(%node, donor = %donor_id, ?positions, "join started");
+    tracing::info!(%node, donor = %donor_id, positions = ?positions.streams_from, "join started");
     Ok(JoinState {
         donor: donor_id,
-        claims: positions.clone(),
         positions,
         table: first,
         after: String::new(),
@@ -447,30 +447,30 @@ async fn copy_chunk(
     let end = donor.batch_execute("COMMIT").await;
     let (seen, keyed, rows) = read?;
     end?;
-    merge_claims(&mut state.claims, &seen);
+    state.positions.saw(&seen);
 
     let mut chunk = Chunk::default();
     let mut copies = Vec::with_capacity(keyed.len());
     let mut suspects = Vec::new();
-    for (i, (key, meta, known)) in keyed.iter().enumerate() {
-        match (meta.is_alive(), &rows[i]) {
-            (true, Some(row)) if known.as_deref() == Some(row.xmin.as_str()) => copies.push(Copy::Live {
+    for ((key, meta, known), row) in keyed.iter().zip(&rows) {
+        let xmin = row.as_ref().map(|r| &r.xmin);
+        match (judge_copy(meta.is_alive(), known.as_ref(), xmin), row) {
+            (CopyVerdict::Copy, Some(row)) => copies.push(Copy::Live {
                 key: key.clone(),
                 meta: meta.clone(),
                 values: row.values.clone(),
             }),
-            (false, None) => copies.push(Copy::Tombstone {
+            (CopyVerdict::CopyTombstone, _) => copies.push(Copy::Tombstone {
                 key: key.clone(),
                 meta: meta.clone(),
             }),
-            (true, Some(row)) => suspects.push((key.clone(), row.xmin.clone())),
-            // An insert or delete the donor's capture has not accounted for: it sends the row.
+            (CopyVerdict::Settle, Some(row)) => suspects.push((key.clone(), row.xmin.clone())),
             _ => chunk.left += 1,
         }
     }
     if !suspects.is_empty() {
         let (seen, described, left) = settle_suspects(donor, table, state.donor, request.node, &suspects).await?;
-        merge_claims(&mut state.claims, &seen);
+        state.positions.saw(&seen);
         copies.extend(described);
         chunk.left += left;
     }
@@ -529,11 +529,13 @@ async fn settle_suspects(
     let mut left = 0;
     for (((key, xmin), meta), row) in suspects.iter().zip(metas).zip(rows) {
         match (meta, row) {
-            (Some(meta), Some(row)) if meta.is_alive() && &row.xmin == xmin => copies.push(Copy::Live {
-                key: key.clone(),
-                meta,
-                values: row.values,
-            }),
+            (Some(meta), Some(row)) if settled(xmin, Some(meta.is_alive()), Some(&row.xmin)) => {
+                copies.push(Copy::Live {
+                    key: key.clone(),
+                    meta,
+                    values: row.values,
+                })
+            }
             _ => left += 1,
         }
     }
@@ -641,17 +643,6 @@ fn key_parts(table: &TableDef, key: &str) -> Result<Vec<Option<String>>> {
         .collect())
 }
 
-/// Per node, the greater of the two positions.
-fn merge_claims(claims: &mut Vec<(NodeId, u64)>, seen: &[(NodeId, u64)]) {
-    for &(node, seq) in seen {
-        match claims.iter_mut().find(|(n, _)| *n == node) {
-            Some((_, mine)) => *mine = (*mine).max(seq),
-            None => claims.push((node, seq)),
-        }
-    }
-    claims.sort();
-}
-
 /// One chunk into the new node: rows, their metadata (accounting for the rows' new xmins), a
 /// clock message that makes the new node's later writes stamp above what was copied, and the
 /// cursor, in one transaction.
@@ -751,7 +742,7 @@ async fn write_chunk(
         // what it writes later builds on what the copy holds.
         tx.execute(
             "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&store::HLC_MESSAGE_PREFIX, &hlc_message(stamp, &state.claims)],
+            &[&store::HLC_MESSAGE_PREFIX, &hlc_message(stamp, &state.positions.claims)],
         )
         .await?;
     }
@@ -759,7 +750,12 @@ async fn write_chunk(
         + i64::try_from(chunk.live + chunk.tombstones + chunk.left).unwrap_or(0);
     tx.execute(
         "UPDATE accord.join_state SET table_name = $1, after_key = $2, claims = $3, rows_copied = $4",
-        &[&next.0, &next.1, &encode("join claims", &state.claims)?, &copied],
+        &[
+            &next.0,
+            &next.1,
+            &encode("join claims", &state.positions.claims)?,
+            &copied,
+        ],
     )
     .await?;
     tx.commit().await?;
@@ -797,7 +793,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
     let end = donor.batch_execute("COMMIT").await;
     let (seen, items, resolutions, deferred, collection) = read?;
     end?;
-    merge_claims(&mut state.claims, &seen);
+    state.positions.saw(&seen);
 
     let tx = target.transaction().await?;
     for item in &items {
@@ -860,7 +856,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
         },
     )
     .await?;
-    for &(peer, seq) in state.positions.iter().filter(|(n, _)| *n != node) {
+    for &(peer, seq) in state.positions.streams_from.iter().filter(|(n, _)| *n != node) {
         let origin = origin_name(peer);
         tx.execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
@@ -887,13 +883,13 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
         "SELECT pg_logical_emit_message(true, $1, $2)",
         &[
             &store::HLC_MESSAGE_PREFIX,
-            &hlc_message(Hlc::new(0, 0, state.donor), &state.claims),
+            &hlc_message(Hlc::new(0, 0, state.donor), &state.positions.claims),
         ],
     )
     .await?;
     tx.execute(
         "UPDATE accord.join_state SET done = true, finished_at = now(), claims = $1",
-        &[&encode("join claims", &state.claims)?],
+        &[&encode("join claims", &state.positions.claims)?],
     )
     .await?;
     tx.commit().await?;
@@ -905,7 +901,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
         .await
         .context("cannot drop the join's replication origin")?;
     state.done = true;
-    tracing::info!(%node, donor = %state.donor, positions = ?state.positions, "join finished");
+    tracing::info!(%node, donor = %state.donor, positions = ?state.positions.streams_from, "join finished");
     Ok(())
 }
 
@@ -937,12 +933,5 @@ mod tests {
         );
         assert!(key_parts(&t, r#"["eu"]"#).is_err());
         assert!(key_parts(&t, "not json").is_err());
-    }
-
-    #[test]
-    fn claims_keep_the_greater_position_per_node() {
-        let mut claims = vec![(NodeId(1), 5), (NodeId(3), 9)];
-        merge_claims(&mut claims, &[(NodeId(1), 7), (NodeId(2), 1), (NodeId(3), 2)]);
-        assert_eq!(claims, vec![(NodeId(1), 7), (NodeId(2), 1), (NodeId(3), 9)]);
     }
 }
