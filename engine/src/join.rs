@@ -22,7 +22,7 @@ pub enum CopyVerdict {
     CopyTombstone,
     /// The row's version is not the one its metadata accounts for: a local write the donor's
     /// capture has not seen yet, or a version written in a subtransaction (whose xid decoding
-    /// never reports) that it saw long ago. Decide with [`settled`] once the donor's capture has
+    /// never reports) that it saw long ago. Decide with [`settle`] once the donor's capture has
     /// read past a mark written after the snapshot.
     Settle,
     /// A local insert or delete the donor's capture has not accounted for: it will capture it
@@ -42,12 +42,30 @@ pub fn judge_copy<X: PartialEq>(alive: bool, known_xmin: Option<&X>, row_xmin: O
     }
 }
 
-/// A row judged [`CopyVerdict::Settle`] with version `seen`, read again after the donor's capture
-/// read past a mark written after the first read: still that version, the capture has accounted
-/// for it and its metadata now describes it (copy the row and metadata just read); another
-/// version, or no row, is a write the capture sends with the row's whole state.
-pub fn settled<X: PartialEq>(seen: &X, alive: Option<bool>, row_xmin: Option<&X>) -> bool {
-    alive == Some(true) && row_xmin == Some(seen)
+/// What becomes of a row judged [`CopyVerdict::Settle`], read again once the donor's capture
+/// has read past a mark written after the read that judged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Still the version first seen: the capture has accounted for it, and the metadata just
+    /// read describes it. Copy the row and metadata of this read.
+    Copy,
+    /// A newer version: read again after another mark. Not left to the stream: the change the
+    /// donor's capture makes of an update leaves unchanged TOASTed values out, and the new node
+    /// would not have them.
+    Again,
+    /// Deleted since (a delete, and an insert after it, carry what they need): the donor's stream
+    /// brings the row.
+    LeaveToStream,
+}
+
+/// Settles a row first seen in version `seen`: whether its metadata says it lives now, and its
+/// version's xmin now (`None`: no row).
+pub fn settle<X: PartialEq>(seen: &X, alive: Option<bool>, row_xmin: Option<&X>) -> Settled {
+    match (alive, row_xmin) {
+        (Some(true), Some(xmin)) if xmin == seen => Settled::Copy,
+        (Some(true), Some(_)) => Settled::Again,
+        _ => Settled::LeaveToStream,
+    }
 }
 
 /// The positions of a join: per node, the last of its changes taken as applied.
@@ -109,10 +127,11 @@ mod tests {
 
     #[test]
     fn a_row_settles_only_in_the_version_first_seen() {
-        assert!(settled(&9, Some(true), Some(&9)));
-        assert!(!settled(&9, Some(true), Some(&10)));
-        assert!(!settled(&9, Some(false), None));
-        assert!(!settled::<u64>(&9, None, None));
+        assert_eq!(settle(&9, Some(true), Some(&9)), Settled::Copy);
+        assert_eq!(settle(&9, Some(true), Some(&10)), Settled::Again);
+        assert_eq!(settle(&9, Some(true), None), Settled::LeaveToStream);
+        assert_eq!(settle(&9, Some(false), None), Settled::LeaveToStream);
+        assert_eq!(settle::<u64>(&9, None, None), Settled::LeaveToStream);
     }
 
     #[test]

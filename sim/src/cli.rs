@@ -42,6 +42,10 @@ pub struct SimArgs {
     /// Print every event of the run (one seed).
     #[arg(long)]
     pub trace: bool,
+    /// The last node joins the running cluster during the workload (`accord join`): copied
+    /// from a donor in chunks while every node writes, the join killed and resumed at times.
+    #[arg(long)]
+    pub join: bool,
     /// Plant a known bug in the simulator's driver (for testing the simulator itself).
     #[arg(long, hide = true)]
     pub plant_bug: Option<String>,
@@ -75,6 +79,7 @@ impl SimArgs {
                 faults,
                 max_offset_micros: self.max_offset_us,
                 bug,
+                join: self.join,
             })
             .collect();
         if let Some(first) = configs.first() {
@@ -86,7 +91,18 @@ impl SimArgs {
 
 fn line(report: &SeedReport) -> String {
     let s = &report.stats;
-    format!(
+    let join = if report.config.join {
+        format!(
+            " joined={:.1}s chunks={} marks={} kills={}",
+            s.joined_at as f64 / 1e6,
+            s.join_chunks,
+            s.join_marks,
+            s.join_kills
+        )
+    } else {
+        String::new()
+    };
+    let text = format!(
         "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} locks={} deadlocks={} waived={} truncates={} spooled={}/{} refused={} faults={} rounds={} collected={} window={}",
         report.config.seed,
         if report.passed() { "ok" } else { "FAIL" },
@@ -115,7 +131,8 @@ fn line(report: &SeedReport) -> String {
         s.collection_rounds_completed,
         s.tombstones_collected,
         s.inserts_beaten_across_collection,
-    )
+    );
+    text + &join
 }
 
 /// Runs `accord sim`; `Ok(true)` when every seed passed.

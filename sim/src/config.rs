@@ -191,10 +191,19 @@ pub enum PlantedBug {
     /// A segment of a spooled transaction that must restart restarts alone instead of starting
     /// the transaction over: the rollback took the earlier segments' writes with it.
     RestartSegmentAlone,
+    /// A join copies a donor row whose version its metadata does not account for as it is: the
+    /// donor's capture later sends that write, and the new node counts it twice.
+    JoinCopiesUnsettled,
+    /// A join leaves every such row to the donor's stream: a row written in a subtransaction,
+    /// captured before the join's positions, is never sent again.
+    JoinSkipsUnsettled,
+    /// A joined node streams from the positions of the copy's last snapshot: changes applied on
+    /// the donor after an earlier chunk was copied are never applied to those rows.
+    JoinStreamsFromLatest,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 13] = [
+    pub const ALL: [PlantedBug; 16] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -208,6 +217,9 @@ impl PlantedBug {
         PlantedBug::IgnoreBuildsOn,
         PlantedBug::TruncateFromMetadata,
         PlantedBug::RestartSegmentAlone,
+        PlantedBug::JoinCopiesUnsettled,
+        PlantedBug::JoinSkipsUnsettled,
+        PlantedBug::JoinStreamsFromLatest,
     ];
 
     pub fn name(self) -> &'static str {
@@ -225,6 +237,9 @@ impl PlantedBug {
             PlantedBug::IgnoreBuildsOn => "ignore-builds-on",
             PlantedBug::TruncateFromMetadata => "truncate-from-metadata",
             PlantedBug::RestartSegmentAlone => "restart-segment-alone",
+            PlantedBug::JoinCopiesUnsettled => "join-copies-unsettled",
+            PlantedBug::JoinSkipsUnsettled => "join-skips-unsettled",
+            PlantedBug::JoinStreamsFromLatest => "join-streams-from-latest",
         }
     }
 
@@ -242,7 +257,12 @@ impl PlantedBug {
             PlantedBug::ApplyPastGap => Some(Engine::ApplyPastGap),
             PlantedBug::IgnoreBuildsOn => Some(Engine::IgnoreBuildsOn),
             PlantedBug::RestartSegmentAlone => Some(Engine::RestartSegmentAlone),
-            PlantedBug::ForgetFromPeer | PlantedBug::NoKeyLockTrigger | PlantedBug::TruncateFromMetadata => None,
+            PlantedBug::ForgetFromPeer
+            | PlantedBug::NoKeyLockTrigger
+            | PlantedBug::TruncateFromMetadata
+            | PlantedBug::JoinCopiesUnsettled
+            | PlantedBug::JoinSkipsUnsettled
+            | PlantedBug::JoinStreamsFromLatest => None,
         }
     }
 }
@@ -272,6 +292,9 @@ pub struct SimConfig {
     /// Maximum clock offset in µs; `None` lets the seed choose.
     pub max_offset_micros: Option<u64>,
     pub bug: Option<PlantedBug>,
+    /// The last node is not there at the start: it joins the running cluster during the
+    /// workload (`accord join`), copied from a donor in chunks while every node writes.
+    pub join: bool,
 }
 
 impl SimConfig {
@@ -283,6 +306,7 @@ impl SimConfig {
             faults: FaultSet::all(),
             max_offset_micros: None,
             bug: None,
+            join: false,
         }
     }
 
@@ -307,6 +331,9 @@ impl SimConfig {
         }
         if let Some(offset) = self.max_offset_micros {
             cmd.push_str(&format!(" --max-offset-us {offset}"));
+        }
+        if self.join {
+            cmd.push_str(" --join");
         }
         if let Some(bug) = self.bug {
             cmd.push_str(&format!(" --plant-bug {}", bug.name()));

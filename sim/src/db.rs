@@ -69,6 +69,15 @@ pub enum WalBody {
         stamp: Option<Hlc>,
         rows: Vec<CapturedChange>,
     },
+    /// A transaction that carries only an `accord.mark` message: the capture writes its
+    /// checkpoint when it reaches it (a join waits for that).
+    Mark,
+    /// A chunk of a join's copy on the new node: its origin is no peer's, and its `accord.hlc`
+    /// message carries the greatest stamp copied and what the copy may hold.
+    Copy {
+        builds_on: Vec<(NodeId, u64)>,
+        stamp: Option<Hlc>,
+    },
 }
 
 /// One committed transaction as logical decoding delivers it.
@@ -113,6 +122,13 @@ pub struct Db {
     pub deferred: BTreeMap<(i64, NodeId, u64), RowChange>,
     /// What the node knows of the tombstone-collection rounds (`accord.collection`).
     pub collection: CollectionState,
+    /// A join copied this database's rows: it replays changes older than the closures it copied,
+    /// which may derive a closed item again; the item stays closed, as the service's review
+    /// table keeps it (`ON CONFLICT DO NOTHING`).
+    pub replays_closed: bool,
+    /// What a join's copied rows may hold (`accord.join_state.claims`): the capture takes it as
+    /// applied at every start.
+    pub join_claims: Vec<(NodeId, u64)>,
     /// The WAL is on disk up to here; decoding reads no further (the walsender sends only
     /// flushed WAL).
     pub flushed_lsn: u64,
@@ -278,20 +294,26 @@ pub struct QueueError(pub String);
 pub fn apply_review(
     queue: &mut BTreeMap<ReviewItemId, QueueEntry>,
     actions: Vec<ReviewAction>,
+    replaying: bool,
 ) -> Result<(), QueueError> {
     for action in actions {
         match action {
             ReviewAction::Open(item) => {
                 if matches!(queue.get(&item.id), Some(QueueEntry::Closed(..))) {
+                    if replaying {
+                        continue;
+                    }
                     return Err(QueueError(format!("item {} reopened after it was closed", item.id)));
                 }
                 queue.insert(item.id, QueueEntry::Open(item));
             }
-            ReviewAction::Withdraw(id) => {
-                if !matches!(queue.remove(&id), Some(QueueEntry::Open(_))) {
-                    return Err(QueueError(format!("withdrew item {id}, which was not open")));
+            ReviewAction::Withdraw(id) => match queue.get(&id) {
+                Some(QueueEntry::Open(_)) => {
+                    queue.remove(&id);
                 }
-            }
+                Some(QueueEntry::Closed(..)) if replaying => {}
+                _ => return Err(QueueError(format!("withdrew item {id}, which was not open"))),
+            },
             ReviewAction::Close(closure) => {
                 if let Some(QueueEntry::Closed(_, recorded)) = queue.get(&closure.item.id) {
                     if !closure.replaces(recorded) {

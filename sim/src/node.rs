@@ -177,6 +177,9 @@ pub struct Node {
     /// PostgreSQL itself is down (machine crash): local writes fail.
     pub pg_down: bool,
     pub capture_stalled_until: u64,
+    /// A node that joins the cluster (`SimConfig::join`) and has not finished: no process, no
+    /// local writes.
+    pub awaiting_join: bool,
     nodes: usize,
     /// The replicated tables, as the apply takes them.
     tables: Arc<[TableDef]>,
@@ -217,6 +220,7 @@ impl Node {
             inc: 0,
             pg_down: false,
             capture_stalled_until: 0,
+            awaiting_join: false,
             nodes,
             tables: Arc::from(vec![crate::table::table()]),
         }
@@ -241,6 +245,7 @@ impl Node {
         };
         // As the service reads its replication origins' positions.
         capturer.applied_before(self.db.progress.iter().map(|(p, progress)| (*p, progress.applied)));
+        capturer.applied_before(self.db.join_claims.iter().copied());
         let config = ReplicationConfig {
             max_batch: ctx.params.max_batch,
             window: ctx.params.window,
@@ -307,7 +312,7 @@ impl Node {
     }
 
     /// Tells the oracle of the apply transactions that became durable.
-    fn deliver_durable(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+    pub(crate) fn deliver_durable(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
         for note in self.db.take_durable() {
             for &(origin, seq) in &note.changes {
                 ctx.oracle.applied(self.ix, origin, seq)?;
@@ -353,7 +358,7 @@ impl Node {
         self.identity(max_offset).check(hello, physical)
     }
 
-    fn want_capture(&mut self, ctx: &mut Ctx) {
+    pub(crate) fn want_capture(&mut self, ctx: &mut Ctx) {
         let Some(vol) = &mut self.vol else { return };
         if vol.capture_scheduled {
             return;
@@ -1134,7 +1139,7 @@ impl Node {
             .into_iter()
             .map(|id| (id, self.db.queue.get(&id).cloned()))
             .collect();
-        apply_review(&mut self.db.queue, c.review)
+        apply_review(&mut self.db.queue, c.review, self.db.replays_closed)
             .map_err(|e| Failure::new(Invariant::Review, format!("node {} merge: {}", self.ix + 1, e.0)))?;
         // The oracle hears of the transaction once it is durable (`deliver_durable`).
         self.db.committed_async(
@@ -1254,6 +1259,9 @@ fn capture_group(
     let node = ix + 1;
     let covered_before = vol.capturer.checkpoint().covered_lsn;
     let mut group = Vec::new();
+    // A transaction of the group carries an `accord.mark`: the checkpoint is written whatever
+    // else the group does, as the service's capture does.
+    let mut marked = false;
     // Per transaction and row, the workload write it is (`None` for a merge's rows).
     let mut writes: Vec<Vec<Option<WriteId>>> = Vec::new();
     // Per transaction, the workload's deletes of a TRUNCATE, by key.
@@ -1311,7 +1319,11 @@ fn capture_group(
                     .collect(),
                 vec![None; rows.len()],
             ),
+            // Rows of neither kind: the capture records the mark, or the copy's clock and claims.
+            WalBody::Mark => (false, Vec::new(), None, Vec::new(), Vec::new()),
+            WalBody::Copy { builds_on, stamp } => (true, builds_on.clone(), *stamp, Vec::new(), Vec::new()),
         };
+        marked |= matches!(tx.body, WalBody::Mark);
         group.push(DecodedTransaction {
             end_lsn: tx.lsn,
             xid: tx.xid,
@@ -1468,10 +1480,10 @@ fn capture_group(
         .iter()
         .filter(|a| matches!(a, accord_engine::ReviewAction::Open(_)))
         .count() as u64;
-    if !write.needs_write {
+    if !write.needs_write && !marked {
         return Ok(Grouped::NothingToWrite);
     }
-    apply_review(&mut db.queue, write.review)
+    apply_review(&mut db.queue, write.review, db.replays_closed)
         .map_err(|e| Failure::new(Invariant::Review, format!("node {node} capture: {}", e.0)))?;
     for m in write.metas {
         let key = key_of(&m.key).ok_or_else(|| Failure::new(Invariant::Engine, "capture: a key of another table"))?;

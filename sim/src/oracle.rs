@@ -326,6 +326,61 @@ impl Oracle {
         }
     }
 
+    /// What `node`'s row `key` has absorbed as its metadata records it: per origin, how many of
+    /// its writes, less the node's own writes its capture has not stamped yet (a row whose last
+    /// transaction inserted and deleted it looks settled without them).
+    pub fn seen_of(&self, node: usize, key: i64) -> Vec<u32> {
+        let mut seen = self.seen[node][key as usize].clone();
+        while seen[node] > 0 {
+            let uncaptured = self
+                .by_row
+                .get(&(node, key, seen[node]))
+                .is_some_and(|&w| self.writes[w].seq == 0);
+            if !uncaptured {
+                break;
+            }
+            seen[node] -= 1;
+        }
+        seen
+    }
+
+    /// A join wrote a copy of a donor's row `key` that had absorbed `seen` (`seen_of` when it
+    /// was read; the simulator flushes the donor before a copy reads it, so the donor's record
+    /// here is its committed state).
+    pub fn copied(&mut self, joiner: usize, donor: usize, key: i64, seen: &[u32]) {
+        for (mine, &theirs) in self.seen[joiner][key as usize].iter_mut().zip(seen) {
+            *mine = (*mine).max(theirs);
+        }
+        // Parts of transactions the donor shows because it stopped waiting for them, the copy
+        // shows too.
+        for o in 0..self.nodes {
+            self.waived[joiner][o] = self.waived[joiner][o].max(self.waived[donor][o]);
+        }
+    }
+
+    /// A join copied a row stamped `stamp`: the new node's later writes must be stamped above.
+    pub fn copied_stamp(&mut self, joiner: usize, stamp: Hlc) {
+        if self.max_merged[joiner].is_none_or(|m| stamp_key(stamp) > stamp_key(m)) {
+            self.max_merged[joiner] = Some(stamp);
+        }
+    }
+
+    /// `joiner` finished its join: it takes each origin's changes up to `streams_from` as
+    /// applied, and may show part of transactions up to `claims` (chunks copied at different
+    /// moments) until it has applied the rest of them.
+    pub fn joined(&mut self, joiner: usize, streams_from: &[(NodeId, u64)], claims: &[(NodeId, u64)]) {
+        for &(origin, seq) in streams_from {
+            let o = origin.0 as usize - 1;
+            if o != joiner {
+                self.applied[joiner][o] = seq;
+            }
+        }
+        for &(origin, seq) in claims {
+            let o = origin.0 as usize - 1;
+            self.waived[joiner][o] = self.waived[joiner][o].max(seq);
+        }
+    }
+
     /// `node` applied a transaction that built on `origin`'s changes up to `through` before it
     /// had applied them (their node was away): it may show part of those transactions.
     pub fn waived(&mut self, node: usize, origin: NodeId, through: u64) {

@@ -135,4 +135,11 @@ pub struct Stats {
     pub sim_time: u64,
     /// Simulated µs the liveness phase took to converge after healing.
     pub converge_time: u64,
+    /// Joins begun (`SimConfig::join`), chunks they wrote, marks they waited on, join
+    /// processes killed, and when the node joined (µs of simulated time; 0: it did not).
+    pub joins: u64,
+    pub join_chunks: u64,
+    pub join_marks: u64,
+    pub join_kills: u64,
+    pub joined_at: u64,
 }

@@ -19,6 +19,8 @@ use crate::table::table;
 use crate::trace::{mix, Trace, TraceLine};
 use crate::workload;
 
+mod join;
+
 /// Simulated time starts here (µs since the Unix epoch, late 2023), so stamps look like real ones.
 pub const EPOCH: u64 = 1_700_000_000_000_000;
 
@@ -29,6 +31,7 @@ const STREAM_NET: u64 = 3;
 const STREAM_FAULT: u64 = 4;
 const STREAM_NODE: u64 = 5;
 const STREAM_CLOCK: u64 = 6;
+const STREAM_JOIN: u64 = 7;
 
 #[derive(Debug)]
 enum EventKind {
@@ -76,6 +79,8 @@ enum EventKind {
         node: usize,
         draws: Box<SimRng>,
     },
+    /// The next step of a node's join (`join.rs`).
+    JoinStep,
 }
 
 impl EventKind {
@@ -94,6 +99,7 @@ impl EventKind {
             EventKind::ClockHeal { node } => 11 | (*node as u64) << 8,
             EventKind::Restart { node } => 12 | (*node as u64) << 8,
             EventKind::LocalRetry { node, .. } => 13 | (*node as u64) << 8,
+            EventKind::JoinStep => 14,
         }
     }
 }
@@ -155,6 +161,9 @@ pub struct World {
     rng_fault: SimRng,
     rng_node: SimRng,
     rng_clock: SimRng,
+    rng_join: SimRng,
+    /// A node's join in progress (`join.rs`).
+    join: Option<join::JoinRun>,
     ops_done: u64,
     fresh: u64,
     phase: Phase,
@@ -198,6 +207,8 @@ impl World {
             rng_fault: SimRng::new(cfg.seed, STREAM_FAULT),
             rng_node: SimRng::new(cfg.seed, STREAM_NODE),
             rng_clock,
+            rng_join: SimRng::new(cfg.seed, STREAM_JOIN),
+            join: None,
             ops_done: 0,
             fresh: 0,
             phase: Phase::Workload,
@@ -253,8 +264,13 @@ impl World {
     }
 
     fn run_inner(&mut self) -> Result<(), Failure> {
+        if self.cfg.join {
+            self.plan_join();
+        }
         for node in 0..self.nodes.len() {
-            self.with_node(node, |n, ctx| n.start(ctx))?;
+            if !self.nodes[node].awaiting_join {
+                self.with_node(node, |n, ctx| n.start(ctx))?;
+            }
         }
         for a in 0..self.nodes.len() {
             for b in a + 1..self.nodes.len() {
@@ -373,6 +389,7 @@ impl World {
             }
             EventKind::Restart { node } => self.restart(node),
             EventKind::LocalRetry { node, draws } => self.local_tx(node, *draws),
+            EventKind::JoinStep => self.join_step(),
         }
     }
 
@@ -441,7 +458,7 @@ impl World {
     /// A local transaction on `node`, planned with `draws`. It waits while an applier holds a
     /// row it writes; the workload's end, or PostgreSQL going down, ends it unwritten.
     fn local_tx(&mut self, node: usize, draws: SimRng) -> Result<(), Failure> {
-        if self.nodes[node].pg_down || self.phase != Phase::Workload {
+        if self.nodes[node].pg_down || self.nodes[node].awaiting_join || self.phase != Phase::Workload {
             self.stats.ops_skipped += 1;
             return Ok(());
         }
@@ -688,7 +705,7 @@ impl World {
     }
 
     fn restart(&mut self, node: usize) -> Result<(), Failure> {
-        if self.nodes[node].is_up() {
+        if self.nodes[node].is_up() || self.nodes[node].awaiting_join {
             return Ok(());
         }
         self.with_node(node, |n, ctx| n.start(ctx))?;

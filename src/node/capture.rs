@@ -285,6 +285,9 @@ impl Capture {
         let checkpoint = load_checkpoint(&self.db).await?;
         self.capturer = Capturer::restore(checkpoint, self.max_offset_micros);
         self.capturer.applied_before(store::applied_positions(&self.db).await?);
+        // A joined node's rows may hold more than its origins' positions: what the copy read.
+        self.capturer
+            .applied_before(super::join::copied_claims(&self.db).await?);
         self.progress.send_if_modified(|p| {
             let changed = p.head != checkpoint.last_seq;
             p.head = checkpoint.last_seq;

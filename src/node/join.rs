@@ -23,10 +23,12 @@
 
 use std::time::Duration;
 
-use accord_engine::{judge_copy, settled, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, StableCut, TableDef};
+use accord_engine::{
+    judge_copy, settle, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, Settled, StableCut, TableDef,
+};
 use anyhow::{bail, Context, Result};
 use tokio_postgres::types::{PgLsn, ToSql};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use super::capture::{hlc_message, MARK_MESSAGE_PREFIX};
 use super::init::{self, load_policy};
@@ -113,6 +115,12 @@ struct JoinState {
     done: bool,
 }
 
+/// The donor's database: `db` reads, `marks` writes the marks a read waits on meanwhile.
+struct Donor {
+    db: Client,
+    marks: Client,
+}
+
 /// The donor's row as one snapshot saw it: its values as text and its xmin.
 struct DonorRow {
     xmin: String,
@@ -130,6 +138,14 @@ enum Copy {
         key: String,
         meta: RowMeta,
     },
+}
+
+impl Copy {
+    fn key(&self) -> &str {
+        match self {
+            Copy::Live { key, .. } | Copy::Tombstone { key, .. } => key,
+        }
+    }
 }
 
 /// Joins the database at `request.dsn` to the cluster of the donor's node. `progress` is called
@@ -216,6 +232,10 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         positions: state.positions.streams_from.clone(),
     };
     let partitioned = partitioned_tables(&target, &tables).await?;
+    let source = Donor {
+        marks: connect(&request.donor_dsn).await?,
+        db: donor,
+    };
     while let Some(name) = state.table.clone() {
         let table = *tables
             .iter()
@@ -224,7 +244,7 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         report.table = name.clone();
         let next_table = tables.iter().map(|t| t.name.as_str()).find(|t| *t > name.as_str());
         let chunk = copy_chunk(
-            &donor,
+            &source,
             &mut target,
             table,
             next_table,
@@ -240,7 +260,7 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         report.bytes += chunk.bytes;
         progress(&report);
     }
-    finish(&donor, &mut target, request.node, &mut state).await?;
+    finish(&source.db, &mut target, request.node, &mut state).await?;
     Ok(joined)
 }
 
@@ -413,7 +433,7 @@ struct Chunk {
 /// Copies the next chunk of `table` after the cursor, and moves the cursor on (to the next table
 /// after the last chunk of this one), in one transaction on the new node.
 async fn copy_chunk(
-    donor: &Client,
+    source: &Donor,
     target: &mut Client,
     table: &TableDef,
     next_table: Option<&str>,
@@ -422,6 +442,7 @@ async fn copy_chunk(
     state: &mut JoinState,
 ) -> Result<Chunk> {
     let limit = i64::try_from(request.chunk_rows.max(1)).unwrap_or(i64::MAX);
+    let donor = &source.db;
     donor
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
@@ -441,11 +462,18 @@ async fn copy_chunk(
         }
         let keys: Vec<&str> = keyed.iter().map(|(k, _, _)| k.as_str()).collect();
         let rows = read_rows(donor, table, &keys).await?;
-        anyhow::Ok((seen, keyed, rows))
+        // The chunk's key range: to its last key, or to the end when it is the table's last.
+        let upper = keyed
+            .last()
+            .filter(|_| keyed.len() as i64 >= limit)
+            .map(|(k, _, _)| k.clone());
+        let facts = RangeFacts::read(donor, table, &state.after, upper.as_deref()).await?;
+        let open = open_items(donor, table, &keys).await?;
+        anyhow::Ok((seen, keyed, rows, facts, open))
     }
     .await;
     let end = donor.batch_execute("COMMIT").await;
-    let (seen, keyed, rows) = read?;
+    let (seen, keyed, rows, facts, mut open) = read?;
     end?;
     state.positions.saw(&seen);
 
@@ -468,10 +496,14 @@ async fn copy_chunk(
             _ => chunk.left += 1,
         }
     }
+    // Open items only of the rows copied from this read: an item is open by its row's state.
+    open.retain(|item| copies.iter().any(|c| c.key() == item.get::<_, &str>(2)));
     if !suspects.is_empty() {
-        let (seen, described, left) = settle_suspects(donor, table, state.donor, request.node, &suspects).await?;
+        let (seen, described, left, settled_open) =
+            settle_suspects(source, table, state.donor, request.node, &suspects).await?;
         state.positions.saw(&seen);
         copies.extend(described);
+        open.extend(settled_open);
         chunk.left += left;
     }
     let last_key = keyed.last().map(|(k, _, _)| k.clone());
@@ -479,67 +511,215 @@ async fn copy_chunk(
         Some(key) if keyed.len() as i64 >= limit => (Some(table.name.clone()), key),
         _ => (next_table.map(str::to_owned), String::new()),
     };
-    write_chunk(target, table, partitioned, &copies, state, &next, &mut chunk).await?;
+    let facts = RangeFacts {
+        items: facts.items.into_iter().chain(open).collect(),
+        ..facts
+    };
+    write_chunk(target, table, partitioned, (&copies, &facts), state, &next, &mut chunk).await?;
     state.table = next.0;
     state.after = next.1;
     state.rows_copied += u64::try_from(keyed.len()).unwrap_or(0);
     Ok(chunk)
 }
 
-/// Rows whose xmin is not their metadata's: waits until the donor's capture has read past a
-/// marker written now, then reads them again. The same version is described by its metadata
-/// now; another one is a write the donor's stream brings. Returns the positions of the second
-/// snapshot, the rows to copy and how many were left to the stream.
+/// Rows whose xmin is not their metadata's (`CopyVerdict::Settle`): waits until the donor's
+/// capture has read past a mark written now (on `marks`, a second connection), then reads them
+/// again and settles each (`accord_engine::settle`). A row in a newer version is tried again;
+/// after a few tries its rows are read under `FOR SHARE` locks held across the mark, so that a
+/// row written without pause still settles. Returns the positions the reads saw, the rows to
+/// copy and how many were left to the stream.
 async fn settle_suspects(
-    donor: &Client,
+    source: &Donor,
     table: &TableDef,
     donor_id: NodeId,
     node: NodeId,
     suspects: &[(String, String)],
-) -> Result<(Vec<(NodeId, u64)>, Vec<Copy>, u64)> {
-    wait_for_donor_capture(donor, node).await?;
-    donor
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    let read = async {
-        let seen = donor_positions(donor, donor_id).await?;
-        let keys: Vec<&str> = suspects.iter().map(|(k, _)| k.as_str()).collect();
-        let metas = donor
-            .query(
-                "SELECT u.n, m.meta FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
-                 JOIN accord.row_meta AS m ON m.table_name = $1 AND m.row_key = u.row_key",
-                &[&table.name, &keys],
-            )
-            .await?;
-        let mut by_key: Vec<Option<RowMeta>> = suspects.iter().map(|_| None).collect();
-        for row in &metas {
-            let n = usize::try_from(row.get::<_, i64>(0) - 1).context("an ordinal below 1")?;
-            if let Some(slot) = by_key.get_mut(n) {
-                *slot = Some(decode("row metadata", row.get(1))?);
-            }
-        }
-        let rows = read_rows(donor, table, &keys).await?;
-        anyhow::Ok((seen, by_key, rows))
-    }
-    .await;
-    let end = donor.batch_execute("COMMIT").await;
-    let (seen, metas, rows) = read?;
-    end?;
+) -> Result<(Vec<(NodeId, u64)>, Vec<Copy>, u64, Vec<Row>)> {
+    let (donor, marks) = (&source.db, &source.marks);
+    let mut open = Vec::new();
+    let mut pending = suspects.to_vec();
+    let mut positions = Vec::new();
     let mut copies = Vec::new();
     let mut left = 0;
-    for (((key, xmin), meta), row) in suspects.iter().zip(metas).zip(rows) {
-        match (meta, row) {
-            (Some(meta), Some(row)) if settled(xmin, Some(meta.is_alive()), Some(&row.xmin)) => {
-                copies.push(Copy::Live {
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        let locked = attempt >= UNLOCKED_SETTLES;
+        attempt += 1;
+        let keys: Vec<&str> = pending.iter().map(|(k, _)| k.as_str()).collect();
+        let read = async {
+            if locked {
+                // Read committed: each statement below sees what committed before it, and the
+                // locks keep the rows as they are from the first on.
+                donor.batch_execute("BEGIN").await?;
+                lock_rows(donor, table, &keys).await?;
+                wait_for_donor_capture(marks, node).await?;
+            } else {
+                wait_for_donor_capture(marks, node).await?;
+                donor
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?;
+            }
+            let metas = donor
+                .query(
+                    "SELECT u.n, m.meta FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
+                     JOIN accord.row_meta AS m ON m.table_name = $1 AND m.row_key = u.row_key",
+                    &[&table.name, &keys],
+                )
+                .await?;
+            let mut by_key: Vec<Option<RowMeta>> = keys.iter().map(|_| None).collect();
+            for row in &metas {
+                let n = usize::try_from(row.get::<_, i64>(0) - 1).context("an ordinal below 1")?;
+                if let Some(slot) = by_key.get_mut(n) {
+                    *slot = Some(decode("row metadata", row.get(1))?);
+                }
+            }
+            let rows = read_rows(donor, table, &keys).await?;
+            let items = open_items(donor, table, &keys).await?;
+            // After the rows: what they hold is at most what these positions say.
+            let seen = donor_positions(donor, donor_id).await?;
+            anyhow::Ok((seen, by_key, rows, items))
+        }
+        .await;
+        let end = donor
+            .batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .await;
+        let (seen, metas, rows, mut items) = read?;
+        end?;
+        positions.extend(seen);
+        let mut again = Vec::new();
+        for (((key, xmin), meta), row) in pending.iter().zip(metas).zip(rows) {
+            let alive = meta.as_ref().map(RowMeta::is_alive);
+            match (settle(xmin, alive, row.as_ref().map(|r| &r.xmin)), meta, row) {
+                (Settled::Copy, Some(meta), Some(row)) => copies.push(Copy::Live {
                     key: key.clone(),
                     meta,
                     values: row.values,
-                })
+                }),
+                (Settled::Again, _, Some(row)) => again.push((key.clone(), row.xmin)),
+                _ => left += 1,
             }
-            _ => left += 1,
         }
+        items.retain(|item| copies.iter().any(|c| c.key() == item.get::<_, &str>(2)));
+        open.extend(items);
+        pending = again;
     }
-    Ok((seen, copies, left))
+    Ok((positions, copies, left, open))
+}
+
+/// The columns of `accord.review_items` a join copies, in the order `write_items` writes them.
+const ITEM_COLUMNS: &str = "id, table_name, row_key, column_name, kind, status, candidates::text, error, closed_by, \
+     closed_value, closed_stamp, item, change, opened_at, closed_at";
+
+/// The open items of concurrent values of `keys`' rows.
+async fn open_items(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<Vec<Row>> {
+    donor
+        .query(
+            &format!(
+                "SELECT {ITEM_COLUMNS} FROM accord.review_items
+                 WHERE table_name = $1 AND row_key = ANY($2) AND status = 'open' AND kind = 'concurrent'"
+            ),
+            &[&table.name, &keys],
+        )
+        .await
+        .context("cannot read the donor's review items")
+}
+
+/// What a chunk copies of its key range whatever becomes of its rows: closed items and parked
+/// changes, and kept changes. They are facts the rows' later states do not carry (a closure
+/// travels only in the change that made it), and some belong to rows whose tombstones are
+/// collected. (The simulator found both: an item closed on the donor stayed unknown to the new
+/// node.)
+struct RangeFacts {
+    items: Vec<Row>,
+    deferred: Vec<Row>,
+}
+
+impl RangeFacts {
+    /// Of the keys after `after`, up to `upper` (no bound: to the end of the table).
+    async fn read(donor: &Client, table: &TableDef, after: &str, upper: Option<&str>) -> Result<RangeFacts> {
+        let items = donor
+            .query(
+                &format!(
+                    "SELECT {ITEM_COLUMNS} FROM accord.review_items
+                     WHERE table_name = $1 AND row_key > $2 AND ($3::text IS NULL OR row_key <= $3)
+                       AND (status <> 'open' OR kind = 'unapplicable')"
+                ),
+                &[&table.name, &after, &upper],
+            )
+            .await
+            .context("cannot read the donor's review items")?;
+        let deferred = donor
+            .query(
+                "SELECT table_name, row_key, origin, seq, change, kept_at FROM accord.deferred
+                 WHERE table_name = $1 AND row_key > $2 AND ($3::text IS NULL OR row_key <= $3)",
+                &[&table.name, &after, &upper],
+            )
+            .await
+            .context("cannot read the donor's kept changes")?;
+        Ok(RangeFacts { items, deferred })
+    }
+
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+        for item in &self.items {
+            let candidates: String = item.get(6);
+            tx.execute(
+                "INSERT INTO accord.review_items (id, table_name, row_key, column_name, kind, status, candidates, \
+                 error, closed_by, closed_value, closed_stamp, item, change, opened_at, closed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[
+                    &item.get::<_, String>(0),
+                    &item.get::<_, String>(1),
+                    &item.get::<_, String>(2),
+                    &item.get::<_, Option<String>>(3),
+                    &item.get::<_, String>(4),
+                    &item.get::<_, String>(5),
+                    &candidates,
+                    &item.get::<_, Option<String>>(7),
+                    &item.get::<_, Option<String>>(8),
+                    &item.get::<_, Option<String>>(9),
+                    &item.get::<_, Option<String>>(10),
+                    &item.get::<_, Vec<u8>>(11),
+                    &item.get::<_, Option<Vec<u8>>>(12),
+                    &item.get::<_, std::time::SystemTime>(13),
+                    &item.get::<_, Option<std::time::SystemTime>>(14),
+                ],
+            )
+            .await
+            .context("cannot copy the review queue")?;
+        }
+        for row in &self.deferred {
+            tx.execute(
+                "INSERT INTO accord.deferred (table_name, row_key, origin, seq, change, kept_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[
+                    &row.get::<_, String>(0),
+                    &row.get::<_, String>(1),
+                    &row.get::<_, i32>(2),
+                    &row.get::<_, i64>(3),
+                    &row.get::<_, Vec<u8>>(4),
+                    &row.get::<_, std::time::SystemTime>(5),
+                ],
+            )
+            .await
+            .context("cannot copy the kept changes")?;
+        }
+        Ok(())
+    }
+}
+
+/// Unlocked tries at settling a chunk's rows before their locks are taken.
+const UNLOCKED_SETTLES: usize = 3;
+
+/// Takes `FOR SHARE` locks on the donor's rows of `keys` (in key order, as the appliers lock).
+async fn lock_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<()> {
+    let params = key_params(table, keys)?;
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    donor
+        .query(&format!("{} FOR SHARE OF t", read_rows_sql(table)), &refs)
+        .await
+        .with_context(|| format!("cannot lock rows of {} on the donor", table.name))?;
+    Ok(())
 }
 
 /// Writes a mark into the donor's WAL (`capture::MARK_MESSAGE_PREFIX`, which its capture records
@@ -585,21 +765,7 @@ async fn wait_for_donor_capture(donor: &Client, node: NodeId) -> Result<()> {
 
 /// The donor's rows of `keys` (row keys as `store::key_text` writes them), in the order given.
 async fn read_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<Vec<Option<DonorRow>>> {
-    let mut params: Params = Vec::with_capacity(1 + table.key.len());
-    let ords: Vec<i32> = (0..keys.len())
-        .map(|i| i32::try_from(i).context("a chunk larger than i32"))
-        .collect::<Result<_>>()?;
-    params.push(Box::new(ords));
-    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(keys.len()); table.key.len()];
-    for key in keys {
-        let parts = key_parts(table, key)?;
-        for (column, part) in columns.iter_mut().zip(parts) {
-            column.push(part);
-        }
-    }
-    for column in columns {
-        params.push(Box::new(column));
-    }
+    let params = key_params(table, keys)?;
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let found = donor
         .query(&read_rows_sql(table), &refs)
@@ -619,6 +785,25 @@ async fn read_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<Ve
         }
     }
     Ok(out)
+}
+
+/// The parameters of `read_rows_sql` for `keys`: ords, then one text array per key column.
+fn key_params(table: &TableDef, keys: &[&str]) -> Result<Params> {
+    let mut params: Params = Vec::with_capacity(1 + table.key.len());
+    let ords: Vec<i32> = (0..keys.len())
+        .map(|i| i32::try_from(i).context("a chunk larger than i32"))
+        .collect::<Result<_>>()?;
+    params.push(Box::new(ords));
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(keys.len()); table.key.len()];
+    for key in keys {
+        for (column, part) in columns.iter_mut().zip(key_parts(table, key)?) {
+            column.push(part);
+        }
+    }
+    for column in columns {
+        params.push(Box::new(column));
+    }
+    Ok(params)
 }
 
 /// A row key's text (`store::key_text`: a JSON array) as one text per key column.
@@ -650,7 +835,7 @@ async fn write_chunk(
     target: &mut Client,
     table: &TableDef,
     partitioned: bool,
-    copies: &[Copy],
+    (copies, facts): (&[Copy], &RangeFacts),
     state: &JoinState,
     next: &(Option<String>, String),
     chunk: &mut Chunk,
@@ -737,6 +922,7 @@ async fn write_chunk(
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         tx.query(store::SAVE_METAS_SQL, &refs).await?;
     }
+    facts.write(&tx).await?;
     if let Some(stamp) = greatest {
         // Read by the new node's capture as a merge's: its clock passes every copied stamp, and
         // what it writes later builds on what the copy holds.
@@ -762,87 +948,31 @@ async fn write_chunk(
     Ok(())
 }
 
-/// The end of a copy: the review queue, kept changes and the collection's cut as the donor has
-/// them now, the positions the node streams from, and the join marked done.
+/// The end of a copy: the reviewers' resolutions and the collection's cut as the donor has them
+/// now, the positions the node streams from, and the join marked done.
 async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut JoinState) -> Result<()> {
     donor
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let read = async {
         let seen = donor_positions(donor, state.donor).await?;
-        let items = donor
-            .query(
-                "SELECT id, table_name, row_key, column_name, kind, status, candidates::text, error, closed_by, \
-                 closed_value, closed_stamp, item, change, opened_at, closed_at FROM accord.review_items",
-                &[],
-            )
-            .await?;
         let resolutions = donor
             .query("SELECT item_id, resolved_at FROM accord.review_resolutions", &[])
             .await?;
-        let deferred = donor
-            .query(
-                "SELECT table_name, row_key, origin, seq, change, kept_at FROM accord.deferred",
-                &[],
-            )
-            .await?;
         let collection = store::load_collection(donor).await?;
-        anyhow::Ok((seen, items, resolutions, deferred, collection))
+        anyhow::Ok((seen, resolutions, collection))
     }
     .await;
     let end = donor.batch_execute("COMMIT").await;
-    let (seen, items, resolutions, deferred, collection) = read?;
+    let (seen, resolutions, collection) = read?;
     end?;
     state.positions.saw(&seen);
 
     let tx = target.transaction().await?;
-    for item in &items {
-        let candidates: String = item.get(6);
-        tx.execute(
-            "INSERT INTO accord.review_items (id, table_name, row_key, column_name, kind, status, candidates, error, \
-             closed_by, closed_value, closed_stamp, item, change, opened_at, closed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14, $15) \
-             ON CONFLICT (id) DO NOTHING",
-            &[
-                &item.get::<_, String>(0),
-                &item.get::<_, String>(1),
-                &item.get::<_, String>(2),
-                &item.get::<_, Option<String>>(3),
-                &item.get::<_, String>(4),
-                &item.get::<_, String>(5),
-                &candidates,
-                &item.get::<_, Option<String>>(7),
-                &item.get::<_, Option<String>>(8),
-                &item.get::<_, Option<String>>(9),
-                &item.get::<_, Option<String>>(10),
-                &item.get::<_, Vec<u8>>(11),
-                &item.get::<_, Option<Vec<u8>>>(12),
-                &item.get::<_, std::time::SystemTime>(13),
-                &item.get::<_, Option<std::time::SystemTime>>(14),
-            ],
-        )
-        .await
-        .context("cannot copy the review queue")?;
-    }
     for row in &resolutions {
         tx.execute(
             "INSERT INTO accord.review_resolutions (item_id, resolved_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&row.get::<_, String>(0), &row.get::<_, std::time::SystemTime>(1)],
-        )
-        .await?;
-    }
-    for row in &deferred {
-        tx.execute(
-            "INSERT INTO accord.deferred (table_name, row_key, origin, seq, change, kept_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            &[
-                &row.get::<_, String>(0),
-                &row.get::<_, String>(1),
-                &row.get::<_, i32>(2),
-                &row.get::<_, i64>(3),
-                &row.get::<_, Vec<u8>>(4),
-                &row.get::<_, std::time::SystemTime>(5),
-            ],
         )
         .await?;
     }
@@ -903,6 +1033,16 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
     state.done = true;
     tracing::info!(%node, donor = %state.donor, positions = ?state.positions.streams_from, "join finished");
     Ok(())
+}
+
+/// What a joined node's copied rows may hold (`JoinPositions::claims`); nothing for a node that
+/// did not join. The capture takes it as applied at every start: the origins' positions the
+/// node streams from are lower, and its writes must build on all its rows hold.
+pub async fn copied_claims(db: &Client) -> Result<Vec<(NodeId, u64)>> {
+    Ok(load_state(db)
+        .await?
+        .map(|state| state.positions.claims)
+        .unwrap_or_default())
 }
 
 /// Refuses to run a node whose join has not finished (its tables hold part of the donor's).
