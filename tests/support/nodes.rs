@@ -274,12 +274,20 @@ impl TestCluster {
     }
 }
 
-/// A UDP port that was free a moment ago (the endpoint binds it right after).
+/// A UDP port free on loopback now, below Linux's ephemeral range (32768 and up): a port the
+/// kernel hands out can be taken by any socket bound to port 0 between a node's restarts (a run
+/// saw "Address already in use" on a restarted node's QUIC port). As `cli::free_tcp_port`.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port on loopback")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let spread = std::process::id().wrapping_mul(6_151);
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (spread.wrapping_add(n.wrapping_mul(104_723)) % 12_000) as u16;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port on loopback between 20000 and 32000")
 }
 
 /// Everything a node holds in `tables` and its review queue, as text, in a stable order.

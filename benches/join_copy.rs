@@ -1,0 +1,154 @@
+//! How fast `accord join` copies a donor's rows, beside `pg_dump --data-only | psql` of the same
+//! table between the same two servers, in the same run (issue 16: at least as fast).
+//!
+//! `cargo bench --bench join_copy` (ACCORD_JOIN_BENCH_ROWS sets the table's rows, default 200,000;
+//! ACCORD_JOIN_BENCH_ROUNDS the alternated rounds, default 2). The join copies the rows and
+//! accord's metadata of each (versions, delta ledgers, review registers); `pg_dump` copies only
+//! the rows. Each round fills a new database on the second server, first with one, then the
+//! other; the machine is noisy, so the figures are per round and as a ratio.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use accord::node::init;
+use accord::node::join::{join, JoinRequest, DEFAULT_CHUNK_ROWS};
+use accord::scratch_pg::{run_as, PgCluster};
+use accord_engine::NodeId;
+
+const SCHEMA: &str = "
+CREATE SCHEMA shop;
+CREATE TABLE shop.products (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    stock bigint NOT NULL DEFAULT 0,
+    balance numeric(20,4) NOT NULL DEFAULT 0,
+    price numeric(10,2)
+);
+COMMENT ON TABLE  shop.products         IS '@accord replicate';
+COMMENT ON COLUMN shop.products.stock   IS '@accord delta';
+COMMENT ON COLUMN shop.products.balance IS '@accord delta';
+COMMENT ON COLUMN shop.products.price   IS '@accord review';
+";
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+        })
+        .unwrap_or(default)
+}
+
+/// `pg_dump --data-only` of the table piped into `psql`; returns the seconds it took.
+fn dump_and_restore(donor: &PgCluster, target: &PgCluster, dbname: &str) -> f64 {
+    let bin = donor.bin_dir();
+    let started = Instant::now();
+    let mut dump = Command::new(bin.join("pg_dump"));
+    dump.args([
+        "--data-only",
+        "--table",
+        "shop.products",
+        "--dbname",
+        &donor.dsn("shop"),
+    ])
+    .stdout(Stdio::piped());
+    let mut dump = dump.spawn().expect("pg_dump starts");
+    let out = dump.stdout.take().expect("piped");
+    let restore = Command::new(bin.join("psql"))
+        .args(["--quiet", "--set", "ON_ERROR_STOP=1", "--dbname", &target.dsn(dbname)])
+        .stdin(Stdio::from(out))
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql runs");
+    assert!(dump.wait().expect("pg_dump ends").success(), "pg_dump failed");
+    assert!(restore.success(), "psql failed");
+    started.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if run_as().is_some() {
+        eprintln!("(running the servers as the postgres user)");
+    }
+    let rows = env_u64("ACCORD_JOIN_BENCH_ROWS", 200_000);
+    let rounds = env_u64("ACCORD_JOIN_BENCH_ROUNDS", 2);
+    let clusters = tokio::task::spawn_blocking(|| PgCluster::start_many(2))
+        .await
+        .expect("starting servers")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (donor, target) = (&clusters[0], &clusters[1]);
+    let db = donor.create_database("shop").await.expect("donor database");
+    db.batch_execute(SCHEMA).await.expect("schema");
+    db.batch_execute(&format!(
+        "INSERT INTO shop.products (id, name, stock, balance, price)
+         SELECT g, 'product ' || g, g % 100, (g % 1000) / 7.0, (g % 500) / 3.0 FROM generate_series(1, {rows}) g"
+    ))
+    .await
+    .expect("rows");
+    let mut client = donor.connect("shop").await.expect("donor");
+    init::init(&mut client, NodeId(1))
+        .await
+        .expect("accord init of the donor");
+    let bytes: i64 = db
+        .query_one("SELECT pg_total_relation_size('shop.products')", &[])
+        .await
+        .expect("size")
+        .get(0);
+    println!(
+        "join_copy: {rows} rows ({:.1} MB with indexes) from one server to another, {rounds} rounds",
+        bytes as f64 / 1e6
+    );
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let plain = format!("plain_{round}");
+        target
+            .create_database(&plain)
+            .await
+            .expect("database")
+            .batch_execute(SCHEMA)
+            .await
+            .expect("schema");
+        let dump_secs = dump_and_restore(donor, target, &plain);
+
+        let joined = format!("joined_{round}");
+        target
+            .create_database(&joined)
+            .await
+            .expect("database")
+            .batch_execute(SCHEMA)
+            .await
+            .expect("schema");
+        let request = JoinRequest {
+            node: NodeId(2),
+            dsn: target.dsn(&joined),
+            donor_dsn: donor.dsn("shop"),
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+        };
+        let started = Instant::now();
+        let done = join(&request, &mut |_| {}).await.expect("accord join");
+        let join_secs = started.elapsed().as_secs_f64();
+        assert_eq!(done.rows, rows, "every row copied");
+        let count: i64 = target
+            .connect(&joined)
+            .await
+            .expect("joined database")
+            .query_one("SELECT count(*) FROM shop.products", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(count as u64, rows);
+        let ratio = dump_secs / join_secs;
+        ratios.push(ratio);
+        println!(
+            "round {round}: pg_dump | psql {:.2} s ({:.0} rows/s); accord join {:.2} s ({:.0} rows/s, rows and \
+             metadata); join speed vs pg_dump | psql: {ratio:.2}x",
+            dump_secs,
+            rows as f64 / dump_secs,
+            join_secs,
+            rows as f64 / join_secs,
+        );
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len().max(1) as f64;
+    println!("join_copy: accord join at {mean:.2}x the speed of pg_dump | psql (mean of {rounds} rounds)");
+}
