@@ -2,7 +2,8 @@
 //! table between the same two servers, in the same run (issue 16: at least as fast).
 //!
 //! `cargo bench --bench join_copy` (ACCORD_JOIN_BENCH_ROWS sets the table's rows, default 200,000;
-//! ACCORD_JOIN_BENCH_ROUNDS the alternated rounds, default 2). The join copies the rows and
+//! ACCORD_JOIN_BENCH_ROUNDS the alternated rounds, default 2; ACCORD_JOIN_BENCH_CHUNK the join's
+//! `--chunk-rows`). The join copies the rows and
 //! accord's metadata of each (versions, delta ledgers, review registers); `pg_dump` copies only
 //! the rows. Each round fills a new database on the second server, first with one, then the
 //! other; the machine is noisy, so the figures are per round and as a ratio.
@@ -123,7 +124,7 @@ async fn main() {
             node: NodeId(2),
             dsn: target.dsn(&joined),
             donor_dsn: donor.dsn("shop"),
-            chunk_rows: DEFAULT_CHUNK_ROWS,
+            chunk_rows: env_u64("ACCORD_JOIN_BENCH_CHUNK", DEFAULT_CHUNK_ROWS as u64) as usize,
         };
         let started = Instant::now();
         let done = join(&request, &mut |_| {}).await.expect("accord join");

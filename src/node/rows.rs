@@ -310,6 +310,24 @@ pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
     )
 }
 
+/// Inserts many rows and returns nothing (a join's copy: its rows' xmin is its transaction's).
+/// Parameters as [`insert_rows_sql`]'s.
+pub fn copy_rows_sql(table: &TableDef) -> String {
+    let (names, types) = key_and_columns(table);
+    let values: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| cast(&format!("u.c{i}"), ty))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {}",
+        quote_table(&table.name),
+        names.join(", "),
+        values.join(", "),
+        unnest(1, table.key.len() + table.columns.len()),
+    )
+}
+
 /// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
 /// row deleted.
 /// The xmins of rows this transaction wrote. Parameters: ords, one text array per key column.
