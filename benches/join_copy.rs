@@ -1,5 +1,6 @@
 //! How fast `accord join` copies a donor's rows, beside `pg_dump --data-only | psql` of the same
-//! table between the same two servers, in the same run (issue 16: at least as fast).
+//! tables (the test schema, `tests/support/nodes.rs`) between the same two servers, in the same
+//! run (issue 16: at least as fast).
 //!
 //! `cargo bench --bench join_copy` (ACCORD_JOIN_BENCH_ROWS sets the table's rows, default 200,000;
 //! ACCORD_JOIN_BENCH_ROUNDS the alternated rounds, default 2; ACCORD_JOIN_BENCH_CHUNK the join's
@@ -8,6 +9,9 @@
 //! the rows. Each round fills a new database on the second server, first with one, then the
 //! other; the machine is noisy, so the figures are per round and as a ratio.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -15,21 +19,7 @@ use accord::node::init;
 use accord::node::join::{join, JoinRequest, DEFAULT_CHUNK_ROWS};
 use accord::scratch_pg::{run_as, PgCluster};
 use accord_engine::NodeId;
-
-const SCHEMA: &str = "
-CREATE SCHEMA shop;
-CREATE TABLE shop.products (
-    id bigint PRIMARY KEY,
-    name text NOT NULL,
-    stock bigint NOT NULL DEFAULT 0,
-    balance numeric(20,4) NOT NULL DEFAULT 0,
-    price numeric(10,2)
-);
-COMMENT ON TABLE  shop.products         IS '@accord replicate';
-COMMENT ON COLUMN shop.products.stock   IS '@accord delta';
-COMMENT ON COLUMN shop.products.balance IS '@accord delta';
-COMMENT ON COLUMN shop.products.price   IS '@accord review';
-";
+use support::nodes::SHOP as SCHEMA;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)

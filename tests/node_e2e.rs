@@ -860,3 +860,57 @@ async fn a_local_insert_waits_while_a_merge_holds_its_missing_key() {
     }
     cluster.stop_all().await;
 }
+
+/// A node restarted after a crash finds its replication origin still bound to the crashed
+/// process's backend (which ends only with its statement): its applier waits for the origin
+/// instead of failing at once. (The check looked for the server's words in the client error's
+/// text, which says only "db error", so it never matched and a restarted node exited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applier_waits_for_its_origin_held_by_a_dying_session() {
+    use std::sync::Arc;
+
+    use accord::node::apply::Applier;
+    use accord::node::capture::CaptureProgress;
+    use accord::node::init::{init, load_policy};
+
+    let pg = tokio::task::spawn_blocking(support::pg::PgCluster::start)
+        .await
+        .unwrap();
+    let db = pg.create_database("shop").await;
+    db.batch_execute(SHOP).await.unwrap();
+    let mut client = pg.connect("shop").await;
+    init(&mut client, id(0)).await.unwrap();
+    let policy = Arc::new(load_policy(&mut client).await.unwrap());
+    // The dying session: it holds peer 2's origin for another 1.5 s.
+    db.batch_execute("SELECT pg_replication_origin_create('accord_peer_2'); SELECT pg_replication_origin_session_setup('accord_peer_2')")
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        db.batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await
+            .unwrap();
+        db
+    });
+    let (_progress, capture) = tokio::sync::watch::channel(CaptureProgress::default());
+    let started = std::time::Instant::now();
+    let applier = Applier::connect(
+        pg.connect("shop").await,
+        pg.connect("shop").await,
+        capture,
+        id(1),
+        policy,
+        false,
+    )
+    .await;
+    assert!(
+        applier.is_ok(),
+        "the applier binds its origin once it is free: {:?}",
+        applier.err()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "it waited for the origin"
+    );
+    release.await.unwrap();
+}

@@ -21,15 +21,20 @@ fn jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-#[test]
-fn two_hundred_seeds_pass_with_every_fault_kind() {
-    let configs: Vec<SimConfig> = (0..200).map(|seed| config(seed, OPS)).collect();
-    let reports = run_many(&configs, jobs(), |_| {});
+/// Fails with the command and the failure of every run that failed.
+fn assert_all_passed(reports: &[accord_sim::SeedReport]) {
     let failures: Vec<String> = reports
         .iter()
         .filter_map(|r| r.failure.as_ref().map(|f| format!("{}\n  {f}", r.config.command())))
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn two_hundred_seeds_pass_with_every_fault_kind() {
+    let configs: Vec<SimConfig> = (0..200).map(|seed| config(seed, OPS)).collect();
+    let reports = run_many(&configs, jobs(), |_| {});
+    assert_all_passed(&reports);
     // The swarm really explored: faults of every injected kind happened somewhere.
     let total = |f: fn(&accord_sim::Stats) -> u64| reports.iter().map(|r| f(&r.stats)).sum::<u64>();
     assert!(total(|s| s.crashes) > 0, "no crash");
@@ -190,11 +195,7 @@ fn a_node_joins_while_every_node_writes() {
         })
         .collect();
     let reports = run_many(&configs, jobs(), |_| {});
-    let failures: Vec<String> = reports
-        .iter()
-        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}\n  {f}", r.config.command())))
-        .collect();
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_all_passed(&reports);
     assert!(reports.iter().all(|r| r.stats.joined_at > 0), "every run's node joined");
     let total = |f: fn(&accord_sim::Stats) -> u64| reports.iter().map(|r| f(&r.stats)).sum::<u64>();
     assert!(total(|s| s.join_chunks) > 120, "joins copied in chunks");

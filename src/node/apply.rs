@@ -100,7 +100,7 @@ impl Applier {
                 .await
             {
                 Ok(_) => break,
-                Err(error) if attempts < ORIGIN_BIND_ATTEMPTS && error.to_string().contains("is already active") => {
+                Err(error) if attempts < ORIGIN_BIND_ATTEMPTS && origin_in_use(&error) => {
                     attempts += 1;
                     if attempts == 20 {
                         tracing::info!(
@@ -792,6 +792,15 @@ fn column_values(planned: &[PlannedWrite], which: &[usize], column: usize) -> Ve
             RowWrite::Delete => None,
         })
         .collect()
+}
+
+/// The replication origin is bound to another session ("replication origin with ID n is already
+/// active for PID m", SQLSTATE 55006). The message is the database error's, not the client
+/// error's own text (which says only "db error").
+fn origin_in_use(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|e| {
+        *e.code() == tokio_postgres::error::SqlState::OBJECT_IN_USE || e.message().contains("is already active")
+    })
 }
 
 /// A node id as `accord.applied.origin` stores it.

@@ -266,12 +266,15 @@ pub fn update_rows_sql(table: &TableDef, columns: &[usize]) -> String {
     )
 }
 
-/// The quoted names and the types of a table's key columns, then its other columns: the order
-/// insert statements list them in.
-fn key_and_columns(table: &TableDef) -> (Vec<String>, Vec<&ColumnType>) {
+/// The quoted names of a table's key columns, then its other columns (the order insert
+/// statements list them in), and the unnested text parameters cast to their types.
+fn insert_columns(table: &TableDef) -> (Vec<String>, Vec<String>) {
     let key = table.key.iter().map(|k| (quote_ident(&k.name), &k.ty));
     let columns = table.columns.iter().map(|c| (quote_ident(&c.name), &c.ty));
-    key.chain(columns).unzip()
+    key.chain(columns)
+        .enumerate()
+        .map(|(i, (name, ty))| (name, cast(&format!("u.c{i}"), ty)))
+        .unzip()
 }
 
 /// Inserts many rows. Parameters: ords, one text array per key column, one per column. Returns
@@ -279,12 +282,7 @@ fn key_and_columns(table: &TableDef) -> (Vec<String>, Vec<&ColumnType>) {
 /// return a system column from an insert into a partitioned table ([`xmins_sql`] reads them).
 pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
     let keys = table.key.len();
-    let (names, types) = key_and_columns(table);
-    let values: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| cast(&format!("u.c{i}"), ty))
-        .collect();
+    let (names, values) = insert_columns(table);
     let returned: Vec<String> = table.key.iter().map(|k| quote_ident(&k.name)).collect();
     // In key order, like the locks: two appliers inserting the same new keys wait for each other
     // instead of deadlocking.
@@ -313,12 +311,7 @@ pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
 /// Inserts many rows and returns nothing (a join's copy: its rows' xmin is its transaction's).
 /// Parameters as [`insert_rows_sql`]'s.
 pub fn copy_rows_sql(table: &TableDef) -> String {
-    let (names, types) = key_and_columns(table);
-    let values: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| cast(&format!("u.c{i}"), ty))
-        .collect();
+    let (names, values) = insert_columns(table);
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM {}",
         quote_table(&table.name),
