@@ -322,15 +322,15 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     let joined = join(&request, &mut on_progress).await?;
     bar.finish_and_clear();
     println!(
-        "node {} joined from node {}{}: {} rows and {} deleted rows' metadata copied in {:.1} s; {} rows written on the \
-         donor during the copy come with its changes",
+        "node {} joined from node {}{}: {} rows and {} deleted rows' metadata copied in {:.1} s ({} of them once the \
+         donor's capture had accounted for a write to them)",
         config.node,
         joined.donor,
         if joined.resumed { " (resumed)" } else { "" },
         joined.rows,
         joined.tombstones,
         started.elapsed().as_secs_f64(),
-        joined.left_to_stream,
+        joined.settled,
     );
     let positions: Vec<String> = joined.positions.iter().map(|(n, s)| format!("node {n}: {s}")).collect();
     println!("it streams every node's changes after: {}", positions.join(", "));

@@ -20,15 +20,14 @@ pub enum CopyVerdict {
     Copy,
     /// A deleted row: copy its metadata (the tombstone).
     CopyTombstone,
-    /// The row's version is not the one its metadata accounts for: a local write the donor's
-    /// capture has not seen yet, or a version written in a subtransaction (whose xid decoding
-    /// never reports) that it saw long ago. Decide with [`settle`] once the donor's capture has
-    /// read past a mark written after the snapshot.
+    /// The row and its metadata disagree: a local write the donor's capture has not accounted
+    /// for yet (an update, an insert, a delete), or a version written in a subtransaction (whose
+    /// xid decoding never reports) that it accounted for long ago. Decide with [`settle`] once
+    /// the donor's capture has read past a mark written after the snapshot. Never left to the
+    /// donor's stream: until that brings the row, other nodes' updates of it that leave TOASTed
+    /// values unchanged cannot be merged on the new node, and their transactions would show in
+    /// part (the simulator found both).
     Settle,
-    /// A local insert or delete the donor's capture has not accounted for: it will capture it
-    /// with a sequence number above the join's positions and send the row's whole state, so the
-    /// copy leaves the row to that.
-    LeaveToStream,
 }
 
 /// Judges a donor row: whether its metadata says it lives, the transaction its metadata accounts
@@ -36,35 +35,38 @@ pub enum CopyVerdict {
 pub fn judge_copy<X: PartialEq>(alive: bool, known_xmin: Option<&X>, row_xmin: Option<&X>) -> CopyVerdict {
     match (alive, row_xmin) {
         (true, Some(xmin)) if known_xmin == Some(xmin) => CopyVerdict::Copy,
-        (true, Some(_)) => CopyVerdict::Settle,
         (false, None) => CopyVerdict::CopyTombstone,
-        (true, None) | (false, Some(_)) => CopyVerdict::LeaveToStream,
+        _ => CopyVerdict::Settle,
     }
 }
 
 /// What becomes of a row judged [`CopyVerdict::Settle`], read again once the donor's capture
-/// has read past a mark written after the read that judged it.
+/// has read past a mark written after the read that judged it: every write committed before the
+/// mark is then accounted for by the metadata just read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
-    /// Still the version first seen: the capture has accounted for it, and the metadata just
-    /// read describes it. Copy the row and metadata of this read.
+    /// Copy the row and the metadata of this read.
     Copy,
-    /// A newer version: read again after another mark. Not left to the stream: the change the
-    /// donor's capture makes of an update leaves unchanged TOASTed values out, and the new node
-    /// would not have them.
+    /// Copy the tombstone of this read.
+    CopyTombstone,
+    /// Written again since the mark: read again after another mark.
     Again,
-    /// Deleted since (a delete, and an insert after it, carry what they need): the donor's stream
-    /// brings the row.
-    LeaveToStream,
 }
 
-/// Settles a row first seen in version `seen`: whether its metadata says it lives now, and its
-/// version's xmin now (`None`: no row).
-pub fn settle<X: PartialEq>(seen: &X, alive: Option<bool>, row_xmin: Option<&X>) -> Settled {
+/// Settles a row: its version's xmin when it was judged (`None`: no row), and now whether its
+/// metadata says it lives, the transaction the metadata accounts for, and the version's xmin.
+/// A version seen before the mark, or the one the metadata accounts for, is described by the
+/// metadata; a deleted row without a row is a tombstone (later writes arrive as changes).
+pub fn settle<X: PartialEq>(
+    seen: Option<&X>,
+    alive: Option<bool>,
+    known_xmin: Option<&X>,
+    row_xmin: Option<&X>,
+) -> Settled {
     match (alive, row_xmin) {
-        (Some(true), Some(xmin)) if xmin == seen => Settled::Copy,
-        (Some(true), Some(_)) => Settled::Again,
-        _ => Settled::LeaveToStream,
+        (Some(true), Some(xmin)) if seen == Some(xmin) || known_xmin == Some(xmin) => Settled::Copy,
+        (Some(false), None) => Settled::CopyTombstone,
+        _ => Settled::Again,
     }
 }
 
@@ -121,17 +123,22 @@ mod tests {
         assert_eq!(judge_copy(true, Some(&7), Some(&9)), CopyVerdict::Settle);
         assert_eq!(judge_copy(true, None, Some(&9)), CopyVerdict::Settle);
         assert_eq!(judge_copy::<u64>(false, None, None), CopyVerdict::CopyTombstone);
-        assert_eq!(judge_copy::<u64>(true, Some(&7), None), CopyVerdict::LeaveToStream);
-        assert_eq!(judge_copy(false, None, Some(&9)), CopyVerdict::LeaveToStream);
+        assert_eq!(judge_copy::<u64>(true, Some(&7), None), CopyVerdict::Settle);
+        assert_eq!(judge_copy(false, None, Some(&9)), CopyVerdict::Settle);
     }
 
     #[test]
-    fn a_row_settles_only_in_the_version_first_seen() {
-        assert_eq!(settle(&9, Some(true), Some(&9)), Settled::Copy);
-        assert_eq!(settle(&9, Some(true), Some(&10)), Settled::Again);
-        assert_eq!(settle(&9, Some(true), None), Settled::LeaveToStream);
-        assert_eq!(settle(&9, Some(false), None), Settled::LeaveToStream);
-        assert_eq!(settle::<u64>(&9, None, None), Settled::LeaveToStream);
+    fn a_row_settles_in_a_version_the_metadata_accounts_for() {
+        // The version seen before the mark (a subtransaction's xid: never the metadata's).
+        assert_eq!(settle(Some(&9), Some(true), Some(&8), Some(&9)), Settled::Copy);
+        // A row inserted before the mark, now captured.
+        assert_eq!(settle(None, Some(true), Some(&10), Some(&10)), Settled::Copy);
+        // A delete captured since.
+        assert_eq!(settle(Some(&9), Some(false), None, None), Settled::CopyTombstone);
+        // Written again after the mark.
+        assert_eq!(settle(Some(&9), Some(true), Some(&9), Some(&11)), Settled::Again);
+        assert_eq!(settle(Some(&9), Some(true), Some(&9), None), Settled::Again);
+        assert_eq!(settle::<u64>(None, Some(false), None, Some(&12)), Settled::Again);
     }
 
     #[test]

@@ -10,16 +10,14 @@
 //! `P` claims and maybe more. A join killed at any point resumes from its last chunk with the same
 //! `P`, and no transaction on the donor stays open for the length of the copy.
 //!
-//! A donor row is copied only when its metadata describes it. One whose last local write the
-//! donor's capture has not accounted for yet (the row's xmin is not the metadata's) is either a
-//! write the capture will send (its sequence number is above `P`'s, since it was not captured in
-//! a snapshot after `P`'s, so the new node receives the row's whole state from the stream) or a
-//! row written in a subtransaction (whose xid decoding never reports) that was captured long ago.
-//! The join cannot tell the two apart from the snapshot, so it waits until the donor's capture
-//! has read past a marker written after the snapshot and reads the row again: still the same
-//! version, it is described by the metadata now; a newer version is again a write the stream
-//! brings. Rows whose metadata and presence disagree (an insert or delete not captured yet) are
-//! left to the stream the same way.
+//! A donor row is copied only as its metadata describes it (`accord_engine::judge_copy`). A row
+//! and metadata that disagree are either a local write the donor's capture has not accounted for
+//! yet (an update, an insert, a delete) or a row written in a subtransaction (whose xid decoding
+//! never reports) that was captured long ago. The join cannot tell them apart from the snapshot,
+//! so it waits until the donor's capture has read past a mark written after the snapshot and
+//! reads the row again (`accord_engine::settle`): every write before the mark is then accounted
+//! for. A row written again meanwhile is read again after another mark, under `FOR SHARE` locks
+//! after a few tries.
 
 use std::time::Duration;
 
@@ -101,8 +99,9 @@ pub struct Joined {
     pub rows: u64,
     /// Deleted rows' metadata copied (by this run).
     pub tombstones: u64,
-    /// Rows left to the donor's stream (written there and not captured yet).
-    pub left_to_stream: u64,
+    /// Rows copied only once the donor's capture had accounted for them (written there just
+    /// before a chunk read them, or in a subtransaction).
+    pub settled: u64,
     /// Per node, the last change the new node takes as applied.
     pub positions: Vec<(NodeId, u64)>,
 }
@@ -230,7 +229,7 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         resumed,
         rows: 0,
         tombstones: 0,
-        left_to_stream: 0,
+        settled: 0,
         positions: state.positions.streams_from.clone(),
     };
     let source = Donor {
@@ -247,7 +246,7 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
         let chunk = copy_chunk(&source, &mut target, table, next_table, request, &mut state).await?;
         joined.rows += chunk.live;
         joined.tombstones += chunk.tombstones;
-        joined.left_to_stream += chunk.left;
+        joined.settled += chunk.settled;
         report.rows = state.rows_copied;
         report.bytes += chunk.bytes;
         progress(&report);
@@ -401,7 +400,7 @@ async fn count_rows(donor: &Client, tables: &[&TableDef]) -> Result<u64> {
 struct Chunk {
     live: u64,
     tombstones: u64,
-    left: u64,
+    settled: u64,
     bytes: u64,
 }
 
@@ -466,19 +465,19 @@ async fn copy_chunk(
                 key: key.clone(),
                 meta: meta.clone(),
             }),
-            (CopyVerdict::Settle, Some(row)) => suspects.push((key.clone(), row.xmin.clone())),
-            _ => chunk.left += 1,
+            (CopyVerdict::Settle, row) => suspects.push((key.clone(), row.as_ref().map(|r| r.xmin.clone()))),
+            (CopyVerdict::Copy, None) => {}
         }
     }
     // Open items only of the rows copied from this read: an item is open by its row's state.
     open.retain(|item| copies.iter().any(|c| c.key() == item.get::<_, &str>(2)));
     if !suspects.is_empty() {
-        let (seen, described, left, settled_open) =
+        let (seen, described, settled_open) =
             settle_suspects(source, table, state.donor, request.node, &suspects).await?;
         state.positions.saw(&seen);
         copies.extend(described);
         open.extend(settled_open);
-        chunk.left += left;
+        chunk.settled += suspects.len() as u64;
     }
     let last_key = keyed.last().map(|(k, _, _)| k.clone());
     let next = match last_key {
@@ -496,25 +495,24 @@ async fn copy_chunk(
     Ok(chunk)
 }
 
-/// Rows whose xmin is not their metadata's (`CopyVerdict::Settle`): waits until the donor's
+/// Rows that disagree with their metadata (`CopyVerdict::Settle`): waits until the donor's
 /// capture has read past a mark written now (on `marks`, a second connection), then reads them
 /// again and settles each (`accord_engine::settle`). A row in a newer version is tried again;
 /// after a few tries its rows are read under `FOR SHARE` locks held across the mark, so that a
 /// row written without pause still settles. Returns the positions the reads saw, the rows to
-/// copy and how many were left to the stream.
+/// copy and the open review items of those rows.
 async fn settle_suspects(
     source: &Donor,
     table: &TableDef,
     donor_id: NodeId,
     node: NodeId,
-    suspects: &[(String, String)],
-) -> Result<(Vec<(NodeId, u64)>, Vec<Copy>, u64, Vec<Row>)> {
+    suspects: &[(String, Option<String>)],
+) -> Result<(Vec<(NodeId, u64)>, Vec<Copy>, Vec<Row>)> {
     let (donor, marks) = (&source.db, &source.marks);
     let mut open = Vec::new();
     let mut pending = suspects.to_vec();
     let mut positions = Vec::new();
     let mut copies = Vec::new();
-    let mut left = 0;
     let mut attempt = 0;
     while !pending.is_empty() {
         let locked = attempt >= UNLOCKED_SETTLES;
@@ -535,16 +533,16 @@ async fn settle_suspects(
             }
             let metas = donor
                 .query(
-                    "SELECT u.n, m.meta FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
+                    "SELECT u.n, m.meta, m.known_xmin FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
                      JOIN accord.row_meta AS m ON m.table_name = $1 AND m.row_key = u.row_key",
                     &[&table.name, &keys],
                 )
                 .await?;
-            let mut by_key: Vec<Option<RowMeta>> = keys.iter().map(|_| None).collect();
+            let mut by_key: Vec<Option<(RowMeta, Option<String>)>> = keys.iter().map(|_| None).collect();
             for row in &metas {
                 let n = usize::try_from(row.get::<_, i64>(0) - 1).context("an ordinal below 1")?;
                 if let Some(slot) = by_key.get_mut(n) {
-                    *slot = Some(decode("row metadata", row.get(1))?);
+                    *slot = Some((decode("row metadata", row.get(1))?, row.get(2)));
                 }
             }
             let rows = read_rows(donor, table, &keys).await?;
@@ -561,23 +559,35 @@ async fn settle_suspects(
         end?;
         positions.extend(seen);
         let mut again = Vec::new();
-        for (((key, xmin), meta), row) in pending.iter().zip(metas).zip(rows) {
-            let alive = meta.as_ref().map(RowMeta::is_alive);
-            match (settle(xmin, alive, row.as_ref().map(|r| &r.xmin)), meta, row) {
-                (Settled::Copy, Some(meta), Some(row)) => copies.push(Copy::Live {
+        for (((key, seen), meta), row) in pending.iter().zip(metas).zip(rows) {
+            let verdict = settle(
+                seen.as_ref(),
+                meta.as_ref().map(|(m, _)| m.is_alive()),
+                meta.as_ref().and_then(|(_, known)| known.as_ref()),
+                row.as_ref().map(|r| &r.xmin),
+            );
+            match (verdict, meta, row) {
+                (Settled::Copy, Some((meta, _)), Some(row)) => copies.push(Copy::Live {
                     key: key.clone(),
                     meta,
                     values: row.values,
                 }),
-                (Settled::Again, _, Some(row)) => again.push((key.clone(), row.xmin)),
-                _ => left += 1,
+                (Settled::CopyTombstone, Some((meta, _)), None) => {
+                    copies.push(Copy::Tombstone { key: key.clone(), meta })
+                }
+                (_, _, row) if attempt < MAX_SETTLES => again.push((key.clone(), row.map(|r| r.xmin))),
+                _ => bail!(
+                    "{} row {key} on the donor changed {MAX_SETTLES} times while the join waited for its capture to \
+                     account for it; run the same `accord join` again (it resumes at this chunk)",
+                    table.name
+                ),
             }
         }
         items.retain(|item| copies.iter().any(|c| c.key() == item.get::<_, &str>(2)));
         open.extend(items);
         pending = again;
     }
-    Ok((positions, copies, left, open))
+    Ok((positions, copies, open))
 }
 
 /// The columns of `accord.review_items` a join copies, in the order `write_items` writes them.
@@ -684,6 +694,10 @@ impl RangeFacts {
 
 /// Unlocked tries at settling a chunk's rows before their locks are taken.
 const UNLOCKED_SETTLES: usize = 3;
+
+/// Tries at settling before the join gives up on a chunk (only a row deleted and inserted again
+/// without pause can need them: a row that exists stays locked from the fourth try on).
+const MAX_SETTLES: usize = 50;
 
 /// Takes `FOR SHARE` locks on the donor's rows of `keys` (in key order, as the appliers lock).
 async fn lock_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<()> {
@@ -891,7 +905,7 @@ async fn write_chunk(
         .await?;
     }
     let copied = i64::try_from(state.rows_copied).unwrap_or(i64::MAX)
-        + i64::try_from(chunk.live + chunk.tombstones + chunk.left).unwrap_or(0);
+        + i64::try_from(chunk.live + chunk.tombstones).unwrap_or(0);
     tx.execute(
         "UPDATE accord.join_state SET table_name = $1, after_key = $2, claims = $3, rows_copied = $4",
         &[

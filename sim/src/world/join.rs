@@ -44,7 +44,7 @@ struct Pending {
     mark: u64,
     copies: Vec<Copied>,
     /// Rows to read again once the capture passed the mark, with the version first seen.
-    suspects: Vec<(i64, u64)>,
+    suspects: Vec<(i64, Option<u64>)>,
     facts: RangeFacts,
     /// The chunk's last key, and whether the chunk was full (more may follow).
     last: Option<i64>,
@@ -236,11 +236,13 @@ impl World {
             for (key, seen) in suspects {
                 let meta = db.meta.get(&key);
                 let row = db.rows.get(&key);
-                match (
-                    settle(&seen, meta.map(|m| m.meta.is_alive()), row.map(|r| &r.xmin)),
-                    meta,
-                    row,
-                ) {
+                let verdict = settle(
+                    seen.as_ref(),
+                    meta.map(|m| m.meta.is_alive()),
+                    meta.and_then(|m| m.known_xmin.as_ref()),
+                    row.map(|r| &r.xmin),
+                );
+                match (verdict, meta, row) {
                     (Settled::Copy, Some(meta), Some(row)) => copies.push(Copied::read(
                         db,
                         &self.oracle,
@@ -249,8 +251,10 @@ impl World {
                         &meta.meta,
                         Some(&row.values),
                     )),
-                    (Settled::Again, _, Some(row)) => again.push((key, row.xmin)),
-                    _ => {}
+                    (Settled::CopyTombstone, Some(meta), None) => {
+                        copies.push(Copied::read(db, &self.oracle, donor, key, &meta.meta, None))
+                    }
+                    _ => again.push((key, row.map(|r| r.xmin))),
                 }
             }
             let seen = self.donor_positions(donor);
@@ -290,12 +294,14 @@ impl World {
             match (verdict, row) {
                 (CopyVerdict::Copy, Some(row)) => copies.push(read(Some(&row.values))),
                 (CopyVerdict::CopyTombstone, _) => copies.push(read(None)),
-                (CopyVerdict::Settle, Some(row)) => match bug {
-                    Some(PlantedBug::JoinCopiesUnsettled) => copies.push(read(Some(&row.values))),
-                    Some(PlantedBug::JoinSkipsUnsettled) => {}
-                    _ => suspects.push((key, row.xmin)),
+                (CopyVerdict::Settle, row) => match (bug, row) {
+                    (Some(PlantedBug::JoinCopiesUnsettled), Some(row)) if meta.meta.is_alive() => {
+                        copies.push(read(Some(&row.values)))
+                    }
+                    (Some(PlantedBug::JoinSkipsUnsettled), _) => {}
+                    _ => suspects.push((key, row.map(|r| r.xmin))),
                 },
-                _ => {}
+                (CopyVerdict::Copy, None) => {}
             }
         }
         if !suspects.is_empty() {
