@@ -70,6 +70,31 @@ pub fn settle<X: PartialEq>(
     }
 }
 
+/// How the `attempt`-th read of rows being settled (0 first) is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleTry {
+    /// Read after a mark, without locks.
+    Unlocked,
+    /// The rows that exist locked (`FOR SHARE`) before the mark and until they are read: a row
+    /// written without pause still settles.
+    Locked,
+    /// A row kept changing (only one deleted and inserted again without pause can, since it
+    /// cannot be locked): the chunk is given up, to be read again from the start.
+    GiveUp,
+}
+
+/// Unlocked tries before the rows are locked, and tries in all before a chunk is given up.
+pub const UNLOCKED_SETTLES: usize = 3;
+pub const MAX_SETTLES: usize = 50;
+
+pub fn settle_try(attempt: usize) -> SettleTry {
+    match attempt {
+        a if a < UNLOCKED_SETTLES => SettleTry::Unlocked,
+        a if a < MAX_SETTLES => SettleTry::Locked,
+        _ => SettleTry::GiveUp,
+    }
+}
+
 /// The positions of a join: per node, the last of its changes taken as applied.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct JoinPositions {

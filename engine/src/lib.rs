@@ -36,7 +36,7 @@ pub use capturer::{CaptureCheckpoint, Capturer};
 pub use change::{CapturedChange, ChangeKind, RowChange, RowKey};
 pub use collection::{Ack1, CollectionState, Collector, StableCut};
 pub use hlc::{ClockError, Hlc, HlcClock, NodeId, DEFAULT_MAX_OFFSET_MICROS};
-pub use join::{judge_copy, settle, CopyVerdict, JoinPositions, Settled};
+pub use join::{judge_copy, settle, settle_try, CopyVerdict, JoinPositions, SettleTry, Settled, MAX_SETTLES};
 pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeError, MergeOutcome, Merged, RowAction};
 pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};
 pub use replication::{PeerProgress, Replication, ReplicationConfig, ReplicationError};

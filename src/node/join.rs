@@ -22,7 +22,8 @@
 use std::time::Duration;
 
 use accord_engine::{
-    judge_copy, settle, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, Settled, StableCut, TableDef,
+    judge_copy, settle, settle_try, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, SettleTry, Settled, StableCut,
+    TableDef, MAX_SETTLES,
 };
 use anyhow::{bail, Context, Result};
 use tokio_postgres::types::{PgLsn, ToSql};
@@ -515,7 +516,15 @@ async fn settle_suspects(
     let mut copies = Vec::new();
     let mut attempt = 0;
     while !pending.is_empty() {
-        let locked = attempt >= UNLOCKED_SETTLES;
+        let locked = match settle_try(attempt) {
+            SettleTry::Unlocked => false,
+            SettleTry::Locked => true,
+            SettleTry::GiveUp => bail!(
+                "{} rows on the donor changed {MAX_SETTLES} times while the join waited for its capture to account \
+                 for them; run the same `accord join` again (it resumes at this chunk)",
+                table.name
+            ),
+        };
         attempt += 1;
         let keys: Vec<&str> = pending.iter().map(|(k, _)| k.as_str()).collect();
         let read = async {
@@ -575,12 +584,7 @@ async fn settle_suspects(
                 (Settled::CopyTombstone, Some((meta, _)), None) => {
                     copies.push(Copy::Tombstone { key: key.clone(), meta })
                 }
-                (_, _, row) if attempt < MAX_SETTLES => again.push((key.clone(), row.map(|r| r.xmin))),
-                _ => bail!(
-                    "{} row {key} on the donor changed {MAX_SETTLES} times while the join waited for its capture to \
-                     account for it; run the same `accord join` again (it resumes at this chunk)",
-                    table.name
-                ),
+                (_, _, row) => again.push((key.clone(), row.map(|r| r.xmin))),
             }
         }
         items.retain(|item| copies.iter().any(|c| c.key() == item.get::<_, &str>(2)));
@@ -691,13 +695,6 @@ impl RangeFacts {
         Ok(())
     }
 }
-
-/// Unlocked tries at settling a chunk's rows before their locks are taken.
-const UNLOCKED_SETTLES: usize = 3;
-
-/// Tries at settling before the join gives up on a chunk (only a row deleted and inserted again
-/// without pause can need them: a row that exists stays locked from the fourth try on).
-const MAX_SETTLES: usize = 50;
 
 /// Takes `FOR SHARE` locks on the donor's rows of `keys` (in key order, as the appliers lock).
 async fn lock_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<()> {

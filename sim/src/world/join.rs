@@ -12,8 +12,8 @@
 //! donor's crash then loses; the new node is then ahead, which merges absorb).
 
 use accord_engine::{
-    judge_copy, settle, Cell, CollectionState, CopyVerdict, Hlc, JoinPositions, NodeId, ReviewItem, ReviewItemId,
-    RowChange, RowMeta, Settled,
+    judge_copy, settle, settle_try, Cell, CollectionState, CopyVerdict, Hlc, JoinPositions, NodeId, ReviewItem,
+    ReviewItemId, RowChange, RowMeta, SettleTry, Settled,
 };
 
 use super::{EventKind, Phase, World};
@@ -49,6 +49,9 @@ struct Pending {
     /// The chunk's last key, and whether the chunk was full (more may follow).
     last: Option<i64>,
     full: bool,
+    /// Reads of the suspects so far (`accord_engine::settle_try`). The simulator does not model
+    /// the service's row locks: a locked read is taken as an unlocked one.
+    attempt: usize,
 }
 
 /// A row read from the donor: its metadata, values (`None`: deleted), what the donor's row had
@@ -229,8 +232,14 @@ impl World {
                 facts,
                 last,
                 full,
+                attempt,
                 ..
             } = pending;
+            if settle_try(attempt) == SettleTry::GiveUp {
+                // The service's join stops; run again, it reads the chunk again.
+                self.stats.join_kills += 1;
+                return Ok(Some(run));
+            }
             let db = &self.nodes[donor].db;
             let mut again = Vec::new();
             for (key, seen) in suspects {
@@ -268,6 +277,7 @@ impl World {
                     facts,
                     last,
                     full,
+                    attempt: attempt + 1,
                 });
                 return Ok(Some(run));
             }
@@ -313,6 +323,7 @@ impl World {
                 facts,
                 last,
                 full,
+                attempt: 0,
             });
             return Ok(Some(run));
         }
