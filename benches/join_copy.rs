@@ -115,6 +115,8 @@ async fn main() {
             dsn: target.dsn(&joined),
             donor_dsn: donor.dsn("shop"),
             chunk_rows: env_u64("ACCORD_JOIN_BENCH_CHUNK", DEFAULT_CHUNK_ROWS as u64) as usize,
+            address: "127.0.0.1:7402".into(),
+            members_wait: accord::node::join::DEFAULT_MEMBERS_WAIT,
         };
         let started = Instant::now();
         let done = join(&request, &mut |_| {}).await.expect("accord join");

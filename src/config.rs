@@ -29,6 +29,9 @@ cluster = "shop"
 dsn = "host=127.0.0.1 port=5432 user=accord dbname=shop"
 # UDP address for QUIC connections from peers.
 listen = "0.0.0.0:7400"
+# Optional: the address (host:port) other nodes reach this node at. The cluster learns it from
+# here (nodes added later with `accord join` dial it). Default: `listen`, when it names one IP.
+# address = "10.0.0.1:7400"
 
 # Mutual TLS: the cluster CA and this node's certificate and key (`accord certs`).
 [tls]
@@ -36,7 +39,9 @@ ca = "certs/ca.pem"
 cert = "certs/node-1.pem"
 key = "certs/node-1.key"
 
-# Every other node of the cluster: its id and its QUIC address (host:port).
+# The other nodes of the cluster when it was set up: id and QUIC address (host:port). The
+# cluster's membership grows from these (`accord join`, `accord leave`); a node that joined a
+# running cluster learns its peers from it and may list none.
 [[peers]]
 id = 2
 address = "10.0.0.2:7400"
@@ -105,6 +110,7 @@ struct File {
     cluster: String,
     dsn: Option<String>,
     listen: String,
+    address: Option<String>,
     tls: TlsFile,
     #[serde(default)]
     peers: Vec<PeerFile>,
@@ -199,6 +205,8 @@ pub struct ServiceConfig {
     pub cluster: String,
     pub dsn: String,
     pub listen: SocketAddr,
+    /// Where other nodes reach this one (`address`, or `listen` when it names one IP).
+    pub address: Option<String>,
     pub tls: TlsPaths,
     pub peers: Vec<PeerConfig>,
     pub replication: ReplicationConfig,
@@ -278,6 +286,14 @@ impl ServiceConfig {
             }
         };
         let listen = socket_addr(&file.listen).map_err(|m| invalid("listen", m))?;
+        let address = match &file.address {
+            Some(address) => {
+                check_host_port(address).map_err(|m| invalid("address", m))?;
+                Some(address.clone())
+            }
+            None if !listen.ip().is_unspecified() => Some(listen.to_string()),
+            None => None,
+        };
 
         // Relative certificate paths are relative to the configuration file, not to wherever the
         // node happens to be started from.
@@ -311,12 +327,6 @@ impl ServiceConfig {
                 id: NodeId(peer.id),
                 address: peer.address.clone(),
             });
-        }
-        if peers.is_empty() {
-            return Err(invalid(
-                "peers",
-                "at least one peer is needed: a cluster has two nodes or more".into(),
-            ));
         }
 
         let r = &file.replication;
@@ -403,6 +413,7 @@ impl ServiceConfig {
             cluster: file.cluster,
             dsn,
             listen,
+            address,
             tls,
             peers,
             replication,

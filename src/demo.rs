@@ -722,6 +722,7 @@ impl Demo {
             dsn: self.pg[i].dsn(DB),
             cluster: CLUSTER.into(),
             peers: peers.iter().map(|p| p.node).collect(),
+            addresses: Default::default(),
             replication: ReplicationConfig::default(),
             synchronous_commit: false,
             spool: SpoolConfig::default(),

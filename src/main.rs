@@ -120,6 +120,10 @@ struct JoinArgs {
     /// Rows per chunk: each is one short read on the donor and one transaction on the new node.
     #[arg(long, default_value_t = accord::node::join::DEFAULT_CHUNK_ROWS, value_name = "N")]
     chunk_rows: usize,
+    /// How long to wait for every running node to learn of the new one before copying; it needs
+    /// every node of the cluster running and reachable.
+    #[arg(long, default_value_t = accord::node::join::DEFAULT_MEMBERS_WAIT.as_secs(), value_name = "SECS")]
+    members_wait_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -283,11 +287,20 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let config = ServiceConfig::load(&args.config, &ProcessEnvironment)?;
     init_logs(LogFormat::Human)?;
+    let Some(address) = config.address.clone() else {
+        anyhow::bail!(
+            "{}: set `address` (host:port), where the other nodes reach this node; `listen` names no single IP \
+             to take instead",
+            args.config.display()
+        );
+    };
     let request = JoinRequest {
         node: config.node,
         dsn: config.dsn.clone(),
         donor_dsn: args.donor_dsn,
         chunk_rows: args.chunk_rows,
+        address,
+        members_wait: std::time::Duration::from_secs(args.members_wait_secs),
     };
     // A bar on a terminal; otherwise a log line every few seconds.
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());

@@ -60,6 +60,12 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
         dsn: config.dsn.clone(),
         cluster: config.cluster.clone(),
         peers: config.peers.iter().map(|p| p.id).collect(),
+        addresses: config
+            .peers
+            .iter()
+            .map(|p| (p.id, p.address.clone()))
+            .chain(config.address.clone().map(|a| (config.node, a)))
+            .collect(),
         replication: config.replication,
         synchronous_commit: config.synchronous_commit,
         spool: config.spool.clone(),

@@ -355,8 +355,9 @@ impl Cluster {
         Self::start_joining(name, n, relayed, 0).await
     }
 
-    /// `n` nodes, of which the last `joining` are listed in every configuration but have only the
-    /// schema, empty, and are not started: they are to join with `accord join`.
+    /// `n` nodes, of which the last `joining` have only the schema, empty, and are not started:
+    /// they are to join with `accord join`. No configuration lists them, and theirs list no peer:
+    /// the running nodes learn of them, and they of the cluster, from the join.
     async fn start_joining(name: &'static str, n: usize, relayed: bool, joining: usize) -> Cluster {
         let started = Instant::now();
         let pg = tokio::task::spawn_blocking(move || PgCluster::start_many(n))
@@ -408,7 +409,8 @@ impl Cluster {
                  [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
                 quic[i]
             );
-            for j in (0..n).filter(|&j| j != i) {
+            let listed = if i < n - joining { 0..n - joining } else { 0..0 };
+            for j in listed.filter(|&j| j != i) {
                 let address = match relays.get(&(i, j)) {
                     Some(relay) => relay.front,
                     None => ([127, 0, 0, 1], quic[j]).into(),

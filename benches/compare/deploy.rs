@@ -256,6 +256,7 @@ impl Deployment {
             dsn: self.dsn(i),
             cluster: "bench".into(),
             peers: (0..n).filter(|&j| j != i).map(node_id).collect(),
+            addresses: Default::default(),
             replication: ReplicationConfig::default(),
             synchronous_commit: self.sync_on,
             spool: Default::default(),

@@ -88,26 +88,62 @@ pub struct CollectionState {
     pub acks2: Vec<NodeId>,
     /// The latest completed round.
     pub cut: Option<StableCut>,
+    /// The nodes the current round waits for, sorted: the live members the coordinator knew when
+    /// it started it. Empty in states written before membership changed at run time: then the
+    /// members each node knows.
+    #[serde(default)]
+    pub participants: Vec<NodeId>,
 }
 
 /// One node's part in the collection rounds.
 #[derive(Debug, Clone)]
 pub struct Collector {
     me: NodeId,
-    /// Every node of the cluster, this one included, sorted.
+    /// Every live node of the cluster this node knows of (joining ones too), this one included,
+    /// sorted.
     members: Vec<NodeId>,
     state: CollectionState,
 }
 
 impl Collector {
-    /// `peers`: every other node of the cluster. `state`: what this node persisted.
+    /// `peers`: every other live node of the cluster. `state`: what this node persisted.
     pub fn new(me: NodeId, peers: impl IntoIterator<Item = NodeId>, state: CollectionState) -> Self {
-        let mut members: Vec<NodeId> = peers.into_iter().chain([me]).collect();
+        let mut collector = Collector {
+            me,
+            members: Vec::new(),
+            state,
+        };
+        collector.set_peers(peers);
+        collector
+    }
+
+    /// The live nodes changed (one joined or left). A node never acknowledges a round that leaves
+    /// out a live node it knows: a joining node's copy may still lack a delete the round would
+    /// call final, and once it runs its writes must wait for the round as everyone's do. A round
+    /// started without it cannot complete once every node knows it, so the coordinator starts
+    /// another (`start_round`).
+    pub fn set_peers(&mut self, peers: impl IntoIterator<Item = NodeId>) {
+        let mut members: Vec<NodeId> = peers.into_iter().chain([self.me]).collect();
         members.sort();
         members.dedup();
-        let mut collector = Collector { me, members, state };
-        collector.complete_if_done();
-        collector
+        self.members = members;
+        self.complete_if_done();
+    }
+
+    /// The nodes the current round waits for.
+    pub fn participants(&self) -> &[NodeId] {
+        if self.state.participants.is_empty() {
+            &self.members
+        } else {
+            &self.state.participants
+        }
+    }
+
+    /// Whether this node may acknowledge the current round: it takes part, and the round waits for
+    /// every live node this node knows.
+    fn may_acknowledge(&self) -> bool {
+        let participants = self.participants();
+        participants.contains(&self.me) && self.members.iter().all(|m| participants.contains(m))
     }
 
     pub fn state(&self) -> &CollectionState {
@@ -125,16 +161,25 @@ impl Collector {
 
     /// The coordinator starts the next round once the current one completed. Returns whether it
     /// started one (the state changed).
+    /// A round whose participants are not the live members (one joined or left since it started)
+    /// is given up and the next one started at once: it could never complete, or would wait for
+    /// a node that left.
     pub fn start_round(&mut self) -> bool {
         let current_done =
             self.state.round == 0 || self.state.cut.as_ref().is_some_and(|c| c.round == self.state.round);
-        if !self.is_coordinator() || !current_done {
+        if !self.is_coordinator() || !(current_done || self.is_stale()) {
             return false;
         }
         self.state.round += 1;
         self.state.acks1.clear();
         self.state.acks2.clear();
+        self.state.participants = self.members.clone();
         true
+    }
+
+    /// The current round, unfinished, does not wait for exactly the live members.
+    pub fn is_stale(&self) -> bool {
+        self.state.round > 0 && !self.is_complete() && self.participants() != self.members.as_slice()
     }
 
     /// Merges what a peer knows. Acknowledgements from nodes outside the cluster are ignored.
@@ -145,17 +190,22 @@ impl Collector {
             self.state.round = theirs.round;
             self.state.acks1.clear();
             self.state.acks2.clear();
+            self.state.participants = theirs.participants.clone();
         }
         if theirs.round == self.state.round {
+            if self.state.participants.is_empty() && !theirs.participants.is_empty() {
+                self.state.participants = theirs.participants.clone();
+            }
+            let participants = self.participants().to_vec();
             for (node, ack) in &theirs.acks1 {
-                if self.members.contains(node) {
+                if participants.contains(node) {
                     if let Err(i) = self.state.acks1.binary_search_by_key(node, |(n, _)| *n) {
                         self.state.acks1.insert(i, (*node, ack.clone()));
                     }
                 }
             }
             for node in &theirs.acks2 {
-                if self.members.contains(node) {
+                if participants.contains(node) {
                     if let Err(i) = self.state.acks2.binary_search(node) {
                         self.state.acks2.insert(i, *node);
                     }
@@ -175,6 +225,7 @@ impl Collector {
     pub fn wants_ack1(&self) -> bool {
         self.state.round > 0
             && !self.is_complete()
+            && self.may_acknowledge()
             && self.state.acks1.binary_search_by_key(&self.me, |(n, _)| *n).is_err()
     }
 
@@ -197,7 +248,11 @@ impl Collector {
     /// Once every node acknowledged phase 1: the head each acknowledged, which this node must
     /// apply up to before it acknowledges phase 2.
     pub fn heads(&self) -> Option<Vec<(NodeId, u64)>> {
-        if self.state.acks1.len() != self.members.len() {
+        let participants = self.participants();
+        if !participants
+            .iter()
+            .all(|p| self.state.acks1.binary_search_by_key(p, |(n, _)| *n).is_ok())
+        {
             return None;
         }
         Some(self.state.acks1.iter().map(|(n, a)| (*n, a.head)).collect())
@@ -207,7 +262,7 @@ impl Collector {
     /// peer's changes.
     pub fn wants_ack2(&self, applied: &[(NodeId, u64)]) -> bool {
         let Some(heads) = self.heads() else { return false };
-        if self.is_complete() || self.state.acks2.binary_search(&self.me).is_ok() {
+        if self.is_complete() || !self.may_acknowledge() || self.state.acks2.binary_search(&self.me).is_ok() {
             return false;
         }
         heads.iter().filter(|(n, _)| *n != self.me).all(|(n, head)| {
@@ -220,7 +275,7 @@ impl Collector {
 
     /// Acknowledges phase 2 (the caller checked [`Collector::wants_ack2`]).
     pub fn ack2(&mut self) {
-        if self.heads().is_none() {
+        if self.heads().is_none() || !self.may_acknowledge() {
             return;
         }
         if let Err(i) = self.state.acks2.binary_search(&self.me) {
@@ -237,21 +292,29 @@ impl Collector {
         if self.is_complete() || self.state.round == 0 {
             return;
         }
-        let all = |nodes: &mut dyn Iterator<Item = NodeId>| {
-            let nodes: Vec<NodeId> = nodes.collect();
-            self.members.iter().all(|m| nodes.contains(m))
-        };
-        if !all(&mut self.state.acks1.iter().map(|(n, _)| *n)) || !all(&mut self.state.acks2.iter().copied()) {
+        let participants = self.participants().to_vec();
+        let acked1 = |p: &NodeId| self.state.acks1.binary_search_by_key(p, |(n, _)| *n).is_ok();
+        let acked2 = |p: &NodeId| self.state.acks2.binary_search(p).is_ok();
+        if !participants.iter().all(|p| acked1(p) && acked2(p)) {
             return;
         }
-        let stable = self
-            .members
-            .iter()
-            .map(|&origin| {
+        // Origins: the participants, and every node whose changes a participant reported
+        // applying (one that left: its changes every participant had applied are final too; a
+        // participant that did not report it counts as having applied none).
+        let mut origins: Vec<NodeId> = participants.clone();
+        for (_, ack) in &self.state.acks1 {
+            origins.extend(ack.applied.iter().map(|(o, _)| *o));
+        }
+        origins.sort();
+        origins.dedup();
+        let stable = origins
+            .into_iter()
+            .map(|origin| {
                 let floor = self
                     .state
                     .acks1
                     .iter()
+                    .filter(|(node, _)| participants.contains(node))
                     .map(|(node, ack)| {
                         if *node == origin {
                             ack.head
@@ -392,5 +455,54 @@ mod tests {
         assert_eq!(StableCut::live(Some(&cut), Some(&gone)), None);
         assert_eq!(StableCut::live(Some(&cut), Some(&kept)), Some(&kept));
         assert_eq!(StableCut::live(None, Some(&gone)), Some(&gone));
+    }
+
+    #[test]
+    fn a_round_that_leaves_out_a_known_node_is_not_acknowledged_and_is_started_again() {
+        const D: NodeId = NodeId(4);
+        let mut nodes = three();
+        nodes[0].start_round();
+        gossip(&mut nodes);
+        // B learns of D joining before it acknowledged: it will not acknowledge a round without D.
+        nodes[1].set_peers([A, C, D]);
+        assert!(!nodes[1].wants_ack1());
+        nodes[0].ack1(1, &[(B, 0), (C, 0)]);
+        nodes[2].ack1(1, &[(A, 0), (B, 0)]);
+        gossip(&mut nodes);
+        assert!(nodes[0].heads().is_none(), "B never acknowledged");
+        assert!(!nodes[0].start_round(), "A does not know D yet");
+        nodes[0].set_peers([B, C, D]);
+        assert!(nodes[0].is_stale());
+        assert!(nodes[0].start_round(), "the round without D is given up");
+        assert_eq!(nodes[0].participants(), &[A, B, C, D]);
+        gossip(&mut nodes);
+        assert_eq!(nodes[1].state().round, 2);
+        assert!(nodes[1].wants_ack1());
+        assert!(
+            nodes[2].wants_ack1(),
+            "a round that waits for more nodes than C knows is safe for C"
+        );
+    }
+
+    #[test]
+    fn after_a_node_left_rounds_go_on_without_it_and_its_deletes_become_final() {
+        let mut nodes = three();
+        let [a, b, _] = &mut nodes;
+        a.set_peers([B]);
+        b.set_peers([A]);
+        let mut two = [a.clone(), b.clone()];
+        assert!(two[0].start_round());
+        gossip(&mut two);
+        two[0].ack1(5, &[(B, 4), (C, 9)]);
+        two[1].ack1(4, &[(A, 5), (C, 7)]);
+        gossip(&mut two);
+        assert!(two[0].wants_ack2(&[(B, 4), (C, 9)]));
+        two[0].ack2();
+        two[1].ack2();
+        gossip(&mut two);
+        let cut = two[0].cut().expect("A and B are every live node");
+        assert_eq!(cut.stable, vec![(A, 5), (B, 4), (C, 7)]);
+        assert!(cut.covers(&tombstone(&[(C, 7)])));
+        assert!(!cut.covers(&tombstone(&[(C, 8)])), "B had not applied C's delete 8");
     }
 }

@@ -43,6 +43,9 @@ pub enum Message {
     /// What the sender knows of the tombstone-collection rounds (`collection`): sent on every
     /// connection before any batch, and again whenever it changes.
     Collection(crate::collection::CollectionState),
+    /// The sender's whole membership (`membership`): sent on every connection, after persisting
+    /// it, and again whenever it changes.
+    Members(Vec<crate::membership::Member>),
     /// Sent now and then: carries the sender's clock and the head of its outbound log, so the
     /// receiver knows how far behind it is.
     Ping {

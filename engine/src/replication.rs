@@ -209,6 +209,38 @@ impl Replication {
         self.pruned = self.pruned.max(upto.min(self.prune_point()));
     }
 
+    /// A node joined the cluster: it gets a link, not connected yet. Its `acked` should be no
+    /// more than where the outbound log is pruned now (what it holds is learned from its hello),
+    /// so the log is kept for it from here on. Does nothing for a peer it has already.
+    pub fn add_peer(&mut self, peer: NodeId, progress: PeerProgress) {
+        if peer == self.node || self.links.contains_key(&peer) {
+            return;
+        }
+        let progress = PeerProgress {
+            applied: progress.applied,
+            acked: progress.acked.min(self.head),
+        };
+        self.links.insert(
+            peer,
+            Link {
+                progress,
+                sent: None,
+                received: progress.applied,
+                open_until: None,
+            },
+        );
+    }
+
+    /// A node left the cluster: its link goes, and the outbound log no longer waits for it.
+    pub fn remove_peer(&mut self, peer: NodeId) {
+        self.links.remove(&peer);
+    }
+
+    /// Where the outbound log is pruned up to.
+    pub fn pruned_through(&self) -> u64 {
+        self.pruned
+    }
+
     /// A connection to `peer` passed the handshake; `applied_yours` is from the peer's hello.
     /// Sending resumes after it.
     pub fn connected(&mut self, peer: NodeId, applied_yours: u64) -> Result<(), ReplicationError> {

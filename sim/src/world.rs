@@ -578,7 +578,8 @@ impl World {
                 self.with_node(to, |n, ctx| n.on_batch(ctx, from, batch, ghost))
             }
             Message::Ack { applied } => self.with_node(to, |n, ctx| n.on_ack(ctx, from, applied, ghost)),
-            Message::Ping { .. } => Ok(()),
+            // Membership is fixed in the simulated clusters so far (see ARCHITECTURE, "Membership").
+            Message::Ping { .. } | Message::Members(_) => Ok(()),
             Message::Collection(state) => self.with_node(to, |n, ctx| n.on_collection(ctx, state)),
         }
     }
@@ -959,6 +960,7 @@ fn msg_tag(msg: &Message) -> u64 {
         Message::Ack { applied } => mix(4, *applied),
         Message::Ping { .. } => 5,
         Message::Collection(c) => mix(6, c.round),
+        Message::Members(m) => mix(7, m.len() as u64),
     }
 }
 

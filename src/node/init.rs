@@ -124,6 +124,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    tx.batch_execute(super::members::MEMBERS_DDL)
+        .await
+        .context("cannot create accord.members")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
     truncate::install(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx

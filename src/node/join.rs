@@ -18,12 +18,18 @@
 //! reads the row again (`accord_engine::settle`): every write before the mark is then accounted
 //! for. A row written again meanwhile is read again after another mark, under `FOR SHARE` locks
 //! after a few tries.
+//!
+//! Before it reads any position, the join registers the new node in the donor's membership
+//! (`accord.members`, state `joining`) and waits until every live node has said it holds that
+//! entry: from then on every node keeps its outbound log for the new node and no tombstone
+//! collection round can complete without it (ARCHITECTURE.md, "Membership"). When the copy is done
+//! the new node takes the donor's membership, and its own entry becomes `active`.
 
 use std::time::Duration;
 
 use accord_engine::{
-    judge_copy, settle, settle_try, CopyVerdict, Hlc, JoinPositions, NodeId, RowMeta, SettleTry, Settled, StableCut,
-    TableDef, MAX_SETTLES,
+    judge_copy, settle, settle_try, CopyVerdict, Hlc, JoinPositions, Member, MemberState, NodeId, RowMeta, SettleTry,
+    Settled, StableCut, TableDef, MAX_SETTLES,
 };
 use anyhow::{bail, Context, Result};
 use tokio_postgres::types::{PgLsn, ToSql};
@@ -31,7 +37,9 @@ use tokio_postgres::{Client, Row};
 
 use super::capture::{hlc_message, MARK_MESSAGE_PREFIX};
 use super::init::{self, load_policy};
+use super::members;
 use super::rows::{copy_rows_sql, quote_table, read_rows_sql};
+use super::runtime::wall_micros;
 use super::store::{self, decode, encode, origin_name, MetaRows};
 use super::{key_locks, pipeline::Params};
 use crate::pg_connection::{connect, redact};
@@ -76,7 +84,14 @@ pub struct JoinRequest {
     /// A database of a running node, read with a snapshot per chunk.
     pub donor_dsn: String,
     pub chunk_rows: usize,
+    /// Where the other nodes reach the new node (`host:port`, its configuration's `address`).
+    pub address: String,
+    /// How long to wait for every node to learn of the new node before giving up.
+    pub members_wait: Duration,
 }
+
+/// `JoinRequest::members_wait`'s default.
+pub const DEFAULT_MEMBERS_WAIT: Duration = Duration::from_secs(120);
 
 /// How far a join has got, for a progress bar or a log line.
 #[derive(Debug, Clone, Default)]
@@ -189,10 +204,13 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
             state.donor
         ),
         Some(state) => (state, true),
-        None => (
-            begin(&donor, &mut target, request.node, &policy, donor_id).await?,
-            false,
-        ),
+        None => {
+            register(&donor, request, donor_id).await?;
+            (
+                begin(&donor, &mut target, request.node, &policy, donor_id).await?,
+                false,
+            )
+        }
     };
     if !node_initialised(&target).await? {
         init::init(&mut target, request.node).await?;
@@ -254,6 +272,85 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
     }
     finish(&source.db, &mut target, request.node, &mut state).await?;
     Ok(joined)
+}
+
+/// Puts the new node into the donor's membership as `joining`, and waits until every live node
+/// holds that entry (the donor's running node works it out from its peers' gossip).
+async fn register(donor: &Client, request: &JoinRequest, donor_id: NodeId) -> Result<()> {
+    let node = request.node;
+    let has_members: bool = donor
+        .query_one("SELECT to_regclass('accord.members') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !has_members {
+        bail!("the donor's accord keeps no membership yet: run this version's `accord run` there first");
+    }
+    if let Some((MemberState::Left, _)) = members::entry_known(donor, node).await? {
+        bail!("node {node} has left the cluster, and a node id is never used twice: give the new node another node_id");
+    }
+    let entry = Member {
+        node,
+        state: MemberState::Joining,
+        address: request.address.clone(),
+        stamp: Hlc::new(wall_micros(), 0, node),
+    };
+    members::write(donor, &entry)
+        .await
+        .context("cannot register the new node with the donor")?;
+    tracing::info!(%node, donor = %donor_id, address = request.address, "registered with the donor; waiting for every node to learn of it");
+    let deadline = tokio::time::Instant::now() + request.members_wait;
+    let mut last_said = tokio::time::Instant::now();
+    loop {
+        let known = members::entry_known(donor, node).await?;
+        let waiting = match known {
+            Some((MemberState::Left, _)) => bail!("node {node} was removed from the cluster while it joined"),
+            Some((_, Some(not_known))) if not_known.is_empty() => return Ok(()),
+            Some((_, Some(not_known))) => {
+                let nodes: Vec<String> = not_known.iter().map(|n| n.to_string()).collect();
+                format!(
+                    "node(s) {} have not learned of it yet: they must be running and reachable",
+                    nodes.join(", ")
+                )
+            }
+            _ => {
+                if !donor_running(donor).await? && donor_is_alone(donor, donor_id, node).await? {
+                    // Nobody to tell, and the donor's node reads its membership when it starts,
+                    // before it prunes anything.
+                    return Ok(());
+                }
+                format!("the donor's node {donor_id} has not taken it in yet: is its `accord run` running?")
+            }
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "node {node} is registered, but {waiting}; run the same `accord join` again once they are (nothing                  was copied yet)"
+            );
+        }
+        if last_said.elapsed() >= Duration::from_secs(10) {
+            tracing::info!(%node, "waiting: {waiting}");
+            last_said = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the donor's capture is streaming (its `accord run` is up).
+async fn donor_running(donor: &Client) -> Result<bool> {
+    Ok(donor
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&store::SLOT],
+        )
+        .await?
+        .is_some())
+}
+
+/// Whether the donor's membership names no live node but the donor and the new one.
+async fn donor_is_alone(donor: &Client, donor_id: NodeId, node: NodeId) -> Result<bool> {
+    Ok(members::load(donor)
+        .await?
+        .iter()
+        .all(|m| m.state == MemberState::Left || m.node == donor_id || m.node == node))
 }
 
 /// The donor's node id and policy fingerprint; refuses a database that is not a node, or whose
@@ -929,11 +1026,12 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
             .query("SELECT item_id, resolved_at FROM accord.review_resolutions", &[])
             .await?;
         let collection = store::load_collection(donor).await?;
-        anyhow::Ok((seen, resolutions, collection))
+        let membership = members::load(donor).await?;
+        anyhow::Ok((seen, resolutions, collection, membership))
     }
     .await;
     let end = donor.batch_execute("COMMIT").await;
-    let (seen, resolutions, collection) = read?;
+    let (seen, resolutions, collection, membership) = read?;
     end?;
     state.positions.saw(&seen);
 
@@ -986,6 +1084,22 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
         ],
     )
     .await?;
+    // The cluster as the donor knows it, and this node in it.
+    for member in &membership {
+        members::write(&tx, member).await?;
+    }
+    let registered = membership.iter().find(|m| m.node == node).map(|m| m.stamp);
+    let joined = Member {
+        node,
+        state: MemberState::Active,
+        address: membership
+            .iter()
+            .find(|m| m.node == node)
+            .map(|m| m.address.clone())
+            .unwrap_or_default(),
+        stamp: Hlc::new(wall_micros().max(registered.map_or(0, |s| s.physical + 1)), 0, node),
+    };
+    members::write(&tx, &joined).await?;
     tx.execute(
         "UPDATE accord.join_state SET done = true, finished_at = now(), claims = $1",
         &[&encode("join claims", &state.positions.claims)?],

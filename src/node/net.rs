@@ -45,9 +45,16 @@ pub struct Outgoing {
 /// Makes the hello this node sends `peer` when a connection comes up.
 pub type HelloSource = Arc<dyn Fn(NodeId) -> Hello + Send + Sync>;
 
+/// The peers a node keeps links to, with the address (`host:port`) each is dialled at; the node
+/// sets it whenever its membership changes.
+pub type PeerDirectory = tokio::sync::watch::Sender<BTreeMap<NodeId, String>>;
+
 pub struct NetworkPort {
     pub events: mpsc::Receiver<PeerEvent>,
     pub outbox: mpsc::Sender<Outgoing>,
+    /// `None` for a network that links every node it knows (the in-memory hub): the node then
+    /// refuses the links of nodes that are not members.
+    pub peers: Option<PeerDirectory>,
 }
 
 /// Bounded, so that a node that cannot keep up slows its peers instead of buffering without end.
@@ -196,7 +203,11 @@ impl MemoryHub {
                 }
             }
         });
-        NetworkPort { events, outbox }
+        NetworkPort {
+            events,
+            outbox,
+            peers: None,
+        }
     }
 
     /// Removes `node` (it stopped or crashed); its peers see its links go down.

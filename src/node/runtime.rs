@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
-    ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Message, NodeId, PeerProgress, Replication,
-    ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Member, MemberState, Membership, Message, NodeId,
+    PeerProgress, Refusal, Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
+use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::Client;
 use tracing::Instrument;
 
@@ -23,7 +24,8 @@ use super::apply_worker::{apply_worker, spooler, Applied, ApplyWaits, ApplyWork,
 use super::capture::{Capture, CaptureProgress};
 use super::init::load_policy;
 use super::key_locks;
-use super::net::{HelloSource, NetworkPort, Outgoing, PeerEvent};
+use super::members;
+use super::net::{HelloSource, NetworkPort, Outgoing, PeerDirectory, PeerEvent};
 use super::store::{self, decode, StoreError};
 use super::truncate;
 use crate::pg_connection::connect;
@@ -33,7 +35,12 @@ pub struct NodeConfig {
     pub node: NodeId,
     pub dsn: String,
     pub cluster: String,
+    /// The peers the configuration lists. They seed the membership (`accord.members`), which the
+    /// node keeps from then on: nodes joined later are learned from the cluster.
     pub peers: Vec<NodeId>,
+    /// QUIC addresses (`host:port`) the configuration names: its peers', and under this node's own
+    /// id the one peers reach it at (empty map: none, as on the in-memory hub).
+    pub addresses: BTreeMap<NodeId, String>,
     pub replication: ReplicationConfig,
     /// `synchronous_commit` for apply transactions. Off, like PostgreSQL's own subscription
     /// workers: a crash of the server may lose the last applied batches, which are then resent,
@@ -164,8 +171,24 @@ pub struct NodeHandle {
     pub node: NodeId,
     pub status: watch::Receiver<NodeStatus>,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<Result<()>>,
-    workers: Vec<JoinHandle<()>>,
+    task: JoinHandle<Result<Ended>>,
+    workers: Workers,
+}
+
+/// How the replication loop ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Told to stop.
+    Stopped,
+    /// This node left the cluster (`accord leave`), and its peers know.
+    Left,
+}
+
+/// The node's tasks besides the loop; the loop adds a peer's when one joins.
+type Workers = Arc<Mutex<Vec<JoinHandle<()>>>>;
+
+fn take_workers(workers: &Workers) -> Vec<JoinHandle<()>> {
+    std::mem::take(&mut *workers.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 impl NodeHandle {
@@ -173,11 +196,11 @@ impl NodeHandle {
     pub async fn stop(self) -> Result<()> {
         let _ = self.shutdown.send(true);
         let result = self.task.await.context("node task panicked")?;
-        for worker in self.workers {
+        for worker in take_workers(&self.workers) {
             worker.abort();
             let _ = worker.await;
         }
-        result
+        result.map(|_| ())
     }
 
     /// Runs until `stop` completes, then stops gracefully; returns early with the node's error if
@@ -185,11 +208,15 @@ impl NodeHandle {
     pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::select! {
             ended = &mut self.task => {
-                for worker in &self.workers {
+                for worker in take_workers(&self.workers) {
                     worker.abort();
                 }
                 match ended {
-                    Ok(Ok(())) => bail!("the node stopped by itself"),
+                    Ok(Ok(Ended::Left)) => {
+                        tracing::info!(node = %self.node, "this node left the cluster; accord stops here");
+                        Ok(())
+                    }
+                    Ok(Ok(Ended::Stopped)) => bail!("the node stopped by itself"),
                     Ok(Err(error)) => Err(error),
                     Err(panic) => Err(anyhow::anyhow!("the node task panicked: {panic}")),
                 }
@@ -202,11 +229,12 @@ impl NodeHandle {
     /// transactions roll back when their connections close.
     pub async fn kill(self) {
         self.task.abort();
-        for worker in &self.workers {
+        let workers = take_workers(&self.workers);
+        for worker in &workers {
             worker.abort();
         }
         let _ = self.task.await;
-        for worker in self.workers {
+        for worker in workers {
             let _ = worker.await;
         }
     }
@@ -258,6 +286,23 @@ where
     db.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    db.batch_execute(members::MEMBERS_DDL)
+        .await
+        .context("cannot create accord.members")?;
+    let membership = load_membership(&db, &config).await?;
+    if membership.has_left() {
+        bail!(
+            "node {node} has left the cluster (`accord leave`), and a node that left does not come back: \
+             to bring this database in again, give it a new node_id and `accord join` it"
+        );
+    }
+    let peers: Vec<NodeId> = membership.live_peers().iter().map(|m| m.node).collect();
+    if peers.is_empty() {
+        bail!(
+            "node {node} has no peers: list them in the configuration ([[peers]]), or join a running cluster \
+             with `accord join`"
+        );
+    }
     // Nor the triggers that make local inserts wait for an apply that locked their key.
     let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
     if installed > 0 {
@@ -270,12 +315,12 @@ where
     }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut workers = Vec::new();
+    let workers: Workers = Arc::default();
 
     let collection = store::load_collection(&db)
         .await
         .context("cannot read accord.collection: run `accord init` again (it adds what this version needs)")?;
-    let collector = Collector::new(node, config.peers.iter().copied(), collection);
+    let collector = Collector::new(node, peers.iter().copied(), collection);
     let (cut_tx, cut_rx) = watch::channel(collector.cut().cloned());
 
     let (mut capture, capture_rx) = Capture::new(
@@ -289,7 +334,7 @@ where
     let dsn = config.dsn.clone();
     let capture_error: CaptureError = Arc::default();
     let capture_failed = Arc::clone(&capture_error);
-    workers.push(tokio::spawn(async move {
+    let capture_task = tokio::spawn(async move {
         // The same failure again and again (a changed table, a database that is down) backs off
         // to one attempt every 30 s instead of filling the log.
         let mut pause = Duration::from_millis(500);
@@ -311,56 +356,31 @@ where
             }
             tokio::time::sleep(pause).await;
         }
-    }));
+    });
+    workers.lock().unwrap_or_else(|p| p.into_inner()).push(capture_task);
 
     let (applied_tx, applied_rx) = mpsc::channel::<Applied>(64);
-    let apply_waits = ApplyWaits::default();
+    let spawner = PeerSpawner {
+        node,
+        dsn: config.dsn.clone(),
+        policy: Arc::clone(&policy),
+        capture: capture_rx.clone(),
+        cut: cut_rx.clone(),
+        synchronous_commit: config.synchronous_commit,
+        applied: applied_tx,
+        waits: ApplyWaits::default(),
+        spool_dir: config.spool.dir.clone(),
+        workers: Arc::clone(&workers),
+    };
     let mut apply_queues = BTreeMap::new();
+    let mut peer_tasks = BTreeMap::new();
     let mut progress = Vec::new();
-    for &peer in &config.peers {
-        let mut applier = Applier::connect(
-            connect(&config.dsn).await?,
-            connect(&config.dsn).await?,
-            capture_rx.clone(),
-            peer,
-            Arc::clone(&policy),
-            config.synchronous_commit,
-        )
-        .await?;
-        applier.follow_collection(cut_rx.clone());
-        let acked: i64 = db
-            .query_opt(
-                "SELECT acked FROM accord.peer_progress WHERE peer = $1",
-                &[&(peer.0 as i32)],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        progress.push((
-            peer,
-            PeerProgress {
-                applied: applier.applied(),
-                acked: acked as u64,
-            },
-        ));
-        let (apply, work) = mpsc::channel::<ApplyWork>(8);
-        // Few parts in flight: each holds up to the spool bound in memory.
-        let (spool, spool_work) = mpsc::channel::<SpoolWork>(2);
-        apply_queues.insert(peer, PeerWork { apply, spool });
-        let span = tracing::info_span!("peer", node = %node, peer = %peer);
-        workers.push(tokio::spawn(
-            apply_worker(
-                applier,
-                config.dsn.clone(),
-                work,
-                applied_tx.clone(),
-                apply_waits.clone(),
-            )
-            .instrument(span.clone()),
-        ));
-        workers.push(tokio::spawn(
-            spooler(peer, spool_work, config.spool.dir.clone()).instrument(span),
-        ));
+    for &peer in &peers {
+        let (work, applied, tasks) = spawner.spawn(peer).await?;
+        let acked = stored_acked(&db, peer).await?;
+        progress.push((peer, PeerProgress { applied, acked }));
+        apply_queues.insert(peer, work);
+        peer_tasks.insert(peer, tasks);
     }
     let head = capture_rx.borrow().head;
     let pruned: Option<i64> = db
@@ -370,8 +390,15 @@ where
     let pruned = pruned.map(|p| p as u64).unwrap_or(head);
     let replication = Replication::new(node, config.replication, head, pruned, progress.iter().copied());
 
-    let applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>> =
-        Arc::new(Mutex::new(progress.iter().map(|(p, pp)| (*p, pp.applied)).collect()));
+    // Nodes that left keep their last applied position: collection rounds make their deletes
+    // final with it.
+    let mut positions: BTreeMap<NodeId, u64> = progress.iter().map(|(p, pp)| (*p, pp.applied)).collect();
+    for (origin, seq) in store::recorded_applied(&db).await? {
+        if membership.state_of(origin) == Some(MemberState::Left) {
+            positions.entry(origin).or_insert(seq);
+        }
+    }
+    let applied_positions: Arc<Mutex<BTreeMap<NodeId, u64>>> = Arc::new(Mutex::new(positions));
     let identity = LocalIdentity {
         cluster: config.cluster.clone(),
         node,
@@ -402,9 +429,10 @@ where
         node: node.0,
         started_micros: wall_micros(),
         head,
-        peers: config.peers.iter().map(|&p| (p, PeerStatus::default())).collect(),
+        peers: peers.iter().map(|&p| (p, PeerStatus::default())).collect(),
         ..NodeStatus::default()
     });
+    let directory = port.peers.clone();
     let looped = Loop {
         db,
         replication,
@@ -434,9 +462,19 @@ where
         collected_round: 0,
         tombstones_collected: 0,
         capture_progress: capture_rx.clone(),
-        apply_waits,
+        apply_waits: spawner.waits.clone(),
         epoch: Instant::now(),
+        membership,
+        config_addresses: config.addresses.clone(),
+        directory,
+        pending_members: BTreeSet::new(),
+        recorded_not_known: BTreeMap::new(),
+        peer_tasks,
+        origins_to_drop: BTreeSet::new(),
+        left_since: None,
+        spawner,
     };
+    looped.publish_peers();
     let task = tokio::spawn(
         looped
             .run(capture_rx, applied_rx, shutdown_rx)
@@ -449,6 +487,97 @@ where
         task,
         workers,
     })
+}
+
+/// The membership this node starts with: what `accord.members` holds, and the configuration's
+/// peers (and this node) for nodes it has no entry of, written back.
+async fn load_membership(db: &Client, config: &NodeConfig) -> Result<Membership> {
+    let node = config.node;
+    let stored = members::load(db).await.context("cannot read accord.members")?;
+    let mut membership = Membership::new(node, stored);
+    let own = config.addresses.get(&node).cloned().unwrap_or_default();
+    let seeds = config
+        .peers
+        .iter()
+        .map(|&peer| (peer, config.addresses.get(&peer).cloned().unwrap_or_default()))
+        .chain([(node, own)]);
+    for (peer, address) in seeds {
+        let seed = Member {
+            node: peer,
+            state: MemberState::Active,
+            address,
+            stamp: Hlc::zero(peer),
+        };
+        if membership.absorb(seed.clone()) {
+            members::write(db, &seed).await.context("cannot write accord.members")?;
+        }
+    }
+    Ok(membership)
+}
+
+async fn stored_acked(db: &Client, peer: NodeId) -> Result<u64> {
+    let acked: i64 = db
+        .query_opt(
+            "SELECT acked FROM accord.peer_progress WHERE peer = $1",
+            &[&(peer.0 as i32)],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    Ok(acked as u64)
+}
+
+/// What starting a peer's applier and spooler takes: at start, and when a node joins.
+struct PeerSpawner {
+    node: NodeId,
+    dsn: String,
+    policy: Arc<SchemaPolicy>,
+    capture: watch::Receiver<CaptureProgress>,
+    cut: watch::Receiver<Option<StableCut>>,
+    synchronous_commit: bool,
+    applied: mpsc::Sender<Applied>,
+    waits: ApplyWaits,
+    spool_dir: Option<PathBuf>,
+    workers: Workers,
+}
+
+impl PeerSpawner {
+    /// Starts `peer`'s applier and spooler. Returns where to hand them work, the peer's applied
+    /// position, and the tasks (to stop them if the peer leaves).
+    async fn spawn(&self, peer: NodeId) -> Result<(PeerWork, u64, Vec<AbortHandle>)> {
+        let mut applier = Applier::connect(
+            connect(&self.dsn).await?,
+            connect(&self.dsn).await?,
+            self.capture.clone(),
+            peer,
+            Arc::clone(&self.policy),
+            self.synchronous_commit,
+        )
+        .await?;
+        applier.follow_collection(self.cut.clone());
+        let applied = applier.applied();
+        let (apply, work) = mpsc::channel::<ApplyWork>(8);
+        // Few parts in flight: each holds up to the spool bound in memory.
+        let (spool, spool_work) = mpsc::channel::<SpoolWork>(2);
+        let span = tracing::info_span!("peer", node = %self.node, peer = %peer);
+        let applying = tokio::spawn(
+            apply_worker(
+                applier,
+                self.dsn.clone(),
+                work,
+                self.applied.clone(),
+                self.waits.clone(),
+            )
+            .instrument(span.clone()),
+        );
+        let spooling = tokio::spawn(spooler(peer, spool_work, self.spool_dir.clone()).instrument(span));
+        let tasks = vec![applying.abort_handle(), spooling.abort_handle()];
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([applying, spooling]);
+        Ok((PeerWork { apply, spool }, applied, tasks))
+    }
 }
 
 /// A permit to send on a channel that had room, `None` if it is full.
@@ -516,7 +645,27 @@ struct Loop {
     capture_progress: watch::Receiver<CaptureProgress>,
     /// The loop's steady clock, for the apply queues' bounded waits.
     epoch: Instant,
+    /// Who is in the cluster (`engine::membership`), persisted in `accord.members`.
+    membership: Membership,
+    /// Peers' addresses as this node's configuration names them: used before the membership's.
+    config_addresses: BTreeMap<NodeId, String>,
+    /// Where the network learns the peers to keep links to (`None` on the in-memory hub).
+    directory: Option<PeerDirectory>,
+    /// Peers that must be sent this node's membership.
+    pending_members: BTreeSet<NodeId>,
+    /// What `accord.members.not_known_by` says, per node, as last written.
+    recorded_not_known: BTreeMap<NodeId, Vec<NodeId>>,
+    /// Each peer's applier and spooler.
+    peer_tasks: BTreeMap<NodeId, Vec<AbortHandle>>,
+    /// Replication origins of nodes that left, dropped once their appliers' sessions are gone.
+    origins_to_drop: BTreeSet<NodeId>,
+    /// Since when this node knows it left the cluster.
+    left_since: Option<Instant>,
+    spawner: PeerSpawner,
 }
+
+/// How long a node that left waits for its peers to hear it before it stops anyway.
+const LEAVE_GRACE: Duration = Duration::from_secs(30);
 
 /// Status figures that take a query or a time window, refreshed about once a second.
 #[derive(Default)]
@@ -539,14 +688,17 @@ impl Loop {
         mut capture: watch::Receiver<CaptureProgress>,
         mut applied: mpsc::Receiver<Applied>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<()> {
+    ) -> Result<Ended> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         // Retries what could not be handed on because a channel was full.
         let mut retry = tokio::time::interval(Duration::from_millis(5));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let ended = loop {
+            if self.has_left_for_good() {
+                break Ended::Left;
+            }
             tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => break Ended::Stopped,
                 event = self.port.events.recv() => match event {
                     Some(event) => self.on_event(event).await?,
                     None => bail!("the network stopped"),
@@ -570,16 +722,17 @@ impl Loop {
                 _ = retry.tick(), if self.has_pending() => {}
             }
             self.flush_collection();
+            self.flush_members();
             self.flush_apply()?;
             self.flush_outbox();
             self.send_batches().await?;
             self.publish_status();
-        }
+        };
         // Acknowledgements of what was applied go out before the connections close, so peers
         // need not resend it.
         self.flush_outbox();
         self.housekeeping().await?;
-        Ok(())
+        Ok(ended)
     }
 
     async fn on_event(&mut self, event: PeerEvent) -> Result<()> {
@@ -591,11 +744,19 @@ impl Loop {
                     self.pending_refusals.push((peer, link, Message::Refused(refusal)));
                     return Ok(());
                 }
+                if !self.apply_queues.contains_key(&peer) {
+                    // The in-memory hub links every node; QUIC already refused it.
+                    tracing::warn!(%peer, "refusing a node that is not a member");
+                    let refusal = Refusal::UnknownPeer { node: peer };
+                    self.pending_refusals.push((peer, link, Message::Refused(refusal)));
+                    return Ok(());
+                }
                 match self.replication.connected(peer, hello.applied_yours) {
                     Ok(()) => {
                         tracing::info!(%peer, resume_after = hello.applied_yours, "peer connected");
                         self.links.insert(peer, link);
                         self.pending_collection.insert(peer);
+                        self.pending_members.insert(peer);
                         self.stats.entry(peer).or_default().since_micros = Some(wall_micros());
                     }
                     Err(error) => {
@@ -619,6 +780,7 @@ impl Loop {
                     self.stats.entry(peer).or_default().last_error = Some(reason);
                 }
             }
+            PeerEvent::Message { peer, .. } if !self.apply_queues.contains_key(&peer) => {}
             PeerEvent::Message { peer, message } => match message {
                 Message::Batch(changes) => match self.replication.received(peer, &changes, wall_micros()) {
                     Ok([]) => {
@@ -657,6 +819,12 @@ impl Loop {
                 Message::Collection(state) => {
                     if self.collector.merge(&state) {
                         self.collection_changed().await?;
+                    }
+                }
+                Message::Members(theirs) => {
+                    let changed = self.membership.merge_from(peer, &theirs);
+                    if !changed.is_empty() {
+                        self.members_changed(&changed).await?;
                     }
                 }
                 Message::Hello(_) => {}
@@ -884,7 +1052,8 @@ impl Loop {
     /// round covers.
     async fn collection_round(&mut self) -> Result<()> {
         let mut changed = false;
-        if self.collector.is_coordinator() && self.last_round.is_none_or(|t| t.elapsed() >= self.round_every) {
+        let due = self.last_round.is_none_or(|t| t.elapsed() >= self.round_every) || self.collector.is_stale();
+        if self.collector.is_coordinator() && due {
             if self.collector.start_round() {
                 tracing::debug!(
                     round = self.collector.state().round,
@@ -933,7 +1102,14 @@ impl Loop {
 
     /// Persists acknowledgements and prunes the outbound log.
     async fn housekeeping(&mut self) -> Result<()> {
+        let slow = self.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY);
+        if slow {
+            // Before pruning: a node `accord join` registered here keeps the log from now on.
+            self.refresh_members().await?;
+        }
         self.collection_round().await?;
+        self.publish_peers();
+        self.drop_left_origins().await;
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
             let acked = self.replication.progress(peer)?.acked;
@@ -953,12 +1129,185 @@ impl Loop {
             .execute("DELETE FROM accord.outbound WHERE seq <= $1", &[&(prune as i64)])
             .await?;
         self.replication.pruned(prune);
-        if self.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY) {
+        if slow {
             self.last_slow = Some(Instant::now());
             self.send_pings();
             self.refresh_slow_figures().await?;
         }
         Ok(())
+    }
+
+    /// Sends this node's membership to the peers that need it.
+    fn flush_members(&mut self) {
+        let peers: Vec<NodeId> = self.pending_members.iter().copied().collect();
+        for peer in peers {
+            let Some(&link) = self.links.get(&peer) else {
+                self.pending_members.remove(&peer);
+                continue;
+            };
+            let Ok(permit) = self.port.outbox.try_reserve() else {
+                return;
+            };
+            permit.send(Outgoing {
+                peer,
+                link,
+                message: Message::Members(self.membership.to_vec()),
+            });
+            self.pending_members.remove(&peer);
+        }
+    }
+
+    /// Takes in what `accord join` and `accord leave` wrote into `accord.members`, and records
+    /// which nodes have not heard of each entry yet (what those commands wait for).
+    async fn refresh_members(&mut self) -> Result<()> {
+        let stored = members::load(&self.db).await.context("cannot read accord.members")?;
+        let changed: Vec<NodeId> = stored
+            .into_iter()
+            .filter_map(|m| {
+                let node = m.node;
+                self.membership.absorb(m).then_some(node)
+            })
+            .collect();
+        if !changed.is_empty() {
+            self.members_changed(&changed).await?;
+        }
+        let nodes: Vec<NodeId> = self.membership.members().map(|m| m.node).collect();
+        for node in nodes {
+            let not_known = self.membership.not_known_by(node);
+            if self.recorded_not_known.get(&node) != Some(&not_known) {
+                members::record_not_known_by(&self.db, node, &not_known).await?;
+                self.recorded_not_known.insert(node, not_known);
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists changed entries, tells every peer, and follows the change: links to nodes that
+    /// joined, none to nodes that left.
+    async fn members_changed(&mut self, changed: &[NodeId]) -> Result<()> {
+        for &node in changed {
+            if let Some(member) = self.membership.get(node) {
+                tracing::info!(member = %node, state = %member.state, address = member.address, "membership changed");
+                members::write(&self.db, member)
+                    .await
+                    .context("cannot write accord.members")?;
+                self.recorded_not_known.remove(&node);
+            }
+        }
+        self.pending_members.extend(self.links.keys().copied());
+        let live: BTreeSet<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
+        let current: BTreeSet<NodeId> = self.apply_queues.keys().copied().collect();
+        for &peer in live.difference(&current) {
+            self.add_peer(peer).await?;
+        }
+        for &peer in current.difference(&live) {
+            // A last word, so that a node that left learns its peers heard it (the link closes
+            // at the next housekeeping round, when the network hears of the change).
+            if let Some(&link) = self.links.get(&peer) {
+                let farewell = Message::Members(self.membership.to_vec());
+                self.pending_refusals.push((peer, link, farewell));
+            }
+            self.remove_peer(peer).await?;
+        }
+        self.collector.set_peers(live.iter().copied());
+        if self.membership.has_left() && self.left_since.is_none() {
+            tracing::info!("this node left the cluster; stopping once its peers know");
+            self.left_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn add_peer(&mut self, peer: NodeId) -> Result<()> {
+        let (work, applied, tasks) = self.spawner.spawn(peer).await?;
+        // The outbound log is kept for the new node from where it is pruned now: its join read
+        // positions only after every node knew of it, and those are at or past this point.
+        let acked = stored_acked(&self.db, peer)
+            .await?
+            .max(self.replication.pruned_through());
+        self.replication.add_peer(peer, PeerProgress { applied, acked });
+        self.apply_queues.insert(peer, work);
+        self.peer_tasks.insert(peer, tasks);
+        self.applied_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, applied);
+        self.origins_to_drop.remove(&peer);
+        tracing::info!(%peer, applied, acked, "a node joined: replicating with it");
+        Ok(())
+    }
+
+    async fn remove_peer(&mut self, peer: NodeId) -> Result<()> {
+        self.apply_queues.remove(&peer);
+        for task in self.peer_tasks.remove(&peer).unwrap_or_default() {
+            task.abort();
+        }
+        self.replication.remove_peer(peer);
+        self.links.remove(&peer);
+        self.pending_apply.remove(&peer);
+        self.pending_acks.remove(&peer);
+        self.pending_collection.remove(&peer);
+        self.pending_members.remove(&peer);
+        self.durable.remove(&peer);
+        self.persisted_acks.remove(&peer);
+        self.stats.remove(&peer);
+        self.db
+            .execute("DELETE FROM accord.peer_progress WHERE peer = $1", &[&(peer.0 as i32)])
+            .await?;
+        self.origins_to_drop.insert(peer);
+        tracing::info!(%peer, "a node left: no more replication with it");
+        Ok(())
+    }
+
+    /// Drops the replication origins of nodes that left, once no session holds them (the aborted
+    /// applier's connection closes shortly after). `accord.applied` keeps their last position.
+    async fn drop_left_origins(&mut self) {
+        for peer in self.origins_to_drop.clone() {
+            let dropped = self
+                .db
+                .execute(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                    &[&store::origin_name(peer)],
+                )
+                .await;
+            match dropped {
+                Ok(_) => {
+                    tracing::info!(%peer, "dropped the replication origin of a node that left");
+                    self.origins_to_drop.remove(&peer);
+                }
+                Err(error) => tracing::debug!(%peer, %error, "the origin of a node that left is still held; retrying"),
+            }
+        }
+    }
+
+    /// Tells the network which peers to keep links to, and where they are.
+    fn publish_peers(&self) {
+        let Some(directory) = &self.directory else { return };
+        let peers: BTreeMap<NodeId, String> = self
+            .membership
+            .live_peers()
+            .into_iter()
+            .map(|m| {
+                let address = self
+                    .config_addresses
+                    .get(&m.node)
+                    .filter(|a| !a.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| m.address.clone());
+                (m.node, address)
+            })
+            .collect();
+        directory.send_if_modified(|current| {
+            let changed = *current != peers;
+            *current = peers;
+            changed
+        });
+    }
+
+    /// This node left, and every peer has heard (or the grace period is over).
+    fn has_left_for_good(&self) -> bool {
+        self.left_since.is_some_and(|since| {
+            self.membership.not_known_by(self.membership.me()).is_empty() || since.elapsed() >= LEAVE_GRACE
+        })
     }
 
     /// Tells every connected peer the head of our outbound log, for its lag figures.

@@ -262,6 +262,8 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {

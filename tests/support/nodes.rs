@@ -121,6 +121,7 @@ impl TestCluster {
             dsn: self.pg[i].dsn(DB),
             cluster: "test".into(),
             peers: (0..self.pg.len()).filter(|&j| j != i).map(id).collect(),
+            addresses: Default::default(),
             replication: self.replication,
             synchronous_commit: false,
             spool: self.spool.clone(),

@@ -1,10 +1,11 @@
-//! The endpoint: one UDP socket, one QUIC endpoint, and a task per configured peer that keeps one
-//! link to it (dialling, or taking what the accept loop hands over), reconnecting with backoff.
+//! The endpoint: one UDP socket, one QUIC endpoint, and a task per peer that keeps one link to it
+//! (dialling, or taking what the accept loop hands over), reconnecting with backoff. Peers come and
+//! go while it runs (`Endpoint::set_peers`): the cluster's membership changes without a restart.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use accord_engine::{Hello, LocalIdentity, NodeId};
@@ -17,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::certs::node_dns_name;
-use crate::config::EndpointConfig;
+use crate::config::{EndpointConfig, PeerAddr};
 use crate::connection::{self, Closable};
 use crate::event::{CloseCode, DownReason, PeerEvent, Rejection};
 use crate::handshake::{self, rejection_from_connection, Failure, Role};
@@ -59,14 +60,14 @@ type HelloFor = dyn Fn(NodeId) -> Hello + Send + Sync;
 /// What every task of an endpoint shares.
 pub(crate) struct Shared {
     pub identity: LocalIdentity,
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    peers: RwLock<BTreeMap<NodeId, SocketAddr>>,
     pub hello_for: Box<HelloFor>,
     pub events: mpsc::Sender<PeerEvent>,
     pub limits: Limits,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     /// Accepted connections, to the task of the peer that dialled (peers with a lower id only).
-    handoffs: BTreeMap<NodeId, mpsc::Sender<Established>>,
+    handoffs: Mutex<BTreeMap<NodeId, mpsc::Sender<Established>>>,
     next_link: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -74,6 +75,19 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Whether `node` is a peer now (a member the node keeps a link to).
+    pub fn is_peer(&self, node: NodeId) -> bool {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).contains_key(&node)
+    }
+
+    fn handoff(&self, node: NodeId) -> Option<mpsc::Sender<Established>> {
+        self.handoffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned()
     }
 
     fn new_link_id(&self) -> LinkId {
@@ -112,6 +126,8 @@ pub struct Endpoint {
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
     local_addr: SocketAddr,
+    /// Per peer: the address its task dials, and the signal that ends the task.
+    peer_tasks: BTreeMap<NodeId, (SocketAddr, watch::Sender<bool>)>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -138,15 +154,7 @@ impl Endpoint {
                 node,
             });
         }
-        let mut peers = BTreeMap::new();
-        for peer in &config.peers {
-            if peer.node == node {
-                return Err(StartError::PeerIsSelf(node));
-            }
-            if peers.insert(peer.node, peer.addr).is_some() {
-                return Err(StartError::DuplicatePeer(peer.node));
-            }
-        }
+        let peers = check_peers(node, &config.peers)?;
         let transport = config
             .transport_config()
             .map_err(|e| StartError::Config(format!("idle timeout: {e}")))?;
@@ -165,17 +173,9 @@ impl Endpoint {
         let local_addr = endpoint.local_addr().map_err(bind)?;
 
         let (events, events_rx) = mpsc::channel(config.event_queue.max(1));
-        let mut handoffs = BTreeMap::new();
-        let mut handoff_rxs = Vec::new();
-        for &peer in peers.keys().filter(|&&p| p < node) {
-            // One waiting connection is enough: a newer one replaces it anyway.
-            let (tx, rx) = mpsc::channel(1);
-            handoffs.insert(peer, tx);
-            handoff_rxs.push((peer, rx));
-        }
         let shared = Arc::new(Shared {
             identity: config.identity.clone(),
-            peers,
+            peers: RwLock::default(),
             hello_for: Box::new(hello_for),
             events,
             limits: Limits {
@@ -186,26 +186,84 @@ impl Endpoint {
             },
             endpoint,
             client,
-            handoffs,
+            handoffs: Mutex::default(),
             next_link: AtomicU64::new(1),
             shutdown: watch::Sender::new(false),
         });
 
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone()));
-        for (&peer, &addr) in shared.peers.iter().filter(|(&p, _)| p > node) {
-            tasks.spawn(dial_loop(shared.clone(), peer, addr));
-        }
-        for (peer, rx) in handoff_rxs {
-            tasks.spawn(accept_peer_loop(shared.clone(), peer, rx));
-        }
-        info!(%node, %local_addr, peers = shared.peers.len(), "transport listening");
-        let endpoint = Endpoint {
+        let mut endpoint = Endpoint {
             shared,
             tasks,
             local_addr,
+            peer_tasks: BTreeMap::new(),
         };
+        endpoint.apply_peers(peers);
+        info!(%node, %local_addr, peers = endpoint.peer_tasks.len(), "transport listening");
         Ok((endpoint, events_rx))
+    }
+
+    /// The address `peer`'s task dials (or, for a peer that dials this node, was given).
+    pub fn peer_addr(&self, peer: NodeId) -> Option<SocketAddr> {
+        self.peer_tasks.get(&peer).map(|(addr, _)| *addr)
+    }
+
+    /// Makes `peers` the nodes this endpoint keeps links to: a task starts for each new one, and
+    /// the link of each one no longer listed closes (its `Down` says so). A peer whose address
+    /// changed is dialled at the new one. Must be called inside a tokio runtime.
+    pub fn set_peers(&mut self, peers: &[PeerAddr]) -> Result<(), StartError> {
+        let peers = check_peers(self.shared.identity.node, peers)?;
+        self.apply_peers(peers);
+        Ok(())
+    }
+
+    fn apply_peers(&mut self, peers: BTreeMap<NodeId, SocketAddr>) {
+        let node = self.shared.identity.node;
+        let stale: Vec<NodeId> = self
+            .peer_tasks
+            .iter()
+            // A peer that dials this node (a lower id) keeps its task whatever its address.
+            .filter(|(peer, (addr, _))| match peers.get(peer) {
+                None => true,
+                Some(new) => **peer > node && new != addr,
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in stale {
+            if let Some((_, gone)) = self.peer_tasks.remove(&peer) {
+                gone.send_replace(true);
+            }
+            self.shared
+                .handoffs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&peer);
+            if !peers.contains_key(&peer) {
+                info!(%node, %peer, "no longer a peer");
+            }
+        }
+        *self.shared.peers.write().unwrap_or_else(|p| p.into_inner()) = peers.clone();
+        for (peer, addr) in peers {
+            if self.peer_tasks.contains_key(&peer) {
+                continue;
+            }
+            let (gone, gone_rx) = watch::channel(false);
+            if peer > node {
+                self.tasks.spawn(dial_loop(self.shared.clone(), peer, addr, gone_rx));
+            } else {
+                // One waiting connection is enough: a newer one replaces it anyway.
+                let (tx, rx) = mpsc::channel(1);
+                self.shared
+                    .handoffs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(peer, tx);
+                self.tasks
+                    .spawn(accept_peer_loop(self.shared.clone(), peer, rx, gone_rx));
+            }
+            self.peer_tasks.insert(peer, (addr, gone));
+        }
     }
 
     /// The address the endpoint listens on (the real port when `listen` asked for port 0).
@@ -248,6 +306,19 @@ impl Drop for Endpoint {
     }
 }
 
+fn check_peers(node: NodeId, list: &[PeerAddr]) -> Result<BTreeMap<NodeId, SocketAddr>, StartError> {
+    let mut peers = BTreeMap::new();
+    for peer in list {
+        if peer.node == node {
+            return Err(StartError::PeerIsSelf(node));
+        }
+        if peers.insert(peer.node, peer.addr).is_some() {
+            return Err(StartError::DuplicatePeer(peer.node));
+        }
+    }
+    Ok(peers)
+}
+
 async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens when everything is shutting down.
     let _ = rx.wait_for(|&down| down).await;
@@ -255,20 +326,21 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
 
 /// Keeps a link to a peer with a greater id: dial, serve, and after a failure or a lost link wait
 /// a backoff delay and dial again.
-async fn dial_loop(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr) {
+async fn dial_loop(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr, mut gone: watch::Receiver<bool>) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut backoff = Backoff::new(shared.limits.backoff);
     let mut unreachable_reported = false;
-    while !shared.is_shutting_down() {
+    while !shared.is_shutting_down() && !*gone.borrow() {
         let attempt = tokio::select! {
             attempt = dial(&shared, peer, addr) => attempt,
             _ = wait_shutdown(&mut shutdown) => return,
+            _ = wait_shutdown(&mut gone) => return,
         };
         match attempt {
             Ok(established) => {
                 backoff.reset();
                 unreachable_reported = false;
-                serve(&shared, established, None).await;
+                serve(&shared, established, None, &mut gone).await;
             }
             Err(DialError::Unreachable(error)) => {
                 // Once per outage as a warning (while a peer is away its lag grows and tombstones
@@ -290,6 +362,7 @@ async fn dial_loop(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = wait_shutdown(&mut shutdown) => return,
+            _ = wait_shutdown(&mut gone) => return,
         }
     }
 }
@@ -347,7 +420,12 @@ async fn dial(shared: &Shared, peer: NodeId, addr: SocketAddr) -> Result<Establi
 /// Keeps a link to a peer with a smaller id, from the connections it dials. A newer connection
 /// replaces the current one: the peer only dials again when it lost the old one (or restarted),
 /// so the old one is the stale one.
-async fn accept_peer_loop(shared: Arc<Shared>, peer: NodeId, mut handoffs: mpsc::Receiver<Established>) {
+async fn accept_peer_loop(
+    shared: Arc<Shared>,
+    peer: NodeId,
+    mut handoffs: mpsc::Receiver<Established>,
+    mut gone: watch::Receiver<bool>,
+) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut next: Option<Established> = None;
     debug!(%peer, "waiting for the peer to dial");
@@ -360,10 +438,11 @@ async fn accept_peer_loop(shared: Arc<Shared>, peer: NodeId, mut handoffs: mpsc:
                     None => return,
                 },
                 _ = wait_shutdown(&mut shutdown) => return,
+                _ = wait_shutdown(&mut gone) => return,
             },
         };
-        serve(&shared, established, Some((&mut handoffs, &mut next))).await;
-        if shared.is_shutting_down() {
+        serve(&shared, established, Some((&mut handoffs, &mut next)), &mut gone).await;
+        if shared.is_shutting_down() || *gone.borrow() {
             if let Some(waiting) = next.take() {
                 waiting.conn.close(CloseCode::Shutdown, DownReason::Shutdown);
             }
@@ -375,26 +454,43 @@ async fn accept_peer_loop(shared: Arc<Shared>, peer: NodeId, mut handoffs: mpsc:
 type Replacements<'a> = (&'a mut mpsc::Receiver<Established>, &'a mut Option<Established>);
 
 /// Runs one link to its end and emits its `Down`. With `replacements`, a connection handed over
-/// meanwhile closes this one and waits in the `Option` to be served next.
-async fn serve(shared: &Shared, established: Established, replacements: Option<Replacements<'_>>) {
+/// meanwhile closes this one and waits in the `Option` to be served next. Once the peer is `gone`
+/// (no longer a member), the link is closed.
+async fn serve(
+    shared: &Shared,
+    established: Established,
+    mut replacements: Option<Replacements<'_>>,
+    gone: &mut watch::Receiver<bool>,
+) {
     let Established { conn, peer, hello } = established;
     let id = shared.new_link_id();
     let run = connection::run(&conn, peer, hello, id, shared);
     tokio::pin!(run);
-    let reason = match replacements {
-        None => run.await,
-        Some((handoffs, next)) => loop {
-            tokio::select! {
-                reason = &mut run => break reason,
-                Some(newer) = handoffs.recv() => {
-                    info!(%peer, link = %id, "a newer connection from the peer replaces the link");
-                    conn.close(CloseCode::Replaced, DownReason::Replaced);
+    let mut closing = false;
+    let reason = loop {
+        tokio::select! {
+            reason = &mut run => break reason,
+            _ = wait_shutdown(gone), if !closing => {
+                info!(%peer, link = %id, "the node is no longer a peer; closing its link");
+                let reason = DownReason::ClosedByNode("no longer a member of the cluster".into());
+                conn.close(CloseCode::Shutdown, reason);
+                closing = true;
+            }
+            Some(newer) = async {
+                match replacements.as_mut() {
+                    Some((handoffs, _)) => handoffs.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                info!(%peer, link = %id, "a newer connection from the peer replaces the link");
+                conn.close(CloseCode::Replaced, DownReason::Replaced);
+                if let Some((_, next)) = replacements.as_mut() {
                     if let Some(skipped) = next.replace(newer) {
                         skipped.conn.close(CloseCode::Replaced, DownReason::Replaced);
                     }
                 }
             }
-        },
+        }
     };
     match &reason {
         DownReason::Shutdown
@@ -447,7 +543,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
             };
             // The handshake admitted only configured peers with a smaller id, which all have a
             // handoff; a missing one, or a closed one at shutdown, just closes the connection.
-            match shared.handoffs.get(&peer) {
+            match shared.handoff(peer) {
                 Some(handoff) => {
                     if let Err(refused) = handoff.send(established).await {
                         refused.0.conn.close(CloseCode::Shutdown, DownReason::Shutdown);

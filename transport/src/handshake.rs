@@ -81,7 +81,7 @@ async fn exchange(conn: &Connection, role: Role, shared: &Shared) -> Result<(Nod
         }
         Role::Dialer { .. } => {}
         Role::Acceptor => {
-            if !shared.peers.contains_key(&certified) {
+            if !shared.is_peer(certified) {
                 // Not a member: no hello for it, only the refusal.
                 let refusal = Refusal::UnknownPeer { node: certified };
                 return Err(match conn.accept_bi().await {
@@ -149,7 +149,7 @@ fn check(shared: &Shared, certified: NodeId, hello: &Hello) -> Result<(), Refusa
             certified,
         });
     }
-    if !shared.peers.contains_key(&certified) {
+    if !shared.is_peer(certified) {
         return Err(Refusal::UnknownPeer { node: certified });
     }
     shared.identity.check(hello, now_micros())
