@@ -56,9 +56,24 @@ enum Command {
     /// where it is after every chunk: interrupted, the same command resumes it. The donor's
     /// `accord run` must be running (rows written there just before a chunk was read are copied
     /// once its capture has accounted for them). Then start the new node with `accord run
-    /// --config FILE`; it streams every node's changes from where the copy left off. Its peers
-    /// must list it in their configuration (they keep their changes for it until it has them).
+    /// --config FILE`; it streams every node's changes from where the copy left off.
+    ///
+    /// Before copying, the join registers the new node with the donor (at its configuration's
+    /// `address`) and waits until every node of the cluster knows it: no configuration needs
+    /// editing, but every node must be running and reachable. The certificates decide who may
+    /// connect: the new node's must be signed by the cluster's CA.
     Join(JoinArgs),
+    /// Take a node out of the cluster for good, or remove one that is gone.
+    ///
+    /// Without --node, the node of --config leaves: stop writing to its database first. It waits
+    /// until the node's capture has read everything committed and every peer has acknowledged
+    /// all of its changes, marks it as left (its `accord run` tells the cluster and stops), and
+    /// drops its replication slot and origins; its rows and accord's schema stay. With --node ID,
+    /// that node is removed through the node of --config, which must be running: for a node that
+    /// is gone (a dead machine). Its changes that reached some nodes and not others stay so. Either
+    /// way the other nodes drop its links, stop keeping their changes for it, and collect
+    /// tombstones without it; a node id that left is never used again.
+    Leave(LeaveArgs),
     /// Run a node: capture, apply and replication with its peers, metrics and the review page.
     ///
     /// Reads one TOML file (`accord run --print-example-config` prints a documented one). ACCORD_DSN
@@ -124,6 +139,20 @@ struct JoinArgs {
     /// every node of the cluster running and reachable.
     #[arg(long, default_value_t = accord::node::join::DEFAULT_MEMBERS_WAIT.as_secs(), value_name = "SECS")]
     members_wait_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct LeaveArgs {
+    /// The configuration of the node that leaves, or (with --node) of a running node to remove
+    /// another through.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Remove this node (gone for good) instead of the node of --config.
+    #[arg(long, value_name = "ID")]
+    node: Option<u32>,
+    /// How long each step may wait (the capture, the peers' acknowledgements, the gossip).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    wait_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -243,6 +272,7 @@ fn main() -> ExitCode {
         Command::Review(command) => runtime.block_on(review(command)).map(|()| check::Verdict::Clean),
         Command::Ids(command) => runtime.block_on(ids(command)).map(|()| check::Verdict::Clean),
         Command::Join(args) => runtime.block_on(join(args)).map(|()| check::Verdict::Clean),
+        Command::Leave(args) => runtime.block_on(leave(args)).map(|()| check::Verdict::Clean),
         Command::Run(args) => runtime.block_on(run(args)).map(|()| check::Verdict::Clean),
         Command::Status(args) => runtime.block_on(status(args)).map(|()| check::Verdict::Clean),
         Command::Demo(args) => runtime.block_on(accord::demo::run(args)).map(|converged| {
@@ -348,6 +378,47 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     let positions: Vec<String> = joined.positions.iter().map(|(n, s)| format!("node {n}: {s}")).collect();
     println!("it streams every node's changes after: {}", positions.join(", "));
     println!("start it: accord run --config {}", args.config.display());
+    Ok(())
+}
+
+async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
+    use accord::config::{ProcessEnvironment, ServiceConfig};
+    use accord::node::leave::{leave, LeaveRequest};
+    let config = ServiceConfig::load(&args.config, &ProcessEnvironment)?;
+    init_logs(LogFormat::Human)?;
+    let request = LeaveRequest {
+        node: config.node,
+        dsn: config.dsn.clone(),
+        remove: args.node.map(accord_engine::NodeId),
+        wait: std::time::Duration::from_secs(args.wait_secs),
+    };
+    let left = leave(&request).await?;
+    match request.remove {
+        Some(node) => {
+            println!("node {node} removed from the cluster: every running node knows, and none keeps changes for it");
+            if let Some(applied) = left.applied_here {
+                println!(
+                    "node {} had applied node {node}'s changes up to {applied}; changes of it that reached only some \
+                     nodes stay on those nodes",
+                    config.node
+                );
+            }
+        }
+        None => {
+            println!(
+                "node {} left the cluster: every peer had its changes up to {}; its replication slot and origins \
+                 are dropped, its rows and the accord schema stay (DROP SCHEMA accord CASCADE removes accord's)",
+                config.node,
+                left.handed_over.unwrap_or(0)
+            );
+            if left.not_handed_over > 0 {
+                println!(
+                    "warning: {} change(s) written on node {} while it left did not reach the cluster",
+                    left.not_handed_over, config.node
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -334,6 +334,8 @@ struct Cluster {
     nodes: Vec<NodeProc>,
     /// (from, to) → the relay `from` uses to reach `to`.
     relays: BTreeMap<(usize, usize), Relay>,
+    /// Nodes that left the cluster (`accord leave`): not expected to run or to converge.
+    gone: std::collections::BTreeSet<usize>,
     pg: Vec<PgCluster>,
     // Last: the directory outlives the processes that use it.
     dir: tempfile::TempDir,
@@ -432,6 +434,7 @@ impl Cluster {
             name,
             nodes,
             relays,
+            gone: Default::default(),
             pg,
             dir,
         };
@@ -471,6 +474,11 @@ impl Cluster {
             started.elapsed().as_secs_f64()
         );
         cluster
+    }
+
+    /// The nodes still in the cluster.
+    fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| !self.gone.contains(i)).collect()
     }
 
     async fn client(&self, i: usize) -> tokio_postgres::Client {
@@ -543,20 +551,21 @@ impl Cluster {
         let mut last: Vec<String> = Vec::new();
         loop {
             self.assert_all_running();
+            let live = self.live();
             let mut statuses = Vec::new();
-            for node in &self.nodes {
-                statuses.push(node.status().await);
+            for &i in &live {
+                statuses.push(self.nodes[i].status().await);
             }
             let quiet = statuses.iter().all(|s| {
                 s.as_ref().is_some_and(|s| {
                     s["peers"].as_object().is_some_and(|peers| {
-                        peers.len() == self.nodes.len() - 1
+                        peers.len() == live.len() - 1
                             && peers.values().all(|p| p["connected"] == true && p["unacked"] == 0)
                     })
                 })
             });
             let mut snapshots = Vec::new();
-            for i in 0..self.nodes.len() {
+            for &i in &live {
                 match connect(&self.pg[i].dsn("shop")).await {
                     Ok(db) => snapshots.push(snapshot(&db, &TABLES).await),
                     Err(e) => snapshots.push(format!("database {} unreachable: {e}", i + 1)),
@@ -628,7 +637,9 @@ impl Cluster {
             .await
             .unwrap()
             .get(0);
-        for i in 0..self.nodes.len() {
+        // Every node's ledger counts (a node that left handed its writes over first); the live
+        // nodes' tables must hold them all.
+        for i in self.live() {
             let row = self
                 .client(i)
                 .await
@@ -836,7 +847,7 @@ async fn finish(cluster: &mut Cluster, load: Load, expect_no_failures: bool, sta
     // With the writers stopped and every node up, the next rounds collect every tombstone.
     cluster
         .wait_for("every tombstone collected", converge_limit(), |c| async move {
-            for i in 0..c.nodes.len() {
+            for i in c.live() {
                 let left: i64 = c
                     .client(i)
                     .await
@@ -851,7 +862,11 @@ async fn finish(cluster: &mut Cluster, load: Load, expect_no_failures: bool, sta
             true
         })
         .await;
-    let collected: Vec<(u64, u64)> = cluster.nodes.iter().map(NodeProc::tombstones_collected).collect();
+    let collected: Vec<(u64, u64)> = cluster
+        .live()
+        .into_iter()
+        .map(|i| cluster.nodes[i].tombstones_collected())
+        .collect();
     assert!(
         collected.iter().all(|&(rounds, _)| rounds > 0),
         "[{}] every node completes collection rounds: {collected:?}",
@@ -867,7 +882,7 @@ async fn finish(cluster: &mut Cluster, load: Load, expect_no_failures: bool, sta
          whole test {:.1} s",
         cluster.name,
         took.as_secs_f64(),
-        cluster.nodes.len(),
+        cluster.live().len(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -1473,4 +1488,122 @@ async fn a_node_joins_under_load_and_a_killed_join_resumes() {
         .unwrap()
         .get(0);
     assert!(open > 0, "the concurrent prices' review item reached the new node");
+}
+
+/// Issue 16: nodes leave a running cluster. Four nodes take writes; node 4 stops writing, its
+/// changes reach everyone, and it dies (SIGKILL): `accord leave --node 4` on node 1 removes it.
+/// Then node 3 stops writing and leaves by itself (`accord leave`): its `accord run` hands its
+/// changes over and stops, its slot is dropped. Nodes 1 and 2 go on writing and end identical with
+/// the sums of every write of all four, and tombstone collection, stalled while node 4 was down,
+/// completes without the nodes that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_leave_under_load_and_tombstones_are_collected_without_them() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let name = "leave_under_load";
+    let mut cluster = Cluster::start(name, 4, false).await;
+    let load = Load::start_on(&cluster, 0..2);
+    let on_3 = Load::start_on(&cluster, 2..3);
+    let on_4 = Load::start_on(&cluster, 3..4);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Node 4: its writers stop, everything it wrote reaches every node, then it dies.
+    on_4.stop().await;
+    cluster
+        .wait_for("node 4's changes reach every node", converge_limit(), |c| async move {
+            c.nodes[3].status().await.is_some_and(|s| {
+                s["peers"]
+                    .as_object()
+                    .is_some_and(|p| p.values().all(|p| p["connected"] == true && p["unacked"] == 0))
+            })
+        })
+        .await;
+    cluster.nodes[3].kill9();
+    cluster.gone.insert(3);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let round_before: u64 = cluster.nodes[0].status().await.expect("node 1 runs")["collection_round"]
+        .as_u64()
+        .unwrap_or(0);
+    let (ok, out) = accord(&[
+        "leave",
+        "--config",
+        cluster.nodes[0].config.to_str().unwrap(),
+        "--node",
+        "4",
+    ]);
+    assert!(ok, "accord leave --node 4: {out}\n{}", cluster.logs());
+    assert!(out.contains("node 4 removed"), "{out}");
+    eprintln!("[{name}] {}", out.lines().next().unwrap_or_default());
+
+    // Node 3 leaves by itself, while nodes 1 and 2 write.
+    on_3.stop().await;
+    let (ok, out) = accord(&["leave", "--config", cluster.nodes[2].config.to_str().unwrap()]);
+    assert!(ok, "accord leave of node 3: {out}\n{}", cluster.logs());
+    assert!(out.contains("node 3 left the cluster"), "{out}");
+    assert!(
+        !out.contains("   "),
+        "no run of spaces from a broken line continuation: {out}"
+    );
+    assert!(!out.contains("did not reach"), "{out}");
+    eprintln!("[{name}] {}", out.lines().next().unwrap_or_default());
+    let exit = loop {
+        if let Some(status) = cluster.nodes[2].exited() {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "node 3's accord run ends cleanly once it left: {exit}");
+    cluster.gone.insert(2);
+    let node_3 = cluster.client(2).await;
+    let slots: i64 = node_3
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the slot of the node that left is dropped");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    finish(&mut cluster, load, true, started).await;
+    for i in 0..2 {
+        let db = cluster.client(i).await;
+        let left: Vec<i32> = db
+            .query(
+                "SELECT node_id FROM accord.members WHERE state = 'left' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(left, vec![3, 4], "node {} knows who left", i + 1);
+        let origins: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_replication_origin WHERE roname IN ('accord_peer_3', 'accord_peer_4')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(origins, 0, "node {} dropped the origins of the nodes that left", i + 1);
+        let round: u64 = cluster.nodes[i].status().await.expect("runs")["collection_round"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            round > round_before,
+            "node {}: collection rounds complete again ({round_before} before the removal, {round} now)",
+            i + 1
+        );
+    }
+    // A node that left does not come back.
+    cluster.nodes[2].spawn();
+    let refused = loop {
+        if let Some(status) = cluster.nodes[2].exited() {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!refused.success());
+    let log = cluster.nodes[2].log_tail(10);
+    assert!(log.contains("has left the cluster"), "{log}");
 }

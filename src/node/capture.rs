@@ -854,6 +854,47 @@ fn image(rel: &Relation, table: &TableDef, tuple: &[TupleValue]) -> Result<(RowK
     Ok((RowKey(key), cells))
 }
 
+/// Writes a mark (`MARK_MESSAGE_PREFIX`, saying `why`) into the database's WAL and waits until the
+/// node's capture has checkpointed past it: every transaction committed before is then captured
+/// (in `accord.outbound`, its rows' metadata written). Returns the mark's LSN if `limit` passed
+/// first (the node's `accord run` is not running, or is far behind).
+pub async fn wait_until_captured(
+    db: &tokio_postgres::Client,
+    why: &str,
+    limit: std::time::Duration,
+) -> anyhow::Result<Option<u64>> {
+    use anyhow::Context as _;
+    db.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
+    let lsn: anyhow::Result<tokio_postgres::types::PgLsn> = async {
+        Ok(db
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&MARK_MESSAGE_PREFIX, &why],
+            )
+            .await
+            .context("cannot write a mark into the WAL")?
+            .get(0))
+    }
+    .await;
+    let end = db.batch_execute("COMMIT").await;
+    let lsn = u64::from(lsn?);
+    end?;
+    let waited = std::time::Instant::now();
+    loop {
+        let covered: tokio_postgres::types::PgLsn = db
+            .query_one("SELECT covered_lsn FROM accord.capture_state", &[])
+            .await?
+            .get(0);
+        if u64::from(covered) >= lsn {
+            return Ok(None);
+        }
+        if waited.elapsed() > limit {
+            return Ok(Some(lsn));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, Row};
 
-use super::capture::{hlc_message, MARK_MESSAGE_PREFIX};
+use super::capture::{hlc_message, wait_until_captured};
 use super::init::{self, load_policy};
 use super::members;
 use super::rows::{copy_rows_sql, quote_table, read_rows_sql};
@@ -323,7 +323,8 @@ async fn register(donor: &Client, request: &JoinRequest, donor_id: NodeId) -> Re
         };
         if tokio::time::Instant::now() >= deadline {
             bail!(
-                "node {node} is registered, but {waiting}; run the same `accord join` again once they are (nothing                  was copied yet)"
+                "node {node} is registered, but {waiting}; run the same `accord join` again once they are (nothing \
+                 was copied yet)"
             );
         }
         if last_said.elapsed() >= Duration::from_secs(10) {
@@ -809,40 +810,15 @@ async fn lock_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<()
 /// committed before it has then been captured.
 async fn wait_for_donor_capture(donor: &Client, node: NodeId) -> Result<()> {
     let marker = format!("accord join of node {node}");
-    donor.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
-    let lsn: Result<PgLsn> = async {
-        Ok(donor
-            .query_one(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&MARK_MESSAGE_PREFIX, &marker],
-            )
-            .await
-            .context("cannot write a mark into the donor's WAL")?
-            .get(0))
+    if let Some(lsn) = wait_until_captured(donor, &marker, CAPTURE_WAIT).await? {
+        bail!(
+            "the donor's capture has not read past {} in {} s: is `accord run` running on the donor? A row \
+             written there since its capture's last checkpoint can only be copied once it has",
+            PgLsn::from(lsn),
+            CAPTURE_WAIT.as_secs()
+        );
     }
-    .await;
-    let end = donor.batch_execute("COMMIT").await;
-    let lsn = u64::from(lsn?);
-    end?;
-    let waited = std::time::Instant::now();
-    loop {
-        let covered: PgLsn = donor
-            .query_one("SELECT covered_lsn FROM accord.capture_state", &[])
-            .await?
-            .get(0);
-        if u64::from(covered) >= lsn {
-            return Ok(());
-        }
-        if waited.elapsed() > CAPTURE_WAIT {
-            bail!(
-                "the donor's capture has not read past {} in {} s: is `accord run` running on the donor? A row \
-                 written there since its capture's last checkpoint can only be copied once it has",
-                PgLsn::from(lsn),
-                CAPTURE_WAIT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    Ok(())
 }
 
 /// The donor's rows of `keys` (row keys as `store::key_text` writes them), in the order given.

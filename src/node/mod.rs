@@ -7,6 +7,7 @@ pub mod ids;
 pub mod init;
 pub mod join;
 pub mod key_locks;
+pub mod leave;
 pub mod members;
 pub mod net;
 pub mod pgoutput;

@@ -88,8 +88,22 @@ async fn a_certificate_from_another_ca_is_refused_by_dialler_and_acceptor() {
     assert_eq!(peer, Some(NodeId(2)));
     assert!(matches!(rejection, Rejection::TlsRejectedByPeer(_)), "{rejection}");
 
-    // The dialler's TLS refuses the acceptor's certificate.
-    let (peer, rejection) = rejected(expect_event(&mut ev3, WAIT, "3 rejects 4", is_rejected).await);
+    // The dialler's TLS refuses the acceptor's certificate; meanwhile the good nodes have their
+    // link (node 3 hears of both, in either order).
+    let mut up_with_2 = false;
+    let mut rejected_4 = None;
+    while !up_with_2 || rejected_4.is_none() {
+        let event = expect_event(&mut ev3, WAIT, "3 up with 2, and 3 rejects 4", |e| {
+            is_up(NodeId(2))(e) || is_rejected(e)
+        })
+        .await;
+        if is_rejected(&event) {
+            rejected_4.get_or_insert(rejected(event));
+        } else {
+            up_with_2 = true;
+        }
+    }
+    let (peer, rejection) = rejected_4.expect("the loop ends only with a rejection");
     assert_eq!(peer, Some(NodeId(4)));
     assert!(
         matches!(&rejection, Rejection::Tls(m) if m.contains("UnknownIssuer")),
@@ -97,9 +111,6 @@ async fn a_certificate_from_another_ca_is_refused_by_dialler_and_acceptor() {
     );
     let (_, rejection) = rejected(expect_event(&mut ev4, WAIT, "4 is rejected", is_rejected).await);
     assert!(matches!(rejection, Rejection::TlsRejectedByPeer(_)), "{rejection}");
-
-    // Meanwhile the good nodes have their link.
-    expect_event(&mut ev3, WAIT, "3 up with 2", is_up(NodeId(2))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,4 +240,46 @@ async fn a_node_not_in_the_peer_list_is_refused() {
     );
     let (_, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 hears", is_rejected).await);
     assert_eq!(rejection, Rejection::RefusedByPeer(unknown));
+}
+
+/// Membership changes while endpoints run: a peer added later is dialled and accepted; a peer
+/// removed has its link closed and is refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_added_and_removed_at_run_time() {
+    init_tracing();
+    let ca = Ca::generate(1).unwrap();
+    // Node 2 knows nobody yet: node 1's dials are refused.
+    let (mut n2, mut ev2) = start(config(&ca, NodeId(2), loopback(), &[]));
+    let (mut n1, mut ev1) = start(config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]));
+    let (peer, rejection) = rejected(expect_event(&mut ev1, WAIT, "1 is refused by 2", is_rejected).await);
+    assert_eq!(peer, Some(NodeId(2)));
+    assert!(
+        matches!(rejection, Rejection::RefusedByPeer(Refusal::UnknownPeer { node }) if node == NodeId(1)),
+        "{rejection}"
+    );
+
+    // Node 2 learns of node 1: the next dial gets through.
+    n2.set_peers(&[accord_transport::PeerAddr {
+        node: NodeId(1),
+        addr: not_dialled(),
+    }])
+    .unwrap();
+    expect_event(&mut ev2, WAIT, "2 up with 1", is_up(NodeId(1))).await;
+    expect_event(&mut ev1, WAIT, "1 up with 2", is_up(NodeId(2))).await;
+
+    // Node 1 drops node 2: its link goes down on both sides, and it dials no more.
+    n1.set_peers(&[]).unwrap();
+    let down = expect_event(&mut ev1, WAIT, "1 down with 2", |e| matches!(e, PeerEvent::Down { .. })).await;
+    assert!(
+        matches!(&down, PeerEvent::Down { peer, reason, .. } if *peer == NodeId(2) && reason.to_string().contains("no longer a member")),
+        "{down:?}"
+    );
+    expect_event(&mut ev2, WAIT, "2 down with 1", |e| matches!(e, PeerEvent::Down { .. })).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Ok(event) = ev2.try_recv() {
+        assert!(
+            !is_up(NodeId(1))(&event),
+            "node 1 dialled again after it dropped node 2: {event:?}"
+        );
+    }
 }
