@@ -93,8 +93,9 @@ fn line(report: &SeedReport) -> String {
     let s = &report.stats;
     let join = if report.config.join {
         format!(
-            " joined={:.1}s chunks={} marks={} kills={}",
+            " joined={:.1}s known_after={:.2}s chunks={} marks={} kills={}",
             s.joined_at as f64 / 1e6,
+            s.join_member_wait as f64 / 1e6,
             s.join_chunks,
             s.join_marks,
             s.join_kills

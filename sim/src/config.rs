@@ -200,10 +200,17 @@ pub enum PlantedBug {
     /// A joined node streams from the positions of the copy's last snapshot: changes applied on
     /// the donor after an earlier chunk was copied are never applied to those rows.
     JoinStreamsFromLatest,
+    /// A join reads the donor's positions as soon as it registered the new node, before the
+    /// donor's node took it in (a second later) or anyone heard of it: nodes prune changes the
+    /// new node streams from.
+    JoinSkipsMembersWait,
+    /// Collection rounds leave out joining nodes: a round completes while the new node's copy
+    /// holds a row alive that a delete below the cut removed everywhere else.
+    RoundsWithoutJoiner,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 16] = [
+    pub const ALL: [PlantedBug; 18] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -220,6 +227,8 @@ impl PlantedBug {
         PlantedBug::JoinCopiesUnsettled,
         PlantedBug::JoinSkipsUnsettled,
         PlantedBug::JoinStreamsFromLatest,
+        PlantedBug::JoinSkipsMembersWait,
+        PlantedBug::RoundsWithoutJoiner,
     ];
 
     pub fn name(self) -> &'static str {
@@ -240,6 +249,8 @@ impl PlantedBug {
             PlantedBug::JoinCopiesUnsettled => "join-copies-unsettled",
             PlantedBug::JoinSkipsUnsettled => "join-skips-unsettled",
             PlantedBug::JoinStreamsFromLatest => "join-streams-from-latest",
+            PlantedBug::JoinSkipsMembersWait => "join-skips-members-wait",
+            PlantedBug::RoundsWithoutJoiner => "rounds-without-joiner",
         }
     }
 
@@ -262,7 +273,9 @@ impl PlantedBug {
             | PlantedBug::TruncateFromMetadata
             | PlantedBug::JoinCopiesUnsettled
             | PlantedBug::JoinSkipsUnsettled
-            | PlantedBug::JoinStreamsFromLatest => None,
+            | PlantedBug::JoinStreamsFromLatest
+            | PlantedBug::JoinSkipsMembersWait
+            | PlantedBug::RoundsWithoutJoiner => None,
         }
     }
 }

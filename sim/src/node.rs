@@ -5,16 +5,17 @@
 //! merges a batch with `merge` in one transaction that also records the applied position and
 //! writes the `accord.hlc` stamp into the WAL.
 //!
-//! Only `db` survives a crash; `Volatile` is what the process holds in memory.
+//! Only `db` (and `membership`, which the service keeps in its database) survives a crash;
+//! `Volatile` is what the process holds in memory.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
     AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
-    CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Message, NodeId,
-    Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, StableCut, TableDef,
-    Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
+    MemberState, Membership, Message, NodeId, PeerProgress, Refusal, Replication, ReplicationConfig, ReplicationError,
+    ReviewAction, RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -180,6 +181,8 @@ pub struct Node {
     /// A node that joins the cluster (`SimConfig::join`) and has not finished: no process, no
     /// local writes.
     pub awaiting_join: bool,
+    /// Who is in the cluster, as this node knows it (`accord.members`: durable).
+    pub membership: Membership,
     nodes: usize,
     /// The replicated tables, as the apply takes them.
     tables: Arc<[TableDef]>,
@@ -205,8 +208,22 @@ fn apply_rules(bug: Option<PlantedBug>) -> ApplyRules {
     }
 }
 
-fn peer_id(peer: usize) -> NodeId {
+pub(crate) fn peer_id(peer: usize) -> NodeId {
     NodeId(peer as u32 + 1)
+}
+
+pub(crate) fn peer_ix(node: NodeId) -> usize {
+    node.0 as usize - 1
+}
+
+/// A node of the cluster from the start, as a configuration file seeds it.
+pub(crate) fn founding_member(node: NodeId) -> Member {
+    Member {
+        node,
+        state: MemberState::Active,
+        address: String::new(),
+        stamp: Hlc::zero(node),
+    }
 }
 
 impl Node {
@@ -221,6 +238,7 @@ impl Node {
             pg_down: false,
             capture_stalled_until: 0,
             awaiting_join: false,
+            membership: Membership::new(id, (0..nodes).map(|p| founding_member(peer_id(p)))),
             nodes,
             tables: Arc::from(vec![crate::table::table()]),
         }
@@ -253,12 +271,17 @@ impl Node {
             causal_wait_micros: ctx.params.causal_wait,
             ..ReplicationConfig::default()
         };
+        let live: Vec<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
         let mut replication = Replication::new(
             self.id,
             config,
             self.db.outbound_head(),
             self.db.outbound_pruned,
-            self.db.progress.iter().map(|(p, progress)| (*p, *progress)),
+            self.db
+                .progress
+                .iter()
+                .filter(|(p, _)| live.contains(p))
+                .map(|(p, progress)| (*p, *progress)),
         );
         self.inc += 1;
         self.pg_down = false;
@@ -277,8 +300,9 @@ impl Node {
             read_lsn: self.db.slot_confirmed + 1,
             written_lsn: 0,
             replication,
-            appliers: (0..self.nodes)
-                .filter(|&p| p != self.ix)
+            appliers: live
+                .iter()
+                .map(|&pid| peer_ix(pid))
                 .map(|p| {
                     let mut applier = Applier::default();
                     applier.queue.plant(planted);
@@ -288,11 +312,7 @@ impl Node {
                 .collect(),
             capture_scheduled: false,
             prune_scheduled: false,
-            collector: Collector::new(
-                self.id,
-                (0..self.nodes).filter(|&p| p != self.ix).map(peer_id),
-                self.db.collection.clone(),
-            ),
+            collector: Collector::new(self.id, self.round_members(ctx.bug), self.db.collection.clone()),
             round_scheduled: false,
         });
         self.want_capture(ctx);
@@ -355,7 +375,81 @@ impl Node {
     }
 
     pub fn check_hello(&self, hello: &Hello, physical: u64, max_offset: u64) -> Result<(), Refusal> {
+        // The peers the running node follows (its membership as taken in), as the service's loop
+        // refuses a link from any other.
+        let follows = self
+            .vol
+            .as_ref()
+            .is_some_and(|vol| vol.replication.peers().any(|p| p == hello.node));
+        if !follows {
+            return Err(Refusal::UnknownPeer { node: hello.node });
+        }
         self.identity(max_offset).check(hello, physical)
+    }
+
+    /// The live nodes the collector waits for: every live peer, joining ones too (the planted
+    /// `rounds-without-joiner` leaves those out).
+    fn round_members(&self, bug: Option<PlantedBug>) -> Vec<NodeId> {
+        self.membership
+            .live_peers()
+            .iter()
+            .filter(|m| bug != Some(PlantedBug::RoundsWithoutJoiner) || m.state != MemberState::Joining)
+            .map(|m| m.node)
+            .collect()
+    }
+
+    /// A peer's membership arrived.
+    pub fn on_members(&mut self, ctx: &mut Ctx, peer: usize, members: Vec<Member>) -> Result<(), Failure> {
+        if self.vol.is_none() {
+            return Ok(());
+        }
+        let changed = self.membership.merge_from(peer_id(peer), &members);
+        if !changed.is_empty() {
+            self.members_changed(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Follows the membership, as the service's loop does: a link and an applier for a node that
+    /// joined (the outbound log kept for it from where it is pruned now), the collector's
+    /// members, and every connected peer told.
+    pub fn members_changed(&mut self, ctx: &mut Ctx) -> Result<(), Failure> {
+        let round_members = self.round_members(ctx.bug);
+        let Some(vol) = &mut self.vol else { return Ok(()) };
+        let planted = apply_rules(ctx.bug).planted;
+        let live: Vec<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
+        let current: Vec<NodeId> = vol.replication.peers().collect();
+        for &pid in live.iter().filter(|p| !current.contains(p)) {
+            let progress = self.db.progress.get(&pid).copied().unwrap_or_default();
+            vol.replication.add_peer(
+                pid,
+                PeerProgress {
+                    applied: progress.applied,
+                    acked: progress.acked.max(self.db.outbound_pruned),
+                },
+            );
+            let mut applier = Applier::default();
+            applier.queue.plant(planted);
+            applier.queue.set_spool_bound(ctx.params.spool_bound);
+            vol.appliers.insert(peer_ix(pid), applier);
+            vol.positions
+                .entry(pid)
+                .or_insert_with(|| AppliedPosition::new(progress.applied, planted));
+            ctx.stats.members_added += 1;
+        }
+        let before = vol.collector.state().clone();
+        vol.collector.set_peers(round_members);
+        for &pid in &current {
+            if vol.replication.is_connected(pid) {
+                ctx.out.push(Output::Send {
+                    to: peer_ix(pid),
+                    msg: Message::Members(self.membership.to_vec()),
+                });
+            }
+        }
+        self.collection_step(ctx, before);
+        self.want_round(ctx);
+        Ok(())
     }
 
     pub(crate) fn want_capture(&mut self, ctx: &mut Ctx) {
@@ -774,6 +868,16 @@ impl Node {
             to: peer,
             msg: Message::Collection(vol.collector.state().clone()),
         });
+        // The service sends its membership on every connection. Here only once it holds more
+        // than the founding nodes' entries (every node starts with those): sending them would
+        // merge to nothing and only move every later event, which the planted bugs' seeds were
+        // found with.
+        if self.membership.members().any(|m| *m != founding_member(m.node)) {
+            ctx.out.push(Output::Send {
+                to: peer,
+                msg: Message::Members(self.membership.to_vec()),
+            });
+        }
         self.pump(ctx, peer)
     }
 

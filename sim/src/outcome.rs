@@ -142,4 +142,8 @@ pub struct Stats {
     pub join_marks: u64,
     pub join_kills: u64,
     pub joined_at: u64,
+    /// Links a node added when it learned of a joining node, and how long (simulated µs) joins
+    /// waited for every node to know of the new one before reading positions.
+    pub members_added: u64,
+    pub join_member_wait: u64,
 }

@@ -164,6 +164,10 @@ pub struct World {
     rng_join: SimRng,
     /// A node's join in progress (`join.rs`).
     join: Option<join::JoinRun>,
+    /// The donor a join registered the new node with, and when (simulated µs).
+    join_registration: Option<(usize, u64)>,
+    /// When the donor's node takes a registration in (the planted `join-skips-members-wait`).
+    join_donor_refresh: Option<u64>,
     ops_done: u64,
     fresh: u64,
     phase: Phase,
@@ -209,6 +213,8 @@ impl World {
             rng_clock,
             rng_join: SimRng::new(cfg.seed, STREAM_JOIN),
             join: None,
+            join_registration: None,
+            join_donor_refresh: None,
             ops_done: 0,
             fresh: 0,
             phase: Phase::Workload,
@@ -578,8 +584,8 @@ impl World {
                 self.with_node(to, |n, ctx| n.on_batch(ctx, from, batch, ghost))
             }
             Message::Ack { applied } => self.with_node(to, |n, ctx| n.on_ack(ctx, from, applied, ghost)),
-            // Membership is fixed in the simulated clusters so far (see ARCHITECTURE, "Membership").
-            Message::Ping { .. } | Message::Members(_) => Ok(()),
+            Message::Ping { .. } => Ok(()),
+            Message::Members(members) => self.with_node(to, |n, ctx| n.on_members(ctx, from, members)),
             Message::Collection(state) => self.with_node(to, |n, ctx| n.on_collection(ctx, state)),
         }
     }

@@ -7,18 +7,24 @@
 //! chunks written and its positions are kept) and resumes with the same donor. Then the node
 //! starts, and must converge with everyone, exact sums and all.
 //!
+//! First the join registers the new node with the donor (`accord.members`, state `joining`) and
+//! waits until every live node has said it holds that entry (the membership's gossip); only then
+//! does it read positions. Until then the nodes do not keep their outbound logs for it, and the
+//! collection rounds do not wait for it.
+//!
 //! Simplification: before a chunk is read, the donor's WAL is flushed, so the oracle's record of
 //! what the donor absorbed is its committed state (a real join may also copy an apply the
 //! donor's crash then loses; the new node is then ahead, which merges absorb).
 
 use accord_engine::{
-    judge_copy, settle, settle_try, Cell, CollectionState, CopyVerdict, Hlc, JoinPositions, NodeId, ReviewItem,
-    ReviewItemId, RowChange, RowMeta, SettleTry, Settled,
+    judge_copy, settle, settle_try, Cell, CollectionState, CopyVerdict, Hlc, JoinPositions, Member, MemberState,
+    Membership, NodeId, ReviewItem, ReviewItemId, RowChange, RowMeta, SettleTry, Settled,
 };
 
 use super::{EventKind, Phase, World};
 use crate::config::PlantedBug;
 use crate::db::{Db, MetaRow, QueueEntry, UserRow, WalBody};
+use crate::node::{founding_member, peer_id};
 use crate::oracle::Oracle;
 use crate::outcome::Failure;
 use crate::table::{key_of, row_key};
@@ -46,6 +52,8 @@ struct Pending {
     /// Rows to read again once the capture passed the mark, with the version first seen.
     suspects: Vec<(i64, Option<u64>)>,
     facts: RangeFacts,
+    /// Keys of the chunk's range the donor has no row nor metadata for, with what it had absorbed.
+    absent: Vec<(i64, Vec<u32>)>,
     /// The chunk's last key, and whether the chunk was full (more may follow).
     last: Option<i64>,
     full: bool,
@@ -132,6 +140,12 @@ impl World {
     pub(super) fn plan_join(&mut self) {
         let j = self.joiner();
         self.nodes[j].awaiting_join = true;
+        // Nobody knows the new node yet, and it knows nobody.
+        let founders: Vec<Member> = (0..j).map(|i| founding_member(peer_id(i))).collect();
+        for i in 0..j {
+            self.nodes[i].membership = Membership::new(peer_id(i), founders.clone());
+        }
+        self.nodes[j].membership = Membership::new(peer_id(j), []);
         let span = (self.cfg.ops as f64 * self.params.op_gap_mean / 2.0) as u64;
         let at = self.now + self.rng_join.below(span + 1);
         self.push(at, EventKind::JoinStep);
@@ -145,6 +159,12 @@ impl World {
     /// One step of the join: begin, copy a chunk, or finish.
     pub(super) fn join_step(&mut self) -> Result<(), Failure> {
         let j = self.joiner();
+        if let (Some(at), Some((donor, _))) = (self.join_donor_refresh, self.join_registration) {
+            if self.now >= at {
+                self.join_donor_refresh = None;
+                self.with_node(donor, |n, ctx| n.members_changed(ctx))?;
+            }
+        }
         if !self.nodes[j].awaiting_join {
             return Ok(());
         }
@@ -160,7 +180,7 @@ impl World {
         }
         let run = match self.join.take() {
             Some(run) => run,
-            None => match self.begin_join() {
+            None => match self.register_join()?.and_then(|donor| self.begin_join(donor)) {
                 Some(run) => run,
                 None => {
                     self.next_join_step();
@@ -179,15 +199,55 @@ impl World {
         }
     }
 
-    /// Reads the donor's positions in one snapshot (`JoinPositions::first`); `None` while no node
-    /// can be read.
-    fn begin_join(&mut self) -> Option<JoinRun> {
+    /// Registers the new node with a donor (once: the entry is durable there), and returns the
+    /// donor once every live node knows of it (as the donor's views say); `None` meanwhile.
+    fn register_join(&mut self) -> Result<Option<usize>, Failure> {
         let j = self.joiner();
-        let candidates: Vec<usize> = (0..j).filter(|&d| !self.nodes[d].pg_down).collect();
-        if candidates.is_empty() {
+        let donor = match self.join_registration {
+            Some((donor, _)) => donor,
+            None => {
+                let candidates: Vec<usize> = (0..j).filter(|&d| self.nodes[d].is_up()).collect();
+                if candidates.is_empty() {
+                    return Ok(None);
+                }
+                let donor = candidates[self.rng_join.index(candidates.len())];
+                let entry = Member {
+                    node: peer_id(j),
+                    state: MemberState::Joining,
+                    address: String::new(),
+                    stamp: Hlc::new(self.now, 0, peer_id(j)),
+                };
+                self.nodes[donor].membership.absorb(entry);
+                if self.cfg.bug == Some(PlantedBug::JoinSkipsMembersWait) {
+                    // The donor's node takes the entry in at its next look at its table, a
+                    // second later; the join reads positions at once.
+                    let at = self.now + 1_000_000;
+                    self.join_donor_refresh = Some(at);
+                    self.push(at, EventKind::JoinStep);
+                } else {
+                    // The donor's running node reads its table and tells everyone.
+                    self.with_node(donor, |n, ctx| n.members_changed(ctx))?;
+                }
+                self.join_registration = Some((donor, self.now));
+                donor
+            }
+        };
+        let known = self.nodes[donor].is_up() && self.nodes[donor].membership.not_known_by(peer_id(j)).is_empty();
+        if known || self.cfg.bug == Some(PlantedBug::JoinSkipsMembersWait) {
+            if let Some((_, at)) = self.join_registration {
+                self.stats.join_member_wait = self.now - at;
+            }
+            return Ok(Some(donor));
+        }
+        Ok(None)
+    }
+
+    /// Reads the donor's positions in one snapshot (`JoinPositions::first`); `None` while the
+    /// donor cannot be read.
+    fn begin_join(&mut self, donor: usize) -> Option<JoinRun> {
+        if self.nodes[donor].pg_down {
             return None;
         }
-        let donor = candidates[self.rng_join.index(candidates.len())];
         self.stats.joins += 1;
         Some(JoinRun {
             donor,
@@ -230,6 +290,7 @@ impl World {
                 mut copies,
                 suspects,
                 facts,
+                absent,
                 last,
                 full,
                 attempt,
@@ -275,13 +336,14 @@ impl World {
                     copies,
                     suspects: again,
                     facts,
+                    absent,
                     last,
                     full,
                     attempt: attempt + 1,
                 });
                 return Ok(Some(run));
             }
-            self.write_chunk(&mut run, copies, facts, last);
+            self.write_chunk(&mut run, copies, facts, absent, last);
             return self.after_chunk(run, full);
         }
 
@@ -294,6 +356,14 @@ impl World {
         let full = keys.len() == CHUNK;
         let last = keys.last().copied();
         let facts = RangeFacts::read(db, run.after, if full { last } else { None });
+        // A key the donor holds nothing of: never written, or its tombstone collected under a cut
+        // the copy carries. Either way the new node holds what the donor had absorbed of it.
+        let upper = if full { last } else { None };
+        let absent: Vec<(i64, Vec<u32>)> = (0..self.params.keys as i64)
+            .filter(|&k| k >= from && upper.is_none_or(|u| k <= u) && !db.meta.contains_key(&k))
+            .map(|k| (k, self.oracle.seen_of(donor, k)))
+            .filter(|(_, seen)| seen.iter().any(|&n| n > 0))
+            .collect();
         let mut copies = Vec::new();
         let mut suspects = Vec::new();
         for &key in &keys {
@@ -321,13 +391,14 @@ impl World {
                 copies,
                 suspects,
                 facts,
+                absent,
                 last,
                 full,
                 attempt: 0,
             });
             return Ok(Some(run));
         }
-        self.write_chunk(&mut run, copies, facts, last);
+        self.write_chunk(&mut run, copies, facts, absent, last);
         self.after_chunk(run, full)
     }
 
@@ -358,7 +429,14 @@ impl World {
 
     /// One transaction on the new node: the rows (new versions there), their metadata, the
     /// clock message, the cursor.
-    fn write_chunk(&mut self, run: &mut JoinRun, copies: Vec<Copied>, facts: RangeFacts, last: Option<i64>) {
+    fn write_chunk(
+        &mut self,
+        run: &mut JoinRun,
+        copies: Vec<Copied>,
+        facts: RangeFacts,
+        absent: Vec<(i64, Vec<u32>)>,
+        last: Option<i64>,
+    ) {
         let j = self.joiner();
         let physical = self.clocks[j].read(self.now);
         let db = &mut self.nodes[j].db;
@@ -410,7 +488,7 @@ impl World {
             },
         );
         db.flush();
-        for (key, seen) in absorbed {
+        for (key, seen) in absorbed.into_iter().chain(absent) {
             self.oracle.copied(j, run.donor, key, &seen);
         }
         if let Some(stamp) = greatest {
@@ -460,6 +538,15 @@ impl World {
             },
         );
         db.flush();
+        // The cluster as the donor knows it, and the new node in it.
+        let mut membership = Membership::new(joiner_id, self.nodes[donor].membership.to_vec());
+        membership.absorb(Member {
+            node: joiner_id,
+            state: MemberState::Active,
+            address: String::new(),
+            stamp: Hlc::new(self.now, 1, joiner_id),
+        });
+        self.nodes[j].membership = membership;
         self.oracle.joined(j, &streams_from, &run.positions.claims);
         self.nodes[j].awaiting_join = false;
         self.stats.joined_at = self.now - super::EPOCH;
