@@ -46,6 +46,10 @@ pub struct SimArgs {
     /// from a donor in chunks while every node writes, the join killed and resumed at times.
     #[arg(long)]
     pub join: bool,
+    /// A node leaves the running cluster during the workload (`accord leave`): it hands its
+    /// changes over, then leaves by itself or dies and is removed through another node.
+    #[arg(long)]
+    pub leave: bool,
     /// Plant a known bug in the simulator's driver (for testing the simulator itself).
     #[arg(long, hide = true)]
     pub plant_bug: Option<String>,
@@ -80,6 +84,7 @@ impl SimArgs {
                 max_offset_micros: self.max_offset_us,
                 bug,
                 join: self.join,
+                leave: self.leave,
             })
             .collect();
         if let Some(first) = configs.first() {
@@ -102,6 +107,15 @@ fn line(report: &SeedReport) -> String {
         )
     } else {
         String::new()
+    };
+    let join = if report.config.leave {
+        format!(
+            "{join} left={:.1}s dropped={}",
+            s.left_at as f64 / 1e6,
+            s.members_removed
+        )
+    } else {
+        join
     };
     let text = format!(
         "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} locks={} deadlocks={} waived={} truncates={} spooled={}/{} refused={} faults={} rounds={} collected={} window={}",

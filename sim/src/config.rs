@@ -124,6 +124,8 @@ pub enum ConfigError {
     BadRange { text: String },
     #[error("--nodes must be between 2 and {max}, not {found}")]
     Nodes { found: usize, max: usize },
+    #[error("--leave needs at least {least} nodes (two stay, and the joining node with --join)")]
+    LeaveNodes { least: usize },
 }
 
 impl FromStr for FaultSet {
@@ -207,10 +209,13 @@ pub enum PlantedBug {
     /// Collection rounds leave out joining nodes: a round completes while the new node's copy
     /// holds a row alive that a delete below the cut removed everywhere else.
     RoundsWithoutJoiner,
+    /// A leaving node is marked `left` without waiting for its peers to acknowledge its last
+    /// changes: the ones still on their way are lost to the cluster.
+    LeaveWithoutHandover,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 18] = [
+    pub const ALL: [PlantedBug; 19] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
@@ -229,6 +234,7 @@ impl PlantedBug {
         PlantedBug::JoinStreamsFromLatest,
         PlantedBug::JoinSkipsMembersWait,
         PlantedBug::RoundsWithoutJoiner,
+        PlantedBug::LeaveWithoutHandover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -251,6 +257,7 @@ impl PlantedBug {
             PlantedBug::JoinStreamsFromLatest => "join-streams-from-latest",
             PlantedBug::JoinSkipsMembersWait => "join-skips-members-wait",
             PlantedBug::RoundsWithoutJoiner => "rounds-without-joiner",
+            PlantedBug::LeaveWithoutHandover => "leave-without-handover",
         }
     }
 
@@ -275,7 +282,8 @@ impl PlantedBug {
             | PlantedBug::JoinSkipsUnsettled
             | PlantedBug::JoinStreamsFromLatest
             | PlantedBug::JoinSkipsMembersWait
-            | PlantedBug::RoundsWithoutJoiner => None,
+            | PlantedBug::RoundsWithoutJoiner
+            | PlantedBug::LeaveWithoutHandover => None,
         }
     }
 }
@@ -308,6 +316,9 @@ pub struct SimConfig {
     /// The last node is not there at the start: it joins the running cluster during the
     /// workload (`accord join`), copied from a donor in chunks while every node writes.
     pub join: bool,
+    /// A node leaves the running cluster during the workload (`accord leave`): by itself, or it
+    /// dies and another node removes it, after handing its changes over.
+    pub leave: bool,
 }
 
 impl SimConfig {
@@ -320,6 +331,7 @@ impl SimConfig {
             max_offset_micros: None,
             bug: None,
             join: false,
+            leave: false,
         }
     }
 
@@ -329,6 +341,10 @@ impl SimConfig {
                 found: self.nodes,
                 max: MAX_NODES,
             });
+        }
+        let least = 3 + usize::from(self.join);
+        if self.leave && self.nodes < least {
+            return Err(ConfigError::LeaveNodes { least });
         }
         Ok(())
     }
@@ -347,6 +363,9 @@ impl SimConfig {
         }
         if self.join {
             cmd.push_str(" --join");
+        }
+        if self.leave {
+            cmd.push_str(" --leave");
         }
         if let Some(bug) = self.bug {
             cmd.push_str(&format!(" --plant-bug {}", bug.name()));

@@ -183,6 +183,10 @@ pub struct Node {
     pub awaiting_join: bool,
     /// Who is in the cluster, as this node knows it (`accord.members`: durable).
     pub membership: Membership,
+    /// It is leaving the cluster (`SimConfig::leave`): no more local writes.
+    pub leaving: bool,
+    /// It left: stopped for good, not checked at the end.
+    pub gone: bool,
     nodes: usize,
     /// The replicated tables, as the apply takes them.
     tables: Arc<[TableDef]>,
@@ -239,6 +243,8 @@ impl Node {
             capture_stalled_until: 0,
             awaiting_join: false,
             membership: Membership::new(id, (0..nodes).map(|p| founding_member(peer_id(p)))),
+            leaving: false,
+            gone: false,
             nodes,
             tables: Arc::from(vec![crate::table::table()]),
         }
@@ -436,6 +442,19 @@ impl Node {
                 .entry(pid)
                 .or_insert_with(|| AppliedPosition::new(progress.applied, planted));
             ctx.stats.members_added += 1;
+        }
+        for &pid in current.iter().filter(|p| !live.contains(p)) {
+            // It left: no link, no applier (a transaction of it being applied rolls back), and
+            // the outbound log no longer waits for it.
+            if vol.replication.is_connected(pid) {
+                ctx.out.push(Output::Send {
+                    to: peer_ix(pid),
+                    msg: Message::Members(self.membership.to_vec()),
+                });
+            }
+            vol.replication.remove_peer(pid);
+            vol.appliers.remove(&peer_ix(pid));
+            ctx.stats.members_removed += 1;
         }
         let before = vol.collector.state().clone();
         vol.collector.set_peers(round_members);
@@ -1315,6 +1334,18 @@ impl Node {
             self.db.deferred.len(),
             links.join("; ")
         )
+    }
+
+    /// Everything this node captured is in every live peer's hands: its capture read its whole
+    /// WAL, and every peer acknowledged its outbound head.
+    pub fn handed_over(&self) -> bool {
+        self.vol.as_ref().is_some_and(|vol| {
+            vol.read_lsn > self.db.wal_insert_lsn()
+                && vol
+                    .replication
+                    .peers()
+                    .all(|p| vol.replication.unacked(p).is_ok_and(|n| n == 0))
+        })
     }
 
     /// Whether the node has nothing left to do: capture caught up, nothing queued or deferred.

@@ -146,4 +146,9 @@ pub struct Stats {
     /// waited for every node to know of the new one before reading positions.
     pub members_added: u64,
     pub join_member_wait: u64,
+    /// Leaves begun (`SimConfig::leave`), links nodes dropped for a node that left, and when the
+    /// leaving node stopped (µs of simulated time; 0: it did not).
+    pub leaves: u64,
+    pub members_removed: u64,
+    pub left_at: u64,
 }

@@ -60,8 +60,8 @@ pub fn shrink(config: &SimConfig, failure: &Failure, budget: usize) -> Shrunk {
             candidate.faults = candidate.faults.without(kind);
             attempt(&candidate, &mut best);
         }
-        // Fewer nodes.
-        while best.config.nodes > 2 {
+        // Fewer nodes, as far as the run's join and leave allow.
+        while best.config.nodes > 2 && best.config.nodes > least_nodes(&best.config) {
             let mut candidate = best.config.clone();
             candidate.nodes -= 1;
             if !attempt(&candidate, &mut best) {
@@ -70,4 +70,13 @@ pub fn shrink(config: &SimConfig, failure: &Failure, budget: usize) -> Shrunk {
         }
     }
     best
+}
+
+/// The fewest nodes a run can have: two, and one more for a leave, one more for a join.
+fn least_nodes(config: &SimConfig) -> usize {
+    if config.leave {
+        3 + usize::from(config.join)
+    } else {
+        2
+    }
 }

@@ -20,6 +20,7 @@ use crate::trace::{mix, Trace, TraceLine};
 use crate::workload;
 
 mod join;
+mod leave;
 
 /// Simulated time starts here (µs since the Unix epoch, late 2023), so stamps look like real ones.
 pub const EPOCH: u64 = 1_700_000_000_000_000;
@@ -32,6 +33,7 @@ const STREAM_FAULT: u64 = 4;
 const STREAM_NODE: u64 = 5;
 const STREAM_CLOCK: u64 = 6;
 const STREAM_JOIN: u64 = 7;
+const STREAM_LEAVE: u64 = 8;
 
 #[derive(Debug)]
 enum EventKind {
@@ -81,6 +83,8 @@ enum EventKind {
     },
     /// The next step of a node's join (`join.rs`).
     JoinStep,
+    /// The next step of a node's leave (`leave.rs`).
+    LeaveStep,
 }
 
 impl EventKind {
@@ -100,6 +104,7 @@ impl EventKind {
             EventKind::Restart { node } => 12 | (*node as u64) << 8,
             EventKind::LocalRetry { node, .. } => 13 | (*node as u64) << 8,
             EventKind::JoinStep => 14,
+            EventKind::LeaveStep => 15,
         }
     }
 }
@@ -166,6 +171,8 @@ pub struct World {
     join: Option<join::JoinRun>,
     /// The donor a join registered the new node with, and when (simulated µs).
     join_registration: Option<(usize, u64)>,
+    leave: Option<leave::LeaveRun>,
+    rng_leave: SimRng,
     /// When the donor's node takes a registration in (the planted `join-skips-members-wait`).
     join_donor_refresh: Option<u64>,
     ops_done: u64,
@@ -214,6 +221,8 @@ impl World {
             rng_join: SimRng::new(cfg.seed, STREAM_JOIN),
             join: None,
             join_registration: None,
+            leave: None,
+            rng_leave: SimRng::new(cfg.seed, STREAM_LEAVE),
             join_donor_refresh: None,
             ops_done: 0,
             fresh: 0,
@@ -272,6 +281,9 @@ impl World {
     fn run_inner(&mut self) -> Result<(), Failure> {
         if self.cfg.join {
             self.plan_join();
+        }
+        if self.cfg.leave {
+            self.plan_leave();
         }
         for node in 0..self.nodes.len() {
             if !self.nodes[node].awaiting_join {
@@ -396,6 +408,7 @@ impl World {
             EventKind::Restart { node } => self.restart(node),
             EventKind::LocalRetry { node, draws } => self.local_tx(node, *draws),
             EventKind::JoinStep => self.join_step(),
+            EventKind::LeaveStep => self.leave_step(),
         }
     }
 
@@ -464,7 +477,8 @@ impl World {
     /// A local transaction on `node`, planned with `draws`. It waits while an applier holds a
     /// row it writes; the workload's end, or PostgreSQL going down, ends it unwritten.
     fn local_tx(&mut self, node: usize, draws: SimRng) -> Result<(), Failure> {
-        if self.nodes[node].pg_down || self.nodes[node].awaiting_join || self.phase != Phase::Workload {
+        let n = &self.nodes[node];
+        if n.pg_down || n.awaiting_join || n.leaving || self.phase != Phase::Workload {
             self.stats.ops_skipped += 1;
             return Ok(());
         }
@@ -712,7 +726,7 @@ impl World {
     }
 
     fn restart(&mut self, node: usize) -> Result<(), Failure> {
-        if self.nodes[node].is_up() || self.nodes[node].awaiting_join {
+        if self.nodes[node].is_up() || self.nodes[node].awaiting_join || self.nodes[node].gone {
             return Ok(());
         }
         self.with_node(node, |n, ctx| n.start(ctx))?;
@@ -943,7 +957,7 @@ impl World {
 
     /// Nothing is left to happen: every node must be up, idle, and hold every change.
     fn check_quiescent(&self) -> Result<(), Failure> {
-        let stuck = (0..self.nodes.len()).any(|node| {
+        let stuck = (0..self.nodes.len()).filter(|&n| !self.nodes[n].gone).any(|node| {
             !self.nodes[node].is_up()
                 || !self.nodes[node].is_idle()
                 || (0..self.nodes.len()).any(|o| o != node && self.oracle.applied_upto(node, o) != self.oracle.head(o))

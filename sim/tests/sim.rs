@@ -207,6 +207,46 @@ fn a_node_joins_while_every_node_writes() {
     );
 }
 
+/// Issue 16: a node leaves the running cluster as `accord leave` does (it hands its changes over,
+/// then leaves by itself or dies and is removed through another node), during the workload and
+/// alongside a join; the others drop it and converge with the sums of every write, its own too.
+#[test]
+fn a_node_leaves_while_every_node_writes() {
+    let configs: Vec<SimConfig> = (0..100)
+        .map(|seed| SimConfig {
+            leave: true,
+            ..config(seed, 400)
+        })
+        .chain((100..140).map(|seed| SimConfig {
+            leave: true,
+            join: true,
+            nodes: 4,
+            ..config(seed, 400)
+        }))
+        .collect();
+    let reports = run_many(&configs, jobs(), |_| {});
+    assert_all_passed(&reports);
+    let left = reports.iter().filter(|r| r.stats.left_at > 0).count();
+    assert!(left >= 120, "nodes left in {left} of 140 runs");
+    let total = |f: fn(&accord_sim::Stats) -> u64| reports.iter().map(|r| f(&r.stats)).sum::<u64>();
+    assert!(
+        total(|s| s.members_removed) >= 2 * 120,
+        "the others dropped the node that left"
+    );
+    // A leaving node that does not wait for its last changes to be acknowledged loses them.
+    let bug = PlantedBug::LeaveWithoutHandover;
+    let caught = (0..20)
+        .map(|seed| SimConfig {
+            leave: true,
+            bug: Some(bug),
+            ..config(seed, 400)
+        })
+        .find_map(|cfg| run_seed(&cfg).failure.map(|f| (cfg, f)));
+    let (cfg, failure) = caught.unwrap_or_else(|| panic!("planted bug {} went unnoticed", bug.name()));
+    assert_eq!(failure.invariant, Invariant::Liveness, "{}: {failure}", cfg.command());
+    assert!(cfg.command().contains("--leave"));
+}
+
 /// The join's rules, each planted wrong, are caught.
 #[test]
 fn bugs_planted_in_a_join_are_caught() {
@@ -317,6 +357,7 @@ fn args(seeds: &str) -> SimArgs {
         shrink: false,
         trace: false,
         join: false,
+        leave: false,
         plant_bug: None,
     }
 }

@@ -131,6 +131,11 @@ fn entry_item(entry: &QueueEntry) -> &ReviewItem {
 }
 
 impl World {
+    /// The node a join registered with (its donor), if one did.
+    pub(super) fn join_donor(&self) -> Option<usize> {
+        self.join_registration.map(|(donor, _)| donor)
+    }
+
     /// The joining node: the last one.
     pub(super) fn joiner(&self) -> usize {
         self.nodes.len() - 1
@@ -206,7 +211,9 @@ impl World {
         let donor = match self.join_registration {
             Some((donor, _)) => donor,
             None => {
-                let candidates: Vec<usize> = (0..j).filter(|&d| self.nodes[d].is_up()).collect();
+                let candidates: Vec<usize> = (0..j)
+                    .filter(|&d| self.nodes[d].is_up() && !self.nodes[d].leaving)
+                    .collect();
                 if candidates.is_empty() {
                     return Ok(None);
                 }
