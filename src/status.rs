@@ -229,6 +229,10 @@ pub fn human_text(status: &NodeStatus, now_micros: u64) -> String {
         "review queue: {} open ({} parked changes)",
         status.review_open, status.parked_open
     );
+    if !status.members.is_empty() {
+        let members: Vec<String> = status.members.iter().map(|(n, state)| format!("{n} {state}")).collect();
+        let _ = writeln!(out, "members: {}", members.join(", "));
+    }
     for (peer, p) in &status.peers {
         let state = match (p.connected, p.since_micros) {
             (true, Some(t)) => format!("connected for {}", ago(t)),
@@ -363,6 +367,10 @@ mod tests {
             captured: 40,
             review_open: 3,
             parked_open: 1,
+            members: [(1, "active"), (2, "active"), (3, "active"), (4, "joining"), (5, "left")]
+                .into_iter()
+                .map(|(n, s)| (n, s.to_string()))
+                .collect(),
             ..NodeStatus::default()
         };
         let mut p = PeerStatus {
@@ -427,6 +435,10 @@ mod tests {
     fn human_text_names_lag_and_errors() {
         let text = human_text(&sample(), 62_000_000);
         assert!(text.contains("node 1: up 61.0 s"), "{text}");
+        assert!(
+            text.contains("members: 1 active, 2 active, 3 active, 4 joining, 5 left"),
+            "{text}"
+        );
         assert!(text.contains("peer 2: connected for 60.0 s"), "{text}");
         assert!(text.contains("7 changes unacknowledged, 250 ms behind"), "{text}");
         assert!(text.contains("peer 3: NOT CONNECTED since start"), "{text}");

@@ -165,6 +165,9 @@ pub struct NodeStatus {
     #[serde(default)]
     pub tombstones_collected: u64,
     pub peers: BTreeMap<NodeId, PeerStatus>,
+    /// Every node of the cluster this node knows, with its state (`joining`, `active`, `left`).
+    #[serde(default)]
+    pub members: BTreeMap<u32, String>,
 }
 
 pub struct NodeHandle {
@@ -1389,6 +1392,11 @@ impl Loop {
             collection_round: self.collector.cut().map_or(0, |c| c.round),
             tombstones_collected: self.tombstones_collected,
             peers: BTreeMap::new(),
+            members: self
+                .membership
+                .members()
+                .map(|m| (m.node.0, m.state.to_string()))
+                .collect(),
         };
         drop(old);
         let now = wall_micros();
