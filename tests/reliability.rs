@@ -191,6 +191,24 @@ impl NodeProc {
         }
     }
 
+    /// Waits until the process ends by itself, and returns its status (panics, with the log,
+    /// after `limit`).
+    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "node {} did not stop by itself within {limit:?}; its log:\n{}",
+                self.id,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The exit status if the process ended by itself (it is then no longer held).
     fn exited(&mut self) -> Option<ExitStatus> {
         let status = self.child.as_mut()?.try_wait().unwrap()?;
@@ -1458,12 +1476,7 @@ async fn a_node_joins_under_load_and_a_killed_join_resumes() {
 
     // A half-joined node does not start.
     cluster.nodes[3].spawn();
-    let refused = loop {
-        if let Some(status) = cluster.nodes[3].exited() {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let refused = cluster.nodes[3].wait_exit(Duration::from_secs(90)).await;
     assert!(!refused.success());
     let log = cluster.nodes[3].log_tail(20);
     assert!(log.contains("has not finished"), "{log}");
@@ -1546,12 +1559,7 @@ async fn nodes_leave_under_load_and_tombstones_are_collected_without_them() {
     );
     assert!(!out.contains("did not reach"), "{out}");
     eprintln!("[{name}] {}", out.lines().next().unwrap_or_default());
-    let exit = loop {
-        if let Some(status) = cluster.nodes[2].exited() {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let exit = cluster.nodes[2].wait_exit(Duration::from_secs(90)).await;
     assert!(exit.success(), "node 3's accord run ends cleanly once it left: {exit}");
     cluster.gone.insert(2);
     let node_3 = cluster.client(2).await;
@@ -1597,12 +1605,7 @@ async fn nodes_leave_under_load_and_tombstones_are_collected_without_them() {
     }
     // A node that left does not come back.
     cluster.nodes[2].spawn();
-    let refused = loop {
-        if let Some(status) = cluster.nodes[2].exited() {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let refused = cluster.nodes[2].wait_exit(Duration::from_secs(90)).await;
     assert!(!refused.success());
     let log = cluster.nodes[2].log_tail(10);
     assert!(log.contains("has left the cluster"), "{log}");

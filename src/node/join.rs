@@ -313,7 +313,7 @@ async fn register(donor: &Client, request: &JoinRequest, donor_id: NodeId) -> Re
                 )
             }
             _ => {
-                if !donor_running(donor).await? && donor_is_alone(donor, donor_id, node).await? {
+                if !store::capture_running(donor).await? && donor_is_alone(donor, donor_id, node).await? {
                     // Nobody to tell, and the donor's node reads its membership when it starts,
                     // before it prunes anything.
                     return Ok(());
@@ -333,17 +333,6 @@ async fn register(donor: &Client, request: &JoinRequest, donor_id: NodeId) -> Re
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Whether the donor's capture is streaming (its `accord run` is up).
-async fn donor_running(donor: &Client) -> Result<bool> {
-    Ok(donor
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&store::SLOT],
-        )
-        .await?
-        .is_some())
 }
 
 /// Whether the donor's membership names no live node but the donor and the new one.

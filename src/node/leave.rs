@@ -125,7 +125,7 @@ async fn leave_self(db: &Client, request: &LeaveRequest) -> Result<Left> {
     mark_left(db, node, node).await?;
     // The node stops once its peers heard it (or after its grace period); its slot is then free.
     let started = tokio::time::Instant::now();
-    while capture_running(db).await? {
+    while store::capture_running(db).await? {
         if started.elapsed() > request.wait + Duration::from_secs(30) {
             bail!(
                 "node {node} is marked as left, but its `accord run` has not stopped: stop it, then run `accord leave` \
@@ -145,24 +145,13 @@ async fn leave_self(db: &Client, request: &LeaveRequest) -> Result<Left> {
 }
 
 async fn ensure_running(db: &Client, node: NodeId) -> Result<()> {
-    if !capture_running(db).await? {
+    if !store::capture_running(db).await? {
         bail!(
             "node {node}'s `accord run` is not running: start it first, so that it can tell the cluster (a node that \
              is gone for good is removed from another node with `accord leave --config <its config> --node <id>`)"
         );
     }
     Ok(())
-}
-
-/// Whether the node's capture streams its slot (its `accord run` is up).
-async fn capture_running(db: &Client) -> Result<bool> {
-    Ok(db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&store::SLOT],
-        )
-        .await?
-        .is_some())
 }
 
 async fn last_captured(db: &Client) -> Result<u64> {
@@ -184,15 +173,7 @@ async fn peers_behind(db: &Client, node: NodeId, head: u64) -> Result<Vec<(NodeI
         .collect();
     let mut behind = Vec::new();
     for peer in peers {
-        let acked: i64 = db
-            .query_opt(
-                "SELECT acked FROM accord.peer_progress WHERE peer = $1",
-                &[&(peer.0 as i32)],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        let acked = u64::try_from(acked).unwrap_or(0);
+        let acked = store::peer_acked(db, peer).await?;
         if acked < head {
             behind.push((peer, acked));
         }

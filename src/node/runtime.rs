@@ -380,7 +380,7 @@ where
     let mut progress = Vec::new();
     for &peer in &peers {
         let (work, applied, tasks) = spawner.spawn(peer).await?;
-        let acked = stored_acked(&db, peer).await?;
+        let acked = store::peer_acked(&db, peer).await?;
         progress.push((peer, PeerProgress { applied, acked }));
         apply_queues.insert(peer, work);
         peer_tasks.insert(peer, tasks);
@@ -516,18 +516,6 @@ async fn load_membership(db: &Client, config: &NodeConfig) -> Result<Membership>
         }
     }
     Ok(membership)
-}
-
-async fn stored_acked(db: &Client, peer: NodeId) -> Result<u64> {
-    let acked: i64 = db
-        .query_opt(
-            "SELECT acked FROM accord.peer_progress WHERE peer = $1",
-            &[&(peer.0 as i32)],
-        )
-        .await?
-        .map(|r| r.get(0))
-        .unwrap_or(0);
-    Ok(acked as u64)
 }
 
 /// What starting a peer's applier and spooler takes: at start, and when a node joins.
@@ -667,6 +655,13 @@ struct Loop {
     spawner: PeerSpawner,
 }
 
+/// What a node sends its peers whole whenever it changes.
+#[derive(Clone, Copy)]
+enum SharedState {
+    Collection,
+    Members,
+}
+
 /// How long a node that left waits for its peers to hear it before it stops anyway.
 const LEAVE_GRACE: Duration = Duration::from_secs(30);
 
@@ -724,8 +719,8 @@ impl Loop {
                 _ = tick.tick() => self.housekeeping().await?,
                 _ = retry.tick(), if self.has_pending() => {}
             }
-            self.flush_collection();
-            self.flush_members();
+            self.flush_state(SharedState::Collection);
+            self.flush_state(SharedState::Members);
             self.flush_apply()?;
             self.flush_outbox();
             self.send_batches().await?;
@@ -1011,24 +1006,30 @@ impl Loop {
             .map_err(Into::into)
     }
 
-    /// Sends the collection state to the peers that need it before their next batch.
-    fn flush_collection(&mut self) {
-        let peers: Vec<NodeId> = self.pending_collection.iter().copied().collect();
+    /// Sends the collection state, or the membership, to the peers that need it (the collection
+    /// state before their next batch). A peer not connected gets it on its next connection,
+    /// which marks it again.
+    fn flush_state(&mut self, state: SharedState) {
+        let pending = match state {
+            SharedState::Collection => &self.pending_collection,
+            SharedState::Members => &self.pending_members,
+        };
+        let peers: Vec<NodeId> = pending.iter().copied().collect();
         for peer in peers {
-            let Some(&link) = self.links.get(&peer) else {
-                // It goes out on the next connection, which marks the peer again.
-                self.pending_collection.remove(&peer);
-                continue;
+            if let Some(&link) = self.links.get(&peer) {
+                let Ok(permit) = self.port.outbox.try_reserve() else {
+                    return;
+                };
+                let message = match state {
+                    SharedState::Collection => Message::Collection(self.collector.state().clone()),
+                    SharedState::Members => Message::Members(self.membership.to_vec()),
+                };
+                permit.send(Outgoing { peer, link, message });
+            }
+            match state {
+                SharedState::Collection => self.pending_collection.remove(&peer),
+                SharedState::Members => self.pending_members.remove(&peer),
             };
-            let Ok(permit) = self.port.outbox.try_reserve() else {
-                return;
-            };
-            permit.send(Outgoing {
-                peer,
-                link,
-                message: Message::Collection(self.collector.state().clone()),
-            });
-            self.pending_collection.remove(&peer);
         }
     }
 
@@ -1140,26 +1141,6 @@ impl Loop {
         Ok(())
     }
 
-    /// Sends this node's membership to the peers that need it.
-    fn flush_members(&mut self) {
-        let peers: Vec<NodeId> = self.pending_members.iter().copied().collect();
-        for peer in peers {
-            let Some(&link) = self.links.get(&peer) else {
-                self.pending_members.remove(&peer);
-                continue;
-            };
-            let Ok(permit) = self.port.outbox.try_reserve() else {
-                return;
-            };
-            permit.send(Outgoing {
-                peer,
-                link,
-                message: Message::Members(self.membership.to_vec()),
-            });
-            self.pending_members.remove(&peer);
-        }
-    }
-
     /// Takes in what `accord join` and `accord leave` wrote into `accord.members`, and records
     /// which nodes have not heard of each entry yet (what those commands wait for).
     async fn refresh_members(&mut self) -> Result<()> {
@@ -1224,7 +1205,7 @@ impl Loop {
         let (work, applied, tasks) = self.spawner.spawn(peer).await?;
         // The outbound log is kept for the new node from where it is pruned now: its join read
         // positions only after every node knew of it, and those are at or past this point.
-        let acked = stored_acked(&self.db, peer)
+        let acked = store::peer_acked(&self.db, peer)
             .await?
             .max(self.replication.pruned_through());
         self.replication.add_peer(peer, PeerProgress { applied, acked });

@@ -36,6 +36,30 @@ pub fn peer_of_origin(name: &str) -> Option<accord_engine::NodeId> {
     id.parse().ok().map(accord_engine::NodeId)
 }
 
+/// Whether the node's capture streams its slot (its `accord run` is up).
+pub async fn capture_running(db: &impl GenericClient) -> Result<bool, StoreError> {
+    Ok(db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&SLOT],
+        )
+        .await?
+        .is_some())
+}
+
+/// The last of this node's changes `peer` acknowledged, as last persisted (0: none yet).
+pub async fn peer_acked(db: &impl GenericClient, peer: accord_engine::NodeId) -> Result<u64, StoreError> {
+    let acked: i64 = db
+        .query_opt(
+            "SELECT acked FROM accord.peer_progress WHERE peer = $1",
+            &[&(peer.0 as i32)],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    Ok(u64::try_from(acked).unwrap_or(0))
+}
+
 /// Every peer's applied position as its replication origin holds it now (committed applies,
 /// flushed or not).
 pub async fn applied_positions(db: &impl GenericClient) -> Result<Vec<(accord_engine::NodeId, u64)>, StoreError> {
