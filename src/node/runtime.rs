@@ -426,7 +426,7 @@ where
         })
     };
     let port = network(identity.clone(), hello_source).await?;
-    // Every configured peer is in the status from the start: a status read before the loop's
+    // Every peer is in the status from the start: a status read before the loop's
     // first round must say "not connected", not leave the peer out.
     let (status_tx, status) = watch::channel(NodeStatus {
         node: node.0,

@@ -10,7 +10,8 @@ use crate::backoff::BackoffConfig;
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::tls::TlsIdentity;
 
-/// A configured peer: the static membership is a list of these.
+/// A peer and where to reach it: the endpoint's peers are a list of these (`Endpoint::set_peers`
+/// changes them while it runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr {
     pub node: NodeId,

@@ -140,7 +140,7 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// Binds `config.listen` and starts keeping a link to every configured peer. `hello_for(peer)`
+    /// Binds `config.listen` and starts keeping a link to every peer of `config`. `hello_for(peer)`
     /// makes this node's hello for a connection to `peer`; it is called for each handshake, so
     /// `applied_yours` and `hlc` are current. Must be called inside a tokio runtime.
     pub fn start(
@@ -541,7 +541,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 peer,
                 hello,
             };
-            // The handshake admitted only configured peers with a smaller id, which all have a
+            // The handshake admitted only peers with a smaller id, which all have a
             // handoff; a missing one, or a closed one at shutdown, just closes the connection.
             match shared.handoff(peer) {
                 Some(handoff) => {

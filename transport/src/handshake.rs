@@ -3,8 +3,9 @@
 //!
 //! On the connection's one bidirectional stream (opened by the dialer) each side sends
 //! `Message::Hello` first, then reads the peer's and checks it: the id it claims against the id in
-//! its certificate (`Refusal::IdentityMismatch`), the configured peer list (`UnknownPeer`), then
-//! `LocalIdentity::check` (version, cluster, policy fingerprint, clock offset). A side that accepts
+//! its certificate (`Refusal::IdentityMismatch`), the peer list (`UnknownPeer`; it follows the
+//! cluster's membership), then `LocalIdentity::check` (version, cluster, policy fingerprint,
+//! clock offset). A side that accepts
 //! finishes its half of the stream; a side that refuses sends `Message::Refused` and closes the
 //! connection with `CloseCode::Refused` and the refusal, encoded, as the close reason (so the peer
 //! learns why even when the close overtakes the stream). A link comes up only when a side has
