@@ -295,6 +295,24 @@ fn bin_dir() -> Result<PathBuf> {
         .map_err(|message| anyhow!(message))
 }
 
+/// A PostgreSQL client program (`pg_dump`, `psql`): from the server binaries' directory when it
+/// has it, else from `PATH`.
+pub fn pg_tool(name: &str) -> Result<PathBuf> {
+    if let Ok(dir) = bin_dir() {
+        if dir.join(name).is_file() {
+            return Ok(dir.join(name));
+        }
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .ok_or_else(|| {
+            anyhow!("{name} was not found (PATH, PostgreSQL's binaries): install PostgreSQL's client programs (apt-get install -y postgresql-client-15)")
+        })
+}
+
 fn find_bin_dir() -> Result<PathBuf> {
     let mut candidates = vec![PathBuf::from("/usr/lib/postgresql/15/bin")];
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {

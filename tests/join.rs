@@ -168,17 +168,23 @@ async fn join_refuses_what_it_cannot_join() {
     donor.batch_execute(SHOP).await.unwrap();
     let (ok, out) = accord(&["init", "--dsn", &pgs[0].dsn("shop"), "--node-id", "1"]);
     assert!(ok, "{out}");
+    let donor_dsn = pgs[0].dsn("shop");
+
     let new = pgs[1].create_database("shop").await;
     let files = write_node(dir.path(), 2, &pgs[1].dsn("shop"), &quic, "");
     let config = files.config.to_str().unwrap().to_owned();
-    let donor_dsn = pgs[0].dsn("shop");
     let join = || accord(&["join", "--config", &config, "--donor-dsn", &donor_dsn]);
 
+    // A table of the cluster's there, but not annotated: not copied over, refused.
+    new.batch_execute("CREATE SCHEMA shop; CREATE TABLE shop.users (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
     let (ok, out) = join();
     assert!(
         !ok && out.contains("no table of the new node's database is marked"),
         "{out}"
     );
+    new.batch_execute("DROP SCHEMA shop CASCADE").await.unwrap();
     new.batch_execute(&SHOP.replace("'@accord delta'", "'@accord lww'"))
         .await
         .unwrap();
@@ -198,4 +204,60 @@ async fn join_refuses_what_it_cannot_join() {
     assert!(ok, "{out}");
     let (ok, out) = join();
     assert!(!ok && out.contains("already joined the cluster from node 1"), "{out}");
+}
+
+/// A new node's database with none of the cluster's tables: `accord join` creates them from the
+/// donor's definitions (pg_dump's, without accord's own triggers), then copies the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_into_an_empty_database_copies_the_schema() {
+    let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(2)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let quic: Vec<(u32, u16)> = (1..=2).map(|id| (id, free_udp_port())).collect();
+    let donor = pgs[0].create_database("shop").await;
+    donor.batch_execute(SHOP).await.unwrap();
+    donor
+        .batch_execute(
+            "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, g FROM generate_series(1, 50) g;
+             INSERT INTO shop.users (id, email) VALUES (1, 'one@example.com');",
+        )
+        .await
+        .unwrap();
+    let (ok, out) = accord(&["init", "--dsn", &pgs[0].dsn("shop"), "--node-id", "1"]);
+    assert!(ok, "{out}");
+    let donor_dsn = pgs[0].dsn("shop");
+    // A database with none of the cluster's tables gets them from the donor, annotations and
+    // all, then the rows.
+    let fresh = pgs[1].create_database("fresh").await;
+    let files = write_node(dir.path(), 2, &pgs[1].dsn("fresh"), &quic, "");
+    let (ok, out) = accord(&[
+        "join",
+        "--config",
+        files.config.to_str().unwrap(),
+        "--donor-dsn",
+        &donor_dsn,
+    ]);
+    assert!(ok, "a join into an empty database: {out}");
+    assert_eq!(snapshot(&fresh, TABLES).await, snapshot(&donor, TABLES).await);
+    let (ok, out) = accord(&["check", "--dsn", &pgs[1].dsn("fresh")]);
+    assert!(ok, "the copied schema passes accord check: {out}");
+    let fingerprint = |db: &'static str| {
+        let pg = &pgs[if db == "shop" { 0 } else { 1 }];
+        let dsn = pg.dsn(db);
+        async move {
+            tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .map(|(client, conn)| {
+                    tokio::spawn(conn);
+                    client
+                })
+                .unwrap()
+                .query_one("SELECT fingerprint FROM accord.node", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(fingerprint("fresh").await, fingerprint("shop").await);
 }

@@ -24,6 +24,9 @@
 //! entry: from then on every node keeps its outbound log for the new node and no tombstone
 //! collection round can complete without it (ARCHITECTURE.md, "Membership"). When the copy is done
 //! the new node takes the donor's membership, and its own entry becomes `active`.
+//!
+//! A new database without any of the replicated tables gets their definitions from the donor
+//! first (`schema_copy`).
 
 use std::time::Duration;
 
@@ -40,6 +43,7 @@ use super::init::{self, load_policy};
 use super::members;
 use super::rows::{copy_rows_sql, quote_table, read_rows_sql};
 use super::runtime::wall_micros;
+use super::schema_copy;
 use super::store::{self, decode, encode, origin_name, MetaRows};
 use super::{key_locks, pipeline::Params};
 use crate::pg_connection::{connect, redact};
@@ -168,7 +172,7 @@ impl Copy {
 /// Joins the database at `request.dsn` to the cluster of the donor's node. `progress` is called
 /// after every chunk.
 pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)) -> Result<Joined> {
-    let donor = connect(&request.donor_dsn)
+    let mut donor = connect(&request.donor_dsn)
         .await
         .with_context(|| format!("cannot reach the donor ({})", redact(&request.donor_dsn)))?;
     let mut target = connect(&request.dsn).await?;
@@ -176,7 +180,24 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
     if donor_id == request.node {
         bail!("the donor is node {donor_id} itself: a node joins from another node's database");
     }
-    let policy = load_policy(&mut target).await?;
+    let mut policy = load_policy(&mut target).await?;
+    if policy.is_empty() {
+        let tables: Vec<String> = load_policy(&mut donor)
+            .await?
+            .tables()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        if !any_exists(&target, &tables).await? {
+            let statements = schema_copy::copy_schema(&request.donor_dsn, &mut target, &tables).await?;
+            tracing::info!(
+                tables = tables.len(),
+                statements,
+                "copied the replicated tables' schema from the donor"
+            );
+            policy = load_policy(&mut target).await?;
+        }
+    }
     if policy.is_empty() {
         bail!(
             "no table of the new node's database is marked for replication: create the cluster's annotated schema \
@@ -272,6 +293,20 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
     }
     finish(&source.db, &mut target, request.node, &mut state).await?;
     Ok(joined)
+}
+
+/// Whether any of `tables` (`schema.table`) exists in `db`.
+async fn any_exists(db: &Client, tables: &[String]) -> Result<bool> {
+    for table in tables {
+        let found: bool = db
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_table(table)])
+            .await?
+            .get(0);
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Puts the new node into the donor's membership as `joining`, and waits until every live node

@@ -16,6 +16,7 @@ pub mod quic;
 pub mod review;
 pub mod rows;
 pub mod runtime;
+pub mod schema_copy;
 pub mod spool;
 pub mod store;
 pub mod truncate;
