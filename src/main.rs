@@ -51,8 +51,9 @@ enum Command {
     /// Make a new node from a running node's database: copy its replicated tables and accord's
     /// metadata, review queue and positions, while every node keeps writing.
     ///
-    /// The new node's database must have the cluster's annotated tables, empty; the join runs
-    /// `accord init` there. It reads the donor in chunks, one short snapshot each, and records
+    /// The new node's database must have the cluster's annotated tables, empty, or none of them
+    /// (the join then creates them from the donor's definitions with pg_dump, which must be
+    /// installed; partitions are not copied); the join runs `accord init` there. It reads the donor in chunks, one short snapshot each, and records
     /// where it is after every chunk: interrupted, the same command resumes it. The donor's
     /// `accord run` must be running (rows written there just before a chunk was read are copied
     /// once its capture has accounted for them). Then start the new node with `accord run
