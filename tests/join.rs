@@ -157,17 +157,34 @@ async fn a_join_copies_rows_only_as_their_metadata_describes_them() {
     }
 }
 
+/// Two servers and a cluster CA; on the first, node 1's database with the test schema, `rows`
+/// written, `accord init`ed (its `accord run` not started: a donor with no other member).
+struct Donor {
+    pgs: Vec<PgCluster>,
+    dir: tempfile::TempDir,
+    quic: Vec<(u32, u16)>,
+    donor: tokio_postgres::Client,
+}
+
+impl Donor {
+    async fn start(rows: &str) -> Donor {
+        let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(2)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
+        assert!(ok, "{out}");
+        let quic: Vec<(u32, u16)> = (1..=2).map(|id| (id, free_udp_port())).collect();
+        let donor = pgs[0].create_database("shop").await;
+        donor.batch_execute(SHOP).await.unwrap();
+        donor.batch_execute(rows).await.unwrap();
+        let (ok, out) = accord(&["init", "--dsn", &pgs[0].dsn("shop"), "--node-id", "1"]);
+        assert!(ok, "{out}");
+        Donor { pgs, dir, quic, donor }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_refuses_what_it_cannot_join() {
-    let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(2)).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let quic: Vec<(u32, u16)> = (1..=2).map(|id| (id, free_udp_port())).collect();
-    let donor = pgs[0].create_database("shop").await;
-    donor.batch_execute(SHOP).await.unwrap();
-    let (ok, out) = accord(&["init", "--dsn", &pgs[0].dsn("shop"), "--node-id", "1"]);
-    assert!(ok, "{out}");
+    let Donor { pgs, dir, quic, .. } = Donor::start("").await;
     let donor_dsn = pgs[0].dsn("shop");
 
     let new = pgs[1].create_database("shop").await;
@@ -210,22 +227,11 @@ async fn join_refuses_what_it_cannot_join() {
 /// donor's definitions (pg_dump's, without accord's own triggers), then copies the rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_into_an_empty_database_copies_the_schema() {
-    let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(2)).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let quic: Vec<(u32, u16)> = (1..=2).map(|id| (id, free_udp_port())).collect();
-    let donor = pgs[0].create_database("shop").await;
-    donor.batch_execute(SHOP).await.unwrap();
-    donor
-        .batch_execute(
-            "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, g FROM generate_series(1, 50) g;
-             INSERT INTO shop.users (id, email) VALUES (1, 'one@example.com');",
-        )
-        .await
-        .unwrap();
-    let (ok, out) = accord(&["init", "--dsn", &pgs[0].dsn("shop"), "--node-id", "1"]);
-    assert!(ok, "{out}");
+    let Donor { pgs, dir, quic, donor } = Donor::start(
+        "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, g FROM generate_series(1, 50) g;
+         INSERT INTO shop.users (id, email) VALUES (1, 'one@example.com');",
+    )
+    .await;
     let donor_dsn = pgs[0].dsn("shop");
     // A database with none of the cluster's tables gets them from the donor, annotations and
     // all, then the rows.
