@@ -41,7 +41,7 @@ pub use join::{judge_copy, settle, settle_try, CopyVerdict, JoinPositions, Settl
 pub use membership::{Member, MemberState, Membership};
 pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeError, MergeOutcome, Merged, RowAction};
 pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};
-pub use replication::{PeerProgress, Replication, ReplicationConfig, ReplicationError};
+pub use replication::{MembershipChange, PeerProgress, Replication, ReplicationConfig, ReplicationError};
 pub use review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId, ReviewKind};
 pub use schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, SchemaError, TableDef};
 pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};

@@ -70,6 +70,13 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// Peers to add and remove to follow the membership (`Replication::membership_change`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MembershipChange {
+    pub joined: Vec<NodeId>,
+    pub left: Vec<NodeId>,
+}
+
 /// The durable positions of one peer, as the service stores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PeerProgress {
@@ -209,16 +216,26 @@ impl Replication {
         self.pruned = self.pruned.max(upto.min(self.prune_point()));
     }
 
-    /// A node joined the cluster: it gets a link, not connected yet. Its `acked` should be no
-    /// more than where the outbound log is pruned now (what it holds is learned from its hello),
-    /// so the log is kept for it from here on. Does nothing for a peer it has already.
+    /// Which of `live` (the membership's live peers) have no link yet, and which links belong to
+    /// nodes no longer live: what following the membership adds and removes.
+    pub fn membership_change(&self, live: &[NodeId]) -> MembershipChange {
+        MembershipChange {
+            joined: live.iter().copied().filter(|p| !self.links.contains_key(p)).collect(),
+            left: self.links.keys().copied().filter(|p| !live.contains(p)).collect(),
+        }
+    }
+
+    /// A node joined the cluster: it gets a link, not connected yet. The outbound log is kept
+    /// for it from where it is pruned now, whatever `progress.acked` says (a new node's is 0):
+    /// its join read positions only after every node knew of it, which are at or past this
+    /// point, and its hello says what it really holds. Does nothing for a peer it has already.
     pub fn add_peer(&mut self, peer: NodeId, progress: PeerProgress) {
         if peer == self.node || self.links.contains_key(&peer) {
             return;
         }
         let progress = PeerProgress {
             applied: progress.applied,
-            acked: progress.acked.min(self.head),
+            acked: progress.acked.max(self.pruned).min(self.head),
         };
         self.links.insert(
             peer,
@@ -234,11 +251,6 @@ impl Replication {
     /// A node left the cluster: its link goes, and the outbound log no longer waits for it.
     pub fn remove_peer(&mut self, peer: NodeId) {
         self.links.remove(&peer);
-    }
-
-    /// Where the outbound log is pruned up to.
-    pub fn pruned_through(&self) -> u64 {
-        self.pruned
     }
 
     /// A connection to `peer` passed the handshake; `applied_yours` is from the peer's hello.
@@ -516,5 +528,31 @@ mod tests {
         let mut a = Replication::new(A, config(), 10, 0, [(B, PeerProgress { applied: 0, acked: 8 })]);
         a.pruned(8);
         assert!(matches!(a.connected(B, 3), Err(ReplicationError::PrunedTooFar { .. })));
+    }
+
+    #[test]
+    fn a_node_that_joins_gets_the_log_from_where_it_is_pruned_and_one_that_left_loses_its_link() {
+        const C: NodeId = NodeId(3);
+        let mut r = Replication::new(A, ReplicationConfig::default(), 10, 0, [(B, PeerProgress::default())]);
+        r.connected(B, 0).unwrap();
+        r.acked(B, 7).unwrap();
+        r.pruned(r.prune_point());
+        let change = r.membership_change(&[C]);
+        assert_eq!(
+            change,
+            MembershipChange {
+                joined: vec![C],
+                left: vec![B]
+            }
+        );
+        r.add_peer(C, PeerProgress::default());
+        r.remove_peer(B);
+        assert_eq!(
+            r.progress(C).unwrap().acked,
+            7,
+            "kept from the pruned point, not from 0"
+        );
+        assert_eq!(r.prune_point(), 7);
+        assert!(r.progress(B).is_err());
     }
 }

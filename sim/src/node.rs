@@ -14,8 +14,8 @@ use std::sync::Arc;
 use accord_engine::{
     AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
     CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
-    MemberState, Membership, Message, NodeId, PeerProgress, Refusal, Replication, ReplicationConfig, ReplicationError,
-    ReviewAction, RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    MemberState, Membership, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction,
+    RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -424,16 +424,10 @@ impl Node {
         let Some(vol) = &mut self.vol else { return Ok(()) };
         let planted = apply_rules(ctx.bug).planted;
         let live: Vec<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
-        let current: Vec<NodeId> = vol.replication.peers().collect();
-        for &pid in live.iter().filter(|p| !current.contains(p)) {
+        let change = vol.replication.membership_change(&live);
+        for &pid in &change.joined {
             let progress = self.db.progress.get(&pid).copied().unwrap_or_default();
-            vol.replication.add_peer(
-                pid,
-                PeerProgress {
-                    applied: progress.applied,
-                    acked: progress.acked.max(self.db.outbound_pruned),
-                },
-            );
+            vol.replication.add_peer(pid, progress);
             let mut applier = Applier::default();
             applier.queue.plant(planted);
             applier.queue.set_spool_bound(ctx.params.spool_bound);
@@ -443,7 +437,7 @@ impl Node {
                 .or_insert_with(|| AppliedPosition::new(progress.applied, planted));
             ctx.stats.members_added += 1;
         }
-        for &pid in current.iter().filter(|p| !live.contains(p)) {
+        for &pid in &change.left {
             // It left: no link, no applier (a transaction of it being applied rolls back), and
             // the outbound log no longer waits for it.
             if vol.replication.is_connected(pid) {
@@ -458,7 +452,7 @@ impl Node {
         }
         let before = vol.collector.state().clone();
         vol.collector.set_peers(round_members);
-        for &pid in &current {
+        for pid in vol.replication.peers() {
             if vol.replication.is_connected(pid) {
                 ctx.out.push(Output::Send {
                     to: peer_ix(pid),

@@ -1088,7 +1088,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
     for member in &membership {
         members::write(&tx, member).await?;
     }
-    let registered = membership.iter().find(|m| m.node == node).map(|m| m.stamp);
+    // `active` supersedes the `joining` entry whatever the stamps (the state orders first).
     let joined = Member {
         node,
         state: MemberState::Active,
@@ -1097,7 +1097,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
             .find(|m| m.node == node)
             .map(|m| m.address.clone())
             .unwrap_or_default(),
-        stamp: Hlc::new(wall_micros().max(registered.map_or(0, |s| s.physical + 1)), 0, node),
+        stamp: Hlc::new(wall_micros(), 0, node),
     };
     members::write(&tx, &joined).await?;
     tx.execute(

@@ -1179,12 +1179,12 @@ impl Loop {
             }
         }
         self.pending_members.extend(self.links.keys().copied());
-        let live: BTreeSet<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
-        let current: BTreeSet<NodeId> = self.apply_queues.keys().copied().collect();
-        for &peer in live.difference(&current) {
+        let live: Vec<NodeId> = self.membership.live_peers().iter().map(|m| m.node).collect();
+        let change = self.replication.membership_change(&live);
+        for peer in change.joined {
             self.add_peer(peer).await?;
         }
-        for &peer in current.difference(&live) {
+        for peer in change.left {
             // A last word, so that a node that left learns its peers heard it (the link closes
             // at the next housekeeping round, when the network hears of the change).
             if let Some(&link) = self.links.get(&peer) {
@@ -1203,12 +1203,9 @@ impl Loop {
 
     async fn add_peer(&mut self, peer: NodeId) -> Result<()> {
         let (work, applied, tasks) = self.spawner.spawn(peer).await?;
-        // The outbound log is kept for the new node from where it is pruned now: its join read
-        // positions only after every node knew of it, and those are at or past this point.
-        let acked = store::peer_acked(&self.db, peer)
-            .await?
-            .max(self.replication.pruned_through());
+        let acked = store::peer_acked(&self.db, peer).await?;
         self.replication.add_peer(peer, PeerProgress { applied, acked });
+        let acked = self.replication.progress(peer)?.acked;
         self.apply_queues.insert(peer, work);
         self.peer_tasks.insert(peer, tasks);
         self.applied_positions
