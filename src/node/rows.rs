@@ -308,21 +308,44 @@ pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
     )
 }
 
-/// Inserts many rows and returns nothing (a join's copy: its rows' xmin is its transaction's).
-/// Parameters as [`insert_rows_sql`]'s.
+/// `COPY ... FROM STDIN` of whole rows (a join's copy: its rows' xmin is its transaction's), in
+/// COPY's text format, the key columns first, then the columns (with `lc_monetary` set to `C`,
+/// a money column takes a plain number, as [`read_expr`] gives it).
 pub fn copy_rows_sql(table: &TableDef) -> String {
-    let (names, values) = insert_columns(table);
-    format!(
-        "INSERT INTO {} ({}) SELECT {} FROM {}",
-        quote_table(&table.name),
-        names.join(", "),
-        values.join(", "),
-        unnest(1, table.key.len() + table.columns.len()),
-    )
+    let names: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| quote_ident(&k.name))
+        .chain(table.columns.iter().map(|c| quote_ident(&c.name)))
+        .collect();
+    format!("COPY {} ({}) FROM STDIN", quote_table(&table.name), names.join(", "))
 }
 
-/// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
-/// row deleted.
+/// Appends one line of COPY's text format: fields separated by tabs, `\N` for NULL, a
+/// backslash escaping what would end a field or a line. (tokio-postgres writes only the binary
+/// format, which needs each type's binary form; these values are texts of any type.)
+pub fn push_copy_line<'a>(line: &mut Vec<u8>, fields: impl IntoIterator<Item = Option<&'a str>>) {
+    for (i, field) in fields.into_iter().enumerate() {
+        if i > 0 {
+            line.push(b'\t');
+        }
+        let Some(text) = field else {
+            line.extend_from_slice(b"\\N");
+            continue;
+        };
+        for byte in text.bytes() {
+            match byte {
+                b'\\' => line.extend_from_slice(b"\\\\"),
+                b'\t' => line.extend_from_slice(b"\\t"),
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b'\r' => line.extend_from_slice(b"\\r"),
+                other => line.push(other),
+            }
+        }
+    }
+    line.push(b'\n');
+}
+
 /// The xmins of rows this transaction wrote. Parameters: ords, one text array per key column.
 /// Returns `ord, xmin`.
 pub fn xmins_sql(table: &TableDef) -> String {
@@ -334,6 +357,8 @@ pub fn xmins_sql(table: &TableDef) -> String {
     )
 }
 
+/// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
+/// row deleted.
 pub fn delete_rows_sql(table: &TableDef) -> String {
     format!(
         "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
@@ -381,6 +406,13 @@ pub(crate) mod tests {
             ],
         )
         .expect("a valid test table")
+    }
+
+    #[test]
+    fn copy_lines_escape_what_would_end_a_field() {
+        let mut line = Vec::new();
+        push_copy_line(&mut line, [Some("a\tb"), None, Some("c\\N\r\nd"), Some("")]);
+        assert_eq!(line, b"a\\tb\t\\N\tc\\\\N\\r\\nd\t\n".to_vec());
     }
 
     #[test]

@@ -289,6 +289,9 @@ where
     db.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    db.batch_execute(store::REVIEW_ROWS_DDL)
+        .await
+        .context("cannot index accord.review_items")?;
     db.batch_execute(members::MEMBERS_DDL)
         .await
         .context("cannot create accord.members")?;

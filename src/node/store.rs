@@ -110,6 +110,11 @@ CREATE TABLE IF NOT EXISTS accord.applied (
 COMMENT ON TABLE accord.applied IS 'accord: the last change of each peer applied here, written with the apply';
 ";
 
+/// The review items of a row, found by its key (a joining node reads them by key range).
+/// Created by `accord init`, and by a node starting on a database initialised before it existed.
+pub const REVIEW_ROWS_DDL: &str =
+    "CREATE INDEX IF NOT EXISTS review_items_row ON accord.review_items (table_name, row_key);";
+
 /// Records a peer's applied position in the apply's transaction. Parameters: peer, position.
 pub const RECORD_APPLIED_SQL: &str = "INSERT INTO accord.applied (origin, seq) VALUES ($1, $2)
      ON CONFLICT (origin) DO UPDATE SET seq = EXCLUDED.seq";
