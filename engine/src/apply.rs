@@ -29,6 +29,7 @@ use crate::hlc::{Hlc, NodeId};
 use crate::merge::{merge, Conflict, ConflictKind, MergeOutcome, RowAction};
 use crate::review::{ReviewAction, ReviewItem};
 use crate::schema::TableDef;
+use crate::shape::{NodeSchema, Reading};
 use crate::state::{Cell, RowMeta, RowState};
 use crate::value::Value;
 
@@ -205,7 +206,7 @@ impl Segments {
         &self,
         peer: NodeId,
         changes: Vec<RowChange>,
-        tables: Arc<[TableDef]>,
+        schema: &NodeSchema,
         cut: Option<StableCut>,
         rules: ApplyRules,
         last: bool,
@@ -214,7 +215,7 @@ impl Segments {
             last,
             ..self.next.clone()
         };
-        Ok(BatchApply::new(peer, self.applied, changes, tables, cut, rules)?.in_segment(segment))
+        Ok(BatchApply::new(peer, self.applied, changes, schema, cut, rules)?.in_segment(segment))
     }
 
     /// The next segment's machine finished: the one after continues from it.
@@ -434,6 +435,8 @@ pub enum ApplyError {
          DEFAULT partition), and the transaction is applied"
     )]
     NoPlace { peer: NodeId, message: String },
+    #[error("a transaction from node {peer} waits: {message}")]
+    ShapeWaits { peer: NodeId, message: String },
 }
 
 /// The guard's verdict on one loaded row.
@@ -628,22 +631,32 @@ pub struct BatchApply {
 }
 
 impl BatchApply {
-    /// A batch of `peer`'s changes, to apply after position `applied`. `tables`: the replicated
-    /// tables; `cut`: the latest completed tombstone-collection round (tombstones it covers read
-    /// as absent).
+    /// A batch of `peer`'s changes, to apply after position `applied`. `schema`: the replicated
+    /// tables, and what the node knows of its own and its peers' shapes, to read a change written
+    /// under another shape by column name (`shape`: the batch waits, whole, while one of its
+    /// changes cannot be read here yet); `cut`: the latest completed tombstone-collection round
+    /// (tombstones it covers read as absent).
     pub fn new(
         peer: NodeId,
         applied: u64,
         changes: Vec<RowChange>,
-        tables: Arc<[TableDef]>,
+        schema: &NodeSchema,
         cut: Option<StableCut>,
         rules: ApplyRules,
     ) -> Result<BatchApply, ApplyError> {
+        let tables = Arc::clone(&schema.tables);
         let skip_nothing = rules.planted == Some(PlantedBug::DoubleApply);
         let changes: Vec<RowChange> = changes
             .into_iter()
             .filter(|c| skip_nothing || c.seq > applied)
-            .collect();
+            .map(
+                |c| match schema.shapes.read(&c, tables.iter().find(|t| t.name == c.table)) {
+                    Reading::AsItIs => Ok(c),
+                    Reading::Reshaped(read) => Ok(*read),
+                    Reading::Waits(message) => Err(ApplyError::ShapeWaits { peer, message }),
+                },
+            )
+            .collect::<Result<_, _>>()?;
         if let Some(first) = changes.first() {
             let continues = first.seq == applied + 1 || skip_nothing || rules.planted == Some(PlantedBug::ApplyPastGap);
             if !continues {

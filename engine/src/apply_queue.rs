@@ -348,6 +348,7 @@ mod tests {
     fn tx(seqs: std::ops::RangeInclusive<u64>) -> Vec<RowChange> {
         let last = *seqs.end();
         seqs.map(|seq| RowChange {
+            shape: None,
             table: "s.t".into(),
             key: RowKey(vec![Value::Int(seq as i64)]),
             kind: ChangeKind::Insert,

@@ -263,6 +263,7 @@ pub fn capture(
         tx_last: seq,
         builds_on: Vec::new(),
         row: after_state.clone(),
+        shape: Some(table.shape_id()),
         closures,
     };
     Ok(Some(Captured {

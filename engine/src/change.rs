@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::{Hlc, NodeId};
 use crate::review::ReviewClosure;
+use crate::shape::ShapeId;
 use crate::state::{Cell, RowState};
 use crate::value::Value;
 
@@ -103,6 +104,11 @@ pub struct RowChange {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds_on: Vec<(NodeId, u64)>,
     pub row: RowState,
+    /// The shape of its table the change was written under: a receiver whose table has another
+    /// shape reads it by column name (`shape::reshape_change`). `None` on changes captured before
+    /// accord recorded it (read as the receiver's own shape, as they always were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<ShapeId>,
     /// Review items this write closed on its origin (resolved or superseded). Every node records
     /// them, so the closed items are the same everywhere, whatever each node saw open.
     pub closures: Vec<ReviewClosure>,

@@ -45,6 +45,8 @@ pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};
 pub use replication::{MembershipChange, PeerProgress, Replication, ReplicationConfig, ReplicationError};
 pub use review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId, ReviewKind};
 pub use schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, SchemaError, TableDef};
-pub use shape::{holds, reshape_change, reshape_meta, LocalTable, Reshaped, ShapeError, ShapeId};
+pub use shape::{
+    holds, reshape_change, reshape_meta, LocalTable, NodeSchema, Reading, Reshaped, ShapeBook, ShapeError, ShapeId,
+};
 pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};
 pub use value::{Amount, Value, ValueError};

@@ -46,6 +46,10 @@ pub enum Message {
     /// The sender's whole membership (`membership`): sent on every connection, after persisting
     /// it, and again whenever it changes.
     Members(Vec<crate::membership::Member>),
+    /// The shapes of its tables the sender writes changes under (`shape`): sent on every
+    /// connection before any batch, and again when one is new, so a receiver always knows the
+    /// shape a change names.
+    Shapes(Vec<crate::schema::TableDef>),
     /// Sent now and then: carries the sender's clock and the head of its outbound log, so the
     /// receiver knows how far behind it is.
     Ping {

@@ -436,6 +436,7 @@ mod tests {
 
     fn change(origin: NodeId, seq: u64) -> RowChange {
         RowChange {
+            shape: None,
             table: "s.t".into(),
             key: RowKey(vec![Value::Int(seq as i64)]),
             kind: ChangeKind::Delete,

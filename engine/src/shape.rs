@@ -18,7 +18,7 @@
 //! The same rules, without the waiting, read the receiver's own stored metadata written under an
 //! earlier shape of its table ([`reshape_meta`]): a node's own shapes follow one another.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -86,6 +86,115 @@ impl LocalTable {
             def,
             defaults,
             dropped: BTreeSet::new(),
+        }
+    }
+}
+
+/// The shapes a node knows, by id: its own (each it wrote or read under) and every peer's it has
+/// been told of; and what its own tables fill a column with that a change does not carry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShapeBook {
+    shapes: BTreeMap<ShapeId, TableDef>,
+    /// Per table, its columns' defaults and the columns it dropped (`LocalTable`).
+    local: BTreeMap<String, (Vec<Option<Value>>, BTreeSet<String>)>,
+}
+
+/// A node's replicated tables as it has them now, and the shapes it knows: what an apply reads
+/// changes against.
+#[derive(Debug, Clone)]
+pub struct NodeSchema {
+    pub tables: std::sync::Arc<[TableDef]>,
+    pub shapes: std::sync::Arc<ShapeBook>,
+}
+
+impl NodeSchema {
+    /// Tables whose shapes are all the node knows (its own, and peers with the same).
+    pub fn of(tables: std::sync::Arc<[TableDef]>) -> Self {
+        let mut shapes = ShapeBook::default();
+        for table in tables.iter() {
+            shapes.learn(table.clone());
+        }
+        NodeSchema {
+            tables,
+            shapes: std::sync::Arc::new(shapes),
+        }
+    }
+}
+
+/// What a receiver makes of a change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading {
+    /// Written under the receiver's own shape (or before changes named theirs): as it is.
+    AsItIs,
+    /// Read by name into the receiver's shape.
+    Reshaped(Box<RowChange>),
+    /// Not readable here yet: why, in words for `accord status` and the log.
+    Waits(String),
+}
+
+impl ShapeBook {
+    pub fn learn(&mut self, def: TableDef) {
+        self.shapes.insert(def.shape_id(), def);
+    }
+
+    pub fn get(&self, id: ShapeId) -> Option<&TableDef> {
+        self.shapes.get(&id)
+    }
+
+    pub fn shapes(&self) -> impl Iterator<Item = &TableDef> {
+        self.shapes.values()
+    }
+
+    /// Sets what `table` fills a column with that a change does not carry, and the columns it
+    /// dropped.
+    pub fn set_local(&mut self, table: &str, defaults: Vec<Option<Value>>, dropped: BTreeSet<String>) {
+        self.local.insert(table.to_owned(), (defaults, dropped));
+    }
+
+    /// `table` as this node has it, for [`reshape_change`].
+    pub fn local_table(&self, table: &TableDef) -> LocalTable {
+        match self.local.get(&table.name) {
+            Some((defaults, dropped)) if defaults.len() == table.columns.len() => LocalTable {
+                def: table.clone(),
+                defaults: defaults.clone(),
+                dropped: dropped.clone(),
+            },
+            Some((_, dropped)) => LocalTable {
+                dropped: dropped.clone(),
+                ..LocalTable::plain(table.clone())
+            },
+            None => LocalTable::plain(table.clone()),
+        }
+    }
+
+    /// Reads `change` for this node, whose table is `local` (`None`: not replicated here).
+    pub fn read(&self, change: &RowChange, local: Option<&TableDef>) -> Reading {
+        let Some(id) = change.shape else {
+            return Reading::AsItIs;
+        };
+        let Some(local) = local else {
+            return Reading::Waits(format!(
+                "table {} is replicated on the sending node and not here: tag it `@accord replicate` here too",
+                change.table
+            ));
+        };
+        if local.shape_id() == id {
+            return Reading::AsItIs;
+        }
+        let Some(theirs) = self.get(id) else {
+            return Reading::Waits(format!(
+                "a change to {} names shape {id}, which the sending node has not described",
+                change.table
+            ));
+        };
+        match reshape_change(change, theirs, &self.local_table(local)) {
+            Ok(Reshaped::Ready(read)) => Reading::Reshaped(read),
+            Ok(Reshaped::Waits { columns }) => Reading::Waits(format!(
+                "changes to {} carry column(s) {} that this node's table lacks or holds narrower: migrate it here                  too, and they are applied",
+                change.table,
+                columns.join(", ")
+            )),
+            Err(error) => Reading::Waits(error.to_string()),
         }
     }
 }
@@ -259,6 +368,8 @@ pub fn reshape_change(change: &RowChange, from: &TableDef, to: &LocalTable) -> R
         out.row.values = values;
         out.row.meta.columns = metas;
     }
+    // Kept for later (`accord.deferred`), it is read as this shape, whatever the table becomes.
+    out.shape = Some(table.shape_id());
     Ok(Reshaped::Ready(Box::new(out)))
 }
 
@@ -327,6 +438,7 @@ mod tests {
             })
             .collect();
         RowChange {
+            shape: None,
             table: table.name.clone(),
             key: RowKey(vec![Value::Int(7)]),
             kind: ChangeKind::Insert,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use accord_engine::{
     capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Carried, Cell, ChangeKind,
-    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, RowChange, RowKey, RowMeta, RowWrite,
-    Segment, TableDef, Value, WriteRefusal,
+    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, NodeSchema, RowChange, RowKey, RowMeta,
+    RowWrite, Segment, TableDef, Value, WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -98,7 +98,15 @@ fn row_at(meta: &RowMeta, xmin: u64) -> LoadedRow {
 }
 
 fn machine(applied: u64, changes: Vec<RowChange>) -> BatchApply {
-    BatchApply::new(A, applied, changes, tables(), None, ApplyRules::default()).unwrap()
+    BatchApply::new(
+        A,
+        applied,
+        changes,
+        &NodeSchema::of(tables()),
+        None,
+        ApplyRules::default(),
+    )
+    .unwrap()
 }
 
 fn missing() -> LoadedRow {
@@ -123,7 +131,14 @@ fn what_was_applied_is_skipped_and_a_gap_is_refused() {
         done.step(ApplyInput::Start { now: 0 }).unwrap(),
         ApplyCommand::Done { applied: 2, .. }
     ));
-    let gap = BatchApply::new(A, 0, vec![changes[1].clone()], tables(), None, ApplyRules::default());
+    let gap = BatchApply::new(
+        A,
+        0,
+        vec![changes[1].clone()],
+        &NodeSchema::of(tables()),
+        None,
+        ApplyRules::default(),
+    );
     assert!(matches!(
         gap,
         Err(ApplyError::Gap {
@@ -366,7 +381,15 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
         ChangeKind::Update,
         Some(toasted),
     );
-    let mut m = BatchApply::new(B, 0, vec![from_b.clone()], tables(), None, ApplyRules::default()).unwrap();
+    let mut m = BatchApply::new(
+        B,
+        0,
+        vec![from_b.clone()],
+        &NodeSchema::of(tables()),
+        None,
+        ApplyRules::default(),
+    )
+    .unwrap();
     let commands = run_refusing(&mut m, |_| false);
     let kept: Vec<&RowChange> = commands
         .iter()
@@ -436,9 +459,16 @@ fn a_transaction_in_segments_opens_once_commits_once_and_carries_what_it_merged(
             carried: carried.clone(),
             restarts: 0,
         };
-        let mut m = BatchApply::new(B, i as u64, vec![change.clone()], tables(), None, ApplyRules::default())
-            .unwrap()
-            .in_segment(segment);
+        let mut m = BatchApply::new(
+            B,
+            i as u64,
+            vec![change.clone()],
+            &NodeSchema::of(tables()),
+            None,
+            ApplyRules::default(),
+        )
+        .unwrap()
+        .in_segment(segment);
         let commands = run_segment(&mut m);
         let ApplyCommand::Load { begin, .. } = &commands[0] else {
             panic!("a segment starts with a load");
@@ -486,9 +516,16 @@ fn a_later_segment_that_must_restart_starts_the_whole_transaction_over() {
         carried: Carried::default(),
         restarts: 2,
     };
-    let mut m = BatchApply::new(B, 1, vec![change], tables(), None, ApplyRules::default())
-        .unwrap()
-        .in_segment(segment);
+    let mut m = BatchApply::new(
+        B,
+        1,
+        vec![change],
+        &NodeSchema::of(tables()),
+        None,
+        ApplyRules::default(),
+    )
+    .unwrap()
+    .in_segment(segment);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
     let ApplyCommand::StartOver { probe, pause_micros } = m.step(ApplyInput::KeysBusy { now: 5 }).unwrap() else {
@@ -500,4 +537,81 @@ fn a_later_segment_that_must_restart_starts_the_whole_transaction_over() {
         4 * ApplyRules::default().backoff_micros.0,
         "the pause grows with the restarts"
     );
+}
+
+/// Issue 17: a change written under another shape of its table is read by column name; one this
+/// node cannot read yet stops the batch, whole, until its schema catches up.
+#[test]
+fn a_change_under_another_shape_is_read_by_name_or_waits() {
+    let ours = tables();
+    let col = |name: &str, ty, policy| ColumnDef {
+        name: name.into(),
+        ty,
+        policy,
+    };
+    // The sender's table: the columns in another order, and one this node does not have.
+    let theirs = TableDef::new(
+        "shop.products",
+        ours[0].key.clone(),
+        vec![
+            col("colour", ColumnType::Other("text".into()), ColumnPolicy::Lww),
+            col("stock", ColumnType::Integer, ColumnPolicy::Delta),
+            col("name", ColumnType::Other("text".into()), ColumnPolicy::Lww),
+        ],
+    )
+    .unwrap();
+    let sent = capture(
+        &theirs,
+        None,
+        &CapturedChange {
+            kind: ChangeKind::Insert,
+            key: key(1),
+            old: None,
+            new: Some(vec![
+                Cell::Value(Value::text("red")),
+                Cell::Value(Value::Int(5)),
+                Cell::Value(Value::text("a")),
+            ]),
+        },
+        Hlc::new(1_000, 0, A),
+        1,
+        &[],
+    )
+    .unwrap()
+    .unwrap()
+    .change;
+    assert_eq!(sent.shape, Some(theirs.shape_id()));
+
+    // Not described by the sender yet: waits.
+    let unknown = BatchApply::new(
+        A,
+        0,
+        vec![sent.clone()],
+        &NodeSchema::of(tables()),
+        None,
+        ApplyRules::default(),
+    );
+    assert!(matches!(unknown, Err(ApplyError::ShapeWaits { .. })), "{unknown:?}");
+
+    // Described, but `colour` is not here yet: waits, naming the column.
+    let mut book = (*NodeSchema::of(tables()).shapes).clone();
+    book.learn(theirs.clone());
+    let schema = NodeSchema {
+        tables: tables(),
+        shapes: Arc::new(book.clone()),
+    };
+    match BatchApply::new(A, 0, vec![sent.clone()], &schema, None, ApplyRules::default()) {
+        Err(ApplyError::ShapeWaits { message, .. }) => assert!(message.contains("colour"), "{message}"),
+        other => panic!("expected the batch to wait, got {other:?}"),
+    }
+
+    // This node dropped `colour`: the change is read by name, into this node's order.
+    book.set_local("shop.products", vec![None, None], ["colour".to_owned()].into());
+    let schema = NodeSchema {
+        tables: tables(),
+        shapes: Arc::new(book),
+    };
+    let m = BatchApply::new(A, 0, vec![sent], &schema, None, ApplyRules::default()).unwrap();
+    assert_eq!(m.changes()[0].row.values, cells("a", 5));
+    assert_eq!(m.changes()[0].shape, Some(ours[0].shape_id()));
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use accord_engine::{
     AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
     CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
-    MemberState, Membership, Message, NodeId, Refusal, Replication, ReplicationConfig, ReplicationError, ReviewAction,
-    RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    MemberState, Membership, Message, NodeId, NodeSchema, Refusal, Replication, ReplicationConfig, ReplicationError,
+    ReviewAction, RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -117,16 +117,16 @@ impl Spooled {
     /// cut and the planted bug.
     fn machine(
         &self,
-        with: (NodeId, &Arc<[TableDef]>, &Option<StableCut>, Option<PlantedBug>),
+        with: (NodeId, &NodeSchema, &Option<StableCut>, Option<PlantedBug>),
         index: usize,
     ) -> Result<BatchApply, Failure> {
-        let (pid, tables, cut, bug) = with;
+        let (pid, schema, cut, bug) = with;
         let last = index + 1 == self.segments.len();
         self.plan
             .machine(
                 pid,
                 self.segments[index].clone(),
-                Arc::clone(tables),
+                schema,
                 cut.clone(),
                 apply_rules(bug),
                 last,
@@ -188,8 +188,8 @@ pub struct Node {
     /// It left: stopped for good, not checked at the end.
     pub gone: bool,
     nodes: usize,
-    /// The replicated tables, as the apply takes them.
-    tables: Arc<[TableDef]>,
+    /// The replicated table as the apply takes it, and the shapes it is known by.
+    schema: NodeSchema,
 }
 
 fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
@@ -246,7 +246,7 @@ impl Node {
             leaving: false,
             gone: false,
             nodes,
-            tables: Arc::from(vec![crate::table::table()]),
+            schema: NodeSchema::of(Arc::from(vec![crate::table::table()])),
         }
     }
 
@@ -405,6 +405,16 @@ impl Node {
     }
 
     /// A peer's membership arrived.
+    /// A peer's shapes of its tables, as the service's loop learns them. (The simulated nodes
+    /// share one shape, so none sends any yet.)
+    pub fn on_shapes(&mut self, shapes: Vec<TableDef>) {
+        let mut book = (*self.schema.shapes).clone();
+        for shape in shapes {
+            book.learn(shape);
+        }
+        self.schema.shapes = Arc::new(book);
+    }
+
     pub fn on_members(&mut self, ctx: &mut Ctx, peer: usize, members: Vec<Member>) -> Result<(), Failure> {
         if self.vol.is_none() {
             return Ok(());
@@ -1077,7 +1087,7 @@ impl Node {
                             pid,
                             durable,
                             batch.clone(),
-                            Arc::clone(&self.tables),
+                            &self.schema,
                             self.db.collection.cut.clone(),
                             apply_rules(ctx.bug),
                         )
@@ -1102,7 +1112,7 @@ impl Node {
                     // Each attempt from the first segment, as the service's `apply_spooled`.
                     let commit_at = spooled.segments.last().and_then(|s| s.last()).map_or(0, |c| c.seq);
                     spooled.plan = Segments::new(commit_at, durable);
-                    let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), 0)?;
+                    let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), 0)?;
                     applier.applying = Some(Applying::new(peer, machine, spooled.segments[0].clone()));
                 }
                 Some(ApplyInput::Start { now: ctx.now })
@@ -1122,7 +1132,7 @@ impl Node {
                 };
                 spooled.plan.start_over();
                 ctx.stats.spool_start_overs += 1;
-                let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), 0)?;
+                let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), 0)?;
                 applying.next_segment(machine, spooled.segments[0].clone(), 0);
                 input = Some(ApplyInput::Start { now: ctx.now });
             }
@@ -1160,7 +1170,7 @@ impl Node {
                     };
                     let next = applying.segment_index + 1;
                     spooled.plan.done(&applying.machine);
-                    let machine = spooled.machine((pid, &self.tables, &self.db.collection.cut, ctx.bug), next)?;
+                    let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), next)?;
                     applying.next_segment(machine, spooled.segments[next].clone(), next);
                     ctx.trace.add(mix(0x5E65, next as u64));
                     input = Some(ApplyInput::Start { now: ctx.now });

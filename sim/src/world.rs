@@ -601,6 +601,10 @@ impl World {
             Message::Ping { .. } => Ok(()),
             Message::Members(members) => self.with_node(to, |n, ctx| n.on_members(ctx, from, members)),
             Message::Collection(state) => self.with_node(to, |n, ctx| n.on_collection(ctx, state)),
+            Message::Shapes(shapes) => self.with_node(to, |n, _| {
+                n.on_shapes(shapes);
+                Ok(())
+            }),
         }
     }
 
@@ -981,6 +985,7 @@ fn msg_tag(msg: &Message) -> u64 {
         Message::Ping { .. } => 5,
         Message::Collection(c) => mix(6, c.round),
         Message::Members(m) => mix(7, m.len() as u64),
+        Message::Shapes(s) => mix(8, s.len() as u64),
     }
 }
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, PlannedWrite, Records, RowChange, RowWrite,
-    Segments, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records, RowChange,
+    RowWrite, Segments, ShapeBook, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -54,6 +54,8 @@ pub struct Applier {
     statements: Statements,
     /// The latest completed tombstone-collection round: tombstones it covers read as absent.
     cut: watch::Receiver<Option<StableCut>>,
+    /// The shapes the node knows, its peers' included (`engine::shape`).
+    shapes: watch::Receiver<Arc<ShapeBook>>,
     /// The session holds key locks (`key_locks`), to release once the transaction ends.
     keys_locked: bool,
     /// Tables partitioned on this node (`schema.table`), whose inserts cannot return xmins.
@@ -159,6 +161,7 @@ impl Applier {
             capture,
             peer,
             tables: Arc::from(policy.tables()),
+            shapes: watch::channel(Arc::clone(&NodeSchema::of(Arc::from(policy.tables())).shapes)).1,
             policy,
             synchronous_commit,
             applied: position.map(u64::from).unwrap_or(0),
@@ -188,6 +191,24 @@ impl Applier {
     /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.
     pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
         self.cut = cut;
+    }
+
+    /// Follows the shapes the node knows (its peers tell it theirs).
+    pub fn follow_shapes(&mut self, shapes: watch::Receiver<Arc<ShapeBook>>) {
+        self.shapes = shapes;
+    }
+
+    /// The shapes this applier follows, for a replacement applier.
+    pub fn shapes(&self) -> watch::Receiver<Arc<ShapeBook>> {
+        self.shapes.clone()
+    }
+
+    /// The tables and shapes a batch is read against.
+    fn schema(&self) -> NodeSchema {
+        NodeSchema {
+            tables: Arc::clone(&self.tables),
+            shapes: Arc::clone(&self.shapes.borrow()),
+        }
     }
 
     /// The collection this applier follows, for a replacement applier.
@@ -264,14 +285,8 @@ impl Applier {
                 let changes = std::mem::replace(&mut chunk, rest);
                 let last = in_tail && chunk.is_empty();
                 let cut = self.cut.borrow().clone();
-                let mut machine = segments.machine(
-                    self.peer,
-                    changes,
-                    Arc::clone(&self.tables),
-                    cut,
-                    ApplyRules::default(),
-                    last,
-                )?;
+                let mut machine =
+                    segments.machine(self.peer, changes, &self.schema(), cut, ApplyRules::default(), last)?;
                 match self.run(&mut machine).await? {
                     Run::Done { summary: part, .. } => {
                         summary.add(&part);
@@ -295,7 +310,7 @@ impl Applier {
             self.peer,
             applied,
             changes,
-            Arc::clone(&self.tables),
+            &self.schema(),
             cut,
             ApplyRules::default(),
         )?)

@@ -49,12 +49,14 @@ pub struct Applied {
     pub durable: u64,
 }
 
-/// The engine's refusal of a batch whose row has no place here (`ApplyError::NoPlace`).
+/// The engine's refusal of a batch that cannot be applied until this node's users act: a row
+/// with no place here (`ApplyError::NoPlace`), or a change written under a shape of its table
+/// this node cannot read yet (`ApplyError::ShapeWaits`).
 fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
     error
         .chain()
         .find_map(|e| e.downcast_ref::<ApplyError>())
-        .filter(|e| matches!(e, ApplyError::NoPlace { .. }))
+        .filter(|e| matches!(e, ApplyError::NoPlace { .. } | ApplyError::ShapeWaits { .. }))
 }
 
 /// What each peer's applier waits for, when it cannot go on until this node's users act.
@@ -249,7 +251,7 @@ impl ApplyWorker {
                 Ok(ok) => {
                     if waiting_since.is_some() {
                         waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
-                        tracing::info!(%peer, "the transaction that waited for a partition is applied");
+                        tracing::info!(%peer, "the transaction that waited is applied");
                     }
                     let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                     if position.committed(ok.0, more, now()) {
@@ -286,7 +288,7 @@ impl ApplyWorker {
                         && matches!(work, Work::Batch(_))
                         && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
                 {
-                    // One of its transactions lacks a partition here: apply them one at a time,
+                    // One of its transactions cannot be applied here yet: apply them one at a time,
                     // so that what comes before that one is applied and only it, with what
                     // follows, waits.
                     if let Err(error) = applier.abandon_attempt().await {
@@ -299,7 +301,7 @@ impl ApplyWorker {
                     let why = no_place(&error).map(ToString::to_string).unwrap_or_default();
                     // Said when it starts and every minute after, not on every attempt.
                     if waiting_since.is_none_or(|since| since.elapsed() >= Duration::from_secs(60)) {
-                        tracing::warn!(%peer, why, "a transaction from the peer waits for a partition on this node");
+                        tracing::warn!(%peer, why, "a transaction from the peer waits on this node");
                         waiting_since = Some(Instant::now());
                     }
                     waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
@@ -360,6 +362,7 @@ async fn reconnect(applier: &mut Applier, dsn: &str) {
     match fresh {
         Ok(mut fresh) => {
             fresh.follow_collection(applier.collection());
+            fresh.follow_shapes(applier.shapes());
             *applier = fresh
         }
         Err(error) => tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier"),
@@ -374,6 +377,7 @@ mod tests {
 
     fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<RowChange> {
         seqs.map(|seq| RowChange {
+            shape: None,
             table: "s.t".into(),
             key: RowKey(vec![Value::Int(seq as i64)]),
             kind: ChangeKind::Delete,

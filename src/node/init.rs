@@ -127,6 +127,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::REVIEW_ROWS_DDL)
         .await
         .context("cannot index accord.review_items")?;
+    tx.batch_execute(super::shapes::SHAPES_DDL)
+        .await
+        .context("cannot create accord.shapes")?;
     tx.batch_execute(super::members::MEMBERS_DDL)
         .await
         .context("cannot create accord.members")?;

@@ -17,6 +17,7 @@ pub mod review;
 pub mod rows;
 pub mod runtime;
 pub mod schema_copy;
+pub mod shapes;
 pub mod spool;
 pub mod store;
 pub mod truncate;

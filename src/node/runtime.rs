@@ -9,7 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
     ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Member, MemberState, Membership, Message, NodeId,
-    PeerProgress, Refusal, Replication, ReplicationConfig, RowChange, StableCut, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    PeerProgress, Refusal, Replication, ReplicationConfig, RowChange, ShapeBook, StableCut, TableDef, MAX_APPLY_BATCH,
+    PROTOCOL_VERSION,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
@@ -26,6 +27,7 @@ use super::init::load_policy;
 use super::key_locks;
 use super::members;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerDirectory, PeerEvent};
+use super::shapes;
 use super::store::{self, decode, StoreError};
 use super::truncate;
 use crate::pg_connection::connect;
@@ -295,6 +297,22 @@ where
     db.batch_execute(members::MEMBERS_DDL)
         .await
         .context("cannot create accord.members")?;
+    db.batch_execute(shapes::SHAPES_DDL)
+        .await
+        .context("cannot create accord.shapes")?;
+    for table in policy.tables() {
+        shapes::record(&db, table, true)
+            .await
+            .context("cannot record the tables' shapes")?;
+    }
+    let known_shapes = shapes::load(&db).await.context("cannot read accord.shapes")?;
+    let own_shapes: Vec<TableDef> = known_shapes
+        .iter()
+        .filter(|(_, own)| *own)
+        .map(|(def, _)| def.clone())
+        .collect();
+    let shape_book = shapes::book(&known_shapes);
+    let (shapes_tx, shapes_rx) = watch::channel(Arc::new(shape_book.clone()));
     let membership = load_membership(&db, &config).await?;
     if membership.has_left() {
         bail!(
@@ -372,6 +390,7 @@ where
         policy: Arc::clone(&policy),
         capture: capture_rx.clone(),
         cut: cut_rx.clone(),
+        shapes: shapes_rx,
         synchronous_commit: config.synchronous_commit,
         applied: applied_tx,
         waits: ApplyWaits::default(),
@@ -474,6 +493,10 @@ where
         config_addresses: config.addresses.clone(),
         directory,
         pending_members: BTreeSet::new(),
+        shapes: shape_book,
+        own_shapes,
+        shapes_tx,
+        pending_shapes: BTreeSet::new(),
         recorded_not_known: BTreeMap::new(),
         peer_tasks,
         origins_to_drop: BTreeSet::new(),
@@ -528,6 +551,7 @@ struct PeerSpawner {
     policy: Arc<SchemaPolicy>,
     capture: watch::Receiver<CaptureProgress>,
     cut: watch::Receiver<Option<StableCut>>,
+    shapes: watch::Receiver<Arc<ShapeBook>>,
     synchronous_commit: bool,
     applied: mpsc::Sender<Applied>,
     waits: ApplyWaits,
@@ -549,6 +573,7 @@ impl PeerSpawner {
         )
         .await?;
         applier.follow_collection(self.cut.clone());
+        applier.follow_shapes(self.shapes.clone());
         let applied = applier.applied();
         let (apply, work) = mpsc::channel::<ApplyWork>(8);
         // Few parts in flight: each holds up to the spool bound in memory.
@@ -647,6 +672,13 @@ struct Loop {
     directory: Option<PeerDirectory>,
     /// Peers that must be sent this node's membership.
     pending_members: BTreeSet<NodeId>,
+    /// The shapes this node knows (`engine::shape`), its peers' included; the appliers read
+    /// changes against what `shapes_tx` publishes of it.
+    shapes: ShapeBook,
+    /// The shapes this node wrote changes under: every peer is told them before any batch.
+    own_shapes: Vec<TableDef>,
+    shapes_tx: watch::Sender<Arc<ShapeBook>>,
+    pending_shapes: BTreeSet<NodeId>,
     /// What `accord.members.not_known_by` says, per node, as last written.
     recorded_not_known: BTreeMap<NodeId, Vec<NodeId>>,
     /// Each peer's applier and spooler.
@@ -663,6 +695,7 @@ struct Loop {
 enum SharedState {
     Collection,
     Members,
+    Shapes,
 }
 
 /// How long a node that left waits for its peers to hear it before it stops anyway.
@@ -724,6 +757,7 @@ impl Loop {
             }
             self.flush_state(SharedState::Collection);
             self.flush_state(SharedState::Members);
+            self.flush_state(SharedState::Shapes);
             self.flush_apply()?;
             self.flush_outbox();
             self.send_batches().await?;
@@ -758,6 +792,7 @@ impl Loop {
                         self.links.insert(peer, link);
                         self.pending_collection.insert(peer);
                         self.pending_members.insert(peer);
+                        self.pending_shapes.insert(peer);
                         self.stats.entry(peer).or_default().since_micros = Some(wall_micros());
                     }
                     Err(error) => {
@@ -828,6 +863,7 @@ impl Loop {
                         self.members_changed(&changed).await?;
                     }
                 }
+                Message::Shapes(theirs) => self.learn_shapes(peer, theirs).await?,
                 Message::Hello(_) => {}
             },
         }
@@ -864,6 +900,7 @@ impl Loop {
 
     fn has_pending(&self) -> bool {
         !self.pending_collection.is_empty()
+            || !self.pending_shapes.is_empty()
             || !self.pending_acks.is_empty()
             || !self.pending_refusals.is_empty()
             || self.pending_apply.values().any(ApplyQueue::has_batch)
@@ -968,7 +1005,7 @@ impl Loop {
         let peers: Vec<NodeId> = self.replication.peers().collect();
         for peer in peers {
             let Some(&link) = self.links.get(&peer) else { continue };
-            if self.pending_collection.contains(&peer) {
+            if self.pending_collection.contains(&peer) || self.pending_shapes.contains(&peer) {
                 continue;
             }
             loop {
@@ -1016,6 +1053,7 @@ impl Loop {
         let pending = match state {
             SharedState::Collection => &self.pending_collection,
             SharedState::Members => &self.pending_members,
+            SharedState::Shapes => &self.pending_shapes,
         };
         let peers: Vec<NodeId> = pending.iter().copied().collect();
         for peer in peers {
@@ -1026,14 +1064,41 @@ impl Loop {
                 let message = match state {
                     SharedState::Collection => Message::Collection(self.collector.state().clone()),
                     SharedState::Members => Message::Members(self.membership.to_vec()),
+                    SharedState::Shapes => Message::Shapes(self.own_shapes.clone()),
                 };
                 permit.send(Outgoing { peer, link, message });
             }
             match state {
                 SharedState::Collection => self.pending_collection.remove(&peer),
                 SharedState::Members => self.pending_members.remove(&peer),
+                SharedState::Shapes => self.pending_shapes.remove(&peer),
             };
         }
+    }
+
+    /// Records the shapes a peer describes that this node did not know (persisted first: a change
+    /// kept for later names its shape), and lets the appliers read changes written under them.
+    async fn learn_shapes(&mut self, peer: NodeId, theirs: Vec<TableDef>) -> Result<()> {
+        let mut learned = false;
+        for def in theirs {
+            if self.shapes.get(def.shape_id()).is_some() {
+                continue;
+            }
+            if let Err(error) = def.validate() {
+                tracing::warn!(%peer, %error, "ignoring a malformed shape from the peer");
+                continue;
+            }
+            shapes::record(&self.db, &def, false)
+                .await
+                .context("cannot record a peer's shape")?;
+            tracing::info!(%peer, table = def.name, shape = %def.shape_id(), "learned a shape of a table from the peer");
+            self.shapes.learn(def);
+            learned = true;
+        }
+        if learned {
+            self.shapes_tx.send_replace(Arc::new(self.shapes.clone()));
+        }
+        Ok(())
     }
 
     /// Persists a changed collection state, then lets the capture, the appliers and every peer
@@ -1231,6 +1296,7 @@ impl Loop {
         self.pending_acks.remove(&peer);
         self.pending_collection.remove(&peer);
         self.pending_members.remove(&peer);
+        self.pending_shapes.remove(&peer);
         self.durable.remove(&peer);
         self.persisted_acks.remove(&peer);
         self.stats.remove(&peer);

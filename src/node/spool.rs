@@ -125,6 +125,7 @@ mod tests {
 
     fn change(seq: u64) -> RowChange {
         RowChange {
+            shape: None,
             table: "s.t".into(),
             key: RowKey(vec![Value::Int(seq as i64)]),
             kind: ChangeKind::Insert,

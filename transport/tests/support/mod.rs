@@ -102,6 +102,7 @@ pub fn padded_change(origin: NodeId, seq: u64, pad: usize) -> RowChange {
         key.push(Value::Text("x".repeat(pad)));
     }
     RowChange {
+        shape: None,
         table: "s.t".into(),
         key: RowKey(key),
         kind: ChangeKind::Delete,
