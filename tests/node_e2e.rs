@@ -270,6 +270,19 @@ async fn three_nodes_converge_with_conflicts_of_every_kind() {
         .unwrap()
         .get(0);
     assert!(conflicts > 0, "automatic resolutions are logged");
+    // Every row's metadata names the shape of its table it was stored under (issue 17): the
+    // capture's, the apply's and `accord init`'s, each the table's one shape here.
+    let unnamed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM accord.row_meta m
+             WHERE m.shape IS NULL
+                OR NOT EXISTS (SELECT 1 FROM accord.shapes s WHERE s.id = m.shape AND s.table_name = m.table_name)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unnamed, 0, "metadata without its shape");
     cluster.stop_all().await;
 }
 

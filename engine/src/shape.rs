@@ -97,6 +97,8 @@ pub struct ShapeBook {
     shapes: BTreeMap<ShapeId, TableDef>,
     /// Per table, its columns' defaults and the columns it dropped (`LocalTable`).
     local: BTreeMap<String, (Vec<Option<Value>>, BTreeSet<String>)>,
+    /// Per table, the shape of metadata stored before stored metadata named its shape.
+    unnamed: BTreeMap<String, ShapeId>,
 }
 
 /// A node's replicated tables as it has them now, and the shapes it knows: what an apply reads
@@ -149,6 +151,29 @@ impl ShapeBook {
     /// dropped.
     pub fn set_local(&mut self, table: &str, defaults: Vec<Option<Value>>, dropped: BTreeSet<String>) {
         self.local.insert(table.to_owned(), (defaults, dropped));
+    }
+
+    /// Metadata of `table` stored without a shape was stored under `shape` (the node's first
+    /// recorded shape of it).
+    pub fn set_unnamed(&mut self, table: &str, shape: ShapeId) {
+        self.unnamed.insert(table.to_owned(), shape);
+    }
+
+    /// Row metadata this node stored under `stored` (`None`: before it named shapes), as its
+    /// table `table` has it now ([`reshape_meta`]).
+    pub fn stored_meta(&self, meta: RowMeta, stored: Option<ShapeId>, table: &TableDef) -> Result<RowMeta, ShapeError> {
+        let current = table.shape_id();
+        let stored = stored
+            .or_else(|| self.unnamed.get(&table.name).copied())
+            .unwrap_or(current);
+        if stored == current {
+            return Ok(meta);
+        }
+        let from = self.get(stored).ok_or_else(|| ShapeError::UnknownShape {
+            table: table.name.clone(),
+            shape: stored,
+        })?;
+        Ok(reshape_meta(&meta, from, table))
     }
 
     /// `table` as this node has it, for [`reshape_change`].
@@ -232,6 +257,8 @@ pub enum ShapeError {
         ours: ColumnPolicy,
         theirs: ColumnPolicy,
     },
+    #[error("metadata of {table} was stored under shape {shape}, which accord.shapes does not hold")]
+    UnknownShape { table: String, shape: ShapeId },
     #[error("the change is for {change_table}, the shape for {table}")]
     WrongTable { table: String, change_table: String },
 }
@@ -565,6 +592,27 @@ mod tests {
         assert!(holds(&other("text"), &other("character varying(10)")));
         assert!(!holds(&other("character varying(5)"), &other("character varying(10)")));
         assert!(!holds(&other("text"), &other("jsonb")));
+    }
+
+    #[test]
+    fn stored_metadata_is_read_under_the_shape_it_names_or_the_first_one() {
+        let before = def(&[("a", Integer, Lww)]);
+        let after = def(&[("a", Integer, Lww), ("sold", BigInt, Delta)]);
+        let stored = change(&before, vec![Value::Int(1)]).row.meta;
+        let mut book = ShapeBook::default();
+        // Unknown shape: refused, never read by position.
+        assert!(book
+            .stored_meta(stored.clone(), Some(before.shape_id()), &after)
+            .is_err());
+        book.learn(before.clone());
+        let read = book
+            .stored_meta(stored.clone(), Some(before.shape_id()), &after)
+            .unwrap();
+        assert_eq!(read.columns.len(), 2);
+        // Stored before shapes were named: under the table's first recorded shape.
+        assert_eq!(book.stored_meta(stored.clone(), None, &before).unwrap(), stored);
+        book.set_unnamed("shop.items", before.shape_id());
+        assert_eq!(book.stored_meta(stored, None, &after).unwrap(), read);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use accord_engine::{
     ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records, RowChange,
-    RowWrite, Segments, ShapeBook, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
+    RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -500,7 +500,9 @@ impl Applier {
         let [metas, kept] = results.get(results.len().saturating_sub(2)..).unwrap_or_default() else {
             bail!("the load of a batch's rows gave too few results");
         };
-        for (ord, meta, known) in store::loaded_metas(metas, None)? {
+        let shapes = Arc::clone(&self.shapes.borrow());
+        let table_of = |ord: usize| slots.get(ord).and_then(|&slot| machine.slot(slot).map(|(t, _)| t));
+        for (ord, meta, known) in store::loaded_metas(metas, None, &shapes, table_of)? {
             let row = loaded
                 .get_mut(ord)
                 .context("row metadata came back with an unknown ord")?;
@@ -703,20 +705,22 @@ impl Applier {
     /// The metadata (with the xmin of the row version it accounts for), the conflict log, the
     /// review queue, parked and kept changes.
     async fn record(&mut self, machine: &BatchApply, keys: &BTreeMap<usize, SlotKey>, records: Records) -> Result<()> {
-        let name = |slot: usize| -> Result<(&str, &str)> {
+        let name = |slot: usize| -> Result<(&TableDef, &str)> {
             let (t, _) = machine.slot(slot).context("an unknown slot")?;
             let (text, _) = keys.get(&slot).context("a slot without its key")?;
-            Ok((t.name.as_str(), text.as_str()))
+            Ok((t, text.as_str()))
         };
         let mut metas = MetaRows::default();
+        let mut shape_of: BTreeMap<&str, ShapeId> = BTreeMap::new();
         for (slot, meta, known) in &records.metas {
             let (table, key) = name(*slot)?;
-            metas.push(table, key, meta, known.map(|x| x.to_string()).as_deref())?;
+            let shape = *shape_of.entry(&table.name).or_insert_with(|| table.shape_id());
+            metas.push((&table.name, shape), key, meta, known.map(|x| x.to_string()).as_deref())?;
         }
         let mut conflicts = ConflictRows::default();
         for (slot, conflict) in &records.conflicts {
             let (table, key) = name(*slot)?;
-            conflicts.push(table, key, conflict);
+            conflicts.push(&table.name, key, conflict);
         }
         let db = &self.db;
         let save = self.statements.get(db, store::SAVE_METAS_SQL).await?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use accord_engine::{
     CaptureCheckpoint, CapturedChange, CapturedRow, Capturer, Cell, ChangeKind, DecodedRow, DecodedTransaction, Hlc,
-    NodeId, ReviewItemId, RowKey, RowMeta, StableCut, TableDef, TransactionPart, Truncate,
+    NodeId, ReviewItemId, RowKey, RowMeta, ShapeBook, ShapeId, StableCut, TableDef, TransactionPart, Truncate,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -206,6 +206,8 @@ pub struct Capture {
     /// The latest completed tombstone-collection round: a local insert of a key whose tombstone
     /// it covers is numbered as a new key's, as on a node that already dropped the tombstone.
     cut: watch::Receiver<Option<StableCut>>,
+    /// The shapes the node knows: stored metadata is read as its table has it now.
+    shapes: watch::Receiver<Arc<ShapeBook>>,
     /// `db` has a transaction open (a group's or a large transaction's parts): rolled back if
     /// the run ends before it commits.
     in_transaction: bool,
@@ -251,6 +253,7 @@ impl Capture {
                 statements: Statements::default(),
                 max_offset_micros,
                 cut: watch::channel(None).1,
+                shapes: watch::channel(Arc::new(ShapeBook::default())).1,
                 in_transaction: false,
                 parts: None,
             },
@@ -261,6 +264,11 @@ impl Capture {
     /// Follows the node's tombstone collection (see the `cut` field).
     pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
         self.cut = cut;
+    }
+
+    /// Follows the shapes the node knows.
+    pub fn follow_shapes(&mut self, shapes: watch::Receiver<Arc<ShapeBook>>) {
+        self.shapes = shapes;
     }
 
     /// Streams until the stream ends or fails; the caller restarts it.
@@ -611,6 +619,7 @@ impl Capture {
             .collect();
         let policy = Arc::clone(&self.policy);
         let cut = self.cut.borrow().clone();
+        let self_shapes = Arc::clone(&self.shapes.borrow());
         let Capture {
             db,
             capturer,
@@ -626,7 +635,9 @@ impl Capture {
             let tables: Vec<&str> = slots.iter().map(|(t, _)| t.as_str()).collect();
             let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
             let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
-            for (ord, meta, _) in store::loaded_metas(&rows, None)? {
+            let shapes = Arc::clone(&self_shapes);
+            let table_of = |ord: usize| slots.get(ord).and_then(|(t, _)| policy.table(t));
+            for (ord, meta, _) in store::loaded_metas(&rows, None, &shapes, table_of)? {
                 let slot = loaded
                     .get_mut(ord)
                     .ok_or_else(|| anyhow!("row metadata came back with an unknown ord {ord}"))?;
@@ -656,9 +667,14 @@ impl Capture {
         }
 
         let mut rows = MetaRows::default();
+        let mut shape_of: BTreeMap<&str, ShapeId> = BTreeMap::new();
         for m in &write.metas {
             let known = m.known_xmin.map(|x| x.to_string());
-            rows.push(&m.table, &key_text(&m.key), &m.meta, known.as_deref())?;
+            let table = policy
+                .table(&m.table)
+                .with_context(|| format!("metadata of {}, a table that is not replicated", m.table))?;
+            let shape = *shape_of.entry(&table.name).or_insert_with(|| table.shape_id());
+            rows.push((&m.table, shape), &key_text(&m.key), &m.meta, known.as_deref())?;
         }
         let has_metas = !rows.is_empty();
         let meta_params = rows.into_params();

@@ -130,6 +130,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(super::shapes::SHAPES_DDL)
         .await
         .context("cannot create accord.shapes")?;
+    tx.batch_execute(store::ROW_META_SHAPE_DDL)
+        .await
+        .context("cannot add accord.row_meta.shape")?;
     tx.batch_execute(super::members::MEMBERS_DDL)
         .await
         .context("cannot create accord.members")?;
@@ -261,13 +264,15 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     let mut rows_recorded = 0;
     let tx = client.transaction().await?;
     for table in policy.tables() {
+        super::shapes::record(&tx, table, true).await?;
         let meta = encode("row metadata", &RowMeta::pre_existing(table))?;
+        let shape = store::shape_param(table.shape_id());
         for (key, xmin) in all_keys(&tx, table).await? {
             rows_recorded += tx
                 .execute(
-                    "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin)
-                     VALUES ($1, $2, $3, true, $4) ON CONFLICT DO NOTHING",
-                    &[&table.name, &key_text(&key), &meta, &xmin],
+                    "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape)
+                     VALUES ($1, $2, $3, true, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&table.name, &key_text(&key), &meta, &xmin, &shape],
                 )
                 .await?;
         }

@@ -32,6 +32,7 @@
 //! the new node (rows as text, metadata as binary); the next chunk is read while the last ones
 //! are written, by two writers whose transactions commit in the chunks' order.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use accord_engine::{
@@ -50,6 +51,7 @@ use super::members;
 use super::rows::{cast, copy_rows_sql, push_copy_line, quote_ident, quote_table, read_expr, read_rows_sql};
 use super::runtime::wall_micros;
 use super::schema_copy;
+use super::shapes;
 use super::store::{self, decode, encode, origin_name};
 use super::{key_locks, pipeline::Params};
 use crate::pg_connection::{connect, redact};
@@ -153,6 +155,17 @@ struct JoinState {
 struct Donor {
     db: Client,
     marks: Client,
+    /// Per table, the shape of metadata the donor stored before metadata named its shape.
+    unnamed: BTreeMap<String, i64>,
+}
+
+impl Donor {
+    /// The shape metadata of `table` was stored under on the donor (`stored`: as its row says).
+    fn shape(&self, table: &TableDef, stored: Option<i64>) -> i64 {
+        stored
+            .or_else(|| self.unnamed.get(&table.name).copied())
+            .unwrap_or_else(|| store::shape_param(table.shape_id()))
+    }
 }
 
 /// The donor's row as one snapshot saw it: its values as text and its xmin.
@@ -166,6 +179,8 @@ struct StoredMeta {
     meta: RowMeta,
     stored: Vec<u8>,
     known_xmin: Option<String>,
+    /// The shape it was stored under (`store::shape_param`).
+    shape: i64,
 }
 
 /// What a chunk copies of one key: the metadata decoded (for its stamp) and as stored.
@@ -174,6 +189,8 @@ enum Copy {
         key: String,
         meta: RowMeta,
         stored: Vec<u8>,
+        /// The shape it was stored under (`store::shape_param`).
+        shape: i64,
         /// The row's texts, key columns first, as `rows::copy_rows_sql` takes them.
         row: Vec<Option<String>>,
     },
@@ -181,6 +198,7 @@ enum Copy {
         key: String,
         meta: RowMeta,
         stored: Vec<u8>,
+        shape: i64,
     },
 }
 
@@ -301,9 +319,11 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
     donor
         .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_sort = off")
         .await?;
+    let unnamed = copy_shapes(&donor, &target).await?;
     let source = Donor {
         marks: connect(&request.donor_dsn).await?,
         db: donor,
+        unnamed,
     };
     // The donor's reads and the new node's writes overlap: one chunk is read while the last is
     // written (they are two servers' work; in turn, each waited for the other).
@@ -333,6 +353,32 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
             .context("cannot drop the join's replication origins")?;
     }
     Ok(joined)
+}
+
+/// Copies the shapes the donor knows into the new node (its copied metadata names them), and
+/// returns, per table, the shape of the donor's metadata stored before metadata named it.
+async fn copy_shapes(donor: &Client, target: &Client) -> Result<BTreeMap<String, i64>> {
+    let recorded: bool = donor
+        .query_one("SELECT to_regclass('accord.shapes') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !recorded {
+        // An older donor: all its metadata was stored under its tables' shapes, the new node's.
+        return Ok(BTreeMap::new());
+    }
+    let known = shapes::load(donor)
+        .await
+        .context("cannot read the donor's accord.shapes")?;
+    let mut unnamed = BTreeMap::new();
+    for (def, own) in &known {
+        shapes::record(target, def, false).await?;
+        if *own {
+            unnamed
+                .entry(def.name.clone())
+                .or_insert_with(|| store::shape_param(def.shape_id()));
+        }
+    }
+    Ok(unnamed)
 }
 
 /// A connection to the new node for a writer: its transactions carry `origin`, which the capture
@@ -695,6 +741,7 @@ fn chunk_sql(table: &TableDef) -> String {
         "m.meta".to_owned(),
         "m.known_xmin".to_owned(),
         "t.xmin::text".to_owned(),
+        "m.shape".to_owned(),
     ];
     select.extend(table.key.iter().map(|k| format!("t.{}", read_expr(&k.name, &k.ty))));
     select.extend(table.columns.iter().map(|c| format!("t.{}", read_expr(&c.name, &c.ty))));
@@ -712,7 +759,7 @@ fn chunk_sql(table: &TableDef) -> String {
         })
         .collect();
     format!(
-        "SELECT {} FROM (SELECT row_key, meta, known_xmin FROM accord.row_meta
+        "SELECT {} FROM (SELECT row_key, meta, known_xmin, shape FROM accord.row_meta
                          WHERE table_name = $1 AND row_key > $2 ORDER BY row_key LIMIT $3) AS m
          LEFT JOIN {} AS t ON {} ORDER BY m.row_key",
         select.join(", "),
@@ -763,15 +810,27 @@ async fn read_chunk<'t>(
         let stored: Vec<u8> = row.try_get(1)?;
         let known: Option<String> = row.try_get(2)?;
         let xmin: Option<String> = row.try_get(3)?;
+        let shape = source.shape(table, row.try_get(4)?);
         let meta: RowMeta = decode("row metadata", &stored)?;
         match judge_copy(meta.is_alive(), known.as_ref(), xmin.as_ref()) {
             CopyVerdict::Copy => {
                 let row = (0..width)
-                    .map(|i| row.try_get::<_, Option<String>>(4 + i))
+                    .map(|i| row.try_get::<_, Option<String>>(5 + i))
                     .collect::<Result<_, _>>()?;
-                copies.push(Copy::Live { key, meta, stored, row });
+                copies.push(Copy::Live {
+                    key,
+                    meta,
+                    stored,
+                    shape,
+                    row,
+                });
             }
-            CopyVerdict::CopyTombstone => copies.push(Copy::Tombstone { key, meta, stored }),
+            CopyVerdict::CopyTombstone => copies.push(Copy::Tombstone {
+                key,
+                meta,
+                stored,
+                shape,
+            }),
             CopyVerdict::Settle => suspects.push((key, xmin)),
         }
     }
@@ -852,7 +911,7 @@ async fn settle_suspects(
             }
             let metas = donor
                 .query(
-                    "SELECT u.n, m.meta, m.known_xmin FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
+                    "SELECT u.n, m.meta, m.known_xmin, m.shape FROM unnest($2::text[]) WITH ORDINALITY AS u(row_key, n)
                      JOIN accord.row_meta AS m ON m.table_name = $1 AND m.row_key = u.row_key",
                     &[&table.name, &keys],
                 )
@@ -866,6 +925,7 @@ async fn settle_suspects(
                         meta: decode("row metadata", &stored)?,
                         stored,
                         known_xmin: row.get(2),
+                        shape: source.shape(table, row.get(3)),
                     });
                 }
             }
@@ -891,16 +951,30 @@ async fn settle_suspects(
                 row.as_ref().map(|r| &r.xmin),
             );
             match (verdict, meta, row) {
-                (Settled::Copy, Some(StoredMeta { meta, stored, .. }), Some(row)) => copies.push(Copy::Live {
+                (
+                    Settled::Copy,
+                    Some(StoredMeta {
+                        meta, stored, shape, ..
+                    }),
+                    Some(row),
+                ) => copies.push(Copy::Live {
                     key: key.clone(),
                     meta,
                     stored,
+                    shape,
                     row: key_parts(table, key)?.into_iter().chain(row.values).collect(),
                 }),
-                (Settled::CopyTombstone, Some(StoredMeta { meta, stored, .. }), None) => copies.push(Copy::Tombstone {
+                (
+                    Settled::CopyTombstone,
+                    Some(StoredMeta {
+                        meta, stored, shape, ..
+                    }),
+                    None,
+                ) => copies.push(Copy::Tombstone {
                     key: key.clone(),
                     meta,
                     stored,
+                    shape,
                 }),
                 (_, _, row) => again.push((key.clone(), row.map(|r| r.xmin))),
             }
@@ -1161,23 +1235,37 @@ async fn write_chunk(
         }
     }
     let sink = tx
-        .copy_in("COPY accord.row_meta (table_name, row_key, meta, alive, known_xmin) FROM STDIN BINARY")
+        .copy_in("COPY accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape) FROM STDIN BINARY")
         .await?;
-    let metas = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL, Type::TEXT]);
+    let metas = BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL, Type::TEXT, Type::INT8],
+    );
     futures_util::pin_mut!(metas);
     let mut greatest: Option<Hlc> = None;
     for copy in &read.copies {
-        let (key, meta, stored, known) = match copy {
-            Copy::Live { key, meta, stored, .. } => (key, meta, stored, Some(xid.as_str())),
-            Copy::Tombstone { key, meta, stored } => {
+        let (key, meta, stored, shape, known) = match copy {
+            Copy::Live {
+                key,
+                meta,
+                stored,
+                shape,
+                ..
+            } => (key, meta, stored, shape, Some(xid.as_str())),
+            Copy::Tombstone {
+                key,
+                meta,
+                stored,
+                shape,
+            } => {
                 chunk.tombstones += 1;
-                (key, meta, stored, None)
+                (key, meta, stored, shape, None)
             }
         };
         greatest = greatest.max(meta.stamp);
         metas
             .as_mut()
-            .write(&[&table.name, key, stored, &meta.is_alive(), &known])
+            .write(&[&table.name, key, stored, &meta.is_alive(), &known, shape])
             .await
             .context("cannot copy the rows' metadata")?;
     }

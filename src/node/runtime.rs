@@ -300,6 +300,9 @@ where
     db.batch_execute(shapes::SHAPES_DDL)
         .await
         .context("cannot create accord.shapes")?;
+    db.batch_execute(store::ROW_META_SHAPE_DDL)
+        .await
+        .context("cannot add accord.row_meta.shape")?;
     for table in policy.tables() {
         shapes::record(&db, table, true)
             .await
@@ -355,6 +358,7 @@ where
     )
     .await?;
     capture.follow_collection(cut_rx.clone());
+    capture.follow_shapes(shapes_rx.clone());
     let dsn = config.dsn.clone();
     let capture_error: CaptureError = Arc::default();
     let capture_failed = Arc::clone(&capture_error);

@@ -6,7 +6,7 @@
 
 use accord_engine::{
     Candidate, ClosureKind, CollectionState, Conflict, NodeId, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
-    RowMeta, StableCut, Value,
+    RowMeta, ShapeBook, ShapeId, StableCut, TableDef, Value,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -110,6 +110,11 @@ CREATE TABLE IF NOT EXISTS accord.applied (
 COMMENT ON TABLE accord.applied IS 'accord: the last change of each peer applied here, written with the apply';
 ";
 
+/// The shape of its table each row's metadata was stored under (`engine::shape`; NULL: before
+/// metadata named it). Created by `accord init`, and by a node starting on a database initialised
+/// before it existed (adding a nullable column rewrites nothing).
+pub const ROW_META_SHAPE_DDL: &str = "ALTER TABLE accord.row_meta ADD COLUMN IF NOT EXISTS shape bigint;";
+
 /// The review items of a row, found by its key (a joining node reads them by key range).
 /// Created by `accord init`, and by a node starting on a database initialised before it existed.
 pub const REVIEW_ROWS_DDL: &str =
@@ -202,6 +207,7 @@ CREATE TABLE IF NOT EXISTS accord.row_meta (
     meta       bytea NOT NULL,
     alive      boolean NOT NULL,
     known_xmin text,
+    shape      bigint,
     PRIMARY KEY (table_name, row_key)
 );
 
@@ -293,6 +299,8 @@ pub enum StoreError {
     Db(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Shape(#[from] accord_engine::ShapeError),
 }
 
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -468,18 +476,28 @@ pub async fn log_conflicts(
 /// Locks and reads the metadata of many rows, in (table, key) order so that the capture and the
 /// appliers, locking overlapping sets, always lock in the same order. Parameters: ords, table
 /// names, row keys. Returns `ord, meta, known_xmin` for the rows that have metadata.
-pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin
+pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin, m.shape
      FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
      JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
      ORDER BY m.table_name, m.row_key
      FOR UPDATE OF m";
 
 /// Writes the metadata of many rows (each (table, key) at most once). Parameters: table names,
-/// row keys, metas, alive flags, known xmins.
-pub const SAVE_METAS_SQL: &str = "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bool[], $5::text[])
+/// row keys, metas, alive flags, known xmins, shapes.
+pub const SAVE_METAS_SQL: &str = "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bool[], $5::text[], $6::int8[])
      ON CONFLICT (table_name, row_key) DO UPDATE
-     SET meta = EXCLUDED.meta, alive = EXCLUDED.alive, known_xmin = EXCLUDED.known_xmin";
+     SET meta = EXCLUDED.meta, alive = EXCLUDED.alive, known_xmin = EXCLUDED.known_xmin, shape = EXCLUDED.shape";
+
+/// A shape's id as PostgreSQL's `bigint` (the same 64 bits).
+pub fn shape_param(id: ShapeId) -> i64 {
+    i64::from_le_bytes(id.0.to_le_bytes())
+}
+
+/// A shape's id from PostgreSQL's `bigint`.
+pub fn shape_of(stored: i64) -> ShapeId {
+    ShapeId(u64::from_le_bytes(stored.to_le_bytes()))
+}
 
 /// Appends many changes to the outbound log. Parameters: sequence numbers, encoded changes.
 pub const APPEND_OUTBOUND_SQL: &str =
@@ -493,20 +511,27 @@ pub const LOG_CONFLICTS_SQL: &str =
        WITH ORDINALITY AS c(table_name, row_key, column_name, kind, winner, loser, n)
      ORDER BY n";
 
-/// Stored metadata rows, as returned by [`LOAD_METAS_SQL`]: the ord and the metadata with the
-/// xmin it accounts for. Tombstones the collection `cut` covers are left out, as if gone.
-pub fn loaded_metas(
+/// Stored metadata rows, as returned by [`LOAD_METAS_SQL`]: the ord and the metadata, read as
+/// the row's table (`table_of` the ord) has it now, with the xmin it accounts for. Tombstones the
+/// collection `cut` covers are left out, as if gone.
+pub fn loaded_metas<'t>(
     rows: &[tokio_postgres::Row],
     cut: Option<&StableCut>,
+    shapes: &ShapeBook,
+    table_of: impl Fn(usize) -> Option<&'t TableDef>,
 ) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let ord: i32 = row.try_get(0)?;
         let bytes: &[u8] = row.try_get(1)?;
         let known: Option<String> = row.try_get(2)?;
+        let stored: Option<i64> = row.try_get(3)?;
         // Ords are indexes this node sent, never negative.
         let ord = usize::try_from(ord).unwrap_or(usize::MAX);
-        let meta: RowMeta = decode("row metadata", bytes)?;
+        let mut meta: RowMeta = decode("row metadata", bytes)?;
+        if let Some(table) = table_of(ord) {
+            meta = shapes.stored_meta(meta, stored.map(shape_of), table)?;
+        }
         if StableCut::live(cut, Some(&meta)).is_some() {
             out.push((ord, meta, known));
         }
@@ -522,15 +547,24 @@ pub struct MetaRows {
     metas: Vec<Vec<u8>>,
     alive: Vec<bool>,
     known: Vec<Option<String>>,
+    shapes: Vec<i64>,
 }
 
 impl MetaRows {
-    pub fn push(&mut self, table: &str, key: &str, meta: &RowMeta, known_xmin: Option<&str>) -> Result<(), StoreError> {
+    /// A row's metadata, stored under `shape`, its table's shape now.
+    pub fn push(
+        &mut self,
+        (table, shape): (&str, ShapeId),
+        key: &str,
+        meta: &RowMeta,
+        known_xmin: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.tables.push(table.to_owned());
         self.keys.push(key.to_owned());
         self.metas.push(encode("row metadata", meta)?);
         self.alive.push(meta.is_alive());
         self.known.push(known_xmin.map(str::to_owned));
+        self.shapes.push(shape_param(shape));
         Ok(())
     }
 
@@ -550,6 +584,7 @@ impl MetaRows {
             Box::new(self.metas),
             Box::new(self.alive),
             Box::new(self.known),
+            Box::new(self.shapes),
         ]
     }
 }
