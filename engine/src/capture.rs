@@ -236,6 +236,7 @@ pub fn capture(
             meta.causal_length += 1;
             meta.next_version(stamp, seq);
             meta.columns.clear();
+            meta.carried.clear();
             meta.created = None;
             meta.deleted_by = vec![(node, seq)];
             values = Vec::new();
@@ -262,7 +263,14 @@ pub fn capture(
         // A transaction of its own until the group writer knows the transaction's last.
         tx_last: seq,
         builds_on: Vec::new(),
-        row: after_state.clone(),
+        row: RowState {
+            // Columns of other shapes are this node's to keep, not to send.
+            meta: RowMeta {
+                carried: Default::default(),
+                ..after_state.meta.clone()
+            },
+            values: after_state.values.clone(),
+        },
         shape: Some(table.shape_id()),
         closures,
     };

@@ -173,7 +173,12 @@ impl ShapeBook {
             table: table.name.clone(),
             shape: stored,
         })?;
-        Ok(reshape_meta(&meta, from, table))
+        let dropped = self
+            .local
+            .get(&table.name)
+            .map(|(_, dropped)| dropped.clone())
+            .unwrap_or_default();
+        Ok(reshape_meta(&meta, from, table, &dropped))
     }
 
     /// `table` as this node has it, for [`reshape_change`].
@@ -400,26 +405,42 @@ pub fn reshape_change(change: &RowChange, from: &TableDef, to: &LocalTable) -> R
     Ok(Reshaped::Ready(Box::new(out)))
 }
 
-/// Reads row metadata the node stored under its own earlier shape `from` as its shape `to` has
-/// it: a column added since has had no write, a dropped one is gone. A column whose policy
-/// changed starts over at the new policy's bottom (its history under the old policy means
-/// nothing to the new one).
-pub fn reshape_meta(meta: &RowMeta, from: &TableDef, to: &TableDef) -> RowMeta {
+/// Reads row metadata the node stored under another shape of its table, `from`, as the shape
+/// `to` has it: a column `to` adds had no write (or was kept in `carried` by a reader behind it);
+/// a column `to` lacks is kept in `carried` unless this node dropped it (`dropped`), so a reader
+/// behind the table's latest shape never loses what a reader ahead of it wrote. A column whose
+/// policy changed starts over at the new policy's bottom (its history under the old policy
+/// means nothing to the new one).
+pub fn reshape_meta(meta: &RowMeta, from: &TableDef, to: &TableDef, dropped: &BTreeSet<String>) -> RowMeta {
     if !meta.is_alive() || meta.columns.is_empty() {
         return meta.clone();
     }
     let mut out = meta.clone();
+    let stored = |name: &str| {
+        from.column_index(name)
+            .and_then(|j| meta.columns.get(j))
+            .or_else(|| meta.carried.get(name))
+    };
     out.columns = to
         .columns
         .iter()
         .map(|ours| {
-            from.column_index(&ours.name)
-                .and_then(|j| meta.columns.get(j))
+            stored(&ours.name)
                 .filter(|stored| stored.policy() == ours.policy)
                 .cloned()
                 .unwrap_or_else(|| ColumnMeta::fresh(ours.policy))
         })
         .collect();
+    let kept = from
+        .columns
+        .iter()
+        .zip(&meta.columns)
+        .map(|(c, m)| (&c.name, m))
+        .chain(&meta.carried)
+        .filter(|(name, _)| to.column_index(name).is_none() && !dropped.contains(*name))
+        .map(|(name, m)| (name.clone(), m.clone()))
+        .collect();
+    out.carried = kept;
     out
 }
 
@@ -620,7 +641,22 @@ mod tests {
         let before = def(&[("a", Integer, Lww), ("gone", Integer, Lww)]);
         let after = def(&[("sold", BigInt, Delta), ("a", Integer, Lww)]);
         let stored = change(&before, vec![Value::Int(1), Value::Int(2)]).row.meta;
-        let read = reshape_meta(&stored, &before, &after);
+        let read = reshape_meta(&stored, &before, &after, &["gone".to_owned()].into());
         assert_eq!(read.columns, vec![ColumnMeta::fresh(Delta), stored.columns[0].clone()]);
+        assert!(read.carried.is_empty(), "a dropped column's metadata goes");
+    }
+
+    #[test]
+    fn a_reader_behind_the_latest_shape_keeps_what_it_does_not_know() {
+        let narrow = def(&[("a", Integer, Lww)]);
+        let wide = def(&[("a", Integer, Lww), ("sold", Integer, Lww)]);
+        let stored = change(&wide, vec![Value::Int(1), Value::Int(2)]).row.meta;
+        let behind = reshape_meta(&stored, &wide, &narrow, &BTreeSet::new());
+        assert_eq!(behind.columns, vec![stored.columns[0].clone()]);
+        assert_eq!(behind.carried.get("sold"), Some(&stored.columns[1]));
+        // Written back under the narrow shape and read under the wide one: nothing lost.
+        let again = reshape_meta(&behind, &narrow, &wide, &BTreeSet::new());
+        assert_eq!(again.columns, stored.columns);
+        assert!(again.carried.is_empty());
     }
 }

@@ -237,6 +237,12 @@ pub struct RowMeta {
     /// only once every node had applied all of them (`collection::StableCut::covers`).
     #[serde(default)]
     pub deleted_by: Vec<(NodeId, u64)>,
+    /// Metadata of columns the row's stored shape had and the shape it was last read under had
+    /// not (`shape::reshape_meta`): a reader behind the table's latest shape (a capture still
+    /// decoding changes from before an `ALTER TABLE ... ADD COLUMN`, an applier not yet
+    /// reloaded) keeps them for the readers after it, never drops them. Local: never sent.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub carried: std::collections::BTreeMap<String, ColumnMeta>,
 }
 
 impl RowMeta {
@@ -249,6 +255,7 @@ impl RowMeta {
             created: None,
             columns: Vec::new(),
             deleted_by: Vec::new(),
+            carried: std::collections::BTreeMap::new(),
         }
     }
 

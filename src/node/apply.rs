@@ -56,6 +56,11 @@ pub struct Applier {
     cut: watch::Receiver<Option<StableCut>>,
     /// The shapes the node knows, its peers' included (`engine::shape`).
     shapes: watch::Receiver<Arc<ShapeBook>>,
+    /// Per table: what a column a change does not carry is filled with, and the columns dropped
+    /// here (`shapes::local_extras`); only tables that have either.
+    extras: Vec<(String, Vec<Option<Value>>, BTreeSet<String>)>,
+    /// The session let go of the peer's origin (`release_origin`): it may apply nothing.
+    origin_released: bool,
     /// The session holds key locks (`key_locks`), to release once the transaction ends.
     keys_locked: bool,
     /// Tables partitioned on this node (`schema.table`), whose inserts cannot return xmins.
@@ -155,7 +160,22 @@ impl Applier {
             .iter()
             .filter_map(|row| names.get(usize::try_from(row.get::<_, i64>(0) - 1).ok()?).cloned())
             .collect();
+        let mut extras = Vec::new();
+        for table in policy.tables() {
+            // The shape this applier writes metadata under, for every reader of it.
+            super::shapes::record(&db, table, true)
+                .await
+                .context("cannot record the tables' shapes")?;
+            let (defaults, dropped) = super::shapes::local_extras(&db, table)
+                .await
+                .with_context(|| format!("cannot read the defaults of {}", table.name))?;
+            if defaults.iter().any(Option::is_some) || !dropped.is_empty() {
+                extras.push((table.name.clone(), defaults, dropped));
+            }
+        }
         Ok(Applier {
+            extras,
+            origin_released: false,
             db,
             flusher,
             capture,
@@ -174,6 +194,43 @@ impl Applier {
 
     pub fn peer(&self) -> NodeId {
         self.peer
+    }
+
+    /// Lets go of the peer's replication origin, for a replacement applier to bind it; `false`
+    /// if the session could not (it is then of no further use). Until it binds the origin again,
+    /// this applier applies nothing: its writes would carry no origin, and its own capture would
+    /// send them on as this node's.
+    pub async fn release_origin(&mut self) -> bool {
+        self.origin_released = true;
+        // A failed attempt may have left its transaction open, holding row locks the
+        // replacement would wait for.
+        self.abandon_attempt().await.is_ok()
+            && self
+                .db
+                .batch_execute("SELECT pg_replication_origin_session_reset()")
+                .await
+                .is_ok()
+    }
+
+    /// Binds the peer's replication origin again after [`Applier::release_origin`], when no
+    /// replacement took it.
+    pub async fn rebind_origin(&mut self) -> Result<()> {
+        self.db
+            .execute(
+                "SELECT pg_replication_origin_session_setup($1)",
+                &[&origin_name(self.peer)],
+            )
+            .await
+            .context("cannot bind the replication origin again")?;
+        self.origin_released = false;
+        Ok(())
+    }
+
+    fn holds_origin(&self) -> Result<()> {
+        if self.origin_released {
+            bail!("the applier's session let go of the peer's replication origin; it is being replaced");
+        }
+        Ok(())
     }
 
     pub fn policy(&self) -> Arc<SchemaPolicy> {
@@ -205,9 +262,19 @@ impl Applier {
 
     /// The tables and shapes a batch is read against.
     fn schema(&self) -> NodeSchema {
+        let known = Arc::clone(&self.shapes.borrow());
+        let shapes = if self.extras.is_empty() {
+            known
+        } else {
+            let mut book = (*known).clone();
+            for (table, defaults, dropped) in &self.extras {
+                book.set_local(table, defaults.clone(), dropped.clone());
+            }
+            Arc::new(book)
+        };
         NodeSchema {
             tables: Arc::clone(&self.tables),
-            shapes: Arc::clone(&self.shapes.borrow()),
+            shapes,
         }
     }
 
@@ -240,6 +307,7 @@ impl Applier {
 
     /// Applies what of `changes` was not applied yet. Returns the new applied position.
     pub async fn apply(&mut self, changes: &[RowChange]) -> Result<(u64, ApplySummary)> {
+        self.holds_origin()?;
         // An attempt that failed midway may have left its key locks on this session.
         if self.keys_locked {
             self.abandon_attempt().await?;
@@ -259,6 +327,7 @@ impl Applier {
     /// one local transaction, a segment at a time: memory holds one spooled chunk and one
     /// segment's machine, whatever the transaction's size. Returns the new applied position.
     pub async fn apply_spooled(&mut self, spool: &mut Spool, tail: &[RowChange]) -> Result<(u64, ApplySummary)> {
+        self.holds_origin()?;
         if self.keys_locked {
             self.abandon_attempt().await?;
         }
@@ -500,9 +569,15 @@ impl Applier {
         let [metas, kept] = results.get(results.len().saturating_sub(2)..).unwrap_or_default() else {
             bail!("the load of a batch's rows gave too few results");
         };
-        let shapes = Arc::clone(&self.shapes.borrow());
+        let shapes = self.schema().shapes;
         let table_of = |ord: usize| slots.get(ord).and_then(|&slot| machine.slot(slot).map(|(t, _)| t));
-        for (ord, meta, known) in store::loaded_metas(metas, None, &shapes, table_of)? {
+        let extras = &self.extras;
+        let local = |book: &mut ShapeBook| {
+            for (table, defaults, dropped) in extras {
+                book.set_local(table, defaults.clone(), dropped.clone());
+            }
+        };
+        for (ord, meta, known) in store::loaded_metas_fresh(&self.db, metas, &shapes, local, table_of).await? {
             let row = loaded
                 .get_mut(ord)
                 .context("row metadata came back with an unknown ord")?;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::apply::{is_deadlock, Applier, ApplySummary};
+use super::init::load_policy;
 use super::spool::Spool;
 use crate::pg_connection::connect;
 
@@ -305,6 +306,13 @@ impl ApplyWorker {
                         waiting_since = Some(Instant::now());
                     }
                     waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
+                    if matches!(no_place(&error), Some(ApplyError::ShapeWaits { .. })) {
+                        // Until this node's tables are migrated too: the applier reads them
+                        // again each time, on a new session that takes the origin over.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        reconnect(applier, dsn).await;
+                        continue;
+                    }
                     match applier.abandon_attempt().await {
                         Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
                         Err(error) => {
@@ -344,16 +352,44 @@ impl<'a> Work<'a> {
     }
 }
 
-/// Replaces the applier by one on new connections (left as it is if that fails).
+/// Replaces the applier by one on new connections, with the replicated tables as the catalog has
+/// them now (a migration may have changed them: issue 17). The old session lets go of the peer's
+/// replication origin first, or the new one could not take it while the old lives; if the new
+/// one cannot be made, the old one binds it again and stays.
 async fn reconnect(applier: &mut Applier, dsn: &str) {
     let peer = applier.peer();
+    if !applier.release_origin().await {
+        // The old session is broken: its backend lets go of the origin when it ends.
+        replace(applier, dsn).await;
+        return;
+    }
+    if !replace(applier, dsn).await {
+        if let Err(error) = applier.rebind_origin().await {
+            tracing::warn!(%peer, error = format!("{error:#}"), "the old applier lost its origin; replacing it");
+            replace(applier, dsn).await;
+        }
+    }
+}
+
+/// [`reconnect`]'s replacement; `false` if it could not be made (the applier is left as it was).
+async fn replace(applier: &mut Applier, dsn: &str) -> bool {
+    let peer = applier.peer();
     let fresh = async {
+        let mut db = connect(dsn).await?;
+        let policy = match load_policy(&mut db).await {
+            Ok(policy) if !policy.is_empty() => Arc::new(policy),
+            Ok(_) => applier.policy(),
+            Err(error) => {
+                tracing::warn!(%peer, error = format!("{error:#}"), "cannot read the annotations again; keeping them");
+                applier.policy()
+            }
+        };
         Applier::connect(
-            connect(dsn).await?,
+            db,
             connect(dsn).await?,
             applier.capture(),
             peer,
-            applier.policy(),
+            policy,
             applier.synchronous_commit(),
         )
         .await
@@ -363,9 +399,13 @@ async fn reconnect(applier: &mut Applier, dsn: &str) {
         Ok(mut fresh) => {
             fresh.follow_collection(applier.collection());
             fresh.follow_shapes(applier.shapes());
-            *applier = fresh
+            *applier = fresh;
+            true
         }
-        Err(error) => tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier"),
+        Err(error) => {
+            tracing::error!(%peer, error = format!("{error:#}"), "cannot reconnect the applier");
+            false
+        }
     }
 }
 

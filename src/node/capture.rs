@@ -28,6 +28,7 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use super::init::load_policy;
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
 use super::rows::parse_cell;
@@ -77,6 +78,9 @@ pub struct CaptureProgress {
     /// Every transaction committed before this WAL position has been dealt with (captured, or
     /// skipped as a peer's). Probes (`PROBE_MESSAGE_PREFIX`) move it on when nothing else does.
     pub processed_lsn: u64,
+    /// New shapes of tables the capture recorded since start (`accord.shapes`): peers are told
+    /// them before any batch that could name them.
+    pub shapes: u64,
 }
 
 /// A non-transactional logical-decoding message an applier writes to learn when the capture has
@@ -242,6 +246,7 @@ impl Capture {
             head: checkpoint.last_seq,
             captured: 0,
             processed_lsn: 0,
+            shapes: 0,
         });
         Ok((
             Capture {
@@ -264,6 +269,64 @@ impl Capture {
     /// Follows the node's tombstone collection (see the `cut` field).
     pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
         self.cut = cut;
+    }
+
+    /// A replicated table's columns changed (an `ALTER TABLE` the stream has reached): captures
+    /// it under its new shape from here on, its columns as the stream decodes them, their types
+    /// and policies as the catalog has them now (for a column dropped since, as the old shape
+    /// had it). The shape is recorded before any change names it; peers are told it before such a
+    /// change reaches them (`runtime`).
+    async fn follow_shape(&mut self, rel: &Relation) -> Result<()> {
+        let name = rel.qualified_name();
+        let old = self
+            .policy
+            .table(&name)
+            .with_context(|| format!("{name} is not replicated"))?
+            .clone();
+        let catalog = load_policy(&mut self.db)
+            .await
+            .with_context(|| format!("cannot read the annotations of {name}, which changed"))?;
+        let Some(now) = catalog.table(&name) else {
+            bail!(
+                "table {name} is no longer tagged `@accord replicate`: a table leaving replication while the node                  runs is not supported yet; tag it again"
+            );
+        };
+        let known = Arc::clone(&self.shapes.borrow());
+        let earlier: Vec<&TableDef> = std::iter::once(&old)
+            .chain(known.shapes().filter(|t| t.name == name))
+            .collect();
+        let def = shape_as_decoded(rel, now, &earlier)?;
+        super::shapes::record(&self.db, &def, true)
+            .await
+            .with_context(|| format!("cannot record the new shape of {name}"))?;
+        let tables: Vec<TableDef> = self
+            .policy
+            .tables()
+            .iter()
+            .map(|t| if t.name == name { def.clone() } else { t.clone() })
+            .collect();
+        self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the new shape of {name}"))?);
+        self.progress.send_modify(|p| p.shapes += 1);
+        let added: Vec<&str> = def
+            .columns
+            .iter()
+            .filter(|c| old.column_index(&c.name).is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        let dropped: Vec<&str> = old
+            .columns
+            .iter()
+            .filter(|c| def.column_index(&c.name).is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        tracing::info!(
+            table = name,
+            shape = %def.shape_id(),
+            added = added.join(", "),
+            dropped = dropped.join(", "),
+            "a replicated table changed; capturing it under its new shape"
+        );
+        Ok(())
     }
 
     /// Follows the shapes the node knows.
@@ -343,8 +406,17 @@ impl Capture {
                     let message = decode(&data).context("malformed pgoutput message")?;
                     match message {
                         PgOutput::Relation(r) => {
-                            if let Some(table) = self.policy.table(&r.qualified_name()) {
-                                check_shape(table, &r)?;
+                            let changed = self
+                                .policy
+                                .table(&r.qualified_name())
+                                .is_some_and(|table| check_shape(table, &r).is_err());
+                            if changed {
+                                // What was decoded under the table's old shape is written under
+                                // it, before the capture takes the new one.
+                                if !group.is_empty() {
+                                    self.flush(&stream, &mut group).await?;
+                                }
+                                self.follow_shape(&r).await?;
                             }
                             self.relations.insert(r.id, r);
                         }
@@ -635,9 +707,8 @@ impl Capture {
             let tables: Vec<&str> = slots.iter().map(|(t, _)| t.as_str()).collect();
             let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
             let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
-            let shapes = Arc::clone(&self_shapes);
             let table_of = |ord: usize| slots.get(ord).and_then(|(t, _)| policy.table(t));
-            for (ord, meta, _) in store::loaded_metas(&rows, None, &shapes, table_of)? {
+            for (ord, meta, _) in store::loaded_metas_fresh(&*db, &rows, &self_shapes, |_| {}, table_of).await? {
                 let slot = loaded
                     .get_mut(ord)
                     .ok_or_else(|| anyhow!("row metadata came back with an unknown ord {ord}"))?;
@@ -827,6 +898,49 @@ fn check_shape(table: &TableDef, rel: &Relation) -> Result<()> {
         list(&added),
         list(&gone)
     )
+}
+
+/// The shape of a table as the stream decodes it (`rel`'s columns): each column's type and
+/// policy as the catalog has it now (`now`), or as an earlier shape of the table had it
+/// (`earlier`, the latest first) for a column the catalog no longer has (dropped after the change
+/// being decoded).
+fn shape_as_decoded(rel: &Relation, now: &TableDef, earlier: &[&TableDef]) -> Result<TableDef> {
+    let name = rel.qualified_name();
+    // (The relation's key flags are the replica identity's: with FULL, every column.)
+    if let Some(key) = now.key.iter().find(|k| !rel.columns.iter().any(|c| c.name == k.name)) {
+        bail!(
+            "the primary key column {name}.{} is not in the table as decoded: accord cannot follow a change of a \
+             replicated table's key",
+            key.name
+        );
+    }
+    let decoded: std::collections::BTreeSet<&str> = rel
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|name| !now.key.iter().any(|k| k.name == *name))
+        .collect();
+    if decoded == now.columns.iter().map(|c| c.name.as_str()).collect() {
+        // The catalog's own shape, in its order: the appliers read the same one, so the node has
+        // one id for it (a shape's id depends on its columns' order).
+        return Ok(now.clone());
+    }
+    let mut columns = Vec::new();
+    for column in rel.columns.iter().filter(|c| !now.key.iter().any(|k| k.name == c.name)) {
+        let def = now
+            .columns
+            .iter()
+            .chain(earlier.iter().flat_map(|t| &t.columns))
+            .find(|c| c.name == column.name)
+            .with_context(|| {
+                format!(
+                    "column {name}.{} was added and dropped again before the capture reached it: run `accord init`                      again",
+                    column.name
+                )
+            })?;
+        columns.push(def.clone());
+    }
+    TableDef::new(name.clone(), now.key.clone(), columns).with_context(|| format!("the new shape of {name}"))
 }
 
 /// A decoded row image as the table's key and its columns in table order.

@@ -278,7 +278,16 @@ where
         bail!("this database is node {stored_node}, not node {node}");
     }
     if stored_fingerprint != fingerprint {
-        bail!("the @accord annotations changed since `accord init`: run `accord init` again on every node");
+        // A migration ran while the node was down (issue 17): the capture reads the rows written
+        // before it under their old shapes, and peers read the node's changes by column name.
+        tracing::info!(
+            before = stored_fingerprint,
+            now = fingerprint,
+            "the replicated tables changed since this node last ran; following them"
+        );
+        db.execute("UPDATE accord.node SET fingerprint = $1", &[&fingerprint])
+            .await
+            .context("cannot record the replicated tables' fingerprint")?;
     }
 
     super::join::ensure_joined(&db).await?;
@@ -501,6 +510,7 @@ where
         own_shapes,
         shapes_tx,
         pending_shapes: BTreeSet::new(),
+        capture_shapes: 0,
         recorded_not_known: BTreeMap::new(),
         peer_tasks,
         origins_to_drop: BTreeSet::new(),
@@ -683,6 +693,8 @@ struct Loop {
     own_shapes: Vec<TableDef>,
     shapes_tx: watch::Sender<Arc<ShapeBook>>,
     pending_shapes: BTreeSet<NodeId>,
+    /// `CaptureProgress::shapes` as last seen.
+    capture_shapes: u64,
     /// What `accord.members.not_known_by` says, per node, as last written.
     recorded_not_known: BTreeMap<NodeId, Vec<NodeId>>,
     /// Each peer's applier and spooler.
@@ -751,6 +763,10 @@ impl Loop {
                     if p.processed_lsn > self.processed_lsn {
                         self.processed_lsn = p.processed_lsn;
                         *self.capture_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                    if p.shapes > self.capture_shapes {
+                        self.capture_shapes = p.shapes;
+                        self.own_shapes_changed().await?;
                     }
                     self.replication.logged(p.head);
                     self.captured = p.captured;
@@ -1078,6 +1094,21 @@ impl Loop {
                 SharedState::Shapes => self.pending_shapes.remove(&peer),
             };
         }
+    }
+
+    /// The capture recorded a new shape of a table: learned, and told to every peer before any
+    /// batch that could name it.
+    async fn own_shapes_changed(&mut self) -> Result<()> {
+        let known = shapes::load(&self.db).await.context("cannot read accord.shapes")?;
+        self.own_shapes = known
+            .iter()
+            .filter(|(_, own)| *own)
+            .map(|(def, _)| def.clone())
+            .collect();
+        self.shapes = shapes::book(&known);
+        self.shapes_tx.send_replace(Arc::new(self.shapes.clone()));
+        self.pending_shapes.extend(self.links.keys().copied());
+        Ok(())
     }
 
     /// Records the shapes a peer describes that this node did not know (persisted first: a change

@@ -3,7 +3,9 @@
 //! its shape, and may be applied, or kept for later, long after the sender's table changed
 //! again: the shapes stay.
 
-use accord_engine::{ShapeBook, TableDef};
+use std::collections::BTreeSet;
+
+use accord_engine::{ShapeBook, TableDef, Value};
 use tokio_postgres::GenericClient;
 
 use super::store::{decode, encode, shape_param, StoreError};
@@ -57,4 +59,113 @@ pub fn book(shapes: &[(TableDef, bool)]) -> ShapeBook {
         book.learn(def.clone());
     }
     book
+}
+
+/// What this node's `table` fills a column with that a change does not carry (a sender that has
+/// not added it yet): its default when that is a constant, else NULL. And the columns earlier
+/// shapes of it here had and this one has not: dropped, so a sender's value for one is ignored.
+///
+/// A default that calls a function (`now()`, `nextval(...)`) is not evaluated here: it would
+/// give this node a value of its own, which the sender's later migration would not match.
+pub async fn local_extras(
+    db: &impl GenericClient,
+    table: &TableDef,
+) -> Result<(Vec<Option<Value>>, BTreeSet<String>), StoreError> {
+    let rows = db
+        .query(
+            "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid)
+             FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&super::rows::quote_table(&table.name)],
+        )
+        .await?;
+    let mut defaults = vec![None; table.columns.len()];
+    for row in &rows {
+        let (name, expr): (String, String) = (row.get(0), row.get(1));
+        let Some(i) = table.column_index(&name) else { continue };
+        if calls_a_function(&expr) {
+            continue;
+        }
+        let text: Option<String> = db.query_one(&format!("SELECT ({expr})::text"), &[]).await?.get(0);
+        defaults[i] = match text {
+            Some(text) => Some(
+                Value::parse(&table.columns[i].ty, &text)
+                    .map_err(|e| StoreError::Corrupt(format!("the default of {}.{name}: {e}", table.name)))?,
+            ),
+            None => None,
+        };
+    }
+    let mut dropped = BTreeSet::new();
+    let earlier = db
+        .query(
+            "SELECT def FROM accord.shapes WHERE own AND table_name = $1",
+            &[&table.name],
+        )
+        .await?;
+    for row in &earlier {
+        let def: TableDef = decode("a table's shape", row.get(0))?;
+        dropped.extend(
+            def.columns
+                .into_iter()
+                .map(|c| c.name)
+                .filter(|name| table.column_index(name).is_none()),
+        );
+    }
+    Ok((defaults, dropped))
+}
+
+/// Whether a default expression (`pg_get_expr`'s text) calls a function: a name followed by `(`,
+/// outside quotes and outside a cast's type (`::numeric(12,2)`).
+fn calls_a_function(expr: &str) -> bool {
+    let bytes = expr.as_bytes();
+    let mut in_quotes = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\'' {
+            in_quotes = !in_quotes;
+        } else if !in_quotes && b == b':' && bytes.get(i + 1) == Some(&b':') {
+            // A cast: skip its type name and modifiers.
+            i += 2;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || b"_ .\"".contains(&bytes[i])) {
+                i += 1;
+            }
+            if bytes.get(i) == Some(&b'(') {
+                while i < bytes.len() && bytes[i] != b')' {
+                    i += 1;
+                }
+            }
+        } else if !in_quotes && b == b'(' && i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_') {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::calls_a_function;
+
+    #[test]
+    fn constant_defaults_are_told_from_calls() {
+        for constant in [
+            "0",
+            "'x'::text",
+            "(0)::bigint",
+            "'a(b)'::text",
+            "0.00::numeric(12,2)",
+            "'ab'::character varying(10)",
+        ] {
+            assert!(!calls_a_function(constant), "{constant}");
+        }
+        for call in [
+            "now()",
+            "nextval('s'::regclass)",
+            "accord.next_id('t'::text)",
+            "gen_random_uuid()",
+        ] {
+            assert!(calls_a_function(call), "{call}");
+        }
+    }
 }

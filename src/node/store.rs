@@ -539,6 +539,26 @@ pub fn loaded_metas<'t>(
     Ok(out)
 }
 
+/// [`loaded_metas`], reading `accord.shapes` again when a row names a shape `shapes` does not
+/// hold yet (recorded meanwhile by another part of this node: the capture, or an applier that
+/// read the catalog again). `local` adds what this reader knows of its own tables.
+pub async fn loaded_metas_fresh<'t>(
+    db: &impl tokio_postgres::GenericClient,
+    rows: &[tokio_postgres::Row],
+    shapes: &ShapeBook,
+    local: impl Fn(&mut ShapeBook),
+    table_of: impl Fn(usize) -> Option<&'t TableDef> + Copy,
+) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
+    match loaded_metas(rows, None, shapes, table_of) {
+        Err(StoreError::Shape(accord_engine::ShapeError::UnknownShape { .. })) => {
+            let mut book = super::shapes::book(&super::shapes::load(db).await?);
+            local(&mut book);
+            loaded_metas(rows, None, &book, table_of)
+        }
+        other => other,
+    }
+}
+
 /// The columns of [`SAVE_METAS_SQL`], filled row by row.
 #[derive(Default)]
 pub struct MetaRows {

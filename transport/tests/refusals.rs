@@ -201,29 +201,18 @@ async fn a_peer_from_another_cluster_is_refused() {
     );
 }
 
+/// Nodes whose policies differ (one migrated, one not yet: issue 17) still connect: each change
+/// names its table's shape, and the receiver reads it by column name or waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_with_another_policy_fingerprint_is_refused() {
+async fn a_peer_with_another_policy_fingerprint_connects() {
     init_tracing();
     let ca = Ca::generate(1).unwrap();
     let mut config2 = config(&ca, NodeId(2), loopback(), &[(NodeId(1), not_dialled())]);
     config2.identity.fingerprint = "policy-xyz".into();
     let (n2, mut ev2) = start(config2);
     let (_n1, mut ev1) = start(config(&ca, NodeId(1), loopback(), &[(NodeId(2), n2.local_addr())]));
-    for (events, node, ours, theirs) in [
-        (&mut ev1, 2, FINGERPRINT, "policy-xyz"),
-        (&mut ev2, 1, "policy-xyz", FINGERPRINT),
-    ] {
-        let (_, rejection) = rejected(expect_event(events, WAIT, "policy refusal", is_rejected).await);
-        assert_eq!(
-            rejection,
-            Rejection::Refused(Refusal::PolicyMismatch {
-                node: NodeId(node),
-                ours: ours.into(),
-                theirs: theirs.into()
-            })
-        );
-        assert!(rejection.to_string().contains("schema policies differ"), "{rejection}");
-    }
+    expect_event(&mut ev1, WAIT, "1 up with 2", is_up(NodeId(2))).await;
+    expect_event(&mut ev2, WAIT, "2 up with 1", is_up(NodeId(1))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
