@@ -513,6 +513,15 @@ async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
             done.partitioned.join(", ")
         ),
     }
+    if let init::TakeInTrigger::NotPermitted(why) = &done.take_in_trigger {
+        eprintln!(
+            "warning: the event trigger that brings a table into replication in the transaction that tags it \
+             `@accord replicate` could not be installed ({why}): the running node takes a newly tagged table in \
+             within seconds, and rows written to it before then stay on this node. Call \
+             `SELECT accord.take_in('schema.table')` in the migration that tags it, or run `accord init` as a \
+             superuser"
+        );
+    }
     Ok(())
 }
 

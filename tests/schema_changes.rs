@@ -1,8 +1,15 @@
-//! Issue 17: a migration run on each node in turn while the cluster takes writes. Three `accord
-//! run` nodes; every node increments a `delta` column and inserts rows throughout. Node 1 adds a
-//! tagged `delta` column and writes to it while nodes 2 and 3 do not have it yet (their appliers
-//! hold node 1's changes until they do); node 2 migrates and writes to it too, then node 3. No
-//! capture stops, and the nodes end identical with exact sums of both columns.
+//! Issue 17: migrations run on each node in turn while the cluster takes writes. Three `accord
+//! run` nodes; every node increments a `delta` column and inserts rows throughout. Four
+//! migrations, each run on node 1, then node 2, then node 3, a few seconds apart, each node
+//! writing what a migration gives it as soon as it has it while the others do not (their
+//! appliers hold its changes until they migrate too):
+//! 1. a new `delta` column, incremented by every migrated node;
+//! 2. a new `review` column, each node writing its own rows' (no two nodes one row's);
+//! 3. a column dropped, written by each node until it drops it;
+//! 4. a new table tagged `@accord replicate`, with rows inserted and incremented.
+//!
+//! No capture stops, nothing waits for review or is kept aside, and the nodes end identical with
+//! exact sums.
 
 mod support;
 
@@ -13,27 +20,45 @@ use std::time::{Duration, Instant};
 use support::cli::accord;
 use support::nodes::{free_udp_port, snapshot};
 use support::pg::PgCluster;
-use support::service::{wait_until, write_node, RunningNode};
+use support::service::{write_node, RunningNode};
+use tokio::sync::RwLock;
 
 const SCHEMA: &str = "
 CREATE SCHEMA shop;
-CREATE TABLE shop.items (id bigint PRIMARY KEY, name text NOT NULL, stock bigint NOT NULL DEFAULT 0);
+CREATE TABLE shop.items (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    stock bigint NOT NULL DEFAULT 0,
+    legacy text
+);
 COMMENT ON TABLE shop.items IS '@accord replicate';
 COMMENT ON COLUMN shop.items.stock IS '@accord delta';
 ";
 
-const MIGRATION: &str = "
-BEGIN;
-ALTER TABLE shop.items ADD COLUMN sold bigint NOT NULL DEFAULT 0;
-COMMENT ON COLUMN shop.items.sold IS 'Units sold. @accord delta';
-COMMIT;
-";
+/// The migrations, in the order every node runs them.
+const MIGRATIONS: [&str; 4] = [
+    "BEGIN;
+     ALTER TABLE shop.items ADD COLUMN sold bigint NOT NULL DEFAULT 0;
+     COMMENT ON COLUMN shop.items.sold IS 'Units sold. @accord delta';
+     COMMIT;",
+    "BEGIN;
+     ALTER TABLE shop.items ADD COLUMN note text;
+     COMMENT ON COLUMN shop.items.note IS '@accord review';
+     COMMIT;",
+    "ALTER TABLE shop.items DROP COLUMN legacy;",
+    "BEGIN;
+     CREATE TABLE shop.orders (id bigint PRIMARY KEY, item bigint NOT NULL, qty bigint NOT NULL DEFAULT 0);
+     COMMENT ON TABLE shop.orders IS '@accord replicate';
+     COMMENT ON COLUMN shop.orders.qty IS '@accord delta';
+     COMMIT;",
+];
 
-const TABLES: &[&str] = &["shop.items"];
+const ITEMS: &[&str] = &["shop.items"];
+const TABLES: &[&str] = &["shop.items", "shop.orders"];
 
-async fn same(dbs: &[tokio_postgres::Client]) -> bool {
-    let first = snapshot(&dbs[0], TABLES).await;
-    snapshot(&dbs[1], TABLES).await == first && snapshot(&dbs[2], TABLES).await == first
+async fn same(dbs: &[tokio_postgres::Client], tables: &[&str]) -> bool {
+    let first = snapshot(&dbs[0], tables).await;
+    snapshot(&dbs[1], tables).await == first && snapshot(&dbs[2], tables).await == first
 }
 
 async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -46,30 +71,73 @@ struct Writes {
     stock: AtomicI64,
     sold: AtomicI64,
     inserted: AtomicI64,
-    /// The node has the `sold` column: its writer increments it too.
-    migrated: AtomicBool,
+    notes: AtomicI64,
+    legacy: AtomicI64,
+    orders: AtomicI64,
+    qty: AtomicI64,
 }
 
-/// Increments `stock` of rows 1..=50 in turn (and `sold`, once migrated), inserting a new row of
-/// stock 1 every tenth write, until `stop`.
-fn spawn_writer(pg: &PgCluster, node: i64, writes: Arc<Writes>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+/// Writes until `stop`, each round according to how many migrations its node has run
+/// (`migrated`, held for the round so that no migration runs in the middle of one).
+fn spawn_writer(
+    pg: &PgCluster,
+    node: i64,
+    writes: Arc<Writes>,
+    migrated: Arc<RwLock<usize>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
     let dsn = pg.dsn("shop");
     tokio::spawn(async move {
         let (db, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);
         let mut n: i64 = 0;
         while !stop.load(Ordering::SeqCst) {
+            let stage = migrated.read().await;
             n += 1;
             let k = n % 50 + 1;
+            let own = k % 3 == node - 1;
             db.execute("UPDATE shop.items SET stock = stock + 1 WHERE id = $1", &[&k])
                 .await
                 .unwrap();
             writes.stock.fetch_add(1, Ordering::SeqCst);
-            if writes.migrated.load(Ordering::SeqCst) {
+            if *stage >= 1 {
                 db.execute("UPDATE shop.items SET sold = sold + 1 WHERE id = $1", &[&k])
                     .await
                     .unwrap();
                 writes.sold.fetch_add(1, Ordering::SeqCst);
+            }
+            if *stage >= 2 && own {
+                db.execute(
+                    "UPDATE shop.items SET note = $2 WHERE id = $1",
+                    &[&k, &format!("n{node}-{n}")],
+                )
+                .await
+                .unwrap();
+                writes.notes.fetch_add(1, Ordering::SeqCst);
+            }
+            if *stage < 3 && own {
+                db.execute(
+                    "UPDATE shop.items SET legacy = $2 WHERE id = $1",
+                    &[&k, &format!("l{node}-{n}")],
+                )
+                .await
+                .unwrap();
+                writes.legacy.fetch_add(1, Ordering::SeqCst);
+            }
+            if *stage >= 4 {
+                let id = node * 1_000_000 + n;
+                db.execute("INSERT INTO shop.orders (id, item, qty) VALUES ($1, $2, 1)", &[&id, &k])
+                    .await
+                    .unwrap();
+                writes.orders.fetch_add(1, Ordering::SeqCst);
+                writes.qty.fetch_add(1, Ordering::SeqCst);
+                // And an earlier order of this node's, again.
+                let earlier = node * 1_000_000 + (n / 2).max(1);
+                let hit = db
+                    .execute("UPDATE shop.orders SET qty = qty + 2 WHERE id = $1", &[&earlier])
+                    .await
+                    .unwrap();
+                writes.qty.fetch_add(2 * hit as i64, Ordering::SeqCst);
             }
             if n % 10 == 0 {
                 let id = node * 1_000_000 + n;
@@ -78,6 +146,7 @@ fn spawn_writer(pg: &PgCluster, node: i64, writes: Arc<Writes>, stop: Arc<Atomic
                     .unwrap();
                 writes.inserted.fetch_add(1, Ordering::SeqCst);
             }
+            drop(stage);
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     })
@@ -106,51 +175,82 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
         .batch_execute("INSERT INTO shop.items SELECT g, 'item ' || g, 10 FROM generate_series(1, 200) g")
         .await
         .unwrap();
-    wait_until("the items reach every node", Duration::from_secs(60), || same(&dbs)).await;
+    let started = Instant::now();
+    while !same(&dbs, ITEMS).await {
+        if started.elapsed() > Duration::from_secs(60) {
+            let logs: Vec<String> = nodes.into_iter().map(|n| n.terminate().1).collect();
+            panic!("the items did not reach every node:\n{}", logs.join("\n----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let writes: Vec<Arc<Writes>> = (0..3).map(|_| Arc::new(Writes::default())).collect();
+    let migrated: Vec<Arc<RwLock<usize>>> = (0..3).map(|_| Arc::new(RwLock::new(0))).collect();
     let writers: Vec<_> = pgs
         .iter()
         .enumerate()
-        .map(|(i, pg)| spawn_writer(pg, i as i64 + 1, Arc::clone(&writes[i]), Arc::clone(&stop)))
+        .map(|(i, pg)| {
+            spawn_writer(
+                pg,
+                i as i64 + 1,
+                Arc::clone(&writes[i]),
+                Arc::clone(&migrated[i]),
+                Arc::clone(&stop),
+            )
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // Node 1 first: its changes now carry a column the others do not have.
-    dbs[0].batch_execute(MIGRATION).await.unwrap();
-    writes[0].migrated.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let unmigrated: i64 = count(
-        &dbs[2],
-        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' AND column_name = 'sold'",
-    )
-    .await;
-    assert_eq!(unmigrated, 0, "node 3 is not migrated yet");
-    // Then node 2, then node 3, each writing to the new column once it has it.
-    for i in [1, 2] {
-        dbs[i].batch_execute(MIGRATION).await.unwrap();
-        writes[i].migrated.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+    for (m, migration) in MIGRATIONS.iter().enumerate() {
+        for (i, db) in dbs.iter().enumerate() {
+            let mut stage = migrated[i].write().await;
+            db.batch_execute(migration)
+                .await
+                .unwrap_or_else(|e| panic!("migration {} on node {}: {e}", m + 1, i + 1));
+            *stage += 1;
+            drop(stage);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if i == 0 && m == 0 {
+                let unmigrated = count(
+                    &dbs[2],
+                    "SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' AND column_name = 'sold'",
+                )
+                .await;
+                assert_eq!(
+                    unmigrated, 0,
+                    "node 3 is not migrated yet while node 1 writes the new column"
+                );
+            }
+        }
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::SeqCst);
     for writer in writers {
         writer.await.unwrap();
     }
 
     let started = Instant::now();
-    while !same(&dbs).await {
+    while !same(&dbs, TABLES).await {
         if started.elapsed() > Duration::from_secs(120) {
             let logs: Vec<String> = nodes.into_iter().map(|n| n.terminate().1).collect();
             panic!("the nodes did not converge:\n{}", logs.join("\n----\n"));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let total = |f: fn(&Writes) -> i64| writes.iter().map(|w| f(w)).sum::<i64>();
-    let stock = total(|w| w.stock.load(Ordering::SeqCst));
-    let sold = total(|w| w.sold.load(Ordering::SeqCst));
-    let inserted = total(|w| w.inserted.load(Ordering::SeqCst));
-    assert!(sold > 0 && writes.iter().all(|w| w.sold.load(Ordering::SeqCst) > 0));
+    let total = |f: fn(&Writes) -> &AtomicI64| writes.iter().map(|w| f(w).load(Ordering::SeqCst)).sum::<i64>();
+    let (stock, sold, inserted) = (total(|w| &w.stock), total(|w| &w.sold), total(|w| &w.inserted));
+    let (orders, qty) = (total(|w| &w.orders), total(|w| &w.qty));
+    for w in &writes {
+        for (what, n) in [
+            ("sold", &w.sold),
+            ("notes", &w.notes),
+            ("legacy", &w.legacy),
+            ("orders", &w.orders),
+        ] {
+            assert!(n.load(Ordering::SeqCst) > 0, "every node wrote {what}");
+        }
+    }
     for db in &dbs {
         assert_eq!(
             count(db, "SELECT sum(stock)::bigint FROM shop.items").await,
@@ -163,11 +263,36 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
             "every increment of the new column once"
         );
         assert_eq!(count(db, "SELECT count(*) FROM shop.items").await, 200 + inserted);
+        assert_eq!(
+            count(db, "SELECT count(*) FROM shop.items WHERE note IS NOT NULL").await,
+            50 / 3 * 3 + 2
+        );
+        assert_eq!(
+            count(db, "SELECT count(*) FROM shop.orders").await,
+            orders,
+            "every order once"
+        );
+        assert_eq!(
+            count(db, "SELECT coalesce(sum(qty), 0)::bigint FROM shop.orders").await,
+            qty,
+            "every increment of the new table's delta column once"
+        );
+        assert_eq!(
+            count(db, "SELECT count(*) FROM accord.review_items").await,
+            0,
+            "nothing for review"
+        );
+        assert_eq!(
+            count(db, "SELECT count(*) FROM accord.deferred").await,
+            0,
+            "nothing kept aside"
+        );
     }
     for node in nodes {
         let (ok, logs) = node.terminate();
         assert!(ok, "{logs}");
         assert!(!logs.contains("stopped capturing"), "a capture stopped:\n{logs}");
+        assert!(!logs.contains("capture stopped"), "a capture stopped:\n{logs}");
         assert!(!logs.contains("ERROR"), "{logs}");
     }
 }

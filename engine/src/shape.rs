@@ -220,7 +220,8 @@ impl ShapeBook {
         match reshape_change(change, theirs, &self.local_table(local)) {
             Ok(Reshaped::Ready(read)) => Reading::Reshaped(read),
             Ok(Reshaped::Waits { columns }) => Reading::Waits(format!(
-                "changes to {} carry column(s) {} that this node's table lacks or holds narrower: migrate it here                  too, and they are applied",
+                "changes to {} carry column(s) {} that this node's table lacks or holds narrower: migrate it here \
+                 too, and they are applied",
                 change.table,
                 columns.join(", ")
             )),

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::apply::{is_deadlock, Applier, ApplySummary};
-use super::init::load_policy;
 use super::spool::Spool;
+use super::tagging::replicated_policy;
 use crate::pg_connection::connect;
 
 /// What the loop hands a peer's applier.
@@ -58,6 +58,32 @@ fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
         .chain()
         .find_map(|e| e.downcast_ref::<ApplyError>())
         .filter(|e| matches!(e, ApplyError::NoPlace { .. } | ApplyError::ShapeWaits { .. }))
+}
+
+/// A statement failed because a table is not as the applier read it: a column or table gone, or
+/// a column's type changed.
+fn stale_tables(error: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .filter_map(tokio_postgres::Error::code)
+        .any(|code| {
+            [
+                SqlState::UNDEFINED_COLUMN,
+                SqlState::UNDEFINED_TABLE,
+                SqlState::DATATYPE_MISMATCH,
+            ]
+            .contains(code)
+        })
+}
+
+/// The server's own words, without the client's framing.
+fn db_message(error: &anyhow::Error) -> Option<String> {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .find_map(|e| e.as_db_error().map(|db| db.message().to_owned()))
 }
 
 /// What each peer's applier waits for, when it cannot go on until this node's users act.
@@ -237,6 +263,8 @@ impl ApplyWorker {
         let peer = applier.peer();
         let mut deadlocks = 0;
         let mut waiting_since: Option<Instant> = None;
+        // The applier read the tables again for this batch: what fails now is not its stale view.
+        let mut reread = false;
         loop {
             let span = tracing::debug_span!(
                 "batch",
@@ -269,6 +297,17 @@ impl ApplyWorker {
                         durable: position.acknowledgeable(),
                     };
                     return done.send(applied).await.is_ok();
+                }
+                Err(error)
+                    if !reread
+                        && (stale_tables(&error)
+                            || matches!(no_place(&error), Some(ApplyError::ShapeWaits { .. }))) =>
+                {
+                    // A migration here changed a table since this applier read it (issue 17).
+                    let why = db_message(&error).unwrap_or_else(|| format!("{error:#}"));
+                    tracing::info!(%peer, why, "a replicated table changed here; reading the tables again");
+                    reread = true;
+                    reconnect(applier, dsn).await;
                 }
                 Err(error) if is_deadlock(&error) => {
                     // A local transaction locked the batch's rows in another order, and PostgreSQL
@@ -376,7 +415,7 @@ async fn replace(applier: &mut Applier, dsn: &str) -> bool {
     let peer = applier.peer();
     let fresh = async {
         let mut db = connect(dsn).await?;
-        let policy = match load_policy(&mut db).await {
+        let policy = match replicated_policy(&mut db).await {
             Ok(policy) if !policy.is_empty() => Arc::new(policy),
             Ok(_) => applier.policy(),
             Err(error) => {

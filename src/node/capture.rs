@@ -28,11 +28,11 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::init::load_policy;
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
 use super::rows::parse_cell;
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
+use super::tagging::published_policy;
 use super::truncate;
 use crate::pg_connection::{self, connect, redact, Dsn, ReplicationEndpoint};
 
@@ -278,17 +278,16 @@ impl Capture {
     /// change reaches them (`runtime`).
     async fn follow_shape(&mut self, rel: &Relation) -> Result<()> {
         let name = rel.qualified_name();
-        let old = self
-            .policy
-            .table(&name)
-            .with_context(|| format!("{name} is not replicated"))?
-            .clone();
-        let catalog = load_policy(&mut self.db)
+        let catalog = published_policy(&mut self.db)
             .await
             .with_context(|| format!("cannot read the annotations of {name}, which changed"))?;
+        let Some(old) = self.policy.table(&name).cloned() else {
+            return self.follow_new_table(&catalog, rel).await;
+        };
         let Some(now) = catalog.table(&name) else {
             bail!(
-                "table {name} is no longer tagged `@accord replicate`: a table leaving replication while the node                  runs is not supported yet; tag it again"
+                "table {name} is no longer tagged `@accord replicate`: a table leaving replication while the node \
+                 runs is not supported yet; tag it again"
             );
         };
         let known = Arc::clone(&self.shapes.borrow());
@@ -326,6 +325,28 @@ impl Capture {
             dropped = dropped.join(", "),
             "a replicated table changed; capturing it under its new shape"
         );
+        Ok(())
+    }
+
+    /// A table taken into replication while the node runs (`tagging`): captured from its first
+    /// change on, under its shape as the catalog has it.
+    async fn follow_new_table(&mut self, catalog: &SchemaPolicy, rel: &Relation) -> Result<()> {
+        let name = rel.qualified_name();
+        let Some(now) = catalog.table(&name) else {
+            bail!(
+                "the stream carries changes to {name}, which accord's publication holds but which is not tagged \
+                 `@accord replicate`: tag it again"
+            );
+        };
+        let def = shape_as_decoded(rel, now, &[])?;
+        super::shapes::record(&self.db, &def, true)
+            .await
+            .with_context(|| format!("cannot record the shape of {name}"))?;
+        let mut tables = self.policy.tables().to_vec();
+        tables.push(def.clone());
+        self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the shape of {name}"))?);
+        self.progress.send_modify(|p| p.shapes += 1);
+        tracing::info!(table = name, shape = %def.shape_id(), "capturing a table taken into replication");
         Ok(())
     }
 
@@ -406,10 +427,22 @@ impl Capture {
                     let message = decode(&data).context("malformed pgoutput message")?;
                     match message {
                         PgOutput::Relation(r) => {
-                            let changed = self
-                                .policy
-                                .table(&r.qualified_name())
-                                .is_some_and(|table| check_shape(table, &r).is_err());
+                            let name = r.qualified_name();
+                            let retyped = self.relations.get(&r.id).is_some_and(|before| {
+                                let types = |rel: &Relation| -> Vec<(String, u32, i32)> {
+                                    rel.columns
+                                        .iter()
+                                        .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                                        .collect()
+                                };
+                                types(before) != types(&r)
+                            });
+                            let changed = match self.policy.table(&name) {
+                                Some(table) => retyped || check_shape(table, &r).is_err(),
+                                // Only published tables reach the stream: this one was tagged
+                                // and taken in since (`tagging`).
+                                None => name != store::RESOLUTIONS_TABLE,
+                            };
                             if changed {
                                 // What was decoded under the table's old shape is written under
                                 // it, before the capture takes the new one.
@@ -934,7 +967,8 @@ fn shape_as_decoded(rel: &Relation, now: &TableDef, earlier: &[&TableDef]) -> Re
             .find(|c| c.name == column.name)
             .with_context(|| {
                 format!(
-                    "column {name}.{} was added and dropped again before the capture reached it: run `accord init`                      again",
+                    "column {name}.{} was added and dropped again before the capture reached it: run `accord init` \
+                 again",
                     column.name
                 )
             })?;

@@ -1,13 +1,13 @@
 //! `accord init`: prepares a database to be a node. Idempotent: running it again brings an
 //! initialised database up to date (new replicated tables, changed annotations).
 
-use accord_engine::{Capturer, NodeId, RowMeta, DEFAULT_MAX_OFFSET_MICROS};
+use accord_engine::{Capturer, NodeId, RowMeta, TableDef, DEFAULT_MAX_OFFSET_MICROS};
 use accord_schema_annotations::{Checked, SchemaPolicy};
 use anyhow::{bail, Context, Result};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use super::key_locks;
-use super::rows::{all_keys, quote_table};
+use super::rows::{all_keys, noted_keys, quote_table};
 use super::store::{self, encode, key_text, PUBLICATION, SLOT};
 use super::truncate;
 
@@ -23,6 +23,16 @@ pub struct Initialized {
     /// FULL` by themselves (an event trigger, which takes a superuser to install).
     pub partitioned: Vec<String>,
     pub partition_guard: PartitionGuard,
+    pub take_in_trigger: TakeInTrigger,
+}
+
+/// Whether a table tagged `@accord replicate` later joins replication in the transaction that
+/// tags it (`tagging`: an event trigger, which takes a superuser to install).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeInTrigger {
+    Installed,
+    /// Why not (the server's message).
+    NotPermitted(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +107,30 @@ pub async fn load_policy(client: &mut Client) -> Result<SchemaPolicy> {
     Ok(checked.policy)
 }
 
+/// Records the rows `table` holds as they are, with no history (what every node holds alike when
+/// it begins replicating them): all of them, or (`noted_only`) those `accord.take_in` noted that
+/// are unchanged since. Returns how many had no metadata yet.
+pub async fn record_existing_rows(tx: &impl GenericClient, table: &TableDef, noted_only: bool) -> Result<u64> {
+    let meta = encode("row metadata", &RowMeta::pre_existing(table))?;
+    let shape = store::shape_param(table.shape_id());
+    let mut recorded = 0;
+    let keys = if noted_only {
+        noted_keys(tx, table).await?
+    } else {
+        all_keys(tx, table).await?
+    };
+    for (key, xmin) in keys {
+        recorded += tx
+            .execute(
+                "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape)
+                 VALUES ($1, $2, $3, true, $4, $5) ON CONFLICT DO NOTHING",
+                &[&table.name, &key_text(&key), &meta, &xmin, &shape],
+            )
+            .await?;
+    }
+    Ok(recorded)
+}
+
 pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
@@ -136,6 +170,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(super::members::MEMBERS_DDL)
         .await
         .context("cannot create accord.members")?;
+    tx.batch_execute(super::tagging::TAKE_IN_DDL)
+        .await
+        .context("cannot create accord.take_in")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
     truncate::install(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx
@@ -239,6 +276,19 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
             }
         }
     };
+    // After the publication: the trigger adds tables to it.
+    tx.batch_execute("SAVEPOINT take_in_trigger").await?;
+    let take_in_trigger = match tx.batch_execute(super::tagging::TAKE_IN_TRIGGER).await {
+        Ok(()) => TakeInTrigger::Installed,
+        Err(error) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT take_in_trigger").await?;
+            TakeInTrigger::NotPermitted(
+                error
+                    .as_db_error()
+                    .map_or_else(|| error.to_string(), |e| e.message().to_owned()),
+            )
+        }
+    };
     let checkpoint = Capturer::new(node, DEFAULT_MAX_OFFSET_MICROS).checkpoint();
     tx.execute(
         "INSERT INTO accord.capture_state (checkpoint, last_seq, covered_lsn) VALUES ($1, 0, '0/0')
@@ -265,17 +315,12 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     let tx = client.transaction().await?;
     for table in policy.tables() {
         super::shapes::record(&tx, table, true).await?;
-        let meta = encode("row metadata", &RowMeta::pre_existing(table))?;
-        let shape = store::shape_param(table.shape_id());
-        for (key, xmin) in all_keys(&tx, table).await? {
-            rows_recorded += tx
-                .execute(
-                    "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape)
-                     VALUES ($1, $2, $3, true, $4, $5) ON CONFLICT DO NOTHING",
-                    &[&table.name, &key_text(&key), &meta, &xmin, &shape],
-                )
-                .await?;
-        }
+        rows_recorded += record_existing_rows(&tx, table, false).await?;
+        // Taken in whole here: a take-in the event trigger began has nothing left to do.
+        tx.execute("DELETE FROM accord.existing_rows WHERE table_name = $1", &[&table.name])
+            .await?;
+        tx.execute("DELETE FROM accord.taking_in WHERE table_name = $1", &[&table.name])
+            .await?;
     }
     tx.commit().await?;
     Ok(Initialized {
@@ -286,5 +331,6 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
         slot_created,
         partitioned,
         partition_guard,
+        take_in_trigger,
     })
 }

@@ -20,4 +20,5 @@ pub mod schema_copy;
 pub mod shapes;
 pub mod spool;
 pub mod store;
+pub mod tagging;
 pub mod truncate;

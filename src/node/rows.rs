@@ -144,10 +144,36 @@ pub async fn update_row(
 
 /// Every key of a table with its xmin, for recording rows that predate accord.
 pub async fn all_keys(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(RowKey, String)>, RowError> {
+    keys_where(db, table, "true", &[]).await
+}
+
+/// The keys and xmins of the rows `accord.take_in` noted that are still as they were then
+/// (`tagging`).
+pub async fn noted_keys(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(RowKey, String)>, RowError> {
+    keys_where(
+        db,
+        table,
+        "EXISTS (SELECT 1 FROM accord.existing_rows e WHERE e.table_name = $1 \
+                 AND e.row_ctid = accord_row.ctid AND e.row_xmin = accord_row.xmin)",
+        &[&table.name],
+    )
+    .await
+}
+
+async fn keys_where(
+    db: &impl GenericClient,
+    table: &TableDef,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<(RowKey, String)>, RowError> {
     let mut select = vec!["xmin::text".to_owned()];
     select.extend(table.key.iter().map(|k| read_expr(&k.name, &k.ty)));
-    let sql = format!("SELECT {} FROM {}", select.join(", "), quote_table(&table.name));
-    let rows = db.query(&sql, &[]).await?;
+    let sql = format!(
+        "SELECT {} FROM {} AS accord_row WHERE {filter}",
+        select.join(", "),
+        quote_table(&table.name)
+    );
+    let rows = db.query(&sql, params).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let mut key = Vec::with_capacity(table.key.len());

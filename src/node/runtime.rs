@@ -23,12 +23,12 @@ use tracing::Instrument;
 use super::apply::{Applier, ConflictCounts};
 use super::apply_worker::{apply_worker, spooler, Applied, ApplyWaits, ApplyWork, SpoolWork};
 use super::capture::{Capture, CaptureProgress};
-use super::init::load_policy;
 use super::key_locks;
 use super::members;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerDirectory, PeerEvent};
 use super::shapes;
 use super::store::{self, decode, StoreError};
+use super::tagging;
 use super::truncate;
 use crate::pg_connection::connect;
 
@@ -245,6 +245,57 @@ impl NodeHandle {
     }
 }
 
+/// Takes in tables tagged since the last look (`tagging`), and says what it did and what it
+/// could not; `untagged`: the tables it already warned were untagged.
+async fn take_in_tagged_logged(db: &mut Client, untagged: &mut BTreeSet<String>) {
+    match tagging::take_in_tagged(db).await {
+        Ok(tagging) => {
+            for taken in tagging.taken_in {
+                tracing::info!(
+                    table = taken.table,
+                    existing_rows = taken.rows,
+                    "a table tagged `@accord replicate` joined replication"
+                );
+            }
+            for table in tagging.untagged {
+                if untagged.insert(table.clone()) {
+                    tracing::warn!(
+                        table,
+                        "this table is no longer tagged `@accord replicate`, but leaving replication while \
+                         the cluster runs is not supported yet: accord still replicates it here, and its peers' \
+                         changes to it wait; tag it again"
+                    );
+                }
+            }
+        }
+        Err(error) => tracing::warn!(
+            error = format!("{error:#}"),
+            "cannot take newly tagged tables into replication; trying again"
+        ),
+    }
+}
+
+/// How often the catalog is read for tables tagged `@accord replicate` since.
+const TAGGING_EVERY: Duration = Duration::from_secs(2);
+
+/// Every `every`, takes in tables tagged since (`tagging`), on its own connection.
+async fn watch_tagging(dsn: String, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut untagged = BTreeSet::new();
+    let mut db = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        if db.as_ref().is_none_or(|c: &Client| c.is_closed()) {
+            db = connect(&dsn).await.ok();
+        }
+        if let Some(db) = db.as_mut() {
+            take_in_tagged_logged(db, &mut untagged).await;
+        }
+    }
+}
+
 /// The capture's last error, until it makes progress again.
 type CaptureError = Arc<Mutex<Option<String>>>;
 
@@ -264,7 +315,9 @@ where
 {
     let node = config.node;
     let mut db = connect(&config.dsn).await?;
-    let policy = Arc::new(load_policy(&mut db).await?);
+    // Tables tagged while the node was down join now, before the capture starts.
+    take_in_tagged_logged(&mut db, &mut BTreeSet::new()).await;
+    let policy = Arc::new(tagging::replicated_policy(&mut db).await?);
     let fingerprint = policy.fingerprint().to_string();
     let row = db
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
@@ -309,6 +362,9 @@ where
     db.batch_execute(shapes::SHAPES_DDL)
         .await
         .context("cannot create accord.shapes")?;
+    db.batch_execute(tagging::TAKE_IN_DDL)
+        .await
+        .context("cannot create accord.take_in")?;
     db.batch_execute(store::ROW_META_SHAPE_DDL)
         .await
         .context("cannot add accord.row_meta.shape")?;
@@ -352,6 +408,14 @@ where
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let workers: Workers = Arc::default();
+    workers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(tokio::spawn(watch_tagging(
+            config.dsn.clone(),
+            TAGGING_EVERY,
+            shutdown_rx.clone(),
+        )));
 
     let collection = store::load_collection(&db)
         .await
