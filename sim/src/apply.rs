@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
     ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, LoadedRow, NodeId, PlannedWrite,
-    Records, ReviewAction, ReviewItem, RowChange, RowWrite, WriteRefusal,
+    Records, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
 };
 
 use crate::db::{Db, MetaRow, Undo, UserRow};
@@ -35,6 +35,8 @@ use crate::table::key_of;
 /// A batch being applied, and its open transaction.
 #[derive(Debug)]
 pub struct Applying {
+    /// The table as the node has it.
+    table: TableDef,
     /// The peer's index.
     pub peer: usize,
     pub machine: BatchApply,
@@ -157,9 +159,11 @@ pub struct RunEnv {
 }
 
 impl Applying {
-    pub fn new(peer: usize, machine: BatchApply, batch: Vec<RowChange>) -> Self {
+    /// `table`: the table as the node has it (no migration runs while an apply is open).
+    pub fn new(peer: usize, machine: BatchApply, batch: Vec<RowChange>, table: TableDef) -> Self {
         Applying {
             peer,
+            table,
             machine,
             batch,
             tx: Overlay::default(),
@@ -518,7 +522,14 @@ impl Applying {
                 Some(row) => row.as_ref(),
                 None => db.rows.get(&key).filter(|_| seen.is_none_or(|s| s.contains(&key))),
             }
-            .map(|r| (r.xmin, r.values.clone()));
+            // The columns this applier's statements name (it may have read the table before a
+            // migration).
+            .map(|r| {
+                (
+                    r.xmin,
+                    r.values.iter().take(self.table.columns.len()).cloned().collect(),
+                )
+            });
             let meta = self.tx.metas.get(&key).or_else(|| db.meta.get(&key));
             let undeferred = |origin: NodeId, seq: u64| self.tx.undefer.contains(&(key, origin, seq));
             let deferred = db
@@ -531,7 +542,7 @@ impl Applying {
                 .collect();
             loaded.push(LoadedRow {
                 row,
-                meta: meta.map(|m| (m.meta.clone(), m.known_xmin)),
+                meta: meta.map(|m| (m.as_shape(&self.table), m.known_xmin)),
                 deferred,
             });
         }
@@ -555,7 +566,18 @@ impl Applying {
             let old = self.row(db, key).cloned();
             let row_key = crate::table::row_key(key);
             let (new, kind) = match (write, old.as_ref()) {
-                (RowWrite::Insert(values), None) => (Some(values), ChangeKind::Insert),
+                (RowWrite::Insert(mut values), None) => {
+                    // An applier that read the table before a migration names fewer columns:
+                    // the database fills the others with their defaults.
+                    let table = db.table();
+                    for column in &table.columns[values.len().min(table.columns.len())..] {
+                        match column.name.as_str() {
+                            "sold" => values.push(crate::table::sold_default()),
+                            other => return Err(WriteRefusal::other(format!("column {other} has no default"))),
+                        }
+                    }
+                    (Some(values), ChangeKind::Insert)
+                }
                 (RowWrite::Insert(_), Some(_)) => {
                     return Err(WriteRefusal {
                         key_exists: true,
@@ -609,6 +631,7 @@ impl Applying {
                 MetaRow {
                     meta,
                     known_xmin: known,
+                    shape: self.table.shape_id(),
                 },
             );
         }

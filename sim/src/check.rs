@@ -12,7 +12,7 @@ use crate::db::{Db, QueueEntry, WriteId};
 use crate::expect::{expect, Expected};
 use crate::oracle::{stamp_key, Oracle};
 use crate::outcome::{Failure, Invariant};
-use crate::table::{NAME, PRICE, STOCK};
+use crate::table::{NAME, PRICE, SOLD, STOCK};
 use crate::world::World;
 
 /// Returns how many fresh inserts lost their row across a collection (the accepted window).
@@ -22,6 +22,12 @@ pub fn final_check(world: &World) -> Result<u64, Failure> {
     let nodes: Vec<&crate::node::Node> = world.nodes.iter().filter(|n| !n.gone).collect();
     for node in &nodes {
         check_node(node.ix, &node.db)?;
+        if world.migrates() && node.db.migrated_at.is_none() {
+            return fail(
+                Invariant::Liveness,
+                format!("node {}: the migration never ran", node.ix + 1),
+            );
+        }
     }
     // A cut is a fact: a tombstone the latest one covers is as good as gone on every node,
     // whether this node has heard of the cut and dropped it yet or not.
@@ -160,7 +166,7 @@ fn converged(a: &Db, b: &Db, ix: usize, cut: Option<&StableCut>) -> Result<(), F
             db.meta
                 .get(&key)
                 .filter(|m| StableCut::live(cut, Some(&m.meta)).is_some())
-                .map(|m| view(&m.meta))
+                .map(|m| view(&m.as_shape(&db.table())))
         };
         let (x, y) = (held(a), held(b));
         if x != y {
@@ -209,7 +215,14 @@ fn against_oracle(ix: usize, db: &Db, expected: &Expected) -> Result<(), Failure
             (STOCK, Invariant::Delta, "stock (delta)"),
             (NAME, Invariant::Lww, "name (lww)"),
             (PRICE, Invariant::Review, "price (review, provisional winner)"),
+            (SOLD, Invariant::Delta, "sold (delta, added by the migration)"),
         ] {
+            if column >= got.len() {
+                if db.migrated_at.is_some() || column != SOLD {
+                    return fail(invariant, format!("node {node}: row {key} has no {label}: {got:?}"));
+                }
+                continue;
+            }
             if got[column] != Some(&want[column]) {
                 return fail(
                     invariant,

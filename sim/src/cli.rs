@@ -50,6 +50,10 @@ pub struct SimArgs {
     /// changes over, then leaves by itself or dies and is removed through another node.
     #[arg(long)]
     pub leave: bool,
+    /// Every node runs a schema migration during the workload, each at its own time (adding a
+    /// `delta` column it writes from then on), some while down.
+    #[arg(long)]
+    pub migrate: bool,
     /// Plant a known bug in the simulator's driver (for testing the simulator itself).
     #[arg(long, hide = true)]
     pub plant_bug: Option<String>,
@@ -85,6 +89,7 @@ impl SimArgs {
                 bug,
                 join: self.join,
                 leave: self.leave,
+                migrate: self.migrate,
             })
             .collect();
         if let Some(first) = configs.first() {
@@ -107,6 +112,11 @@ fn line(report: &SeedReport) -> String {
         )
     } else {
         String::new()
+    };
+    let join = if report.config.migrate {
+        format!("{join} migrations={} shape_waits={}", s.migrations, s.shape_waits)
+    } else {
+        join
     };
     let join = if report.config.leave {
         format!(

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use accord_engine::{
     CaptureCheckpoint, CapturedChange, Cell, ClosureKind, CollectionState, Conflict, Hlc, NodeId, PeerProgress,
-    ReviewAction, ReviewItem, ReviewItemId, RowChange, RowMeta, RowState,
+    ReviewAction, ReviewItem, ReviewItemId, RowChange, RowMeta, RowState, ShapeId, TableDef,
 };
 
 /// A row of the user's table.
@@ -35,6 +35,19 @@ pub struct MetaRow {
     /// The transaction of the last row version accord accounted for (HARD-PARTS §2); none for
     /// a deleted row.
     pub known_xmin: Option<u64>,
+    /// The shape of the table its writer had (`accord.row_meta.shape`): read through
+    /// [`MetaRow::as_shape`].
+    pub shape: ShapeId,
+}
+
+impl MetaRow {
+    /// The metadata as a reader whose table is `table` reads it (`ShapeBook::stored_meta`, as
+    /// the service loads `accord.row_meta`).
+    pub fn as_shape(&self, table: &TableDef) -> RowMeta {
+        crate::table::shapes()
+            .stored_meta(self.meta.clone(), Some(self.shape), table)
+            .expect("the simulator's book holds both shapes of its table")
+    }
 }
 
 /// Which workload write a WAL row is, for the oracle.
@@ -69,6 +82,9 @@ pub enum WalBody {
         stamp: Option<Hlc>,
         rows: Vec<CapturedChange>,
     },
+    /// A migration (`ALTER TABLE ... ADD COLUMN`): decoding sends the table's new Relation
+    /// with the next change to it; the capture takes the new shape from here on.
+    Alter,
     /// A transaction that carries only an `accord.mark` message: the capture writes its
     /// checkpoint when it reaches it (a join waits for that).
     Mark,
@@ -104,6 +120,8 @@ pub enum QueueEntry {
 pub struct Db {
     pub rows: BTreeMap<i64, UserRow>,
     pub meta: BTreeMap<i64, MetaRow>,
+    /// The WAL position of the migration (`--migrate`) once this database ran it.
+    pub migrated_at: Option<u64>,
     next_xid: u64,
     wal: VecDeque<WalTx>,
     /// The LSN the next transaction gets.
@@ -262,6 +280,23 @@ impl Db {
         }
     }
 
+    /// The table as this database has it now.
+    pub fn table(&self) -> TableDef {
+        if self.migrated_at.is_some() {
+            crate::table::migrated()
+        } else {
+            crate::table::table()
+        }
+    }
+
+    /// The table as the WAL's transaction at `lsn` wrote it.
+    pub fn table_at(&self, lsn: u64) -> TableDef {
+        match self.migrated_at {
+            Some(at) if lsn > at => crate::table::migrated(),
+            _ => crate::table::table(),
+        }
+    }
+
     /// The row as the merge sees it: metadata plus the user's values; `None` without metadata.
     pub fn row_state(&self, key: i64) -> Option<RowState> {
         let meta = self.meta.get(&key)?;
@@ -270,7 +305,7 @@ impl Db {
             _ => Vec::new(),
         };
         Some(RowState {
-            meta: meta.meta.clone(),
+            meta: meta.as_shape(&self.table()),
             values,
         })
     }

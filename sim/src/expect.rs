@@ -29,8 +29,9 @@ use crate::table::{row_key, PRICE_COLUMN, TABLE};
 
 #[derive(Debug, Clone, Default)]
 pub struct Expected {
-    /// Live rows: name, stock, price. A key not here has no row.
-    pub rows: BTreeMap<i64, [Value; 3]>,
+    /// Live rows: name, stock, price, and sold (`--migrate`; 0 where never written). A key not
+    /// here has no row.
+    pub rows: BTreeMap<i64, [Value; 4]>,
     pub queue: BTreeMap<ReviewItemId, QueueEntry>,
     /// Name writes of a live incarnation that lost to a concurrent write: each must show up as
     /// the loser of a logged conflict somewhere.
@@ -237,6 +238,7 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
             continue;
         }
         let stock: i64 = live.iter().map(|&i| writes[i].stock).sum();
+        let sold: i64 = live.iter().map(|&i| writes[i].sold).sum();
         // Per origin its last live write of a column; the maximal of those are the heads.
         let last_of = |pick: &dyn Fn(&WriteRec) -> bool| -> Vec<WriteId> {
             (0..n)
@@ -284,6 +286,7 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
                 writes[name_w].name.clone().unwrap_or(Value::Null),
                 Value::Int(stock),
                 writes[price_w].price.clone().unwrap_or(Value::Null),
+                Value::Int(sold),
             ],
         );
     }

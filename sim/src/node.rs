@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
-    AppliedPosition, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell, ChangeKind,
-    CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
+    AppliedPosition, ApplyError, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell,
+    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
     MemberState, Membership, Message, NodeId, NodeSchema, Refusal, Replication, ReplicationConfig, ReplicationError,
-    ReviewAction, RowChange, Segments, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    ReviewAction, RowChange, Segments, ShapeBook, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -102,6 +102,10 @@ struct Applier {
     scheduled: bool,
     /// After a deadlock, the service pauses before it tries the batch again.
     not_before: u64,
+    /// The tables as this applier read them (`None`: read them at its next batch). As the
+    /// service's, it reads them again only when a batch cannot be read under them: after a
+    /// migration here it may go on under the old shape for a while.
+    schema: Option<NodeSchema>,
 }
 
 /// A spooled transaction, complete, cut into segments as the service reads it back, and how
@@ -119,19 +123,39 @@ impl Spooled {
         &self,
         with: (NodeId, &NodeSchema, &Option<StableCut>, Option<PlantedBug>),
         index: usize,
-    ) -> Result<BatchApply, Failure> {
+    ) -> Result<BatchApply, ApplyError> {
         let (pid, schema, cut, bug) = with;
         let last = index + 1 == self.segments.len();
-        self.plan
-            .machine(
-                pid,
-                self.segments[index].clone(),
-                schema,
-                cut.clone(),
-                apply_rules(bug),
-                last,
-            )
-            .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {pid}: {e}")))
+        self.plan.machine(
+            pid,
+            self.segments[index].clone(),
+            schema,
+            cut.clone(),
+            apply_rules(bug),
+            last,
+        )
+    }
+}
+
+/// How long an applier whose batch waits for this node's schema waits before it reads its tables
+/// again (`apply_worker`: a second).
+const SHAPE_RETRY_MICROS: u64 = 1_000_000;
+
+/// The node's replicated table as its database has it now, and the shapes it knows: `learned`
+/// and its own, with what it fills a column with that a change does not carry.
+fn node_schema(db: &Db, learned: &ShapeBook) -> NodeSchema {
+    let table = db.table();
+    let mut book = learned.clone();
+    book.learn(table.clone());
+    if db.migrated_at.is_some() {
+        book.learn(crate::table::table());
+        let mut defaults = vec![None; table.columns.len()];
+        defaults[crate::table::SOLD] = Some(crate::table::sold_default());
+        book.set_local(&table.name, defaults, Default::default());
+    }
+    NodeSchema {
+        tables: Arc::from(vec![table]),
+        shapes: Arc::new(book),
     }
 }
 
@@ -405,14 +429,57 @@ impl Node {
     }
 
     /// A peer's membership arrived.
-    /// A peer's shapes of its tables, as the service's loop learns them. (The simulated nodes
-    /// share one shape, so none sends any yet.)
+    /// A peer's shapes of its tables, as the service's loop learns them (`--migrate`).
     pub fn on_shapes(&mut self, shapes: Vec<TableDef>) {
         let mut book = (*self.schema.shapes).clone();
         for shape in shapes {
             book.learn(shape);
         }
         self.schema.shapes = Arc::new(book);
+    }
+
+    /// The user's migration (`--migrate`): `ALTER TABLE ... ADD COLUMN sold ... DEFAULT 0`, one
+    /// transaction whose lock waits for every open transaction on the table: `false` while an
+    /// apply holds one open (the caller tries again). The process may be down meanwhile (the
+    /// database is not): it finds the table changed when it starts.
+    pub fn migrate(&mut self, ctx: &mut Ctx) -> Result<bool, Failure> {
+        if self.db.migrated_at.is_some() {
+            return Ok(true);
+        }
+        if self.pg_down {
+            return Ok(false);
+        }
+        if let Some(vol) = &self.vol {
+            if vol.appliers.values().any(|a| a.applying.is_some()) {
+                return Ok(false);
+            }
+        }
+        self.db.flush();
+        self.deliver_durable(ctx)?;
+        let xid = self.db.new_xid();
+        let lsn = self.db.append_wal(xid, ctx.physical, WalBody::Alter);
+        self.db.migrated_at = Some(lsn);
+        // A constant default: PostgreSQL fills no row, and no row's xmin changes.
+        for row in self.db.rows.values_mut() {
+            row.values.push(Cell::Value(crate::table::sold_default()));
+        }
+        self.db.flush();
+        ctx.stats.migrations += 1;
+        self.schema = node_schema(&self.db, &self.schema.shapes);
+        let Some(vol) = &mut self.vol else { return Ok(true) };
+        // Peers learn the new shape before any change names it (the capture has not read
+        // past the migration yet).
+        for peer in vol.appliers.keys().copied().collect::<Vec<_>>() {
+            if vol.replication.is_connected(peer_id(peer)) {
+                ctx.out.push(Output::Send {
+                    to: peer,
+                    msg: Message::Shapes(vec![crate::table::migrated()]),
+                });
+            }
+        }
+        self.want_capture(ctx);
+        self.want_apply(ctx);
+        Ok(true)
     }
 
     pub fn on_members(&mut self, ctx: &mut Ctx, peer: usize, members: Vec<Member>) -> Result<(), Failure> {
@@ -685,9 +752,9 @@ impl Node {
             let mut emptied = Vec::with_capacity(keys.len());
             for key in keys {
                 self.db.rows.remove(&key);
-                let write = ctx
-                    .oracle
-                    .local_write(self.ix, key, ChangeKind::Delete, None, 0, None, None, ctx.physical);
+                let write =
+                    ctx.oracle
+                        .local_write(self.ix, key, ChangeKind::Delete, None, (0, 0), None, None, ctx.physical);
                 emptied.push((key, write));
                 ctx.trace.add(mix(key as u64, ChangeKind::Delete as u64));
             }
@@ -737,7 +804,7 @@ impl Node {
                     row.key,
                     row.kind,
                     row.name.clone(),
-                    row.stock,
+                    (row.stock, row.sold),
                     row.price.clone(),
                     plan.resolving,
                     ctx.physical,
@@ -798,6 +865,12 @@ impl Node {
             .db
             .flushed_lsn
             .min(vol.read_lsn + ctx.params.capture_batch as u64 - 1);
+        // The stream's new Relation for the table comes after the migration: what was decoded
+        // before it is written under the old shape first (`Capture::follow_shape`).
+        let end = match self.db.migrated_at {
+            Some(at) if vol.read_lsn <= at && at < end => at,
+            _ => end,
+        };
         let done = end + 1 - vol.read_lsn.min(end + 1);
         if done > 0 {
             match capture_group(&mut self.db, vol, self.ix, vol.read_lsn..=end, ctx)? {
@@ -891,6 +964,14 @@ impl Node {
             to: peer,
             msg: Message::Collection(vol.collector.state().clone()),
         });
+        // And before any batch naming it, the shapes it captured under (the service sends its
+        // shapes on every connection; here only once it has more than one).
+        if self.db.migrated_at.is_some() {
+            ctx.out.push(Output::Send {
+                to: peer,
+                msg: Message::Shapes(vec![crate::table::table(), crate::table::migrated()]),
+            });
+        }
         // The service sends its membership on every connection. Here only once it holds more
         // than the founding nodes' entries (every node starts with those): sending them would
         // merge to nothing and only move every later event, which the planted bugs' seeds were
@@ -1026,6 +1107,7 @@ impl Node {
         let pid = peer_id(peer);
         // The replication-origin position: what is at or below it was applied.
         let durable = self.db.progress.get(&pid).map_or(0, |p| p.applied);
+        let schema = applier.schema.get_or_insert_with(|| self.schema.clone()).clone();
         let mut input = match &applier.applying {
             Some(applying) => match applying.waiting {
                 Waiting::Capture { lsn, then } => {
@@ -1083,17 +1165,31 @@ impl Node {
                         ctx.oracle.waived(self.ix, dependency.node, dependency.through);
                     }
                     if applier.spool.is_empty() {
-                        let machine = BatchApply::new(
+                        let machine = match BatchApply::new(
                             pid,
                             durable,
                             batch.clone(),
-                            &self.schema,
+                            &schema,
                             self.db.collection.cut.clone(),
                             apply_rules(ctx.bug),
-                        )
-                        .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
+                        ) {
+                            Ok(machine) => machine,
+                            Err(ApplyError::ShapeWaits { .. }) => {
+                                // Written under a shape this node cannot read yet: the batch
+                                // waits whole, and the applier reads its tables again later.
+                                ctx.stats.shape_waits += 1;
+                                applier.schema = None;
+                                applier.queue.push_front(batch);
+                                applier.not_before = ctx.now + SHAPE_RETRY_MICROS;
+                                self.want_apply_of(ctx, peer);
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                return Err(Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))
+                            }
+                        };
                         ctx.stats.duplicates_skipped += (batch.len() - machine.changes().len()) as u64;
-                        applier.applying = Some(Applying::new(peer, machine, batch));
+                        applier.applying = Some(Applying::new(peer, machine, batch, schema.tables[0].clone()));
                     } else {
                         let mut changes = std::mem::take(&mut applier.spool);
                         changes.extend(batch);
@@ -1112,8 +1208,23 @@ impl Node {
                     // Each attempt from the first segment, as the service's `apply_spooled`.
                     let commit_at = spooled.segments.last().and_then(|s| s.last()).map_or(0, |c| c.seq);
                     spooled.plan = Segments::new(commit_at, durable);
-                    let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), 0)?;
-                    applier.applying = Some(Applying::new(peer, machine, spooled.segments[0].clone()));
+                    let machine = match spooled.machine((pid, &schema, &self.db.collection.cut, ctx.bug), 0) {
+                        Ok(machine) => machine,
+                        Err(ApplyError::ShapeWaits { .. }) => {
+                            ctx.stats.shape_waits += 1;
+                            applier.schema = None;
+                            applier.not_before = ctx.now + SHAPE_RETRY_MICROS;
+                            self.want_apply_of(ctx, peer);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id))),
+                    };
+                    applier.applying = Some(Applying::new(
+                        peer,
+                        machine,
+                        spooled.segments[0].clone(),
+                        schema.tables[0].clone(),
+                    ));
                 }
                 Some(ApplyInput::Start { now: ctx.now })
             }
@@ -1132,7 +1243,9 @@ impl Node {
                 };
                 spooled.plan.start_over();
                 ctx.stats.spool_start_overs += 1;
-                let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), 0)?;
+                let machine = spooled
+                    .machine((pid, &schema, &self.db.collection.cut, ctx.bug), 0)
+                    .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
                 applying.next_segment(machine, spooled.segments[0].clone(), 0);
                 input = Some(ApplyInput::Start { now: ctx.now });
             }
@@ -1170,7 +1283,9 @@ impl Node {
                     };
                     let next = applying.segment_index + 1;
                     spooled.plan.done(&applying.machine);
-                    let machine = spooled.machine((pid, &self.schema, &self.db.collection.cut, ctx.bug), next)?;
+                    let machine = spooled
+                        .machine((pid, &schema, &self.db.collection.cut, ctx.bug), next)
+                        .map_err(|e| Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))?;
                     applying.next_segment(machine, spooled.segments[next].clone(), next);
                     ctx.trace.add(mix(0x5E65, next as u64));
                     input = Some(ApplyInput::Start { now: ctx.now });
@@ -1397,6 +1512,8 @@ fn capture_group(
 ) -> Result<Grouped, Failure> {
     let node = ix + 1;
     let covered_before = vol.capturer.checkpoint().covered_lsn;
+    // The table as these transactions wrote it: a group ends at a migration (`capture_tick`).
+    let table = db.table_at(*lsns.start());
     let mut group = Vec::new();
     // A transaction of the group carries an `accord.mark`: the checkpoint is written whatever
     // else the group does, as the service's capture does.
@@ -1459,7 +1576,7 @@ fn capture_group(
                 vec![None; rows.len()],
             ),
             // Rows of neither kind: the capture records the mark, or the copy's clock and claims.
-            WalBody::Mark => (false, Vec::new(), None, Vec::new(), Vec::new()),
+            WalBody::Mark | WalBody::Alter => (false, Vec::new(), None, Vec::new(), Vec::new()),
             WalBody::Copy { builds_on, stamp } => (true, builds_on.clone(), *stamp, Vec::new(), Vec::new()),
         };
         marked |= matches!(tx.body, WalBody::Mark);
@@ -1509,9 +1626,9 @@ fn capture_group(
     }
     let loaded = to_load
         .iter()
-        .map(|(_, key)| key_of(key).and_then(|k| db.meta.get(&k)).map(|m| m.meta.clone()))
+        .map(|(_, key)| key_of(key).and_then(|k| db.meta.get(&k)).map(|m| m.as_shape(&table)))
         .collect();
-    let table = ctx.table;
+    let table = &table;
     let write = vol
         .capturer
         .capture_group(
@@ -1631,6 +1748,7 @@ fn capture_group(
             MetaRow {
                 meta: m.meta,
                 known_xmin: m.known_xmin,
+                shape: table.shape_id(),
             },
         );
     }

@@ -28,6 +28,8 @@ pub struct WriteRec {
     pub name: Option<Value>,
     /// What the write added to `stock` (an insert adds its value).
     pub stock: i64,
+    /// What it added to `sold`, the column the migration adds (`--migrate`).
+    pub sold: i64,
     /// The new price, when the write set it (every insert does).
     pub price: Option<Value>,
     pub resolving: Option<ReviewItemId>,
@@ -115,7 +117,7 @@ impl Oracle {
         key: i64,
         kind: ChangeKind,
         name: Option<Value>,
-        stock: i64,
+        (stock, sold): (i64, i64),
         price: Option<Value>,
         resolving: Option<ReviewItemId>,
         commit_time: u64,
@@ -133,6 +135,7 @@ impl Oracle {
             seen,
             name,
             stock,
+            sold,
             price,
             resolving,
             merged_before: self.max_merged[node],

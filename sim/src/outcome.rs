@@ -131,6 +131,10 @@ pub struct Stats {
     pub collection_rounds_completed: u64,
     pub tombstones_collected: u64,
     pub inserts_beaten_across_collection: u64,
+    /// Nodes that ran the migration (`SimConfig::migrate`), and batches that waited because a
+    /// node could not read a change's shape yet.
+    pub migrations: u64,
+    pub shape_waits: u64,
     /// Simulated µs at the end of the run.
     pub sim_time: u64,
     /// Simulated µs the liveness phase took to converge after healing.

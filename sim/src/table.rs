@@ -1,6 +1,8 @@
 //! The replicated table every simulated node holds: one column of each policy.
 
-use accord_engine::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, RowKey, TableDef, Value};
+use std::sync::OnceLock;
+
+use accord_engine::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, RowKey, ShapeBook, TableDef, Value};
 
 pub const TABLE: &str = "shop.items";
 /// Column indexes, in table order.
@@ -8,6 +10,8 @@ pub const NAME: usize = 0;
 pub const STOCK: usize = 1;
 pub const PRICE: usize = 2;
 pub const PRICE_COLUMN: &str = "price";
+/// The column a migration adds (`migrated`), after the others.
+pub const SOLD: usize = 3;
 /// The prices writers choose from: few, so concurrent writes sometimes agree.
 pub const PRICES: [&str; 4] = ["10", "20", "30", "40"];
 /// A reviewer's own value, not among the candidates.
@@ -35,6 +39,34 @@ pub fn table() -> TableDef {
     }
 }
 
+/// The table after the migration nodes run while the cluster runs (`--migrate`): `ALTER TABLE
+/// shop.items ADD COLUMN sold bigint NOT NULL DEFAULT 0` with `@accord delta`.
+pub fn migrated() -> TableDef {
+    let mut def = table();
+    def.columns.push(ColumnDef {
+        name: "sold".into(),
+        ty: ColumnType::BigInt,
+        policy: ColumnPolicy::Delta,
+    });
+    def
+}
+
+/// Both shapes of the table, as every node's `accord.shapes` comes to hold them.
+pub fn shapes() -> &'static ShapeBook {
+    static BOOK: OnceLock<ShapeBook> = OnceLock::new();
+    BOOK.get_or_init(|| {
+        let mut book = ShapeBook::default();
+        book.learn(table());
+        book.learn(migrated());
+        book
+    })
+}
+
+/// What a row the migrated table holds had in `sold` before it had the column.
+pub fn sold_default() -> Value {
+    Value::Int(0)
+}
+
 pub fn row_key(key: i64) -> RowKey {
     RowKey(vec![Value::Int(key)])
 }
@@ -52,5 +84,6 @@ mod tests {
     #[test]
     fn the_table_is_valid() {
         super::table().validate().unwrap();
+        super::migrated().validate().unwrap();
     }
 }

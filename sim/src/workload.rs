@@ -8,7 +8,7 @@ use accord_engine::{open_items, Cell, ChangeKind, ReviewItemId, Value};
 use crate::db::Db;
 use crate::rng::SimRng;
 use crate::swarm::{OpKind, Params, OP_KINDS};
-use crate::table::{row_key, table, NAME, PRICE, PRICES, REVIEWER_PRICE, STOCK};
+use crate::table::{row_key, NAME, PRICE, PRICES, REVIEWER_PRICE, SOLD, STOCK};
 
 /// One row of a planned transaction.
 #[derive(Debug, Clone)]
@@ -25,6 +25,9 @@ pub struct RowPlan {
     pub name: Option<Value>,
     pub stock: i64,
     pub price: Option<Value>,
+    /// The amount added to `sold` (the migration's column: where a node has it, every write of
+    /// `stock` writes `sold` by as much).
+    pub sold: i64,
     /// An update that sets every column to its value (and resolves nothing): no write.
     pub changes_nothing: bool,
 }
@@ -40,6 +43,7 @@ impl RowPlan {
             name: None,
             stock: 0,
             price: None,
+            sold: 0,
             changes_nothing: false,
         }
     }
@@ -54,7 +58,11 @@ pub struct TxPlan {
 }
 
 fn stock_of(cells: &[Cell]) -> i64 {
-    match cells[STOCK].value() {
+    int_of(cells, STOCK)
+}
+
+fn int_of(cells: &[Cell], column: usize) -> i64 {
+    match cells.get(column).and_then(Cell::value) {
         Some(Value::Int(v)) => *v,
         _ => 0,
     }
@@ -144,6 +152,7 @@ fn plan_rekey(rng: &mut SimRng, params: &Params, db: &Db, key: i64, fresh: &mut 
             name: Some(name),
             stock: stock_of(&old),
             price: old[PRICE].value().cloned(),
+            sold: int_of(&old, SOLD),
             changes_nothing: false,
         },
     ])
@@ -176,19 +185,27 @@ fn plan_row(
         let stock = rng.range(1, 20) as i64;
         let name = fresh_name(fresh);
         let price = random_price(rng);
+        let mut new = vec![
+            Cell::Value(name.clone()),
+            Cell::Value(Value::Int(stock)),
+            Cell::Value(price.clone()),
+        ];
+        let sold = if db.migrated_at.is_some() {
+            new.push(Cell::Value(Value::Int(stock)));
+            stock
+        } else {
+            0
+        };
         return RowPlan {
             key,
             kind: ChangeKind::Insert,
             old: None,
-            new: Some(vec![
-                Cell::Value(name.clone()),
-                Cell::Value(Value::Int(stock)),
-                Cell::Value(price.clone()),
-            ]),
+            new: Some(new),
             toast_name: false,
             name: Some(name),
             stock,
             price: Some(price),
+            sold,
             changes_nothing: false,
         };
     };
@@ -215,7 +232,7 @@ fn plan_row(
             // resolve only rows with no local write still on its way through the capture.
             let item = if captured_as_is(db, key) {
                 db.row_state(key)
-                    .and_then(|state| open_items(&table(), &row_key(key), &state).into_iter().next())
+                    .and_then(|state| open_items(&db.table(), &row_key(key), &state).into_iter().next())
             } else {
                 None
             };
@@ -241,6 +258,10 @@ fn plan_row(
     if stock != 0 {
         new[STOCK] = Cell::Value(Value::Int(stock_of(&old) + stock));
     }
+    let sold = if old.len() > SOLD { stock } else { 0 };
+    if sold != 0 {
+        new[SOLD] = Cell::Value(Value::Int(int_of(&old, SOLD) + sold));
+    }
     if let Some(p) = &price {
         new[PRICE] = Cell::Value(p.clone());
     }
@@ -256,6 +277,7 @@ fn plan_row(
         name,
         stock,
         price,
+        sold,
     }
 }
 

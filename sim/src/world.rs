@@ -34,6 +34,7 @@ const STREAM_NODE: u64 = 5;
 const STREAM_CLOCK: u64 = 6;
 const STREAM_JOIN: u64 = 7;
 const STREAM_LEAVE: u64 = 8;
+const STREAM_MIGRATE: u64 = 9;
 
 #[derive(Debug)]
 enum EventKind {
@@ -85,6 +86,14 @@ enum EventKind {
     JoinStep,
     /// The next step of a node's leave (`leave.rs`).
     LeaveStep,
+    /// The user runs the migration on this node (`SimConfig::migrate`), or tries again.
+    /// `behind`: first stall the node's capture, so that the migration commits with local
+    /// writes before it not captured yet, and appliers write under the new shape while the
+    /// capture still reads the old one.
+    Migrate {
+        node: usize,
+        behind: bool,
+    },
 }
 
 impl EventKind {
@@ -105,6 +114,7 @@ impl EventKind {
             EventKind::LocalRetry { node, .. } => 13 | (*node as u64) << 8,
             EventKind::JoinStep => 14,
             EventKind::LeaveStep => 15,
+            EventKind::Migrate { node, behind } => 16 | (*node as u64) << 8 | u64::from(*behind) << 16,
         }
     }
 }
@@ -235,6 +245,11 @@ impl World {
         }
     }
 
+    /// Whether the nodes run the migration (`SimConfig::migrate`).
+    pub fn migrates(&self) -> bool {
+        self.cfg.migrate
+    }
+
     pub fn params(&self) -> &Params {
         &self.params
     }
@@ -284,6 +299,9 @@ impl World {
         }
         if self.cfg.leave {
             self.plan_leave();
+        }
+        if self.cfg.migrate {
+            self.plan_migrations();
         }
         for node in 0..self.nodes.len() {
             if !self.nodes[node].awaiting_join {
@@ -409,6 +427,7 @@ impl World {
             EventKind::LocalRetry { node, draws } => self.local_tx(node, *draws),
             EventKind::JoinStep => self.join_step(),
             EventKind::LeaveStep => self.leave_step(),
+            EventKind::Migrate { node, behind } => self.migrate(node, behind),
         }
     }
 
@@ -470,6 +489,43 @@ impl World {
             self.push(self.now + gap, EventKind::Op);
         } else {
             self.begin_liveness();
+        }
+        Ok(())
+    }
+
+    /// Each node's migration, at a time of its own within the workload's first two thirds, so
+    /// that migrated and unmigrated nodes write side by side for a while.
+    fn plan_migrations(&mut self) {
+        let mut rng = SimRng::new(self.cfg.seed, STREAM_MIGRATE);
+        let span = (self.cfg.ops as f64 * self.params.op_gap_mean) as u64;
+        for node in 0..self.nodes.len() {
+            let at = self.now + span / 10 + rng.below(span / 2 + 1);
+            let behind = rng.chance(0.5);
+            self.push(at, EventKind::Migrate { node, behind });
+        }
+    }
+
+    /// The migration on `node`; tried again shortly while an apply holds the table or
+    /// PostgreSQL is down.
+    fn migrate(&mut self, node: usize, behind: bool) -> Result<(), Failure> {
+        if self.nodes[node].gone {
+            return Ok(());
+        }
+        if behind {
+            let stall = (40.0 * self.params.op_gap_mean) as u64 + 1;
+            let n = &mut self.nodes[node];
+            n.capture_stalled_until = n.capture_stalled_until.max(self.now + stall);
+            self.push(self.now + stall / 2, EventKind::Migrate { node, behind: false });
+            return Ok(());
+        }
+        let mut done = false;
+        self.with_node(node, |n, ctx| {
+            done = n.migrate(ctx)?;
+            Ok(())
+        })?;
+        if !done {
+            let at = self.now + self.params.lock_retry_max.max(1);
+            self.push(at, EventKind::Migrate { node, behind: false });
         }
         Ok(())
     }

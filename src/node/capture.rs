@@ -333,10 +333,9 @@ impl Capture {
     async fn follow_new_table(&mut self, catalog: &SchemaPolicy, rel: &Relation) -> Result<()> {
         let name = rel.qualified_name();
         let Some(now) = catalog.table(&name) else {
-            bail!(
-                "the stream carries changes to {name}, which accord's publication holds but which is not tagged \
-                 `@accord replicate`: tag it again"
-            );
+            // Not a replicated table: a partition of one (decoded as its root's changes), or a
+            // table the publication still holds but no longer tagged (the node warns of it).
+            return Ok(());
         };
         let def = shape_as_decoded(rel, now, &[])?;
         super::shapes::record(&self.db, &def, true)

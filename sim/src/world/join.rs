@@ -471,6 +471,8 @@ impl World {
                         MetaRow {
                             meta: copy.meta,
                             known_xmin: Some(xid),
+                            // (No migration runs beside a join: `SimConfig::validate`.)
+                            shape: crate::table::table().shape_id(),
                         },
                     );
                 }
@@ -481,6 +483,8 @@ impl World {
                         MetaRow {
                             meta: copy.meta,
                             known_xmin: None,
+                            // (No migration runs beside a join: `SimConfig::validate`.)
+                            shape: crate::table::table().shape_id(),
                         },
                     );
                 }
