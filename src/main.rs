@@ -515,11 +515,11 @@ async fn init(dsn: &str, node_id: u32) -> anyhow::Result<()> {
     }
     if let init::TakeInTrigger::NotPermitted(why) = &done.take_in_trigger {
         eprintln!(
-            "warning: the event trigger that brings a table into replication in the transaction that tags it \
-             `@accord replicate` could not be installed ({why}): the running node takes a newly tagged table in \
-             within seconds, and rows written to it before then stay on this node. Call \
-             `SELECT accord.take_in('schema.table')` in the migration that tags it, or run `accord init` as a \
-             superuser"
+            "warning: accord's event triggers could not be installed ({why}): the running node takes a table newly \
+             tagged `@accord replicate` in within seconds, and rows written to it before then stay on this node \
+             (call `SELECT accord.take_in('schema.table')` in the migration that tags it), and renaming a \
+             replicated table or column, or changing a column's @accord tag, is not refused (do neither while \
+             the cluster runs). Run `accord init` as a superuser to install them"
         );
     }
     Ok(())

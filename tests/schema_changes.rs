@@ -288,6 +288,33 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
             "nothing kept aside"
         );
     }
+    // What the nodes could not follow is refused in the migration's own transaction.
+    for (ddl, says) in [
+        (
+            "ALTER TABLE shop.items RENAME COLUMN sold TO units_sold",
+            "renaming a replicated column",
+        ),
+        (
+            "ALTER TABLE shop.items RENAME TO products",
+            "renaming a replicated table",
+        ),
+        (
+            "COMMENT ON COLUMN shop.items.stock IS '@accord lww'",
+            "changing a replicated column's policy",
+        ),
+    ] {
+        let error = dbs[0].batch_execute(ddl).await.expect_err(ddl);
+        let message = error.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert!(message.contains(says), "{ddl}: {message}");
+    }
+    // A column added and tagged in one transaction is no policy change.
+    dbs[0]
+        .batch_execute(
+            "BEGIN; ALTER TABLE shop.orders ADD COLUMN returned bigint NOT NULL DEFAULT 0;
+             COMMENT ON COLUMN shop.orders.returned IS '@accord delta'; COMMIT;",
+        )
+        .await
+        .unwrap();
     for node in nodes {
         let (ok, logs) = node.terminate();
         assert!(ok, "{logs}");

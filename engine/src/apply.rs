@@ -29,7 +29,7 @@ use crate::hlc::{Hlc, NodeId};
 use crate::merge::{merge, Conflict, ConflictKind, MergeOutcome, RowAction};
 use crate::review::{ReviewAction, ReviewItem};
 use crate::schema::TableDef;
-use crate::shape::{NodeSchema, Reading};
+use crate::shape::{NodeSchema, Reading, ShapeBook};
 use crate::state::{Cell, RowMeta, RowState};
 use crate::value::Value;
 
@@ -599,6 +599,8 @@ enum Phase {
 pub struct BatchApply {
     peer: NodeId,
     tables: Arc<[TableDef]>,
+    /// The shapes the node knows: a kept change was stored under the node's shape of its day.
+    shapes: Arc<ShapeBook>,
     rules: ApplyRules,
     cut: Option<StableCut>,
     /// The changes to apply, in sequence order.
@@ -689,6 +691,7 @@ impl BatchApply {
         Ok(BatchApply {
             peer,
             tables,
+            shapes: Arc::clone(&schema.shapes),
             rules,
             cut,
             changes,
@@ -940,13 +943,27 @@ impl BatchApply {
             let settled = self.settled.get(&slot).copied();
             match judge(&row, probed, settled, self.cut.as_ref(), self.rules.planted) {
                 Verdict::Accounted { state, settled } => {
+                    let table = &self.tables[self.slots[slot].table];
+                    // Kept under the node's shape of the day they were kept: read as it is now.
+                    let kept = row
+                        .deferred
+                        .into_iter()
+                        .map(|c| match self.shapes.read(&c, Some(table)) {
+                            Reading::AsItIs => Ok((c, true)),
+                            Reading::Reshaped(read) => Ok((*read, true)),
+                            Reading::Waits(message) => Err(ApplyError::ShapeWaits {
+                                peer: self.peer,
+                                message,
+                            }),
+                        })
+                        .collect::<Result<_, _>>()?;
                     self.work[slot] = Work {
                         state,
                         known: settled.or_else(|| row.meta.as_ref().and_then(|(_, k)| *k)),
                         // A settled xmin is recorded even if no merge of the row stands.
                         merged: settled.is_some(),
                         write: None,
-                        kept: row.deferred.into_iter().map(|c| (c, true)).collect(),
+                        kept,
                     };
                 }
                 Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),

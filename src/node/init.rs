@@ -26,8 +26,9 @@ pub struct Initialized {
     pub take_in_trigger: TakeInTrigger,
 }
 
-/// Whether a table tagged `@accord replicate` later joins replication in the transaction that
-/// tags it (`tagging`: an event trigger, which takes a superuser to install).
+/// Whether accord's event triggers are installed (they take a superuser): a table tagged
+/// `@accord replicate` later joins replication in the transaction that tags it (`tagging`), and
+/// DDL accord cannot follow is refused (`ddl_guard`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TakeInTrigger {
     Installed,
@@ -173,6 +174,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(super::tagging::TAKE_IN_DDL)
         .await
         .context("cannot create accord.take_in")?;
+    tx.batch_execute(super::ddl_guard::GUARD_DDL)
+        .await
+        .context("cannot create accord's DDL guard")?;
     key_locks::install_triggers(&tx, policy.tables(), true).await?;
     truncate::install(&tx, policy.tables(), true).await?;
     let existing: Option<(i32, String)> = tx
@@ -185,19 +189,29 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
             bail!("this database is already node {other}; a database is one node for life (asked for node {node})")
         }
         Some((_, old)) if old != fingerprint => {
-            // Row metadata is positional per table column and per policy: read under another
-            // shape it would merge the wrong columns. Until accord migrates it, refuse.
-            let rows: i64 = tx.query_one("SELECT count(*) FROM accord.row_meta", &[]).await?.get(0);
-            if rows > 0 {
+            // Row metadata is positional per table column and per policy. Metadata that names
+            // the shape it was stored under, or was stored before shapes were named under the
+            // first shape the node recorded, is read under the new one (issue 17); metadata from
+            // a version of accord that recorded no shape at all cannot be placed.
+            let unplaced: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM accord.row_meta m
+                      WHERE m.shape IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM accord.shapes s WHERE s.table_name = m.table_name AND s.own)",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if unplaced > 0 {
                 bail!(
                     "the replicated tables' columns or @accord annotations changed since this database was \
                      initialised (policy fingerprint {old} then, {fingerprint} now), and accord holds metadata \
-                     for {rows} rows written under the old shape, which it cannot migrate yet (nor can it read \
-                     the changes written since under the new shape). Re-create the cluster's accord state: with \
-                     the nodes stopped and the databases made equal, \
-                     on every node run `SELECT pg_drop_replication_slot('accord_slot'); DROP PUBLICATION \
-                     accord_pub; DROP SCHEMA accord CASCADE;`, change the schema the same way everywhere, \
-                     then `accord init` each node"
+                     for {unplaced} rows written by a version of accord that did not record the tables' shapes, \
+                     which it cannot read under the new one (a node that runs this version once before a \
+                     migration records them). Re-create the cluster's accord state: with the nodes stopped and \
+                     the databases made equal, on every node run \
+                     `SELECT pg_drop_replication_slot('accord_slot'); DROP PUBLICATION accord_pub; DROP SCHEMA \
+                     accord CASCADE;`, then `accord init` each node"
                 );
             }
         }
@@ -278,7 +292,8 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     };
     // After the publication: the trigger adds tables to it.
     tx.batch_execute("SAVEPOINT take_in_trigger").await?;
-    let take_in_trigger = match tx.batch_execute(super::tagging::TAKE_IN_TRIGGER).await {
+    let triggers = [super::tagging::TAKE_IN_TRIGGER, super::ddl_guard::GUARD_TRIGGER].concat();
+    let take_in_trigger = match tx.batch_execute(&triggers).await {
         Ok(()) => TakeInTrigger::Installed,
         Err(error) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT take_in_trigger").await?;
@@ -289,6 +304,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
             )
         }
     };
+    tx.batch_execute("SELECT accord.record_replicated_columns()")
+        .await
+        .context("cannot record the replicated columns for accord's DDL guard")?;
     let checkpoint = Capturer::new(node, DEFAULT_MAX_OFFSET_MICROS).checkpoint();
     tx.execute(
         "INSERT INTO accord.capture_state (checkpoint, last_seq, covered_lsn) VALUES ($1, 0, '0/0')

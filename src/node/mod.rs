@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod apply_worker;
 pub mod capture;
+pub mod ddl_guard;
 pub mod ids;
 pub mod init;
 pub mod join;

@@ -365,6 +365,9 @@ where
     db.batch_execute(tagging::TAKE_IN_DDL)
         .await
         .context("cannot create accord.take_in")?;
+    db.batch_execute(super::ddl_guard::GUARD_DDL)
+        .await
+        .context("cannot create accord's DDL guard")?;
     db.batch_execute(store::ROW_META_SHAPE_DDL)
         .await
         .context("cannot add accord.row_meta.shape")?;
