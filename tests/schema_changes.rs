@@ -6,7 +6,9 @@
 //! 1. a new `delta` column, incremented by every migrated node;
 //! 2. a new `review` column, each node writing its own rows' (no two nodes one row's);
 //! 3. a column dropped, written by each node until it drops it;
-//! 4. a new table tagged `@accord replicate`, with rows inserted and incremented.
+//! 4. a new table tagged `@accord replicate`, with rows inserted and incremented;
+//! 5. two columns widened (`numeric(10,2)` to `numeric(12,2)`, `integer` to `bigint`), each node
+//!    writing values only the wider types hold once it has them.
 //!
 //! No capture stops, nothing waits for review or is kept aside, and the nodes end identical with
 //! exact sums.
@@ -29,14 +31,16 @@ CREATE TABLE shop.items (
     id bigint PRIMARY KEY,
     name text NOT NULL,
     stock bigint NOT NULL DEFAULT 0,
-    legacy text
+    legacy text,
+    price numeric(10,2) NOT NULL DEFAULT 0,
+    weight integer NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE shop.items IS '@accord replicate';
 COMMENT ON COLUMN shop.items.stock IS '@accord delta';
 ";
 
 /// The migrations, in the order every node runs them.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "BEGIN;
      ALTER TABLE shop.items ADD COLUMN sold bigint NOT NULL DEFAULT 0;
      COMMENT ON COLUMN shop.items.sold IS 'Units sold. @accord delta';
@@ -44,6 +48,8 @@ const MIGRATIONS: [&str; 4] = [
     "BEGIN;
      ALTER TABLE shop.items ADD COLUMN note text;
      COMMENT ON COLUMN shop.items.note IS '@accord review';
+     ALTER TABLE shop.items ADD COLUMN colour text NOT NULL DEFAULT 'none';
+     CREATE INDEX items_colour ON shop.items (colour);
      COMMIT;",
     "ALTER TABLE shop.items DROP COLUMN legacy;",
     "BEGIN;
@@ -51,6 +57,7 @@ const MIGRATIONS: [&str; 4] = [
      COMMENT ON TABLE shop.orders IS '@accord replicate';
      COMMENT ON COLUMN shop.orders.qty IS '@accord delta';
      COMMIT;",
+    "ALTER TABLE shop.items ALTER COLUMN price TYPE numeric(12,2), ALTER COLUMN weight TYPE bigint;",
 ];
 
 const ITEMS: &[&str] = &["shop.items"];
@@ -75,6 +82,7 @@ struct Writes {
     legacy: AtomicI64,
     orders: AtomicI64,
     qty: AtomicI64,
+    wide: AtomicI64,
 }
 
 /// Writes until `stop`, each round according to how many migrations its node has run
@@ -108,12 +116,27 @@ fn spawn_writer(
             }
             if *stage >= 2 && own {
                 db.execute(
-                    "UPDATE shop.items SET note = $2 WHERE id = $1",
-                    &[&k, &format!("n{node}-{n}")],
+                    "UPDATE shop.items SET note = $2, colour = $3 WHERE id = $1",
+                    &[&k, &format!("n{node}-{n}"), &format!("c{}", n % 7)],
                 )
                 .await
                 .unwrap();
                 writes.notes.fetch_add(1, Ordering::SeqCst);
+            }
+            if own {
+                // Only the widened types hold the larger values.
+                let (price, weight) = if *stage >= 5 {
+                    writes.wide.fetch_add(1, Ordering::SeqCst);
+                    (format!("1234567{:02}.{:02}", n % 100, n % 97), 5_000_000_000 + n)
+                } else {
+                    (format!("{}.{:02}", n % 1000, n % 97), n)
+                };
+                db.execute(
+                    "UPDATE shop.items SET price = $2::text::numeric, weight = $3::bigint WHERE id = $1",
+                    &[&k, &price, &weight],
+                )
+                .await
+                .unwrap();
             }
             if *stage < 3 && own {
                 db.execute(
@@ -247,6 +270,7 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
             ("notes", &w.notes),
             ("legacy", &w.legacy),
             ("orders", &w.orders),
+            ("wide values", &w.wide),
         ] {
             assert!(n.load(Ordering::SeqCst) > 0, "every node wrote {what}");
         }
@@ -276,6 +300,10 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
             count(db, "SELECT coalesce(sum(qty), 0)::bigint FROM shop.orders").await,
             qty,
             "every increment of the new table's delta column once"
+        );
+        assert!(
+            count(db, "SELECT max(weight) FROM shop.items").await > i64::from(i32::MAX),
+            "the widened column's values reached every node"
         );
         assert_eq!(
             count(db, "SELECT count(*) FROM accord.review_items").await,

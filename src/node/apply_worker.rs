@@ -61,21 +61,28 @@ fn no_place(error: &anyhow::Error) -> Option<&ApplyError> {
 }
 
 /// A statement failed because a table is not as the applier read it: a column or table gone, or
-/// a column's type changed.
+/// a column's type changed (a row holds a value the type it read cannot).
 fn stale_tables(error: &anyhow::Error) -> bool {
     use tokio_postgres::error::SqlState;
-    error
-        .chain()
-        .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
-        .filter_map(tokio_postgres::Error::code)
-        .any(|code| {
-            [
-                SqlState::UNDEFINED_COLUMN,
-                SqlState::UNDEFINED_TABLE,
-                SqlState::DATATYPE_MISMATCH,
-            ]
-            .contains(code)
-        })
+    let unreadable = error.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<super::rows::RowError>(),
+            Some(super::rows::RowError::Value { .. })
+        )
+    });
+    unreadable
+        || error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+            .filter_map(tokio_postgres::Error::code)
+            .any(|code| {
+                [
+                    SqlState::UNDEFINED_COLUMN,
+                    SqlState::UNDEFINED_TABLE,
+                    SqlState::DATATYPE_MISMATCH,
+                ]
+                .contains(code)
+            })
 }
 
 /// The server's own words, without the client's framing.

@@ -328,6 +328,32 @@ impl Capture {
         Ok(())
     }
 
+    /// Whether a column's type as the stream decodes it is not the one the capture holds (an
+    /// `ALTER COLUMN ... TYPE` the capture has not followed, also across its restarts).
+    async fn types_differ(&self, table: &TableDef, rel: &Relation) -> Result<bool> {
+        let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
+        let rows = self
+            .db
+            .query(
+                "SELECT pg_catalog.format_type(t, m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(t, m, i)
+                  ORDER BY i",
+                &[&oids, &mods],
+            )
+            .await
+            .with_context(|| format!("cannot read the column types of {}", table.name))?;
+        Ok(rel.columns.iter().zip(&rows).any(|(column, row)| {
+            let decoded = accord_schema_annotations::column_type(row.get(0));
+            let held = table
+                .key
+                .iter()
+                .find(|k| k.name == column.name)
+                .map(|k| &k.ty)
+                .or_else(|| table.columns.iter().find(|c| c.name == column.name).map(|c| &c.ty));
+            held.is_some_and(|ty| *ty != decoded)
+        }))
+    }
+
     /// A table taken into replication while the node runs (`tagging`): captured from its first
     /// change on, under its shape as the catalog has it.
     async fn follow_new_table(&mut self, catalog: &SchemaPolicy, rel: &Relation) -> Result<()> {
@@ -436,8 +462,10 @@ impl Capture {
                                 };
                                 types(before) != types(&r)
                             });
-                            let changed = match self.policy.table(&name) {
-                                Some(table) => retyped || check_shape(table, &r).is_err(),
+                            let changed = match self.policy.table(&name).cloned() {
+                                Some(table) => {
+                                    retyped || check_shape(&table, &r).is_err() || self.types_differ(&table, &r).await?
+                                }
                                 // Only published tables reach the stream: this one was tagged
                                 // and taken in since (`tagging`).
                                 None => name != store::RESOLUTIONS_TABLE,
