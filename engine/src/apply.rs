@@ -368,10 +368,14 @@ pub struct ApplySummary {
     pub conflicts: ConflictCounts,
     /// Times the batch waited for the capture (a local write raced the merge).
     pub waits: u64,
+    /// Changes to tables this node left (`NodeSchema::left`), not applied.
+    #[serde(default)]
+    pub left: u64,
 }
 
 impl ApplySummary {
     pub fn add(&mut self, other: &ApplySummary) {
+        self.left += other.left;
         self.applied += other.applied;
         self.parked += other.parked;
         self.deferred += other.deferred;
@@ -601,6 +605,8 @@ pub struct BatchApply {
     tables: Arc<[TableDef]>,
     /// The shapes the node knows: a kept change was stored under the node's shape of its day.
     shapes: Arc<ShapeBook>,
+    /// Tables the node left: their changes are passed over.
+    left: Arc<std::collections::BTreeSet<String>>,
     rules: ApplyRules,
     cut: Option<StableCut>,
     /// The changes to apply, in sequence order.
@@ -651,13 +657,17 @@ impl BatchApply {
         let changes: Vec<RowChange> = changes
             .into_iter()
             .filter(|c| skip_nothing || c.seq > applied)
-            .map(
-                |c| match schema.shapes.read(&c, tables.iter().find(|t| t.name == c.table)) {
+            .map(|c| {
+                if schema.left.contains(&c.table) {
+                    // A table this node left: its changes are not applied here (no slot below).
+                    return Ok(c);
+                }
+                match schema.shapes.read(&c, tables.iter().find(|t| t.name == c.table)) {
                     Reading::AsItIs => Ok(c),
                     Reading::Reshaped(read) => Ok(*read),
                     Reading::Waits(message) => Err(ApplyError::ShapeWaits { peer, message }),
-                },
-            )
+                }
+            })
             .collect::<Result<_, _>>()?;
         if let Some(first) = changes.first() {
             let continues = first.seq == applied + 1 || skip_nothing || rules.planted == Some(PlantedBug::ApplyPastGap);
@@ -674,7 +684,11 @@ impl BatchApply {
         let mut slots = Vec::new();
         let mut change_slots = Vec::with_capacity(changes.len());
         for change in &changes {
-            let Some(table) = tables.iter().position(|t| t.name == change.table) else {
+            let table = tables
+                .iter()
+                .position(|t| t.name == change.table)
+                .filter(|_| !schema.left.contains(&change.table));
+            let Some(table) = table else {
                 change_slots.push(None);
                 continue;
             };
@@ -692,6 +706,7 @@ impl BatchApply {
             peer,
             tables,
             shapes: Arc::clone(&schema.shapes),
+            left: Arc::clone(&schema.left),
             rules,
             cut,
             changes,
@@ -995,6 +1010,10 @@ impl BatchApply {
         for i in part.0..part.1 {
             let change = &self.changes[i];
             let Some(slot) = self.change_slots[i] else {
+                if self.left.contains(&change.table) {
+                    done.left += 1;
+                    continue;
+                }
                 let error = format!("table {} is not replicated on this node", change.table);
                 records.parked.push((unapplicable(change, error), change.clone()));
                 done.parked += 1;

@@ -107,6 +107,9 @@ pub struct ShapeBook {
 pub struct NodeSchema {
     pub tables: std::sync::Arc<[TableDef]>,
     pub shapes: std::sync::Arc<ShapeBook>,
+    /// Tables this node replicated and left (untagged): peers' changes to them are not applied
+    /// here, where a table not replicated yet makes them wait.
+    pub left: std::sync::Arc<BTreeSet<String>>,
 }
 
 impl NodeSchema {
@@ -119,6 +122,7 @@ impl NodeSchema {
         NodeSchema {
             tables,
             shapes: std::sync::Arc::new(shapes),
+            left: std::sync::Arc::default(),
         }
     }
 }

@@ -599,6 +599,7 @@ fn a_change_under_another_shape_is_read_by_name_or_waits() {
     let schema = NodeSchema {
         tables: tables(),
         shapes: Arc::new(book.clone()),
+        left: Arc::default(),
     };
     match BatchApply::new(A, 0, vec![sent.clone()], &schema, None, ApplyRules::default()) {
         Err(ApplyError::ShapeWaits { message, .. }) => assert!(message.contains("colour"), "{message}"),
@@ -610,8 +611,40 @@ fn a_change_under_another_shape_is_read_by_name_or_waits() {
     let schema = NodeSchema {
         tables: tables(),
         shapes: Arc::new(book),
+        left: Arc::default(),
     };
     let m = BatchApply::new(A, 0, vec![sent], &schema, None, ApplyRules::default()).unwrap();
     assert_eq!(m.changes()[0].row.values, cells("a", 5));
     assert_eq!(m.changes()[0].shape, Some(ours[0].shape_id()));
+}
+
+/// A table this node left (untagged) is passed over: its changes are neither applied nor
+/// parked, and the stream goes on; a table not replicated here yet makes them wait.
+#[test]
+fn changes_to_a_table_this_node_left_are_passed_over() {
+    let mut gone = insert(A, 1, 1, "a", 1);
+    gone.table = "shop.gone".into();
+    let batch = vec![gone, insert(A, 2, 2, "b", 2)];
+    let schema = |left: &[&str]| NodeSchema {
+        left: Arc::new(left.iter().map(|t| t.to_string()).collect()),
+        ..NodeSchema::of(tables())
+    };
+    let run = |left: &[&str]| {
+        let mut m = BatchApply::new(A, 0, batch.clone(), &schema(left), None, ApplyRules::default()).unwrap();
+        let commands = run_refusing(&mut m, |_| false);
+        let parked: usize = commands
+            .iter()
+            .map(|c| match c {
+                ApplyCommand::Record(records) => records.parked.len(),
+                _ => 0,
+            })
+            .sum();
+        let Some(ApplyCommand::Done { applied, summary }) = commands.last() else {
+            panic!("the batch did not end: {commands:?}");
+        };
+        (*applied, summary.applied, summary.left, parked)
+    };
+    assert_eq!(run(&["shop.gone"]), (2, 1, 1, 0));
+    let waits = BatchApply::new(A, 0, batch.clone(), &schema(&[]), None, ApplyRules::default());
+    assert!(matches!(waits, Err(ApplyError::ShapeWaits { .. })), "{waits:?}");
 }

@@ -156,6 +156,7 @@ fn node_schema(db: &Db, learned: &ShapeBook) -> NodeSchema {
     NodeSchema {
         tables: Arc::from(vec![table]),
         shapes: Arc::new(book),
+        left: Arc::default(),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Applier {
     /// Per table: what a column a change does not carry is filled with, and the columns dropped
     /// here (`shapes::local_extras`); only tables that have either.
     extras: Vec<(String, Vec<Option<Value>>, BTreeSet<String>)>,
+    /// Tables this node left (`tagging`): peers' changes to them are not applied.
+    left: watch::Receiver<Arc<BTreeSet<String>>>,
     /// The session let go of the peer's origin (`release_origin`): it may apply nothing.
     origin_released: bool,
     /// The session holds key locks (`key_locks`), to release once the transaction ends.
@@ -173,7 +175,9 @@ impl Applier {
                 extras.push((table.name.clone(), defaults, dropped));
             }
         }
+        let left = super::tagging::left_tables(&db).await?;
         Ok(Applier {
+            left: watch::channel(Arc::new(left)).1,
             extras,
             origin_released: false,
             db,
@@ -255,6 +259,17 @@ impl Applier {
         self.shapes = shapes;
     }
 
+    /// Follows the tables the node left (`tagging`), which it learns of after the applier
+    /// read its tables.
+    pub fn follow_left(&mut self, left: watch::Receiver<Arc<BTreeSet<String>>>) {
+        self.left = left;
+    }
+
+    /// The left tables this applier follows, for a replacement applier.
+    pub fn left(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
+        self.left.clone()
+    }
+
     /// The shapes this applier follows, for a replacement applier.
     pub fn shapes(&self) -> watch::Receiver<Arc<ShapeBook>> {
         self.shapes.clone()
@@ -275,6 +290,7 @@ impl Applier {
         NodeSchema {
             tables: Arc::clone(&self.tables),
             shapes,
+            left: Arc::clone(&self.left.borrow()),
         }
     }
 

@@ -445,6 +445,7 @@ async fn replace(applier: &mut Applier, dsn: &str) -> bool {
         Ok(mut fresh) => {
             fresh.follow_collection(applier.collection());
             fresh.follow_shapes(applier.shapes());
+            fresh.follow_left(applier.left());
             *applier = fresh;
             true
         }

@@ -294,17 +294,23 @@ impl Capture {
         let earlier: Vec<&TableDef> = std::iter::once(&old)
             .chain(known.shapes().filter(|t| t.name == name))
             .collect();
-        let def = shape_as_decoded(rel, now, &earlier)?;
-        super::shapes::record(&self.db, &def, true)
-            .await
-            .with_context(|| format!("cannot record the new shape of {name}"))?;
+        let decoded = shape_as_decoded(rel, now, &earlier)?;
         let tables: Vec<TableDef> = self
             .policy
             .tables()
             .iter()
-            .map(|t| if t.name == name { def.clone() } else { t.clone() })
+            .map(|t| if t.name == name { decoded.clone() } else { t.clone() })
             .collect();
         self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the new shape of {name}"))?);
+        // As the policy holds it (its columns in canonical order): the shape changes name.
+        let def = self
+            .policy
+            .table(&name)
+            .with_context(|| format!("{name} is not in the capture's policy"))?
+            .clone();
+        super::shapes::record(&self.db, &def, true)
+            .await
+            .with_context(|| format!("cannot record the new shape of {name}"))?;
         self.progress.send_modify(|p| p.shapes += 1);
         let added: Vec<&str> = def
             .columns
@@ -363,13 +369,17 @@ impl Capture {
             // table the publication still holds but no longer tagged (the node warns of it).
             return Ok(());
         };
-        let def = shape_as_decoded(rel, now, &[])?;
+        let mut tables = self.policy.tables().to_vec();
+        tables.push(shape_as_decoded(rel, now, &[])?);
+        self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the shape of {name}"))?);
+        let def = self
+            .policy
+            .table(&name)
+            .with_context(|| format!("{name} is not in the capture's policy"))?
+            .clone();
         super::shapes::record(&self.db, &def, true)
             .await
             .with_context(|| format!("cannot record the shape of {name}"))?;
-        let mut tables = self.policy.tables().to_vec();
-        tables.push(def.clone());
-        self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the shape of {name}"))?);
         self.progress.send_modify(|p| p.shapes += 1);
         tracing::info!(table = name, shape = %def.shape_id(), "capturing a table taken into replication");
         Ok(())

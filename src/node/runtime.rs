@@ -246,8 +246,8 @@ impl NodeHandle {
 }
 
 /// Takes in tables tagged since the last look (`tagging`), and says what it did and what it
-/// could not; `untagged`: the tables it already warned were untagged.
-async fn take_in_tagged_logged(db: &mut Client, untagged: &mut BTreeSet<String>) {
+/// could not.
+async fn take_in_tagged_logged(db: &mut Client) {
     match tagging::take_in_tagged(db).await {
         Ok(tagging) => {
             for taken in tagging.taken_in {
@@ -257,15 +257,11 @@ async fn take_in_tagged_logged(db: &mut Client, untagged: &mut BTreeSet<String>)
                     "a table tagged `@accord replicate` joined replication"
                 );
             }
-            for table in tagging.untagged {
-                if untagged.insert(table.clone()) {
-                    tracing::warn!(
-                        table,
-                        "this table is no longer tagged `@accord replicate`, but leaving replication while \
-                         the cluster runs is not supported yet: accord still replicates it here, and its peers' \
-                         changes to it wait; tag it again"
-                    );
-                }
+            for table in tagging.left {
+                tracing::info!(
+                    table,
+                    "a table no longer tagged `@accord replicate` left replication on this node"
+                );
             }
         }
         Err(error) => tracing::warn!(
@@ -278,9 +274,14 @@ async fn take_in_tagged_logged(db: &mut Client, untagged: &mut BTreeSet<String>)
 /// How often the catalog is read for tables tagged `@accord replicate` since.
 const TAGGING_EVERY: Duration = Duration::from_secs(2);
 
-/// Every `every`, takes in tables tagged since (`tagging`), on its own connection.
-async fn watch_tagging(dsn: String, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut untagged = BTreeSet::new();
+/// Every `every`, takes in tables tagged since and takes out those untagged (`tagging`), on its
+/// own connection, and tells the appliers which tables the node left.
+async fn watch_tagging(
+    dsn: String,
+    every: Duration,
+    left: watch::Sender<Arc<BTreeSet<String>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut db = None;
     loop {
         tokio::select! {
@@ -290,8 +291,27 @@ async fn watch_tagging(dsn: String, every: Duration, mut shutdown: watch::Receiv
         if db.as_ref().is_none_or(|c: &Client| c.is_closed()) {
             db = connect(&dsn).await.ok();
         }
-        if let Some(db) = db.as_mut() {
-            take_in_tagged_logged(db, &mut untagged).await;
+        let Some(db) = db.as_mut() else { continue };
+        take_in_tagged_logged(db).await;
+        match tagging::left_tables(db).await {
+            Ok(now) if now != **left.borrow() => {
+                left.send_replace(Arc::new(now));
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "cannot read the tables this node left"),
+        }
+        // What an applier wrote of a left table before it heard of the leave.
+        let names: Vec<String> = left.borrow().iter().cloned().collect();
+        if !names.is_empty() {
+            if let Err(error) = db
+                .execute("DELETE FROM accord.row_meta WHERE table_name = ANY($1)", &[&names])
+                .await
+            {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot forget the metadata of tables this node left"
+                );
+            }
         }
     }
 }
@@ -315,10 +335,6 @@ where
 {
     let node = config.node;
     let mut db = connect(&config.dsn).await?;
-    // Tables tagged while the node was down join now, before the capture starts.
-    take_in_tagged_logged(&mut db, &mut BTreeSet::new()).await;
-    let policy = Arc::new(tagging::replicated_policy(&mut db).await?);
-    let fingerprint = policy.fingerprint().to_string();
     let row = db
         .query_opt("SELECT node_id, fingerprint FROM accord.node", &[])
         .await
@@ -330,23 +346,11 @@ where
     if i64::from(stored_node) != i64::from(node.0) {
         bail!("this database is node {stored_node}, not node {node}");
     }
-    if stored_fingerprint != fingerprint {
-        // A migration ran while the node was down (issue 17): the capture reads the rows written
-        // before it under their old shapes, and peers read the node's changes by column name.
-        tracing::info!(
-            before = stored_fingerprint,
-            now = fingerprint,
-            "the replicated tables changed since this node last ran; following them"
-        );
-        db.execute("UPDATE accord.node SET fingerprint = $1", &[&fingerprint])
-            .await
-            .context("cannot record the replicated tables' fingerprint")?;
-    }
 
     super::join::ensure_joined(&db).await?;
 
-    // Databases initialised by an earlier version have no table for kept changes yet; once, here,
-    // before any applier needs it.
+    // Databases initialised by an earlier version lack some of accord's tables; once, here,
+    // before anything needs them.
     db.batch_execute(store::DEFERRED_DDL)
         .await
         .context("cannot create accord.deferred")?;
@@ -371,6 +375,24 @@ where
     db.batch_execute(store::ROW_META_SHAPE_DDL)
         .await
         .context("cannot add accord.row_meta.shape")?;
+
+    // Tables tagged or untagged while the node was down join or leave now, before the capture
+    // starts.
+    take_in_tagged_logged(&mut db).await;
+    let policy = Arc::new(tagging::replicated_policy(&mut db).await?);
+    let fingerprint = policy.fingerprint().to_string();
+    if stored_fingerprint != fingerprint {
+        // A migration ran while the node was down (issue 17): the capture reads the rows written
+        // before it under their old shapes, and peers read the node's changes by column name.
+        tracing::info!(
+            before = stored_fingerprint,
+            now = fingerprint,
+            "the replicated tables changed since this node last ran; following them"
+        );
+        db.execute("UPDATE accord.node SET fingerprint = $1", &[&fingerprint])
+            .await
+            .context("cannot record the replicated tables' fingerprint")?;
+    }
     for table in policy.tables() {
         shapes::record(&db, table, true)
             .await
@@ -411,12 +433,14 @@ where
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let workers: Workers = Arc::default();
+    let (left_tx, left_rx) = watch::channel(Arc::new(tagging::left_tables(&db).await?));
     workers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(tokio::spawn(watch_tagging(
             config.dsn.clone(),
             TAGGING_EVERY,
+            left_tx,
             shutdown_rx.clone(),
         )));
 
@@ -471,6 +495,7 @@ where
         capture: capture_rx.clone(),
         cut: cut_rx.clone(),
         shapes: shapes_rx,
+        left: left_rx,
         synchronous_commit: config.synchronous_commit,
         applied: applied_tx,
         waits: ApplyWaits::default(),
@@ -633,6 +658,7 @@ struct PeerSpawner {
     capture: watch::Receiver<CaptureProgress>,
     cut: watch::Receiver<Option<StableCut>>,
     shapes: watch::Receiver<Arc<ShapeBook>>,
+    left: watch::Receiver<Arc<BTreeSet<String>>>,
     synchronous_commit: bool,
     applied: mpsc::Sender<Applied>,
     waits: ApplyWaits,
@@ -655,6 +681,7 @@ impl PeerSpawner {
         .await?;
         applier.follow_collection(self.cut.clone());
         applier.follow_shapes(self.shapes.clone());
+        applier.follow_left(self.left.clone());
         let applied = applier.applied();
         let (apply, work) = mpsc::channel::<ApplyWork>(8);
         // Few parts in flight: each holds up to the spool bound in memory.

@@ -68,6 +68,33 @@ CREATE TABLE IF NOT EXISTS accord.existing_rows (
     row_xmin   xid  NOT NULL
 );
 COMMENT ON TABLE accord.existing_rows IS 'accord: the rows a table held when it was tagged for replication';
+CREATE TABLE IF NOT EXISTS accord.left_tables (
+    table_name text PRIMARY KEY,
+    left_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE accord.left_tables IS 'accord: tables this node replicated and left; peers'' changes to them are not applied';
+CREATE OR REPLACE FUNCTION accord.leave_replication(target regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $accord$
+DECLARE
+    name text;
+BEGIN
+    SELECT n.nspname || '.' || c.relname INTO name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+    IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                    WHERE p.pubname = 'accord_pub' AND r.prrelid = target) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('ALTER PUBLICATION accord_pub DROP TABLE %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_key_lock_insert ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_key_lock_update ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_record_truncate ON %s', target);
+    DELETE FROM accord.row_meta WHERE table_name = name;
+    DELETE FROM accord.existing_rows WHERE table_name = name;
+    DELETE FROM accord.taking_in WHERE table_name = name;
+    INSERT INTO accord.left_tables (table_name) VALUES (name) ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$accord$;
 CREATE OR REPLACE FUNCTION accord.take_in(target regclass) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $accord$
 DECLARE
@@ -92,6 +119,7 @@ BEGIN
     EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', target);
     EXECUTE format('INSERT INTO accord.existing_rows SELECT %L, ctid, xmin FROM %s', name, target);
     INSERT INTO accord.taking_in (table_name) VALUES (name) ON CONFLICT DO NOTHING;
+    DELETE FROM accord.left_tables WHERE table_name = name;
     EXECUTE format('ALTER PUBLICATION accord_pub ADD TABLE %s', target);
     RETURN true;
 END
@@ -100,10 +128,21 @@ CREATE OR REPLACE FUNCTION accord.take_in_tagged() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $accord$
 DECLARE
     tagged regclass;
+    untagged regclass;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'accord_pub') THEN
         RETURN; -- accord init, before it made the publication
     END IF;
+    FOR untagged IN
+        SELECT c.oid::regclass FROM pg_publication p
+          JOIN pg_publication_rel r ON r.prpubid = p.oid
+          JOIN pg_class c ON c.oid = r.prrelid
+          LEFT JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+         WHERE p.pubname = 'accord_pub' AND c.relnamespace <> 'accord'::regnamespace
+           AND coalesce(d.description !~ '@accord\s+replicate', true)
+    LOOP
+        PERFORM accord.leave_replication(untagged);
+    END LOOP;
     FOR tagged IN
         SELECT c.oid::regclass FROM pg_class c
           JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
@@ -123,6 +162,15 @@ DROP EVENT TRIGGER IF EXISTS accord_take_in;
 CREATE EVENT TRIGGER accord_take_in ON ddl_command_end WHEN TAG IN ('COMMENT')
     EXECUTE FUNCTION accord.take_in_tagged();
 ";
+
+/// Tables this node replicated and left (`accord.leave_replication`).
+pub async fn left_tables(db: &impl GenericClient) -> Result<BTreeSet<String>> {
+    let rows = db
+        .query("SELECT table_name FROM accord.left_tables", &[])
+        .await
+        .context("cannot read accord.left_tables")?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
 
 /// Tables whose take-in is not finished.
 async fn taking_in(db: &impl GenericClient) -> Result<BTreeSet<String>> {
@@ -170,24 +218,33 @@ pub struct TakenIn {
 #[derive(Debug, Default)]
 pub struct Tagging {
     pub taken_in: Vec<TakenIn>,
-    /// Still published, no longer tagged: leaving replication while running is not supported.
-    pub untagged: Vec<String>,
+    /// Tables no longer tagged, which left replication here (no event trigger did it).
+    pub left: Vec<String>,
 }
 
 /// Finishes taking in every tagged table (see the module's comment), and takes in first those
-/// no event trigger took in.
+/// no event trigger took in; takes out those no longer tagged that no event trigger took out.
 pub async fn take_in_tagged(db: &mut Client) -> Result<Tagging> {
     let policy = load_policy(db).await?;
     let published = published(db).await?;
     let pending = taking_in(db).await?;
-    let mut tagging = Tagging {
-        untagged: published
-            .iter()
-            .filter(|name| policy.table(name).is_none() && !pending.contains(*name))
-            .cloned()
-            .collect(),
-        ..Tagging::default()
-    };
+    let mut tagging = Tagging::default();
+    for name in published
+        .iter()
+        .filter(|name| policy.table(name).is_none() && !pending.contains(*name))
+    {
+        let left: bool = db
+            .query_one(
+                "SELECT accord.leave_replication($1::text::regclass)",
+                &[&quote_table(name)],
+            )
+            .await
+            .with_context(|| format!("cannot take {name} out of replication"))?
+            .get(0);
+        if left {
+            tagging.left.push(name.clone());
+        }
+    }
     for table in policy
         .tables()
         .iter()
