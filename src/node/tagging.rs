@@ -110,6 +110,10 @@ BEGIN
         RAISE EXCEPTION 'accord: table % has no primary key, and accord needs one to tell its rows apart on every node', name
             USING ERRCODE = 'feature_not_supported', HINT = 'Add a primary key before tagging it @accord replicate.';
     END IF;
+    IF (SELECT relispartition FROM pg_class WHERE oid = target) THEN
+        RAISE EXCEPTION 'accord: % is a partition, which replicates through its partitioned table', name
+            USING ERRCODE = 'feature_not_supported', HINT = 'Tag the partitioned table instead.';
+    END IF;
     IF (SELECT relkind FROM pg_class WHERE oid = target) <> 'r' THEN
         RAISE EXCEPTION 'accord: % is not a plain table; a partitioned table joins replication through accord init only', name
             USING ERRCODE = 'feature_not_supported', HINT = 'Tag it, then run accord init on this node.';
@@ -147,6 +151,9 @@ BEGIN
         SELECT c.oid::regclass FROM pg_class c
           JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
          WHERE c.relkind IN ('r', 'p') AND d.description ~ '@accord\s+replicate'
+           AND c.relnamespace <> 'accord'::regnamespace
+           -- A partition replicates through its root; accord check refuses a tag of its own.
+           AND NOT c.relispartition
            AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                             WHERE p.pubname = 'accord_pub' AND r.prrelid = c.oid)
     LOOP
