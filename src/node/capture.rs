@@ -294,24 +294,7 @@ impl Capture {
         let earlier: Vec<&TableDef> = std::iter::once(&old)
             .chain(known.shapes().filter(|t| t.name == name))
             .collect();
-        let decoded = shape_as_decoded(rel, now, &earlier)?;
-        let tables: Vec<TableDef> = self
-            .policy
-            .tables()
-            .iter()
-            .map(|t| if t.name == name { decoded.clone() } else { t.clone() })
-            .collect();
-        self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the new shape of {name}"))?);
-        // As the policy holds it (its columns in canonical order): the shape changes name.
-        let def = self
-            .policy
-            .table(&name)
-            .with_context(|| format!("{name} is not in the capture's policy"))?
-            .clone();
-        super::shapes::record(&self.db, &def, true)
-            .await
-            .with_context(|| format!("cannot record the new shape of {name}"))?;
-        self.progress.send_modify(|p| p.shapes += 1);
+        let def = self.capture_under(shape_as_decoded(rel, now, &earlier)?).await?;
         let added: Vec<&str> = def
             .columns
             .iter()
@@ -360,17 +343,19 @@ impl Capture {
         }))
     }
 
-    /// A table taken into replication while the node runs (`tagging`): captured from its first
-    /// change on, under its shape as the catalog has it.
-    async fn follow_new_table(&mut self, catalog: &SchemaPolicy, rel: &Relation) -> Result<()> {
-        let name = rel.qualified_name();
-        let Some(now) = catalog.table(&name) else {
-            // Not a replicated table: a partition of one (decoded as its root's changes), or a
-            // table the publication still holds but no longer tagged (the node warns of it).
-            return Ok(());
-        };
-        let mut tables = self.policy.tables().to_vec();
-        tables.push(shape_as_decoded(rel, now, &[])?);
+    /// Captures `decoded`'s table under that shape from here on (in place of the table's shape
+    /// before, if any), recorded as the policy holds it (its columns in canonical order: the
+    /// shape changes name) before any change names it, and tells the node.
+    async fn capture_under(&mut self, decoded: TableDef) -> Result<TableDef> {
+        let name = decoded.name.clone();
+        let mut tables: Vec<TableDef> = self
+            .policy
+            .tables()
+            .iter()
+            .filter(|t| t.name != name)
+            .cloned()
+            .collect();
+        tables.push(decoded);
         self.policy = Arc::new(SchemaPolicy::new(tables).with_context(|| format!("the shape of {name}"))?);
         let def = self
             .policy
@@ -381,6 +366,19 @@ impl Capture {
             .await
             .with_context(|| format!("cannot record the shape of {name}"))?;
         self.progress.send_modify(|p| p.shapes += 1);
+        Ok(def)
+    }
+
+    /// A table taken into replication while the node runs (`tagging`): captured from its first
+    /// change on, under its shape as the catalog has it.
+    async fn follow_new_table(&mut self, catalog: &SchemaPolicy, rel: &Relation) -> Result<()> {
+        let name = rel.qualified_name();
+        let Some(now) = catalog.table(&name) else {
+            // Not a replicated table: a partition of one (decoded as its root's changes), or a
+            // table the publication still holds but no longer tagged (the node warns of it).
+            return Ok(());
+        };
+        let def = self.capture_under(shape_as_decoded(rel, now, &[])?).await?;
         tracing::info!(table = name, shape = %def.shape_id(), "capturing a table taken into replication");
         Ok(())
     }
