@@ -21,10 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::cli::accord;
-use support::nodes::{free_udp_port, snapshot};
+use support::nodes::snapshot;
 use support::pg::PgCluster;
-use support::service::{wait_until, write_node, RunningNode};
+use support::service::{init_cluster, wait_until, RunningNode};
 use tokio::sync::RwLock;
 
 const SCHEMA: &str = "
@@ -181,20 +180,7 @@ fn spawn_writer(
 async fn a_rolling_migration_under_writes_loses_nothing() {
     let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(3)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let quic: Vec<(u32, u16)> = (1..=3).map(|id| (id, free_udp_port())).collect();
-    let mut files = Vec::new();
-    let mut dbs = Vec::new();
-    for (i, pg) in pgs.iter().enumerate() {
-        let db = pg.create_database("shop").await;
-        db.batch_execute(SCHEMA).await.unwrap();
-        let dsn = pg.dsn("shop");
-        let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &(i + 1).to_string()]);
-        assert!(ok, "{out}");
-        files.push(write_node(dir.path(), i as u32 + 1, &dsn, &quic, ""));
-        dbs.push(db);
-    }
+    let (files, dbs) = init_cluster(&pgs, dir.path(), SCHEMA).await;
     let nodes: Vec<RunningNode> = files.iter().map(|f| RunningNode::start(&f.config, &[])).collect();
     dbs[0]
         .batch_execute("INSERT INTO shop.items SELECT g, 'item ' || g, 10 FROM generate_series(1, 200) g")

@@ -8,10 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::cli::accord;
-use support::nodes::{free_udp_port, snapshot};
+use support::nodes::snapshot;
 use support::pg::PgCluster;
-use support::service::{wait_until, write_node, RunningNode};
+use support::service::{init_cluster, wait_until, RunningNode};
 
 const SCHEMA: &str = "
 CREATE SCHEMA shop;
@@ -38,20 +37,7 @@ async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
 async fn a_truncate_meets_concurrent_writes_as_a_delete_and_every_node_ends_the_same() {
     let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(3)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = accord(&["certs", "init", "--out", dir.path().join("ca").to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let quic: Vec<(u32, u16)> = (1..=3).map(|id| (id, free_udp_port())).collect();
-    let mut files = Vec::new();
-    let mut dbs = Vec::new();
-    for (i, pg) in pgs.iter().enumerate() {
-        let db = pg.create_database("shop").await;
-        db.batch_execute(SCHEMA).await.unwrap();
-        let dsn = pg.dsn("shop");
-        let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &(i + 1).to_string()]);
-        assert!(ok, "{out}");
-        files.push(write_node(dir.path(), i as u32 + 1, &dsn, &quic, ""));
-        dbs.push(db);
-    }
+    let (files, dbs) = init_cluster(&pgs, dir.path(), SCHEMA).await;
     let mut nodes: Vec<Option<RunningNode>> = files.iter().map(|f| Some(RunningNode::start(&f.config, &[]))).collect();
     // 300 items and a note for each, from node 1, everywhere.
     dbs[0]

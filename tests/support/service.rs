@@ -8,6 +8,34 @@ use std::time::{Duration, Instant};
 
 use super::cli::{accord, free_tcp_port};
 
+/// A cluster an operator set up: certificates made (`accord certs init` into `dir`), the database
+/// `shop` made with `schema` on each of `pgs`, `accord init` run on each as node 1, 2, ..., and
+/// each node's configuration written (QUIC on free loopback ports). Returns the configurations
+/// and a client of each database.
+pub async fn init_cluster(
+    pgs: &[super::pg::PgCluster],
+    dir: &Path,
+    schema: &str,
+) -> (Vec<NodeFiles>, Vec<tokio_postgres::Client>) {
+    let (ok, out) = accord(&["certs", "init", "--out", dir.join("ca").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let quic: Vec<(u32, u16)> = (1..=pgs.len() as u32)
+        .map(|id| (id, super::nodes::free_udp_port()))
+        .collect();
+    let mut files = Vec::new();
+    let mut dbs = Vec::new();
+    for (i, pg) in pgs.iter().enumerate() {
+        let db = pg.create_database("shop").await;
+        db.batch_execute(schema).await.unwrap();
+        let dsn = pg.dsn("shop");
+        let (ok, out) = accord(&["init", "--dsn", &dsn, "--node-id", &(i + 1).to_string()]);
+        assert!(ok, "{out}");
+        files.push(write_node(dir, i as u32 + 1, &dsn, &quic, ""));
+        dbs.push(db);
+    }
+    (files, dbs)
+}
+
 pub struct NodeFiles {
     pub config: PathBuf,
     pub metrics: u16,
