@@ -63,7 +63,14 @@ pub fn book(shapes: &[(TableDef, bool)]) -> ShapeBook {
 
 /// What this node's `table` fills a column with that a change does not carry (a sender that has
 /// not added it yet): its default when that is a constant, else NULL. And the columns earlier
-/// shapes of it here had and this one has not: dropped, so a sender's value for one is ignored.
+/// shapes of it here had and the table no longer has: dropped, so a sender's value for one is ignored
+/// and its metadata goes.
+///
+/// Dropped means gone from the catalog, not just from `table`: a reader's `table` may be older
+/// than a shape the capture recorded since (a migration committed between the reader's read of
+/// its tables and this one). Taken against `table` alone, the column that migration added would
+/// count as dropped, and the reader would throw away the metadata peers' changes and the
+/// capture keep for it (a delta column's ledger: its next merge adds every contribution again).
 ///
 /// A default that calls a function (`now()`, `nextval(...)`) is not evaluated here: it would
 /// give this node a value of its own, which the sender's later migration would not match.
@@ -95,6 +102,15 @@ pub async fn local_extras(
             None => None,
         };
     }
+    let live: BTreeSet<String> = db
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            &[&super::rows::quote_table(&table.name)],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     let mut dropped = BTreeSet::new();
     let earlier = db
         .query(
@@ -108,7 +124,7 @@ pub async fn local_extras(
             def.columns
                 .into_iter()
                 .map(|c| c.name)
-                .filter(|name| table.column_index(name).is_none()),
+                .filter(|name| !live.contains(name)),
         );
     }
     Ok((defaults, dropped))
