@@ -22,6 +22,7 @@ pub mod schema;
 pub mod shape;
 pub mod state;
 pub mod value;
+pub mod verify;
 
 pub use acknowledge::AppliedPosition;
 pub use apply::{
@@ -50,3 +51,7 @@ pub use shape::{
 };
 pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};
 pub use value::{Amount, Value, ValueError};
+pub use verify::{
+    compare_rows, key_hash, row_digest, standing, Descent, DescentStep, HashRange, KeyDifference, RangeSummary,
+    RowSummary, RowVerdicts, Standing, Stored, TableSummaries, VerifyCut,
+};

@@ -187,6 +187,15 @@ impl ReviewRegister {
     pub fn merge(&mut self, other: &ReviewRegister) {
         self.reg.merge(other.reg.clone());
     }
+
+    /// The register as nodes that merged the same writes in any order all hold it (`verify`):
+    /// its candidates in stamp order, and the clock of what it has seen.
+    pub fn canonical(&self) -> (Vec<Candidate>, std::collections::BTreeMap<NodeId, u64>) {
+        let read = self.reg.read();
+        let mut candidates = read.val;
+        candidates.sort_by_key(|c| c.stamp);
+        (candidates, read.add_clock.dots.into_iter().collect())
+    }
 }
 
 /// accord's metadata for one column, by the column's policy.

@@ -1,0 +1,513 @@
+//! `accord verify`: whether the nodes hold the same rows and the same metadata, proven at a cut
+//! every node has applied, while writes go on.
+//!
+//! A *cut* gives, per origin, the last of its changes every node had applied when the cut was
+//! taken. A row whose metadata's clock and deletes lie within the cut (and whose stored version
+//! is the one its metadata accounts for) is *settled*: every node has applied every write it
+//! absorbed, and a node with a later write to it would have that write's dot beyond the cut. So
+//! settled rows must be equal everywhere, and a difference among them is a real one. Rows not
+//! settled on some node are *in flight*: set aside and checked again under a later cut.
+//!
+//! Each node summarises its rows (`RowSummary`: a hash of the key, a digest of the values and
+//! the metadata by column name) and answers for ranges of the key-hash space with a count and
+//! the sum of the digests (`RangeSummary`). The coordinator (`Descent`) compares the nodes'
+//! summaries of a few ranges, splits those that differ, and asks for the rows only of small
+//! ranges that differ: the data exchanged grows with the differences times the log of the rows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::NodeId;
+use crate::schema::TableDef;
+use crate::state::{ColumnMeta, RowMeta};
+
+/// Per origin, the last of its changes every node had applied (sorted by origin).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyCut(pub Vec<(NodeId, u64)>);
+
+impl VerifyCut {
+    /// The cut of what every node reported applied: per origin, the least position; an origin
+    /// a node did not report counts as 0 there (it has applied none of its changes).
+    pub fn of(reports: &[Vec<(NodeId, u64)>]) -> VerifyCut {
+        let origins: BTreeSet<NodeId> = reports.iter().flatten().map(|(o, _)| *o).collect();
+        VerifyCut(
+            origins
+                .into_iter()
+                .map(|origin| {
+                    let least = reports
+                        .iter()
+                        .map(|r| r.iter().find(|(o, _)| *o == origin).map_or(0, |(_, s)| *s))
+                        .min()
+                        .unwrap_or(0);
+                    (origin, least)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn through(&self, origin: NodeId) -> u64 {
+        self.0
+            .binary_search_by_key(&origin, |(o, _)| *o)
+            .map(|i| self.0[i].1)
+            .unwrap_or(0)
+    }
+
+    /// Whether every write `meta` absorbed, and every delete that made it, lies within the cut.
+    pub fn covers(&self, meta: &RowMeta) -> bool {
+        meta.clock
+            .dots
+            .iter()
+            .all(|(origin, dot)| *dot <= self.through(*origin))
+            && meta
+                .deleted_by
+                .iter()
+                .all(|(origin, seq)| *seq <= self.through(*origin))
+    }
+}
+
+/// What a node can say of one of its rows under a cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Standing {
+    /// Every write it absorbed is within the cut: must be the same on every node.
+    Settled,
+    /// A write beyond the cut, or a local write the capture has not read yet: checked again.
+    InFlight,
+    /// The stored row is not the version its metadata accounts for (or it has none), and the
+    /// write that made it committed before the capture read past a probe: a write accord never
+    /// captured (made with replication bypassed, or a restored backup). A difference by itself.
+    Uncaptured,
+}
+
+/// How a node's row stands beside its metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The row is stored as its metadata accounts for (or absent, and its metadata a tombstone
+    /// or absent too).
+    AsKnown,
+    /// Stored by a write the metadata does not account for yet, committed after the probe: the
+    /// capture may still read it.
+    Newer,
+    /// Stored by a write the metadata does not account for, committed before the probe.
+    Unaccounted,
+}
+
+/// A row's standing on a node.
+pub fn standing(meta: Option<&RowMeta>, stored: Stored, cut: &VerifyCut) -> Standing {
+    match stored {
+        Stored::Unaccounted => Standing::Uncaptured,
+        Stored::Newer => Standing::InFlight,
+        Stored::AsKnown => match meta {
+            Some(meta) if !cut.covers(meta) => Standing::InFlight,
+            _ => Standing::Settled,
+        },
+    }
+}
+
+/// One row as a node summarises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowSummary {
+    pub key_hash: u64,
+    /// The canonical key text (`["..."]`), as accord.row_meta names the row.
+    pub key: String,
+    pub digest: u128,
+    pub standing: Standing,
+    /// Whether the node has the row in its table (alive), for the report.
+    pub present: bool,
+}
+
+/// A range of the key-hash space, both ends included.
+pub type HashRange = (u64, u64);
+
+/// A node's answer for one range: how many rows fall in it, and the sum of their digests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSummary {
+    pub rows: u64,
+    pub sum: u128,
+}
+
+/// The hash of a row's key, which places it in the key-hash space.
+pub fn key_hash(table: &str, key: &str) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    put(&mut hasher, table.as_bytes());
+    put(&mut hasher, key.as_bytes());
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(out)
+}
+
+fn put(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    hasher.update(&(bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+/// The digest of a row as a node holds it: its key, its values by column name (each as
+/// PostgreSQL writes it as text; `None` for NULL), whether it is in the table, and its
+/// metadata by column name (`names`: the columns of the shape the metadata was stored under).
+/// Node-local parts of the metadata (columns of other shapes it carries) are left out, so are
+/// settled tombstones (the caller leaves those rows out altogether: gone, or collected).
+pub fn row_digest(
+    table: &str,
+    key: &str,
+    values: Option<&BTreeMap<String, Option<String>>>,
+    meta: Option<(&RowMeta, &[String])>,
+) -> u128 {
+    let mut hasher = blake3::Hasher::new();
+    put(&mut hasher, table.as_bytes());
+    put(&mut hasher, key.as_bytes());
+    match values {
+        None => put(&mut hasher, b"absent"),
+        Some(values) => {
+            put(&mut hasher, b"present");
+            for (name, value) in values {
+                put(&mut hasher, name.as_bytes());
+                match value {
+                    None => put(&mut hasher, b"\0null"),
+                    Some(text) => put(&mut hasher, text.as_bytes()),
+                }
+            }
+        }
+    }
+    match meta {
+        None => put(&mut hasher, b"no metadata"),
+        Some((meta, names)) => put(&mut hasher, &canonical_meta(meta, names)),
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    u128::from_le_bytes(out)
+}
+
+/// `meta` in a form equal on nodes that absorbed the same writes, whatever order they did it in
+/// and whatever shape they store it under.
+fn canonical_meta(meta: &RowMeta, names: &[String]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        causal_length: u64,
+        clock: BTreeMap<NodeId, u64>,
+        stamp: Option<crate::hlc::Hlc>,
+        created: Option<crate::state::Version>,
+        deleted_by: &'a [(NodeId, u64)],
+        columns: BTreeMap<&'a str, CanonicalColumn<'a>>,
+    }
+    #[derive(Serialize)]
+    enum CanonicalColumn<'a> {
+        Lww(Option<crate::state::Version>),
+        Delta(&'a crate::state::DeltaLedger),
+        Review((Vec<crate::state::Candidate>, BTreeMap<NodeId, u64>)),
+    }
+    let columns = names
+        .iter()
+        .zip(&meta.columns)
+        .map(|(name, column)| {
+            let canonical = match column {
+                ColumnMeta::Lww(version) => CanonicalColumn::Lww(*version),
+                ColumnMeta::Delta(ledger) => CanonicalColumn::Delta(ledger),
+                ColumnMeta::Review(register) => CanonicalColumn::Review(register.canonical()),
+            };
+            (name.as_str(), canonical)
+        })
+        .collect();
+    let canonical = Canonical {
+        causal_length: meta.causal_length,
+        clock: meta.clock.dots.iter().map(|(n, d)| (*n, *d)).collect(),
+        stamp: meta.stamp,
+        created: meta.created,
+        deleted_by: &meta.deleted_by,
+        columns,
+    };
+    // Encoding a plain struct of maps and numbers cannot fail; an empty digest input would
+    // only make every row equal to every other, which the key in the digest still prevents.
+    rmp_serde::to_vec(&canonical).unwrap_or_default()
+}
+
+/// The names of a table shape's columns, in its order (what `row_digest` maps metadata by).
+pub fn column_names(table: &TableDef) -> Vec<String> {
+    table.columns.iter().map(|c| c.name.clone()).collect()
+}
+
+/// A node's summaries of one table's rows, sorted by key hash.
+#[derive(Debug, Clone, Default)]
+pub struct TableSummaries {
+    rows: Vec<RowSummary>,
+}
+
+impl TableSummaries {
+    pub fn new(mut rows: Vec<RowSummary>) -> Self {
+        rows.sort_by(|a, b| (a.key_hash, &a.key).cmp(&(b.key_hash, &b.key)));
+        TableSummaries { rows }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn within(&self, (lo, hi): HashRange) -> &[RowSummary] {
+        let start = self.rows.partition_point(|r| r.key_hash < lo);
+        let end = self.rows.partition_point(|r| r.key_hash <= hi);
+        &self.rows[start..end.max(start)]
+    }
+
+    /// The summary of a range: its rows' count and the sum of their digests.
+    pub fn range(&self, range: HashRange) -> RangeSummary {
+        self.within(range)
+            .iter()
+            .fold(RangeSummary::default(), |acc, r| RangeSummary {
+                rows: acc.rows + 1,
+                sum: acc.sum.wrapping_add(r.digest),
+            })
+    }
+
+    /// The rows of a range.
+    pub fn rows(&self, range: HashRange) -> Vec<RowSummary> {
+        self.within(range).to_vec()
+    }
+
+    /// Rows not settled.
+    pub fn unsettled(&self) -> impl Iterator<Item = &RowSummary> {
+        self.rows.iter().filter(|r| r.standing != Standing::Settled)
+    }
+}
+
+/// Splits a range into `parts` ranges covering it.
+pub fn split((lo, hi): HashRange, parts: u64) -> Vec<HashRange> {
+    let width = (hi - lo) / parts.max(1);
+    if width == 0 {
+        return vec![(lo, hi)];
+    }
+    (0..parts)
+        .map(|i| {
+            let start = lo + i * width;
+            let end = if i + 1 == parts { hi } else { start + width - 1 };
+            (start, end)
+        })
+        .collect()
+}
+
+/// How many ranges a differing range is split into, and below how many rows its rows are asked
+/// for instead.
+pub const FANOUT: u64 = 16;
+pub const LEAF_ROWS: u64 = 64;
+
+/// The coordinator's comparison of one table: which ranges to ask every node for next, and,
+/// from the rows of small differing ranges, the keys that differ.
+#[derive(Debug, Clone)]
+pub struct Descent {
+    /// Ranges whose summaries are asked for next.
+    pending: Vec<HashRange>,
+    /// Ranges whose rows are asked for next.
+    leaves: Vec<HashRange>,
+}
+
+/// What the coordinator asks every node next for a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DescentStep {
+    Summaries(Vec<HashRange>),
+    Rows(Vec<HashRange>),
+    Done,
+}
+
+impl Default for Descent {
+    fn default() -> Self {
+        Descent {
+            pending: split((0, u64::MAX), FANOUT),
+            leaves: Vec::new(),
+        }
+    }
+}
+
+impl Descent {
+    pub fn step(&mut self) -> DescentStep {
+        if !self.pending.is_empty() {
+            return DescentStep::Summaries(self.pending.clone());
+        }
+        if !self.leaves.is_empty() {
+            return DescentStep::Rows(std::mem::take(&mut self.leaves));
+        }
+        DescentStep::Done
+    }
+
+    /// Every node's summaries of the ranges last asked for (one `Vec` per node, in the ranges'
+    /// order): equal ranges are done, differing ones are split or their rows asked for.
+    pub fn summaries(&mut self, per_node: &[Vec<RangeSummary>]) {
+        let ranges = std::mem::take(&mut self.pending);
+        for (i, range) in ranges.into_iter().enumerate() {
+            let of: Vec<RangeSummary> = per_node.iter().map(|s| s.get(i).copied().unwrap_or_default()).collect();
+            if of.windows(2).all(|w| w[0] == w[1]) {
+                continue;
+            }
+            let most = of.iter().map(|s| s.rows).max().unwrap_or(0);
+            if most <= LEAF_ROWS || range.0 == range.1 {
+                self.leaves.push(range);
+            } else {
+                self.pending.extend(split(range, FANOUT));
+            }
+        }
+    }
+}
+
+/// What the nodes hold of one key, when they do not all hold the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyDifference {
+    pub table: String,
+    pub key: String,
+    /// Per node: its row's summary, or `None` when it has no trace of the row.
+    pub nodes: Vec<(NodeId, Option<RowSummary>)>,
+}
+
+/// What the rows of differing ranges say, key by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowVerdicts {
+    /// Keys whose settled rows differ, or that a node holds uncaptured.
+    pub differ: Vec<KeyDifference>,
+    /// Keys in flight on some node: to check again under a later cut.
+    pub in_flight: BTreeSet<String>,
+}
+
+/// Compares the nodes' rows of the same ranges, key by key.
+pub fn compare_rows(table: &str, per_node: &[(NodeId, Vec<RowSummary>)]) -> RowVerdicts {
+    let keys: BTreeSet<&str> = per_node
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().map(|r| r.key.as_str()))
+        .collect();
+    let mut verdicts = RowVerdicts::default();
+    for key in keys {
+        let slots: Vec<(NodeId, Option<&RowSummary>)> = per_node
+            .iter()
+            .map(|(node, rows)| (*node, rows.iter().find(|r| r.key == key)))
+            .collect();
+        let uncaptured = slots
+            .iter()
+            .any(|(_, r)| r.is_some_and(|r| r.standing == Standing::Uncaptured));
+        let in_flight = slots
+            .iter()
+            .any(|(_, r)| r.is_some_and(|r| r.standing == Standing::InFlight));
+        let digests: BTreeSet<Option<u128>> = slots.iter().map(|(_, r)| r.map(|r| r.digest)).collect();
+        if !uncaptured && (in_flight || digests.len() == 1) {
+            if in_flight {
+                verdicts.in_flight.insert(key.to_owned());
+            }
+            continue;
+        }
+        verdicts.differ.push(KeyDifference {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            nodes: slots.into_iter().map(|(n, r)| (n, r.cloned())).collect(),
+        });
+    }
+    verdicts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, digest: u128, standing: Standing) -> RowSummary {
+        RowSummary {
+            key_hash: key_hash("t", key),
+            key: key.to_owned(),
+            digest,
+            standing,
+            present: true,
+        }
+    }
+
+    fn summaries(rows: &[RowSummary]) -> TableSummaries {
+        TableSummaries::new(rows.to_vec())
+    }
+
+    /// Runs a descent over the nodes' rows as the coordinator does, returning the verdicts and
+    /// how many rows were asked for.
+    fn descend(nodes: &[(NodeId, TableSummaries)]) -> (RowVerdicts, usize) {
+        let mut descent = Descent::default();
+        let mut verdicts = RowVerdicts::default();
+        let mut asked = 0;
+        loop {
+            match descent.step() {
+                DescentStep::Summaries(ranges) => {
+                    let per: Vec<Vec<RangeSummary>> = nodes
+                        .iter()
+                        .map(|(_, s)| ranges.iter().map(|r| s.range(*r)).collect())
+                        .collect();
+                    descent.summaries(&per);
+                }
+                DescentStep::Rows(ranges) => {
+                    let per: Vec<(NodeId, Vec<RowSummary>)> = nodes
+                        .iter()
+                        .map(|(n, s)| (*n, ranges.iter().flat_map(|r| s.rows(*r)).collect()))
+                        .collect();
+                    asked += per.iter().map(|(_, r)| r.len()).sum::<usize>();
+                    let v = compare_rows("t", &per);
+                    verdicts.differ.extend(v.differ);
+                    verdicts.in_flight.extend(v.in_flight);
+                }
+                DescentStep::Done => return (verdicts, asked),
+            }
+        }
+    }
+
+    #[test]
+    fn equal_nodes_exchange_no_rows() {
+        let rows: Vec<RowSummary> = (0..5_000)
+            .map(|i| row(&format!("[{i}]"), i as u128 * 7, Standing::Settled))
+            .collect();
+        let (verdicts, asked) = descend(&[(NodeId(1), summaries(&rows)), (NodeId(2), summaries(&rows))]);
+        assert_eq!(verdicts, RowVerdicts::default());
+        assert_eq!(asked, 0);
+    }
+
+    #[test]
+    fn a_changed_a_missing_and_an_extra_row_are_found_asking_for_few_rows() {
+        let rows: Vec<RowSummary> = (0..20_000)
+            .map(|i| row(&format!("[{i}]"), i as u128 * 7 + 1, Standing::Settled))
+            .collect();
+        let mut other = rows.clone();
+        other[10].digest += 1; // changed
+        other.remove(500); // missing
+        other.push(row("[99999]", 3, Standing::Settled)); // extra
+        let (verdicts, asked) = descend(&[(NodeId(1), summaries(&rows)), (NodeId(2), summaries(&other))]);
+        let keys: BTreeSet<&str> = verdicts.differ.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, BTreeSet::from(["[10]", "[500]", "[99999]"]));
+        assert!(asked < 3 * 2 * LEAF_ROWS as usize, "asked for {asked} rows");
+    }
+
+    #[test]
+    fn rows_in_flight_anywhere_are_set_aside_not_reported() {
+        let a = vec![row("[1]", 1, Standing::Settled), row("[2]", 2, Standing::Settled)];
+        let b = vec![row("[1]", 9, Standing::InFlight), row("[2]", 2, Standing::Settled)];
+        let (verdicts, _) = descend(&[(NodeId(1), summaries(&a)), (NodeId(2), summaries(&b))]);
+        assert!(verdicts.differ.is_empty());
+        assert_eq!(verdicts.in_flight, BTreeSet::from(["[1]".to_owned()]));
+    }
+
+    #[test]
+    fn an_uncaptured_row_is_a_difference_even_if_the_values_agree() {
+        let a = vec![row("[1]", 1, Standing::Settled)];
+        let b = vec![row("[1]", 1, Standing::Uncaptured)];
+        let verdicts = compare_rows("t", &[(NodeId(1), a), (NodeId(2), b)]);
+        assert_eq!(verdicts.differ.len(), 1);
+    }
+
+    #[test]
+    fn the_cut_is_the_least_applied_position_per_origin() {
+        let cut = VerifyCut::of(&[
+            vec![(NodeId(1), 10), (NodeId(2), 5)],
+            vec![(NodeId(1), 7), (NodeId(2), 9), (NodeId(3), 4)],
+        ]);
+        assert_eq!(cut.0, vec![(NodeId(1), 7), (NodeId(2), 5), (NodeId(3), 0)]);
+    }
+
+    #[test]
+    fn split_covers_the_range_without_gaps() {
+        let parts = split((0, u64::MAX), FANOUT);
+        assert_eq!(parts.first().map(|p| p.0), Some(0));
+        assert_eq!(parts.last().map(|p| p.1), Some(u64::MAX));
+        for w in parts.windows(2) {
+            assert_eq!(w[0].1 + 1, w[1].0);
+        }
+        assert_eq!(split((5, 9), 16), vec![(5, 9)]);
+    }
+}
