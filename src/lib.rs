@@ -8,3 +8,4 @@ pub mod review_page;
 pub mod scratch_pg;
 pub mod service;
 pub mod status;
+pub mod verify_command;

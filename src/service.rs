@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -85,7 +85,12 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
         let app = Router::new()
             .route("/metrics", get(metrics_handler))
             .route("/status", get(status_handler))
-            .with_state(handle.status.clone());
+            .with_state(handle.status.clone())
+            .merge(
+                Router::new()
+                    .route("/verify", post(verify_handler))
+                    .with_state(handle.verify.clone()),
+            );
         servers.push(tokio::spawn(serve(listener, app, "metrics")));
         tracing::info!(%addr, "serving /metrics and /status");
     }
@@ -169,6 +174,17 @@ async fn metrics_handler(State(status): State<Status>) -> Response {
         )
             .into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}")).into_response(),
+    }
+}
+
+/// `accord verify`: compares the nodes, coordinated by this one (read-only).
+async fn verify_handler(
+    State(hub): State<crate::node::verify::VerifyHub>,
+    axum::Json(request): axum::Json<crate::verify_command::VerifyRequest>,
+) -> Response {
+    match hub.verify(request.tables).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error_chain(&error)).into_response(),
     }
 }
 

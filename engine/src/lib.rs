@@ -53,5 +53,5 @@ pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRe
 pub use value::{Amount, Value, ValueError};
 pub use verify::{
     compare_rows, key_hash, row_digest, standing, Descent, DescentStep, HashRange, KeyDifference, RangeSummary,
-    RowSummary, RowVerdicts, Standing, Stored, TableSummaries, VerifyCut,
+    RowSummary, RowVerdicts, Standing, Stored, TableCount, TableSummaries, VerifyCut, VerifyMessage, VerifyScope,
 };

@@ -58,6 +58,10 @@ pub enum Message {
         #[serde(default)]
         head: u64,
     },
+    /// `accord verify`: a coordinating node's requests and the other nodes' answers
+    /// (`verify`). Nodes of versions before it do not know this message: verify with every node
+    /// upgraded.
+    Verify(crate::verify::VerifyMessage),
 }
 
 /// Why a node refuses a peer. Sent to the peer and logged on both sides.

@@ -110,10 +110,33 @@ pub struct RowSummary {
     pub key_hash: u64,
     /// The canonical key text (`["..."]`), as accord.row_meta names the row.
     pub key: String,
+    /// Hex text in JSON (which cannot hold 128-bit numbers), a number on the wire.
+    #[serde(with = "digest_text")]
     pub digest: u128,
     pub standing: Standing,
     /// Whether the node has the row in its table (alive), for the report.
     pub present: bool,
+}
+
+mod digest_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(digest: &u128, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&format!("{digest:032x}"))
+        } else {
+            serializer.serialize_u128(*digest)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u128, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            u128::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+        } else {
+            u128::deserialize(deserializer)
+        }
+    }
 }
 
 /// A range of the key-hash space, both ends included.
@@ -401,6 +424,101 @@ pub fn compare_rows(table: &str, per_node: &[(NodeId, Vec<RowSummary>)]) -> RowV
     verdicts
 }
 
+/// The messages of a verification between the coordinating node and each node (itself
+/// included, in process). A *round* is one snapshot per node and one cut; a verification runs a
+/// round over whole tables, then rounds over the keys still in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyMessage {
+    /// Take a snapshot once the capture has read past a probe, and say what it has applied.
+    Open {
+        round: u64,
+        scope: VerifyScope,
+    },
+    /// Per origin, the last change applied in the snapshot (this node's own: its capture's).
+    Opened {
+        round: u64,
+        applied: Vec<(NodeId, u64)>,
+    },
+    /// Summarise the scope's rows under `cut`.
+    Summarise {
+        round: u64,
+        cut: VerifyCut,
+    },
+    /// Per table of the scope: its rows, and the keys not settled here.
+    Summarised {
+        round: u64,
+        tables: Vec<TableCount>,
+    },
+    /// The summaries of `ranges` of `table`.
+    Ranges {
+        round: u64,
+        table: String,
+        ranges: Vec<HashRange>,
+    },
+    RangeSummaries {
+        round: u64,
+        summaries: Vec<RangeSummary>,
+    },
+    /// The rows of `ranges` of `table`.
+    Rows {
+        round: u64,
+        table: String,
+        ranges: Vec<HashRange>,
+    },
+    RowList {
+        round: u64,
+        rows: Vec<RowSummary>,
+    },
+    /// The round is over: let go of the snapshot.
+    Close {
+        round: u64,
+    },
+    /// The node cannot take part in the round, and why.
+    Failed {
+        round: u64,
+        error: String,
+    },
+}
+
+impl VerifyMessage {
+    pub fn round(&self) -> u64 {
+        match self {
+            VerifyMessage::Open { round, .. }
+            | VerifyMessage::Opened { round, .. }
+            | VerifyMessage::Summarise { round, .. }
+            | VerifyMessage::Summarised { round, .. }
+            | VerifyMessage::Ranges { round, .. }
+            | VerifyMessage::RangeSummaries { round, .. }
+            | VerifyMessage::Rows { round, .. }
+            | VerifyMessage::RowList { round, .. }
+            | VerifyMessage::Close { round }
+            | VerifyMessage::Failed { round, .. } => *round,
+        }
+    }
+}
+
+/// What a round compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyScope {
+    /// These tables, whole (empty: every replicated table).
+    Tables(Vec<String>),
+    /// These keys of these tables (keys still in flight in an earlier round).
+    Keys(BTreeMap<String, Vec<String>>),
+}
+
+/// A table's rows on a node under a round's cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableCount {
+    pub table: String,
+    pub rows: u64,
+    /// Keys not settled on the node (at most [`MAX_IN_FLIGHT`]; `more_in_flight` says if more).
+    pub in_flight: Vec<String>,
+    pub more_in_flight: bool,
+}
+
+/// How many keys in flight a node lists per table and round.
+pub const MAX_IN_FLIGHT: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +616,16 @@ mod tests {
             vec![(NodeId(1), 7), (NodeId(2), 9), (NodeId(3), 4)],
         ]);
         assert_eq!(cut.0, vec![(NodeId(1), 7), (NodeId(2), 5), (NodeId(3), 0)]);
+    }
+
+    #[test]
+    fn messages_carry_digests_whole() {
+        let message = VerifyMessage::RowList {
+            round: 3,
+            rows: vec![row("[1]", u128::MAX - 5, Standing::InFlight)],
+        };
+        let bytes = rmp_serde::to_vec_named(&message).unwrap();
+        assert_eq!(rmp_serde::from_slice::<VerifyMessage>(&bytes).unwrap(), message);
     }
 
     #[test]

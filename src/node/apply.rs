@@ -1035,7 +1035,11 @@ const EMIT_HLC_SQL: &str = "SELECT pg_logical_emit_message(true, $1, $2)";
 /// wrote WAL itself: PostgreSQL commits a transaction that merely took an xid asynchronously, and
 /// the probe then waited for the WAL writer's next round (up to `wal_writer_delay`, 200 ms). So it
 /// writes a transactional message, which the capture ignores.
-async fn wait_for_capture(flusher: &Client, capture: &mut watch::Receiver<CaptureProgress>, lsn: u64) -> Result<()> {
+pub(super) async fn wait_for_capture(
+    flusher: &Client,
+    capture: &mut watch::Receiver<CaptureProgress>,
+    lsn: u64,
+) -> Result<()> {
     let flush = async {
         flusher
             .batch_execute(
@@ -1061,7 +1065,7 @@ async fn wait_for_capture(flusher: &Client, capture: &mut watch::Receiver<Captur
 
 /// Writes a probe: a non-transactional message whose WAL position the capture reports once it
 /// has read past it (and so past every transaction committed before it).
-async fn probe(db: &impl GenericClient) -> Result<u64> {
+pub(super) async fn probe(db: &impl GenericClient) -> Result<u64> {
     let lsn: PgLsn = db
         .query_one(
             "SELECT pg_logical_emit_message(false, $1, '')",

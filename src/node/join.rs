@@ -581,7 +581,7 @@ async fn begin(
             );
         }
     }
-    let positions = JoinPositions::first(donor_positions(donor, donor_id).await?);
+    let positions = JoinPositions::first(store::snapshot_positions(donor, donor_id).await?);
     let first = policy.tables().iter().map(|t| t.name.clone()).min();
     target.batch_execute(JOIN_STATE_DDL).await?;
     target
@@ -603,21 +603,6 @@ async fn begin(
         rows_copied: 0,
         done: false,
     })
-}
-
-/// What the donor had applied of every node, and of its own changes captured, in the snapshot of
-/// its current transaction (or a statement's own).
-async fn donor_positions(donor: &Client, donor_id: NodeId) -> Result<Vec<(NodeId, u64)>> {
-    let mut positions = store::recorded_applied(donor).await?;
-    let last: i64 = donor
-        .query_one("SELECT last_seq FROM accord.capture_state", &[])
-        .await
-        .context("the donor has no capture checkpoint")?
-        .get(0);
-    positions.retain(|(n, _)| *n != donor_id);
-    positions.push((donor_id, u64::try_from(last).unwrap_or(0)));
-    positions.sort();
-    Ok(positions)
 }
 
 async fn count_rows(donor: &Client, tables: &[&TableDef]) -> Result<u64> {
@@ -784,7 +769,7 @@ async fn read_chunk<'t>(
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let read = async {
-        let seen = donor_positions(donor, donor_id).await?;
+        let seen = store::snapshot_positions(donor, donor_id).await?;
         let found = donor
             .query(&chunk_sql(table), &[&table.name, &after, &limit])
             .await
@@ -932,7 +917,7 @@ async fn settle_suspects(
             let rows = read_rows(donor, table, &keys).await?;
             let items = open_items(donor, table, &keys).await?;
             // After the rows: what they hold is at most what these positions say.
-            let seen = donor_positions(donor, donor_id).await?;
+            let seen = store::snapshot_positions(donor, donor_id).await?;
             anyhow::Ok((seen, by_key, rows, items))
         }
         .await;
@@ -1307,7 +1292,7 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let read = async {
-        let seen = donor_positions(donor, state.donor).await?;
+        let seen = store::snapshot_positions(donor, state.donor).await?;
         let resolutions = donor
             .query("SELECT item_id, resolved_at FROM accord.review_resolutions", &[])
             .await?;

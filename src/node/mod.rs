@@ -23,3 +23,4 @@ pub mod spool;
 pub mod store;
 pub mod tagging;
 pub mod truncate;
+pub mod verify;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accord_engine::{
     ApplyQueue, Collector, Handout, Hello, Hlc, LocalIdentity, Member, MemberState, Membership, Message, NodeId,
-    PeerProgress, Refusal, Replication, ReplicationConfig, RowChange, ShapeBook, StableCut, TableDef, MAX_APPLY_BATCH,
-    PROTOCOL_VERSION,
+    PeerProgress, Refusal, Replication, ReplicationConfig, RowChange, ShapeBook, StableCut, TableDef, VerifyMessage,
+    MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 use accord_schema_annotations::SchemaPolicy;
 use anyhow::{bail, Context, Result};
@@ -30,6 +30,7 @@ use super::shapes;
 use super::store::{self, decode, StoreError};
 use super::tagging;
 use super::truncate;
+use super::verify::VerifyHub;
 use crate::pg_connection::connect;
 
 #[derive(Debug, Clone)]
@@ -174,6 +175,8 @@ pub struct NodeStatus {
 
 pub struct NodeHandle {
     pub node: NodeId,
+    /// `accord verify`, coordinated by this node.
+    pub verify: VerifyHub,
     pub status: watch::Receiver<NodeStatus>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<Ended>>,
@@ -563,7 +566,11 @@ where
         ..NodeStatus::default()
     });
     let directory = port.peers.clone();
+    let (verify_peers, verify_peers_rx) = watch::channel(Vec::new());
+    let (verify, verify_out) = VerifyHub::new(node, config.dsn.clone(), capture_rx.clone(), verify_peers_rx);
     let looped = Loop {
+        verify: verify.clone(),
+        verify_peers,
         db,
         replication,
         identity,
@@ -612,11 +619,12 @@ where
     looped.publish_peers();
     let task = tokio::spawn(
         looped
-            .run(capture_rx, applied_rx, shutdown_rx)
+            .run(capture_rx, applied_rx, verify_out, shutdown_rx)
             .instrument(tracing::info_span!("node", node = %node)),
     );
     Ok(NodeHandle {
         node,
+        verify,
         status,
         shutdown,
         task,
@@ -729,6 +737,9 @@ struct PeerWork {
 /// (this loop waiting on a peer whose loop waits on this one). What cannot be handed on at once
 /// waits in `pending_apply` and `pending_acks`, both bounded by the peers' windows.
 struct Loop {
+    verify: VerifyHub,
+    /// The nodes a verification compares besides this one (the live peers).
+    verify_peers: watch::Sender<Vec<NodeId>>,
     db: Client,
     /// What appliers wait for (see `PeerStatus::apply_waiting`).
     apply_waits: ApplyWaits,
@@ -831,6 +842,7 @@ impl Loop {
         mut self,
         mut capture: watch::Receiver<CaptureProgress>,
         mut applied: mpsc::Receiver<Applied>,
+        mut verify_out: mpsc::UnboundedReceiver<(NodeId, VerifyMessage)>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Ended> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -866,6 +878,10 @@ impl Loop {
                     self.captured = p.captured;
                 }
                 Some(done) = applied.recv() => self.on_applied(done).await?,
+                Some((peer, message)) = verify_out.recv() => match self.links.get(&peer) {
+                    Some(&link) => self.pending_refusals.push((peer, link, Message::Verify(message))),
+                    None => self.verify.undeliverable(peer, message),
+                },
                 _ = tick.tick() => self.housekeeping().await?,
                 _ = retry.tick(), if self.has_pending() => {}
             }
@@ -978,6 +994,7 @@ impl Loop {
                     }
                 }
                 Message::Shapes(theirs) => self.learn_shapes(peer, theirs).await?,
+                Message::Verify(message) => self.verify.deliver(peer, message),
                 Message::Hello(_) => {}
             },
         }
@@ -1460,6 +1477,12 @@ impl Loop {
 
     /// Tells the network which peers to keep links to, and where they are.
     fn publish_peers(&self) {
+        let live: Vec<NodeId> = self.membership.live_peers().into_iter().map(|m| m.node).collect();
+        self.verify_peers.send_if_modified(|current| {
+            let changed = *current != live;
+            *current = live;
+            changed
+        });
         let Some(directory) = &self.directory else { return };
         let peers: BTreeMap<NodeId, String> = self
             .membership

@@ -143,6 +143,24 @@ pub async fn recorded_applied(db: &impl GenericClient) -> Result<Vec<(accord_eng
         .collect())
 }
 
+/// What a node had applied of every node, and of its own changes captured (`node`: itself), in
+/// the snapshot of its current transaction (or a statement's own): the positions a join starts
+/// from, and what a verification's cut is made of.
+pub async fn snapshot_positions(
+    db: &impl GenericClient,
+    node: accord_engine::NodeId,
+) -> Result<Vec<(accord_engine::NodeId, u64)>, StoreError> {
+    let mut positions = recorded_applied(db).await?;
+    let last: i64 = db
+        .query_one("SELECT last_seq FROM accord.capture_state", &[])
+        .await?
+        .get(0);
+    positions.retain(|(n, _)| *n != node);
+    positions.push((node, u64::try_from(last).unwrap_or(0)));
+    positions.sort();
+    Ok(positions)
+}
+
 /// The kept changes of many rows. Parameters: ords, table names, keys. Returns `ord, change`.
 pub const LOAD_DEFERRED_SQL: &str = "SELECT u.ord, d.change
      FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)

@@ -1,0 +1,182 @@
+//! Issue 18: `accord verify` proves three `accord run` nodes equal while all take writes, and
+//! finds exactly the differences planted on one of them behind accord's back: a row changed, a
+//! row deleted, a row inserted, a `delta` column off by some amount.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::cli::accord;
+use support::pg::PgCluster;
+use support::service::{init_cluster, RunningNode};
+
+const SCHEMA: &str = "
+CREATE SCHEMA shop;
+CREATE TABLE shop.items (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    stock bigint NOT NULL DEFAULT 0,
+    note text
+);
+COMMENT ON TABLE shop.items IS '@accord replicate';
+COMMENT ON COLUMN shop.items.stock IS '@accord delta';
+COMMENT ON COLUMN shop.items.note IS '@accord review';
+";
+
+const ITEMS: &[&str] = &["shop.items"];
+
+/// Runs `accord verify` through node `config`; its exit status and its JSON report.
+fn verify(config: &std::path::Path) -> (bool, serde_json::Value) {
+    let (ok, out) = accord(&["verify", "--config", config.to_str().unwrap(), "--format", "json"]);
+    let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("verify printed no report ({e}):\n{out}"));
+    (ok, report)
+}
+
+fn differing_keys(report: &serde_json::Value) -> BTreeSet<String> {
+    report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{} {}", d["table"].as_str().unwrap(), d["key"].as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() {
+    let pgs = tokio::task::spawn_blocking(|| PgCluster::start_many(3)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (files, dbs) = init_cluster(&pgs, dir.path(), SCHEMA).await;
+    let nodes: Vec<RunningNode> = files.iter().map(|f| RunningNode::start(&f.config, &[])).collect();
+    dbs[0]
+        .batch_execute("INSERT INTO shop.items SELECT g, 'item ' || g, 10 FROM generate_series(1, 2000) g")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let mut counts = Vec::new();
+        for db in &dbs {
+            counts.push(
+                db.query_one("SELECT count(*) FROM shop.items", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0),
+            );
+        }
+        if counts.iter().all(|&c| c == 2000) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the rows did not reach every node: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Every node writes rows 1..=100 and inserts its own, throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = pgs
+        .iter()
+        .enumerate()
+        .map(|(i, pg)| {
+            let (dsn, stop) = (pg.dsn("shop"), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (db, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                let mut n: i64 = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let id = n % 100 + 1;
+                    db.execute("UPDATE shop.items SET stock = stock + 1 WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
+                    if n % 7 == 0 {
+                        let note = format!("n{i}-{n}");
+                        db.execute("UPDATE shop.items SET note = $2 WHERE id = $1", &[&id, &note])
+                            .await
+                            .unwrap();
+                    }
+                    if n % 10 == 0 {
+                        let new = (i as i64 + 1) * 1_000_000 + n;
+                        db.execute(
+                            "INSERT INTO shop.items (id, name, stock) VALUES ($1, 'new', 1)",
+                            &[&new],
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    for config in [&files[0].config, &files[2].config] {
+        let (ok, report) = verify(config);
+        assert!(ok, "equal nodes under writes verify clean:\n{report:#}");
+        assert_eq!(differing_keys(&report), BTreeSet::new(), "{report:#}");
+        assert_eq!(
+            report["tables"]["shop.items"].as_array().unwrap().len(),
+            3,
+            "{report:#}"
+        );
+    }
+
+    // Behind accord's back on node 2: a session with a replication origin of its own, whose
+    // transactions the capture skips as another replicator's.
+    // (A transaction takes its origin from the session when it commits: the origin is set
+    // before, and reset after, in statements of their own.)
+    for sql in [
+        "SELECT pg_replication_origin_create('bypass')",
+        "SELECT pg_replication_origin_session_setup('bypass')",
+        "BEGIN;
+         UPDATE shop.items SET name = 'renamed by hand' WHERE id = 1001;
+         DELETE FROM shop.items WHERE id = 1002;
+         UPDATE shop.items SET stock = stock + 5 WHERE id = 1003;
+         INSERT INTO shop.items (id, name, stock) VALUES (5000000, 'extra', 1);
+         COMMIT",
+        "SELECT pg_replication_origin_session_reset()",
+    ] {
+        dbs[1].batch_execute(sql).await.unwrap();
+    }
+    let planted: BTreeSet<String> = ["[1001]", "[1002]", "[1003]", "[5000000]"]
+        .iter()
+        .map(|k| format!("shop.items {k}"))
+        .collect();
+    for config in [&files[2].config, &files[0].config] {
+        let (ok, report) = verify(config);
+        assert!(!ok, "a difference makes verify fail:\n{report:#}");
+        assert_eq!(
+            differing_keys(&report),
+            planted,
+            "exactly the planted keys:\n{report:#}"
+        );
+        for difference in report["differences"].as_array().unwrap() {
+            let odd: Vec<u64> = difference["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|pair| pair[1]["standing"] == "Uncaptured")
+                .map(|pair| pair[0].as_u64().unwrap())
+                .collect();
+            assert_eq!(odd, vec![2], "node 2 holds what accord never captured: {difference:#}");
+        }
+    }
+    let (_, text) = accord(&["verify", "--config", files[0].config.to_str().unwrap()]);
+    assert!(text.contains("4 key(s) differ"), "{text}");
+    assert!(text.contains("shop.items [1002]"), "{text}");
+
+    stop.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let _ = ITEMS;
+    for node in nodes {
+        let (ok, logs) = node.terminate();
+        assert!(ok, "{logs}");
+        assert!(!logs.contains("ERROR"), "{logs}");
+    }
+}
