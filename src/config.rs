@@ -77,8 +77,10 @@ spool_mb = 32
 # Default: the system's temporary directory ($TMPDIR or /tmp).
 # spool_dir = "/var/lib/accord/spool"
 
-# Optional: Prometheus metrics at /metrics and the status at /status (JSON, read by
-# `accord status`). No secrets are served here; bind it to an address only operators reach.
+# Optional: Prometheus metrics at /metrics, the status at /status (JSON, read by `accord
+# status`), and verifications at POST /verify (`accord verify`: read-only, but it reads every
+# replicated row on every node). No secrets are served here; bind it to an address only
+# operators reach.
 [metrics]
 listen = "127.0.0.1:9480"
 

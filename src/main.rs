@@ -98,6 +98,18 @@ enum Command {
     /// Exits 0 when the nodes agree, 1 when keys differ (each listed with what each node holds),
     /// 2 when the verification could not run.
     Verify(VerifyArgs),
+    /// Make the nodes equal again where `accord verify` finds them different, by what accord
+    /// replicated, not by a vote.
+    ///
+    /// Verifies (as `accord verify`), then for each differing key reads every node's row and
+    /// metadata: the rows accord replicated (the merge of every write it carried) are written to
+    /// the node that holds something else: a row changed, deleted or inserted behind accord's
+    /// back. What that node held is kept in its `accord.repaired` (nothing is lost: write it
+    /// again through accord if it was wanted), and the repair is logged in `accord.conflict_log`.
+    /// Keys still being written, or whose replicated rows differ between nodes, are left as they
+    /// are, with the reason. Then verifies again. Exits 0 when the nodes end equal, 1 when not, 2
+    /// when the repair could not run.
+    Repair(VerifyArgs),
     /// Give a table's generated ids from accord.next_id, so that two nodes never make the same.
     ///
     /// `serial`, `bigserial` and identity keys count from the same start on every node, so two
@@ -315,6 +327,7 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run(args)).map(|()| check::Verdict::Clean),
         Command::Status(args) => runtime.block_on(status(args)).map(|()| check::Verdict::Clean),
         Command::Verify(args) => runtime.block_on(verify(args)),
+        Command::Repair(args) => runtime.block_on(repair(args)),
         Command::Demo(args) => runtime.block_on(accord::demo::run(args)).map(|converged| {
             if converged {
                 check::Verdict::Clean
@@ -486,6 +499,20 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
         ReportFormat::Text => print!("{}", accord::verify_command::human_text(&report)),
     }
     Ok(if report.is_clean() {
+        check::Verdict::Clean
+    } else {
+        check::Verdict::FoundErrors
+    })
+}
+
+async fn repair(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
+    let addr = metrics_address(args.metrics, args.config)?;
+    let report = accord::verify_command::request_repair(addr, args.tables).await?;
+    match args.format {
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        ReportFormat::Text => print!("{}", accord::verify_command::repair_text(&report)),
+    }
+    Ok(if report.after.is_clean() {
         check::Verdict::Clean
     } else {
         check::Verdict::FoundErrors

@@ -89,6 +89,7 @@ pub async fn run_until(config: ServiceConfig, stop: impl std::future::Future<Out
             .merge(
                 Router::new()
                     .route("/verify", post(verify_handler))
+                    .route("/repair", post(repair_handler))
                     .with_state(handle.verify.clone()),
             );
         servers.push(tokio::spawn(serve(listener, app, "metrics")));
@@ -183,6 +184,17 @@ async fn verify_handler(
     axum::Json(request): axum::Json<crate::verify_command::VerifyRequest>,
 ) -> Response {
     match hub.verify(request.tables).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error_chain(&error)).into_response(),
+    }
+}
+
+/// `accord repair`: verifies, repairs what differs, verifies again, coordinated by this node.
+async fn repair_handler(
+    State(hub): State<crate::node::verify::VerifyHub>,
+    axum::Json(request): axum::Json<crate::verify_command::VerifyRequest>,
+) -> Response {
+    match hub.repair(request.tables).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error_chain(&error)).into_response(),
     }

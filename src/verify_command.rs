@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
 
-use crate::node::verify::VerifyReport;
+use crate::node::verify::{RepairReport, VerifyReport};
 
 /// What `POST /verify` takes.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -18,6 +18,19 @@ pub struct VerifyRequest {
 /// Asks the node at `addr` to verify, and waits for its report (as long as it takes: a big
 /// table is read once on every node).
 pub async fn request(addr: std::net::SocketAddr, tables: Vec<String>) -> Result<VerifyReport> {
+    post(addr, "verify", tables).await
+}
+
+/// Asks the node at `addr` to repair, and waits for its report.
+pub async fn request_repair(addr: std::net::SocketAddr, tables: Vec<String>) -> Result<RepairReport> {
+    post(addr, "repair", tables).await
+}
+
+async fn post<T: serde::de::DeserializeOwned>(
+    addr: std::net::SocketAddr,
+    what: &str,
+    tables: Vec<String>,
+) -> Result<T> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
@@ -25,7 +38,7 @@ pub async fn request(addr: std::net::SocketAddr, tables: Vec<String>) -> Result<
     let client: Client<_, Full<hyper::body::Bytes>> =
         Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
     let body = serde_json::to_vec(&VerifyRequest { tables })?;
-    let request = hyper::Request::post(format!("http://{addr}/verify"))
+    let request = hyper::Request::post(format!("http://{addr}/{what}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(hyper::body::Bytes::from(body)))
         .context("the verify request")?;
@@ -41,7 +54,7 @@ pub async fn request(addr: std::net::SocketAddr, tables: Vec<String>) -> Result<
         .context("cannot read the node's answer")?
         .to_bytes();
     if !code.is_success() {
-        anyhow::bail!("the verification failed: {}", String::from_utf8_lossy(&body));
+        anyhow::bail!("the {what} failed: {}", String::from_utf8_lossy(&body));
     }
     serde_json::from_slice(&body).context("the node's report is not in the expected form")
 }
@@ -107,5 +120,33 @@ pub fn human_text(report: &VerifyReport) -> String {
             );
         }
     }
+    out
+}
+
+/// The repair's report for people.
+pub fn repair_text(report: &RepairReport) -> String {
+    let mut out = String::from("before:\n");
+    out.push_str(&human_text(&report.before));
+    if !report.repaired.is_empty() {
+        let _ = writeln!(out, "repaired {} row(s):", report.repaired.len());
+        for key in &report.repaired {
+            let node = key.node.map(|n| format!(" on node {n}")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} {}{node} (what it held is in accord.repaired there)",
+                key.table, key.key
+            );
+        }
+    }
+    if !report.left.is_empty() {
+        let _ = writeln!(out, "left {} key(s) as they are:", report.left.len());
+        for key in &report.left {
+            let node = key.node.map(|n| format!(" on node {n}")).unwrap_or_default();
+            let why = key.why.as_deref().unwrap_or("");
+            let _ = writeln!(out, "  {} {}{node}: {why}", key.table, key.key);
+        }
+    }
+    out.push_str("after:\n");
+    out.push_str(&human_text(&report.after));
     out
 }

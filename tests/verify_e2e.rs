@@ -1,15 +1,17 @@
 //! Issue 18: `accord verify` proves three `accord run` nodes equal while all take writes, and
 //! finds exactly the differences planted on one of them behind accord's back: a row changed, a
-//! row deleted, a row inserted, a `delta` column off by some amount.
+//! row deleted, a row inserted, a `delta` column off by some amount; then `accord repair` makes
+//! the nodes identical again, with the sums exact, keeping what it replaced.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::cli::accord;
+use support::nodes::snapshot;
 use support::pg::PgCluster;
 use support::service::{init_cluster, RunningNode};
 
@@ -77,11 +79,13 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
 
     // Every node writes rows 1..=100 and inserts its own, throughout.
     let stop = Arc::new(AtomicBool::new(false));
+    // Stock added by the writers: increments and inserted rows.
+    let added = Arc::new(AtomicI64::new(0));
     let writers: Vec<_> = pgs
         .iter()
         .enumerate()
         .map(|(i, pg)| {
-            let (dsn, stop) = (pg.dsn("shop"), Arc::clone(&stop));
+            let (dsn, stop, added) = (pg.dsn("shop"), Arc::clone(&stop), Arc::clone(&added));
             tokio::spawn(async move {
                 let (db, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
                 tokio::spawn(conn);
@@ -92,6 +96,7 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
                     db.execute("UPDATE shop.items SET stock = stock + 1 WHERE id = $1", &[&id])
                         .await
                         .unwrap();
+                    added.fetch_add(1, Ordering::SeqCst);
                     if n % 7 == 0 {
                         let note = format!("n{i}-{n}");
                         db.execute("UPDATE shop.items SET note = $2 WHERE id = $1", &[&id, &note])
@@ -106,6 +111,7 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
                         )
                         .await
                         .unwrap();
+                        added.fetch_add(1, Ordering::SeqCst);
                     }
                     tokio::time::sleep(Duration::from_millis(3)).await;
                 }
@@ -169,11 +175,102 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
     assert!(text.contains("4 key(s) differ"), "{text}");
     assert!(text.contains("shop.items [1002]"), "{text}");
 
+    // The repair, through node 2 itself, while the writes go on.
+    let (ok, out) = accord(&[
+        "repair",
+        "--config",
+        files[1].config.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("no report ({e}):\n{out}"));
+    assert!(ok, "the repair leaves the nodes equal:\n{report:#}");
+    let repaired: BTreeSet<String> = report["repaired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["node"], 2, "{r}");
+            format!("{} {}", r["table"].as_str().unwrap(), r["key"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(repaired, planted, "{report:#}");
+    assert!(report["left"].as_array().unwrap().is_empty(), "{report:#}");
+    assert!(
+        report["after"]["differences"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+
     stop.store(true, Ordering::SeqCst);
     for writer in writers {
         writer.await.unwrap();
     }
-    let _ = ITEMS;
+    // Identical nodes, exact sums: the planted +5 is gone, every write through accord is there.
+    let started = Instant::now();
+    loop {
+        let snapshots: Vec<String> = futures_util::future::join_all(dbs.iter().map(|db| snapshot(db, ITEMS))).await;
+        if snapshots.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the nodes did not converge after the repair"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let expected = 2000 * 10 + added.load(Ordering::SeqCst);
+    for (i, db) in dbs.iter().enumerate() {
+        let sum: i64 = db
+            .query_one("SELECT sum(stock)::bigint FROM shop.items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            sum,
+            expected,
+            "node {}: every increment once, the planted one gone",
+            i + 1
+        );
+        let name: String = db
+            .query_one("SELECT name FROM shop.items WHERE id = 1001", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, "item 1001", "node {}", i + 1);
+        let extra = db
+            .query_opt("SELECT 1 FROM shop.items WHERE id = 5000000", &[])
+            .await
+            .unwrap();
+        assert!(
+            extra.is_none(),
+            "node {}: the row inserted behind accord's back is gone",
+            i + 1
+        );
+    }
+    let kept: i64 = dbs[1]
+        .query_one("SELECT count(*) FROM accord.repaired", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 4, "node 2 keeps what the repair replaced");
+    let kept_extra: String = dbs[1]
+        .query_one(
+            "SELECT replaced->>'name' FROM accord.repaired WHERE row_key = '[5000000]'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept_extra, "extra");
+    let logged: i64 = dbs[1]
+        .query_one("SELECT count(*) FROM accord.conflict_log WHERE kind = 'Repair'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 4);
+    let (ok, report) = verify(&files[1].config);
+    assert!(ok, "verify after the repair, writes stopped:\n{report:#}");
+    assert!(report["unsettled"].as_object().unwrap().is_empty(), "{report:#}");
     for node in nodes {
         let (ok, logs) = node.terminate();
         assert!(ok, "{logs}");

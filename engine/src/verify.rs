@@ -469,6 +469,27 @@ pub enum VerifyMessage {
         round: u64,
         rows: Vec<RowSummary>,
     },
+    /// The rows of `keys` of `table` whole, as the snapshot holds them (for a repair).
+    Fetch {
+        round: u64,
+        table: String,
+        keys: Vec<String>,
+    },
+    Fetched {
+        round: u64,
+        rows: Vec<HeldRow>,
+    },
+    /// Write these rows of `table` as the repair decided (outside the snapshot, each only if the
+    /// row is still as the round read it).
+    Repair {
+        round: u64,
+        table: String,
+        writes: Vec<RepairWrite>,
+    },
+    Repaired {
+        round: u64,
+        outcomes: Vec<RepairOutcome>,
+    },
     /// The round is over: let go of the snapshot.
     Close {
         round: u64,
@@ -491,10 +512,112 @@ impl VerifyMessage {
             | VerifyMessage::RangeSummaries { round, .. }
             | VerifyMessage::Rows { round, .. }
             | VerifyMessage::RowList { round, .. }
+            | VerifyMessage::Fetch { round, .. }
+            | VerifyMessage::Fetched { round, .. }
+            | VerifyMessage::Repair { round, .. }
+            | VerifyMessage::Repaired { round, .. }
             | VerifyMessage::Close { round }
             | VerifyMessage::Failed { round, .. } => *round,
         }
     }
+}
+
+/// A row as a node holds it, whole: what a repair decides from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRow {
+    pub key: String,
+    /// The values by column name (text; `None` for NULL); `None`: not in the table.
+    pub values: Option<BTreeMap<String, Option<String>>>,
+    /// The metadata, as the node's table has it now (`TableDef` column order), if any.
+    pub meta: Option<RowMeta>,
+    /// The columns the metadata's per-column entries are in the order of.
+    pub columns: Vec<String>,
+    /// The xmin of the stored row version, if the row is in the table.
+    pub xmin: Option<String>,
+    pub standing: Standing,
+    #[serde(with = "digest_text")]
+    pub digest: u128,
+}
+
+/// What a repair writes on one node for one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairWrite {
+    pub key: String,
+    /// The row as the nodes that replicated it hold it; `None`: no such row.
+    pub values: Option<BTreeMap<String, Option<String>>>,
+    pub meta: Option<RowMeta>,
+    pub columns: Vec<String>,
+    /// The row's xmin when the round read it (`None`: not in the table): written only if still so.
+    pub expect_xmin: Option<String>,
+}
+
+/// What became of a repair write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairOutcome {
+    pub key: String,
+    /// `None`: written; else why not.
+    pub skipped: Option<String>,
+}
+
+/// The repair of one key: what each node that differs writes, or why it is left as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairPlan {
+    Write(Vec<(NodeId, RepairWrite)>),
+    Leave(String),
+}
+
+/// Decides the repair of one key from every node's row (`None`: the node has no trace of it).
+///
+/// The rows accord replicated (every row but an uncaptured one: its stored version is no write
+/// accord knows) decide: they are the merge of every write replicated to the row, and a node that
+/// holds something else gets them, its own version kept aside by the writer (`accord.repaired`).
+/// A row no node replicated (inserted behind accord's back) is removed the same way. Replicated
+/// rows still in flight leave the key for a later run; replicated rows that differ at a cut
+/// (never by design: equal writes merge to equal states) are left for a person, with the reason.
+pub fn repair_plan(per_node: &[(NodeId, Option<HeldRow>)]) -> RepairPlan {
+    let replicated: Vec<&(NodeId, Option<HeldRow>)> = per_node
+        .iter()
+        .filter(|(_, row)| row.as_ref().is_none_or(|r| r.standing != Standing::Uncaptured))
+        .collect();
+    if replicated.is_empty() && per_node.len() > 1 {
+        return RepairPlan::Leave("no node holds the row as accord replicated it".into());
+    }
+    if replicated
+        .iter()
+        .any(|(_, row)| row.as_ref().is_some_and(|r| r.standing == Standing::InFlight))
+    {
+        return RepairPlan::Leave("the row is being written: run the repair again".into());
+    }
+    let digest = |row: &Option<HeldRow>| row.as_ref().map(|r| r.digest);
+    let target = &replicated[0].1;
+    if replicated.iter().any(|(_, row)| digest(row) != digest(target)) {
+        return RepairPlan::Leave(
+            "the nodes replicated different states of the row at a cut every node applied: not repaired \
+             automatically; compare them by hand"
+                .into(),
+        );
+    }
+    let writes = per_node
+        .iter()
+        .filter(|(_, row)| {
+            row.as_ref().is_some_and(|r| r.standing == Standing::Uncaptured) || digest(row) != digest(target)
+        })
+        .map(|(node, row)| {
+            let write = RepairWrite {
+                key: row
+                    .as_ref()
+                    .or(target.as_ref())
+                    .map(|r| r.key.clone())
+                    .unwrap_or_default(),
+                values: target.as_ref().and_then(|t| t.values.clone()),
+                meta: target.as_ref().and_then(|t| t.meta.clone()),
+                columns: target.as_ref().map(|t| t.columns.clone()).unwrap_or_default(),
+                expect_xmin: row.as_ref().and_then(|r| r.xmin.clone()),
+            };
+            (*node, write)
+        })
+        .collect();
+    RepairPlan::Write(writes)
 }
 
 /// What a round compares.
@@ -616,6 +739,61 @@ mod tests {
             vec![(NodeId(1), 7), (NodeId(2), 9), (NodeId(3), 4)],
         ]);
         assert_eq!(cut.0, vec![(NodeId(1), 7), (NodeId(2), 5), (NodeId(3), 0)]);
+    }
+
+    fn held(key: &str, digest: u128, standing: Standing, present: bool) -> HeldRow {
+        HeldRow {
+            key: key.to_owned(),
+            values: present.then(|| BTreeMap::from([("name".to_owned(), Some(format!("v{digest}")))])),
+            meta: None,
+            columns: vec!["name".into()],
+            xmin: present.then(|| format!("{digest}")),
+            standing,
+            digest,
+        }
+    }
+
+    #[test]
+    fn a_repair_gives_the_replicated_row_to_the_node_that_holds_another() {
+        let plan = repair_plan(&[
+            (NodeId(1), Some(held("[1]", 7, Standing::Settled, true))),
+            (NodeId(2), Some(held("[1]", 8, Standing::Uncaptured, true))),
+            (NodeId(3), Some(held("[1]", 7, Standing::Settled, true))),
+        ]);
+        let RepairPlan::Write(writes) = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].0, NodeId(2));
+        assert_eq!(writes[0].1.values, held("[1]", 7, Standing::Settled, true).values);
+        assert_eq!(writes[0].1.expect_xmin.as_deref(), Some("8"));
+    }
+
+    #[test]
+    fn a_row_only_one_node_holds_uncaptured_is_removed_there() {
+        let plan = repair_plan(&[
+            (NodeId(1), None),
+            (NodeId(2), Some(held("[9]", 8, Standing::Uncaptured, true))),
+        ]);
+        let RepairPlan::Write(writes) = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(writes.len(), 1);
+        assert_eq!((writes[0].0, writes[0].1.values.is_none()), (NodeId(2), true));
+    }
+
+    #[test]
+    fn replicated_rows_that_differ_or_move_are_left_alone() {
+        let differ = repair_plan(&[
+            (NodeId(1), Some(held("[1]", 7, Standing::Settled, true))),
+            (NodeId(2), Some(held("[1]", 9, Standing::Settled, true))),
+        ]);
+        assert!(matches!(differ, RepairPlan::Leave(_)), "{differ:?}");
+        let moving = repair_plan(&[
+            (NodeId(1), Some(held("[1]", 7, Standing::InFlight, true))),
+            (NodeId(2), Some(held("[1]", 9, Standing::Uncaptured, true))),
+        ]);
+        assert!(matches!(moving, RepairPlan::Leave(_)), "{moving:?}");
     }
 
     #[test]

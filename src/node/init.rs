@@ -159,6 +159,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    tx.batch_execute(store::REPAIRED_DDL)
+        .await
+        .context("cannot create accord.repaired")?;
     tx.batch_execute(store::REVIEW_ROWS_DDL)
         .await
         .context("cannot index accord.review_items")?;

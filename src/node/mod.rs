@@ -14,6 +14,7 @@ pub mod net;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod quic;
+pub mod repair;
 pub mod review;
 pub mod rows;
 pub mod runtime;

@@ -360,6 +360,9 @@ where
     db.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    db.batch_execute(store::REPAIRED_DDL)
+        .await
+        .context("cannot create accord.repaired")?;
     db.batch_execute(store::REVIEW_ROWS_DDL)
         .await
         .context("cannot index accord.review_items")?;

@@ -117,6 +117,20 @@ pub const ROW_META_SHAPE_DDL: &str = "ALTER TABLE accord.row_meta ADD COLUMN IF 
 
 /// The review items of a row, found by its key (a joining node reads them by key range).
 /// Created by `accord init`, and by a node starting on a database initialised before it existed.
+/// What `accord repair` replaced on this node: the row as it was (`replaced`, NULL when the
+/// table did not have it), kept so that nothing it held is lost.
+pub const REPAIRED_DDL: &str = "
+CREATE TABLE IF NOT EXISTS accord.repaired (
+    id          bigserial PRIMARY KEY,
+    repaired_at timestamptz NOT NULL DEFAULT now(),
+    table_name  text NOT NULL,
+    row_key     text NOT NULL,
+    replaced    jsonb,
+    why         text NOT NULL
+);
+COMMENT ON TABLE accord.repaired IS 'accord: rows accord repair replaced on this node, as they were';
+";
+
 pub const REVIEW_ROWS_DDL: &str =
     "CREATE INDEX IF NOT EXISTS review_items_row ON accord.review_items (table_name, row_key);";
 

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_engine::{
-    compare_rows, key_hash, row_digest, standing, verify::column_names, Descent, DescentStep, KeyDifference, NodeId,
-    RowKey, RowMeta, RowSummary, ShapeBook, Standing, Stored, TableCount, TableDef, TableSummaries, Value, VerifyCut,
-    VerifyMessage, VerifyScope,
+    compare_rows, key_hash, repair_plan, row_digest, standing, verify::column_names, Descent, DescentStep, HeldRow,
+    KeyDifference, NodeId, RepairOutcome, RepairPlan, RepairWrite, RowKey, RowMeta, RowSummary, ShapeBook, Standing,
+    Stored, TableCount, TableDef, TableSummaries, Value, VerifyCut, VerifyMessage, VerifyScope,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{pin_mut, TryStreamExt};
@@ -125,6 +125,8 @@ impl VerifyHub {
             request @ (VerifyMessage::Summarise { .. }
             | VerifyMessage::Ranges { .. }
             | VerifyMessage::Rows { .. }
+            | VerifyMessage::Fetch { .. }
+            | VerifyMessage::Repair { .. }
             | VerifyMessage::Close { .. }) => {
                 let session = lock(&self.inner.answering).get(&(from, round)).cloned();
                 match session {
@@ -141,7 +143,13 @@ impl VerifyHub {
                     ),
                 }
             }
-            answer => {
+            answer @ (VerifyMessage::Opened { .. }
+            | VerifyMessage::Summarised { .. }
+            | VerifyMessage::RangeSummaries { .. }
+            | VerifyMessage::RowList { .. }
+            | VerifyMessage::Fetched { .. }
+            | VerifyMessage::Repaired { .. }
+            | VerifyMessage::Failed { .. }) => {
                 if let Some(waiting) = lock(&self.inner.coordinating).get(&round) {
                     let _ = waiting.send((from, answer));
                 }
@@ -185,6 +193,9 @@ impl VerifyHub {
         let mut db = connect(&hub.dsn).await?;
         let noted: String = db.query_one("SELECT pg_current_snapshot()::text", &[]).await?.get(0);
         let before = NotedSnapshot::parse(&noted)?;
+        // Read before the round's transaction: reading the annotations takes a transaction of its own.
+        let policy = replicated_policy(&mut db).await?;
+        let book = super::shapes::book(&super::shapes::load(&db).await?);
         let lsn = super::apply::probe(&db).await?;
         let mut capture = hub.capture.clone();
         super::apply::wait_for_capture(&db, &mut capture, lsn)
@@ -195,9 +206,8 @@ impl VerifyHub {
         let applied = store::snapshot_positions(&db, hub.node).await?;
         self.send(coordinator, VerifyMessage::Opened { round, applied });
 
-        let policy = replicated_policy(&mut db).await?;
-        let book = super::shapes::book(&super::shapes::load(&db).await?);
         let mut summaries: BTreeMap<String, TableSummaries> = BTreeMap::new();
+        let mut last_cut: Option<VerifyCut> = None;
         loop {
             let request = match tokio::time::timeout(IDLE_LIMIT, requests.recv()).await {
                 Ok(Some(request)) => request,
@@ -205,6 +215,7 @@ impl VerifyHub {
             };
             match request {
                 VerifyMessage::Summarise { cut, .. } => {
+                    last_cut = Some(cut.clone());
                     let (tables, keys): (Vec<&TableDef>, Option<&BTreeMap<String, Vec<String>>>) = match &scope {
                         VerifyScope::Tables(names) => (
                             policy
@@ -258,6 +269,30 @@ impl VerifyHub {
                         .collect();
                     self.send(coordinator, VerifyMessage::RowList { round, rows });
                 }
+                VerifyMessage::Fetch { table, keys, .. } => {
+                    let def = policy
+                        .table(&table)
+                        .with_context(|| format!("table {table} is not replicated on node {}", hub.node))?;
+                    let mut rows = Vec::new();
+                    read_rows(
+                        &db,
+                        def,
+                        &book,
+                        last_cut.as_ref().context("rows fetched before the round's cut")?,
+                        &before,
+                        Some(&keys),
+                        |row| rows.push(row),
+                    )
+                    .await?;
+                    self.send(coordinator, VerifyMessage::Fetched { round, rows });
+                }
+                VerifyMessage::Repair { table, writes, .. } => {
+                    let def = policy
+                        .table(&table)
+                        .with_context(|| format!("table {table} is not replicated on node {}", hub.node))?;
+                    let outcomes = super::repair::write(&hub.dsn, hub.node, def, &writes).await?;
+                    self.send(coordinator, VerifyMessage::Repaired { round, outcomes });
+                }
                 VerifyMessage::Close { .. } => break,
                 other => bail!("unexpected in a round: {other:?}"),
             }
@@ -308,7 +343,9 @@ impl VerifyHub {
         Ok(report)
     }
 
-    async fn round(&self, nodes: &[NodeId], scope: &VerifyScope) -> Result<RoundOutcome> {
+    /// Opens a round on every node and gives them its cut: the round, where its answers come,
+    /// and what each node summarised. The caller closes it (`close`).
+    async fn open(&self, nodes: &[NodeId], scope: &VerifyScope) -> Result<OpenRound> {
         let round = {
             let mut next = lock(&self.inner.next_round);
             *next += 1;
@@ -316,31 +353,69 @@ impl VerifyHub {
         };
         let (tx, mut answers) = mpsc::unbounded_channel();
         lock(&self.inner.coordinating).insert(round, tx);
-        let result = async {
-            let ask = |request: VerifyMessage| {
-                for &node in nodes {
-                    self.send(node, request.clone());
-                }
-            };
-            ask(VerifyMessage::Open {
+        self.ask(
+            nodes,
+            VerifyMessage::Open {
                 round,
                 scope: scope.clone(),
-            });
+            },
+        );
+        let opened = async {
             let opened = collect(&mut answers, nodes, |m| match m {
                 VerifyMessage::Opened { applied, .. } => Some(applied),
                 _ => None,
             })
             .await?;
             let cut = VerifyCut::of(&opened);
-            ask(VerifyMessage::Summarise {
-                round,
-                cut: cut.clone(),
-            });
+            self.ask(
+                nodes,
+                VerifyMessage::Summarise {
+                    round,
+                    cut: cut.clone(),
+                },
+            );
             let summarised = collect(&mut answers, nodes, |m| match m {
                 VerifyMessage::Summarised { tables, .. } => Some(tables),
                 _ => None,
             })
             .await?;
+            Ok::<_, anyhow::Error>((cut, summarised))
+        }
+        .await;
+        match opened {
+            Ok((cut, summarised)) => Ok(OpenRound {
+                round,
+                answers,
+                cut,
+                summarised,
+            }),
+            Err(error) => {
+                self.close(nodes, round);
+                Err(error)
+            }
+        }
+    }
+
+    fn close(&self, nodes: &[NodeId], round: u64) {
+        self.ask(nodes, VerifyMessage::Close { round });
+        lock(&self.inner.coordinating).remove(&round);
+    }
+
+    fn ask(&self, nodes: &[NodeId], request: VerifyMessage) {
+        for &node in nodes {
+            self.send(node, request.clone());
+        }
+    }
+
+    async fn round(&self, nodes: &[NodeId], scope: &VerifyScope) -> Result<RoundOutcome> {
+        let OpenRound {
+            round,
+            mut answers,
+            cut,
+            summarised,
+        } = self.open(nodes, scope).await?;
+        let result = async {
+            let ask = |request: VerifyMessage| self.ask(nodes, request);
             let mut outcome = RoundOutcome {
                 cut,
                 ..RoundOutcome::default()
@@ -409,13 +484,136 @@ impl VerifyHub {
                 }
             }
             outcome.in_flight.retain(|_, keys| !keys.is_empty());
-            ask(VerifyMessage::Close { round });
             Ok::<_, anyhow::Error>(outcome)
         }
         .await;
-        lock(&self.inner.coordinating).remove(&round);
+        self.close(nodes, round);
         result
     }
+
+    /// Verifies, repairs what differs (`engine::verify::repair_plan`: every node gets the row as
+    /// accord replicated it, what it held instead kept in its `accord.repaired`), and verifies
+    /// again.
+    pub async fn repair(&self, tables: Vec<String>) -> Result<RepairReport> {
+        let before = self.verify(tables.clone()).await?;
+        let mut report = RepairReport {
+            before,
+            ..RepairReport::default()
+        };
+        if report.before.differences.is_empty() {
+            report.after = report.before.clone();
+            return Ok(report);
+        }
+        let nodes = report.before.nodes.clone();
+        let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for difference in &report.before.differences {
+            keys.entry(difference.table.clone())
+                .or_default()
+                .push(difference.key.clone());
+        }
+        let OpenRound { round, mut answers, .. } = self.open(&nodes, &VerifyScope::Keys(keys.clone())).await?;
+        let repaired = async {
+            for (table, keys) in &keys {
+                self.ask(
+                    &nodes,
+                    VerifyMessage::Fetch {
+                        round,
+                        table: table.clone(),
+                        keys: keys.clone(),
+                    },
+                );
+                let fetched = collect(&mut answers, &nodes, |m| match m {
+                    VerifyMessage::Fetched { rows, .. } => Some(rows),
+                    _ => None,
+                })
+                .await?;
+                let mut writes: BTreeMap<NodeId, Vec<RepairWrite>> = BTreeMap::new();
+                for key in keys {
+                    let per_node: Vec<(NodeId, Option<HeldRow>)> = nodes
+                        .iter()
+                        .zip(&fetched)
+                        .map(|(node, rows)| (*node, rows.iter().find(|r| r.key == *key).cloned()))
+                        .collect();
+                    match repair_plan(&per_node) {
+                        RepairPlan::Write(planned) => {
+                            for (node, write) in planned {
+                                writes.entry(node).or_default().push(write);
+                            }
+                        }
+                        RepairPlan::Leave(why) => report.left.push(RepairedKey {
+                            table: table.clone(),
+                            key: key.clone(),
+                            node: None,
+                            why: Some(why),
+                        }),
+                    }
+                }
+                let writers: Vec<NodeId> = writes.keys().copied().collect();
+                for (node, writes) in writes {
+                    self.send(
+                        node,
+                        VerifyMessage::Repair {
+                            round,
+                            table: table.clone(),
+                            writes,
+                        },
+                    );
+                }
+                let outcomes = collect(&mut answers, &writers, |m| match m {
+                    VerifyMessage::Repaired { outcomes, .. } => Some(outcomes),
+                    _ => None,
+                })
+                .await?;
+                for (node, outcomes) in writers.iter().zip(outcomes) {
+                    for RepairOutcome { key, skipped } in outcomes {
+                        let entry = RepairedKey {
+                            table: table.clone(),
+                            key,
+                            node: Some(*node),
+                            why: skipped.clone(),
+                        };
+                        match skipped {
+                            None => report.repaired.push(entry),
+                            Some(_) => report.left.push(entry),
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        self.close(&nodes, round);
+        repaired?;
+        report.after = self.verify(tables).await?;
+        Ok(report)
+    }
+}
+
+struct OpenRound {
+    round: u64,
+    answers: mpsc::UnboundedReceiver<(NodeId, VerifyMessage)>,
+    cut: VerifyCut,
+    summarised: Vec<Vec<TableCount>>,
+}
+
+/// What `accord repair` reports: the verification before, what it wrote where, what it left
+/// and why, and the verification after.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RepairReport {
+    pub before: VerifyReport,
+    pub repaired: Vec<RepairedKey>,
+    pub left: Vec<RepairedKey>,
+    pub after: VerifyReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairedKey {
+    pub table: String,
+    pub key: String,
+    /// The node written (or that refused the write); `None` when no node was asked.
+    pub node: Option<NodeId>,
+    /// Why it was left as it is; `None` when repaired.
+    pub why: Option<String>,
 }
 
 #[derive(Default)]
@@ -510,8 +708,7 @@ impl NotedSnapshot {
     }
 }
 
-/// Every row of `table` (or of the keys `only`) under `cut`, with its metadata, in the
-/// transaction's snapshot: one pass over the table joined with its metadata.
+/// Every row of `table` (or of the keys `only`) under `cut`, summarised.
 async fn summarise(
     db: &Client,
     table: &TableDef,
@@ -520,6 +717,32 @@ async fn summarise(
     before: &NotedSnapshot,
     only: Option<&[String]>,
 ) -> Result<TableSummaries> {
+    let mut out = Vec::new();
+    read_rows(db, table, book, cut, before, only, |row| {
+        out.push(RowSummary {
+            key_hash: key_hash(&table.name, &row.key),
+            present: row.values.is_some(),
+            key: row.key,
+            digest: row.digest,
+            standing: row.standing,
+        })
+    })
+    .await?;
+    Ok(TableSummaries::new(out))
+}
+
+/// Every row of `table` (or of the keys `only`) under `cut`, with its metadata, in the
+/// transaction's snapshot: one pass over the table joined with its metadata. Settled tombstones
+/// are left out (as good as absent: a node may have collected them).
+async fn read_rows(
+    db: &Client,
+    table: &TableDef,
+    book: &ShapeBook,
+    cut: &VerifyCut,
+    before: &NotedSnapshot,
+    only: Option<&[String]>,
+    mut each: impl FnMut(HeldRow),
+) -> Result<()> {
     let key_types: Vec<String> = {
         let mut types = Vec::new();
         for key in &table.key {
@@ -598,7 +821,6 @@ async fn summarise(
     pin_mut!(rows);
     let names = column_names(table);
     let keys_of = table.key.len();
-    let mut out = Vec::new();
     while let Some(row) = rows.try_next().await? {
         let xmin: Option<String> = row.try_get(0)?;
         let at = 1 + keys_of + table.columns.len();
@@ -670,15 +892,17 @@ async fn summarise(
             values.as_ref(),
             meta.as_ref().map(|m| (m, names.as_slice())),
         );
-        out.push(RowSummary {
-            key_hash: key_hash(&table.name, &key),
+        each(HeldRow {
             key,
-            digest,
+            values,
+            meta,
+            columns: names.clone(),
+            xmin,
             standing,
-            present: values.is_some(),
+            digest,
         });
     }
-    Ok(TableSummaries::new(out))
+    Ok(())
 }
 
 #[cfg(test)]
