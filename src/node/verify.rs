@@ -281,7 +281,12 @@ impl VerifyHub {
                         last_cut.as_ref().context("rows fetched before the round's cut")?,
                         &before,
                         Some(&keys),
-                        |row| rows.push(row),
+                        |row| {
+                            rows.push(HeldRow {
+                                columns: column_names(def),
+                                ..row
+                            })
+                        },
                     )
                     .await?;
                     self.send(coordinator, VerifyMessage::Fetched { round, rows });
@@ -896,7 +901,8 @@ async fn read_rows(
             key,
             values,
             meta,
-            columns: names.clone(),
+            // Named by the caller that keeps the row (`Fetch`): most rows are only summarised.
+            columns: Vec::new(),
             xmin,
             standing,
             digest,

@@ -1,0 +1,107 @@
+//! How fast `accord verify` proves three nodes equal, beside the cheapest whole-table comparison
+//! PostgreSQL offers, `SELECT md5(string_agg(t::text, ...))` of the table, run on the three nodes
+//! at once in the same run (issue 18: at least as fast).
+//!
+//! `cargo bench --bench verify` (ACCORD_VERIFY_BENCH_ROWS sets the table's rows, default
+//! 1,000,000; ACCORD_VERIFY_BENCH_ROUNDS the alternated rounds, default 2). Three nodes, started in
+//! process on three PostgreSQL servers, hold the same rows, recorded by `accord init` (delta and
+//! review columns: every row's metadata has ledgers and registers to read). `accord verify` reads
+//! every row and its metadata once on each node, joined, decoded, hashed by column name; the md5
+//! reads the rows only. The figures are rows per second per node (each node reads all of its rows
+//! while the others read theirs) and the ratio; the machine is noisy, so each round prints its own.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Instant;
+
+use support::nodes::{id, TestCluster};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+        })
+        .unwrap_or(default)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rows = env_u64("ACCORD_VERIFY_BENCH_ROWS", 1_000_000);
+    let rounds = env_u64("ACCORD_VERIFY_BENCH_ROUNDS", 2);
+    let schema = format!(
+        "CREATE SCHEMA shop;
+         CREATE TABLE shop.items (
+             id bigint PRIMARY KEY,
+             name text NOT NULL,
+             stock bigint NOT NULL DEFAULT 0,
+             balance numeric(20,4) NOT NULL DEFAULT 0,
+             price numeric(10,2)
+         );
+         COMMENT ON TABLE shop.items IS '@accord replicate';
+         COMMENT ON COLUMN shop.items.stock IS '@accord delta';
+         COMMENT ON COLUMN shop.items.balance IS '@accord delta';
+         COMMENT ON COLUMN shop.items.price IS '@accord review';
+         INSERT INTO shop.items
+           SELECT g, 'item ' || g, g % 100, (g % 1000) / 7.0, (g % 500) / 3.0 FROM generate_series(1, {rows}) g;"
+    );
+    let started = Instant::now();
+    let cluster = TestCluster::start(3, &schema).await;
+    println!(
+        "verify: {rows} rows on each of 3 nodes (set up and `accord init` in {:.0} s), {rounds} rounds",
+        started.elapsed().as_secs_f64()
+    );
+    let clients = [
+        cluster.client(0).await,
+        cluster.client(1).await,
+        cluster.client(2).await,
+    ];
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let started = Instant::now();
+        let digests = futures_util::future::join_all(clients.iter().map(|db| async move {
+            db.query_one(
+                "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM shop.items AS t",
+                &[],
+            )
+            .await
+            .expect("md5 of the table")
+            .get::<_, String>(0)
+        }))
+        .await;
+        let md5_secs = started.elapsed().as_secs_f64();
+        assert!(digests.windows(2).all(|w| w[0] == w[1]), "the nodes hold the same rows");
+
+        let started = Instant::now();
+        let report = cluster.nodes[&id(0)]
+            .verify
+            .verify(Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e:#}"));
+        let verify_secs = started.elapsed().as_secs_f64();
+        assert!(report.is_clean(), "equal nodes verify clean: {report:?}");
+        assert_eq!(
+            report.tables["shop.items"],
+            vec![rows; 3],
+            "every row read on every node"
+        );
+
+        let (verify_rate, md5_rate) = (rows as f64 / verify_secs, rows as f64 / md5_secs);
+        ratios.push(verify_rate / md5_rate);
+        println!(
+            "round {round}: accord verify {verify_secs:.2} s ({verify_rate:.0} rows/s per node, {} round(s)); \
+             md5(string_agg) {md5_secs:.2} s ({md5_rate:.0} rows/s per node); verify/md5 = {:.2}x",
+            report.rounds,
+            verify_rate / md5_rate
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "verify: rows/s of accord verify over md5(string_agg), median of {} rounds: {:.2}x (goal: at least 1x)",
+        ratios.len(),
+        ratios[ratios.len() / 2]
+    );
+    cluster.stop_all().await;
+}
