@@ -185,8 +185,9 @@ enum LogFormat {
     Json,
 }
 
+/// Which running node to ask: the address it serves [metrics] at.
 #[derive(Debug, clap::Args)]
-struct StatusArgs {
+struct NodeAddress {
     /// The node's configuration file: its [metrics] address is asked.
     #[arg(
         long,
@@ -198,6 +199,12 @@ struct StatusArgs {
     /// The node's metrics address (host:port), instead of --config.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    node: NodeAddress,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -205,17 +212,8 @@ struct StatusArgs {
 
 #[derive(Debug, clap::Args)]
 struct VerifyArgs {
-    /// The node's configuration file: its [metrics] address is asked.
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "metrics",
-        conflicts_with = "metrics"
-    )]
-    config: Option<PathBuf>,
-    /// The node's metrics address (host:port), instead of --config.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    node: NodeAddress,
     /// A table to compare (schema.table); repeat for more. Default: every replicated table.
     #[arg(long = "table", value_name = "TABLE")]
     tables: Vec<String>,
@@ -492,7 +490,7 @@ fn init_logs(format: LogFormat) -> anyhow::Result<()> {
 }
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
-    let addr = metrics_address(args.metrics, args.config)?;
+    let addr = metrics_address(args.node)?;
     let report = accord::verify_command::request(addr, args.tables).await?;
     match args.format {
         ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -506,7 +504,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
 }
 
 async fn repair(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
-    let addr = metrics_address(args.metrics, args.config)?;
+    let addr = metrics_address(args.node)?;
     let report = accord::verify_command::request_repair(addr, args.tables).await?;
     match args.format {
         ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -520,12 +518,9 @@ async fn repair(args: VerifyArgs) -> anyhow::Result<check::Verdict> {
 }
 
 /// The node's metrics address: given, or from its configuration.
-fn metrics_address(
-    metrics: Option<std::net::SocketAddr>,
-    config: Option<PathBuf>,
-) -> anyhow::Result<std::net::SocketAddr> {
+fn metrics_address(node: NodeAddress) -> anyhow::Result<std::net::SocketAddr> {
     use accord::config::{ProcessEnvironment, ServiceConfig};
-    Ok(match (metrics, config) {
+    Ok(match (node.metrics, node.config) {
         (Some(addr), _) => addr,
         (None, Some(path)) => {
             let config = ServiceConfig::load(&path, &ProcessEnvironment)?;
@@ -541,7 +536,7 @@ fn metrics_address(
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let addr = metrics_address(args.metrics, args.config)?;
+    let addr = metrics_address(args.node)?;
     let node = accord::status::fetch(addr).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&node)?);

@@ -330,28 +330,43 @@ fn seconds(s: f64) -> String {
 
 /// Reads the status of the node serving metrics at `addr`.
 pub async fn fetch(addr: std::net::SocketAddr) -> Result<NodeStatus> {
-    use http_body_util::{BodyExt, Empty};
+    let uri = format!("http://{addr}/status");
+    let request = hyper::Request::get(uri)
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .context("status request")?;
+    let answer = ask_node(addr, request);
+    tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+        .await
+        .with_context(|| format!("the node at {addr} did not answer within 5 s"))?
+}
+
+/// Sends `request` to the node serving [metrics] at `addr` and reads its JSON answer; an error
+/// status is an error with the node's text.
+pub async fn ask_node<T: serde::de::DeserializeOwned>(
+    addr: std::net::SocketAddr,
+    request: hyper::Request<http_body_util::Full<hyper::body::Bytes>>,
+) -> Result<T> {
+    use http_body_util::BodyExt;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
-    let client: Client<_, Empty<hyper::body::Bytes>> =
+    let client: Client<_, http_body_util::Full<hyper::body::Bytes>> =
         Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
-    let uri: hyper::Uri = format!("http://{addr}/status").parse().context("status address")?;
-    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+    let response = client
+        .request(request)
         .await
-        .with_context(|| format!("the node at {addr} did not answer within 5 s"))?
         .with_context(|| format!("cannot reach the node's metrics address {addr}: is `accord run` running?"))?;
     let code = response.status();
     let body = response
         .into_body()
         .collect()
         .await
-        .context("cannot read the node's status")?
+        .context("cannot read the node's answer")?
         .to_bytes();
     if !code.is_success() {
         anyhow::bail!("the node at {addr} answered {code}: {}", String::from_utf8_lossy(&body));
     }
-    serde_json::from_slice(&body).context("the node's status is not in the expected form")
+    serde_json::from_slice(&body).context("the node's answer is not in the expected form")
 }
 
 #[cfg(test)]

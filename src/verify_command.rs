@@ -31,32 +31,15 @@ async fn post<T: serde::de::DeserializeOwned>(
     what: &str,
     tables: Vec<String>,
 ) -> Result<T> {
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let client: Client<_, Full<hyper::body::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
     let body = serde_json::to_vec(&VerifyRequest { tables })?;
     let request = hyper::Request::post(format!("http://{addr}/{what}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(hyper::body::Bytes::from(body)))
-        .context("the verify request")?;
-    let response = client
-        .request(request)
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .context("the request")?;
+    // As long as it takes: a big table is read once on every node.
+    crate::status::ask_node(addr, request)
         .await
-        .with_context(|| format!("cannot reach the node's metrics address {addr}: is `accord run` running?"))?;
-    let code = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .context("cannot read the node's answer")?
-        .to_bytes();
-    if !code.is_success() {
-        anyhow::bail!("the {what} failed: {}", String::from_utf8_lossy(&body));
-    }
-    serde_json::from_slice(&body).context("the node's report is not in the expected form")
+        .with_context(|| format!("accord {what}"))
 }
 
 /// The report for people.

@@ -1054,7 +1054,10 @@ pub(super) async fn wait_for_capture(
     let reached = async {
         match tokio::time::timeout(CAPTURE_WAIT_LIMIT, capture.wait_for(|p| p.processed_lsn >= lsn)).await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(anyhow::anyhow!(
+            Ok(Err(_)) => Err(anyhow::anyhow!(
+                "the capture stopped before it read past WAL position {lsn} (the node is stopping)"
+            )),
+            Err(_) => Err(anyhow::anyhow!(
                 "the capture did not read past WAL position {lsn} within {CAPTURE_WAIT_LIMIT:?} (is it running?)"
             )),
         }

@@ -412,6 +412,18 @@ impl VerifyHub {
         }
     }
 
+    /// Asks every node of `nodes` and waits for their answers (`take` picks the expected kind).
+    async fn exchange<T>(
+        &self,
+        answers: &mut mpsc::UnboundedReceiver<(NodeId, VerifyMessage)>,
+        nodes: &[NodeId],
+        request: VerifyMessage,
+        take: impl FnMut(VerifyMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        self.ask(nodes, request);
+        collect(answers, nodes, take).await
+    }
+
     async fn round(&self, nodes: &[NodeId], scope: &VerifyScope) -> Result<RoundOutcome> {
         let OpenRound {
             round,
@@ -420,7 +432,6 @@ impl VerifyHub {
             summarised,
         } = self.open(nodes, scope).await?;
         let result = async {
-            let ask = |request: VerifyMessage| self.ask(nodes, request);
             let mut outcome = RoundOutcome {
                 cut,
                 ..RoundOutcome::default()
@@ -446,29 +457,31 @@ impl VerifyHub {
                 loop {
                     match descent.step() {
                         DescentStep::Summaries(ranges) => {
-                            ask(VerifyMessage::Ranges {
+                            let request = VerifyMessage::Ranges {
                                 round,
                                 table: table.clone(),
                                 ranges,
-                            });
-                            let per_node = collect(&mut answers, nodes, |m| match m {
-                                VerifyMessage::RangeSummaries { summaries, .. } => Some(summaries),
-                                _ => None,
-                            })
-                            .await?;
+                            };
+                            let per_node = self
+                                .exchange(&mut answers, nodes, request, |m| match m {
+                                    VerifyMessage::RangeSummaries { summaries, .. } => Some(summaries),
+                                    _ => None,
+                                })
+                                .await?;
                             descent.summaries(&per_node);
                         }
                         DescentStep::Rows(ranges) => {
-                            ask(VerifyMessage::Rows {
+                            let request = VerifyMessage::Rows {
                                 round,
                                 table: table.clone(),
                                 ranges,
-                            });
-                            let rows = collect(&mut answers, nodes, |m| match m {
-                                VerifyMessage::RowList { rows, .. } => Some(rows),
-                                _ => None,
-                            })
-                            .await?;
+                            };
+                            let rows = self
+                                .exchange(&mut answers, nodes, request, |m| match m {
+                                    VerifyMessage::RowList { rows, .. } => Some(rows),
+                                    _ => None,
+                                })
+                                .await?;
                             let per_node: Vec<(NodeId, Vec<RowSummary>)> = nodes.iter().copied().zip(rows).collect();
                             let verdicts = compare_rows(&table, &per_node);
                             outcome.differ.extend(verdicts.differ);
@@ -519,19 +532,17 @@ impl VerifyHub {
         let OpenRound { round, mut answers, .. } = self.open(&nodes, &VerifyScope::Keys(keys.clone())).await?;
         let repaired = async {
             for (table, keys) in &keys {
-                self.ask(
-                    &nodes,
-                    VerifyMessage::Fetch {
-                        round,
-                        table: table.clone(),
-                        keys: keys.clone(),
-                    },
-                );
-                let fetched = collect(&mut answers, &nodes, |m| match m {
-                    VerifyMessage::Fetched { rows, .. } => Some(rows),
-                    _ => None,
-                })
-                .await?;
+                let request = VerifyMessage::Fetch {
+                    round,
+                    table: table.clone(),
+                    keys: keys.clone(),
+                };
+                let fetched = self
+                    .exchange(&mut answers, &nodes, request, |m| match m {
+                        VerifyMessage::Fetched { rows, .. } => Some(rows),
+                        _ => None,
+                    })
+                    .await?;
                 let mut writes: BTreeMap<NodeId, Vec<RepairWrite>> = BTreeMap::new();
                 for key in keys {
                     let per_node: Vec<(NodeId, Option<HeldRow>)> = nodes
