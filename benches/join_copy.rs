@@ -22,17 +22,8 @@ use accord::node::init;
 use accord::node::join::{join, JoinRequest, DEFAULT_CHUNK_ROWS};
 use accord::scratch_pg::{run_as, PgCluster};
 use accord_engine::NodeId;
+use support::env::env_u64;
 use support::nodes::SHOP as SCHEMA;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
-        })
-        .unwrap_or(default)
-}
 
 /// `pg_dump --data-only` of `tables` piped into `psql`; returns the seconds it took.
 fn dump_and_restore(donor: &PgCluster, target: &PgCluster, dbname: &str, tables: &[&str]) -> f64 {

@@ -4,8 +4,8 @@
 //!
 //! `cargo bench --bench verify` (ACCORD_VERIFY_BENCH_ROWS sets the table's rows, default
 //! 1,000,000; ACCORD_VERIFY_BENCH_ROUNDS the alternated rounds, default 2). Three nodes, started in
-//! process on three PostgreSQL servers, hold the same rows, recorded by `accord init` (delta and
-//! review columns: every row's metadata has ledgers and registers to read). `accord verify` reads
+//! process on three PostgreSQL servers, hold the same rows, recorded by `accord init` (the test
+//! schema: delta and review columns, so every row's metadata has ledgers and registers to read). `accord verify` reads
 //! every row and its metadata once on each node, joined, decoded, hashed by column name; the md5
 //! reads the rows only. The figures are rows per second per node (each node reads all of its rows
 //! while the others read theirs) and the ratio; the machine is noisy, so each round prints its own.
@@ -15,37 +15,17 @@ mod support;
 
 use std::time::Instant;
 
-use support::nodes::{id, TestCluster};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
-        })
-        .unwrap_or(default)
-}
+use support::env::env_u64;
+use support::nodes::{id, TestCluster, SHOP};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let rows = env_u64("ACCORD_VERIFY_BENCH_ROWS", 1_000_000);
     let rounds = env_u64("ACCORD_VERIFY_BENCH_ROUNDS", 2);
     let schema = format!(
-        "CREATE SCHEMA shop;
-         CREATE TABLE shop.items (
-             id bigint PRIMARY KEY,
-             name text NOT NULL,
-             stock bigint NOT NULL DEFAULT 0,
-             balance numeric(20,4) NOT NULL DEFAULT 0,
-             price numeric(10,2)
-         );
-         COMMENT ON TABLE shop.items IS '@accord replicate';
-         COMMENT ON COLUMN shop.items.stock IS '@accord delta';
-         COMMENT ON COLUMN shop.items.balance IS '@accord delta';
-         COMMENT ON COLUMN shop.items.price IS '@accord review';
-         INSERT INTO shop.items
-           SELECT g, 'item ' || g, g % 100, (g % 1000) / 7.0, (g % 500) / 3.0 FROM generate_series(1, {rows}) g;"
+        "{SHOP}
+         INSERT INTO shop.products (id, name, stock, balance, price)
+           SELECT g, 'product ' || g, g % 100, (g % 1000) / 7.0, (g % 500) / 3.0 FROM generate_series(1, {rows}) g;"
     );
     let started = Instant::now();
     let cluster = TestCluster::start(3, &schema).await;
@@ -63,7 +43,7 @@ async fn main() {
         let started = Instant::now();
         let digests = futures_util::future::join_all(clients.iter().map(|db| async move {
             db.query_one(
-                "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM shop.items AS t",
+                "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM shop.products AS t",
                 &[],
             )
             .await
@@ -83,7 +63,7 @@ async fn main() {
         let verify_secs = started.elapsed().as_secs_f64();
         assert!(report.is_clean(), "equal nodes verify clean: {report:?}");
         assert_eq!(
-            report.tables["shop.items"],
+            report.tables["shop.products"],
             vec![rows; 3],
             "every row read on every node"
         );

@@ -8,12 +8,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::cli::accord;
 use support::nodes::snapshot;
 use support::pg::PgCluster;
-use support::service::{init_cluster, RunningNode};
+use support::service::{init_cluster, wait_until, RunningNode};
 
 const SCHEMA: &str = "
 CREATE SCHEMA shop;
@@ -56,8 +56,7 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
         .batch_execute("INSERT INTO shop.items SELECT g, 'item ' || g, 10 FROM generate_series(1, 2000) g")
         .await
         .unwrap();
-    let started = Instant::now();
-    loop {
+    let all_rows = || async {
         let mut counts = Vec::new();
         for db in &dbs {
             counts.push(
@@ -67,15 +66,9 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
                     .get::<_, i64>(0),
             );
         }
-        if counts.iter().all(|&c| c == 2000) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the rows did not reach every node: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        counts.iter().all(|&c| c == 2000)
+    };
+    wait_until("the rows reach every node", Duration::from_secs(60), all_rows).await;
 
     // Every node writes rows 1..=100 and inserts its own, throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -206,18 +199,16 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
         writer.await.unwrap();
     }
     // Identical nodes, exact sums: the planted +5 is gone, every write through accord is there.
-    let started = Instant::now();
-    loop {
-        let snapshots: Vec<String> = futures_util::future::join_all(dbs.iter().map(|db| snapshot(db, ITEMS))).await;
-        if snapshots.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the nodes did not converge after the repair"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let identical = || async {
+        let snapshots = futures_util::future::join_all(dbs.iter().map(|db| snapshot(db, ITEMS))).await;
+        snapshots.windows(2).all(|w| w[0] == w[1])
+    };
+    wait_until(
+        "the nodes converge after the repair",
+        Duration::from_secs(60),
+        identical,
+    )
+    .await;
     let expected = 2000 * 10 + added.load(Ordering::SeqCst);
     for (i, db) in dbs.iter().enumerate() {
         let sum: i64 = db

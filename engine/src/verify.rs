@@ -392,16 +392,8 @@ pub struct RowVerdicts {
 
 /// Compares the nodes' rows of the same ranges, key by key.
 pub fn compare_rows(table: &str, per_node: &[(NodeId, Vec<RowSummary>)]) -> RowVerdicts {
-    let keys: BTreeSet<&str> = per_node
-        .iter()
-        .flat_map(|(_, rows)| rows.iter().map(|r| r.key.as_str()))
-        .collect();
     let mut verdicts = RowVerdicts::default();
-    for key in keys {
-        let slots: Vec<(NodeId, Option<&RowSummary>)> = per_node
-            .iter()
-            .map(|(node, rows)| (*node, rows.iter().find(|r| r.key == key)))
-            .collect();
+    for (key, slots) in rows_by_key(per_node, |r| &r.key) {
         let uncaptured = slots
             .iter()
             .any(|(_, r)| r.is_some_and(|r| r.standing == Standing::Uncaptured));
@@ -422,6 +414,24 @@ pub fn compare_rows(table: &str, per_node: &[(NodeId, Vec<RowSummary>)]) -> RowV
         });
     }
     verdicts
+}
+
+/// The nodes' rows grouped by key: per key, every node's row of it (`None`: it has none), in
+/// `per_node`'s order.
+pub fn rows_by_key<'a, R>(
+    per_node: &'a [(NodeId, Vec<R>)],
+    key: impl Fn(&R) -> &str,
+) -> BTreeMap<&'a str, Vec<(NodeId, Option<&'a R>)>> {
+    let mut by_key: BTreeMap<&'a str, Vec<(NodeId, Option<&'a R>)>> = BTreeMap::new();
+    for (i, (_, rows)) in per_node.iter().enumerate() {
+        for row in rows {
+            let slots = by_key
+                .entry(key(row))
+                .or_insert_with(|| per_node.iter().map(|(node, _)| (*node, None)).collect());
+            slots[i].1 = Some(row);
+        }
+    }
+    by_key
 }
 
 /// The messages of a verification between the coordinating node and each node (itself
@@ -574,21 +584,21 @@ pub enum RepairPlan {
 /// A row no node replicated (inserted behind accord's back) is removed the same way. Replicated
 /// rows still in flight leave the key for a later run; replicated rows that differ at a cut
 /// (never by design: equal writes merge to equal states) are left for a person, with the reason.
-pub fn repair_plan(per_node: &[(NodeId, Option<HeldRow>)]) -> RepairPlan {
-    let replicated: Vec<&(NodeId, Option<HeldRow>)> = per_node
+pub fn repair_plan(per_node: &[(NodeId, Option<&HeldRow>)]) -> RepairPlan {
+    let replicated: Vec<&(NodeId, Option<&HeldRow>)> = per_node
         .iter()
-        .filter(|(_, row)| row.as_ref().is_none_or(|r| r.standing != Standing::Uncaptured))
+        .filter(|(_, row)| row.is_none_or(|r| r.standing != Standing::Uncaptured))
         .collect();
     if replicated.is_empty() && per_node.len() > 1 {
         return RepairPlan::Leave("no node holds the row as accord replicated it".into());
     }
     if replicated
         .iter()
-        .any(|(_, row)| row.as_ref().is_some_and(|r| r.standing == Standing::InFlight))
+        .any(|(_, row)| row.is_some_and(|r| r.standing == Standing::InFlight))
     {
         return RepairPlan::Leave("the row is being written: run the repair again".into());
     }
-    let digest = |row: &Option<HeldRow>| row.as_ref().map(|r| r.digest);
+    let digest = |row: &Option<&HeldRow>| row.map(|r| r.digest);
     let target = &replicated[0].1;
     if replicated.iter().any(|(_, row)| digest(row) != digest(target)) {
         return RepairPlan::Leave(
@@ -599,9 +609,7 @@ pub fn repair_plan(per_node: &[(NodeId, Option<HeldRow>)]) -> RepairPlan {
     }
     let writes = per_node
         .iter()
-        .filter(|(_, row)| {
-            row.as_ref().is_some_and(|r| r.standing == Standing::Uncaptured) || digest(row) != digest(target)
-        })
+        .filter(|(_, row)| row.is_some_and(|r| r.standing == Standing::Uncaptured) || digest(row) != digest(target))
         .map(|(node, row)| {
             let write = RepairWrite {
                 key: row
@@ -609,10 +617,10 @@ pub fn repair_plan(per_node: &[(NodeId, Option<HeldRow>)]) -> RepairPlan {
                     .or(target.as_ref())
                     .map(|r| r.key.clone())
                     .unwrap_or_default(),
-                values: target.as_ref().and_then(|t| t.values.clone()),
-                meta: target.as_ref().and_then(|t| t.meta.clone()),
-                columns: target.as_ref().map(|t| t.columns.clone()).unwrap_or_default(),
-                expect_xmin: row.as_ref().and_then(|r| r.xmin.clone()),
+                values: target.and_then(|t| t.values.clone()),
+                meta: target.and_then(|t| t.meta.clone()),
+                columns: target.map(|t| t.columns.clone()).unwrap_or_default(),
+                expect_xmin: row.and_then(|r| r.xmin.clone()),
             };
             (*node, write)
         })
@@ -756,9 +764,9 @@ mod tests {
     #[test]
     fn a_repair_gives_the_replicated_row_to_the_node_that_holds_another() {
         let plan = repair_plan(&[
-            (NodeId(1), Some(held("[1]", 7, Standing::Settled, true))),
-            (NodeId(2), Some(held("[1]", 8, Standing::Uncaptured, true))),
-            (NodeId(3), Some(held("[1]", 7, Standing::Settled, true))),
+            (NodeId(1), Some(&held("[1]", 7, Standing::Settled, true))),
+            (NodeId(2), Some(&held("[1]", 8, Standing::Uncaptured, true))),
+            (NodeId(3), Some(&held("[1]", 7, Standing::Settled, true))),
         ]);
         let RepairPlan::Write(writes) = plan else {
             panic!("{plan:?}")
@@ -773,7 +781,7 @@ mod tests {
     fn a_row_only_one_node_holds_uncaptured_is_removed_there() {
         let plan = repair_plan(&[
             (NodeId(1), None),
-            (NodeId(2), Some(held("[9]", 8, Standing::Uncaptured, true))),
+            (NodeId(2), Some(&held("[9]", 8, Standing::Uncaptured, true))),
         ]);
         let RepairPlan::Write(writes) = plan else {
             panic!("{plan:?}")
@@ -785,13 +793,13 @@ mod tests {
     #[test]
     fn replicated_rows_that_differ_or_move_are_left_alone() {
         let differ = repair_plan(&[
-            (NodeId(1), Some(held("[1]", 7, Standing::Settled, true))),
-            (NodeId(2), Some(held("[1]", 9, Standing::Settled, true))),
+            (NodeId(1), Some(&held("[1]", 7, Standing::Settled, true))),
+            (NodeId(2), Some(&held("[1]", 9, Standing::Settled, true))),
         ]);
         assert!(matches!(differ, RepairPlan::Leave(_)), "{differ:?}");
         let moving = repair_plan(&[
-            (NodeId(1), Some(held("[1]", 7, Standing::InFlight, true))),
-            (NodeId(2), Some(held("[1]", 9, Standing::Uncaptured, true))),
+            (NodeId(1), Some(&held("[1]", 7, Standing::InFlight, true))),
+            (NodeId(2), Some(&held("[1]", 9, Standing::Uncaptured, true))),
         ]);
         assert!(matches!(moving, RepairPlan::Leave(_)), "{moving:?}");
     }

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_engine::{
-    compare_rows, key_hash, repair_plan, row_digest, standing, verify::column_names, Descent, DescentStep, HeldRow,
-    KeyDifference, NodeId, RepairOutcome, RepairPlan, RepairWrite, RowKey, RowMeta, RowSummary, ShapeBook, Standing,
-    Stored, TableCount, TableDef, TableSummaries, Value, VerifyCut, VerifyMessage, VerifyScope,
+    compare_rows, key_hash, repair_plan, row_digest, rows_by_key, standing, verify::column_names, Descent, DescentStep,
+    HeldRow, KeyDifference, NodeId, RepairOutcome, RepairPlan, RepairWrite, RowKey, RowMeta, RowSummary, ShapeBook,
+    Standing, Stored, TableCount, TableDef, TableSummaries, Value, VerifyCut, VerifyMessage, VerifyScope,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{pin_mut, TryStreamExt};
@@ -372,18 +372,16 @@ impl VerifyHub {
             })
             .await?;
             let cut = VerifyCut::of(&opened);
-            self.ask(
-                nodes,
-                VerifyMessage::Summarise {
-                    round,
-                    cut: cut.clone(),
-                },
-            );
-            let summarised = collect(&mut answers, nodes, |m| match m {
-                VerifyMessage::Summarised { tables, .. } => Some(tables),
-                _ => None,
-            })
-            .await?;
+            let request = VerifyMessage::Summarise {
+                round,
+                cut: cut.clone(),
+            };
+            let summarised = self
+                .exchange(&mut answers, nodes, request, |m| match m {
+                    VerifyMessage::Summarised { tables, .. } => Some(tables),
+                    _ => None,
+                })
+                .await?;
             Ok::<_, anyhow::Error>((cut, summarised))
         }
         .await;
@@ -544,12 +542,8 @@ impl VerifyHub {
                     })
                     .await?;
                 let mut writes: BTreeMap<NodeId, Vec<RepairWrite>> = BTreeMap::new();
-                for key in keys {
-                    let per_node: Vec<(NodeId, Option<HeldRow>)> = nodes
-                        .iter()
-                        .zip(&fetched)
-                        .map(|(node, rows)| (*node, rows.iter().find(|r| r.key == *key).cloned()))
-                        .collect();
+                let fetched: Vec<(NodeId, Vec<HeldRow>)> = nodes.iter().copied().zip(fetched).collect();
+                for (key, per_node) in rows_by_key(&fetched, |r| &r.key) {
                     match repair_plan(&per_node) {
                         RepairPlan::Write(planned) => {
                             for (node, write) in planned {
@@ -558,7 +552,7 @@ impl VerifyHub {
                         }
                         RepairPlan::Leave(why) => report.left.push(RepairedKey {
                             table: table.clone(),
-                            key: key.clone(),
+                            key: key.to_owned(),
                             node: None,
                             why: Some(why),
                         }),

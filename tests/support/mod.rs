@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod env;
 pub mod nodes;
 pub mod pg;
 pub mod service;
