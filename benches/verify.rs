@@ -5,10 +5,11 @@
 //! `cargo bench --bench verify` (ACCORD_VERIFY_BENCH_ROWS sets the table's rows, default
 //! 1,000,000; ACCORD_VERIFY_BENCH_ROUNDS the alternated rounds, default 2). Three nodes, started in
 //! process on three PostgreSQL servers, hold the same rows, recorded by `accord init` (the test
-//! schema: delta and review columns, so every row's metadata has ledgers and registers to read). `accord verify` reads
-//! every row and its metadata once on each node, joined, decoded, hashed by column name; the md5
-//! reads the rows only. The figures are rows per second per node (each node reads all of its rows
-//! while the others read theirs) and the ratio; the machine is noisy, so each round prints its own.
+//! schema: delta and review columns, so every row's metadata has ledgers and registers). `accord
+//! verify` reads every row and its metadata once on each node (summed per key-hash bucket inside
+//! PostgreSQL); the md5 reads the rows only. The figures are rows per second per node (each node
+//! reads all of its rows while the others read theirs) and the ratio; the machine is noisy, so
+//! each round prints its own.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -268,3 +268,84 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
         assert!(!logs.contains("ERROR"), "{logs}");
     }
 }
+
+/// Keys of every kind are placed alike from a table's rows and from accord's metadata (text
+/// keys with characters JSON escapes, numeric keys, composite keys, timestamps), whatever text
+/// settings a node's database defaults to; and a difference in any of them is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_every_kind_verify_alike_on_nodes_with_other_text_settings() {
+    let schema = r#"
+CREATE SCHEMA shop;
+CREATE TABLE shop.labels (code text PRIMARY KEY, v bigint NOT NULL);
+CREATE TABLE shop.lots (id numeric(12,3) PRIMARY KEY, v integer NOT NULL);
+CREATE TABLE shop.pairs (a integer, b varchar(20), v integer NOT NULL, PRIMARY KEY (a, b));
+CREATE TABLE shop.times (at timestamptz PRIMARY KEY, span interval NOT NULL, v double precision NOT NULL);
+COMMENT ON TABLE shop.labels IS '@accord replicate';
+COMMENT ON TABLE shop.lots IS '@accord replicate';
+COMMENT ON TABLE shop.pairs IS '@accord replicate';
+COMMENT ON TABLE shop.times IS '@accord replicate';
+INSERT INTO shop.labels VALUES ('plain', 1), ('quo"te', 2), (E'back\\slash', 3), (E'new\nline', 4),
+    (E'tab\there', 5), (E'bell\x07', 6), ('ünïcödé ✓', 7), ('/slash/', 8), ('', 9);
+INSERT INTO shop.lots VALUES (1.500, 1), (2, 2), (-0.250, 3), (100.000, 4);
+INSERT INTO shop.pairs VALUES (1, 'a', 1), (1, 'b"', 2), (2, 'a', 3);
+INSERT INTO shop.times SELECT timestamptz '2026-03-29 00:30:00+00' + g * interval '1 hour', g * interval '90 minutes', g / 3.0
+  FROM generate_series(1, 20) g;
+"#;
+    let cluster = support::nodes::TestCluster::start(3, schema).await;
+    // Node 2's database reads dates, times and numbers differently by default.
+    let node2 = cluster.client(1).await;
+    node2
+        .batch_execute(
+            "ALTER DATABASE shop SET timezone = 'Asia/Tokyo';
+             ALTER DATABASE shop SET datestyle = 'SQL, DMY';
+             ALTER DATABASE shop SET intervalstyle = 'sql_standard';
+             ALTER DATABASE shop SET extra_float_digits = 0",
+        )
+        .await
+        .unwrap();
+    let verify = || async {
+        cluster.nodes[&support::nodes::id(0)]
+            .verify
+            .verify(Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e:#}"))
+    };
+    let report = verify().await;
+    assert!(report.is_clean(), "equal nodes verify clean: {report:#?}");
+    assert_eq!(report.tables["shop.labels"], vec![9, 9, 9]);
+    assert_eq!(report.tables["shop.times"], vec![20, 20, 20]);
+
+    let node2 = cluster.client(1).await;
+    for sql in [
+        "SELECT pg_replication_origin_create('bypass')",
+        "SELECT pg_replication_origin_session_setup('bypass')",
+        "BEGIN;
+         UPDATE shop.labels SET v = 40 WHERE code = E'new\\nline';
+         DELETE FROM shop.labels WHERE code = 'quo\"te';
+         UPDATE shop.lots SET v = 30 WHERE id = -0.25;
+         UPDATE shop.pairs SET v = 20 WHERE a = 1 AND b = 'b\"';
+         UPDATE shop.times SET v = 0.1 WHERE at = timestamptz '2026-03-29 02:30:00+00';
+         COMMIT",
+        "SELECT pg_replication_origin_session_reset()",
+    ] {
+        node2.batch_execute(sql).await.unwrap();
+    }
+    let report = verify().await;
+    let found: BTreeSet<String> = report
+        .differences
+        .iter()
+        .map(|d| format!("{} {}", d.table, d.key))
+        .collect();
+    let planted: BTreeSet<String> = [
+        r#"shop.labels ["new\nline"]"#,
+        r#"shop.labels ["quo\"te"]"#,
+        r#"shop.lots ["-0.25"]"#,
+        r#"shop.pairs [1,"b\""]"#,
+        r#"shop.times ["2026-03-29 02:30:00+00"]"#,
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .collect();
+    assert_eq!(found, planted, "exactly the planted keys: {report:#?}");
+    cluster.stop_all().await;
+}

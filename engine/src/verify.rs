@@ -107,6 +107,7 @@ pub fn standing(meta: Option<&RowMeta>, stored: Stored, cut: &VerifyCut) -> Stan
 /// One row as a node summarises it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowSummary {
+    /// Places the row in the key-hash space (`KeyHasher`).
     pub key_hash: u64,
     /// The canonical key text (`["..."]`), as accord.row_meta names the row.
     pub key: String,
@@ -147,16 +148,6 @@ pub type HashRange = (u64, u64);
 pub struct RangeSummary {
     pub rows: u64,
     pub sum: u128,
-}
-
-/// The hash of a row's key, which places it in the key-hash space.
-pub fn key_hash(table: &str, key: &str) -> u64 {
-    let mut hasher = blake3::Hasher::new();
-    put(&mut hasher, table.as_bytes());
-    put(&mut hasher, key.as_bytes());
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
-    u64::from_le_bytes(out)
 }
 
 fn put(hasher: &mut blake3::Hasher, bytes: &[u8]) {
@@ -295,19 +286,125 @@ impl TableSummaries {
     }
 }
 
-/// Splits a range into `parts` ranges covering it.
+/// Splits a range into `parts` ranges covering it. The whole space splits on powers of two, so
+/// that every range of the first levels is a union of whole buckets (`BucketSums`).
 pub fn split((lo, hi): HashRange, parts: u64) -> Vec<HashRange> {
-    let width = (hi - lo) / parts.max(1);
-    if width == 0 {
+    let size = u128::from(hi - lo) + 1;
+    let width = size / u128::from(parts.max(1));
+    if width == 0 || parts <= 1 {
         return vec![(lo, hi)];
     }
-    (0..parts)
+    (0..u128::from(parts))
         .map(|i| {
-            let start = lo + i * width;
-            let end = if i + 1 == parts { hi } else { start + width - 1 };
+            // Within (lo, hi): the offsets are below `size`, which is at most 2^64.
+            let start = lo + (i * width) as u64;
+            let end = if i + 1 == u128::from(parts) {
+                hi
+            } else {
+                lo + ((i + 1) * width - 1) as u64
+            };
             (start, end)
         })
         .collect()
+}
+
+/// How many top bits of the key hash name a bucket: a whole-table pass sums rows per bucket, and
+/// ranges made of whole buckets are answered from those sums without reading the rows again.
+pub const BUCKET_BITS: u32 = 16;
+
+/// The bucket of a key hash.
+pub fn bucket_of(key_hash: u64) -> u32 {
+    (key_hash >> (64 - BUCKET_BITS)) as u32
+}
+
+/// Sums rows per bucket during a pass over a table: dense (a pass touches every bucket of a big
+/// table), and small enough to stay in the processor's cache (each row lands in a random bucket).
+#[derive(Debug, Clone)]
+pub struct BucketTally {
+    rows: Vec<u32>,
+    sums: Vec<u64>,
+}
+
+impl Default for BucketTally {
+    fn default() -> Self {
+        BucketTally {
+            rows: vec![0; 1 << BUCKET_BITS],
+            sums: vec![0; 1 << BUCKET_BITS],
+        }
+    }
+}
+
+impl BucketTally {
+    /// Adds a row (`rows` 1) or a part of one counted elsewhere (`rows` 0) to its key's bucket.
+    /// A pass's digests are 64-bit: they only steer the descent, and a difference hides in a
+    /// range's sum with a chance of 2^-64.
+    pub fn add(&mut self, key_hash: u64, rows: u32, digest: u64) {
+        let bucket = bucket_of(key_hash) as usize;
+        // Wrapping: a bucket of more than 4 billion rows counts modulo 2^32, on every node alike.
+        self.rows[bucket] = self.rows[bucket].wrapping_add(rows);
+        self.sums[bucket] = self.sums[bucket].wrapping_add(digest);
+    }
+
+    /// The sums of the buckets that hold anything, kept for the round.
+    pub fn finish(self) -> BucketSums {
+        BucketSums {
+            buckets: self
+                .rows
+                .into_iter()
+                .zip(self.sums)
+                .enumerate()
+                .filter(|(_, (rows, sum))| *rows != 0 || *sum != 0)
+                .map(|(i, (rows, sum))| (i as u32, u64::from(rows), sum))
+                .collect(),
+        }
+    }
+}
+
+/// A table's rows summed per bucket, from one pass over the table (sorted by bucket, empty ones
+/// left out).
+#[derive(Debug, Clone, Default)]
+pub struct BucketSums {
+    buckets: Vec<(u32, u64, u64)>,
+}
+
+impl BucketSums {
+    /// The summary of `range` when it is made of whole buckets; `None` when it cuts one. Its sum
+    /// is the 64-bit wrapping sum of its rows' digests, as a node that reads the rows of the
+    /// range sums them: a range reads the same whichever way a node answers it.
+    pub fn range(&self, (lo, hi): HashRange) -> Option<RangeSummary> {
+        let low_bits = u64::MAX >> BUCKET_BITS;
+        if lo & low_bits != 0 || hi & low_bits != low_bits {
+            return None;
+        }
+        let start = self.buckets.partition_point(|(b, _, _)| *b < bucket_of(lo));
+        let end = self.buckets.partition_point(|(b, _, _)| *b <= bucket_of(hi));
+        let (rows, sum) = self.buckets[start..end.max(start)]
+            .iter()
+            .fold((0u64, 0u64), |(rows, sum), (_, r, s)| (rows + r, sum.wrapping_add(*s)));
+        Some(RangeSummary {
+            rows,
+            sum: u128::from(sum),
+        })
+    }
+}
+
+/// The hash that places a table's keys in the key-hash space: the same on every node, for the
+/// canonical key text (`row_key`).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyHasher {
+    seed: u64,
+}
+
+impl KeyHasher {
+    pub fn for_table(table: &str) -> KeyHasher {
+        KeyHasher {
+            seed: xxhash_rust::xxh3::xxh3_64(table.as_bytes()),
+        }
+    }
+
+    pub fn hash(&self, key: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), self.seed)
+    }
 }
 
 /// How many ranges a differing range is split into, and below how many rows its rows are asked
@@ -654,6 +751,10 @@ pub const MAX_IN_FLIGHT: usize = 10_000;
 mod tests {
     use super::*;
 
+    fn key_hash(table: &str, key: &str) -> u64 {
+        KeyHasher::for_table(table).hash(key)
+    }
+
     fn row(key: &str, digest: u128, standing: Standing) -> RowSummary {
         RowSummary {
             key_hash: key_hash("t", key),
@@ -823,5 +924,31 @@ mod tests {
             assert_eq!(w[0].1 + 1, w[1].0);
         }
         assert_eq!(split((5, 9), 16), vec![(5, 9)]);
+        assert_eq!(split((0, 31), 16).last(), Some(&(30, 31)));
+    }
+
+    #[test]
+    fn the_first_levels_of_the_descent_are_made_of_whole_buckets() {
+        let mut tally = BucketTally::default();
+        let last = u64::MAX;
+        tally.add(0, 1, 4);
+        tally.add(1, 1, 6);
+        tally.add(1 << (64 - BUCKET_BITS), 1, 5);
+        tally.add(last, 3, u64::MAX);
+        let sums = tally.finish();
+        let mut ranges = vec![(0, u64::MAX)];
+        for _ in 0..(BUCKET_BITS / 4) {
+            ranges = ranges.iter().flat_map(|r| split(*r, FANOUT)).collect();
+            for r in &ranges {
+                assert!(sums.range(*r).is_some(), "{r:x?} is whole buckets");
+            }
+        }
+        assert_eq!(ranges.len(), 1 << BUCKET_BITS, "the last level is one bucket per range");
+        assert_eq!(sums.range(ranges[0]), Some(RangeSummary { rows: 2, sum: 10 }));
+        let whole = sums.range((0, u64::MAX)).unwrap();
+        assert_eq!((whole.rows, whole.sum), (6, 14), "summed modulo 2^64");
+        // Finer than a bucket: the rows must be read.
+        let finer = split(ranges[0], FANOUT);
+        assert_eq!(sums.range(finer[0]), None);
     }
 }

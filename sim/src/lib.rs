@@ -29,6 +29,7 @@ pub mod shrink;
 pub mod swarm;
 pub mod table;
 pub mod trace;
+pub mod verify_check;
 pub mod workload;
 pub mod world;
 

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod apply_worker;
 pub mod capture;
+mod copy_tuples;
 pub mod ddl_guard;
 pub mod ids;
 pub mod init;
@@ -25,3 +26,4 @@ pub mod store;
 pub mod tagging;
 pub mod truncate;
 pub mod verify;
+mod verify_read;

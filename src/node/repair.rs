@@ -24,6 +24,8 @@ const REPAIR_ORIGIN: &str = "accord_repair";
 /// Writes `writes` to `table` on this node (`node`), returning what became of each.
 pub async fn write(dsn: &str, node: NodeId, table: &TableDef, writes: &[RepairWrite]) -> Result<Vec<RepairOutcome>> {
     let mut db = connect(dsn).await?;
+    // The values were read as text under these settings; they must read back the same.
+    db.batch_execute(super::verify_read::TEXT_SETTINGS).await?;
     db.batch_execute(&format!(
         "SELECT pg_replication_origin_create('{REPAIR_ORIGIN}') WHERE NOT EXISTS \
            (SELECT 1 FROM pg_replication_origin WHERE roname = '{REPAIR_ORIGIN}');

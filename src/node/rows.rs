@@ -72,9 +72,15 @@ fn param(n: usize, ty: &ColumnType) -> String {
 }
 
 pub(super) fn read_expr(name: &str, ty: &ColumnType) -> String {
+    format!("{}::text", value_expr(name, ty))
+}
+
+/// A column as accord reads its value: money as numeric, whose text does not depend on the
+/// server's locale.
+pub(super) fn value_expr(name: &str, ty: &ColumnType) -> String {
     match ty {
-        ColumnType::Money => format!("{}::numeric::text", quote_ident(name)),
-        _ => format!("{}::text", quote_ident(name)),
+        ColumnType::Money => format!("{}::numeric", quote_ident(name)),
+        _ => quote_ident(name),
     }
 }
 

@@ -6,28 +6,27 @@
 //! A round on a node: it notes its snapshot of running transactions, writes a probe and waits
 //! for its capture to read past it (so every write committed before the note has been captured,
 //! or never will be), opens a repeatable-read transaction and reports what it has applied. The
-//! coordinator takes the cut of the reports, and each node summarises its rows under it, once,
-//! keeping the summaries for the ranges and rows the coordinator asks for.
+//! coordinator takes the cut of the reports, and each node sums its tables per bucket of the key
+//! hash in one pass (`verify_read`), answering the coordinator's ranges from those sums and
+//! reading rows carefully only where the descent leads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_engine::{
-    compare_rows, key_hash, repair_plan, row_digest, rows_by_key, standing, verify::column_names, Descent, DescentStep,
-    HeldRow, KeyDifference, NodeId, RepairOutcome, RepairPlan, RepairWrite, RowKey, RowMeta, RowSummary, ShapeBook,
-    Standing, Stored, TableCount, TableDef, TableSummaries, Value, VerifyCut, VerifyMessage, VerifyScope,
+    compare_rows, repair_plan, rows_by_key, verify::column_names, BucketSums, Descent, DescentStep, HeldRow,
+    KeyDifference, NodeId, RangeSummary, RepairOutcome, RepairPlan, RepairWrite, RowSummary, TableCount, TableDef,
+    TableSummaries, VerifyCut, VerifyMessage, VerifyScope,
 };
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{pin_mut, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
 
 use super::capture::CaptureProgress;
-use super::rows::{quote_ident, quote_table};
-use super::store::{self, decode, key_text, shape_of};
+use super::store;
 use super::tagging::replicated_policy;
+use super::verify_read::{NotedSnapshot, Reading, TableReader, TEXT_SETTINGS};
 use crate::pg_connection::connect;
 
 /// How long a node waits for the next request of a round before letting its snapshot go.
@@ -190,6 +189,7 @@ impl VerifyHub {
         mut requests: mpsc::UnboundedReceiver<VerifyMessage>,
     ) -> Result<()> {
         let hub = &self.inner;
+        let started = std::time::Instant::now();
         let mut db = connect(&hub.dsn).await?;
         let noted: String = db.query_one("SELECT pg_current_snapshot()::text", &[]).await?.get(0);
         let before = NotedSnapshot::parse(&noted)?;
@@ -201,12 +201,14 @@ impl VerifyHub {
         super::apply::wait_for_capture(&db, &mut capture, lsn)
             .await
             .context("verifying needs the capture to read past a probe")?;
+        db.batch_execute(TEXT_SETTINGS).await?;
         db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
         let applied = store::snapshot_positions(&db, hub.node).await?;
+        tracing::debug!(round, elapsed = ?started.elapsed(), "verify: snapshot taken after the capture passed the probe");
         self.send(coordinator, VerifyMessage::Opened { round, applied });
 
-        let mut summaries: BTreeMap<String, TableSummaries> = BTreeMap::new();
+        let mut summed: BTreeMap<String, (TableReader, Summed)> = BTreeMap::new();
         let mut last_cut: Option<VerifyCut> = None;
         loop {
             let request = match tokio::time::timeout(IDLE_LIMIT, requests.recv()).await {
@@ -237,36 +239,92 @@ impl VerifyHub {
                     }
                     let mut counts = Vec::new();
                     for table in tables {
-                        let only = keys.and_then(|k| k.get(&table.name)).map(Vec::as_slice);
-                        let rows = summarise(&db, table, &book, &cut, &before, only).await?;
-                        let in_flight: Vec<String> = rows.unsettled().map(|r| r.key.clone()).collect();
-                        counts.push(TableCount {
-                            table: table.name.clone(),
-                            rows: rows.len() as u64,
-                            more_in_flight: in_flight.len() > accord_engine::verify::MAX_IN_FLIGHT,
-                            in_flight: in_flight
-                                .into_iter()
-                                .take(accord_engine::verify::MAX_IN_FLIGHT)
-                                .collect(),
-                        });
-                        summaries.insert(table.name.clone(), rows);
+                        let reader = TableReader::new(&db, table).await?;
+                        let count = match keys.and_then(|k| k.get(&table.name)) {
+                            // A recheck: the keys read carefully, their standings known now.
+                            Some(only) => {
+                                let mut rows = Vec::new();
+                                reader
+                                    .read_rows(
+                                        &db,
+                                        &Reading {
+                                            book: &book,
+                                            cut: &cut,
+                                            before: &before,
+                                        },
+                                        only,
+                                        true,
+                                        |key_hash, row| rows.push(summary_of(key_hash, &row)),
+                                    )
+                                    .await?;
+                                let rows = TableSummaries::new(rows);
+                                let in_flight: Vec<String> = rows.unsettled().map(|r| r.key.clone()).collect();
+                                let count = TableCount {
+                                    table: table.name.clone(),
+                                    rows: rows.len() as u64,
+                                    more_in_flight: in_flight.len() > accord_engine::verify::MAX_IN_FLIGHT,
+                                    in_flight: in_flight
+                                        .into_iter()
+                                        .take(accord_engine::verify::MAX_IN_FLIGHT)
+                                        .collect(),
+                                };
+                                summed.insert(table.name.clone(), (reader, Summed::Rows(rows)));
+                                count
+                            }
+                            // A whole table: one pass summing buckets; standings are read only
+                            // where the descent leads.
+                            None => {
+                                let (sums, rows) = reader.sum_buckets(&db).await?;
+                                tracing::debug!(table = %table.name, rows, elapsed = ?started.elapsed(), "verify: table summed");
+                                summed.insert(table.name.clone(), (reader, Summed::Buckets(sums)));
+                                TableCount {
+                                    table: table.name.clone(),
+                                    rows,
+                                    in_flight: Vec::new(),
+                                    more_in_flight: false,
+                                }
+                            }
+                        };
+                        counts.push(count);
                     }
                     self.send(coordinator, VerifyMessage::Summarised { round, tables: counts });
                 }
                 VerifyMessage::Ranges { table, ranges, .. } => {
-                    let of = summaries.get(&table);
-                    let summaries = ranges
-                        .iter()
-                        .map(|r| of.map(|s| s.range(*r)).unwrap_or_default())
-                        .collect();
+                    let summaries = match summed.get(&table) {
+                        None => vec![RangeSummary::default(); ranges.len()],
+                        Some((_, Summed::Rows(rows))) => ranges.iter().map(|r| rows.range(*r)).collect(),
+                        Some((reader, Summed::Buckets(sums))) => {
+                            match ranges.iter().map(|r| sums.range(*r)).collect::<Option<Vec<_>>>() {
+                                Some(summaries) => summaries,
+                                None => reader.sum_ranges(&db, &ranges).await?,
+                            }
+                        }
+                    };
                     self.send(coordinator, VerifyMessage::RangeSummaries { round, summaries });
                 }
                 VerifyMessage::Rows { table, ranges, .. } => {
-                    let of = summaries.get(&table);
-                    let rows = ranges
-                        .iter()
-                        .flat_map(|r| of.map(|s| s.rows(*r)).unwrap_or_default())
-                        .collect();
+                    let rows = match summed.get(&table) {
+                        None => Vec::new(),
+                        Some((_, Summed::Rows(rows))) => ranges.iter().flat_map(|r| rows.rows(*r)).collect(),
+                        Some((reader, Summed::Buckets(_))) => {
+                            tracing::debug!(%table, ranges = ranges.len(), "verify: reading the rows of differing ranges");
+                            let cut = last_cut.as_ref().context("rows asked for before the round's cut")?;
+                            let mut rows = Vec::new();
+                            reader
+                                .read_ranges(
+                                    &db,
+                                    &Reading {
+                                        book: &book,
+                                        cut,
+                                        before: &before,
+                                    },
+                                    &ranges,
+                                    |key_hash, row| rows.push(summary_of(key_hash, &row)),
+                                )
+                                .await?;
+                            rows
+                        }
+                    };
                     self.send(coordinator, VerifyMessage::RowList { round, rows });
                 }
                 VerifyMessage::Fetch { table, keys, .. } => {
@@ -274,21 +332,25 @@ impl VerifyHub {
                         .table(&table)
                         .with_context(|| format!("table {table} is not replicated on node {}", hub.node))?;
                     let mut rows = Vec::new();
-                    read_rows(
-                        &db,
-                        def,
-                        &book,
-                        last_cut.as_ref().context("rows fetched before the round's cut")?,
-                        &before,
-                        Some(&keys),
-                        |row| {
-                            rows.push(HeldRow {
-                                columns: column_names(def),
-                                ..row
-                            })
-                        },
-                    )
-                    .await?;
+                    TableReader::new(&db, def)
+                        .await?
+                        .read_rows(
+                            &db,
+                            &Reading {
+                                book: &book,
+                                cut: last_cut.as_ref().context("rows fetched before the round's cut")?,
+                                before: &before,
+                            },
+                            &keys,
+                            true,
+                            |_, row| {
+                                rows.push(HeldRow {
+                                    columns: column_names(def),
+                                    ..row
+                                })
+                            },
+                        )
+                        .await?;
                     self.send(coordinator, VerifyMessage::Fetched { round, rows });
                 }
                 VerifyMessage::Repair { table, writes, .. } => {
@@ -674,270 +736,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-// ---- reading a node's rows -------------------------------------------------------------
-
-/// PostgreSQL's snapshot of running transactions (`pg_current_snapshot()`), noted before the
-/// probe: a transaction it shows committed was read by the capture once the capture passed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct NotedSnapshot {
-    xmin: u64,
-    xmax: u64,
-    running: BTreeSet<u64>,
+/// What a node keeps of a table for the rest of a round.
+enum Summed {
+    /// A pass's sums: ranges of whole buckets are answered from them; finer ranges and rows are
+    /// read again.
+    Buckets(BucketSums),
+    /// The rows of a recheck's keys, read carefully.
+    Rows(TableSummaries),
 }
 
-impl NotedSnapshot {
-    fn parse(text: &str) -> Result<NotedSnapshot> {
-        let mut parts = text.splitn(3, ':');
-        let mut number = |what: &str| -> Result<u64> {
-            parts
-                .next()
-                .with_context(|| format!("snapshot {text:?} has no {what}"))?
-                .parse()
-                .with_context(|| format!("snapshot {text:?}: bad {what}"))
-        };
-        let (xmin, xmax) = (number("xmin")?, number("xmax")?);
-        let running = match parts.next() {
-            Some(list) if !list.is_empty() => list
-                .split(',')
-                .map(|x| x.parse().with_context(|| format!("snapshot {text:?}: bad xid {x}")))
-                .collect::<Result<_>>()?,
-            _ => BTreeSet::new(),
-        };
-        Ok(NotedSnapshot { xmin, xmax, running })
-    }
-
-    /// Whether the transaction `xid` (a row's 32-bit xmin) had committed when the snapshot was
-    /// taken. Its epoch is the snapshot's, or the one before for an xid above the snapshot's.
-    fn committed_before(&self, xid: u32) -> bool {
-        let epoch = self.xmax >> 32;
-        let mut full = (epoch << 32) | u64::from(xid);
-        if full > self.xmax && epoch > 0 {
-            full -= 1 << 32;
-        }
-        full < self.xmin || (full < self.xmax && !self.running.contains(&full))
-    }
-}
-
-/// Every row of `table` (or of the keys `only`) under `cut`, summarised.
-async fn summarise(
-    db: &Client,
-    table: &TableDef,
-    book: &ShapeBook,
-    cut: &VerifyCut,
-    before: &NotedSnapshot,
-    only: Option<&[String]>,
-) -> Result<TableSummaries> {
-    let mut out = Vec::new();
-    read_rows(db, table, book, cut, before, only, |row| {
-        out.push(RowSummary {
-            key_hash: key_hash(&table.name, &row.key),
-            present: row.values.is_some(),
-            key: row.key,
-            digest: row.digest,
-            standing: row.standing,
-        })
-    })
-    .await?;
-    Ok(TableSummaries::new(out))
-}
-
-/// Every row of `table` (or of the keys `only`) under `cut`, with its metadata, in the
-/// transaction's snapshot: one pass over the table joined with its metadata. Settled tombstones
-/// are left out (as good as absent: a node may have collected them).
-async fn read_rows(
-    db: &Client,
-    table: &TableDef,
-    book: &ShapeBook,
-    cut: &VerifyCut,
-    before: &NotedSnapshot,
-    only: Option<&[String]>,
-    mut each: impl FnMut(HeldRow),
-) -> Result<()> {
-    let key_types: Vec<String> = {
-        let mut types = Vec::new();
-        for key in &table.key {
-            let row = db
-                .query_one(
-                    "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
-                      WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-                    &[&quote_table(&table.name), &key.name],
-                )
-                .await
-                .with_context(|| format!("the type of {}.{}", table.name, key.name))?;
-            types.push(row.get(0));
-        }
-        types
-    };
-    let meta_keys: Vec<String> = key_types
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| format!("(row_key::jsonb->>{i})::{ty} AS k{i}"))
-        .collect();
-    let join: Vec<String> = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = m.k{i}", quote_ident(&k.name)))
-        .collect();
-    let mut select = vec!["t.xmin::text".to_owned()];
-    select.extend(
-        table
-            .key
-            .iter()
-            .map(|k| format!("t.{}", super::rows::read_expr(&k.name, &k.ty))),
-    );
-    select.extend(
-        table
-            .columns
-            .iter()
-            .map(|c| format!("t.{}", super::rows::read_expr(&c.name, &c.ty))),
-    );
-    select.extend(["m.row_key", "m.meta", "m.known_xmin", "m.shape"].map(str::to_owned));
-    let mut sql = format!(
-        "SELECT {} FROM {} AS t FULL JOIN (SELECT row_key, meta, known_xmin, shape, {} FROM accord.row_meta
-          WHERE table_name = $1) AS m ON {}",
-        select.join(", "),
-        quote_table(&table.name),
-        meta_keys.join(", "),
-        join.join(" AND ")
-    );
-    let keys: Vec<String> = only.map(<[String]>::to_vec).unwrap_or_default();
-    if only.is_some() {
-        let wanted: Vec<String> = key_types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| format!("(k::jsonb->>{i})::{ty}"))
-            .collect();
-        let columns: Vec<String> = table
-            .key
-            .iter()
-            .map(|k| format!("t.{}", quote_ident(&k.name)))
-            .collect();
-        sql.push_str(&format!(
-            " WHERE m.row_key = ANY($2) OR ({}) IN (SELECT {} FROM unnest($2::text[]) AS k)",
-            columns.join(", "),
-            wanted.join(", ")
-        ));
-    }
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if only.is_some() {
-        vec![&table.name, &keys]
-    } else {
-        vec![&table.name]
-    };
-    let rows = db
-        .query_raw(&sql, params)
-        .await
-        .with_context(|| format!("cannot read {} and its metadata", table.name))?;
-    pin_mut!(rows);
-    let names = column_names(table);
-    let keys_of = table.key.len();
-    let current = table.shape_id();
-    while let Some(row) = rows.try_next().await? {
-        let xmin: Option<String> = row.try_get(0)?;
-        let at = 1 + keys_of + table.columns.len();
-        let stored_key: Option<String> = row.try_get(at)?;
-        let meta: Option<RowMeta> = match row.try_get::<_, Option<&[u8]>>(at + 1)? {
-            Some(bytes) => {
-                let meta: RowMeta = decode("row metadata", bytes)?;
-                let shape = row.try_get::<_, Option<i64>>(at + 3)?.map(shape_of);
-                if shape == Some(current) {
-                    // Hashing the table's definition for every row was a tenth of the read.
-                    Some(meta)
-                } else {
-                    Some(book.stored_meta(meta, shape, table)?)
-                }
-            }
-            None => None,
-        };
-        let known: Option<String> = row.try_get(at + 2)?;
-        let key = match (&xmin, &stored_key) {
-            (Some(_), _) => {
-                let mut parts = Vec::with_capacity(keys_of);
-                for (i, column) in table.key.iter().enumerate() {
-                    let text: Option<String> = row.try_get(1 + i)?;
-                    let text = text.with_context(|| format!("{}.{} is NULL", table.name, column.name))?;
-                    parts.push(
-                        Value::parse(&column.ty, &text).map_err(|e| anyhow!("{}.{}: {e}", table.name, column.name))?,
-                    );
-                }
-                key_text(&RowKey(parts))
-            }
-            (None, Some(stored)) => stored.clone(),
-            (None, None) => continue,
-        };
-        let values: Option<BTreeMap<String, Option<String>>> = match &xmin {
-            Some(_) => {
-                let mut values = BTreeMap::new();
-                for (i, column) in table.columns.iter().enumerate() {
-                    values.insert(column.name.clone(), row.try_get::<_, Option<String>>(1 + keys_of + i)?);
-                }
-                Some(values)
-            }
-            None => None,
-        };
-        let stored = match (&xmin, &meta) {
-            (Some(xmin), _) if known.as_deref() == Some(xmin.as_str()) => Stored::AsKnown,
-            (Some(xmin), _) => {
-                let xid: u32 = xmin.parse().with_context(|| format!("xmin {xmin}"))?;
-                if before.committed_before(xid) {
-                    Stored::Unaccounted
-                } else {
-                    Stored::Newer
-                }
-            }
-            // Gone from the table while its metadata says alive: a delete the capture has not
-            // read yet, or, once a recheck round finds it still so (its probe came after the
-            // first round's snapshot), one it never will.
-            (None, Some(meta)) if meta.is_alive() => {
-                if only.is_some() {
-                    Stored::Unaccounted
-                } else {
-                    Stored::Newer
-                }
-            }
-            (None, _) => Stored::AsKnown,
-        };
-        let standing = standing(meta.as_ref(), stored, cut);
-        if values.is_none() && standing == Standing::Settled {
-            // A settled tombstone: as good as absent (a node may have collected it).
-            continue;
-        }
-        let digest = row_digest(
-            &table.name,
-            &key,
-            values.as_ref(),
-            meta.as_ref().map(|m| (m, names.as_slice())),
-        );
-        each(HeldRow {
-            key,
-            values,
-            meta,
-            // Named by the caller that keeps the row (`Fetch`): most rows are only summarised.
-            columns: Vec::new(),
-            xmin,
-            standing,
-            digest,
-        });
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::NotedSnapshot;
-
-    #[test]
-    fn a_noted_snapshot_tells_committed_transactions_from_later_and_running_ones() {
-        let snapshot = NotedSnapshot::parse("100:110:103,105").unwrap();
-        assert!(snapshot.committed_before(99));
-        assert!(snapshot.committed_before(104));
-        assert!(!snapshot.committed_before(103), "running");
-        assert!(!snapshot.committed_before(110), "not yet begun");
-        assert!(NotedSnapshot::parse("7:7:").unwrap().committed_before(6));
-        // An xid of the epoch before: its 32 bits above the snapshot's.
-        let wrapped = NotedSnapshot::parse(&format!("{}:{}:", (1u64 << 32) + 5, (1u64 << 32) + 9)).unwrap();
-        assert!(wrapped.committed_before(u32::MAX));
-        assert!(wrapped.committed_before(4));
-        assert!(!wrapped.committed_before(9));
+fn summary_of(key_hash: u64, row: &HeldRow) -> RowSummary {
+    RowSummary {
+        key_hash,
+        key: row.key.clone(),
+        digest: row.digest,
+        standing: row.standing,
+        present: row.values.is_some(),
     }
 }

@@ -1,0 +1,177 @@
+//! `accord verify`'s rules on the simulated nodes once they are quiescent: nodes the other checks
+//! found converged must verify clean by the engine's own digests, descent and comparison (the
+//! canonical digest must not depend on the order a node merged in); and a row changed on one node
+//! behind accord's back must be found, alone, and repaired to the row the others replicated.
+//!
+//! Every row is settled at quiescence (every node applied everything), so the cut and the rounds
+//! are not modelled: the nodes have no snapshots to take. What is checked is what decides a
+//! verification's answer from the rows and metadata the nodes hold.
+
+use std::collections::BTreeMap;
+
+use accord_engine::{
+    compare_rows, repair_plan, row_digest, rows_by_key, verify::column_names, Descent, DescentStep, HeldRow, NodeId,
+    RangeSummary, RepairPlan, RowSummary, Standing, TableSummaries,
+};
+
+use crate::db::Db;
+use crate::outcome::{Failure, Invariant};
+use crate::table::TABLE;
+
+/// A node's rows as a careful read holds them (settled tombstones left out, as it leaves them).
+fn held_rows(db: &Db) -> Vec<(u64, HeldRow)> {
+    let table = db.table();
+    let names = column_names(&table);
+    let keys: std::collections::BTreeSet<i64> = db.rows.keys().chain(db.meta.keys()).copied().collect();
+    let mut out = Vec::new();
+    for key in keys {
+        let meta = db.meta.get(&key).map(|m| m.as_shape(&table));
+        let row = db.rows.get(&key);
+        if row.is_none() && meta.as_ref().is_none_or(|m| !m.is_alive()) {
+            continue;
+        }
+        let values: Option<BTreeMap<String, Option<String>>> = row.map(|r| {
+            names
+                .iter()
+                .zip(&r.values)
+                .map(|(name, cell)| (name.clone(), cell.value().and_then(|v| v.to_pg_text())))
+                .collect()
+        });
+        // `store::key_text` of a one-bigint key.
+        let key_text = format!("[{key}]");
+        let digest = row_digest(
+            TABLE,
+            &key_text,
+            values.as_ref(),
+            meta.as_ref().map(|m| (m, names.as_slice())),
+        );
+        out.push((
+            spread(key as u64),
+            HeldRow {
+                key: key_text,
+                values,
+                meta,
+                columns: names.clone(),
+                xmin: row.map(|r| r.xmin.to_string()),
+                standing: Standing::Settled,
+                digest,
+            },
+        ));
+    }
+    out
+}
+
+/// Spreads keys over the key-hash space (nodes hash in PostgreSQL; any spread does here).
+fn spread(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn summaries(rows: &[(u64, HeldRow)]) -> TableSummaries {
+    TableSummaries::new(
+        rows.iter()
+            .map(|(hash, r)| RowSummary {
+                key_hash: *hash,
+                key: r.key.clone(),
+                digest: r.digest,
+                standing: r.standing,
+                present: r.values.is_some(),
+            })
+            .collect(),
+    )
+}
+
+/// The keys a verification of these nodes reports, as the coordinator's descent finds them.
+fn differing(nodes: &[(NodeId, TableSummaries)]) -> Vec<String> {
+    let mut descent = Descent::default();
+    let mut keys = Vec::new();
+    loop {
+        match descent.step() {
+            DescentStep::Summaries(ranges) => {
+                let per: Vec<Vec<RangeSummary>> = nodes
+                    .iter()
+                    .map(|(_, s)| ranges.iter().map(|r| s.range(*r)).collect())
+                    .collect();
+                descent.summaries(&per);
+            }
+            DescentStep::Rows(ranges) => {
+                let per: Vec<(NodeId, Vec<RowSummary>)> = nodes
+                    .iter()
+                    .map(|(n, s)| (*n, ranges.iter().flat_map(|r| s.rows(*r)).collect()))
+                    .collect();
+                keys.extend(compare_rows(TABLE, &per).differ.into_iter().map(|d| d.key));
+            }
+            DescentStep::Done => return keys,
+        }
+    }
+}
+
+/// Verifies the live nodes, then plants a change on the second and verifies and repairs it.
+pub fn verified(dbs: &[(NodeId, &Db)]) -> Result<(), Failure> {
+    let held: Vec<(NodeId, Vec<(u64, HeldRow)>)> = dbs.iter().map(|(n, db)| (*n, held_rows(db))).collect();
+    let nodes: Vec<(NodeId, TableSummaries)> = held.iter().map(|(n, rows)| (*n, summaries(rows))).collect();
+    let found = differing(&nodes);
+    if !found.is_empty() {
+        return Err(Failure::new(
+            Invariant::Convergence,
+            format!("verify reports keys {found:?} of converged nodes as differing"),
+        ));
+    }
+    if held.len() < 2 {
+        return Ok(());
+    }
+    // Behind accord's back on the second node: a row's first column changed, its metadata not.
+    let mut planted = held.clone();
+    let Some((_, row)) = planted[1].1.iter_mut().find(|(_, r)| r.values.is_some()) else {
+        return Ok(());
+    };
+    let names = row.columns.clone();
+    let values = row.values.as_mut().expect("chosen for having values");
+    values.insert(names[0].clone(), Some("changed behind accord's back".into()));
+    row.standing = Standing::Uncaptured;
+    row.digest = row_digest(
+        TABLE,
+        &row.key,
+        Some(values),
+        row.meta.as_ref().map(|m| (m, names.as_slice())),
+    );
+    let key = row.key.clone();
+    let nodes: Vec<(NodeId, TableSummaries)> = planted.iter().map(|(n, rows)| (*n, summaries(rows))).collect();
+    let found = differing(&nodes);
+    if found != [key.clone()] {
+        return Err(Failure::new(
+            Invariant::Convergence,
+            format!("verify reports {found:?} for the one key {key} changed behind accord's back"),
+        ));
+    }
+    let rows: Vec<(NodeId, Vec<HeldRow>)> = planted
+        .iter()
+        .map(|(n, rows)| {
+            (
+                *n,
+                rows.iter()
+                    .filter(|(_, r)| r.key == key)
+                    .map(|(_, r)| r.clone())
+                    .collect(),
+            )
+        })
+        .collect();
+    let by_key = rows_by_key(&rows, |r| &r.key);
+    let replicated = held[0].1.iter().find(|(_, r)| r.key == key).map(|(_, r)| r);
+    match repair_plan(&by_key[key.as_str()]) {
+        RepairPlan::Write(writes)
+            if writes.len() == 1
+                && writes[0].0 == planted[1].0
+                && writes[0].1.values == replicated.and_then(|r| r.values.clone())
+                && writes[0].1.meta == replicated.and_then(|r| r.meta.clone()) =>
+        {
+            Ok(())
+        }
+        other => Err(Failure::new(
+            Invariant::Convergence,
+            format!("the repair of {key}, changed behind accord's back on one node, is {other:?}"),
+        )),
+    }
+}
