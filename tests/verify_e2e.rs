@@ -270,8 +270,9 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
 }
 
 /// Keys of every kind are placed alike from a table's rows and from accord's metadata (text
-/// keys with characters JSON escapes, numeric keys, composite keys, timestamps), whatever text
-/// settings a node's database defaults to; and a difference in any of them is found.
+/// keys with characters JSON escapes, numeric keys, composite keys, timestamps, booleans and
+/// dates), whatever text settings a node's database defaults to; and a difference in any of them
+/// is found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_every_kind_verify_alike_on_nodes_with_other_text_settings() {
     let schema = r#"
@@ -280,14 +281,18 @@ CREATE TABLE shop.labels (code text PRIMARY KEY, v bigint NOT NULL);
 CREATE TABLE shop.lots (id numeric(12,3) PRIMARY KEY, v integer NOT NULL);
 CREATE TABLE shop.pairs (a integer, b varchar(20), v integer NOT NULL, PRIMARY KEY (a, b));
 CREATE TABLE shop.times (at timestamptz PRIMARY KEY, span interval NOT NULL, v double precision NOT NULL);
+CREATE TABLE shop.flags (on_sale boolean, day date, code character(4), host inet, v integer NOT NULL, PRIMARY KEY (on_sale, day, code));
 COMMENT ON TABLE shop.labels IS '@accord replicate';
 COMMENT ON TABLE shop.lots IS '@accord replicate';
 COMMENT ON TABLE shop.pairs IS '@accord replicate';
 COMMENT ON TABLE shop.times IS '@accord replicate';
+COMMENT ON TABLE shop.flags IS '@accord replicate';
 INSERT INTO shop.labels VALUES ('plain', 1), ('quo"te', 2), (E'back\\slash', 3), (E'new\nline', 4),
     (E'tab\there', 5), (E'bell\x07', 6), ('ünïcödé ✓', 7), ('/slash/', 8), ('', 9);
 INSERT INTO shop.lots VALUES (1.500, 1), (2, 2), (-0.250, 3), (100.000, 4);
 INSERT INTO shop.pairs VALUES (1, 'a', 1), (1, 'b"', 2), (2, 'a', 3);
+INSERT INTO shop.flags VALUES (true, '2026-12-01', 'ab', '10.0.0.1', 1), (false, '2026-12-01', 'ab', '10.0.0.0/8', 2),
+    (true, '2026-12-02', 'abcd', NULL, 3);
 INSERT INTO shop.times SELECT timestamptz '2026-03-29 00:30:00+00' + g * interval '1 hour', g * interval '90 minutes', g / 3.0
   FROM generate_series(1, 20) g;
 "#;
@@ -325,6 +330,7 @@ INSERT INTO shop.times SELECT timestamptz '2026-03-29 00:30:00+00' + g * interva
          UPDATE shop.lots SET v = 30 WHERE id = -0.25;
          UPDATE shop.pairs SET v = 20 WHERE a = 1 AND b = 'b\"';
          UPDATE shop.times SET v = 0.1 WHERE at = timestamptz '2026-03-29 02:30:00+00';
+         UPDATE shop.flags SET v = 9 WHERE NOT on_sale;
          COMMIT",
         "SELECT pg_replication_origin_session_reset()",
     ] {
@@ -342,6 +348,7 @@ INSERT INTO shop.times SELECT timestamptz '2026-03-29 00:30:00+00' + g * interva
         r#"shop.lots ["-0.25"]"#,
         r#"shop.pairs [1,"b\""]"#,
         r#"shop.times ["2026-03-29 02:30:00+00"]"#,
+        r#"shop.flags ["f","2026-12-01","ab  "]"#,
     ]
     .iter()
     .map(|k| k.to_string())

@@ -513,6 +513,36 @@ pub fn compare_rows(table: &str, per_node: &[(NodeId, Vec<RowSummary>)]) -> RowV
     verdicts
 }
 
+/// A whole descent over nodes' summaries held in one process (the simulator's nodes, tests), as
+/// the coordinator runs it over the mesh: the verdicts, and how many rows were asked for.
+pub fn compare_summaries(table: &str, nodes: &[(NodeId, TableSummaries)]) -> (RowVerdicts, usize) {
+    let mut descent = Descent::default();
+    let mut verdicts = RowVerdicts::default();
+    let mut asked = 0;
+    loop {
+        match descent.step() {
+            DescentStep::Summaries(ranges) => {
+                let per: Vec<Vec<RangeSummary>> = nodes
+                    .iter()
+                    .map(|(_, s)| ranges.iter().map(|r| s.range(*r)).collect())
+                    .collect();
+                descent.summaries(&per);
+            }
+            DescentStep::Rows(ranges) => {
+                let per: Vec<(NodeId, Vec<RowSummary>)> = nodes
+                    .iter()
+                    .map(|(n, s)| (*n, ranges.iter().flat_map(|r| s.rows(*r)).collect()))
+                    .collect();
+                asked += per.iter().map(|(_, r)| r.len()).sum::<usize>();
+                let found = compare_rows(table, &per);
+                verdicts.differ.extend(found.differ);
+                verdicts.in_flight.extend(found.in_flight);
+            }
+            DescentStep::Done => return (verdicts, asked),
+        }
+    }
+}
+
 /// The nodes' rows grouped by key: per key, every node's row of it (`None`: it has none), in
 /// `per_node`'s order.
 pub fn rows_by_key<'a, R>(
@@ -769,34 +799,8 @@ mod tests {
         TableSummaries::new(rows.to_vec())
     }
 
-    /// Runs a descent over the nodes' rows as the coordinator does, returning the verdicts and
-    /// how many rows were asked for.
     fn descend(nodes: &[(NodeId, TableSummaries)]) -> (RowVerdicts, usize) {
-        let mut descent = Descent::default();
-        let mut verdicts = RowVerdicts::default();
-        let mut asked = 0;
-        loop {
-            match descent.step() {
-                DescentStep::Summaries(ranges) => {
-                    let per: Vec<Vec<RangeSummary>> = nodes
-                        .iter()
-                        .map(|(_, s)| ranges.iter().map(|r| s.range(*r)).collect())
-                        .collect();
-                    descent.summaries(&per);
-                }
-                DescentStep::Rows(ranges) => {
-                    let per: Vec<(NodeId, Vec<RowSummary>)> = nodes
-                        .iter()
-                        .map(|(n, s)| (*n, ranges.iter().flat_map(|r| s.rows(*r)).collect()))
-                        .collect();
-                    asked += per.iter().map(|(_, r)| r.len()).sum::<usize>();
-                    let v = compare_rows("t", &per);
-                    verdicts.differ.extend(v.differ);
-                    verdicts.in_flight.extend(v.in_flight);
-                }
-                DescentStep::Done => return (verdicts, asked),
-            }
-        }
+        compare_summaries("t", nodes)
     }
 
     #[test]

@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use accord_engine::{
-    compare_rows, repair_plan, row_digest, rows_by_key, verify::column_names, Descent, DescentStep, HeldRow, NodeId,
-    RangeSummary, RepairPlan, RowSummary, Standing, TableSummaries,
+    compare_summaries, repair_plan, row_digest, rows_by_key, verify::column_names, HeldRow, NodeId, RepairPlan,
+    RowSummary, Standing, TableSummaries,
 };
 
 use crate::db::Db;
@@ -85,27 +85,12 @@ fn summaries(rows: &[(u64, HeldRow)]) -> TableSummaries {
 
 /// The keys a verification of these nodes reports, as the coordinator's descent finds them.
 fn differing(nodes: &[(NodeId, TableSummaries)]) -> Vec<String> {
-    let mut descent = Descent::default();
-    let mut keys = Vec::new();
-    loop {
-        match descent.step() {
-            DescentStep::Summaries(ranges) => {
-                let per: Vec<Vec<RangeSummary>> = nodes
-                    .iter()
-                    .map(|(_, s)| ranges.iter().map(|r| s.range(*r)).collect())
-                    .collect();
-                descent.summaries(&per);
-            }
-            DescentStep::Rows(ranges) => {
-                let per: Vec<(NodeId, Vec<RowSummary>)> = nodes
-                    .iter()
-                    .map(|(n, s)| (*n, ranges.iter().flat_map(|r| s.rows(*r)).collect()))
-                    .collect();
-                keys.extend(compare_rows(TABLE, &per).differ.into_iter().map(|d| d.key));
-            }
-            DescentStep::Done => return keys,
-        }
-    }
+    compare_summaries(TABLE, nodes)
+        .0
+        .differ
+        .into_iter()
+        .map(|d| d.key)
+        .collect()
 }
 
 /// Verifies the live nodes, then plants a change on the second and verifies and repairs it.

@@ -48,7 +48,7 @@ use tokio_postgres::{Client, Row};
 use super::capture::{hlc_message, wait_until_captured};
 use super::init::{self, load_policy};
 use super::members;
-use super::rows::{cast, copy_rows_sql, push_copy_line, quote_ident, quote_table, read_expr, read_rows_sql};
+use super::rows::{cast, copy_rows_sql, push_copy_line, quote_ident, quote_table, read_expr_in, read_rows_sql};
 use super::runtime::wall_micros;
 use super::schema_copy;
 use super::shapes;
@@ -728,8 +728,8 @@ fn chunk_sql(table: &TableDef) -> String {
         "t.xmin::text".to_owned(),
         "m.shape".to_owned(),
     ];
-    select.extend(table.key.iter().map(|k| format!("t.{}", read_expr(&k.name, &k.ty))));
-    select.extend(table.columns.iter().map(|c| format!("t.{}", read_expr(&c.name, &c.ty))));
+    select.extend(table.key.iter().map(|k| read_expr_in("t", &k.name, &k.ty)));
+    select.extend(table.columns.iter().map(|c| read_expr_in("t", &c.name, &c.ty)));
     // A row key is a JSON array of the key columns' values (`store::key_text`).
     let on: Vec<String> = table
         .key

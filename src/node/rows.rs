@@ -72,7 +72,37 @@ fn param(n: usize, ty: &ColumnType) -> String {
 }
 
 pub(super) fn read_expr(name: &str, ty: &ColumnType) -> String {
-    format!("{}::text", value_expr(name, ty))
+    text_of(&value_expr(name, ty), ty)
+}
+
+/// `read_expr` of the column `name` of the row `alias` (`t.name`).
+pub(super) fn read_expr_in(alias: &str, name: &str, ty: &ColumnType) -> String {
+    text_of(&value_expr_in(alias, name, ty), ty)
+}
+
+fn text_of(value: &str, ty: &ColumnType) -> String {
+    match output_function(ty) {
+        Some(output) => format!("pg_catalog.textin(pg_catalog.{output}({value}))"),
+        None => format!("{value}::text"),
+    }
+}
+
+/// The output function of a type whose cast to text writes something else than decoding delivers
+/// (a boolean casts to `true` where it reads `t`, an `inet` gains its mask, a `character(n)` loses
+/// its padding): a value must read alike from the table and from a change, or a row's key in
+/// `row_key` would depend on which recorded it.
+fn output_function(ty: &ColumnType) -> Option<&'static str> {
+    match ty {
+        ColumnType::Other(name) => match name.as_str() {
+            "boolean" => Some("boolout"),
+            "inet" => Some("inet_out"),
+            "cidr" => Some("cidr_out"),
+            "character" => Some("bpcharout"),
+            padded if padded.starts_with("character(") => Some("bpcharout"),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// A column as accord reads its value: money as numeric, whose text does not depend on the
@@ -82,6 +112,11 @@ pub(super) fn value_expr(name: &str, ty: &ColumnType) -> String {
         ColumnType::Money => format!("{}::numeric", quote_ident(name)),
         _ => quote_ident(name),
     }
+}
+
+/// `value_expr` of the column `name` of the row `alias`.
+pub(super) fn value_expr_in(alias: &str, name: &str, ty: &ColumnType) -> String {
+    format!("{alias}.{}", value_expr(name, ty))
 }
 
 fn key_params(table: &TableDef, key: &RowKey) -> Result<Vec<Option<String>>, RowError> {
@@ -246,7 +281,7 @@ pub fn lock_rows_sql(table: &TableDef) -> String {
 /// [`lock_rows_sql`]'s (the columns as text).
 pub fn read_rows_sql(table: &TableDef) -> String {
     let mut select = vec!["u.ord".to_owned(), "t.xmin::text".to_owned()];
-    select.extend(table.columns.iter().map(|c| format!("t.{}", read_expr(&c.name, &c.ty))));
+    select.extend(table.columns.iter().map(|c| read_expr_in("t", &c.name, &c.ty)));
     let order: Vec<String> = table
         .key
         .iter()

@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::copy_tuples;
 use super::key_locks::literal;
-use super::rows::{quote_ident, quote_table, read_expr, value_expr};
+use super::rows::{quote_ident, quote_table, read_expr_in, value_expr_in};
 use super::store::{decode, key_text, shape_of};
 
 /// The capture's text settings (`capture::replication_config`): a value must read as the same
@@ -135,17 +135,9 @@ impl<'a> TableReader<'a> {
     /// output function (as the capture decodes it) in column-name order.
     async fn scan_rows(&self, db: &Client, values: bool, mut each: impl FnMut(u64, &str, u64)) -> Result<()> {
         let table = self.table;
-        let mut columns: Vec<String> = table
-            .key
-            .iter()
-            .map(|k| format!("t.{}", value_expr(&k.name, &k.ty)))
-            .collect();
+        let mut columns: Vec<String> = table.key.iter().map(|k| value_expr_in("t", &k.name, &k.ty)).collect();
         if values {
-            columns.extend(
-                sorted_columns(table)
-                    .iter()
-                    .map(|c| format!("t.{}", value_expr(&c.name, &c.ty))),
-            );
+            columns.extend(sorted_columns(table).iter().map(|c| value_expr_in("t", &c.name, &c.ty)));
         }
         let sql = format!(
             "COPY (SELECT {} FROM {} AS t) TO STDOUT",
@@ -157,27 +149,46 @@ impl<'a> TableReader<'a> {
             .await
             .with_context(|| format!("cannot read the rows of {}", table.name))?;
         let mut parts = Vec::with_capacity(table.key.len());
+        let integer_key = matches!(table.key.as_slice(), [only] if only.ty.is_integer());
+        let mut written = String::new();
         copy_tuples::for_each_line(stream, |line| {
-            parts.clear();
             let mut fields = line.split(|&b| b == b'\t');
-            for column in &table.key {
-                let text = fields
-                    .next()
-                    .map(copy_tuples::text_field)
-                    .transpose()?
-                    .flatten()
-                    .with_context(|| format!("{}.{} is NULL", table.name, column.name))?;
-                parts
-                    .push(Value::parse(&column.ty, &text).map_err(|e| anyhow!("{}.{}: {e}", table.name, column.name))?);
-            }
-            let key = key_text(&RowKey(std::mem::take(&mut parts)));
+            let first = fields.next().unwrap_or_default();
+            let key: &str = match first {
+                // A bigint key as `key_text` writes it, without parsing it first (most tables).
+                _ if integer_key && is_canonical_integer(first) => {
+                    written.clear();
+                    written.push('[');
+                    written.push_str(std::str::from_utf8(first).context("an integer key that is not ASCII")?);
+                    written.push(']');
+                    &written
+                }
+                _ => {
+                    parts.clear();
+                    let mut field = Some(first);
+                    for column in &table.key {
+                        let text = field
+                            .map(copy_tuples::text_field)
+                            .transpose()?
+                            .flatten()
+                            .with_context(|| format!("{}.{} is NULL", table.name, column.name))?;
+                        parts.push(
+                            Value::parse(&column.ty, &text)
+                                .map_err(|e| anyhow!("{}.{}: {e}", table.name, column.name))?,
+                        );
+                        field = fields.next();
+                    }
+                    written = key_text(&RowKey(std::mem::take(&mut parts)));
+                    &written
+                }
+            };
             // The line as COPY wrote it: the values tab-separated, escaped, NULL as \N.
             let digest = if values {
                 xxh3_64_with_seed(line, self.row_seed)
             } else {
                 0
             };
-            each(self.keys.hash(&key), &key, digest);
+            each(self.keys.hash(key), key, digest);
             Ok(())
         })
         .await
@@ -310,14 +321,14 @@ impl<'a> TableReader<'a> {
                 .key
                 .iter()
                 .enumerate()
-                .map(|(i, k)| format!("t.{} AS kt{i}", read_expr(&k.name, &k.ty))),
+                .map(|(i, k)| format!("{} AS kt{i}", read_expr_in("t", &k.name, &k.ty))),
         );
         inner_row.extend(
             table
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| format!("t.{} AS c{i}", read_expr(&c.name, &c.ty))),
+                .map(|(i, c)| format!("{} AS c{i}", read_expr_in("t", &c.name, &c.ty))),
         );
         let parsed_keys: Vec<String> = self
             .key_types
@@ -480,6 +491,16 @@ fn range_finder(ranges: &[HashRange]) -> impl Fn(u64) -> Option<usize> + '_ {
     }
 }
 
+/// Whether `text` is an integer as PostgreSQL and `key_text` write one (no sign but a minus, no
+/// leading zeros), within a bigint's digits.
+fn is_canonical_integer(text: &[u8]) -> bool {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    !digits.is_empty()
+        && digits.len() <= 19
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || (digits.len() == 1 && digits.len() == text.len()))
+}
+
 /// The table's non-key columns by name: the order a fast digest reads values in, whatever the
 /// column order of the node's table.
 fn sorted_columns(table: &TableDef) -> Vec<&accord_engine::ColumnDef> {
@@ -565,6 +586,22 @@ mod tests {
         assert_eq!(u128::from(sum), whole.sum);
         assert!(whole.rows > 0, "the bucket of row 1 holds it");
         assert_eq!(sums.range(split(bucket, FANOUT)[0]), None, "finer than a bucket");
+    }
+
+    #[test]
+    fn an_integer_key_is_written_as_key_text_writes_it() {
+        for n in [0i64, 7, -7, 1_000_000, i64::MAX, i64::MIN + 1] {
+            let text = n.to_string();
+            assert!(super::is_canonical_integer(text.as_bytes()), "{text}");
+            let written = format!("[{text}]");
+            assert_eq!(
+                written,
+                super::key_text(&accord_engine::RowKey(vec![accord_engine::Value::Int(n)]))
+            );
+        }
+        for other in ["", "-", "-0", "007", "+1", "1.0", "1e3", "12345678901234567890"] {
+            assert!(!super::is_canonical_integer(other.as_bytes()), "{other}");
+        }
     }
 
     #[test]
