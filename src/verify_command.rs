@@ -56,6 +56,13 @@ pub fn human_text(report: &VerifyReport) -> String {
             .collect();
         let _ = writeln!(out, "  {table}: {} rows", counts.join(", "));
     }
+    if let Some(rate) = report.rows_per_second() {
+        let _ = writeln!(
+            out,
+            "read in {:.2} s: {rate:.0} rows per second per node (rows and their metadata)",
+            report.seconds
+        );
+    }
     if report.differences.is_empty() {
         let _ = writeln!(out, "no differences");
     } else {

@@ -262,6 +262,14 @@ async fn verify_finds_exactly_the_rows_changed_behind_accords_back_under_load() 
     let (ok, report) = verify(&files[1].config);
     assert!(ok, "verify after the repair, writes stopped:\n{report:#}");
     assert!(report["unsettled"].as_object().unwrap().is_empty(), "{report:#}");
+    assert!(report["seconds"].as_f64().unwrap() > 0.0, "{report:#}");
+    // For people: the counts, how fast each node read, and the verdict.
+    let (ok, text) = accord(&["verify", "--config", files[0].config.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("rows per second per node") && text.contains("no differences"),
+        "{text}"
+    );
     for node in nodes {
         let (ok, logs) = node.terminate();
         assert!(ok, "{logs}");

@@ -71,9 +71,23 @@ pub struct VerifyReport {
     pub rounds: u32,
     /// The first round's cut.
     pub cut: VerifyCut,
+    /// How long the first round took (every node reading its tables whole, at once).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl VerifyReport {
+    /// Rows each node read per second in the first round: the most rows any node holds, over
+    /// the round's time.
+    pub fn rows_per_second(&self) -> Option<f64> {
+        let rows: u64 = self
+            .tables
+            .values()
+            .map(|per_node| per_node.iter().copied().max().unwrap_or(0))
+            .sum();
+        (self.seconds > 0.0).then(|| rows as f64 / self.seconds)
+    }
+
     pub fn is_clean(&self) -> bool {
         self.differences.is_empty()
     }
@@ -386,9 +400,11 @@ impl VerifyHub {
             if attempt > 0 {
                 tokio::time::sleep(RECHECK_PAUSE * attempt).await;
             }
+            let started = std::time::Instant::now();
             let outcome = self.round(&nodes, &scope).await?;
             report.rounds += 1;
             if attempt == 0 {
+                report.seconds = started.elapsed().as_secs_f64();
                 report.cut = outcome.cut;
                 report.tables = outcome.counts;
             }
