@@ -52,8 +52,8 @@ pub use shape::{
 pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};
 pub use value::{Amount, Value, ValueError};
 pub use verify::{
-    compare_rows, compare_summaries, repair_plan, row_digest, rows_by_key, split, standing, BucketSums, BucketTally,
-    Descent, DescentStep, HashRange, HeldRow, KeyDifference, KeyHasher, RangeSummary, RepairOutcome, RepairPlan,
-    RepairWrite, RowSummary, RowVerdicts, Standing, Stored, TableCount, TableSummaries, VerifyCut, VerifyMessage,
-    VerifyScope, FANOUT,
+    as_good_as_absent, compare_rows, compare_summaries, repair_plan, row_digest, rows_by_key, split, standing, stored,
+    BucketSums, BucketTally, Descent, DescentStep, HashRange, HeldRow, KeyDifference, KeyHasher, RangeSummary,
+    RepairOutcome, RepairPlan, RepairWrite, RowSummary, RowVerdicts, RowVersion, Standing, Stored, TableCount,
+    TableSummaries, VerifyCut, VerifyMessage, VerifyScope, FANOUT,
 };

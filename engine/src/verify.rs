@@ -92,6 +92,48 @@ pub enum Stored {
     Unaccounted,
 }
 
+/// What a node's table holds of a row beside its metadata, as a round reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowVersion {
+    /// In the table, stored by the write its metadata accounts for (`xmin` = `known_xmin`).
+    Accounted,
+    /// In the table, stored by a write its metadata does not account for; whether that write
+    /// committed before the round's probe (so the capture, past the probe, read it or never will).
+    Unaccounted { committed_before_probe: bool },
+    /// Not in the table.
+    Absent,
+}
+
+/// How a node's row stands beside its metadata. A row gone from the table while its metadata
+/// says alive is a delete the capture has not read yet, or one it never will: a round's first
+/// read cannot tell them apart, a recheck (`recheck`: its probe came after the first round's
+/// snapshot) can.
+pub fn stored(version: RowVersion, meta: Option<&RowMeta>, recheck: bool) -> Stored {
+    match version {
+        RowVersion::Accounted => Stored::AsKnown,
+        RowVersion::Unaccounted {
+            committed_before_probe: true,
+        } => Stored::Unaccounted,
+        RowVersion::Unaccounted {
+            committed_before_probe: false,
+        } => Stored::Newer,
+        RowVersion::Absent if meta.is_some_and(RowMeta::is_alive) => {
+            if recheck {
+                Stored::Unaccounted
+            } else {
+                Stored::Newer
+            }
+        }
+        RowVersion::Absent => Stored::AsKnown,
+    }
+}
+
+/// Whether a row a node holds is left out of a verification: a settled tombstone is as good as
+/// absent (a node may have collected it).
+pub fn as_good_as_absent(present: bool, standing: Standing) -> bool {
+    !present && standing == Standing::Settled
+}
+
 /// A row's standing on a node.
 pub fn standing(meta: Option<&RowMeta>, stored: Stored, cut: &VerifyCut) -> Standing {
     match stored {
@@ -917,6 +959,31 @@ mod tests {
         };
         let bytes = rmp_serde::to_vec_named(&message).unwrap();
         assert_eq!(rmp_serde::from_slice::<VerifyMessage>(&bytes).unwrap(), message);
+    }
+
+    #[test]
+    fn a_row_gone_while_its_metadata_is_alive_is_in_flight_until_a_recheck() {
+        let alive = RowMeta::pre_existing(&crate::TableDef {
+            name: "t".into(),
+            key: Vec::new(),
+            columns: Vec::new(),
+        });
+        assert!(alive.is_alive());
+        assert_eq!(stored(RowVersion::Absent, Some(&alive), false), Stored::Newer);
+        assert_eq!(stored(RowVersion::Absent, Some(&alive), true), Stored::Unaccounted);
+        assert_eq!(stored(RowVersion::Absent, None, true), Stored::AsKnown);
+        assert_eq!(stored(RowVersion::Accounted, Some(&alive), true), Stored::AsKnown);
+        let late = RowVersion::Unaccounted {
+            committed_before_probe: false,
+        };
+        let early = RowVersion::Unaccounted {
+            committed_before_probe: true,
+        };
+        assert_eq!(stored(late, Some(&alive), false), Stored::Newer);
+        assert_eq!(stored(early, None, false), Stored::Unaccounted);
+        assert!(as_good_as_absent(false, Standing::Settled));
+        assert!(!as_good_as_absent(false, Standing::InFlight));
+        assert!(!as_good_as_absent(true, Standing::Settled));
     }
 
     #[test]

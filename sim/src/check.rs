@@ -41,7 +41,8 @@ pub fn final_check(world: &World) -> Result<u64, Failure> {
         converged(first, &node.db, node.ix, cut)?;
     }
     let dbs: Vec<(accord_engine::NodeId, &Db)> = nodes.iter().map(|n| (n.id, &n.db)).collect();
-    crate::verify_check::verified(&dbs)?;
+    let origins: Vec<accord_engine::NodeId> = world.nodes.iter().map(|n| n.id).collect();
+    crate::verify_check::verified(&dbs, &origins)?;
     let expected = expect(&world.oracle, keys)?;
     for node in &nodes {
         against_oracle(node.ix, &node.db, &expected)?;

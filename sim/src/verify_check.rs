@@ -3,15 +3,15 @@
 //! canonical digest must not depend on the order a node merged in); and a row changed on one node
 //! behind accord's back must be found, alone, and repaired to the row the others replicated.
 //!
-//! Every row is settled at quiescence (every node applied everything), so the cut and the rounds
-//! are not modelled: the nodes have no snapshots to take. What is checked is what decides a
-//! verification's answer from the rows and metadata the nodes hold.
+//! At quiescence every node applied everything, so the cut covers every write and the rounds are
+//! not modelled: the nodes have no snapshots to take. A row's standing comes from the engine's
+//! rules as the service's read applies them (`stored`, `standing`, `as_good_as_absent`).
 
 use std::collections::BTreeMap;
 
 use accord_engine::{
-    compare_summaries, repair_plan, row_digest, rows_by_key, verify::column_names, HeldRow, NodeId, RepairPlan,
-    RowSummary, Standing, TableSummaries,
+    as_good_as_absent, compare_summaries, repair_plan, row_digest, rows_by_key, standing, stored, verify::column_names,
+    HeldRow, NodeId, RepairPlan, RowSummary, RowVersion, Standing, TableSummaries, VerifyCut,
 };
 
 use crate::db::Db;
@@ -19,15 +19,28 @@ use crate::outcome::{Failure, Invariant};
 use crate::table::TABLE;
 
 /// A node's rows as a careful read holds them (settled tombstones left out, as it leaves them).
-fn held_rows(db: &Db) -> Vec<(u64, HeldRow)> {
+fn held_rows(db: &Db, cut: &VerifyCut) -> Vec<(u64, HeldRow)> {
     let table = db.table();
     let names = column_names(&table);
     let keys: std::collections::BTreeSet<i64> = db.rows.keys().chain(db.meta.keys()).copied().collect();
     let mut out = Vec::new();
     for key in keys {
-        let meta = db.meta.get(&key).map(|m| m.as_shape(&table));
+        let stored_meta = db.meta.get(&key);
+        let meta = stored_meta.map(|m| m.as_shape(&table));
         let row = db.rows.get(&key);
-        if row.is_none() && meta.as_ref().is_none_or(|m| !m.is_alive()) {
+        // As the service reads a row's version beside its metadata; at quiescence every write
+        // committed before any probe.
+        let version = match row {
+            None => RowVersion::Absent,
+            Some(r) if stored_meta.is_some_and(|m| m.known_xmin == Some(r.tx) || m.known_xmin == Some(r.xmin)) => {
+                RowVersion::Accounted
+            }
+            Some(_) => RowVersion::Unaccounted {
+                committed_before_probe: true,
+            },
+        };
+        let standing = standing(meta.as_ref(), stored(version, meta.as_ref(), false), cut);
+        if as_good_as_absent(row.is_some(), standing) {
             continue;
         }
         let values: Option<BTreeMap<String, Option<String>>> = row.map(|r| {
@@ -53,7 +66,7 @@ fn held_rows(db: &Db) -> Vec<(u64, HeldRow)> {
                 meta,
                 columns: names.clone(),
                 xmin: row.map(|r| r.xmin.to_string()),
-                standing: Standing::Settled,
+                standing,
                 digest,
             },
         ));
@@ -94,8 +107,11 @@ fn differing(nodes: &[(NodeId, TableSummaries)]) -> Vec<String> {
 }
 
 /// Verifies the live nodes, then plants a change on the second and verifies and repairs it.
-pub fn verified(dbs: &[(NodeId, &Db)]) -> Result<(), Failure> {
-    let held: Vec<(NodeId, Vec<(u64, HeldRow)>)> = dbs.iter().map(|(n, db)| (*n, held_rows(db))).collect();
+/// `origins`: every node that ever wrote, a node that left included.
+pub fn verified(dbs: &[(NodeId, &Db)], origins: &[NodeId]) -> Result<(), Failure> {
+    // Quiescent: every node applied every change, so the cut covers every origin's writes.
+    let cut = VerifyCut::of(&[origins.iter().map(|n| (*n, u64::MAX)).collect()]);
+    let held: Vec<(NodeId, Vec<(u64, HeldRow)>)> = dbs.iter().map(|(n, db)| (*n, held_rows(db, &cut))).collect();
     let nodes: Vec<(NodeId, TableSummaries)> = held.iter().map(|(n, rows)| (*n, summaries(rows))).collect();
     let found = differing(&nodes);
     if !found.is_empty() {
@@ -113,15 +129,16 @@ pub fn verified(dbs: &[(NodeId, &Db)]) -> Result<(), Failure> {
         return Ok(());
     };
     let names = row.columns.clone();
-    let values = row.values.as_mut().expect("chosen for having values");
+    let mut values = row.values.take().unwrap_or_default();
     values.insert(names[0].clone(), Some("changed behind accord's back".into()));
     row.standing = Standing::Uncaptured;
     row.digest = row_digest(
         TABLE,
         &row.key,
-        Some(values),
+        Some(&values),
         row.meta.as_ref().map(|m| (m, names.as_slice())),
     );
+    row.values = Some(values);
     let key = row.key.clone();
     let nodes: Vec<(NodeId, TableSummaries)> = planted.iter().map(|(n, rows)| (*n, summaries(rows))).collect();
     let found = differing(&nodes);

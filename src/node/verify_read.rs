@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
-    row_digest, standing, verify::column_names, BucketSums, BucketTally, HashRange, HeldRow, KeyHasher, RangeSummary,
-    RowKey, RowMeta, ShapeBook, Stored, TableDef, Value, VerifyCut,
+    as_good_as_absent, row_digest, standing, stored, verify::column_names, BucketSums, BucketTally, HashRange, HeldRow,
+    KeyHasher, RangeSummary, RowKey, RowMeta, RowVersion, ShapeBook, TableDef, Value, VerifyCut,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{pin_mut, TryStreamExt};
@@ -293,6 +293,15 @@ impl<'a> TableReader<'a> {
         self.read_rows(db, under, &keys, false, each).await
     }
 
+    /// The key columns' values parsed back from the key text `text` (`row_key`'s form).
+    fn parsed_key(&self, text: &str) -> Vec<String> {
+        self.key_types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("({text}::jsonb->>{i})::{ty}"))
+            .collect()
+    }
+
     /// A careful read of the rows of `keys` (canonical key text, as `row_key`), with their
     /// metadata, under the round's cut: per row its key hash and what the node holds. Settled tombstones
     /// are left out (as good as absent: a node may have collected them). `recheck`: the keys are
@@ -331,17 +340,12 @@ impl<'a> TableReader<'a> {
                 .map(|(i, c)| format!("{} AS c{i}", read_expr_in("t", &c.name, &c.ty))),
         );
         let parsed_keys: Vec<String> = self
-            .key_types
+            .parsed_key("m.row_key")
             .iter()
             .enumerate()
-            .map(|(i, ty)| format!("(m.row_key::jsonb->>{i})::{ty} AS k{i}"))
+            .map(|(i, part)| format!("{part} AS k{i}"))
             .collect();
-        let wanted: Vec<String> = self
-            .key_types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| format!("(k::jsonb->>{i})::{ty}"))
-            .collect();
+        let wanted = self.parsed_key("k");
         let key_columns: Vec<String> = table
             .key
             .iter()
@@ -427,30 +431,18 @@ impl<'a> TableReader<'a> {
                 }
                 None => None,
             };
-            let stored = match (&xmin, &meta) {
-                (Some(xmin), _) if known.as_deref() == Some(xmin.as_str()) => Stored::AsKnown,
+            let version = match (&xmin, &known) {
+                (Some(xmin), Some(known)) if known == xmin => RowVersion::Accounted,
                 (Some(xmin), _) => {
                     let xid: u32 = xmin.parse().with_context(|| format!("xmin {xmin}"))?;
-                    if under.before.committed_before(xid) {
-                        Stored::Unaccounted
-                    } else {
-                        Stored::Newer
+                    RowVersion::Unaccounted {
+                        committed_before_probe: under.before.committed_before(xid),
                     }
                 }
-                // Gone from the table while its metadata says alive: a delete the capture has not
-                // read yet, or one it never will; a round's first read cannot tell (`recheck`).
-                (None, Some(meta)) if meta.is_alive() => {
-                    if recheck {
-                        Stored::Unaccounted
-                    } else {
-                        Stored::Newer
-                    }
-                }
-                (None, _) => Stored::AsKnown,
+                (None, _) => RowVersion::Absent,
             };
-            let standing = standing(meta.as_ref(), stored, under.cut);
-            if values.is_none() && standing == accord_engine::Standing::Settled {
-                // A settled tombstone: as good as absent (a node may have collected it).
+            let standing = standing(meta.as_ref(), stored(version, meta.as_ref(), recheck), under.cut);
+            if as_good_as_absent(values.is_some(), standing) {
                 continue;
             }
             let digest = row_digest(
