@@ -267,13 +267,15 @@ enum ReviewCommand {
         dsn: String,
     },
     /// Resolve an item: the choice is written as a new value that supersedes every candidate, and
-    /// replicates to every node like any write.
+    /// replicates to every node like any write. For an insert displaced by an earlier one of the
+    /// same key, --pick 1 keeps the row as it is and --pick 2 writes the displaced insert over it.
     #[command(group(clap::ArgGroup::new("choice").required(true).multiple(false)))]
     Resolve {
         id: accord_engine::ReviewItemId,
         #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
         dsn: String,
-        /// The candidate to keep (1 is the first `show` lists).
+        /// The candidate to keep (1 is the first `show` lists; for a displaced insert, 1 keeps the
+        /// row, 2 takes the displaced insert).
         #[arg(long, group = "choice")]
         pick: Option<usize>,
         /// A value of your own, in PostgreSQL's text form.
@@ -682,6 +684,9 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
                     accord_engine::ReviewKind::Concurrent { candidates, .. } => {
                         format!("{} concurrent values", candidates.len())
                     }
+                    accord_engine::ReviewKind::DisplacedInsert { created, .. } => {
+                        format!("an insert by node {} displaced by an earlier one", created.node)
+                    }
                     accord_engine::ReviewKind::Unapplicable { error, .. } => format!("not applied: {error}"),
                 };
                 let column = e.item.column.as_deref().map(|c| format!(".{c}")).unwrap_or_default();
@@ -714,6 +719,25 @@ async fn review(command: ReviewCommand) -> anyhow::Result<()> {
                             c.stamp.node,
                             accord::node::review::utc(c.stamp.physical),
                             c.stamp
+                        );
+                    }
+                }
+                accord_engine::ReviewKind::DisplacedInsert { created, values } => {
+                    println!(
+                        "  node {} inserted this key at {} (HLC {created}) while an earlier insert of it was on its way; \
+                         the earlier kept the row. The displaced insert:",
+                        created.node,
+                        accord::node::review::utc(created.physical)
+                    );
+                    for (name, value) in values {
+                        match value {
+                            Some(v) => println!("    {name} = {v}"),
+                            None => println!("    {name} (not known here)"),
+                        }
+                    }
+                    if e.status == "open" {
+                        println!(
+                            "  resolve with --pick 1 (keep the row as it is) or --pick 2 (write these values over it)"
                         );
                     }
                 }

@@ -391,6 +391,8 @@ pub struct ConflictCounts {
     pub concurrent_update: u64,
     pub delete_won: u64,
     pub insert_insert: u64,
+    #[serde(default)]
+    pub insert_displaced: u64,
 }
 
 impl ConflictCounts {
@@ -400,6 +402,7 @@ impl ConflictCounts {
                 ConflictKind::ConcurrentUpdate => self.concurrent_update += 1,
                 ConflictKind::DeleteWon => self.delete_won += 1,
                 ConflictKind::InsertInsert => self.insert_insert += 1,
+                ConflictKind::InsertDisplaced => self.insert_displaced += 1,
             }
         }
     }
@@ -408,10 +411,11 @@ impl ConflictCounts {
         self.concurrent_update += other.concurrent_update;
         self.delete_won += other.delete_won;
         self.insert_insert += other.insert_insert;
+        self.insert_displaced += other.insert_displaced;
     }
 
     pub fn total(&self) -> u64 {
-        self.concurrent_update + self.delete_won + self.insert_insert
+        self.concurrent_update + self.delete_won + self.insert_insert + self.insert_displaced
     }
 }
 
@@ -444,6 +448,9 @@ pub enum ApplyError {
 }
 
 /// The guard's verdict on one loaded row.
+// `Accounted` is the common verdict, for every row of every batch; boxing its state would add an
+// allocation per row to save a few bytes on the rare ones.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// accord's metadata describes the row: merge against this state (`None`: accord knows

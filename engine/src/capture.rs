@@ -9,7 +9,7 @@ use crate::merge::{diff_items, open_items};
 use crate::review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId};
 use crate::schema::TableDef;
 use crate::state::{Candidate, Cell, ColumnMeta, DeltaLedger, RowMeta, RowState};
-use crate::value::{as_amount, difference, ValueError};
+use crate::value::{as_amount, difference, Value, ValueError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CaptureError {
@@ -117,6 +117,7 @@ pub fn capture(
             // A live row we never saw deleted (a TRUNCATE, say) starts a new incarnation too.
             meta.causal_length += if meta.is_alive() { 2 } else { 1 };
             meta.deleted_by.clear();
+            meta.displaced.clear();
             let version = meta.next_version(stamp, seq);
             meta.created = Some(version);
             meta.columns = Vec::with_capacity(table.columns.len());
@@ -179,10 +180,36 @@ pub fn capture(
                     (Cell::UnchangedToast, _) => false,
                 })
                 .collect();
-            if changed.is_empty() {
+            // A reviewer's decision on a displaced insert is a write even if it leaves every
+            // value as it was (they kept the row as it is).
+            let settles: Vec<usize> = meta
+                .displaced
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.resolved.is_none() && !resolving.is_empty())
+                .filter(|(_, d)| resolving.contains(&ReviewItem::displaced_insert(table, &change.key, d).id))
+                .map(|(j, _)| j)
+                .collect();
+            if changed.is_empty() && settles.is_empty() {
                 return Ok(None);
             }
             let version = meta.next_version(stamp, seq);
+            for j in settles {
+                let item = ReviewItem::displaced_insert(table, &change.key, &meta.displaced[j]);
+                meta.displaced[j].resolved = Some(version);
+                closures.push(ReviewClosure {
+                    item,
+                    kind: ClosureKind::Resolved {
+                        by: node,
+                        stamp,
+                        value: Value::text(if changed.is_empty() {
+                            "the row kept as it was"
+                        } else {
+                            "the row written anew by the reviewer"
+                        }),
+                    },
+                });
+            }
             for &i in &changed {
                 let def = &table.columns[i];
                 let Cell::Value(value) = &new[i] else { continue };
@@ -238,6 +265,7 @@ pub fn capture(
             meta.columns.clear();
             meta.carried.clear();
             meta.created = None;
+            meta.displaced.clear();
             meta.deleted_by = vec![(node, seq)];
             values = Vec::new();
         }

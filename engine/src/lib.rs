@@ -45,11 +45,14 @@ pub use merge::{merge, open_items, ColumnWrite, Conflict, ConflictKind, MergeErr
 pub use protocol::{Hello, LocalIdentity, Message, Refusal, PROTOCOL_VERSION};
 pub use replication::{MembershipChange, PeerProgress, Replication, ReplicationConfig, ReplicationError};
 pub use review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId, ReviewKind};
-pub use schema::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, SchemaError, TableDef};
+pub use schema::{ColumnDef, ColumnPolicy, ColumnType, InsertPolicy, KeyColumn, SchemaError, TableDef};
 pub use shape::{
     holds, reshape_change, reshape_meta, LocalTable, NodeSchema, Reading, Reshaped, ShapeBook, ShapeError, ShapeId,
 };
-pub use state::{Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, ReviewRegister, RowMeta, RowState, Version};
+pub use state::{
+    Candidate, Cell, ColumnMeta, Contribution, DeltaLedger, DisplacedColumn, DisplacedInsert, ReviewRegister, RowMeta,
+    RowState, Version,
+};
 pub use value::{Amount, Value, ValueError};
 pub use verify::{
     as_good_as_absent, compare_rows, compare_summaries, repair_plan, row_digest, rows_by_key, split, standing, stored,

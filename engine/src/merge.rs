@@ -6,6 +6,9 @@
 //! 2. Within one incarnation every column merges by its policy: `lww` keeps the greater version,
 //!    `delta` adds each node's not-yet-counted contribution, `review` merges the multi-value
 //!    register and exposes concurrent differing values as a review item.
+//!    In a table with `inserts=review`, an incarnation begun by two concurrent inserts keeps the
+//!    earlier (the least `created`) and its writes as the row; the other insert and the writes
+//!    made on it are a *displaced insert*, kept whole for review (`DisplacedInsert`).
 //! 3. Nothing is partial: if one column cannot be applied (a delta overflowing its type) the whole
 //!    change is parked and the state stays as it was.
 
@@ -16,8 +19,8 @@ use thiserror::Error;
 use crate::change::{RowChange, RowKey};
 use crate::hlc::Hlc;
 use crate::review::{ReviewAction, ReviewItem, ReviewItemId};
-use crate::schema::{ColumnPolicy, TableDef};
-use crate::state::{Cell, ColumnMeta, RowMeta, RowState, Version};
+use crate::schema::{ColumnPolicy, InsertPolicy, TableDef};
+use crate::state::{join_displaced, Cell, ColumnMeta, DisplacedInsert, RowMeta, RowState, Version};
 use crate::value::{add_checked, Amount, Value, ValueError};
 
 /// What to do to the user's row.
@@ -45,6 +48,9 @@ pub enum ConflictKind {
     DeleteWon,
     /// Two inserts of one key were merged column by column.
     InsertInsert,
+    /// Two inserts of one key in a table with `inserts=review`: the earlier kept the row, the
+    /// later is kept whole in the review queue.
+    InsertDisplaced,
 }
 
 /// An automatic resolution, for the conflict log.
@@ -175,8 +181,51 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
             state.meta.absorb_deletes(&rem.meta.deleted_by);
         }
         action = RowAction::Nothing;
+    } else if table.inserts == InsertPolicy::Review && local.meta.created != rem.meta.created {
+        // Two inserts of one key met: the earlier keeps the row. `None` (a row older than accord)
+        // is the earliest of all, so the displaced one always has a version.
+        let (kept, displaced) = if rem.meta.created < local.meta.created {
+            (rem, local)
+        } else {
+            (local, rem)
+        };
+        let Some(displaced_version) = displaced.meta.created else {
+            unreachable!("the later of two different creation versions is not None")
+        };
+        let known = local.meta.displaced.iter().any(|d| d.created == displaced_version);
+        if !known {
+            conflicts.push(Conflict {
+                kind: ConflictKind::InsertDisplaced,
+                column: None,
+                winner: kept.meta.created.map_or(remote.stamp, |v| v.stamp),
+                loser: displaced_version.stamp,
+            });
+        }
+        state = kept.clone();
+        if std::ptr::eq(kept, rem) {
+            let values = match adopted_values(table, rem) {
+                Ok(values) => values,
+                Err(missing) => return Ok(MergeOutcome::Deferred { missing }),
+            };
+            state.values = values.iter().cloned().map(Cell::Value).collect();
+            action = RowAction::Update(
+                values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(column, value)| ColumnWrite { column, value })
+                    .collect(),
+            );
+        } else {
+            action = RowAction::Nothing;
+        }
+        let lineage = DisplacedInsert::of(table, displaced, displaced_version);
+        state.meta.displaced = join_displaced(
+            &join_displaced(&local.meta.displaced, &rem.meta.displaced),
+            std::slice::from_ref(&lineage),
+        );
     } else {
         state = local.clone();
+        state.meta.displaced = join_displaced(&local.meta.displaced, &rem.meta.displaced);
         match merge_columns(table, local, remote, &mut state, &mut conflicts) {
             Ok(writes) if writes.is_empty() => action = RowAction::Nothing,
             Ok(writes) => action = RowAction::Update(writes),
@@ -362,6 +411,9 @@ pub fn open_items(table: &TableDef, key: &RowKey, state: &RowState) -> Vec<Revie
             }
         }
     }
+    for displaced in state.meta.displaced.iter().filter(|d| d.resolved.is_none()) {
+        items.push(ReviewItem::displaced_insert(table, key, displaced));
+    }
     items
 }
 
@@ -373,7 +425,8 @@ pub(crate) fn review_actions(
     after: &RowState,
     change: &RowChange,
 ) -> Vec<ReviewAction> {
-    let has_review = table.columns.iter().any(|c| c.policy == ColumnPolicy::Review);
+    let has_review =
+        table.inserts == InsertPolicy::Review || table.columns.iter().any(|c| c.policy == ColumnPolicy::Review);
     if !has_review && change.closures.is_empty() {
         return Vec::new();
     }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::RowKey;
 use crate::hlc::{Hlc, NodeId};
-use crate::state::Candidate;
+use crate::schema::TableDef;
+use crate::state::{Candidate, DisplacedInsert};
 use crate::value::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -35,6 +36,13 @@ pub enum ReviewKind {
     Concurrent {
         candidates: Vec<Candidate>,
         provisional: Hlc,
+    },
+    /// An insert of the row's key, concurrent with the insert that keeps the row (a table with
+    /// `inserts=review`), with its values as the writes made on it left them (table column order;
+    /// `None` where this node lacks a value).
+    DisplacedInsert {
+        created: Hlc,
+        values: Vec<(String, Option<Value>)>,
     },
     /// A change from `origin` that this node could not apply; it is kept so it can be retried.
     Unapplicable {
@@ -101,10 +109,45 @@ impl ReviewItem {
         }
     }
 
+    /// The item of a displaced insert. Its id covers the values too: a later write on the
+    /// displaced lineage makes it another item (the earlier withdrawn), as a further candidate
+    /// does for a concurrent write.
+    pub fn displaced_insert(table: &TableDef, key: &RowKey, displaced: &DisplacedInsert) -> Self {
+        let values: Vec<(String, Option<Value>)> = table
+            .columns
+            .iter()
+            .map(|def| (def.name.clone(), displaced.value(def)))
+            .collect();
+        let mut h = hasher(b"displaced-insert", &table.name, key);
+        hash_stamp(&mut h, displaced.created.stamp);
+        for (name, value) in &values {
+            hash_str(&mut h, name);
+            match value {
+                Some(v) => {
+                    h.update(&[1]);
+                    v.hash_into(&mut h);
+                }
+                None => {
+                    h.update(&[0]);
+                }
+            }
+        }
+        ReviewItem {
+            id: finish(h),
+            table: table.name.clone(),
+            key: key.clone(),
+            column: None,
+            kind: ReviewKind::DisplacedInsert {
+                created: displaced.created.stamp,
+                values,
+            },
+        }
+    }
+
     pub fn candidates(&self) -> &[Candidate] {
         match &self.kind {
             ReviewKind::Concurrent { candidates, .. } => candidates,
-            ReviewKind::Unapplicable { .. } => &[],
+            ReviewKind::DisplacedInsert { .. } | ReviewKind::Unapplicable { .. } => &[],
         }
     }
 }

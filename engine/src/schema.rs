@@ -115,6 +115,30 @@ pub struct TableDef {
     pub name: String,
     pub key: Vec<KeyColumn>,
     pub columns: Vec<ColumnDef>,
+    /// What two concurrent inserts of one key mean (`@accord replicate inserts=...`).
+    #[serde(default)]
+    pub inserts: InsertPolicy,
+}
+
+/// What two inserts of one key, made on two nodes before either saw the other's, mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum InsertPolicy {
+    /// One row: the inserts' columns merge as concurrent updates of it would. Right for a natural
+    /// key (a SKU, an email), which names one thing wherever it is written.
+    #[default]
+    Merge,
+    /// The earlier insert keeps the row; the other is kept whole in the review queue, nothing
+    /// merged. For keys that name different things on different nodes (two orders numbered 1001).
+    Review,
+}
+
+impl InsertPolicy {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            InsertPolicy::Merge => "merge",
+            InsertPolicy::Review => "review",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -146,9 +170,15 @@ impl TableDef {
             name: name.into(),
             key,
             columns,
+            inserts: InsertPolicy::Merge,
         };
         table.validate()?;
         Ok(table)
+    }
+
+    /// The table with `inserts` as what two concurrent inserts of one key mean.
+    pub fn with_inserts(self, inserts: InsertPolicy) -> Self {
+        TableDef { inserts, ..self }
     }
 
     pub fn validate(&self) -> Result<(), SchemaError> {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::change::RowChange;
-use crate::schema::{ColumnPolicy, ColumnType, TableDef};
+use crate::schema::{ColumnPolicy, ColumnType, InsertPolicy, TableDef};
 use crate::state::{Cell, ColumnMeta, RowMeta};
 use crate::value::Value;
 
@@ -59,6 +59,11 @@ impl TableDef {
             put(&column.name);
             put(&column.ty.to_string());
             put(column.policy.keyword());
+        }
+        // Only when not the default, so that shapes recorded before the option keep their ids.
+        if self.inserts != InsertPolicy::Merge {
+            put("inserts");
+            put(self.inserts.keyword());
         }
         let hash = hasher.finalize();
         let mut first = [0u8; 8];
@@ -267,6 +272,17 @@ pub enum ShapeError {
         ours: ColumnPolicy,
         theirs: ColumnPolicy,
     },
+    #[error(
+        "{table} treats two inserts of one key as `inserts={}` here and as `inserts={}` on the sender: \
+         annotate it alike on every node",
+        ours.keyword(),
+        theirs.keyword()
+    )]
+    InsertsDiffer {
+        table: String,
+        ours: InsertPolicy,
+        theirs: InsertPolicy,
+    },
     #[error("metadata of {table} was stored under shape {shape}, which accord.shapes does not hold")]
     UnknownShape { table: String, shape: ShapeId },
     #[error("the change is for {change_table}, the shape for {table}")]
@@ -345,6 +361,13 @@ pub fn reshape_change(change: &RowChange, from: &TableDef, to: &LocalTable) -> R
             table: table.name.clone(),
             ours: key_names(table),
             theirs: key_names(from),
+        });
+    }
+    if from.inserts != table.inserts {
+        return Err(ShapeError::InsertsDiffer {
+            table: table.name.clone(),
+            ours: table.inserts,
+            theirs: from.inserts,
         });
     }
     let mut waits: Vec<String> = table

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::{Hlc, NodeId};
 use crate::schema::{ColumnPolicy, TableDef};
-use crate::value::{Amount, Value};
+use crate::value::{add_checked, Amount, Value};
 
 /// One write to a row: its stamp, and its dot in the row clock (the writer's outbound sequence
 /// number of the change), which lets any state tell whether it has absorbed that write.
@@ -252,6 +252,122 @@ pub struct RowMeta {
     /// reloaded) keeps them for the readers after it, never drops them. Local: never sent.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub carried: std::collections::BTreeMap<String, ColumnMeta>,
+    /// Inserts of this incarnation's key that an earlier concurrent insert displaced (a table with
+    /// `inserts=review`), sorted by `created`. Grows within the incarnation; its open entries are
+    /// review items.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub displaced: Vec<DisplacedInsert>,
+}
+
+/// An insert that lost its key to an earlier concurrent insert, with the writes made on it before
+/// its writers heard of the earlier one (its *lineage*), kept for a person to review. Columns are
+/// kept by name, so a change of the table's shape does not move them; it has no clock of its own,
+/// so that every node holds the same entry whatever order the lineage's writes came in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplacedInsert {
+    pub created: Version,
+    pub columns: std::collections::BTreeMap<String, DisplacedColumn>,
+    /// The write that resolved its review item, once someone did.
+    pub resolved: Option<Version>,
+}
+
+/// One column of a displaced insert: its metadata, and its value where the metadata alone does
+/// not give it (`lww` columns; a `delta` column is the sum of its ledger, a `review` column its
+/// provisional candidate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplacedColumn {
+    pub meta: ColumnMeta,
+    pub value: Option<Value>,
+}
+
+impl DisplacedInsert {
+    /// The displaced lineage of `row`, a live state of `table`.
+    pub fn of(table: &TableDef, row: &RowState, created: Version) -> Self {
+        let columns = table
+            .columns
+            .iter()
+            .zip(&row.meta.columns)
+            .zip(&row.values)
+            .map(|((def, meta), cell)| {
+                let value = match meta {
+                    ColumnMeta::Lww(_) => cell.value().cloned(),
+                    ColumnMeta::Delta(_) | ColumnMeta::Review(_) => None,
+                };
+                (
+                    def.name.clone(),
+                    DisplacedColumn {
+                        meta: meta.clone(),
+                        value,
+                    },
+                )
+            })
+            .chain(row.meta.carried.iter().map(|(name, meta)| {
+                (
+                    name.clone(),
+                    DisplacedColumn {
+                        meta: meta.clone(),
+                        value: None,
+                    },
+                )
+            }))
+            .collect();
+        DisplacedInsert {
+            created,
+            columns,
+            resolved: None,
+        }
+    }
+
+    /// Joins another node's state of the same lineage into this one.
+    fn join(&mut self, other: &DisplacedInsert) {
+        for (name, theirs) in &other.columns {
+            let Some(ours) = self.columns.get_mut(name) else {
+                self.columns.insert(name.clone(), theirs.clone());
+                continue;
+            };
+            match (&mut ours.meta, &theirs.meta) {
+                (ColumnMeta::Lww(a), ColumnMeta::Lww(b)) if *b > *a || (*b == *a && ours.value.is_none()) => {
+                    *a = *b;
+                    ours.value = theirs.value.clone();
+                }
+                (ColumnMeta::Delta(a), ColumnMeta::Delta(b)) => a.absorb(b),
+                (ColumnMeta::Review(a), ColumnMeta::Review(b)) => a.merge(b),
+                // A column's policy cannot change while it is replicated (the DDL guard refuses
+                // it), so two nodes never hold one column of a lineage under two policies.
+                _ => {}
+            }
+        }
+        self.resolved = self.resolved.max(other.resolved);
+    }
+
+    /// The value of `def`'s column, as far as this node knows it.
+    pub fn value(&self, def: &crate::schema::ColumnDef) -> Option<Value> {
+        let column = self.columns.get(&def.name)?;
+        match &column.meta {
+            ColumnMeta::Lww(_) => column.value.clone(),
+            ColumnMeta::Delta(ledger) => {
+                let zero = Value::parse(&def.ty, "0").ok()?;
+                let total = ledger
+                    .entries()
+                    .iter()
+                    .try_fold(Amount::zero_for(&def.ty), |sum, (_, c)| sum.checked_add(&c.total))?;
+                add_checked(&def.ty, &zero, &total).ok()
+            }
+            ColumnMeta::Review(reg) => reg.provisional().map(|c| c.value),
+        }
+    }
+}
+
+/// The union of two sets of displaced inserts, each lineage joined across them, sorted by `created`.
+pub(crate) fn join_displaced(ours: &[DisplacedInsert], theirs: &[DisplacedInsert]) -> Vec<DisplacedInsert> {
+    let mut all: Vec<DisplacedInsert> = ours.to_vec();
+    for entry in theirs {
+        match all.binary_search_by_key(&entry.created, |d| d.created) {
+            Ok(i) => all[i].join(entry),
+            Err(i) => all.insert(i, entry.clone()),
+        }
+    }
+    all
 }
 
 impl RowMeta {
@@ -265,6 +381,7 @@ impl RowMeta {
             columns: Vec::new(),
             deleted_by: Vec::new(),
             carried: std::collections::BTreeMap::new(),
+            displaced: Vec::new(),
         }
     }
 

@@ -244,6 +244,14 @@ fn canonical_meta(meta: &RowMeta, names: &[String]) -> Vec<u8> {
         created: Option<crate::state::Version>,
         deleted_by: &'a [(NodeId, u64)],
         columns: BTreeMap<&'a str, CanonicalColumn<'a>>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        displaced: Vec<CanonicalDisplaced<'a>>,
+    }
+    #[derive(Serialize)]
+    struct CanonicalDisplaced<'a> {
+        created: crate::state::Version,
+        resolved: Option<crate::state::Version>,
+        columns: BTreeMap<&'a str, (CanonicalColumn<'a>, &'a Option<crate::value::Value>)>,
     }
     #[derive(Serialize)]
     enum CanonicalColumn<'a> {
@@ -251,16 +259,29 @@ fn canonical_meta(meta: &RowMeta, names: &[String]) -> Vec<u8> {
         Delta(&'a crate::state::DeltaLedger),
         Review((Vec<crate::state::Candidate>, BTreeMap<NodeId, u64>)),
     }
+    fn canonical_column(column: &ColumnMeta) -> CanonicalColumn<'_> {
+        match column {
+            ColumnMeta::Lww(version) => CanonicalColumn::Lww(*version),
+            ColumnMeta::Delta(ledger) => CanonicalColumn::Delta(ledger),
+            ColumnMeta::Review(register) => CanonicalColumn::Review(register.canonical()),
+        }
+    }
     let columns = names
         .iter()
         .zip(&meta.columns)
-        .map(|(name, column)| {
-            let canonical = match column {
-                ColumnMeta::Lww(version) => CanonicalColumn::Lww(*version),
-                ColumnMeta::Delta(ledger) => CanonicalColumn::Delta(ledger),
-                ColumnMeta::Review(register) => CanonicalColumn::Review(register.canonical()),
-            };
-            (name.as_str(), canonical)
+        .map(|(name, column)| (name.as_str(), canonical_column(column)))
+        .collect();
+    let displaced = meta
+        .displaced
+        .iter()
+        .map(|d| CanonicalDisplaced {
+            created: d.created,
+            resolved: d.resolved,
+            columns: d
+                .columns
+                .iter()
+                .map(|(name, c)| (name.as_str(), (canonical_column(&c.meta), &c.value)))
+                .collect(),
         })
         .collect();
     let canonical = Canonical {
@@ -270,6 +291,7 @@ fn canonical_meta(meta: &RowMeta, names: &[String]) -> Vec<u8> {
         created: meta.created,
         deleted_by: &meta.deleted_by,
         columns,
+        displaced,
     };
     // Encoding a plain struct of maps and numbers cannot fail; an empty digest input would
     // only make every row equal to every other, which the key in the digest still prevents.
@@ -967,6 +989,7 @@ mod tests {
             name: "t".into(),
             key: Vec::new(),
             columns: Vec::new(),
+            inserts: Default::default(),
         });
         assert!(alive.is_alive());
         assert_eq!(stored(RowVersion::Absent, Some(&alive), false), Stored::Newer);

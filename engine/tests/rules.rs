@@ -4,8 +4,8 @@ use std::str::FromStr;
 
 use accord_engine::{
     capture, merge, open_items, CaptureError, CapturedChange, Cell, ChangeKind, ClosureKind, ColumnDef, ColumnMeta,
-    ColumnPolicy, ColumnType, ConflictKind, Hlc, KeyColumn, MergeError, MergeOutcome, Merged, NodeId, ReviewAction,
-    ReviewKind, RowAction, RowChange, RowKey, RowMeta, RowState, TableDef, Value,
+    ColumnPolicy, ColumnType, ConflictKind, Hlc, InsertPolicy, KeyColumn, MergeError, MergeOutcome, Merged, NodeId,
+    ReviewAction, ReviewKind, RowAction, RowChange, RowKey, RowMeta, RowState, TableDef, Value,
 };
 use bigdecimal::BigDecimal;
 
@@ -379,6 +379,135 @@ fn two_inserts_of_one_key_merge_column_by_column() {
         "each insert counts as a delta from zero"
     );
     assert!(on_a.conflicts.iter().any(|c| c.kind == ConflictKind::InsertInsert));
+}
+
+/// The displaced-insert items a node holds for the row.
+fn displaced_items(node: &Node) -> Vec<accord_engine::ReviewItem> {
+    node.state
+        .as_ref()
+        .map(|s| open_items(&node.table, &key(), s))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| matches!(i.kind, ReviewKind::DisplacedInsert { .. }))
+        .collect()
+}
+
+#[test]
+fn two_inserts_of_one_key_in_a_review_table_keep_the_earlier_and_queue_the_other_whole() {
+    let t = table().with_inserts(InsertPolicy::Review);
+    let (mut a, mut b) = (Node::new(&t), Node::new(&t));
+    let from_a = a.local(ChangeKind::Insert, Some(row("a", 3, "1")), at(1, A));
+    let from_b = b.local(ChangeKind::Insert, Some(row("b", 4, "2")), at(2, B));
+    // B writes on its own insert before it hears of A's.
+    let b_update = b.local(ChangeKind::Update, Some(row("b2", 5, "2")), at(3, B));
+    let changes = [from_a.clone(), from_b.clone(), b_update.clone()];
+    let mut states = Vec::new();
+    for order in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+        let mut c = Node::new(&t);
+        for i in order {
+            c.merge(&changes[i]);
+        }
+        assert_eq!(
+            c.values().unwrap(),
+            row("a", 3, "1"),
+            "order {order:?}: the earlier insert keeps the row"
+        );
+        let items = displaced_items(&c);
+        assert_eq!(items.len(), 1, "order {order:?}: one item for the displaced insert");
+        let ReviewKind::DisplacedInsert { created, values } = &items[0].kind else {
+            unreachable!()
+        };
+        assert_eq!(*created, at(2, B));
+        assert_eq!(
+            values,
+            &vec![
+                ("name".to_string(), Some(Value::text("b2"))),
+                ("stock".to_string(), Some(Value::Int(5))),
+                ("price".to_string(), Some(Value::text("2"))),
+            ],
+            "order {order:?}: the item holds the displaced insert as its writes left it, nothing merged"
+        );
+        states.push((c.state.clone(), items[0].id));
+    }
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "every order gives one state and one item"
+    );
+
+    let on_a = a.merge(&from_b);
+    assert_eq!(on_a.action, RowAction::Nothing, "the row that stays is not written");
+    assert!(on_a.conflicts.iter().any(|c| c.kind == ConflictKind::InsertDisplaced));
+    a.merge(&b_update);
+    let on_b = b.merge(&from_a);
+    assert_eq!(
+        on_b.action,
+        RowAction::Update(
+            [Value::text("a"), Value::Int(3), Value::text("1")]
+                .into_iter()
+                .enumerate()
+                .map(|(column, value)| accord_engine::ColumnWrite { column, value })
+                .collect()
+        ),
+        "the node that inserted later takes the earlier row whole"
+    );
+    assert_eq!(a.state, b.state);
+    assert_eq!(a.state, states[0].0);
+    assert!(on_b
+        .review
+        .iter()
+        .any(|r| matches!(r, ReviewAction::Open(i) if i.id == states[0].1)));
+
+    // A write on the row after both met goes to the row, not to the displaced insert.
+    let a_update = a.local(ChangeKind::Update, Some(row("a2", 6, "1")), at(4, A));
+    b.merge(&a_update);
+    assert_eq!(b.values().unwrap(), row("a2", 6, "1"));
+    assert_eq!(displaced_items(&b)[0].id, states[0].1);
+
+    // A reviewer keeps the row as it is: a write that changes no value, yet closes the item.
+    let id = states[0].1;
+    let resolution = b
+        .local_resolving(ChangeKind::Update, Some(row("a2", 6, "1")), at(5, B), &[id])
+        .expect("a resolution is a write even when no value changes");
+    assert!(displaced_items(&b).is_empty());
+    assert!(resolution.closures.iter().any(|c| c.item.id == id));
+    let on_a = a.merge(&resolution);
+    assert!(on_a
+        .review
+        .iter()
+        .any(|r| matches!(r, ReviewAction::Close(c) if c.item.id == id)));
+    assert!(displaced_items(&a).is_empty());
+    assert_eq!(a.state, b.state);
+}
+
+#[test]
+fn a_displaced_insert_goes_with_the_row_it_lost_to() {
+    let t = table().with_inserts(InsertPolicy::Review);
+    let (mut a, mut b, mut c) = (Node::new(&t), Node::new(&t), Node::new(&t));
+    let from_a = a.local(ChangeKind::Insert, Some(row("a", 3, "1")), at(1, A));
+    let from_b = b.local(ChangeKind::Insert, Some(row("b", 4, "2")), at(2, B));
+    a.merge(&from_b);
+    assert_eq!(displaced_items(&a).len(), 1);
+    let delete = a.local(ChangeKind::Delete, None, at(3, A));
+    // C hears of A's insert and delete before B's insert; B's insert then loses to the delete.
+    c.merge(&from_a);
+    c.merge(&delete);
+    c.merge(&from_b);
+    b.merge(&from_a);
+    let on_b = b.merge(&delete);
+    assert!(on_b.review.iter().any(|r| matches!(r, ReviewAction::Withdraw(_))));
+    for node in [&a, &b, &c] {
+        assert_eq!(node.values(), None);
+        assert!(displaced_items(node).is_empty());
+    }
+    assert_eq!(a.state, b.state);
+    assert_eq!(b.state, c.state);
+}
+
+#[test]
+fn a_merge_table_still_merges_two_inserts() {
+    let t = table();
+    assert_eq!(t.inserts, InsertPolicy::Merge);
+    assert_ne!(t.shape_id(), t.clone().with_inserts(InsertPolicy::Review).shape_id());
 }
 
 #[test]

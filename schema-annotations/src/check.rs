@@ -178,6 +178,7 @@ fn check_table(name: &str, table: &CatalogTable, problems: &mut Vec<Problem>) ->
         });
     }
     TableDef::new(name, key, columns)
+        .map(|def| def.with_inserts(tag.inserts))
         .map_err(|error| {
             problems.push(Problem::Schema {
                 table: name.to_string(),

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use accord_engine::{ColumnType, TableDef};
+use accord_engine::{ColumnType, InsertPolicy, TableDef};
 
 /// blake3's key-derivation mode with a context of its own, so that these digests cannot collide
 /// with blake3 digests accord takes of anything else.
@@ -54,6 +54,18 @@ pub(crate) fn of(tables: &[TableDef]) -> Fingerprint {
             out.str(&column.name);
             out.ty(&column.ty);
             out.str(column.policy.keyword());
+        }
+    }
+    // Appended after every table, and only when some table is not the default, so that policies
+    // written before the option keep their fingerprints (the table list is length-prefixed, so
+    // the tail cannot be mistaken for a table).
+    let review_inserts: Vec<&TableDef> = tables.iter().filter(|t| t.inserts != InsertPolicy::Merge).collect();
+    if !review_inserts.is_empty() {
+        out.str("inserts");
+        out.len(review_inserts.len());
+        for table in review_inserts {
+            out.str(&table.name);
+            out.str(table.inserts.keyword());
         }
     }
     Fingerprint(*out.0.finalize().as_bytes())
@@ -134,6 +146,7 @@ mod tests {
                     policy: ColumnPolicy::Lww,
                 },
             ],
+            inserts: Default::default(),
         }
     }
 
@@ -176,6 +189,7 @@ mod tests {
                 name: "shop.product".into(),
                 ..base.clone()
             },
+            base.clone().with_inserts(InsertPolicy::Review),
         ];
         let mut renamed = base.clone();
         renamed.columns[2].name = "title".into();
@@ -220,6 +234,7 @@ mod tests {
                 ty: ColumnType::Other("text".into()),
                 policy: ColumnPolicy::Lww,
             }],
+            inserts: Default::default(),
         };
         assert_ne!(
             policy(vec![key_named("ab", "c")]).fingerprint(),

@@ -23,6 +23,9 @@
 //!             default=lww|review               policy of the columns without a tag of their own
 //!             sequences=disjoint               the sequences behind the keys are disjoint across
 //!                                              nodes (else `accord check` flags them)
+//!             inserts=merge|review             two concurrent inserts of one key: one row, merged
+//!                                              column by column (default), or the earlier keeps
+//!                                              the row and the other goes to the review queue
 //! ```
 //!
 //! Words are separated by whitespace and matched without regard to ASCII case; trailing sentence

@@ -1,6 +1,6 @@
 //! Finding and reading the one `@accord` tag of a comment (syntax in the crate docs).
 
-use accord_engine::ColumnPolicy;
+use accord_engine::{ColumnPolicy, InsertPolicy};
 use thiserror::Error;
 
 use crate::place::Place;
@@ -12,7 +12,7 @@ const TABLE_WORDS: &[&str] = &["replicate"];
 const POLICY_WORDS: &[&str] = &["lww", "delta", "review"];
 const TABLE_LIST: &str = "replicate";
 const POLICY_LIST: &str = "lww, delta, review";
-const OPTION_KEYS: &[&str] = &["default", "sequences"];
+const OPTION_KEYS: &[&str] = &["default", "inserts", "sequences"];
 /// `delta` is left out on purpose: it changes what a write means (an addition, not a value), so it
 /// has to be chosen column by column, and a table default would also hit its text columns.
 const DEFAULT_VALUES: &[&str] = &["lww", "review"];
@@ -25,6 +25,8 @@ pub struct TableTag {
     /// `sequences=disjoint`: the user made the sequences behind the table's keys disjoint across
     /// nodes, so `accord check` does not flag them.
     pub sequences_disjoint: bool,
+    /// `inserts=merge|review`: what two concurrent inserts of one key mean (default `merge`).
+    pub inserts: InsertPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -82,6 +84,12 @@ pub enum AnnotationError {
          sequences behind this table's keys give each node ids no other node gives"
     )]
     BadSequencesValue { place: Place, value: String },
+    #[error(
+        "{place}: `inserts={value}` is not a valid value; `inserts=merge` (two inserts of one key are one row, \
+         merged column by column: natural keys) or `inserts=review` (the earlier insert keeps the row, the other \
+         goes to the review queue whole: generated keys)"
+    )]
+    BadInsertsValue { place: Place, value: String },
 }
 
 impl AnnotationError {
@@ -97,7 +105,8 @@ impl AnnotationError {
             | AnnotationError::BadOptionValue { place, .. }
             | AnnotationError::MalformedOption { place, .. }
             | AnnotationError::OptionOnColumn { place, .. }
-            | AnnotationError::BadSequencesValue { place, .. } => place,
+            | AnnotationError::BadSequencesValue { place, .. }
+            | AnnotationError::BadInsertsValue { place, .. } => place,
         }
     }
 
@@ -115,6 +124,7 @@ impl AnnotationError {
             AnnotationError::MalformedOption { .. } => "malformed-option",
             AnnotationError::OptionOnColumn { .. } => "option-on-column",
             AnnotationError::BadSequencesValue { .. } => "bad-sequences-value",
+            AnnotationError::BadInsertsValue { .. } => "bad-inserts-value",
         }
     }
 }
@@ -144,6 +154,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
     }
     let mut default_policy = None;
     let mut sequences_disjoint = None;
+    let mut inserts = None;
     for option in tag.options {
         let Some((key, value)) = option.split_once('=').filter(|(k, v)| !k.is_empty() && !v.is_empty()) else {
             return Err(AnnotationError::MalformedOption {
@@ -176,6 +187,24 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
                 }
                 sequences_disjoint = Some(true);
             }
+            "inserts" => {
+                if inserts.is_some() {
+                    return Err(AnnotationError::RepeatedOption {
+                        place,
+                        key: key.to_string(),
+                    });
+                }
+                inserts = Some(match value.to_ascii_lowercase().as_str() {
+                    "merge" => InsertPolicy::Merge,
+                    "review" => InsertPolicy::Review,
+                    _ => {
+                        return Err(AnnotationError::BadInsertsValue {
+                            place,
+                            value: value.to_string(),
+                        })
+                    }
+                });
+            }
             other => {
                 return Err(AnnotationError::UnknownOption {
                     suggestion: closest(other, OPTION_KEYS),
@@ -188,6 +217,7 @@ pub fn parse_table_comment(table: &str, comment: &str) -> Result<Option<TableTag
     Ok(Some(TableTag {
         default_policy: default_policy.unwrap_or_default(),
         sequences_disjoint: sequences_disjoint.unwrap_or(false),
+        inserts: inserts.unwrap_or_default(),
     }))
 }
 

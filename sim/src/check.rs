@@ -301,6 +301,14 @@ fn conflicts(world: &World, expected: &Expected) -> Result<(), Failure> {
                         && lw.kind == accord_engine::ChangeKind::Insert
                         && ww.causal_length == lw.causal_length
                 }
+                ConflictKind::InsertDisplaced => {
+                    logged_inserts.insert(*key);
+                    concurrent
+                        && ww.kind == accord_engine::ChangeKind::Insert
+                        && lw.kind == accord_engine::ChangeKind::Insert
+                        && ww.causal_length == lw.causal_length
+                        && stamp_key(c.winner) < stamp_key(c.loser)
+                }
                 ConflictKind::DeleteWon => true,
             };
             if !honest {

@@ -36,6 +36,7 @@ pub fn table() -> TableDef {
             col("stock", ColumnType::BigInt, ColumnPolicy::Delta),
             col(PRICE_COLUMN, ColumnType::Other("text".into()), ColumnPolicy::Review),
         ],
+        inserts: Default::default(),
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use accord_engine::{Hlc, Member, MemberState, NodeId};
 use anyhow::{bail, Context, Result};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::capture::wait_until_captured;
@@ -96,6 +97,27 @@ async fn remove(db: &Client, request: &LeaveRequest, node: NodeId) -> Result<Lef
 /// This node leaves: its changes to every peer first, then the `left` entry, then its slot.
 async fn leave_self(db: &Client, request: &LeaveRequest) -> Result<Left> {
     let node = request.node;
+    let already_left = members::load(db)
+        .await?
+        .iter()
+        .any(|m| m.node == node && m.state == MemberState::Left);
+    if already_left && !store::capture_running(db).await? {
+        // A leave that stopped after marking this node as left: what remains is its slot and origins.
+        let last = last_captured(db).await?;
+        let handed_over = peers_behind(db, node, last)
+            .await?
+            .iter()
+            .map(|(_, acked)| *acked)
+            .min()
+            .unwrap_or(last);
+        drop_replication_state(db, request.wait).await?;
+        return Ok(Left {
+            node,
+            handed_over: Some(handed_over),
+            not_handed_over: last - handed_over,
+            applied_here: None,
+        });
+    }
     ensure_running(db, node).await?;
     if let Some(lsn) = wait_until_captured(db, &format!("accord leave of node {node}"), request.wait).await? {
         bail!(
@@ -135,7 +157,7 @@ async fn leave_self(db: &Client, request: &LeaveRequest) -> Result<Left> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let last = last_captured(db).await?;
-    drop_replication_state(db).await?;
+    drop_replication_state(db, request.wait + Duration::from_secs(30)).await?;
     Ok(Left {
         node,
         handed_over: Some(head),
@@ -225,8 +247,9 @@ async fn wait_known(db: &Client, node: NodeId, wait: Duration) -> Result<()> {
 }
 
 /// What a node that left no longer needs: its slot (which would hold WAL for ever) and its
-/// replication origins.
-async fn drop_replication_state(db: &Client) -> Result<()> {
+/// replication origins. Its `accord run` has stopped capturing, but its appliers' sessions may
+/// still be closing and hold their origins: a drop refused for that is tried again until `wait`.
+async fn drop_replication_state(db: &Client, wait: Duration) -> Result<()> {
     db.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
         &[&store::SLOT],
@@ -242,11 +265,26 @@ async fn drop_replication_state(db: &Client) -> Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let started = tokio::time::Instant::now();
     for origin in origins {
-        if store::peer_of_origin(&origin).map(origin_name).as_deref() == Some(origin.as_str()) {
-            db.execute("SELECT pg_replication_origin_drop($1)", &[&origin])
-                .await
-                .with_context(|| format!("cannot drop the replication origin {origin}"))?;
+        if store::peer_of_origin(&origin).map(origin_name).as_deref() != Some(origin.as_str()) {
+            continue;
+        }
+        loop {
+            match db.execute("SELECT pg_replication_origin_drop($1)", &[&origin]).await {
+                Ok(_) => break,
+                Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && started.elapsed() < wait => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot drop the replication origin {origin} (if a session of this node's `accord run` \
+                             still holds it, stop that process and run `accord leave` again)"
+                        )
+                    })
+                }
+            }
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use accord_schema_annotations::SchemaPolicy;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::Client;
 
-use super::rows::update_row;
+use super::rows::{rewrite_row, update_row};
 use super::store::decode;
 
 /// An HLC stamp's physical time (microseconds since the Unix epoch) as UTC, to the millisecond,
@@ -95,6 +95,9 @@ pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, c
         bail!("review item {id} is already {}", current.status);
     }
     let item = current.item;
+    if let ReviewKind::DisplacedInsert { values, .. } = &item.kind {
+        return resolve_displaced(db, policy, id, &item, values, choice).await;
+    }
     let ReviewKind::Concurrent { candidates, .. } = &item.kind else {
         bail!(
             "review item {id} is a change that could not be applied here, not a choice between values; \
@@ -151,6 +154,80 @@ pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, c
         .with_context(|| format!("cannot write the resolution into {}", item.table))?;
     tx.commit().await?;
     Ok(value)
+}
+
+/// Resolves a displaced insert: `--pick 1` keeps the row as it is, `--pick 2` writes the
+/// displaced insert's values over it. Either is a write of the row, which the capture stamps as
+/// the item's resolution (the displaced insert then stays closed on every node).
+async fn resolve_displaced(
+    db: &mut Client,
+    policy: &SchemaPolicy,
+    id: ReviewItemId,
+    item: &ReviewItem,
+    values: &[(String, Option<Value>)],
+    choice: Choice,
+) -> Result<Value> {
+    let take = match choice {
+        Choice::Pick(1) => false,
+        Choice::Pick(2) => true,
+        Choice::Pick(n) => bail!(
+            "review item {id} is an insert that lost its key to an earlier one: pick 1 keeps the row as it is, \
+             2 writes the displaced insert's values over it (not {n})"
+        ),
+        Choice::Value(_) => bail!(
+            "review item {id} is an insert that lost its key to an earlier one, not a column's value: pick 1 keeps \
+             the row as it is, 2 writes the displaced insert's values over it (to keep both, insert the displaced \
+             one under a new key first, then pick 1)"
+        ),
+    };
+    let table = policy
+        .table(&item.table)
+        .ok_or_else(|| anyhow!("table {} is no longer replicated", item.table))?;
+    let writes: Vec<(usize, &Value)> = values
+        .iter()
+        .filter_map(|(name, value)| Some((table.column_index(name)?, value.as_ref()?)))
+        .collect();
+    let outcome = if take {
+        Value::text("the displaced insert's values written over the row")
+    } else {
+        Value::text("the row kept as it was")
+    };
+    let tx = db.transaction().await?;
+    let marked = tx
+        .execute(
+            "UPDATE accord.review_items
+             SET status = 'resolved', closed_value = $2, closed_by = (SELECT node_id::text FROM accord.node), closed_at = now()
+             WHERE id = $1 AND status = 'open'",
+            &[&id.to_string(), &outcome.to_pg_text()],
+        )
+        .await?;
+    if marked != 1 {
+        bail!("review item {id} was resolved meanwhile");
+    }
+    tx.execute(
+        "INSERT INTO accord.review_resolutions (item_id) VALUES ($1)
+         ON CONFLICT (item_id) DO UPDATE SET resolved_at = now()",
+        &[&id.to_string()],
+    )
+    .await?;
+    if take && !writes.is_empty() {
+        update_row(&tx, table, &item.key, &writes)
+            .await
+            .with_context(|| format!("cannot write the displaced insert into {}", item.table))?;
+    } else {
+        let written = rewrite_row(&tx, table, &item.key)
+            .await
+            .with_context(|| format!("cannot write the resolution into {}", item.table))?;
+        if written == 0 {
+            bail!(
+                "{} {} no longer exists; its review item closes with it",
+                item.table,
+                item.key
+            );
+        }
+    }
+    tx.commit().await?;
+    Ok(outcome)
 }
 
 #[cfg(test)]

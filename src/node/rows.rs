@@ -183,6 +183,20 @@ pub async fn update_row(
     Ok(db.query_one(&sql, &as_params(&params)).await?.get(0))
 }
 
+/// Rewrites a row with the values it has (a write that changes nothing, for the capture to see:
+/// a reviewer keeping a row as it is). Returns how many rows it wrote (0: the row is gone).
+pub async fn rewrite_row(db: &impl GenericClient, table: &TableDef, key: &RowKey) -> Result<u64, RowError> {
+    let column = table.columns.first().map(|c| &c.name).unwrap_or(&table.key[0].name);
+    let sql = format!(
+        "UPDATE {} SET {col} = {col} WHERE {}",
+        quote_table(&table.name),
+        key_condition(table, 1),
+        col = quote_ident(column)
+    );
+    let params = key_params(table, key)?;
+    Ok(db.execute(&sql, &as_params(&params)).await?)
+}
+
 /// Every key of a table with its xmin, for recording rows that predate accord.
 pub async fn all_keys(db: &impl GenericClient, table: &TableDef) -> Result<Vec<(RowKey, String)>, RowError> {
     keys_where(db, table, "true", &[]).await

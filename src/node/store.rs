@@ -282,7 +282,8 @@ CREATE TABLE IF NOT EXISTS accord.review_items (
     table_name  text NOT NULL,
     row_key     text NOT NULL,
     column_name text,
-    kind        text NOT NULL CHECK (kind IN ('concurrent', 'unapplicable')),
+    kind        text NOT NULL CONSTRAINT review_items_kind_check
+                CHECK (kind IN ('concurrent', 'displaced_insert', 'unapplicable')),
     status      text NOT NULL CHECK (status IN ('open', 'resolved', 'superseded')),
     candidates  jsonb NOT NULL DEFAULT '[]',
     error       text,
@@ -295,6 +296,20 @@ CREATE TABLE IF NOT EXISTS accord.review_items (
     closed_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS review_items_open ON accord.review_items (status, opened_at);
+-- Databases set up before displaced inserts existed allow only the first two kinds.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = 'accord.review_items'::regclass AND conname = 'review_items_kind_check'
+          AND pg_get_constraintdef(oid) LIKE '%displaced_insert%'
+    ) THEN
+        ALTER TABLE accord.review_items DROP CONSTRAINT IF EXISTS review_items_kind_check;
+        ALTER TABLE accord.review_items ADD CONSTRAINT review_items_kind_check
+            CHECK (kind IN ('concurrent', 'displaced_insert', 'unapplicable'));
+    END IF;
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS accord.review_resolutions (
     item_id     text PRIMARY KEY,
@@ -463,6 +478,7 @@ pub async fn open_item(
 ) -> Result<(), StoreError> {
     let (kind, error) = match &item.kind {
         ReviewKind::Concurrent { .. } => ("concurrent", None),
+        ReviewKind::DisplacedInsert { .. } => ("displaced_insert", None),
         ReviewKind::Unapplicable { error, .. } => ("unapplicable", Some(error.as_str())),
     };
     let bytes = encode("review item", item)?;

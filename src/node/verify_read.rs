@@ -557,6 +557,7 @@ mod tests {
                     },
                 ),
             ],
+            inserts: Default::default(),
         };
         let reader = TableReader::new(&db, &table).await.unwrap();
         let (sums, rows) = reader.sum_buckets(&db).await.unwrap();

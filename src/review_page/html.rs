@@ -162,6 +162,7 @@ fn open_item(b: &mut String, e: &ReviewEntry, csrf: &str) {
     let column = item.column.as_deref().unwrap_or("(whole change)");
     let kind = match item.kind {
         ReviewKind::Concurrent { .. } => "concurrent writes",
+        ReviewKind::DisplacedInsert { .. } => "two inserts of one key",
         ReviewKind::Unapplicable { .. } => "change not applied",
     };
     let _ = write!(
@@ -207,6 +208,33 @@ fn open_item(b: &mut String, e: &ReviewEntry, csrf: &str) {
                  <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
                  <label>Or a value of your own <input type=\"text\" name=\"value\" size=\"30\"></label> \
                  <button type=\"submit\">Resolve with my value</button></form>",
+                esc(csrf)
+            );
+        }
+        ReviewKind::DisplacedInsert { created, values } => {
+            let _ = write!(
+                b,
+                "<p>Node {} inserted this key at {} while another node's earlier insert of it was on its way; \
+                 the earlier insert kept the row. The displaced insert, as the writes made on it left it:</p>\
+                 <table><thead><tr><th>column</th><th>value</th></tr></thead><tbody>",
+                created.node,
+                stamp_html(created)
+            );
+            for (name, value) in values {
+                let shown = match value {
+                    Some(v) => value_html(v),
+                    None => "<span class=\"meta\">(not known here)</span>".to_owned(),
+                };
+                let _ = write!(b, "<tr><td><code>{}</code></td><td>{shown}</td></tr>", esc(name));
+            }
+            let _ = write!(
+                b,
+                "</tbody></table>\
+                 <form method=\"post\" action=\"/items/{id}/resolve\" class=\"pick\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <button type=\"submit\" name=\"pick\" value=\"1\">Keep the row as it is</button> \
+                 <button type=\"submit\" name=\"pick\" value=\"2\">Write the displaced insert's values over it</button>\
+                 </form><p class=\"meta\">To keep both, insert the displaced one under a new key first, then keep the row.</p>",
                 esc(csrf)
             );
         }

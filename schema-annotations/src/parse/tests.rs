@@ -14,6 +14,7 @@ fn replicated(default_policy: ColumnPolicy) -> Result<Option<TableTag>, Annotati
     Ok(Some(TableTag {
         default_policy,
         sequences_disjoint: false,
+        inserts: InsertPolicy::Merge,
     }))
 }
 
@@ -72,6 +73,24 @@ fn table_options_set_the_default_policy() {
         table("@accord replicate default=review, see wiki"),
         replicated(ColumnPolicy::Review)
     );
+}
+
+#[test]
+fn inserts_option_says_what_two_inserts_of_one_key_mean() {
+    let tag = |c: &str| table(c).unwrap().unwrap();
+    assert_eq!(tag("@accord replicate").inserts, InsertPolicy::Merge);
+    assert_eq!(tag("@accord replicate inserts=review").inserts, InsertPolicy::Review);
+    assert_eq!(
+        tag("@accord replicate default=review INSERTS=Merge").inserts,
+        InsertPolicy::Merge
+    );
+    let bad = table("@accord replicate inserts=reveiw").unwrap_err();
+    assert!(matches!(bad, AnnotationError::BadInsertsValue { .. }), "{bad:?}");
+    assert!(bad.to_string().contains("inserts=review"), "{bad}");
+    assert!(matches!(
+        table("@accord replicate inserts=merge inserts=review"),
+        Err(AnnotationError::RepeatedOption { .. })
+    ));
 }
 
 #[test]
