@@ -307,7 +307,7 @@ pub async fn snapshot(db: &tokio_postgres::Client, tables: &[&str]) -> String {
     let items = db
         .query(
             "SELECT id, kind, status, table_name, row_key, coalesce(column_name, ''), candidates::text
-             FROM accord.review_items WHERE kind = 'concurrent' ORDER BY id",
+             FROM accord.review_items WHERE kind IN ('concurrent', 'displaced_insert') ORDER BY id",
             &[],
         )
         .await
