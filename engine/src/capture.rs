@@ -187,7 +187,7 @@ pub fn capture(
                 .iter()
                 .enumerate()
                 .filter(|(_, d)| d.resolved.is_none() && !resolving.is_empty())
-                .filter(|(_, d)| resolving.contains(&ReviewItem::displaced_insert(table, &change.key, d).id))
+                .filter(|(_, d)| resolving.contains(&ReviewItem::displaced_insert(&table.name, &change.key, d).id))
                 .map(|(j, _)| j)
                 .collect();
             if changed.is_empty() && settles.is_empty() {
@@ -195,7 +195,7 @@ pub fn capture(
             }
             let version = meta.next_version(stamp, seq);
             for j in settles {
-                let item = ReviewItem::displaced_insert(table, &change.key, &meta.displaced[j]);
+                let item = ReviewItem::displaced_insert(&table.name, &change.key, &meta.displaced[j]);
                 meta.displaced[j].resolved = Some(version);
                 closures.push(ReviewClosure {
                     item,

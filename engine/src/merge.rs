@@ -412,7 +412,7 @@ pub fn open_items(table: &TableDef, key: &RowKey, state: &RowState) -> Vec<Revie
         }
     }
     for displaced in state.meta.displaced.iter().filter(|d| d.resolved.is_none()) {
-        items.push(ReviewItem::displaced_insert(table, key, displaced));
+        items.push(ReviewItem::displaced_insert(&table.name, key, displaced));
     }
     items
 }

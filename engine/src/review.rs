@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::RowKey;
 use crate::hlc::{Hlc, NodeId};
-use crate::schema::TableDef;
 use crate::state::{Candidate, DisplacedInsert};
 use crate::value::Value;
 
@@ -38,7 +37,7 @@ pub enum ReviewKind {
         provisional: Hlc,
     },
     /// An insert of the row's key, concurrent with the insert that keeps the row (a table with
-    /// `inserts=review`), with its values as the writes made on it left them (table column order;
+    /// `inserts=review`), with its values as the writes made on it left them (by column name;
     /// `None` where this node lacks a value).
     DisplacedInsert {
         created: Hlc,
@@ -112,14 +111,15 @@ impl ReviewItem {
     /// The item of a displaced insert. Its id covers the values too: a later write on the
     /// displaced lineage makes it another item (the earlier withdrawn), as a further candidate
     /// does for a concurrent write.
-    pub fn displaced_insert(table: &TableDef, key: &RowKey, displaced: &DisplacedInsert) -> Self {
-        let values: Vec<(String, Option<Value>)> = table
-            .columns
-            .iter()
-            .map(|def| (def.name.clone(), displaced.value(def)))
-            .collect();
-        let mut h = hasher(b"displaced-insert", &table.name, key);
-        hash_stamp(&mut h, displaced.created.stamp);
+    pub fn displaced_insert(table: &str, key: &RowKey, displaced: &DisplacedInsert) -> Self {
+        Self::displaced_insert_of(table, key, displaced.created.stamp, displaced.values())
+    }
+
+    /// The item of the insert stamped `created` whose values (by column name, in name order) are
+    /// `values`.
+    pub fn displaced_insert_of(table: &str, key: &RowKey, created: Hlc, values: Vec<(String, Option<Value>)>) -> Self {
+        let mut h = hasher(b"displaced-insert", table, key);
+        hash_stamp(&mut h, created);
         for (name, value) in &values {
             hash_str(&mut h, name);
             match value {
@@ -134,13 +134,10 @@ impl ReviewItem {
         }
         ReviewItem {
             id: finish(h),
-            table: table.name.clone(),
+            table: table.to_owned(),
             key: key.clone(),
             column: None,
-            kind: ReviewKind::DisplacedInsert {
-                created: displaced.created.stamp,
-                values,
-            },
+            kind: ReviewKind::DisplacedInsert { created, values },
         }
     }
 

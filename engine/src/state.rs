@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::{Hlc, NodeId};
 use crate::schema::{ColumnPolicy, TableDef};
-use crate::value::{add_checked, Amount, Value};
+use crate::value::{Amount, Value};
 
 /// One write to a row: its stamp, and its dot in the row clock (the writer's outbound sequence
 /// number of the change), which lets any state tell whether it has absorbed that write.
@@ -340,21 +340,35 @@ impl DisplacedInsert {
         self.resolved = self.resolved.max(other.resolved);
     }
 
-    /// The value of `def`'s column, as far as this node knows it.
-    pub fn value(&self, def: &crate::schema::ColumnDef) -> Option<Value> {
-        let column = self.columns.get(&def.name)?;
-        match &column.meta {
-            ColumnMeta::Lww(_) => column.value.clone(),
-            ColumnMeta::Delta(ledger) => {
-                let zero = Value::parse(&def.ty, "0").ok()?;
-                let total = ledger
-                    .entries()
-                    .iter()
-                    .try_fold(Amount::zero_for(&def.ty), |sum, (_, c)| sum.checked_add(&c.total))?;
-                add_checked(&def.ty, &zero, &total).ok()
-            }
-            ColumnMeta::Review(reg) => reg.provisional().map(|c| c.value),
-        }
+    /// Its values by column name, as far as this node knows them (`None`: a value not sent,
+    /// an unchanged TOAST value). A function of the entry alone, not of the reader's table, so
+    /// that nodes reading it under different shapes of the table name its review item alike.
+    pub fn values(&self) -> Vec<(String, Option<Value>)> {
+        self.columns
+            .iter()
+            .map(|(name, column)| {
+                let value = match &column.meta {
+                    ColumnMeta::Lww(_) => column.value.clone(),
+                    ColumnMeta::Delta(ledger) => ledger_sum(ledger),
+                    ColumnMeta::Review(reg) => reg.provisional().map(|c| c.value),
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
+}
+
+/// A `delta` column's value in a row inserted since accord: the sum of every contribution (an
+/// insert counts as a delta from zero). `None` if it does not fit a bigint or mixes kinds.
+fn ledger_sum(ledger: &DeltaLedger) -> Option<Value> {
+    let mut entries = ledger.entries().iter().map(|(_, c)| &c.total);
+    let Some(first) = entries.next() else {
+        return Some(Value::Int(0));
+    };
+    let sum = entries.try_fold(first.clone(), |sum, total| sum.checked_add(total))?;
+    match sum {
+        Amount::Int(v) => i64::try_from(v).ok().map(Value::Int),
+        Amount::Decimal(d) => Some(Value::Numeric(d)),
     }
 }
 

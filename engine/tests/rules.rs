@@ -422,8 +422,8 @@ fn two_inserts_of_one_key_in_a_review_table_keep_the_earlier_and_queue_the_other
             values,
             &vec![
                 ("name".to_string(), Some(Value::text("b2"))),
-                ("stock".to_string(), Some(Value::Int(5))),
                 ("price".to_string(), Some(Value::text("2"))),
+                ("stock".to_string(), Some(Value::Int(5))),
             ],
             "order {order:?}: the item holds the displaced insert as its writes left it, nothing merged"
         );

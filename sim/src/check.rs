@@ -15,8 +15,8 @@ use crate::outcome::{Failure, Invariant};
 use crate::table::{NAME, PRICE, SOLD, STOCK};
 use crate::world::World;
 
-/// Returns how many fresh inserts lost their row across a collection (the accepted window).
-pub fn final_check(world: &World) -> Result<u64, Failure> {
+/// Returns what the oracle expected of the run (all of which the nodes hold).
+pub fn final_check(world: &World) -> Result<crate::expect::Expected, Failure> {
     let keys = world.params.keys as usize;
     // A node that left holds the cluster's state as of its leave only.
     let nodes: Vec<&crate::node::Node> = world.nodes.iter().filter(|n| !n.gone).collect();
@@ -43,12 +43,12 @@ pub fn final_check(world: &World) -> Result<u64, Failure> {
     let dbs: Vec<(accord_engine::NodeId, &Db)> = nodes.iter().map(|n| (n.id, &n.db)).collect();
     let origins: Vec<accord_engine::NodeId> = world.nodes.iter().map(|n| n.id).collect();
     crate::verify_check::verified(&dbs, &origins)?;
-    let expected = expect(&world.oracle, keys)?;
+    let expected = expect(&world.oracle, keys, world.cfg.inserts())?;
     for node in &nodes {
         against_oracle(node.ix, &node.db, &expected)?;
     }
     conflicts(world, &expected)?;
-    Ok(expected.inserts_beaten_across_collection)
+    Ok(expected)
 }
 
 fn fail<T>(invariant: Invariant, message: String) -> Result<T, Failure> {

@@ -54,6 +54,10 @@ pub struct SimArgs {
     /// `delta` column it writes from then on), some while down.
     #[arg(long)]
     pub migrate: bool,
+    /// The table says `inserts=review`: two concurrent inserts of one key keep the earlier as
+    /// the row and the other whole in the review queue.
+    #[arg(long)]
+    pub review_inserts: bool,
     /// Plant a known bug in the simulator's driver (for testing the simulator itself).
     #[arg(long, hide = true)]
     pub plant_bug: Option<String>,
@@ -90,6 +94,7 @@ impl SimArgs {
                 join: self.join,
                 leave: self.leave,
                 migrate: self.migrate,
+                review_inserts: self.review_inserts,
             })
             .collect();
         if let Some(first) = configs.first() {
@@ -115,6 +120,11 @@ fn line(report: &SeedReport) -> String {
     };
     let join = if report.config.migrate {
         format!("{join} migrations={} shape_waits={}", s.migrations, s.shape_waits)
+    } else {
+        join
+    };
+    let join = if report.config.review_inserts {
+        format!("{join} displaced={}", s.displaced_inserts)
     } else {
         join
     };

@@ -126,6 +126,11 @@ pub enum ConfigError {
     Nodes { found: usize, max: usize },
     #[error("--leave needs at least {least} nodes (two stay, and the joining node with --join)")]
     LeaveNodes { least: usize },
+    #[error(
+        "--migrate and --review-inserts cannot be combined yet: the oracle does not model which columns a \
+         displaced insert holds across a migration"
+    )]
+    MigrateWithReviewInserts,
     #[error("--migrate and --join cannot be combined yet: a join's copy across a migration is not modelled")]
     MigrateWithJoin,
 }
@@ -325,9 +330,21 @@ pub struct SimConfig {
     /// COLUMN` of a `delta` column), writing the new column from then on while the others may
     /// not have it yet; a node down at its time runs it while down.
     pub migrate: bool,
+    /// The table says `inserts=review`: of two concurrent inserts of one key the earlier keeps
+    /// the row and the other goes to the review queue whole.
+    pub review_inserts: bool,
 }
 
 impl SimConfig {
+    /// What two inserts of one key mean in this run's table.
+    pub fn inserts(&self) -> accord_engine::InsertPolicy {
+        if self.review_inserts {
+            accord_engine::InsertPolicy::Review
+        } else {
+            accord_engine::InsertPolicy::Merge
+        }
+    }
+
     pub fn new(seed: u64) -> Self {
         SimConfig {
             seed,
@@ -339,6 +356,7 @@ impl SimConfig {
             join: false,
             leave: false,
             migrate: false,
+            review_inserts: false,
         }
     }
 
@@ -352,6 +370,9 @@ impl SimConfig {
         let least = 3 + usize::from(self.join);
         if self.leave && self.nodes < least {
             return Err(ConfigError::LeaveNodes { least });
+        }
+        if self.migrate && self.review_inserts {
+            return Err(ConfigError::MigrateWithReviewInserts);
         }
         if self.migrate && self.join {
             // A join copies rows and metadata under one shape; copying across a migration is
@@ -381,6 +402,9 @@ impl SimConfig {
         }
         if self.migrate {
             cmd.push_str(" --migrate");
+        }
+        if self.review_inserts {
+            cmd.push_str(" --review-inserts");
         }
         if let Some(bug) = self.bug {
             cmd.push_str(&format!(" --plant-bug {}", bug.name()));

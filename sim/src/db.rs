@@ -120,6 +120,8 @@ pub enum QueueEntry {
 pub struct Db {
     pub rows: BTreeMap<i64, UserRow>,
     pub meta: BTreeMap<i64, MetaRow>,
+    /// What two inserts of one key mean in the run's table (`--review-inserts`).
+    pub inserts: accord_engine::InsertPolicy,
     /// The WAL position of the migration (`--migrate`) once this database ran it.
     pub migrated_at: Option<u64>,
     next_xid: u64,
@@ -181,8 +183,9 @@ struct AsyncCommit {
 }
 
 impl Db {
-    pub fn new(peers: impl IntoIterator<Item = NodeId>) -> Self {
+    pub fn new(peers: impl IntoIterator<Item = NodeId>, inserts: accord_engine::InsertPolicy) -> Self {
         Db {
+            inserts,
             next_xid: 1,
             next_lsn: 1,
             progress: peers.into_iter().map(|p| (p, PeerProgress::default())).collect(),
@@ -283,17 +286,17 @@ impl Db {
     /// The table as this database has it now.
     pub fn table(&self) -> TableDef {
         if self.migrated_at.is_some() {
-            crate::table::migrated()
+            crate::table::migrated(self.inserts)
         } else {
-            crate::table::table()
+            crate::table::table(self.inserts)
         }
     }
 
     /// The table as the WAL's transaction at `lsn` wrote it.
     pub fn table_at(&self, lsn: u64) -> TableDef {
         match self.migrated_at {
-            Some(at) if lsn > at => crate::table::migrated(),
-            _ => crate::table::table(),
+            Some(at) if lsn > at => crate::table::migrated(self.inserts),
+            _ => crate::table::table(self.inserts),
         }
     }
 

@@ -12,6 +12,11 @@
 //! - A price update that saw two or more concurrent differing maximal price-writes of its
 //!   incarnation closes their item: resolved if the writer resolved it, superseded otherwise;
 //!   of concurrent closers the greatest stamp is recorded.
+//! - Two inserts of one key (`--review-inserts`): each write of a live incarnation belongs to the
+//!   *lineage* of the earliest (least stamp) insert of its incarnation its writer had seen (an
+//!   insert to its own). The row is the earliest lineage's writes alone, by the rules above; every
+//!   other lineage is an open displaced-insert item holding its own writes' name, price and stock
+//!   by the same rules, and a price item or closure concerns the writes of one lineage only.
 //! - Tombstone collection: a *fresh* insert (its writer held nothing of the row: a tombstone
 //!   every node had was collected) starts from causal length 0, and every write it had seen is
 //!   over for good (superseded). A write that saw a fresh insert goes by what came after it; a
@@ -20,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use accord_engine::{Candidate, ChangeKind, ClosureKind, Hlc, NodeId, ReviewItem, ReviewItemId, Value};
+use accord_engine::{Candidate, ChangeKind, ClosureKind, Hlc, InsertPolicy, NodeId, ReviewItem, ReviewItemId, Value};
 
 use crate::db::{QueueEntry, WriteId};
 use crate::oracle::{stamp_key, Oracle, WriteRec};
@@ -79,7 +84,7 @@ fn item_of(writes: &[WriteRec], key: i64, heads: &[WriteId]) -> Result<Option<Re
         .then(|| ReviewItem::concurrent(TABLE, &row_key(key), PRICE_COLUMN, candidates)))
 }
 
-pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
+pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Expected, Failure> {
     let writes = &oracle.writes;
     let n = oracle.nodes();
     // [origin][key] → the origin's writes (all, and those that set the price), in order.
@@ -90,6 +95,9 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
     // [key] → the fresh inserts so far, and the writes any fresh insert had seen.
     let mut fresh: Vec<Vec<WriteId>> = vec![Vec::new(); keys];
     let mut superseded = vec![false; writes.len()];
+    // The insert whose lineage each write of a live incarnation belongs to (`--review-inserts`;
+    // with merged inserts every write of an incarnation is one lineage, `None`).
+    let mut lineage: Vec<Option<WriteId>> = vec![None; writes.len()];
 
     for (i, w) in writes.iter().enumerate() {
         let k = w.key as usize;
@@ -127,6 +135,39 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
                 ),
             ));
         }
+        if inserts == InsertPolicy::Review && cl[i] % 2 == 1 {
+            lineage[i] = match w.kind {
+                ChangeKind::Insert => Some(i),
+                _ => {
+                    let mut earliest: Option<(WriteId, (u64, u32, u32))> = None;
+                    for o in 0..n {
+                        for &p in &all[o][k][..w.seen[o] as usize] {
+                            if writes[p].kind == ChangeKind::Insert && cl[p] == cl[i] && !over(p) {
+                                let at = stamp_key(stamp(&writes[p])?);
+                                if earliest.is_none_or(|(_, e)| at < e) {
+                                    earliest = Some((p, at));
+                                }
+                            }
+                        }
+                    }
+                    match earliest {
+                        Some((p, _)) => Some(p),
+                        None => {
+                            return Err(Failure::new(
+                                Invariant::Convergence,
+                                format!(
+                                    "write {} of node {} to row {} updates incarnation {} without having seen an insert of it",
+                                    w.idx,
+                                    w.node + 1,
+                                    w.key,
+                                    cl[i]
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
+        }
         all[w.node][k].push(i);
         if w.fresh {
             for o in 0..n {
@@ -146,7 +187,9 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
                 let list = &list[k];
                 let upto = list.partition_point(|&p| writes[p].idx <= w.seen[o]);
                 if let Some(&p) = upto.checked_sub(1).and_then(|j| list.get(j)) {
-                    if cl[p] == cl[i] && !over(p) {
+                    // (An origin's lineage only ever moves to an earlier insert, so if its last
+                    // price-write the writer saw is of another lineage, none of its are of this.)
+                    if cl[p] == cl[i] && !over(p) && lineage[p] == lineage[i] {
                         seen.push(p);
                     }
                 }
@@ -237,58 +280,105 @@ pub fn expect(oracle: &Oracle, keys: usize) -> Result<Expected, Failure> {
         if last % 2 == 0 {
             continue;
         }
-        let stock: i64 = live.iter().map(|&i| writes[i].stock).sum();
-        let sold: i64 = live.iter().map(|&i| writes[i].sold).sum();
-        // Per origin its last live write of a column; the maximal of those are the heads.
-        let last_of = |pick: &dyn Fn(&WriteRec) -> bool| -> Vec<WriteId> {
-            (0..n)
-                .filter_map(|o| {
-                    all[o][k]
-                        .iter()
-                        .rev()
-                        .copied()
-                        .find(|&i| current(&i) && cl[i] == last && pick(&writes[i]))
-                })
-                .collect()
-        };
-        let name_heads = maximal(writes, &last_of(&|w| w.name.is_some()));
-        let price_heads = maximal(writes, &last_of(&|w| w.price.is_some()));
-        let greatest = |heads: &[WriteId]| -> Result<Option<WriteId>, Failure> {
-            let mut best: Option<(WriteId, Hlc)> = None;
-            for &h in heads {
-                let s = stamp(&writes[h])?;
-                if best.is_none_or(|(_, b)| stamp_key(s) > stamp_key(b)) {
-                    best = Some((h, s));
-                }
-            }
-            Ok(best.map(|(h, _)| h))
-        };
-        let (Some(name_w), Some(price_w)) = (greatest(&name_heads)?, greatest(&price_heads)?) else {
-            return Err(Failure::new(
-                Invariant::Convergence,
-                format!("row {k}: a live incarnation without an insert"),
-            ));
-        };
-        for &h in &name_heads {
-            if h != name_w {
-                expected.name_losers.push((k as i64, stamp(&writes[h])?));
-            }
-        }
         if live.iter().filter(|&&i| writes[i].kind == ChangeKind::Insert).count() >= 2 {
             expected.insert_races.push(k as i64);
         }
-        if let Some(item) = item_of(writes, k as i64, &price_heads)? {
-            expected.queue.insert(item.id, QueueEntry::Open(item));
+        // The lineages of the live incarnation, earliest insert first (one, `None`, when merged).
+        let mut lineages: BTreeMap<Option<(u64, u32, u32)>, Vec<WriteId>> = BTreeMap::new();
+        for &i in &live {
+            let at = match lineage[i] {
+                Some(insert) => Some(stamp_key(stamp(&writes[insert])?)),
+                None => None,
+            };
+            lineages.entry(at).or_default().push(i);
         }
-        expected.rows.insert(
-            k as i64,
-            [
-                writes[name_w].name.clone().unwrap_or(Value::Null),
-                Value::Int(stock),
-                writes[price_w].price.clone().unwrap_or(Value::Null),
-                Value::Int(sold),
-            ],
-        );
+        for (position, members) in lineages.values().enumerate() {
+            let heads = lineage_heads(writes, &all, n, k, &|i| {
+                current(&i) && cl[i] == last && members.contains(&i)
+            })?;
+            if position == 0 {
+                for &h in &heads.name_heads {
+                    if h != heads.name {
+                        expected.name_losers.push((k as i64, stamp(&writes[h])?));
+                    }
+                }
+                if let Some(item) = item_of(writes, k as i64, &heads.price_heads)? {
+                    expected.queue.insert(item.id, QueueEntry::Open(item));
+                }
+                expected.rows.insert(
+                    k as i64,
+                    [
+                        writes[heads.name].name.clone().unwrap_or(Value::Null),
+                        Value::Int(members.iter().map(|&i| writes[i].stock).sum()),
+                        writes[heads.price].price.clone().unwrap_or(Value::Null),
+                        Value::Int(members.iter().map(|&i| writes[i].sold).sum()),
+                    ],
+                );
+            } else {
+                let Some(insert) = lineage[members[0]] else {
+                    unreachable!("only the first lineage is unnamed, and it is the only one then")
+                };
+                // By column name, as the item lists them.
+                let values = vec![
+                    ("name".to_owned(), writes[heads.name].name.clone()),
+                    (PRICE_COLUMN.to_owned(), writes[heads.price].price.clone()),
+                    (
+                        "stock".to_owned(),
+                        Some(Value::Int(members.iter().map(|&i| writes[i].stock).sum())),
+                    ),
+                ];
+                let item = ReviewItem::displaced_insert_of(TABLE, &row_key(k as i64), stamp(&writes[insert])?, values);
+                expected.queue.insert(item.id, QueueEntry::Open(item));
+            }
+        }
     }
     Ok(expected)
+}
+
+/// The writes that decide a lineage's columns: per origin its last write of the column among
+/// `member`, and of those the ones no other saw (heads); `name` and `price` are the heads with
+/// the greatest stamp (an `lww` column's value, a `review` column's provisional winner).
+struct LineageHeads {
+    name_heads: Vec<WriteId>,
+    price_heads: Vec<WriteId>,
+    name: WriteId,
+    price: WriteId,
+}
+
+fn lineage_heads(
+    writes: &[WriteRec],
+    all: &[Vec<Vec<WriteId>>],
+    n: usize,
+    k: usize,
+    member: &dyn Fn(WriteId) -> bool,
+) -> Result<LineageHeads, Failure> {
+    let last_of = |pick: &dyn Fn(&WriteRec) -> bool| -> Vec<WriteId> {
+        (0..n)
+            .filter_map(|o| all[o][k].iter().rev().copied().find(|&i| member(i) && pick(&writes[i])))
+            .collect()
+    };
+    let name_heads = maximal(writes, &last_of(&|w| w.name.is_some()));
+    let price_heads = maximal(writes, &last_of(&|w| w.price.is_some()));
+    let greatest = |heads: &[WriteId]| -> Result<Option<WriteId>, Failure> {
+        let mut best: Option<(WriteId, Hlc)> = None;
+        for &h in heads {
+            let s = stamp(&writes[h])?;
+            if best.is_none_or(|(_, b)| stamp_key(s) > stamp_key(b)) {
+                best = Some((h, s));
+            }
+        }
+        Ok(best.map(|(h, _)| h))
+    };
+    let (Some(name), Some(price)) = (greatest(&name_heads)?, greatest(&price_heads)?) else {
+        return Err(Failure::new(
+            Invariant::Convergence,
+            format!("row {k}: a live incarnation (or lineage) without an insert"),
+        ));
+    };
+    Ok(LineageHeads {
+        name_heads,
+        price_heads,
+        name,
+        price,
+    })
 }

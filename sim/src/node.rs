@@ -148,7 +148,7 @@ fn node_schema(db: &Db, learned: &ShapeBook) -> NodeSchema {
     let mut book = learned.clone();
     book.learn(table.clone());
     if db.migrated_at.is_some() {
-        book.learn(crate::table::table());
+        book.learn(crate::table::table(db.inserts));
         let mut defaults = vec![None; table.columns.len()];
         defaults[crate::table::SOLD] = Some(crate::table::sold_default());
         book.set_local(&table.name, defaults, Default::default());
@@ -256,12 +256,12 @@ pub(crate) fn founding_member(node: NodeId) -> Member {
 }
 
 impl Node {
-    pub fn new(ix: usize, nodes: usize) -> Self {
+    pub fn new(ix: usize, nodes: usize, inserts: accord_engine::InsertPolicy) -> Self {
         let id = peer_id(ix);
         Node {
             ix,
             id,
-            db: Db::new((0..nodes).filter(|&p| p != ix).map(peer_id)),
+            db: Db::new((0..nodes).filter(|&p| p != ix).map(peer_id), inserts),
             vol: None,
             inc: 0,
             pg_down: false,
@@ -271,7 +271,7 @@ impl Node {
             leaving: false,
             gone: false,
             nodes,
-            schema: NodeSchema::of(Arc::from(vec![crate::table::table()])),
+            schema: NodeSchema::of(Arc::from(vec![crate::table::table(inserts)])),
         }
     }
 
@@ -474,7 +474,7 @@ impl Node {
             if vol.replication.is_connected(peer_id(peer)) {
                 ctx.out.push(Output::Send {
                     to: peer,
-                    msg: Message::Shapes(vec![crate::table::migrated()]),
+                    msg: Message::Shapes(vec![crate::table::migrated(self.db.inserts)]),
                 });
             }
         }
@@ -970,7 +970,10 @@ impl Node {
         if self.db.migrated_at.is_some() {
             ctx.out.push(Output::Send {
                 to: peer,
-                msg: Message::Shapes(vec![crate::table::table(), crate::table::migrated()]),
+                msg: Message::Shapes(vec![
+                    crate::table::table(self.db.inserts),
+                    crate::table::migrated(self.db.inserts),
+                ]),
             });
         }
         // The service sends its membership on every connection. Here only once it holds more

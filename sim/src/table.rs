@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use accord_engine::{ColumnDef, ColumnPolicy, ColumnType, KeyColumn, RowKey, ShapeBook, TableDef, Value};
+use accord_engine::{ColumnDef, ColumnPolicy, ColumnType, InsertPolicy, KeyColumn, RowKey, ShapeBook, TableDef, Value};
 
 pub const TABLE: &str = "shop.items";
 /// Column indexes, in table order.
@@ -19,7 +19,7 @@ pub const REVIEWER_PRICE: &str = "99";
 
 /// `shop.items(id bigint primary key, name text @accord lww, stock bigint @accord delta,
 /// price text @accord review)`.
-pub fn table() -> TableDef {
+pub fn table(inserts: InsertPolicy) -> TableDef {
     let col = |name: &str, ty, policy| ColumnDef {
         name: name.into(),
         ty,
@@ -36,14 +36,14 @@ pub fn table() -> TableDef {
             col("stock", ColumnType::BigInt, ColumnPolicy::Delta),
             col(PRICE_COLUMN, ColumnType::Other("text".into()), ColumnPolicy::Review),
         ],
-        inserts: Default::default(),
+        inserts,
     }
 }
 
 /// The table after the migration nodes run while the cluster runs (`--migrate`): `ALTER TABLE
 /// shop.items ADD COLUMN sold bigint NOT NULL DEFAULT 0` with `@accord delta`.
-pub fn migrated() -> TableDef {
-    let mut def = table();
+pub fn migrated(inserts: InsertPolicy) -> TableDef {
+    let mut def = table(inserts);
     def.columns.push(ColumnDef {
         name: "sold".into(),
         ty: ColumnType::BigInt,
@@ -52,13 +52,16 @@ pub fn migrated() -> TableDef {
     def
 }
 
-/// Both shapes of the table, as every node's `accord.shapes` comes to hold them.
+/// Both shapes of the table, as every node's `accord.shapes` comes to hold them (for either
+/// meaning of two inserts of one key: a run uses one).
 pub fn shapes() -> &'static ShapeBook {
     static BOOK: OnceLock<ShapeBook> = OnceLock::new();
     BOOK.get_or_init(|| {
         let mut book = ShapeBook::default();
-        book.learn(table());
-        book.learn(migrated());
+        for inserts in [InsertPolicy::Merge, InsertPolicy::Review] {
+            book.learn(table(inserts));
+            book.learn(migrated(inserts));
+        }
         book
     })
 }
@@ -84,7 +87,7 @@ pub fn key_of(key: &RowKey) -> Option<i64> {
 mod tests {
     #[test]
     fn the_table_is_valid() {
-        super::table().validate().unwrap();
-        super::migrated().validate().unwrap();
+        super::table(accord_engine::InsertPolicy::Review).validate().unwrap();
+        super::migrated(accord_engine::InsertPolicy::Merge).validate().unwrap();
     }
 }

@@ -231,8 +231,12 @@ fn plan_row(
             // The reviewer looks at the queue, which shows what the capture has accounted for:
             // resolve only rows with no local write still on its way through the capture.
             let item = if captured_as_is(db, key) {
-                db.row_state(key)
-                    .and_then(|state| open_items(&db.table(), &row_key(key), &state).into_iter().next())
+                // (Concurrent-write items only: the workload does not resolve displaced inserts.)
+                db.row_state(key).and_then(|state| {
+                    open_items(&db.table(), &row_key(key), &state)
+                        .into_iter()
+                        .find(|item| matches!(item.kind, accord_engine::ReviewKind::Concurrent { .. }))
+                })
             } else {
                 None
             };

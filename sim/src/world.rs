@@ -213,11 +213,11 @@ impl World {
         trace.add(swarm.hash());
         World {
             cfg: cfg.clone(),
-            table: table(),
+            table: table(cfg.inserts()),
             now: EPOCH,
             seq: 0,
             queue: BinaryHeap::new(),
-            nodes: (0..n).map(|i| Node::new(i, n)).collect(),
+            nodes: (0..n).map(|i| Node::new(i, n, cfg.inserts())).collect(),
             clocks,
             net: Network::new(n),
             oracle: Oracle::new(n, params.keys as usize),
@@ -352,8 +352,16 @@ impl World {
         }
         self.check_quiescent()?;
         self.stats.converge_time = self.last_activity.saturating_sub(self.heal_at);
-        let window = crate::check::final_check(self)?;
-        self.stats.inserts_beaten_across_collection = window;
+        let expected = crate::check::final_check(self)?;
+        self.stats.inserts_beaten_across_collection = expected.inserts_beaten_across_collection;
+        self.stats.displaced_inserts = expected
+            .queue
+            .values()
+            .filter(|e| {
+                matches!(e, crate::db::QueueEntry::Open(item)
+                    if matches!(item.kind, accord_engine::ReviewKind::DisplacedInsert { .. }))
+            })
+            .count() as u64;
         Ok(())
     }
 

@@ -247,6 +247,30 @@ fn kept_changes_are_read_under_the_tables_shape_after_a_migration() {
     assert_all_passed(&run_many(&configs, jobs(), |_| {}));
 }
 
+/// Issue 19: the table says `inserts=review`. Of concurrent inserts of one key the earliest
+/// keeps the row and every other is an open displaced-insert item on every node, holding its own
+/// writes (the oracle derives both from the writes each writer had seen), with every fault.
+#[test]
+fn inserts_of_one_key_keep_the_earliest_and_queue_the_others_whole() {
+    let configs: Vec<SimConfig> = (0..120)
+        .map(|seed| SimConfig {
+            review_inserts: true,
+            ..config(seed, OPS)
+        })
+        .chain((120..160).map(|seed| SimConfig {
+            review_inserts: true,
+            join: true,
+            leave: true,
+            nodes: 4,
+            ..config(seed, 400)
+        }))
+        .collect();
+    let reports = run_many(&configs, jobs(), |_| {});
+    assert_all_passed(&reports);
+    let displaced: u64 = reports.iter().map(|r| r.stats.displaced_inserts).sum();
+    assert!(displaced > 100, "only {displaced} displaced inserts in 160 runs");
+}
+
 #[test]
 fn a_node_leaves_while_every_node_writes() {
     let configs: Vec<SimConfig> = (0..100)
@@ -396,6 +420,7 @@ fn args(seeds: &str) -> SimArgs {
         join: false,
         leave: false,
         migrate: false,
+        review_inserts: false,
         plant_bug: None,
     }
 }

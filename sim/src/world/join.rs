@@ -472,7 +472,7 @@ impl World {
                             meta: copy.meta,
                             known_xmin: Some(xid),
                             // (No migration runs beside a join: `SimConfig::validate`.)
-                            shape: crate::table::table().shape_id(),
+                            shape: crate::table::table(db.inserts).shape_id(),
                         },
                     );
                 }
@@ -484,7 +484,7 @@ impl World {
                             meta: copy.meta,
                             known_xmin: None,
                             // (No migration runs beside a join: `SimConfig::validate`.)
-                            shape: crate::table::table().shape_id(),
+                            shape: crate::table::table(db.inserts).shape_id(),
                         },
                     );
                 }
