@@ -202,7 +202,7 @@ async fn inserts_of_one_key_on_three_nodes_go_to_review_whole() {
     let dir = tempfile::tempdir().unwrap();
     let (files, dbs) = support::service::init_cluster(&pgs, dir.path(), BOOKINGS).await;
     let (ok, out) = accord(&["check", "--dsn", &pgs[0].dsn("shop")]);
-    assert!(ok, "{out}");
+    assert!(ok && out.contains("shop.bookings  (inserts=review"), "{out}");
     let mut nodes: Vec<RunningNode> = files.iter().map(|f| RunningNode::start(&f.config, &[])).collect();
 
     let writers: Vec<_> = (0..3)

@@ -17,6 +17,8 @@ struct Report<'a> {
 #[derive(Serialize)]
 struct Table<'a> {
     name: &'a str,
+    /// What two concurrent inserts of one key mean: `merge` or `review`.
+    inserts: &'static str,
     key: Vec<Column<'a>>,
     columns: Vec<Column<'a>>,
 }
@@ -48,6 +50,7 @@ pub fn render(checked: &Checked) -> serde_json::Result<String> {
             .iter()
             .map(|t| Table {
                 name: &t.name,
+                inserts: t.inserts.keyword(),
                 key: t
                     .key
                     .iter()

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use accord_engine::TableDef;
+use accord_engine::{InsertPolicy, TableDef};
 use accord_schema_annotations::{Checked, Problem};
 
 pub fn render(checked: &Checked) -> String {
@@ -46,7 +46,19 @@ pub fn render(checked: &Checked) -> String {
 }
 
 fn render_table(out: &mut String, table: &TableDef) {
-    let _ = writeln!(out, "  {}", table.name);
+    match table.inserts {
+        InsertPolicy::Merge => {
+            let _ = writeln!(out, "  {}", table.name);
+        }
+        InsertPolicy::Review => {
+            let _ = writeln!(
+                out,
+                "  {}  (inserts=review: of two concurrent inserts of one key the earlier keeps the row, the other \
+                 goes to the review queue)",
+                table.name
+            );
+        }
+    }
     let rows: Vec<[String; 3]> = table
         .key
         .iter()

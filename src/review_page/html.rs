@@ -286,6 +286,7 @@ fn closed_item(b: &mut String, e: &ReviewEntry, closed_at: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use accord_engine::ReviewItem;
 
     #[test]
     fn markup_in_values_is_escaped() {
@@ -294,5 +295,41 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
         );
         assert!(!login(Some("<b>")).contains("<b>"));
+    }
+
+    #[test]
+    fn a_displaced_insert_shows_its_values_and_both_choices() {
+        let created = Hlc::new(1_700_000_000_000_000, 0, accord_engine::NodeId(2));
+        let item = ReviewItem::displaced_insert_of(
+            "shop.bookings",
+            &accord_engine::RowKey(vec![Value::Int(7)]),
+            created,
+            vec![
+                ("guest".into(), Some(Value::text("<Ann>"))),
+                ("nights".into(), Some(Value::Int(3))),
+                ("note".into(), None),
+            ],
+        );
+        let entry = ReviewEntry {
+            id: item.id,
+            status: "open".into(),
+            item,
+            closed_value: None,
+            closed_by: None,
+        };
+        let mut page = String::new();
+        open_item(&mut page, &entry, "token");
+        assert!(page.contains("two inserts of one key"), "{page}");
+        assert!(page.contains("&lt;Ann&gt;") && !page.contains("<Ann>"), "{page}");
+        assert!(page.contains("(not known here)"), "{page}");
+        assert!(
+            page.contains("name=\"pick\" value=\"1\">Keep the row as it is"),
+            "{page}"
+        );
+        assert!(
+            page.contains("name=\"pick\" value=\"2\">Write the displaced insert"),
+            "{page}"
+        );
+        assert!(page.contains("Node 2 inserted this key"), "{page}");
     }
 }
