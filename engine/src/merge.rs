@@ -145,13 +145,7 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
             };
             state.values = values.iter().cloned().map(Cell::Value).collect();
             action = if local.is_alive() {
-                RowAction::Update(
-                    values
-                        .into_iter()
-                        .enumerate()
-                        .map(|(column, value)| ColumnWrite { column, value })
-                        .collect(),
-                )
+                rewrite_whole(values)
             } else {
                 RowAction::Insert(values)
             };
@@ -208,13 +202,7 @@ pub fn merge(table: &TableDef, local: Option<&RowState>, remote: &RowChange) -> 
                 Err(missing) => return Ok(MergeOutcome::Deferred { missing }),
             };
             state.values = values.iter().cloned().map(Cell::Value).collect();
-            action = RowAction::Update(
-                values
-                    .into_iter()
-                    .enumerate()
-                    .map(|(column, value)| ColumnWrite { column, value })
-                    .collect(),
-            );
+            action = rewrite_whole(values);
         } else {
             action = RowAction::Nothing;
         }
@@ -375,6 +363,17 @@ fn park(table: &TableDef, remote: &RowChange, why: Unapplicable) -> MergeOutcome
 /// Whether `a` holds writes that `b` has not absorbed.
 fn has_unseen_writes(a: &RowMeta, b: &RowMeta) -> bool {
     a.clock.dots.iter().any(|(node, count)| b.clock.get(node) < *count)
+}
+
+/// An update of every column of a live row to `values` (another incarnation or lineage took it).
+fn rewrite_whole(values: Vec<Value>) -> RowAction {
+    RowAction::Update(
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(column, value)| ColumnWrite { column, value })
+            .collect(),
+    )
 }
 
 /// The values of a remote live incarnation that replaces ours, or the columns whose values it lacks.

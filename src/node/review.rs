@@ -129,8 +129,19 @@ pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, c
             .with_context(|| format!("{text:?} is not a value of {}.{column_name}", item.table))?,
     };
     let tx = db.transaction().await?;
-    // Marked at once, so that a second resolution of the same item is refused here; the capture
-    // then records the resolution's stamp, as every other node will.
+    mark_resolved(&tx, id, &value).await?;
+    update_row(&tx, table, &item.key, &[(column, &value)])
+        .await
+        .with_context(|| format!("cannot write the resolution into {}", item.table))?;
+    tx.commit().await?;
+    Ok(value)
+}
+
+/// Marks item `id` resolved with `value` here and names it in `accord.review_resolutions`, in the
+/// transaction that then writes the resolution. Marked at once, so that a second resolution of
+/// the same item is refused here; the capture then records the resolution's stamp, as every
+/// other node will. The resolution comes before the write: the capture reads them in this order.
+async fn mark_resolved(tx: &tokio_postgres::Transaction<'_>, id: ReviewItemId, value: &Value) -> Result<()> {
     let marked = tx
         .execute(
             "UPDATE accord.review_items
@@ -142,18 +153,13 @@ pub async fn resolve(db: &mut Client, policy: &SchemaPolicy, id: ReviewItemId, c
     if marked != 1 {
         bail!("review item {id} was resolved or superseded meanwhile");
     }
-    // First the resolution, then the write: the capture reads them in this order.
     tx.execute(
         "INSERT INTO accord.review_resolutions (item_id) VALUES ($1)
          ON CONFLICT (item_id) DO UPDATE SET resolved_at = now()",
         &[&id.to_string()],
     )
     .await?;
-    update_row(&tx, table, &item.key, &[(column, &value)])
-        .await
-        .with_context(|| format!("cannot write the resolution into {}", item.table))?;
-    tx.commit().await?;
-    Ok(value)
+    Ok(())
 }
 
 /// Resolves a displaced insert: `--pick 1` keeps the row as it is, `--pick 2` writes the
@@ -193,23 +199,7 @@ async fn resolve_displaced(
         Value::text("the row kept as it was")
     };
     let tx = db.transaction().await?;
-    let marked = tx
-        .execute(
-            "UPDATE accord.review_items
-             SET status = 'resolved', closed_value = $2, closed_by = (SELECT node_id::text FROM accord.node), closed_at = now()
-             WHERE id = $1 AND status = 'open'",
-            &[&id.to_string(), &outcome.to_pg_text()],
-        )
-        .await?;
-    if marked != 1 {
-        bail!("review item {id} was resolved meanwhile");
-    }
-    tx.execute(
-        "INSERT INTO accord.review_resolutions (item_id) VALUES ($1)
-         ON CONFLICT (item_id) DO UPDATE SET resolved_at = now()",
-        &[&id.to_string()],
-    )
-    .await?;
+    mark_resolved(&tx, id, &outcome).await?;
     if take && !writes.is_empty() {
         update_row(&tx, table, &item.key, &writes)
             .await
