@@ -201,11 +201,12 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
     Ok(out)
 }
 
-fn conflict_kinds(p: &PeerStatus) -> [(&'static str, u64); 3] {
+fn conflict_kinds(p: &PeerStatus) -> [(&'static str, u64); 4] {
     [
         ("concurrent_update", p.conflicts.concurrent_update),
         ("delete_won", p.conflicts.delete_won),
         ("insert_insert", p.conflicts.insert_insert),
+        ("insert_displaced", p.conflicts.insert_displaced),
     ]
 }
 
