@@ -124,7 +124,10 @@ fn line(report: &SeedReport) -> String {
         join
     };
     let join = if report.config.review_inserts {
-        format!("{join} displaced={}", s.displaced_inserts)
+        format!(
+            "{join} displaced={} resolved={}",
+            s.displaced_inserts, s.displaced_resolved
+        )
     } else {
         join
     };

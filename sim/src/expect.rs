@@ -98,6 +98,8 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
     // The insert whose lineage each write of a live incarnation belongs to (`--review-inserts`;
     // with merged inserts every write of an incarnation is one lineage, `None`).
     let mut lineage: Vec<Option<WriteId>> = vec![None; writes.len()];
+    // Per displaced lineage (its insert), the writes that resolved its item.
+    let mut resolvers: BTreeMap<WriteId, Vec<WriteId>> = BTreeMap::new();
 
     for (i, w) in writes.iter().enumerate() {
         let k = w.key as usize;
@@ -177,6 +179,50 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
             }
             fresh[k].push(i);
         }
+        // A reviewer's resolution of a displaced insert it saw open (`--review-inserts`): the
+        // other lineages of its incarnation it had seen, none of whose resolutions it had seen.
+        let mut resolving_price = w.resolving;
+        if let (Some(id), Some(own), ChangeKind::Update) = (w.resolving, lineage[i], w.kind) {
+            let mut others = std::collections::BTreeSet::new();
+            for o in 0..n {
+                for &p in &all[o][k][..w.seen[o] as usize] {
+                    if let Some(l) = lineage[p].filter(|&l| l != own && cl[p] == cl[i] && !over(p)) {
+                        others.insert(l);
+                    }
+                }
+            }
+            for l in others {
+                if resolvers
+                    .get(&l)
+                    .is_some_and(|rs| rs.iter().any(|&r| w.saw(&writes[r])))
+                {
+                    continue;
+                }
+                let item = displaced_item(writes, &all, n, k, l, &|p| {
+                    cl[p] == cl[i] && !over(p) && lineage[p] == Some(l) && w.saw(&writes[p])
+                })?;
+                if item.id != id {
+                    continue;
+                }
+                resolving_price = None;
+                resolvers.entry(l).or_default().push(i);
+                let s = stamp(w)?;
+                let kind = ClosureKind::Resolved {
+                    by: NodeId(w.node as u32 + 1),
+                    stamp: s,
+                    // What the capture says of a resolution that wrote a value (the workload's
+                    // always writes a new price).
+                    value: Value::text("the row written anew by the reviewer"),
+                };
+                let newer = closures
+                    .get(&item.id)
+                    .is_none_or(|(_, recorded)| stamp_key(s) > stamp_key(recorded.stamp()));
+                if newer {
+                    closures.insert(item.id, (item, kind));
+                }
+                break;
+            }
+        }
         if w.price.is_none() {
             continue;
         }
@@ -195,7 +241,7 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
                 }
             }
             let before = item_of(writes, w.key, &maximal(writes, &seen))?;
-            match (&before, w.resolving) {
+            match (&before, resolving_price) {
                 (Some(item), Some(resolving)) if item.id != resolving => {
                     return Err(Failure::new(
                         Invariant::Review,
@@ -222,7 +268,7 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
             if let Some(item) = before {
                 let s = stamp(w)?;
                 let value = w.price.clone().unwrap_or(Value::Null);
-                let kind = if w.resolving == Some(item.id) {
+                let kind = if resolving_price == Some(item.id) {
                     ClosureKind::Resolved {
                         by: NodeId(w.node as u32 + 1),
                         stamp: s,
@@ -318,21 +364,46 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
                 let Some(insert) = lineage[members[0]] else {
                     unreachable!("only the first lineage is unnamed, and it is the only one then")
                 };
-                // By column name, as the item lists them.
-                let values = vec![
-                    ("name".to_owned(), writes[heads.name].name.clone()),
-                    (PRICE_COLUMN.to_owned(), writes[heads.price].price.clone()),
-                    (
-                        "stock".to_owned(),
-                        Some(Value::Int(members.iter().map(|&i| writes[i].stock).sum())),
-                    ),
-                ];
-                let item = ReviewItem::displaced_insert_of(TABLE, &row_key(k as i64), stamp(&writes[insert])?, values);
-                expected.queue.insert(item.id, QueueEntry::Open(item));
+                let resolved = resolvers
+                    .get(&insert)
+                    .is_some_and(|rs| rs.iter().any(|&r| current(&r) && cl[r] == last));
+                if !resolved {
+                    let item = displaced_item(writes, &all, n, k, insert, &|i| members.contains(&i))?;
+                    expected.queue.insert(item.id, QueueEntry::Open(item));
+                }
             }
         }
     }
     Ok(expected)
+}
+
+/// The review item of the displaced lineage begun by `insert`, made of the writes `member` picks.
+fn displaced_item(
+    writes: &[WriteRec],
+    all: &[Vec<Vec<WriteId>>],
+    n: usize,
+    k: usize,
+    insert: WriteId,
+    member: &dyn Fn(WriteId) -> bool,
+) -> Result<ReviewItem, Failure> {
+    let heads = lineage_heads(writes, all, n, k, member)?;
+    let stock: i64 = (0..n)
+        .flat_map(|o| all[o][k].iter().copied())
+        .filter(|&i| member(i))
+        .map(|i| writes[i].stock)
+        .sum();
+    // By column name, as the item lists them.
+    let values = vec![
+        ("name".to_owned(), writes[heads.name].name.clone()),
+        (PRICE_COLUMN.to_owned(), writes[heads.price].price.clone()),
+        ("stock".to_owned(), Some(Value::Int(stock))),
+    ];
+    Ok(ReviewItem::displaced_insert_of(
+        TABLE,
+        &row_key(k as i64),
+        stamp(&writes[insert])?,
+        values,
+    ))
 }
 
 /// The writes that decide a lineage's columns: per origin its last write of the column among

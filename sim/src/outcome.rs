@@ -131,8 +131,9 @@ pub struct Stats {
     pub collection_rounds_completed: u64,
     pub tombstones_collected: u64,
     pub inserts_beaten_across_collection: u64,
-    /// Open displaced-insert items at the end (`--review-inserts`).
+    /// Open displaced-insert items at the end, and resolved ones (`--review-inserts`).
     pub displaced_inserts: u64,
+    pub displaced_resolved: u64,
     /// Nodes that ran the migration (`SimConfig::migrate`), and batches that waited because a
     /// node could not read a change's shape yet.
     pub migrations: u64,

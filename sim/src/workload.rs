@@ -231,16 +231,18 @@ fn plan_row(
             // The reviewer looks at the queue, which shows what the capture has accounted for:
             // resolve only rows with no local write still on its way through the capture.
             let item = if captured_as_is(db, key) {
-                // (Concurrent-write items only: the workload does not resolve displaced inserts.)
-                db.row_state(key).and_then(|state| {
-                    open_items(&db.table(), &row_key(key), &state)
-                        .into_iter()
-                        .find(|item| matches!(item.kind, accord_engine::ReviewKind::Concurrent { .. }))
-                })
+                db.row_state(key)
+                    .and_then(|state| open_items(&db.table(), &row_key(key), &state).into_iter().next())
             } else {
                 None
             };
             match item {
+                // A displaced insert (`--review-inserts`) is resolved with a write of the row:
+                // here a new price, which also supersedes any price item.
+                Some(item) if matches!(item.kind, accord_engine::ReviewKind::DisplacedInsert { .. }) => {
+                    *resolving = Some(item.id);
+                    price = Some(other_price(rng, current_price.as_ref()));
+                }
                 Some(item) => {
                     let candidates = item.candidates();
                     let value = if rng.chance(0.2) || candidates.is_empty() {

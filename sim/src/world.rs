@@ -354,14 +354,21 @@ impl World {
         self.stats.converge_time = self.last_activity.saturating_sub(self.heal_at);
         let expected = crate::check::final_check(self)?;
         self.stats.inserts_beaten_across_collection = expected.inserts_beaten_across_collection;
-        self.stats.displaced_inserts = expected
-            .queue
-            .values()
-            .filter(|e| {
-                matches!(e, crate::db::QueueEntry::Open(item)
-                    if matches!(item.kind, accord_engine::ReviewKind::DisplacedInsert { .. }))
-            })
-            .count() as u64;
+        let displaced = |open: bool| {
+            expected
+                .queue
+                .values()
+                .filter(|e| {
+                    let (item, is_open) = match e {
+                        crate::db::QueueEntry::Open(item) => (item, true),
+                        crate::db::QueueEntry::Closed(item, _) | crate::db::QueueEntry::Parked(item) => (item, false),
+                    };
+                    is_open == open && matches!(item.kind, accord_engine::ReviewKind::DisplacedInsert { .. })
+                })
+                .count() as u64
+        };
+        self.stats.displaced_inserts = displaced(true);
+        self.stats.displaced_resolved = displaced(false);
         Ok(())
     }
 

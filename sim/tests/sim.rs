@@ -269,6 +269,8 @@ fn inserts_of_one_key_keep_the_earliest_and_queue_the_others_whole() {
     assert_all_passed(&reports);
     let displaced: u64 = reports.iter().map(|r| r.stats.displaced_inserts).sum();
     assert!(displaced > 100, "only {displaced} displaced inserts in 160 runs");
+    let resolved: u64 = reports.iter().map(|r| r.stats.displaced_resolved).sum();
+    assert!(resolved > 10, "only {resolved} displaced inserts resolved in 160 runs");
 }
 
 #[test]
