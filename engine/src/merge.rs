@@ -410,7 +410,12 @@ pub fn open_items(table: &TableDef, key: &RowKey, state: &RowState) -> Vec<Revie
             }
         }
     }
-    for displaced in state.meta.displaced.iter().filter(|d| d.resolved.is_none()) {
+    for displaced in state
+        .meta
+        .displaced
+        .iter()
+        .filter(|d| d.resolved.is_none() && !d.awaits_values())
+    {
         items.push(ReviewItem::displaced_insert(&table.name, key, displaced));
     }
     items

@@ -340,6 +340,16 @@ impl DisplacedInsert {
         self.resolved = self.resolved.max(other.resolved);
     }
 
+    /// Whether a value of it has not reached this node yet: an unchanged TOAST value relayed by a
+    /// node that was not its origin, until the origin's own change (or any later change that
+    /// carries the entry) brings it. Its item waits until then, so that every node opens the
+    /// item with the same values (and so the same id).
+    pub fn awaits_values(&self) -> bool {
+        self.columns
+            .values()
+            .any(|c| matches!(c.meta, ColumnMeta::Lww(Some(_))) && c.value.is_none())
+    }
+
     /// Its values by column name, as far as this node knows them (`None`: a value not sent,
     /// an unchanged TOAST value). A function of the entry alone, not of the reader's table, so
     /// that nodes reading it under different shapes of the table name its review item alike.

@@ -480,6 +480,45 @@ fn two_inserts_of_one_key_in_a_review_table_keep_the_earlier_and_queue_the_other
 }
 
 #[test]
+fn a_displaced_insert_waits_for_its_values_before_its_item_opens() {
+    let t = table().with_inserts(InsertPolicy::Review);
+    let (mut a, mut b, mut c, mut d) = (Node::new(&t), Node::new(&t), Node::new(&t), Node::new(&t));
+    let from_a = a.local(ChangeKind::Insert, Some(row("a", 3, "1")), at(1, A));
+    let from_b = b.local(ChangeKind::Insert, Some(row("b", 4, "2")), at(2, B));
+    c.merge(&from_b);
+    // C adds to B's row, leaving its TOASTed name unchanged: the change does not carry it.
+    let mut cells = row("ignored", 9, "2");
+    cells[0] = Cell::UnchangedToast;
+    let from_c = c.local(ChangeKind::Update, Some(cells), at(3, NodeId(3)));
+    d.merge(&from_a);
+    let on_d = d.merge(&from_c);
+    assert!(
+        displaced_items(&d).is_empty(),
+        "B's name has not reached D: no item yet"
+    );
+    assert!(on_d.review.is_empty());
+    let on_d = d.merge(&from_b);
+    let items = displaced_items(&d);
+    assert_eq!(items.len(), 1);
+    assert!(on_d
+        .review
+        .iter()
+        .any(|r| matches!(r, ReviewAction::Open(i) if i.id == items[0].id)));
+    let ReviewKind::DisplacedInsert { values, .. } = &items[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(values[0], ("name".to_string(), Some(Value::text("b"))));
+    assert_eq!(values[2], ("stock".to_string(), Some(Value::Int(9))));
+    // A node that heard it all in another order names the same item.
+    let mut e = Node::new(&t);
+    for change in [&from_b, &from_c, &from_a] {
+        e.merge(change);
+    }
+    assert_eq!(displaced_items(&e), items);
+    assert_eq!(e.state, d.state);
+}
+
+#[test]
 fn a_displaced_insert_goes_with_the_row_it_lost_to() {
     let t = table().with_inserts(InsertPolicy::Review);
     let (mut a, mut b, mut c) = (Node::new(&t), Node::new(&t), Node::new(&t));
