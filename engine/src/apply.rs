@@ -29,7 +29,7 @@ use crate::hlc::{Hlc, NodeId};
 use crate::merge::{merge, Conflict, ConflictKind, MergeOutcome, RowAction};
 use crate::review::{ReviewAction, ReviewItem};
 use crate::schema::TableDef;
-use crate::shape::{NodeSchema, Reading, ShapeBook};
+use crate::shape::{NodeSchema, Reading, ShapeBook, ShapeId};
 use crate::state::{Cell, RowMeta, RowState};
 use crate::value::Value;
 
@@ -660,6 +660,8 @@ impl BatchApply {
         rules: ApplyRules,
     ) -> Result<BatchApply, ApplyError> {
         let tables = Arc::clone(&schema.tables);
+        // Each table's shape id once per batch, when a change of it first needs it.
+        let mut local_shapes: Vec<Option<ShapeId>> = vec![None; tables.len()];
         let skip_nothing = rules.planted == Some(PlantedBug::DoubleApply);
         let changes: Vec<RowChange> = changes
             .into_iter()
@@ -669,7 +671,11 @@ impl BatchApply {
                     // A table this node left: its changes are not applied here (no slot below).
                     return Ok(c);
                 }
-                match schema.shapes.read(&c, tables.iter().find(|t| t.name == c.table)) {
+                let local = tables.iter().position(|t| t.name == c.table).map(|i| {
+                    let table = &tables[i];
+                    (table, *local_shapes[i].get_or_insert_with(|| table.shape_id()))
+                });
+                match schema.shapes.read_under(&c, local) {
                     Reading::AsItIs => Ok(c),
                     Reading::Reshaped(read) => Ok(*read),
                     Reading::Waits(message) => Err(ApplyError::ShapeWaits { peer, message }),

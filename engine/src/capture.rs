@@ -8,6 +8,7 @@ use crate::hlc::Hlc;
 use crate::merge::{diff_items, open_items};
 use crate::review::{ClosureKind, ReviewAction, ReviewClosure, ReviewItem, ReviewItemId};
 use crate::schema::TableDef;
+use crate::shape::ShapeId;
 use crate::state::{Candidate, Cell, ColumnMeta, DeltaLedger, RowMeta, RowState};
 use crate::value::{as_amount, difference, Value, ValueError};
 
@@ -63,6 +64,19 @@ pub struct Captured {
 /// delete of a row already deleted): nothing is sent and `seq` is not used.
 pub fn capture(
     table: &TableDef,
+    prior: Option<&RowMeta>,
+    change: &CapturedChange,
+    stamp: Hlc,
+    seq: u64,
+    resolving: &[ReviewItemId],
+) -> Result<Option<Captured>, CaptureError> {
+    capture_shaped(table, table.shape_id(), prior, change, stamp, seq, resolving)
+}
+
+/// [`capture`], with `table`'s shape id (`shape`) already known.
+pub fn capture_shaped(
+    table: &TableDef,
+    shape: ShapeId,
     prior: Option<&RowMeta>,
     change: &CapturedChange,
     stamp: Hlc,
@@ -299,7 +313,7 @@ pub fn capture(
             },
             values: after_state.values.clone(),
         },
-        shape: Some(table.shape_id()),
+        shape: Some(shape),
         closures,
     };
     Ok(Some(Captured {

@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{capture, CaptureError, Captured};
+use crate::capture::{capture_shaped, CaptureError, Captured};
 use crate::change::CapturedChange;
 use crate::hlc::{Hlc, HlcClock, NodeId};
 use crate::review::ReviewItemId;
 use crate::schema::TableDef;
+use crate::shape::ShapeId;
 use crate::state::RowMeta;
 
 /// What must be persisted with a transaction's captured changes.
@@ -51,6 +52,10 @@ pub struct Capturer {
     /// Per peer, the last of its changes applied before the point the stream has reached: what
     /// a local transaction committed here could have seen (`RowChange::builds_on`).
     applied: BTreeMap<NodeId, u64>,
+    /// The shape id of the table the last row was captured from, with that table: rows come in
+    /// runs of one table, and hashing its shape for every row was a measurable part of the
+    /// capture. Compared whole, so a table whose shape changed is hashed again.
+    last_shape: Option<(TableDef, ShapeId)>,
 }
 
 impl Capturer {
@@ -61,6 +66,7 @@ impl Capturer {
             covered_lsn: 0,
             tx: Transaction::None,
             applied: BTreeMap::new(),
+            last_shape: None,
         }
     }
 
@@ -71,6 +77,7 @@ impl Capturer {
             covered_lsn: checkpoint.covered_lsn,
             tx: Transaction::None,
             applied: BTreeMap::new(),
+            last_shape: None,
         }
     }
 
@@ -161,7 +168,15 @@ impl Capturer {
         };
         // Each row gets its own tick, so every write in the cluster has a distinct stamp.
         let stamp = self.clock.now(commit_time);
-        let captured = capture(table, prior, change, stamp, self.last_seq + 1, resolving)?;
+        let shape = match &self.last_shape {
+            Some((last, id)) if last == table => *id,
+            _ => {
+                let id = table.shape_id();
+                self.last_shape = Some((table.clone(), id));
+                id
+            }
+        };
+        let captured = capture_shaped(table, shape, prior, change, stamp, self.last_seq + 1, resolving)?;
         if captured.is_some() {
             self.last_seq += 1;
         }

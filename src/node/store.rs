@@ -579,6 +579,8 @@ pub fn loaded_metas<'t>(
     table_of: impl Fn(usize) -> Option<&'t TableDef>,
 ) -> Result<Vec<(usize, RowMeta, Option<String>)>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
+    // Each table's shape id once per call, not once per row.
+    let mut current: Vec<(&str, ShapeId)> = Vec::new();
     for row in rows {
         let ord: i32 = row.try_get(0)?;
         let bytes: &[u8] = row.try_get(1)?;
@@ -588,7 +590,15 @@ pub fn loaded_metas<'t>(
         let ord = usize::try_from(ord).unwrap_or(usize::MAX);
         let mut meta: RowMeta = decode("row metadata", bytes)?;
         if let Some(table) = table_of(ord) {
-            meta = shapes.stored_meta(meta, stored.map(shape_of), table)?;
+            let id = match current.iter().find(|(name, _)| *name == table.name) {
+                Some((_, id)) => *id,
+                None => {
+                    let id = table.shape_id();
+                    current.push((&table.name, id));
+                    id
+                }
+            };
+            meta = shapes.stored_meta_under(meta, stored.map(shape_of), table, id)?;
         }
         if StableCut::live(cut, Some(&meta)).is_some() {
             out.push((ord, meta, known));
