@@ -294,20 +294,14 @@ fn conflicts(world: &World, expected: &Expected) -> Result<(), Failure> {
                         && ww.causal_length == lw.causal_length
                         && stamp_key(c.winner) > stamp_key(c.loser)
                 }
-                ConflictKind::InsertInsert => {
+                // Merged, or (`inserts=review`) the earlier kept the row.
+                ConflictKind::InsertInsert | ConflictKind::InsertDisplaced => {
                     logged_inserts.insert(*key);
                     concurrent
                         && ww.kind == accord_engine::ChangeKind::Insert
                         && lw.kind == accord_engine::ChangeKind::Insert
                         && ww.causal_length == lw.causal_length
-                }
-                ConflictKind::InsertDisplaced => {
-                    logged_inserts.insert(*key);
-                    concurrent
-                        && ww.kind == accord_engine::ChangeKind::Insert
-                        && lw.kind == accord_engine::ChangeKind::Insert
-                        && ww.causal_length == lw.causal_length
-                        && stamp_key(c.winner) < stamp_key(c.loser)
+                        && (c.kind == ConflictKind::InsertInsert || stamp_key(c.winner) < stamp_key(c.loser))
                 }
                 ConflictKind::DeleteWon => true,
             };

@@ -214,12 +214,7 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
                     // always writes a new price).
                     value: Value::text("the row written anew by the reviewer"),
                 };
-                let newer = closures
-                    .get(&item.id)
-                    .is_none_or(|(_, recorded)| stamp_key(s) > stamp_key(recorded.stamp()));
-                if newer {
-                    closures.insert(item.id, (item, kind));
-                }
+                record_closure(&mut closures, item, kind);
                 break;
             }
         }
@@ -277,12 +272,7 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
                 } else {
                     ClosureKind::Superseded { stamp: s, value }
                 };
-                let newer = closures
-                    .get(&item.id)
-                    .is_none_or(|(_, recorded)| stamp_key(s) > stamp_key(recorded.stamp()));
-                if newer {
-                    closures.insert(item.id, (item, kind));
-                }
+                record_closure(&mut closures, item, kind);
             }
         }
         prices[w.node][k].push(i);
@@ -375,6 +365,20 @@ pub fn expect(oracle: &Oracle, keys: usize, inserts: InsertPolicy) -> Result<Exp
         }
     }
     Ok(expected)
+}
+
+/// Records a closure of `item`: of concurrent closers, every node keeps the greatest stamp.
+fn record_closure(
+    closures: &mut BTreeMap<ReviewItemId, (ReviewItem, ClosureKind)>,
+    item: ReviewItem,
+    kind: ClosureKind,
+) {
+    let newer = closures
+        .get(&item.id)
+        .is_none_or(|(_, recorded)| stamp_key(kind.stamp()) > stamp_key(recorded.stamp()));
+    if newer {
+        closures.insert(item.id, (item, kind));
+    }
 }
 
 /// The review item of the displaced lineage begun by `insert`, made of the writes `member` picks.
