@@ -134,7 +134,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
         }
         registry.register(name, help, family);
     }
-    let peer_counters: [PeerFigure<u64>; 7] = [
+    let peer_counters: [PeerFigure<u64>; 8] = [
         (
             "peer_applied",
             "Changes applied from the peer since the node started",
@@ -149,6 +149,11 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
             "peer_capture_waits",
             "Applies that waited for the capture of a racing local write",
             |p| p.capture_waits,
+        ),
+        (
+            "peer_keys_clear",
+            "Missing rows merged without waiting for the capture: no local insert of their keys was on its way",
+            |p| p.keys_clear,
         ),
         (
             "peer_causal_waivers",

@@ -731,6 +731,88 @@ async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
     cluster.stop_all().await;
 }
 
+/// Issue 20: a merge into a missing row waits for the capture only when a local insert of its
+/// key may be on its way through it. Node 1's new rows reach node 2, which writes nothing, and
+/// after the first batch probed once for their key buckets the next batches merge without a
+/// wait (a batch waits unless all its keys' buckets are settled, so the first batch covers all
+/// 256 of them with room to spare). Then, with node 2's capture held, node 2 inserts and deletes a key and node 1 inserts
+/// the same key: node 2's trigger counted that insert, so the merge must wait for the capture
+/// (the row stays absent meanwhile) and the delete, the later incarnation, wins everywhere.
+/// Taking the key as clear would insert node 1's row at once, over a local insert and delete
+/// the capture then reads against the merge's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_row_waits_for_the_capture_only_after_a_local_insert_of_its_key() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    let insert_range = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO shop.products (id, name, stock, price) \
+             SELECT g, 'new', 1, 1 FROM generate_series({from}, {to}) AS g"
+        )
+    };
+    let stats = || cluster.statuses()[1].peers[&id(0)].clone();
+    a.batch_execute(&insert_range(1, 5_000)).await.unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let before = stats();
+    assert!(
+        before.capture_waits >= 1,
+        "the first new keys wait for one probe: {before:?}"
+    );
+    for round in 0..3 {
+        let from = 10_000 + round * 300;
+        a.batch_execute(&insert_range(from, from + 299)).await.unwrap();
+        cluster.converge(TABLES, Duration::from_secs(60)).await;
+    }
+    let after = stats();
+    assert!(
+        after.keys_clear >= 900,
+        "rows whose keys no local insert touched merge without a wait: {after:?}"
+    );
+    assert_eq!(
+        after.capture_waits, before.capture_waits,
+        "no wait for the capture once the buckets are settled: {after:?}"
+    );
+
+    let hold_b = CaptureHold::start(&b).await;
+    b.batch_execute(
+        "INSERT INTO shop.products (id, name, stock, price) VALUES (50000, 'local', 10, 1); \
+         DELETE FROM shop.products WHERE id = 50000",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("INSERT INTO shop.products (id, name, stock, price) VALUES (50000, 'from node 1', 1, 1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let early: i64 = b
+        .query_one("SELECT count(*) FROM shop.products WHERE id = 50000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        early, 0,
+        "the merge waits for node 2's capture to read its local insert and delete of the key"
+    );
+    drop(hold_b);
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        let rows: i64 = db
+            .query_one("SELECT count(*) FROM shop.products WHERE id = 50000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            rows,
+            0,
+            "node {}: node 2's delete ends the incarnation node 1's insert began too\n{snapshot}",
+            node + 1
+        );
+    }
+    assert!(stats().capture_waits > after.capture_waits, "{:?}", stats());
+    cluster.stop_all().await;
+}
+
 /// A local change the capture cannot replicate (here an update without its old row image, after
 /// an operator set the table's replica identity back to DEFAULT) stops the capture with an error
 /// naming the table, the key and the cause; the change is not dropped: the slot keeps it and
@@ -911,6 +993,7 @@ async fn an_applier_waits_for_its_origin_held_by_a_dying_session() {
         pg.connect("shop").await,
         pg.connect("shop").await,
         capture,
+        Default::default(),
         id(1),
         policy,
         false,

@@ -10,7 +10,8 @@
 //! - **The xmin guard** (PRODUCT.md invariant 8, HARD-PARTS §2), in [`judge`]: a row whose
 //!   version accord has not accounted for yet is a local write still on its way through the
 //!   capture. The batch then probes and waits for the capture, holding the rows' locks, a few
-//!   rounds; then it rolls back and starts over after a probe.
+//!   rounds; then it rolls back and starts over after a probe. A missing row whose key no local
+//!   insert has touched since the capture last accounted for it needs no probe ([`InsertCount`]).
 //! - **Joining and splitting.** A batch is merged in memory, each row written once (several
 //!   merges of a row fold into one write). A part the database refuses is split in halves, down
 //!   to single changes, so that exactly the refused change is parked.
@@ -46,6 +47,9 @@ pub enum PlantedBug {
     /// Take a missing row as missing without locking its key and waiting for the capture to
     /// read past a probe.
     NoMissingRowWait,
+    /// Take the keys of missing rows as clear of local inserts on the way through the capture
+    /// whatever their insert counts say ([`InsertCount`]): lock them, but wait for no probe.
+    IgnoreInsertCounts,
     /// Forget a deferred change instead of keeping it.
     DropDeferred,
     /// Do not tell the capture the greatest stamp a merge transaction merged.
@@ -103,6 +107,53 @@ pub struct LoadedRow {
     pub meta: Option<(RowMeta, Option<Xid>)>,
     /// Changes of this row kept from earlier batches, waiting for values (any origin).
     pub deferred: Vec<RowChange>,
+}
+
+/// Local inserts of one key's class, for a missing row whose key the apply has locked
+/// ([`ApplyCommand::LockKeys`]). A class is what one key lock covers (the service's bucket of
+/// keys, the simulator's key). Every local insert of a key, and every update that changes a key
+/// into it, takes the class's lock shared and then counts itself in the class's counter, which
+/// a rollback does not undo (a PostgreSQL sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InsertCount {
+    /// The class's counter, read while the apply holds the class's lock exclusively: every
+    /// local transaction that counted itself there has ended, and none can count until the
+    /// apply's transaction ends.
+    pub issued: u64,
+    /// What the node's [`InsertLedger`] holds for the class.
+    pub accounted: Option<u64>,
+}
+
+impl InsertCount {
+    /// Whether every local insert of the class is known to be accounted for by the capture: none
+    /// counted since a count read under the lock, before a probe the capture has read past.
+    pub fn settled(&self) -> bool {
+        self.accounted == Some(self.issued)
+    }
+}
+
+/// What a node's capture is known to have accounted for of local inserts, per key class: a
+/// count read with the class's key lock held, before a probe the capture then read past. Every
+/// local insert counted up to it had ended before that probe, so the capture has decoded it and
+/// recorded its metadata. Held in memory for all of a node's appliers (a restart forgets it:
+/// each class then waits for one probe again).
+#[derive(Debug, Clone, Default)]
+pub struct InsertLedger {
+    accounted: BTreeMap<u64, u64>,
+}
+
+impl InsertLedger {
+    pub fn accounted(&self, class: u64) -> Option<u64> {
+        self.accounted.get(&class).copied()
+    }
+
+    /// The capture read past a probe written after `issued` was read for `class` under its lock.
+    /// Set, not raised: two appliers' settlements may arrive out of order, and an older count
+    /// only makes the next apply of the class wait once more; a count that went down (the
+    /// counter made anew) must not be hidden behind a higher one.
+    pub fn settle(&mut self, class: u64, issued: u64) {
+        self.accounted.insert(class, issued);
+    }
 }
 
 /// One row's write, folded from every merge of the row in a part.
@@ -256,11 +307,11 @@ pub enum ApplyCommand {
         slots: Vec<usize>,
     },
     /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
-    /// may need to write it); lock the keys of the `missing` slots, whose rows the load did not
-    /// find, exclusively until the transaction ends (local inserts and key updates take the same
-    /// locks shared, and other appliers take them too); then write a probe, and answer
-    /// [`ApplyInput::CaptureReached`] once the capture has read past it. The locks are only
-    /// tried: if another transaction holds one, release them all and answer
+    /// may need to write that metadata); lock the keys of the `missing` slots, whose rows the
+    /// load did not find, exclusively until the transaction ends (local inserts and key updates
+    /// take the same locks shared, and other appliers take them too); then read each one's
+    /// [`InsertCount`] and answer [`ApplyInput::KeysLocked`], one per slot in this order. The
+    /// locks are only tried: if another transaction holds one, release them all and answer
     /// [`ApplyInput::KeysBusy`] (the batch starts over after a pause, its row locks released).
     /// Waiting for them instead closed deadlocks with local transactions that insert many rows,
     /// taking the same locks in their own order.
@@ -270,8 +321,14 @@ pub enum ApplyCommand {
     /// would reach the capture after this merge's metadata, and be read against it; and two
     /// appliers merging into one missing row would both find no metadata, the later commit
     /// overwriting the earlier's. With them, every write of the key committed before the lock
-    /// is before the probe, and none can commit after it until this transaction ends.
-    ProbeAndWait { missing: Vec<usize> },
+    /// (and so is counted, or before the probe), and none can commit after it until this
+    /// transaction ends.
+    LockKeys { missing: Vec<usize> },
+    /// Roll back to the guard savepoint (the metadata's locks go, the rows' and keys' stay),
+    /// write a probe, and once the capture has read past it, settle each `(slot, issued)` of
+    /// `settles` in the node's [`InsertLedger`] (the slot's key class, the count read under its
+    /// lock before the probe) and answer [`ApplyInput::CaptureReached`].
+    ProbeAndWait { settles: Vec<(usize, u64)> },
     /// Roll back the transaction and reset the session's origin position (PostgreSQL keeps it
     /// after a rollback, and a later commit of the session would record it); then, with
     /// `probe`, write a probe and wait until the capture has read past it, else pause
@@ -317,7 +374,9 @@ pub enum ApplyInput {
     CaptureReached {
         now: u64,
     },
-    /// Another transaction holds a key lock [`ApplyCommand::ProbeAndWait`] tried; none is held.
+    /// The keys [`ApplyCommand::LockKeys`] named are locked: their insert counts, in its order.
+    KeysLocked(Vec<InsertCount>),
+    /// Another transaction holds a key lock [`ApplyCommand::LockKeys`] tried; none is held.
     KeysBusy {
         now: u64,
     },
@@ -368,6 +427,10 @@ pub struct ApplySummary {
     pub conflicts: ConflictCounts,
     /// Times the batch waited for the capture (a local write raced the merge).
     pub waits: u64,
+    /// Missing rows merged without that wait: their keys locked, no local insert of them was on
+    /// its way through the capture ([`InsertCount`]).
+    #[serde(default)]
+    pub keys_clear: u64,
     /// Changes to tables this node left (`NodeSchema::left`), not applied.
     #[serde(default)]
     pub left: u64,
@@ -382,6 +445,7 @@ impl ApplySummary {
         self.undeferred += other.undeferred;
         self.conflicts.add(&other.conflicts);
         self.waits += other.waits;
+        self.keys_clear += other.keys_clear;
     }
 }
 
@@ -436,6 +500,8 @@ pub enum ApplyError {
     },
     #[error("the driver loaded {found} rows for {asked} slots")]
     LoadedCount { found: usize, asked: usize },
+    #[error("the driver counted inserts of {found} keys for {asked} locked")]
+    CountedKeys { found: usize, asked: usize },
     #[error("the driver reported {found} written rows for {asked} writes")]
     WrittenCount { found: usize, asked: usize },
     #[error(
@@ -591,6 +657,14 @@ enum Phase {
         slots: Vec<usize>,
         guard: bool,
     },
+    /// The keys of the part's missing rows are being locked (`missing`: with whether their
+    /// metadata says they live); these xmins were seen.
+    LockingKeys {
+        part: (usize, usize),
+        slots: Vec<usize>,
+        suspects: Vec<(usize, Xid)>,
+        missing: Vec<(usize, bool)>,
+    },
     /// The part's rows wait for the capture to read past a probe; these xmins were seen.
     Probing {
         part: (usize, usize),
@@ -629,6 +703,9 @@ pub struct BatchApply {
     /// Whether the capture has read past a probe written after this attempt's rows were read
     /// and its missing rows' keys were locked.
     probed: bool,
+    /// Missing rows whose keys this attempt locked and found clear of local inserts the capture
+    /// has not accounted for: as good as probed.
+    clear: std::collections::BTreeSet<usize>,
     /// Rows whose current xmin the capture is known to have read past.
     settled: BTreeMap<usize, Xid>,
     /// The guard rounds taken in this transaction.
@@ -730,6 +807,7 @@ impl BatchApply {
             started: None,
             pause: rules.backoff_micros.0,
             probed: false,
+            clear: std::collections::BTreeSet::new(),
             settled: BTreeMap::new(),
             rounds: 0,
             ranges: Vec::new(),
@@ -808,10 +886,19 @@ impl BatchApply {
                 Ok(self.begin_attempt())
             }
             (Phase::Loading { part, slots, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, slots, guard, rows),
-            (Phase::Probing { .. }, ApplyInput::KeysBusy { now }) => {
+            (Phase::LockingKeys { .. }, ApplyInput::KeysBusy { now }) => {
                 self.check_time(now)?;
                 Ok(self.restart(false))
             }
+            (
+                Phase::LockingKeys {
+                    part,
+                    slots,
+                    suspects,
+                    missing,
+                },
+                ApplyInput::KeysLocked(counts),
+            ) => self.keys_locked(part, slots, suspects, missing, counts),
             (Phase::Probing { part, slots, suspects }, ApplyInput::CaptureReached { now }) => {
                 self.check_time(now)?;
                 self.attempt.waits += 1;
@@ -938,6 +1025,7 @@ impl BatchApply {
         // The restart's probe settles the rows' versions, but the next attempt's missing rows
         // still wait for one written after their keys are locked.
         self.probed = false;
+        self.clear.clear();
         for work in &mut self.work {
             *work = Work::default();
         }
@@ -969,6 +1057,8 @@ impl BatchApply {
         let mut missing = Vec::new();
         for (&slot, row) in slots.iter().zip(rows) {
             let settled = self.settled.get(&slot).copied();
+            let alive = row.meta.as_ref().is_some_and(|(m, _)| m.is_alive());
+            let probed = probed || self.clear.contains(&slot);
             match judge(&row, probed, settled, self.cut.as_ref(), self.rules.planted) {
                 Verdict::Accounted { state, settled } => {
                     let table = &self.tables[self.slots[slot].table];
@@ -995,7 +1085,7 @@ impl BatchApply {
                     };
                 }
                 Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
-                Verdict::Unaccounted(None) => missing.push(slot),
+                Verdict::Unaccounted(None) => missing.push((slot, alive)),
                 Verdict::DeleteNotCaptured => return Ok(self.restart(false)),
             }
         }
@@ -1005,13 +1095,66 @@ impl BatchApply {
                 // the capture has read past the probe every row seen is accounted for, and the
                 // batch goes on instead of starting over behind the next local write (hot rows
                 // starved that way).
+                if !missing.is_empty() {
+                    let keys = missing.iter().map(|&(slot, _)| slot).collect();
+                    self.phase = Phase::LockingKeys {
+                        part,
+                        slots,
+                        suspects,
+                        missing,
+                    };
+                    return Ok(ApplyCommand::LockKeys { missing: keys });
+                }
                 self.phase = Phase::Probing { part, slots, suspects };
-                return Ok(ApplyCommand::ProbeAndWait { missing });
+                return Ok(ApplyCommand::ProbeAndWait { settles: Vec::new() });
             }
             self.settled.extend(suspects);
             return Ok(self.restart(true));
         }
         Ok(self.merge_part(part))
+    }
+
+    /// The missing rows' keys are locked. When nothing but missing rows held the part back, all
+    /// of them are recorded as absent or deleted, and no local insert of their keys is on its way
+    /// through the capture (their counts are settled), the part is loaded again and goes on
+    /// without a probe: no local write of those keys is left for the capture to account for,
+    /// and none can commit until this transaction ends. (A row whose metadata says it lives
+    /// was deleted here by a write the capture may not have read: it waits for a probe.)
+    /// Otherwise the part probes, and the counts read under the locks are settled once the
+    /// capture has read past it.
+    fn keys_locked(
+        &mut self,
+        part: (usize, usize),
+        slots: Vec<usize>,
+        suspects: Vec<(usize, Xid)>,
+        missing: Vec<(usize, bool)>,
+        counts: Vec<InsertCount>,
+    ) -> Result<ApplyCommand, ApplyError> {
+        if counts.len() != missing.len() {
+            return Err(ApplyError::CountedKeys {
+                found: counts.len(),
+                asked: missing.len(),
+            });
+        }
+        let trust_any = self.rules.planted == Some(PlantedBug::IgnoreInsertCounts);
+        let clear = suspects.is_empty()
+            && missing
+                .iter()
+                .zip(&counts)
+                .all(|(&(_, alive), count)| !alive && (count.settled() || trust_any));
+        if clear {
+            self.attempt.keys_clear += missing.len() as u64;
+            self.clear.extend(missing.iter().map(|&(slot, _)| slot));
+            self.rounds += 1;
+            return Ok(self.load(part, slots, None, true));
+        }
+        let settles = missing
+            .iter()
+            .zip(&counts)
+            .map(|(&(slot, _), count)| (slot, count.issued))
+            .collect();
+        self.phase = Phase::Probing { part, slots, suspects };
+        Ok(ApplyCommand::ProbeAndWait { settles })
     }
 
     /// Merges the part in memory, in order, each change against the state the earlier ones
@@ -1173,7 +1316,8 @@ impl Phase {
         match self {
             Phase::Idle => "Start",
             Phase::Loading { .. } => "Loaded",
-            Phase::Probing { .. } => "CaptureReached or KeysBusy",
+            Phase::LockingKeys { .. } => "KeysLocked or KeysBusy",
+            Phase::Probing { .. } => "CaptureReached",
             Phase::Restarting => "Restarted",
             Phase::Writing(_) => "Written",
             Phase::Recording => "Recorded",
@@ -1189,6 +1333,7 @@ impl ApplyInput {
             ApplyInput::Start { .. } => "Start",
             ApplyInput::Loaded(_) => "Loaded",
             ApplyInput::CaptureReached { .. } => "CaptureReached",
+            ApplyInput::KeysLocked(_) => "KeysLocked",
             ApplyInput::KeysBusy { .. } => "KeysBusy",
             ApplyInput::Restarted { .. } => "Restarted",
             ApplyInput::Written(_) => "Written",

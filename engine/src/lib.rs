@@ -27,7 +27,8 @@ pub mod verify;
 pub use acknowledge::AppliedPosition;
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
-    LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Segments, Verdict, WriteRefusal, Xid,
+    InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Segments, Verdict,
+    WriteRefusal, Xid,
 };
 pub use apply_queue::{ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};

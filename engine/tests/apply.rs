@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use accord_engine::{
     capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Carried, Cell, ChangeKind,
-    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, NodeSchema, RowChange, RowKey, RowMeta,
-    RowWrite, Segment, TableDef, Value, WriteRefusal,
+    ColumnDef, ColumnPolicy, ColumnType, Hlc, InsertCount, KeyColumn, LoadedRow, NodeId, NodeSchema, RowChange, RowKey,
+    RowMeta, RowWrite, Segment, TableDef, Value, WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -113,6 +113,21 @@ fn missing() -> LoadedRow {
     LoadedRow::default()
 }
 
+/// A key's insert count that local inserts moved since the capture last accounted for it.
+fn unsettled(issued: u64) -> InsertCount {
+    InsertCount {
+        issued,
+        accounted: issued.checked_sub(1),
+    }
+}
+
+fn settled(issued: u64) -> InsertCount {
+    InsertCount {
+        issued,
+        accounted: Some(issued),
+    }
+}
+
 fn loaded_slots(command: &ApplyCommand) -> usize {
     match command {
         ApplyCommand::Load { slots, .. } => slots.len(),
@@ -163,11 +178,11 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         }
     ));
     // The row is missing: a local insert and delete may both be on their way through the capture.
-    let probe = m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    let ApplyCommand::ProbeAndWait { missing: locked } = probe else {
-        panic!("expected a probe, got {probe:?}");
+    let lock = m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    let ApplyCommand::LockKeys { missing: locked } = lock else {
+        panic!("expected the key locks, got {lock:?}");
     };
-    assert_eq!(locked, vec![0], "the missing row's key is locked before the probe");
+    assert_eq!(locked, vec![0], "the missing row's key is locked before anything else");
     // Another transaction holds the key's lock: the batch lets go of everything and starts
     // over after a pause, rather than wait holding its row locks.
     let mut busy = machine(0, vec![insert(A, 1, 1, "a", 5)]);
@@ -177,6 +192,13 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         busy.step(ApplyInput::KeysBusy { now: 5 }).unwrap(),
         ApplyCommand::Restart { probe: false, .. }
     ));
+    // A local insert of the key's class counted since the capture last accounted for it: the
+    // probe, and the count read under the lock is settled once the capture is past it.
+    let probe = m.step(ApplyInput::KeysLocked(vec![unsettled(3)])).unwrap();
+    let ApplyCommand::ProbeAndWait { settles } = probe else {
+        panic!("expected a probe, got {probe:?}");
+    };
+    assert_eq!(settles, vec![(0, 3)]);
     let again = m.step(ApplyInput::CaptureReached { now: 10 }).unwrap();
     assert!(matches!(
         again,
@@ -207,6 +229,112 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         panic!("expected the end");
     };
     assert_eq!((applied, summary.applied, summary.waits), (1, 1, 1));
+}
+
+/// Issue 20: the wait for the capture is the lag. A missing row whose key no local insert has
+/// touched since the capture last accounted for it (its count is settled), recorded as absent or
+/// deleted, is loaded again under its key lock and merged without a probe.
+#[test]
+fn a_missing_row_whose_key_no_local_insert_touched_is_merged_without_a_probe() {
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    assert!(matches!(
+        m.step(ApplyInput::Loaded(vec![missing()])).unwrap(),
+        ApplyCommand::LockKeys { .. }
+    ));
+    let reload = m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap();
+    assert!(
+        matches!(
+            reload,
+            ApplyCommand::Load {
+                begin: None,
+                guard: true,
+                ..
+            }
+        ),
+        "the metadata is read again under the key lock: {reload:?}"
+    );
+    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+        panic!("expected the insert");
+    };
+    assert!(matches!(&writes[0].write, RowWrite::Insert(_)));
+    m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap();
+    m.step(ApplyInput::Recorded).unwrap();
+    let ApplyCommand::Done { summary, .. } = m.step(ApplyInput::Committed).unwrap() else {
+        panic!("expected the end");
+    };
+    assert_eq!((summary.applied, summary.waits), (1, 0), "no wait for the capture");
+
+    // A tombstone too: the row was deleted, and the capture accounted for it.
+    let (meta, _) = updated_row();
+    let mut dead = meta.clone();
+    dead.causal_length += 1;
+    let tombstone = LoadedRow {
+        row: None,
+        meta: Some((dead, None)),
+        deferred: Vec::new(),
+    };
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![tombstone.clone()])).unwrap();
+    assert!(matches!(
+        m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap(),
+        ApplyCommand::Load { .. }
+    ));
+    // The tombstone is newer than the insert: nothing to write, only the merge to record.
+    let merged = m.step(ApplyInput::Loaded(vec![tombstone])).unwrap();
+    assert!(matches!(merged, ApplyCommand::Record(_)), "{merged:?}");
+
+    // Metadata that says the row lives although it is missing: a local delete the capture may
+    // not have read. It waits for a probe, settled count or not.
+    let alive = LoadedRow {
+        row: None,
+        meta: Some((meta.clone(), Some(8))),
+        deferred: Vec::new(),
+    };
+    let (_, update) = updated_row();
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![alive])).unwrap();
+    assert!(matches!(
+        m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap(),
+        ApplyCommand::ProbeAndWait { .. }
+    ));
+
+    // Another row of the part has a version accord has not accounted for: the probe is needed
+    // anyway, and it settles the missing row's count too.
+    let (_, update) = updated_row();
+    let mut m = machine(0, vec![update, insert(A, 2, 2, "b", 1)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    assert!(matches!(
+        m.step(ApplyInput::Loaded(vec![row_at(&meta, 9), missing()])).unwrap(),
+        ApplyCommand::LockKeys { .. }
+    ));
+    let ApplyCommand::ProbeAndWait { settles } = m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap() else {
+        panic!("a suspect row needs the probe");
+    };
+    assert_eq!(settles, vec![(1, 7)]);
+
+    // The answer must name every key locked.
+    let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    assert!(matches!(
+        m.step(ApplyInput::KeysLocked(Vec::new())),
+        Err(ApplyError::CountedKeys { found: 0, asked: 1 })
+    ));
+}
+
+/// The ledger a node's appliers share: a settlement sets the count, even a lower one.
+#[test]
+fn the_insert_ledger_keeps_the_last_settled_count_of_each_class() {
+    let mut ledger = accord_engine::InsertLedger::default();
+    assert_eq!(ledger.accounted(3), None);
+    ledger.settle(3, 10);
+    ledger.settle(4, 2);
+    ledger.settle(3, 8);
+    assert_eq!((ledger.accounted(3), ledger.accounted(4)), (Some(8), Some(2)));
+    assert!(settled(8).settled() && !unsettled(8).settled());
 }
 
 #[test]
@@ -253,14 +381,19 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     assert!(matches!(restarted, ApplyCommand::Load { begin: Some(1), .. }));
     // The restart's probe settled versions, but a row missing now still waits for a probe
     // written after its key is locked: a local insert and delete of it may have committed since.
-    let ApplyCommand::ProbeAndWait { missing: locked } = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
-        panic!("a missing row after a restart must lock its key and probe");
+    let ApplyCommand::LockKeys { missing: locked } = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+        panic!("a missing row after a restart must lock its key");
     };
     assert_eq!(locked, vec![0]);
+    assert!(matches!(
+        m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap(),
+        ApplyCommand::ProbeAndWait { .. }
+    ));
     // Past the wait limit the batch fails instead of waiting on.
     let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
     late.step(ApplyInput::Start { now: 0 }).unwrap();
     late.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    late.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap();
     let error = late.step(ApplyInput::CaptureReached { now: 121_000_000 }).unwrap_err();
     assert!(matches!(error, ApplyError::CaptureTimeout { .. }));
 }
@@ -274,6 +407,9 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
     loop {
         let input = match &command {
             ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
+            ApplyCommand::LockKeys { missing } => {
+                ApplyInput::KeysLocked(missing.iter().map(|_| unsettled(1)).collect())
+            }
             ApplyCommand::ProbeAndWait { .. } if !probed => {
                 probed = true;
                 ApplyInput::CaptureReached { now: 1 }
@@ -327,6 +463,8 @@ fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_p
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
+    m.step(ApplyInput::KeysLocked(vec![unsettled(1), unsettled(1)]))
+        .unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
@@ -353,6 +491,8 @@ fn a_row_with_no_place_here_fails_the_batch_instead_of_parking_any_change() {
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
+    m.step(ApplyInput::KeysLocked(vec![unsettled(1), unsettled(1)]))
+        .unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
@@ -406,6 +546,7 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
     let mut m = machine(0, vec![from_a]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let with_kept = LoadedRow {
         deferred: vec![from_b.clone()],
@@ -430,6 +571,7 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
 fn run_segment(m: &mut BatchApply) -> Vec<ApplyCommand> {
     let mut commands = vec![m.step(ApplyInput::Start { now: 0 }).unwrap()];
     commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
+    commands.push(m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap());
     commands.push(m.step(ApplyInput::CaptureReached { now: 1 }).unwrap());
     commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
     commands.push(m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap());

@@ -25,8 +25,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, LoadedRow, NodeId, PlannedWrite,
-    Records, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
+    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, InsertCount, InsertLedger, LoadedRow,
+    NodeId, PlannedWrite, Records, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
 };
 
 use crate::db::{Db, MetaRow, Undo, UserRow};
@@ -59,6 +59,9 @@ pub struct Applying {
     pending: Option<ApplyCommand>,
     /// The input to feed after a round trip.
     ready: Option<ApplyInput>,
+    /// The insert counts to settle in the node's ledger once the capture has read past the
+    /// probe this machine waits for: (key, count read under the key's lock).
+    settles: Vec<(i64, u64)>,
     /// The WAL position of the last probe, the keys locked then, and the rows as they were.
     last_probe: Option<(u64, u64, BTreeSet<i64>, Vec<RowPicture>)>,
     /// Key locks taken so far (a lock released by a rollback and taken again counts again).
@@ -92,6 +95,12 @@ pub enum Waiting {
 pub enum Resume {
     CaptureReached,
     Restarted,
+}
+
+/// A key's class in the node's `InsertLedger`: the key itself (the service's is its key-lock
+/// bucket; a class of one key is what the simulator's key locks cover).
+fn class(key: i64) -> u64 {
+    key as u64
 }
 
 /// What a probe saw of a row: its xmin, and its metadata's causal length and known xmin.
@@ -174,6 +183,7 @@ impl Applying {
             load_seen: None,
             pending: None,
             ready: None,
+            settles: Vec::new(),
             last_probe: None,
             locks_taken: 0,
             loaded_picture: Vec::new(),
@@ -221,6 +231,7 @@ impl Applying {
     /// Rolls the open transaction back: its writes and locks go.
     fn roll_back(&mut self) {
         self.tx = Overlay::default();
+        self.settles.clear();
         self.release_locks();
         self.load_seen = None;
     }
@@ -240,14 +251,23 @@ impl Applying {
 
     /// Feeds `input` (or, after a round trip, the input it returned; after a lock wait, nothing:
     /// the blocked command runs again) and carries out commands until the machine waits, a
-    /// command waits for a lock, or the batch is done. `others`: the other peers' appliers.
+    /// command waits for a lock, or the batch is done. `others`: the other peers' appliers;
+    /// `ledger`: the node's, which they share.
     pub fn run(
         &mut self,
         db: &mut Db,
         others: &[&Applying],
+        ledger: &mut InsertLedger,
         input: Option<ApplyInput>,
         env: RunEnv,
     ) -> Result<Stop, DriverError> {
+        if matches!(input, Some(ApplyInput::CaptureReached { .. })) {
+            // The capture read past the probe: what was counted under the locks before it is
+            // accounted for.
+            for (key, issued) in self.settles.drain(..) {
+                ledger.settle(class(key), issued);
+            }
+        }
         let mut command = match (self.pending.take(), input.or_else(|| self.ready.take())) {
             (Some(command), None) => command,
             (None, Some(input)) => self.step(input)?,
@@ -288,23 +308,39 @@ impl Applying {
                         .collect();
                     ApplyInput::Loaded(rows)
                 }
-                ApplyCommand::ProbeAndWait { missing } => {
+                ApplyCommand::LockKeys { missing } => {
                     // Rolling back to the guard's savepoint releases the metadata locks.
                     self.meta_locks.clear();
                     if !self.lock_keys(others, &missing)? {
                         ApplyInput::KeysBusy { now }
                     } else {
-                        self.probing(db, capture_read)?;
-                        // The probe is followed by a synchronous commit on another session, which
-                        // flushes the WAL (the walsender sends only flushed WAL).
-                        db.flush();
-                        // Nothing was written before the guard's savepoint.
-                        self.waiting = Waiting::Capture {
-                            lsn: db.wal_insert_lsn(),
-                            then: Resume::CaptureReached,
-                        };
-                        return Ok(Stop::Waiting);
+                        let mut counts = Vec::with_capacity(missing.len());
+                        for &slot in &missing {
+                            let key = self.key(slot)?;
+                            counts.push(InsertCount {
+                                issued: db.insert_counts.get(&key).copied().unwrap_or(0),
+                                accounted: ledger.accounted(class(key)),
+                            });
+                        }
+                        ApplyInput::KeysLocked(counts)
                     }
+                }
+                ApplyCommand::ProbeAndWait { settles } => {
+                    self.meta_locks.clear();
+                    self.settles = settles
+                        .iter()
+                        .map(|&(slot, issued)| Ok((self.key(slot)?, issued)))
+                        .collect::<Result<_, DriverError>>()?;
+                    self.probing(db, capture_read)?;
+                    // The probe is followed by a synchronous commit on another session, which
+                    // flushes the WAL (the walsender sends only flushed WAL).
+                    db.flush();
+                    // Nothing was written before the guard's savepoint.
+                    self.waiting = Waiting::Capture {
+                        lsn: db.wal_insert_lsn(),
+                        then: Resume::CaptureReached,
+                    };
+                    return Ok(Stop::Waiting);
                 }
                 ApplyCommand::Restart { probe, pause_micros } => {
                     self.roll_back_and_wait(db, capture_read, probe, now + pause_micros)?;

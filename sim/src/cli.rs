@@ -141,7 +141,7 @@ fn line(report: &SeedReport) -> String {
         join
     };
     let text = format!(
-        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} locks={} deadlocks={} waived={} truncates={} spooled={}/{} refused={} faults={} rounds={} collected={} window={}",
+        "seed {}: {} hash={:016x} ops={} events={} deliveries={} sim={:.1}s conflicts={} waits={} clear={} locks={} deadlocks={} waived={} truncates={} spooled={}/{} refused={} faults={} rounds={} collected={} window={}",
         report.config.seed,
         if report.passed() { "ok" } else { "FAIL" },
         report.hash,
@@ -151,6 +151,7 @@ fn line(report: &SeedReport) -> String {
         s.sim_time as f64 / 1e6,
         s.conflicts,
         s.apply_waits,
+        s.keys_clear,
         s.lock_waits + s.local_lock_waits + s.capture_lock_waits,
         s.deadlocks,
         s.causal_waivers,

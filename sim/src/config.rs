@@ -175,6 +175,10 @@ pub enum PlantedBug {
     /// Only the row check HARD-PARTS §2 describes (xmin vs known xmin): a local insert and delete
     /// of a key, both not yet captured, leave no row to compare, and a merge overwrites them unseen.
     NoMissingRowWait,
+    /// A missing row's key is taken as clear of local inserts on their way through the capture
+    /// once it is locked, whatever its insert count says: a local insert and delete of it, both
+    /// not yet captured, are overwritten unseen, as without the missing-row wait.
+    IgnoreInsertCounts,
     /// A change that lacks a TOASTed value the row does not have here yet is forgotten instead of
     /// kept until the value arrives.
     DropDeferred,
@@ -222,12 +226,13 @@ pub enum PlantedBug {
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 19] = [
+    pub const ALL: [PlantedBug; 20] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
         PlantedBug::NoMissingRowWait,
+        PlantedBug::IgnoreInsertCounts,
         PlantedBug::DropDeferred,
         PlantedBug::NoKeyLockTrigger,
         PlantedBug::SplitTransactions,
@@ -251,6 +256,7 @@ impl PlantedBug {
             PlantedBug::ForgetFromPeer => "forget-from-peer",
             PlantedBug::NoMergedStamp => "no-merged-stamp",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
+            PlantedBug::IgnoreInsertCounts => "ignore-insert-counts",
             PlantedBug::DropDeferred => "drop-deferred",
             PlantedBug::NoKeyLockTrigger => "no-key-lock-trigger",
             PlantedBug::SplitTransactions => "split-transactions",
@@ -276,6 +282,7 @@ impl PlantedBug {
             PlantedBug::SkipXminCheck => Some(Engine::SkipGuard),
             PlantedBug::NoMergedStamp => Some(Engine::NoMergedStamp),
             PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
+            PlantedBug::IgnoreInsertCounts => Some(Engine::IgnoreInsertCounts),
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
             PlantedBug::SplitTransactions => Some(Engine::SplitTransactions),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use accord_engine::{
     AppliedPosition, ApplyError, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell,
-    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, LocalIdentity, Member,
-    MemberState, Membership, Message, NodeId, NodeSchema, Refusal, Replication, ReplicationConfig, ReplicationError,
-    ReviewAction, RowChange, Segments, ShapeBook, StableCut, TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, InsertLedger,
+    LocalIdentity, Member, MemberState, Membership, Message, NodeId, NodeSchema, Refusal, Replication,
+    ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, ShapeBook, StableCut, TableDef, Truncate,
+    MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -182,6 +183,9 @@ pub struct Volatile {
     /// This node's part in the tombstone-collection rounds; its state is durable in `db`.
     collector: Collector,
     round_scheduled: bool,
+    /// What the capture is known to have accounted for of local inserts, for every applier
+    /// (`engine::InsertLedger`, in the service's memory: a restart forgets it).
+    ledger: InsertLedger,
 }
 
 impl Volatile {
@@ -345,6 +349,7 @@ impl Node {
             prune_scheduled: false,
             collector: Collector::new(self.id, self.round_members(ctx.bug), self.db.collection.clone()),
             round_scheduled: false,
+            ledger: InsertLedger::default(),
         });
         self.want_capture(ctx);
         self.want_round(ctx);
@@ -776,6 +781,11 @@ impl Node {
         }
         let mut rows = Vec::with_capacity(plan.rows.len());
         for row in plan.rows {
+            // The trigger counts an insert of the key (a key-changing update is a delete and an
+            // insert here) after taking its lock; without the trigger, nothing counts.
+            if row.kind == ChangeKind::Insert && ctx.bug != Some(PlantedBug::NoKeyLockTrigger) {
+                *self.db.insert_counts.entry(row.key).or_default() += 1;
+            }
             match &row.new {
                 Some(values) => {
                     // A row written inside a subtransaction (a SAVEPOINT, a PL/pgSQL EXCEPTION
@@ -1261,7 +1271,7 @@ impl Node {
                 round_trip: ctx.rng.range(0, ctx.params.round_trip_max),
             };
             let others: Vec<&Applying> = vol.appliers.values().filter_map(|a| a.applying.as_ref()).collect();
-            let result = applying.run(&mut self.db, &others, input.take(), env);
+            let result = applying.run(&mut self.db, &others, &mut vol.ledger, input.take(), env);
             let Some(applier) = vol.appliers.get_mut(&peer) else {
                 return Ok(());
             };
@@ -1364,6 +1374,7 @@ impl Node {
         ctx.stats.merges += c.merged.len() as u64;
         ctx.stats.conflicts += c.conflicts as u64;
         ctx.stats.apply_waits += c.summary.waits;
+        ctx.stats.keys_clear += c.summary.keys_clear;
         ctx.stats.deferred += c.summary.deferred;
         ctx.stats.review_opened += c.review.iter().filter(|a| matches!(a, ReviewAction::Open(_))).count() as u64;
         ctx.trace.add(mix(

@@ -51,6 +51,10 @@ fn two_hundred_seeds_pass_with_every_fault_kind() {
         "no transaction stopped waiting for a node that stayed away"
     );
     assert!(total(|s| s.apply_waits) > 0, "no merge waited for the capture");
+    assert!(
+        total(|s| s.keys_clear) > 0,
+        "no missing row was merged without a wait (its key's insert count settled)"
+    );
     // The appliers ran side by side and met each other's locks, and so did local writers and
     // the capture.
     assert!(total(|s| s.lock_waits) > 0, "no applier waited for another's lock");
@@ -147,6 +151,10 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // leaves metadata the capture then never accounts for: the guard probes for ever, which
         // the simulator reports as a breach of the engine's contract before the rows differ.
         (PlantedBug::NoMissingRowWait, Invariant::Engine, 400, 0..80),
+        // The same loss with the keys locked, when the counts of local inserts are not
+        // consulted: a local insert and delete of the key, counted but not yet captured, are
+        // overwritten unseen (seed 58 is the first).
+        (PlantedBug::IgnoreInsertCounts, Invariant::Engine, 400, 0..120),
         // Planted in the simulator's local writers (the service's trigger missing), beside the
         // engine's key locks. Without spooling it is rare (seed 522 was the first: the capture
         // records the lost local writes against the merge's metadata, and the causal lengths

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records, RowChange,
-    RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, InsertCount, InsertLedger, LoadedRow, NodeId, NodeSchema,
+    PlannedWrite, Records, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value, WriteRefusal,
+    Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -38,12 +39,16 @@ const ORIGIN_BIND_ATTEMPTS: u32 = 600;
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
 const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
 
+/// A node's [`InsertLedger`], which all its appliers share (classes are key-lock buckets).
+pub type SharedLedger = Arc<std::sync::Mutex<InsertLedger>>;
+
 pub struct Applier {
     db: Client,
     /// A second session, without the origin, that flushes the WAL after a probe while `db` holds
     /// its batch's row locks.
     flusher: Client,
     capture: watch::Receiver<CaptureProgress>,
+    ledger: SharedLedger,
     peer: NodeId,
     policy: Arc<SchemaPolicy>,
     /// The policy's tables, as the engine takes them.
@@ -85,6 +90,7 @@ impl Applier {
         db: Client,
         flusher: Client,
         capture: watch::Receiver<CaptureProgress>,
+        ledger: SharedLedger,
         peer: NodeId,
         policy: Arc<SchemaPolicy>,
         synchronous_commit: bool,
@@ -183,6 +189,7 @@ impl Applier {
             db,
             flusher,
             capture,
+            ledger,
             peer,
             tables: Arc::from(policy.tables()),
             shapes: watch::channel(Arc::clone(&NodeSchema::of(Arc::from(policy.tables())).shapes)).1,
@@ -247,6 +254,10 @@ impl Applier {
 
     pub fn capture(&self) -> watch::Receiver<CaptureProgress> {
         self.capture.clone()
+    }
+
+    pub fn ledger(&self) -> SharedLedger {
+        Arc::clone(&self.ledger)
     }
 
     /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.
@@ -406,6 +417,8 @@ impl Applier {
         let started = tokio::time::Instant::now();
         let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut keys: BTreeMap<usize, SlotKey> = BTreeMap::new();
+        // The key-lock bucket of each slot whose key the last `LockKeys` locked.
+        let mut buckets: BTreeMap<usize, u64> = BTreeMap::new();
         let mut input = ApplyInput::Start { now: now() };
         loop {
             input = match machine.step(input)? {
@@ -418,19 +431,43 @@ impl Applier {
                     }
                     ApplyInput::Loaded(self.load(machine, &keys, begin, guard, &slots).await?)
                 }
-                ApplyCommand::ProbeAndWait { missing } => {
-                    if !self.lock_keys(machine, &keys, &missing).await? {
-                        ApplyInput::KeysBusy { now: now() }
-                    } else {
-                        let lsn = probe(&self.db).await?;
-                        let waiting = tokio::time::Instant::now();
-                        wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
-                        tracing::debug!(
-                            millis = waiting.elapsed().as_millis() as u64,
-                            "waited for the capture with the rows locked"
-                        );
-                        ApplyInput::CaptureReached { now: now() }
+                ApplyCommand::LockKeys { missing } => match self.lock_keys(machine, &keys, &missing).await? {
+                    None => ApplyInput::KeysBusy { now: now() },
+                    Some(locked) => {
+                        let ledger = self
+                            .ledger
+                            .lock()
+                            .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))?;
+                        let counts = locked
+                            .iter()
+                            .map(|&(bucket, issued)| InsertCount {
+                                issued,
+                                accounted: ledger.accounted(bucket),
+                            })
+                            .collect();
+                        buckets = missing.iter().copied().zip(locked.iter().map(|&(b, _)| b)).collect();
+                        ApplyInput::KeysLocked(counts)
                     }
+                },
+                ApplyCommand::ProbeAndWait { settles } => {
+                    let lsn = self.probe().await?;
+                    let waiting = tokio::time::Instant::now();
+                    wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
+                    tracing::debug!(
+                        millis = waiting.elapsed().as_millis() as u64,
+                        "waited for the capture with the rows locked"
+                    );
+                    let mut ledger = self
+                        .ledger
+                        .lock()
+                        .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))?;
+                    for (slot, issued) in settles {
+                        let bucket = buckets
+                            .get(&slot)
+                            .context("the engine settled a key this applier did not lock")?;
+                        ledger.settle(*bucket, issued);
+                    }
+                    ApplyInput::CaptureReached { now: now() }
                 }
                 ApplyCommand::Restart { probe, pause_micros } => {
                     self.roll_back_for_restart(probe, pause_micros).await?;
@@ -608,14 +645,15 @@ impl Applier {
     }
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and tries
-    /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`). `false`: one was
-    /// busy, and none is held.
+    /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`), then reads their
+    /// buckets' insert counts (`key_locks::insert_counts_sql`). `None`: one was busy, and none
+    /// is held; else per missing slot in order, its bucket and count.
     async fn lock_keys(
         &mut self,
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         missing: &[usize],
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<(u64, u64)>>> {
         let db = &self.db;
         let groups = table_groups(machine, missing)?;
         let mut params: Params = Vec::new();
@@ -623,31 +661,65 @@ impl Applier {
             params.extend(key_arrays(keys, rows, t.key.len())?);
         }
         let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
-        let statement = match tables.is_empty() {
-            true => None,
-            false => Some(self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?),
-        };
-        let mut queries = vec![pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard")];
-        if let Some(statement) = &statement {
-            queries.push(pipeline::query(db, statement, &params));
+        if tables.is_empty() {
+            bail!("the engine asked to lock the keys of no rows");
         }
+        let lock = self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
+        let count = self.statements.get(db, &key_locks::insert_counts_sql(&tables)).await?;
+        let queries = vec![
+            pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
+            pipeline::query(db, &lock, &params),
+            // Read whether or not every lock was taken; only used if they all were.
+            pipeline::query(db, &count, &params),
+        ];
         // Set before the statement runs: it may take some of them and then fail.
-        self.keys_locked |= statement.is_some();
+        self.keys_locked = true;
         let results = pipeline::run_all(queries)
             .await
             .context("cannot lock the keys of rows missing from a batch")?;
-        let Some(rows) = results.get(1) else {
-            return Ok(true);
+        let (Some(taken), Some(counted)) = (results.get(1), results.get(2)) else {
+            bail!("the key locks' statements returned nothing");
         };
-        let taken: Option<bool> = rows
+        let taken: Option<bool> = taken
             .first()
             .context("the key locks' statement returned no row")?
             .try_get(0)?;
-        if taken == Some(false) {
+        if taken != Some(true) {
             self.unlock_keys().await?;
-            return Ok(false);
+            return Ok(None);
         }
-        Ok(true)
+        let mut counts = vec![None; missing.len()];
+        for row in counted {
+            let ord = usize::try_from(row.try_get::<_, i32>(0)?).context("a negative ord")?;
+            let bucket = u64::try_from(row.try_get::<_, i32>(1)?).context("a negative bucket")?;
+            let issued = u64::try_from(row.try_get::<_, i64>(2)?).context("a negative insert count")?;
+            *counts.get_mut(ord).context("an insert count for an unknown ord")? = Some((bucket, issued));
+        }
+        counts
+            .into_iter()
+            .map(|c| c.context("a locked key without its insert count"))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' and keys' stay)
+    /// and writes a probe; returns its WAL position.
+    async fn probe(&mut self) -> Result<u64> {
+        let db = &self.db;
+        let probe = self.statements.get(db, PROBE_SQL).await?;
+        let params: Params = vec![Box::new(PROBE_MESSAGE_PREFIX)];
+        let results = pipeline::run_all(vec![
+            pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
+            pipeline::query(db, &probe, &params),
+        ])
+        .await
+        .context("cannot write a probe for the capture")?;
+        let lsn: PgLsn = results
+            .get(1)
+            .and_then(|rows| rows.first())
+            .context("the probe returned no row")?
+            .try_get(0)?;
+        Ok(u64::from(lsn))
     }
 
     /// Releases the key locks this session holds, once its transaction ended.
@@ -1066,15 +1138,12 @@ pub(super) async fn wait_for_capture(
     Ok(())
 }
 
-/// Writes a probe: a non-transactional message whose WAL position the capture reports once it
-/// has read past it (and so past every transaction committed before it).
+/// A probe: a non-transactional message whose WAL position the capture reports once it has
+/// read past it (and so past every transaction committed before it).
+const PROBE_SQL: &str = "SELECT pg_logical_emit_message(false, $1, '')";
+
+/// Writes a probe ([`PROBE_SQL`]); returns its WAL position.
 pub(super) async fn probe(db: &impl GenericClient) -> Result<u64> {
-    let lsn: PgLsn = db
-        .query_one(
-            "SELECT pg_logical_emit_message(false, $1, '')",
-            &[&PROBE_MESSAGE_PREFIX],
-        )
-        .await?
-        .try_get(0)?;
+    let lsn: PgLsn = db.query_one(PROBE_SQL, &[&PROBE_MESSAGE_PREFIX]).await?.try_get(0)?;
     Ok(u64::from(lsn))
 }

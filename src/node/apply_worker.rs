@@ -434,6 +434,7 @@ async fn replace(applier: &mut Applier, dsn: &str) -> bool {
             db,
             connect(dsn).await?,
             applier.capture(),
+            applier.ledger(),
             peer,
             policy,
             applier.synchronous_commit(),

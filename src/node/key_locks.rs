@@ -19,9 +19,17 @@
 //! accord's advisory-lock class. Two keys in one bucket only make their writers wait for each
 //! other.
 //!
+//! After its lock, a local insert (or key update) counts itself in its bucket's sequence
+//! (`accord.key_inserts_<bucket>`), which a rollback does not undo. An applier that holds a
+//! bucket reads its count (`insert_counts_sql`): if it is the count an earlier apply read under
+//! the same lock before a probe the capture has since read past (`engine::InsertLedger`), no
+//! local insert of the bucket can be on its way through the capture, and a missing row there
+//! needs no probe (`engine::InsertCount`). That wait was most of the lag of new rows.
+//!
 //! The appliers' own writes skip the triggers (`accord.applying`, set on their sessions): they
 //! lock what they insert into themselves, and a shared lock taken on the way would only add
-//! waits between them. (A user who sets it skips them too, and gives up what they protect.)
+//! waits between them. (A user who sets it, or writes with `session_replication_role =
+//! replica`, which fires no triggers, skips them too, and gives up what they protect.)
 
 use accord_engine::TableDef;
 use anyhow::{Context, Result};
@@ -38,6 +46,33 @@ pub const BUCKETS: u32 = 256;
 
 /// Set to `on` on the appliers' sessions: their writes skip the key-lock trigger.
 pub const APPLYING_SETTING: &str = "accord.applying";
+
+/// The sequences local inserts count themselves in, one per bucket: `key_inserts_<bucket>`.
+const COUNTER_PREFIX: &str = "key_inserts_";
+
+/// The buckets' sequences as one constant array, indexed by bucket + 1: PostgreSQL resolves
+/// the names once, when the trigger or statement is created, not per row.
+fn counters() -> String {
+    let names: Vec<String> = (0..BUCKETS).map(|b| format!("accord.{COUNTER_PREFIX}{b}")).collect();
+    format!("'{{{}}}'::pg_catalog.regclass[]", names.join(","))
+}
+
+/// Creates the buckets' sequences where missing. `CACHE 1` (the default), so that every count
+/// reaches the sequence at once, where the apply reads it, and none waits in a session's cache.
+const COUNTERS_SQL: &str = "
+DO $accord$
+BEGIN
+    FOR b IN 0..255 LOOP
+        IF pg_catalog.to_regclass('accord.key_inserts_' || b) IS NULL THEN
+            EXECUTE pg_catalog.format('CREATE SEQUENCE accord.%I CACHE 1', 'key_inserts_' || b);
+            EXECUTE pg_catalog.format(
+                'COMMENT ON SEQUENCE accord.%I IS %L', 'key_inserts_' || b,
+                'accord: local inserts of keys in key-lock bucket ' || b || ', for the apply');
+        END IF;
+    END LOOP;
+END
+$accord$;
+";
 
 /// The triggers, named to fire after the table's other `BEFORE` triggers (PostgreSQL fires them
 /// in name order), so that they lock the key those settled on.
@@ -91,6 +126,26 @@ pub fn lock_keys_sql(tables: &[&TableDef]) -> String {
     )
 }
 
+/// The buckets and insert counts of keys of several tables, read after [`lock_keys_sql`] took
+/// them: one row per key, `(ord, bucket, count)`. Same parameters.
+pub fn insert_counts_sql(tables: &[&TableDef]) -> String {
+    let mut first = 1;
+    let mut parts = Vec::with_capacity(tables.len());
+    for table in tables {
+        parts.push(format!(
+            "SELECT u.ord, {} AS bucket FROM {}",
+            bucket(table, |i, _| format!("u.c{i}")),
+            unnest(first, table.key.len()),
+        ));
+        first += 1 + table.key.len();
+    }
+    format!(
+        "SELECT k.ord, k.bucket, COALESCE(pg_catalog.pg_sequence_last_value(({})[k.bucket + 1]), 0)          FROM ({}) AS k",
+        counters(),
+        parts.join(" UNION ALL ")
+    )
+}
+
 /// Releases the key locks of an applier's session (it takes no other session-level advisory
 /// locks).
 pub const UNLOCK_SQL: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
@@ -111,8 +166,10 @@ COMMENT ON FUNCTION accord.key_lock_taken() IS
 ";
 
 /// The two triggers of one table: every insert, and updates that change the key, take their
-/// key's bucket shared, unless an applier writes. `CASE` evaluates its branches lazily (an
-/// `AND` may be reordered or folded), and nothing in it is constant.
+/// key's bucket shared and then count themselves in its sequence, unless an applier writes.
+/// `CASE` evaluates its branches lazily and in order (an `AND` may be reordered or folded), and
+/// nothing in it is constant: the count comes after the lock, so that an apply holding the
+/// bucket reads a count no running transaction can still add to.
 fn triggers_sql(table: &TableDef) -> String {
     let target = quote_table(&table.name);
     let new_key: Vec<String> = table
@@ -125,17 +182,19 @@ fn triggers_sql(table: &TableDef) -> String {
         .iter()
         .map(|k| format!("OLD.{}", quote_ident(&k.name)))
         .collect();
+    let new_bucket = bucket(table, |_, name| format!("NEW.{}", quote_ident(name)));
     let lock = format!(
-        "pg_catalog.pg_advisory_xact_lock_shared({CLASS}, {}) IS NULL",
-        bucket(table, |_, name| format!("NEW.{}", quote_ident(name)))
+        "pg_catalog.pg_advisory_xact_lock_shared({CLASS}, {new_bucket}) IS NULL THEN false \
+         ELSE pg_catalog.nextval(({})[({new_bucket}) + 1]) IS NULL",
+        counters()
     );
     let applying = format!("pg_catalog.current_setting('{APPLYING_SETTING}', true) = 'on'");
     format!(
         "CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target} FOR EACH ROW
-    WHEN (CASE WHEN {applying} THEN false ELSE {lock} END)
+    WHEN (CASE WHEN {applying} THEN false WHEN {lock} END)
     EXECUTE FUNCTION accord.key_lock_taken();
 CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH ROW
-    WHEN (CASE WHEN ROW({}) IS NOT DISTINCT FROM ROW({}) OR {applying} THEN false ELSE {lock} END)
+    WHEN (CASE WHEN ROW({}) IS NOT DISTINCT FROM ROW({}) OR {applying} THEN false WHEN {lock} END)
     EXECUTE FUNCTION accord.key_lock_taken();
 ",
         old_key.join(", "),
@@ -144,17 +203,24 @@ CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH RO
 }
 
 /// Installs the key-lock triggers on the replicated tables: all of them (`accord init`, whose
-/// policy may have changed a key), or only where they are missing (a node starting on a
-/// database initialised by an earlier version; creating a trigger waits for the table's
-/// writers, so a restart does not do it needlessly).
+/// policy may have changed a key), or only where they are missing or do not count inserts (a
+/// node starting on a database initialised by an earlier version, whose triggers' inserts the
+/// apply would take as never made; creating a trigger waits for the table's writers, so a
+/// restart does not do it needlessly).
 pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], replace: bool) -> Result<usize> {
     let mut installed = 0;
     for table in tables {
         let present: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_catalog.pg_trigger
-                  WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)",
-                &[&quote_table(&table.name), &INSERT_TRIGGER, &UPDATE_TRIGGER],
+                  WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)
+                    AND pg_catalog.pg_get_triggerdef(oid) LIKE '%' || $4 || '%'",
+                &[
+                    &quote_table(&table.name),
+                    &INSERT_TRIGGER,
+                    &UPDATE_TRIGGER,
+                    &COUNTER_PREFIX,
+                ],
             )
             .await
             .with_context(|| format!("cannot find table {}", table.name))?
@@ -166,6 +232,9 @@ pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], repl
             db.batch_execute(NOTHING_FUNCTION)
                 .await
                 .context("cannot create accord.key_lock_taken()")?;
+            db.batch_execute(COUNTERS_SQL)
+                .await
+                .context("cannot create the sequences that count local inserts (accord.key_inserts_*)")?;
         }
         db.batch_execute(&triggers_sql(table))
             .await

@@ -20,7 +20,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::Client;
 use tracing::Instrument;
 
-use super::apply::{Applier, ConflictCounts};
+use super::apply::{Applier, ConflictCounts, SharedLedger};
 use super::apply_worker::{apply_worker, spooler, Applied, ApplyWaits, ApplyWork, SpoolWork};
 use super::capture::{Capture, CaptureProgress};
 use super::key_locks;
@@ -106,6 +106,10 @@ pub struct PeerStatus {
     pub conflicts: ConflictCounts,
     /// Times an apply waited for the capture (a local write raced a merge).
     pub capture_waits: u64,
+    /// Missing rows merged without waiting for the capture: no local insert of their keys was
+    /// on its way through it.
+    #[serde(default)]
+    pub keys_clear: u64,
     /// The peer's changes received and held in memory until the rest of their transaction
     /// arrives (a transaction is applied whole).
     pub incomplete_transaction_changes: u64,
@@ -499,6 +503,7 @@ where
         dsn: config.dsn.clone(),
         policy: Arc::clone(&policy),
         capture: capture_rx.clone(),
+        ledger: SharedLedger::default(),
         cut: cut_rx.clone(),
         shapes: shapes_rx,
         left: left_rx,
@@ -667,6 +672,8 @@ struct PeerSpawner {
     dsn: String,
     policy: Arc<SchemaPolicy>,
     capture: watch::Receiver<CaptureProgress>,
+    /// What the capture is known to have accounted for of local inserts, for all appliers.
+    ledger: SharedLedger,
     cut: watch::Receiver<Option<StableCut>>,
     shapes: watch::Receiver<Arc<ShapeBook>>,
     left: watch::Receiver<Arc<BTreeSet<String>>>,
@@ -685,6 +692,7 @@ impl PeerSpawner {
             connect(&self.dsn).await?,
             connect(&self.dsn).await?,
             self.capture.clone(),
+            Arc::clone(&self.ledger),
             peer,
             Arc::clone(&self.policy),
             self.synchronous_commit,
@@ -1022,6 +1030,7 @@ impl Loop {
         stats.parked += summary.parked;
         stats.conflicts.add(&summary.conflicts);
         stats.capture_waits += summary.waits;
+        stats.keys_clear += summary.keys_clear;
         stats.apply_deadlocks += done.deadlocks;
         self.replication.applied(peer, upto)?;
         let ack = Message::Ack { applied: durable };
