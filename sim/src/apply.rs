@@ -292,7 +292,7 @@ impl Applying {
                     if begin.is_some() && self.load_seen.is_none() {
                         self.roll_back();
                     }
-                    if let Some(holder) = self.lock_for_load(db, others, &slots)? {
+                    if let Some(holder) = self.lock_for_load(db, others, &slots, guard)? {
                         return Ok(self.block(ApplyCommand::Load { begin, guard, slots }, holder));
                     }
                     let seen = self.load_seen.take();
@@ -445,8 +445,20 @@ impl Applying {
 
     /// Takes the locks of a load, in its order: each existing row's (`FOR UPDATE` waits for a row
     /// another transaction locked or wrote), then each existing metadata row's. Returns the
-    /// applier it must wait for, keeping the locks taken so far.
-    fn lock_for_load(&mut self, db: &Db, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
+    /// applier it must wait for, keeping the row locks taken so far. A guard load does not wait
+    /// for a metadata lock holding others (the service's `NOWAIT`): it rolls back to its
+    /// savepoint, letting go of the metadata locks it took, and tries again once the holder is
+    /// done. Holding them, it closed a cycle with the capture: the capture waited for a row's
+    /// metadata this load had locked (a local write of the row it had not read yet, which the
+    /// guard would have probed for), while the holder this load waited for, a later segment of a
+    /// spooled transaction, waited for the capture (`--review-inserts` seed 165).
+    fn lock_for_load(
+        &mut self,
+        db: &Db,
+        others: &[&Applying],
+        slots: &[usize],
+        guard: bool,
+    ) -> Result<Option<usize>, DriverError> {
         let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
         // The statement's snapshot is taken when it begins: rows committed later are not
         // among those it returns, even after a wait.
@@ -468,6 +480,9 @@ impl Applying {
                 continue;
             }
             if let Some(other) = others.iter().find(|o| o.holds_meta(key)) {
+                if guard {
+                    self.meta_locks.clear();
+                }
                 return Ok(Some(other.peer));
             }
             self.meta_locks.insert(key);

@@ -562,7 +562,14 @@ impl Applier {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
             locks.push((statement, key_arrays(keys, rows, t.key.len())?));
         }
-        let load_metas = statements.get(db, store::LOAD_METAS_SQL).await?;
+        // A guard load must not wait for a metadata lock while it holds others: the capture may
+        // need one of those (a local write of the row it has not read, which the guard would
+        // probe for), while the transaction holding the lock waits for the capture (a later
+        // segment of a spooled transaction). It lets go and tries again after a pause.
+        let load_metas = match guard {
+            true => statements.get(db, store::LOAD_METAS_NOWAIT_SQL).await?,
+            false => statements.get(db, store::LOAD_METAS_SQL).await?,
+        };
         let load_kept = statements.get(db, store::LOAD_DEFERRED_SQL).await?;
         let all: Vec<usize> = (0..slots.len()).collect();
         let mut names = Vec::with_capacity(slots.len());
@@ -602,7 +609,19 @@ impl Applier {
         }
         queries.push(pipeline::query(db, &load_metas, &load_params));
         queries.push(pipeline::query(db, &load_kept, &load_params));
-        let results = pipeline::run_all(queries).await?;
+        let mut results = Vec::with_capacity(queries.len());
+        let mut busy = false;
+        for outcome in pipeline::run_each(queries).await {
+            match outcome {
+                Ok(rows) => results.push(rows),
+                Err(error) if guard && !busy && is_lock_not_available(&error) => busy = true,
+                Err(error) if busy => tracing::trace!(%error, "after a busy metadata lock"),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if busy {
+            results.extend(metas_again(db, &load_metas, &load_kept, &load_params).await?);
+        }
 
         let mut loaded: Vec<LoadedRow> = slots.iter().map(|_| LoadedRow::default()).collect();
         let slot_of = |ord: i32| usize::try_from(ord).ok().filter(|&o| o < slots.len());
@@ -1136,6 +1155,40 @@ pub(super) async fn wait_for_capture(
     };
     tokio::try_join!(flush, reached)?;
     Ok(())
+}
+
+/// Loads the metadata and kept changes of a guard load again, after a metadata lock was busy:
+/// rolls back to the guard savepoint (letting go of the metadata locks, keeping the rows') and
+/// tries again after a pause, until no lock is busy.
+async fn metas_again(
+    db: &Client,
+    load_metas: &tokio_postgres::Statement,
+    load_kept: &tokio_postgres::Statement,
+    params: &Params,
+) -> Result<Vec<Vec<Row>>> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        db.batch_execute("ROLLBACK TO SAVEPOINT accord_guard")
+            .await
+            .context("cannot roll back to the guard's savepoint")?;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+        let outcomes = pipeline::run_each(vec![
+            pipeline::query(db, load_metas, params),
+            pipeline::query(db, load_kept, params),
+        ])
+        .await;
+        match outcomes.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(results) => return Ok(results),
+            Err(error) if is_lock_not_available(&error) && started.elapsed() < CAPTURE_WAIT_LIMIT => {}
+            Err(error) => return Err(error).context("cannot lock the metadata of a batch's rows"),
+        }
+    }
+}
+
+fn is_lock_not_available(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 /// A probe: a non-transactional message whose WAL position the capture reports once it has

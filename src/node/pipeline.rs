@@ -66,6 +66,12 @@ pub async fn run_all(queries: Vec<Query<'_>>) -> Result<Vec<Vec<Row>>, Error> {
     join_all(queries).await.into_iter().collect()
 }
 
+/// Like [`run_all`], with each statement's own outcome (after a failed one, the rest of its
+/// transaction fails too).
+pub async fn run_each(queries: Vec<Query<'_>>) -> Vec<Result<Vec<Row>, Error>> {
+    join_all(queries).await
+}
+
 /// At most this many statements stay prepared on a connection (updates of many different sets of
 /// columns each have their own).
 const MAX_PREPARED: usize = 256;

@@ -540,6 +540,14 @@ pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin, m.shape
      ORDER BY m.table_name, m.row_key
      FOR UPDATE OF m";
 
+/// [`LOAD_METAS_SQL`] that fails (`lock_not_available`) instead of waiting for a lock another
+/// transaction holds: the apply's guard load, which must not wait holding metadata locks.
+pub const LOAD_METAS_NOWAIT_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin, m.shape
+     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
+     JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
+     ORDER BY m.table_name, m.row_key
+     FOR UPDATE OF m NOWAIT";
+
 /// Writes the metadata of many rows (each (table, key) at most once). Parameters: table names,
 /// row keys, metas, alive flags, known xmins, shapes.
 pub const SAVE_METAS_SQL: &str = "INSERT INTO accord.row_meta (table_name, row_key, meta, alive, known_xmin, shape)
