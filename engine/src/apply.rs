@@ -10,8 +10,8 @@
 //! - **The xmin guard** (PRODUCT.md invariant 8, HARD-PARTS §2), in [`judge`]: a row whose
 //!   version accord has not accounted for yet is a local write still on its way through the
 //!   capture. The batch then probes and waits for the capture, holding the rows' locks, a few
-//!   rounds; then it rolls back and starts over after a probe. A missing row whose key no local
-//!   insert has touched since the capture last accounted for it needs no probe ([`InsertCount`]).
+//!   rounds; then it rolls back and starts over after a probe. A missing row needs no probe
+//!   when no local insert was made since the capture last accounted for them ([`InsertCount`]).
 //! - **Joining and splitting.** A batch is merged in memory, each row written once (several
 //!   merges of a row fold into one write). A part the database refuses is split in halves, down
 //!   to single changes, so that exactly the refused change is parked.
@@ -48,7 +48,7 @@ pub enum PlantedBug {
     /// read past a probe.
     NoMissingRowWait,
     /// Take the keys of missing rows as clear of local inserts on the way through the capture
-    /// whatever their insert counts say ([`InsertCount`]): lock them, but wait for no probe.
+    /// whatever the insert count says ([`InsertCount`]): lock them, but wait for no probe.
     IgnoreInsertCounts,
     /// Forget a deferred change instead of keeping it.
     DropDeferred,
@@ -109,50 +109,48 @@ pub struct LoadedRow {
     pub deferred: Vec<RowChange>,
 }
 
-/// Local inserts of one key's class, for a missing row whose key the apply has locked
-/// ([`ApplyCommand::LockKeys`]). A class is what one key lock covers (the service's bucket of
-/// keys, the simulator's key). Every local insert of a key, and every update that changes a key
-/// into it, takes the class's lock shared and then counts itself in the class's counter, which
-/// a rollback does not undo (a PostgreSQL sequence).
+/// The node's count of local inserts, for missing rows whose keys the apply has locked
+/// ([`ApplyCommand::LockKeys`]). Every local insert of a key, and every update that changes a key,
+/// takes its key's lock shared and then counts itself in one counter, which a rollback does not
+/// undo (a PostgreSQL sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InsertCount {
-    /// The class's counter, read while the apply holds the class's lock exclusively: every
-    /// local transaction that counted itself there has ended, and none can count until the
-    /// apply's transaction ends.
+    /// The counter, read with the missing rows' keys locked: a local insert of one of them that
+    /// committed before the lock counted itself before that, and none can until the apply ends.
     pub issued: u64,
-    /// What the node's [`InsertLedger`] holds for the class.
+    /// What the node's [`InsertLedger`] holds.
     pub accounted: Option<u64>,
 }
 
 impl InsertCount {
-    /// Whether every local insert of the class is known to be accounted for by the capture: none
-    /// counted since a count read under the lock, before a probe the capture has read past.
+    /// Whether every local insert counted so far is known to be accounted for by the capture:
+    /// none counted since the ledger's count was read.
     pub fn settled(&self) -> bool {
         self.accounted == Some(self.issued)
     }
 }
 
-/// What a node's capture is known to have accounted for of local inserts, per key class: a
-/// count read with the class's key lock held, before a probe the capture then read past. Every
-/// local insert counted up to it had ended before that probe, so the capture has decoded it and
-/// recorded its metadata. Held in memory for all of a node's appliers (a restart forgets it:
-/// each class then waits for one probe again).
+/// What a node's capture is known to have accounted for of local inserts: the count read while
+/// every key lock was held for a moment (so every transaction that had counted itself had
+/// ended), before a probe the capture then read past. Each insert it counts committed before
+/// that probe, so the capture has decoded it and recorded its metadata. Held in memory for all of
+/// a node's appliers (a restart forgets it: the first probe settles it again).
 #[derive(Debug, Clone, Default)]
 pub struct InsertLedger {
-    accounted: BTreeMap<u64, u64>,
+    accounted: Option<u64>,
 }
 
 impl InsertLedger {
-    pub fn accounted(&self, class: u64) -> Option<u64> {
-        self.accounted.get(&class).copied()
+    pub fn accounted(&self) -> Option<u64> {
+        self.accounted
     }
 
-    /// The capture read past a probe written after `issued` was read for `class` under its lock.
+    /// The capture read past a probe written after `issued` was read with every key lock held.
     /// Set, not raised: two appliers' settlements may arrive out of order, and an older count
-    /// only makes the next apply of the class wait once more; a count that went down (the
-    /// counter made anew) must not be hidden behind a higher one.
-    pub fn settle(&mut self, class: u64, issued: u64) {
-        self.accounted.insert(class, issued);
+    /// only makes the next apply wait once more; a count that went down (the counter made anew)
+    /// must not be hidden behind a higher one.
+    pub fn settle(&mut self, issued: u64) {
+        self.accounted = Some(issued);
     }
 }
 
@@ -309,26 +307,27 @@ pub enum ApplyCommand {
     /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
     /// may need to write that metadata); lock the keys of the `missing` slots, whose rows the
     /// load did not find, exclusively until the transaction ends (local inserts and key updates
-    /// take the same locks shared, and other appliers take them too); then read each one's
-    /// [`InsertCount`] and answer [`ApplyInput::KeysLocked`], one per slot in this order. The
-    /// locks are only tried: if another transaction holds one, release them all and answer
-    /// [`ApplyInput::KeysBusy`] (the batch starts over after a pause, its row locks released).
-    /// Waiting for them instead closed deadlocks with local transactions that insert many rows,
-    /// taking the same locks in their own order.
+    /// take the same locks shared, and other appliers take them too); then read the node's
+    /// [`InsertCount`] and answer [`ApplyInput::KeysLocked`]. The locks are only tried: if
+    /// another transaction holds one, release them all and answer [`ApplyInput::KeysBusy`] (the
+    /// batch starts over after a pause, its row locks released). Waiting for them instead closed
+    /// deadlocks with local transactions that insert many rows, taking the same locks in their
+    /// own order.
     ///
     /// A missing row cannot be locked. Without the key locks, a local insert and delete of the
     /// key committed after the probe, or a local insert committed before this transaction does,
     /// would reach the capture after this merge's metadata, and be read against it; and two
     /// appliers merging into one missing row would both find no metadata, the later commit
-    /// overwriting the earlier's. With them, every write of the key committed before the lock
-    /// (and so is counted, or before the probe), and none can commit after it until this
+    /// overwriting the earlier's. With them, every local write of the key committed before the
+    /// lock (and counted itself, if it inserted), and none can commit after it until this
     /// transaction ends.
     LockKeys { missing: Vec<usize> },
-    /// Roll back to the guard savepoint (the metadata's locks go, the rows' and keys' stay),
-    /// write a probe, and once the capture has read past it, settle each `(slot, issued)` of
-    /// `settles` in the node's [`InsertLedger`] (the slot's key class, the count read under its
-    /// lock before the probe) and answer [`ApplyInput::CaptureReached`].
-    ProbeAndWait { settles: Vec<(usize, u64)> },
+    /// Roll back to the guard savepoint (the metadata's locks go, the rows' and keys' stay); take
+    /// every key lock for a moment, only trying them (some may be this transaction's already),
+    /// and if none is busy read the node's count of local inserts and let them go again; write a
+    /// probe; once the capture has read past it, settle the count read (if any) in the node's
+    /// [`InsertLedger`], and answer [`ApplyInput::CaptureReached`].
+    ProbeAndWait,
     /// Roll back the transaction and reset the session's origin position (PostgreSQL keeps it
     /// after a rollback, and a later commit of the session would record it); then, with
     /// `probe`, write a probe and wait until the capture has read past it, else pause
@@ -374,8 +373,8 @@ pub enum ApplyInput {
     CaptureReached {
         now: u64,
     },
-    /// The keys [`ApplyCommand::LockKeys`] named are locked: their insert counts, in its order.
-    KeysLocked(Vec<InsertCount>),
+    /// The keys [`ApplyCommand::LockKeys`] named are locked; the node's insert count.
+    KeysLocked(InsertCount),
     /// Another transaction holds a key lock [`ApplyCommand::LockKeys`] tried; none is held.
     KeysBusy {
         now: u64,
@@ -427,8 +426,8 @@ pub struct ApplySummary {
     pub conflicts: ConflictCounts,
     /// Times the batch waited for the capture (a local write raced the merge).
     pub waits: u64,
-    /// Missing rows merged without that wait: their keys locked, no local insert of them was on
-    /// its way through the capture ([`InsertCount`]).
+    /// Missing rows merged without that wait: their keys locked, no local insert was on its way
+    /// through the capture ([`InsertCount`]).
     #[serde(default)]
     pub keys_clear: u64,
     /// Changes to tables this node left (`NodeSchema::left`), not applied.
@@ -500,8 +499,6 @@ pub enum ApplyError {
     },
     #[error("the driver loaded {found} rows for {asked} slots")]
     LoadedCount { found: usize, asked: usize },
-    #[error("the driver counted inserts of {found} keys for {asked} locked")]
-    CountedKeys { found: usize, asked: usize },
     #[error("the driver reported {found} written rows for {asked} writes")]
     WrittenCount { found: usize, asked: usize },
     #[error(
@@ -897,8 +894,8 @@ impl BatchApply {
                     suspects,
                     missing,
                 },
-                ApplyInput::KeysLocked(counts),
-            ) => self.keys_locked(part, slots, suspects, missing, counts),
+                ApplyInput::KeysLocked(count),
+            ) => Ok(self.keys_locked(part, slots, suspects, missing, count)),
             (Phase::Probing { part, slots, suspects }, ApplyInput::CaptureReached { now }) => {
                 self.check_time(now)?;
                 self.attempt.waits += 1;
@@ -1106,7 +1103,7 @@ impl BatchApply {
                     return Ok(ApplyCommand::LockKeys { missing: keys });
                 }
                 self.phase = Phase::Probing { part, slots, suspects };
-                return Ok(ApplyCommand::ProbeAndWait { settles: Vec::new() });
+                return Ok(ApplyCommand::ProbeAndWait);
             }
             self.settled.extend(suspects);
             return Ok(self.restart(true));
@@ -1115,46 +1112,31 @@ impl BatchApply {
     }
 
     /// The missing rows' keys are locked. When nothing but missing rows held the part back, all
-    /// of them are recorded as absent or deleted, and no local insert of their keys is on its way
-    /// through the capture (their counts are settled), the part is loaded again and goes on
-    /// without a probe: no local write of those keys is left for the capture to account for,
-    /// and none can commit until this transaction ends. (A row whose metadata says it lives
-    /// was deleted here by a write the capture may not have read: it waits for a probe.)
-    /// Otherwise the part probes, and the counts read under the locks are settled once the
-    /// capture has read past it.
+    /// of them are recorded as absent or deleted, and no local insert was counted since the
+    /// capture last accounted for them all (the count is settled), the part is loaded again and
+    /// goes on without a probe: no local write of those keys is left for the capture to account
+    /// for (a local write of a row recorded as absent or deleted begins with an insert), and none
+    /// can commit until this transaction ends. (A row whose metadata says it lives was deleted
+    /// here by a write the capture may not have read: it waits for a probe.) Otherwise the part
+    /// probes.
     fn keys_locked(
         &mut self,
         part: (usize, usize),
         slots: Vec<usize>,
         suspects: Vec<(usize, Xid)>,
         missing: Vec<(usize, bool)>,
-        counts: Vec<InsertCount>,
-    ) -> Result<ApplyCommand, ApplyError> {
-        if counts.len() != missing.len() {
-            return Err(ApplyError::CountedKeys {
-                found: counts.len(),
-                asked: missing.len(),
-            });
-        }
+        count: InsertCount,
+    ) -> ApplyCommand {
         let trust_any = self.rules.planted == Some(PlantedBug::IgnoreInsertCounts);
-        let clear = suspects.is_empty()
-            && missing
-                .iter()
-                .zip(&counts)
-                .all(|(&(_, alive), count)| !alive && (count.settled() || trust_any));
+        let clear = suspects.is_empty() && missing.iter().all(|&(_, alive)| !alive) && (count.settled() || trust_any);
         if clear {
             self.attempt.keys_clear += missing.len() as u64;
             self.clear.extend(missing.iter().map(|&(slot, _)| slot));
             self.rounds += 1;
-            return Ok(self.load(part, slots, None, true));
+            return self.load(part, slots, None, true);
         }
-        let settles = missing
-            .iter()
-            .zip(&counts)
-            .map(|(&(slot, _), count)| (slot, count.issued))
-            .collect();
         self.phase = Phase::Probing { part, slots, suspects };
-        Ok(ApplyCommand::ProbeAndWait { settles })
+        ApplyCommand::ProbeAndWait
     }
 
     /// Merges the part in memory, in order, each change against the state the earlier ones

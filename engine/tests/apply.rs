@@ -113,7 +113,7 @@ fn missing() -> LoadedRow {
     LoadedRow::default()
 }
 
-/// A key's insert count that local inserts moved since the capture last accounted for it.
+/// An insert count that local inserts moved since the capture last accounted for them.
 fn unsettled(issued: u64) -> InsertCount {
     InsertCount {
         issued,
@@ -192,13 +192,12 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         busy.step(ApplyInput::KeysBusy { now: 5 }).unwrap(),
         ApplyCommand::Restart { probe: false, .. }
     ));
-    // A local insert of the key's class counted since the capture last accounted for it: the
-    // probe, and the count read under the lock is settled once the capture is past it.
-    let probe = m.step(ApplyInput::KeysLocked(vec![unsettled(3)])).unwrap();
-    let ApplyCommand::ProbeAndWait { settles } = probe else {
-        panic!("expected a probe, got {probe:?}");
-    };
-    assert_eq!(settles, vec![(0, 3)]);
+    // A local insert counted since the capture last accounted for the count: the probe.
+    let probe = m.step(ApplyInput::KeysLocked(unsettled(3))).unwrap();
+    assert!(
+        matches!(probe, ApplyCommand::ProbeAndWait),
+        "expected a probe, got {probe:?}"
+    );
     let again = m.step(ApplyInput::CaptureReached { now: 10 }).unwrap();
     assert!(matches!(
         again,
@@ -231,18 +230,18 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
     assert_eq!((applied, summary.applied, summary.waits), (1, 1, 1));
 }
 
-/// Issue 20: the wait for the capture is the lag. A missing row whose key no local insert has
-/// touched since the capture last accounted for it (its count is settled), recorded as absent or
-/// deleted, is loaded again under its key lock and merged without a probe.
+/// Issue 20: the wait for the capture is the lag. A missing row recorded as absent or deleted,
+/// when no local insert was counted since the capture last accounted for the count (it is
+/// settled), is loaded again under its key lock and merged without a probe.
 #[test]
-fn a_missing_row_whose_key_no_local_insert_touched_is_merged_without_a_probe() {
+fn a_missing_row_is_merged_without_a_probe_when_no_local_insert_is_on_its_way() {
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![missing()])).unwrap(),
         ApplyCommand::LockKeys { .. }
     ));
-    let reload = m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap();
+    let reload = m.step(ApplyInput::KeysLocked(settled(7))).unwrap();
     assert!(
         matches!(
             reload,
@@ -278,7 +277,7 @@ fn a_missing_row_whose_key_no_local_insert_touched_is_merged_without_a_probe() {
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![tombstone.clone()])).unwrap();
     assert!(matches!(
-        m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap(),
+        m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
         ApplyCommand::Load { .. }
     ));
     // The tombstone is newer than the insert: nothing to write, only the merge to record.
@@ -297,12 +296,12 @@ fn a_missing_row_whose_key_no_local_insert_touched_is_merged_without_a_probe() {
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![alive])).unwrap();
     assert!(matches!(
-        m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap(),
+        m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
         ApplyCommand::ProbeAndWait { .. }
     ));
 
     // Another row of the part has a version accord has not accounted for: the probe is needed
-    // anyway, and it settles the missing row's count too.
+    // anyway.
     let (_, update) = updated_row();
     let mut m = machine(0, vec![update, insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
@@ -310,30 +309,23 @@ fn a_missing_row_whose_key_no_local_insert_touched_is_merged_without_a_probe() {
         m.step(ApplyInput::Loaded(vec![row_at(&meta, 9), missing()])).unwrap(),
         ApplyCommand::LockKeys { .. }
     ));
-    let ApplyCommand::ProbeAndWait { settles } = m.step(ApplyInput::KeysLocked(vec![settled(7)])).unwrap() else {
-        panic!("a suspect row needs the probe");
-    };
-    assert_eq!(settles, vec![(1, 7)]);
-
-    // The answer must name every key locked.
-    let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
-    m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    assert!(matches!(
-        m.step(ApplyInput::KeysLocked(Vec::new())),
-        Err(ApplyError::CountedKeys { found: 0, asked: 1 })
-    ));
+    assert!(
+        matches!(
+            m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
+            ApplyCommand::ProbeAndWait
+        ),
+        "a suspect row needs the probe"
+    );
 }
 
 /// The ledger a node's appliers share: a settlement sets the count, even a lower one.
 #[test]
-fn the_insert_ledger_keeps_the_last_settled_count_of_each_class() {
+fn the_insert_ledger_keeps_the_last_settled_count() {
     let mut ledger = accord_engine::InsertLedger::default();
-    assert_eq!(ledger.accounted(3), None);
-    ledger.settle(3, 10);
-    ledger.settle(4, 2);
-    ledger.settle(3, 8);
-    assert_eq!((ledger.accounted(3), ledger.accounted(4)), (Some(8), Some(2)));
+    assert_eq!(ledger.accounted(), None);
+    ledger.settle(10);
+    ledger.settle(8);
+    assert_eq!(ledger.accounted(), Some(8));
     assert!(settled(8).settled() && !unsettled(8).settled());
 }
 
@@ -386,14 +378,14 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     };
     assert_eq!(locked, vec![0]);
     assert!(matches!(
-        m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap(),
+        m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap(),
         ApplyCommand::ProbeAndWait { .. }
     ));
     // Past the wait limit the batch fails instead of waiting on.
     let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
     late.step(ApplyInput::Start { now: 0 }).unwrap();
     late.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    late.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap();
+    late.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
     let error = late.step(ApplyInput::CaptureReached { now: 121_000_000 }).unwrap_err();
     assert!(matches!(error, ApplyError::CaptureTimeout { .. }));
 }
@@ -407,9 +399,7 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
     loop {
         let input = match &command {
             ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
-            ApplyCommand::LockKeys { missing } => {
-                ApplyInput::KeysLocked(missing.iter().map(|_| unsettled(1)).collect())
-            }
+            ApplyCommand::LockKeys { .. } => ApplyInput::KeysLocked(unsettled(1)),
             ApplyCommand::ProbeAndWait { .. } if !probed => {
                 probed = true;
                 ApplyInput::CaptureReached { now: 1 }
@@ -463,8 +453,7 @@ fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_p
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(vec![unsettled(1), unsettled(1)]))
-        .unwrap();
+    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
@@ -491,8 +480,7 @@ fn a_row_with_no_place_here_fails_the_batch_instead_of_parking_any_change() {
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(vec![unsettled(1), unsettled(1)]))
-        .unwrap();
+    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
@@ -546,7 +534,7 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
     let mut m = machine(0, vec![from_a]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap();
+    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let with_kept = LoadedRow {
         deferred: vec![from_b.clone()],
@@ -571,7 +559,7 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
 fn run_segment(m: &mut BatchApply) -> Vec<ApplyCommand> {
     let mut commands = vec![m.step(ApplyInput::Start { now: 0 }).unwrap()];
     commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
-    commands.push(m.step(ApplyInput::KeysLocked(vec![unsettled(1)])).unwrap());
+    commands.push(m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap());
     commands.push(m.step(ApplyInput::CaptureReached { now: 1 }).unwrap());
     commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
     commands.push(m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap());

@@ -59,9 +59,9 @@ pub struct Applying {
     pending: Option<ApplyCommand>,
     /// The input to feed after a round trip.
     ready: Option<ApplyInput>,
-    /// The insert counts to settle in the node's ledger once the capture has read past the
-    /// probe this machine waits for: (key, count read under the key's lock).
-    settles: Vec<(i64, u64)>,
+    /// The insert count to settle in the node's ledger once the capture has read past the probe
+    /// this machine waits for (read while no key lock was held by another transaction).
+    settle: Option<u64>,
     /// The WAL position of the last probe, the keys locked then, and the rows as they were.
     last_probe: Option<(u64, u64, BTreeSet<i64>, Vec<RowPicture>)>,
     /// Key locks taken so far (a lock released by a rollback and taken again counts again).
@@ -95,12 +95,6 @@ pub enum Waiting {
 pub enum Resume {
     CaptureReached,
     Restarted,
-}
-
-/// A key's class in the node's `InsertLedger`: the key itself (the service's is its key-lock
-/// bucket; a class of one key is what the simulator's key locks cover).
-fn class(key: i64) -> u64 {
-    key as u64
 }
 
 /// What a probe saw of a row: its xmin, and its metadata's causal length and known xmin.
@@ -183,7 +177,7 @@ impl Applying {
             load_seen: None,
             pending: None,
             ready: None,
-            settles: Vec::new(),
+            settle: None,
             last_probe: None,
             locks_taken: 0,
             loaded_picture: Vec::new(),
@@ -231,7 +225,7 @@ impl Applying {
     /// Rolls the open transaction back: its writes and locks go.
     fn roll_back(&mut self) {
         self.tx = Overlay::default();
-        self.settles.clear();
+        self.settle = None;
         self.release_locks();
         self.load_seen = None;
     }
@@ -264,8 +258,8 @@ impl Applying {
         if matches!(input, Some(ApplyInput::CaptureReached { .. })) {
             // The capture read past the probe: what was counted under the locks before it is
             // accounted for.
-            for (key, issued) in self.settles.drain(..) {
-                ledger.settle(class(key), issued);
+            if let Some(issued) = self.settle.take() {
+                ledger.settle(issued);
             }
         }
         let mut command = match (self.pending.take(), input.or_else(|| self.ready.take())) {
@@ -314,23 +308,17 @@ impl Applying {
                     if !self.lock_keys(others, &missing)? {
                         ApplyInput::KeysBusy { now }
                     } else {
-                        let mut counts = Vec::with_capacity(missing.len());
-                        for &slot in &missing {
-                            let key = self.key(slot)?;
-                            counts.push(InsertCount {
-                                issued: db.insert_counts.get(&key).copied().unwrap_or(0),
-                                accounted: ledger.accounted(class(key)),
-                            });
-                        }
-                        ApplyInput::KeysLocked(counts)
+                        ApplyInput::KeysLocked(InsertCount {
+                            issued: db.insert_count,
+                            accounted: ledger.accounted(),
+                        })
                     }
                 }
-                ApplyCommand::ProbeAndWait { settles } => {
+                ApplyCommand::ProbeAndWait => {
                     self.meta_locks.clear();
-                    self.settles = settles
-                        .iter()
-                        .map(|&(slot, issued)| Ok((self.key(slot)?, issued)))
-                        .collect::<Result<_, DriverError>>()?;
+                    // Every key lock taken for a moment: only if no other transaction holds one
+                    // (local writers hold none between the simulator's steps).
+                    self.settle = others.iter().all(|o| o.key_locks.is_empty()).then_some(db.insert_count);
                     self.probing(db, capture_read)?;
                     // The probe is followed by a synchronous commit on another session, which
                     // flushes the WAL (the walsender sends only flushed WAL).

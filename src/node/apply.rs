@@ -260,6 +260,12 @@ impl Applier {
         Arc::clone(&self.ledger)
     }
 
+    fn ledger_mut(&self) -> Result<std::sync::MutexGuard<'_, InsertLedger>> {
+        self.ledger
+            .lock()
+            .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))
+    }
+
     /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.
     pub fn follow_collection(&mut self, cut: watch::Receiver<Option<StableCut>>) {
         self.cut = cut;
@@ -417,8 +423,6 @@ impl Applier {
         let started = tokio::time::Instant::now();
         let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut keys: BTreeMap<usize, SlotKey> = BTreeMap::new();
-        // The key-lock bucket of each slot whose key the last `LockKeys` locked.
-        let mut buckets: BTreeMap<usize, u64> = BTreeMap::new();
         let mut input = ApplyInput::Start { now: now() };
         loop {
             input = match machine.step(input)? {
@@ -433,39 +437,21 @@ impl Applier {
                 }
                 ApplyCommand::LockKeys { missing } => match self.lock_keys(machine, &keys, &missing).await? {
                     None => ApplyInput::KeysBusy { now: now() },
-                    Some(locked) => {
-                        let ledger = self
-                            .ledger
-                            .lock()
-                            .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))?;
-                        let counts = locked
-                            .iter()
-                            .map(|&(bucket, issued)| InsertCount {
-                                issued,
-                                accounted: ledger.accounted(bucket),
-                            })
-                            .collect();
-                        buckets = missing.iter().copied().zip(locked.iter().map(|&(b, _)| b)).collect();
-                        ApplyInput::KeysLocked(counts)
-                    }
+                    Some(issued) => ApplyInput::KeysLocked(InsertCount {
+                        issued,
+                        accounted: self.ledger_mut()?.accounted(),
+                    }),
                 },
-                ApplyCommand::ProbeAndWait { settles } => {
-                    let lsn = self.probe().await?;
+                ApplyCommand::ProbeAndWait => {
+                    let (lsn, at_rest) = self.probe().await?;
                     let waiting = tokio::time::Instant::now();
                     wait_for_capture(&self.flusher, &mut self.capture, lsn).await?;
                     tracing::debug!(
                         millis = waiting.elapsed().as_millis() as u64,
                         "waited for the capture with the rows locked"
                     );
-                    let mut ledger = self
-                        .ledger
-                        .lock()
-                        .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))?;
-                    for (slot, issued) in settles {
-                        let bucket = buckets
-                            .get(&slot)
-                            .context("the engine settled a key this applier did not lock")?;
-                        ledger.settle(*bucket, issued);
+                    if let Some(issued) = at_rest {
+                        self.ledger_mut()?.settle(issued);
                     }
                     ApplyInput::CaptureReached { now: now() }
                 }
@@ -664,15 +650,15 @@ impl Applier {
     }
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and tries
-    /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`), then reads their
-    /// buckets' insert counts (`key_locks::insert_counts_sql`). `None`: one was busy, and none
-    /// is held; else per missing slot in order, its bucket and count.
+    /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`), then reads the
+    /// count of local inserts (`key_locks::INSERT_COUNT_SQL`). `None`: a lock was busy, and none
+    /// is held.
     async fn lock_keys(
         &mut self,
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         missing: &[usize],
-    ) -> Result<Option<Vec<(u64, u64)>>> {
+    ) -> Result<Option<u64>> {
         let db = &self.db;
         let groups = table_groups(machine, missing)?;
         let mut params: Params = Vec::new();
@@ -684,12 +670,13 @@ impl Applier {
             bail!("the engine asked to lock the keys of no rows");
         }
         let lock = self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
-        let count = self.statements.get(db, &key_locks::insert_counts_sql(&tables)).await?;
+        let count = self.statements.get(db, key_locks::INSERT_COUNT_SQL).await?;
+        let none: Params = Vec::new();
         let queries = vec![
             pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
             pipeline::query(db, &lock, &params),
             // Read whether or not every lock was taken; only used if they all were.
-            pipeline::query(db, &count, &params),
+            pipeline::query(db, &count, &none),
         ];
         // Set before the statement runs: it may take some of them and then fail.
         self.keys_locked = true;
@@ -707,38 +694,44 @@ impl Applier {
             self.unlock_keys().await?;
             return Ok(None);
         }
-        let mut counts = vec![None; missing.len()];
-        for row in counted {
-            let ord = usize::try_from(row.try_get::<_, i32>(0)?).context("a negative ord")?;
-            let bucket = u64::try_from(row.try_get::<_, i32>(1)?).context("a negative bucket")?;
-            let issued = u64::try_from(row.try_get::<_, i64>(2)?).context("a negative insert count")?;
-            *counts.get_mut(ord).context("an insert count for an unknown ord")? = Some((bucket, issued));
-        }
-        counts
-            .into_iter()
-            .map(|c| c.context("a locked key without its insert count"))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        let issued: i64 = counted
+            .first()
+            .context("the insert count came back empty")?
+            .try_get(0)?;
+        Ok(Some(u64::try_from(issued).context("a negative insert count")?))
     }
 
-    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' and keys' stay)
-    /// and writes a probe; returns its WAL position.
-    async fn probe(&mut self) -> Result<u64> {
+    /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' and keys' stay),
+    /// reads the count of local inserts at rest (`key_locks::INSERT_COUNT_AT_REST_SQL`: `None`
+    /// when a bucket was busy) and writes a probe; returns the probe's WAL position and the count.
+    async fn probe(&mut self) -> Result<(u64, Option<u64>)> {
         let db = &self.db;
         let probe = self.statements.get(db, PROBE_SQL).await?;
+        let at_rest = self.statements.get(db, key_locks::INSERT_COUNT_AT_REST_SQL).await?;
         let params: Params = vec![Box::new(PROBE_MESSAGE_PREFIX)];
+        let none: Params = Vec::new();
         let results = pipeline::run_all(vec![
             pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
+            pipeline::query(db, &at_rest, &none),
             pipeline::query(db, &probe, &params),
         ])
         .await
         .context("cannot write a probe for the capture")?;
-        let lsn: PgLsn = results
+        let at_rest: Option<i64> = results
             .get(1)
+            .and_then(|rows| rows.first())
+            .context("the insert count at rest returned no row")?
+            .try_get(0)?;
+        let lsn: PgLsn = results
+            .get(2)
             .and_then(|rows| rows.first())
             .context("the probe returned no row")?
             .try_get(0)?;
-        Ok(u64::from(lsn))
+        let at_rest = at_rest
+            .map(u64::try_from)
+            .transpose()
+            .context("a negative insert count")?;
+        Ok((u64::from(lsn), at_rest))
     }
 
     /// Releases the key locks this session holds, once its transaction ended.
