@@ -297,7 +297,7 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_insert_is_on_its_way() 
     m.step(ApplyInput::Loaded(vec![alive])).unwrap();
     assert!(matches!(
         m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
-        ApplyCommand::ProbeAndWait { .. }
+        ApplyCommand::ProbeAndWait
     ));
 
     // Another row of the part has a version accord has not accounted for: the probe is needed
@@ -338,13 +338,13 @@ fn a_row_version_accord_has_not_accounted_for_waits_then_is_taken_once_settled()
     let row = |xmin| row_at(&meta, xmin);
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![row(9)])).unwrap(),
-        ApplyCommand::ProbeAndWait { .. }
+        ApplyCommand::ProbeAndWait
     ));
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     // A different version again: another round.
     assert!(matches!(
         m.step(ApplyInput::Loaded(vec![row(10)])).unwrap(),
-        ApplyCommand::ProbeAndWait { .. }
+        ApplyCommand::ProbeAndWait
     ));
     m.step(ApplyInput::CaptureReached { now: 2 }).unwrap();
     // The same version as before the probe: the capture has read past it, the metadata
@@ -363,7 +363,7 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     let mut xmin = 100;
     let mut command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
     for _ in 0..ApplyRules::default().guard_rounds {
-        assert!(matches!(command, ApplyCommand::ProbeAndWait { .. }));
+        assert!(matches!(command, ApplyCommand::ProbeAndWait));
         m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
         xmin += 1;
         command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
@@ -379,7 +379,7 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     assert_eq!(locked, vec![0]);
     assert!(matches!(
         m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap(),
-        ApplyCommand::ProbeAndWait { .. }
+        ApplyCommand::ProbeAndWait
     ));
     // Past the wait limit the batch fails instead of waiting on.
     let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
@@ -400,7 +400,7 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
         let input = match &command {
             ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
             ApplyCommand::LockKeys { .. } => ApplyInput::KeysLocked(unsettled(1)),
-            ApplyCommand::ProbeAndWait { .. } if !probed => {
+            ApplyCommand::ProbeAndWait if !probed => {
                 probed = true;
                 ApplyInput::CaptureReached { now: 1 }
             }
