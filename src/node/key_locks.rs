@@ -19,15 +19,15 @@
 //! accord's advisory-lock class. Two keys in one bucket only make their writers wait for each
 //! other.
 //!
-//! After its lock, a local insert (or key update) counts itself in a sequence
+//! After their locks, a local insert statement (or key update) counts itself in a sequence
 //! (`accord.local_inserts`), which a rollback does not undo. An applier that holds its missing
 //! rows' keys reads the count ([`INSERT_COUNT_SQL`]): if it is the count an apply read while it
 //! held every bucket for a moment, before a probe the capture has since read past
 //! ([`INSERT_COUNT_AT_REST_SQL`], `engine::InsertLedger`), no local insert can be on its way
 //! through the capture, and a missing row needs no probe (`engine::InsertCount`). That wait was
-//! most of the lag of new rows. One sequence, not one per bucket: a trigger touching one of 256
-//! sequences made a 200,000-row `INSERT ... SELECT` 1.5 times slower than the lock alone, one
-//! sequence 1.15 times (on a scratch cluster, `fsync` off).
+//! most of the lag of new rows. One sequence, not one per bucket: a row trigger touching one of
+//! 256 sequences made a 200,000-row `INSERT ... SELECT` 1.5 times slower than the lock alone, one
+//! sequence 1.15 times (on a scratch cluster, `fsync` off); once per statement, less still.
 //!
 //! The appliers' own writes skip the triggers (`accord.applying`, set on their sessions): they
 //! lock what they insert into themselves, and a shared lock taken on the way would only add
@@ -100,6 +100,12 @@ pub const INSERT_COUNT_AT_REST_SQL: &str = "SELECT accord.insert_count_at_rest()
 /// in name order), so that they lock the key those settled on.
 const INSERT_TRIGGER: &str = "zz_accord_key_lock_insert";
 const UPDATE_TRIGGER: &str = "zz_accord_key_lock_update";
+/// Counts an `INSERT` (or `COPY`) statement once, after its rows took their keys' locks: once per
+/// statement, not per row (a count per row made a 200,000-row `INSERT ... SELECT` 1.15 times
+/// slower than the lock alone; after the statement, not before it, so that a transaction that
+/// counted holds its buckets until it ends). An update that changes a key counts in its own
+/// row trigger, after the lock: a statement trigger would count every update.
+const COUNT_TRIGGER: &str = "zz_accord_count_inserts";
 
 pub(super) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
@@ -167,8 +173,8 @@ COMMENT ON FUNCTION accord.key_lock_taken() IS
     'accord: named by the key-lock triggers, whose WHEN conditions take the lock; never called';
 ";
 
-/// The two triggers of one table: every insert, and updates that change the key, take their
-/// key's bucket shared and then count themselves ([`COUNTER`]), unless an applier writes.
+/// The triggers of one table: every insert, and updates that change the key, take their key's
+/// bucket shared, and count themselves ([`COUNTER`]) after that, unless an applier writes.
 /// `CASE` evaluates its branches lazily and in order (an `AND` may be reordered or folded), and
 /// nothing in it is constant: the count comes after the lock, so that an apply holding the
 /// bucket reads a count no running transaction can still add to.
@@ -185,18 +191,21 @@ fn triggers_sql(table: &TableDef) -> String {
         .map(|k| format!("OLD.{}", quote_ident(&k.name)))
         .collect();
     let lock = format!(
-        "pg_catalog.pg_advisory_xact_lock_shared({CLASS}, {}) IS NULL THEN false \
-         ELSE pg_catalog.nextval({}) IS NULL",
+        "pg_catalog.pg_advisory_xact_lock_shared({CLASS}, {}) IS NULL",
         bucket(table, |_, name| format!("NEW.{}", quote_ident(name))),
-        literal(COUNTER),
     );
+    let count = format!("pg_catalog.nextval({}) IS NULL", literal(COUNTER));
     let applying = format!("pg_catalog.current_setting('{APPLYING_SETTING}', true) = 'on'");
     format!(
         "CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target} FOR EACH ROW
-    WHEN (CASE WHEN {applying} THEN false WHEN {lock} END)
+    WHEN (CASE WHEN {applying} THEN false ELSE {lock} END)
+    EXECUTE FUNCTION accord.key_lock_taken();
+CREATE OR REPLACE TRIGGER {COUNT_TRIGGER} AFTER INSERT ON {target} FOR EACH STATEMENT
+    WHEN (CASE WHEN {applying} THEN false ELSE {count} END)
     EXECUTE FUNCTION accord.key_lock_taken();
 CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH ROW
-    WHEN (CASE WHEN ROW({}) IS NOT DISTINCT FROM ROW({}) OR {applying} THEN false WHEN {lock} END)
+    WHEN (CASE WHEN ROW({}) IS NOT DISTINCT FROM ROW({}) OR {applying} THEN false WHEN {lock} THEN false \
+          ELSE {count} END)
     EXECUTE FUNCTION accord.key_lock_taken();
 ",
         old_key.join(", "),
@@ -222,7 +231,7 @@ pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], repl
             .await
             .with_context(|| format!("cannot find table {}", table.name))?
             .try_get(0)?;
-        if present == 2 && !replace {
+        if present == 3 && !replace {
             continue;
         }
         if installed == 0 {
@@ -279,10 +288,20 @@ mod tests {
         assert_eq!(
             sql.matches("CASE WHEN pg_catalog.current_setting('accord.applying', true) = 'on' THEN false")
                 .count(),
-            1,
+            2,
             "{sql}"
         );
-        assert!(sql.contains("BEFORE INSERT ON \"s\".\"t\""), "{sql}");
+        assert!(sql.contains("BEFORE INSERT ON \"s\".\"t\" FOR EACH ROW"), "{sql}");
+        assert!(
+            sql.contains("AFTER INSERT ON \"s\".\"t\" FOR EACH STATEMENT"),
+            "inserts count once per statement, after their rows' locks: {sql}"
+        );
+        assert_eq!(
+            sql.matches("ELSE pg_catalog.nextval('accord.local_inserts') IS NULL END")
+                .count(),
+            2,
+            "an insert statement and a key-changing update count themselves: {sql}"
+        );
         assert!(
             sql.contains(
                 "CASE WHEN ROW(OLD.\"region\", OLD.\"id\") IS NOT DISTINCT FROM ROW(NEW.\"region\", NEW.\"id\") \
