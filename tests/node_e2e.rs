@@ -750,6 +750,16 @@ async fn a_missing_row_waits_for_the_capture_only_after_a_local_insert() {
         )
     };
     let stats = || cluster.statuses()[1].peers[&id(0)].clone();
+    // The running node's triggers count inserts: a start would not install them again.
+    let mut setup = cluster.client(1).await;
+    let policy = accord::node::init::load_policy(&mut setup).await.unwrap();
+    assert_eq!(
+        accord::node::key_locks::install_triggers(&setup, policy.tables(), false)
+            .await
+            .unwrap(),
+        0,
+        "a node's current triggers are taken as present"
+    );
     a.batch_execute(&insert_range(1, 300)).await.unwrap();
     cluster.converge(TABLES, Duration::from_secs(60)).await;
     let before = stats();

@@ -228,7 +228,7 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> Failure {
 /// Whether a wait for the capture is over: it read past the probe's WAL position (`lsn`), which
 /// is all PostgreSQL's probe promises. The simulator once had to wait for everything flushed
 /// instead: a local insert and delete of a missing row's key could commit during the wait
-/// (seed 91); the key locks closed that (`ApplyCommand::ProbeAndWait`).
+/// (seed 91); the key locks closed that (`ApplyCommand::LockKeys`).
 fn capture_covers(capture_read: u64, lsn: u64) -> bool {
     capture_read >= lsn
 }

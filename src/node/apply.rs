@@ -39,7 +39,7 @@ const ORIGIN_BIND_ATTEMPTS: u32 = 600;
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
 const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
 
-/// A node's [`InsertLedger`], which all its appliers share (classes are key-lock buckets).
+/// A node's [`InsertLedger`], which all its appliers share.
 pub type SharedLedger = Arc<std::sync::Mutex<InsertLedger>>;
 
 pub struct Applier {

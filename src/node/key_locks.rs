@@ -1,7 +1,7 @@
 //! Locks on keys without rows, between appliers and local writers (ARCHITECTURE.md, "Apply").
 //!
 //! A missing row cannot be locked. When a load finds rows missing, the engine has the apply lock
-//! their keys before it probes (`ApplyCommand::ProbeAndWait`), exclusively and until its
+//! their keys before it probes (`ApplyCommand::LockKeys`), exclusively and until its
 //! transaction ends (or it starts over, if one is busy); a local insert of a key, or an update
 //! that changes a key, takes the same lock shared, from triggers `accord init` installs on every replicated table. So a local
 //! write of such a key either committed before the lock, and so before the probe the capture
@@ -224,9 +224,16 @@ pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], repl
         let present: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_catalog.pg_trigger
-                  WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)
-                    AND pg_catalog.pg_get_triggerdef(oid) LIKE '%' || $4 || '%'",
-                &[&quote_table(&table.name), &INSERT_TRIGGER, &UPDATE_TRIGGER, &COUNTER],
+                  WHERE tgrelid = $1::text::regclass
+                    AND (tgname = $2
+                         OR (tgname IN ($3, $4) AND pg_catalog.pg_get_triggerdef(oid) LIKE '%' || $5 || '%'))",
+                &[
+                    &quote_table(&table.name),
+                    &INSERT_TRIGGER,
+                    &UPDATE_TRIGGER,
+                    &COUNT_TRIGGER,
+                    &COUNTER,
+                ],
             )
             .await
             .with_context(|| format!("cannot find table {}", table.name))?

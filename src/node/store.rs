@@ -531,22 +531,28 @@ pub async fn log_conflicts(
 // Many rows per statement, for the capture's and the apply's batches: the rows travel as parallel
 // arrays and are unnested in SQL.
 
+/// [`LOAD_METAS_SQL`] with a lock option after `FOR UPDATE` (`concat!` takes literals only).
+macro_rules! load_metas_sql {
+    ($lock_option:literal) => {
+        concat!(
+            "SELECT u.ord, m.meta, m.known_xmin, m.shape
+     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
+     JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
+     ORDER BY m.table_name, m.row_key
+     FOR UPDATE OF m",
+            $lock_option
+        )
+    };
+}
+
 /// Locks and reads the metadata of many rows, in (table, key) order so that the capture and the
 /// appliers, locking overlapping sets, always lock in the same order. Parameters: ords, table
 /// names, row keys. Returns `ord, meta, known_xmin` for the rows that have metadata.
-pub const LOAD_METAS_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin, m.shape
-     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
-     JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
-     ORDER BY m.table_name, m.row_key
-     FOR UPDATE OF m";
+pub const LOAD_METAS_SQL: &str = load_metas_sql!("");
 
 /// [`LOAD_METAS_SQL`] that fails (`lock_not_available`) instead of waiting for a lock another
 /// transaction holds: the apply's guard load, which must not wait holding metadata locks.
-pub const LOAD_METAS_NOWAIT_SQL: &str = "SELECT u.ord, m.meta, m.known_xmin, m.shape
-     FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, table_name, row_key)
-     JOIN accord.row_meta AS m ON m.table_name = u.table_name AND m.row_key = u.row_key
-     ORDER BY m.table_name, m.row_key
-     FOR UPDATE OF m NOWAIT";
+pub const LOAD_METAS_NOWAIT_SQL: &str = load_metas_sql!(" NOWAIT");
 
 /// Writes the metadata of many rows (each (table, key) at most once). Parameters: table names,
 /// row keys, metas, alive flags, known xmins, shapes.
