@@ -256,8 +256,8 @@ impl Applying {
         env: RunEnv,
     ) -> Result<Stop, DriverError> {
         if matches!(input, Some(ApplyInput::CaptureReached { .. })) {
-            // The capture read past the probe: what was counted under the locks before it is
-            // accounted for.
+            // The capture read past the probe: the count read at rest before it is accounted
+            // for.
             if let Some(issued) = self.settle.take() {
                 ledger.settle(issued);
             }

@@ -781,8 +781,9 @@ impl Node {
         }
         let mut rows = Vec::with_capacity(plan.rows.len());
         for row in plan.rows {
-            // The trigger counts an insert of the key (a key-changing update is a delete and an
-            // insert here) after taking its lock; without the trigger, nothing counts.
+            // The triggers count an insert (a key-changing update is a delete and an insert
+            // here) after taking its key's lock; the service counts once per statement, this
+            // once per row: the count moves either way. Without the triggers, nothing counts.
             if row.kind == ChangeKind::Insert && ctx.bug != Some(PlantedBug::NoKeyLockTrigger) {
                 self.db.insert_count += 1;
             }
