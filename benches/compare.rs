@@ -13,6 +13,8 @@ mod inserts;
 mod micro;
 #[path = "compare/scenarios.rs"]
 mod scenarios;
+#[path = "compare/writer.rs"]
+mod writer;
 
 use std::time::{Duration, Instant};
 
@@ -40,12 +42,26 @@ pub struct Opts {
     pub insert_bulk: u64,
     /// Two-row transfers per client and round of the transfers scenario (2 clients per node).
     pub transfer_tx: u64,
+    /// How long each phase of the local-writer scenario runs, and node 1's rate in it.
+    pub writer_phase: Duration,
+    pub writer_remote_tps: f64,
     pub sim_seeds: u64,
     /// How often the lag pollers look for new markers.
     pub poll: Duration,
     pub fsync: bool,
     pub quic: bool,
 }
+
+const ALL_SCENARIOS: [&str; 8] = [
+    "drain",
+    "lag",
+    "conflict",
+    "mesh",
+    "micro",
+    "inserts",
+    "transfers",
+    "writer",
+];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -88,12 +104,13 @@ impl Opts {
         }
         let scenarios = env_list(
             "ACCORD_CMP_SCENARIOS",
-            "drain,lag,conflict,mesh,micro,inserts,transfers",
+            "drain,lag,conflict,mesh,micro,inserts,transfers,writer",
         );
         for s in &scenarios {
-            if !["drain", "lag", "conflict", "mesh", "micro", "inserts", "transfers"].contains(&s.as_str()) {
+            if !ALL_SCENARIOS.contains(&s.as_str()) {
                 bail!(
-                    "ACCORD_CMP_SCENARIOS: unknown scenario {s:?} (drain, lag, conflict, mesh, micro, inserts, transfers)"
+                    "ACCORD_CMP_SCENARIOS: unknown scenario {s:?} ({})",
+                    ALL_SCENARIOS.join(", ")
                 );
             }
         }
@@ -109,6 +126,8 @@ impl Opts {
             insert_tx: env_or("ACCORD_CMP_INSERT_TX", pick(20_000, 2_000))?,
             insert_bulk: env_or("ACCORD_CMP_INSERT_BULK", pick(200_000, 20_000))?,
             transfer_tx: env_or("ACCORD_CMP_TRANSFER_TX", pick(3_000, 300))?,
+            writer_phase: Duration::from_millis(env_or("ACCORD_CMP_WRITER_MS", pick(5_000, 1_500))?),
+            writer_remote_tps: env_or("ACCORD_CMP_WRITER_REMOTE_TPS", 500.0)?,
             sim_seeds: env_or("ACCORD_CMP_SIM_SEEDS", pick(20, 3))?,
             poll: Duration::from_micros(env_or("ACCORD_CMP_POLL_US", 500)?),
             fsync: env_or::<String>("ACCORD_CMP_FSYNC", "on".into())? != "off",
@@ -207,13 +226,48 @@ impl Row {
     }
 }
 
-/// The ratio of `row` to native's same figure in this run, and for accord the issue's goal.
-fn compare(row: &Row, rows: &[Row]) -> (String, String) {
-    let native = rows
+/// A speed goal of the issues for one of accord's figures, judged against the same run.
+enum Goal {
+    /// At least this many times the named system's same figure (same `synchronous_commit`).
+    AtLeast(&'static str, f64),
+    /// At most this many times the named system's same figure.
+    AtMost(&'static str, f64),
+    /// At most this value, in this unit.
+    Below(f64, &'static str),
+}
+
+/// The goals of issue 20 (and issue 8's drain on a durable apply).
+fn goal_of(row: &Row) -> Option<Goal> {
+    Some(match (row.scenario.as_str(), row.figure.as_str()) {
+        ("1 drain", "changes/s") if row.sync == "on" => Goal::AtLeast("native", 3.0),
+        ("1 drain", "changes/s") => Goal::AtLeast("native", 1.5),
+        ("2 lag", "idle lag p50, ms") => Goal::Below(2.0, " ms"),
+        ("2 lag", "lag p99, ms") => Goal::AtMost("native", 2.0),
+        ("2 lag", "load on A, tx/s") => Goal::AtLeast("pglogical", 0.9),
+        ("3 conflicts", "users' write tx/s") => Goal::AtLeast("pglogical", 0.9),
+        ("4 mesh 3 nodes", "replicated tx/s") => Goal::AtLeast("pglogical", 1.5),
+        ("4 mesh 3 nodes", "lag p50 of the worst pair, ms") => Goal::Below(5.0, " ms"),
+        ("4 mesh 3 nodes", "lag p99 of the worst pair, ms") => Goal::AtMost("pglogical", 2.0),
+        ("8 local writer", f) if f.ends_with("p99 ÷ quiet p99") => Goal::Below(2.0, "×"),
+        _ => return None,
+    })
+}
+
+/// `row`'s figure over `system`'s same figure in this run.
+fn ratio_to(row: &Row, rows: &[Row], system: &str) -> Option<f64> {
+    let other = rows
         .iter()
-        .find(|n| n.system == "native" && n.sync == row.sync && n.scenario == row.scenario && n.figure == row.figure);
-    let ratio = match (row.value, native.and_then(|n| n.value), row.better) {
-        (Some(v), Some(n), Better::Higher | Better::Lower) if n > 0.0 => Some(v / n),
+        .find(|n| n.system == system && n.sync == row.sync && n.scenario == row.scenario && n.figure == row.figure)?;
+    match (row.value, other.value) {
+        (Some(v), Some(o)) if o > 0.0 => Some(v / o),
+        _ => None,
+    }
+}
+
+/// The ratio of `row` to native's same figure in this run, and for accord the issues' goal.
+fn compare(row: &Row, rows: &[Row]) -> (String, String) {
+    let ratio = match row.better {
+        Better::Higher | Better::Lower => ratio_to(row, rows, "native"),
         _ => None,
     };
     let shown = ratio.map(|r| format!("{r:.2}×")).unwrap_or_default();
@@ -221,19 +275,6 @@ fn compare(row: &Row, rows: &[Row]) -> (String, String) {
         return (shown, String::new());
     }
     let goal = match (row.scenario.as_str(), row.figure.as_str()) {
-        ("1 drain", "changes/s") => {
-            let want = if row.sync == "on" { 3.0 } else { 1.5 };
-            match ratio {
-                Some(r) if r >= want => format!("≥{want}× native: met"),
-                Some(r) => format!("≥{want}× native: MISSED ({:.0}% short)", 100.0 * (1.0 - r / want)),
-                None => format!("≥{want}× native: no native figure"),
-            }
-        }
-        ("2 lag", "lag p99, ms") => match ratio {
-            Some(r) if r <= 1.0 => "p99 ≤ native: met".into(),
-            Some(r) => format!("p99 ≤ native: MISSED ({:.0}% worse)", 100.0 * (r - 1.0)),
-            None => "p99 ≤ native: no native figure".into(),
-        },
         ("3 conflicts", "lost increments") => match row.value {
             Some(0.0) => "0 lost: met".into(),
             _ => "0 lost: MISSED".into(),
@@ -245,7 +286,27 @@ fn compare(row: &Row, rows: &[Row]) -> (String, String) {
                 "identical: MISSED".into()
             }
         }
-        _ => String::new(),
+        _ => match goal_of(row) {
+            Some(Goal::AtLeast(system, want)) => match ratio_to(row, rows, system) {
+                Some(r) if r >= want => format!("≥{want}× {system}: met ({r:.2}×)"),
+                Some(r) => format!(
+                    "≥{want}× {system}: MISSED ({r:.2}×, {:.0}% short)",
+                    100.0 * (1.0 - r / want)
+                ),
+                None => format!("≥{want}× {system}: no {system} figure"),
+            },
+            Some(Goal::AtMost(system, want)) => match ratio_to(row, rows, system) {
+                Some(r) if r <= want => format!("≤{want}× {system}: met ({r:.2}×)"),
+                Some(r) => format!("≤{want}× {system}: MISSED ({r:.2}×)"),
+                None => format!("≤{want}× {system}: no {system} figure"),
+            },
+            Some(Goal::Below(bound, unit)) => match row.value {
+                Some(v) if v <= bound => format!("≤{bound}{unit}: met"),
+                Some(v) => format!("≤{bound}{unit}: MISSED ({:.1}× the bound)", v / bound),
+                None => String::new(),
+            },
+            None => String::new(),
+        },
     };
     (shown, goal)
 }
@@ -302,7 +363,7 @@ fn print_table(rows: &[Row]) {
 }
 
 async fn run_pair(system: System, sync: bool, opts: &Opts, rows: &mut Vec<Row>) {
-    let wanted: Vec<&str> = ["drain", "lag", "conflict", "transfers"]
+    let wanted: Vec<&str> = ["drain", "lag", "conflict", "transfers", "writer"]
         .into_iter()
         .filter(|s| opts.has(s))
         .collect();
@@ -326,6 +387,7 @@ async fn run_pair(system: System, sync: bool, opts: &Opts, rows: &mut Vec<Row>) 
             "drain" => "1 drain",
             "lag" => "2 lag",
             "transfers" => "7 transfers",
+            "writer" => "8 local writer",
             _ => "3 conflicts",
         };
         if let Some(why) = scenarios::unsupported(system, scenario) {
@@ -338,6 +400,7 @@ async fn run_pair(system: System, sync: bool, opts: &Opts, rows: &mut Vec<Row>) 
             "drain" => scenarios::drain(&mut dep, opts).await,
             "lag" => scenarios::lag(&dep, opts).await,
             "transfers" => scenarios::transfers(&mut dep, opts).await,
+            "writer" => writer::local_writer(&dep, opts).await,
             _ => scenarios::conflicts(&dep, opts).await,
         };
         match result {

@@ -453,6 +453,104 @@ async fn killed_nodes_resume_without_losing_or_repeating_a_change() {
     cluster.stop_all().await;
 }
 
+/// Keys changed away and back many times while node 2 is down, node 2 incrementing other rows
+/// meanwhile: the backlog arrives in batches where a key is deleted and inserted again, and each
+/// such row is written once per batch, a delete and an insert (before, the apply halved those
+/// batches down to single transactions, a round of statements each, holding the rows locked).
+/// A trigger on node 2 counts the inserts its database really did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_changed_away_and_back_arrive_whole_and_are_written_once_per_batch() {
+    let mut cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute(
+        "INSERT INTO shop.products (id, name, stock) SELECT g, 'p' || g, 100 FROM generate_series(1, 10) g",
+    )
+    .await
+    .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    b.batch_execute(
+        "CREATE TABLE public.inserts_here (n bigint NOT NULL);
+         INSERT INTO public.inserts_here VALUES (0);
+         CREATE FUNCTION public.count_insert() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN UPDATE public.inserts_here SET n = n + 1; RETURN NULL; END $$;
+         CREATE TRIGGER count_insert AFTER INSERT ON shop.products FOR EACH ROW
+           EXECUTE FUNCTION public.count_insert();",
+    )
+    .await
+    .unwrap();
+
+    cluster.kill_node(1).await;
+    let toggles = 300i64;
+    let local = tokio::spawn(async move {
+        for i in 0..200i64 {
+            b.execute(
+                "UPDATE shop.products SET stock = stock + 1 WHERE id = $1",
+                &[&(6 + i % 5)],
+            )
+            .await
+            .unwrap();
+        }
+        b
+    });
+    for i in 0..toggles {
+        let k = 1 + i % 5;
+        a.execute("UPDATE shop.products SET id = id + 1000 WHERE id = $1", &[&k])
+            .await
+            .unwrap();
+        a.batch_execute(&format!(
+            "BEGIN; UPDATE shop.products SET id = id - 1000 WHERE id = {} ; \
+             UPDATE shop.products SET stock = stock + 1 WHERE id = {k}; COMMIT",
+            k + 1000
+        ))
+        .await
+        .unwrap();
+    }
+    let b = local.await.unwrap();
+    cluster.start_node(1).await;
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(120)).await;
+    let sum = |from: i64, to: i64| {
+        let db = &a;
+        async move {
+            db.query_one(
+                "SELECT coalesce(sum(stock), 0)::bigint FROM shop.products WHERE id BETWEEN $1 AND $2",
+                &[&from, &to],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        sum(1, 5).await,
+        500 + toggles,
+        "every increment after a move back:\n{}",
+        snapshots[0]
+    );
+    assert_eq!(
+        sum(6, 10).await,
+        500 + 200,
+        "node 2's own increments:\n{}",
+        snapshots[0]
+    );
+    assert_eq!(sum(1, 1_000_000).await, 1_000 + toggles + 200, "no row left moved away");
+    // Node 1 inserted 2 rows per toggle (each key change is a delete and an insert).
+    let inserted_here: i64 = b
+        .query_one("SELECT n FROM public.inserts_here", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "node 2 inserted {inserted_here} rows for node 1's {} inserts",
+        2 * toggles
+    );
+    assert!(
+        inserted_here < toggles / 2,
+        "node 2 inserted {inserted_here} rows for node 1's {} inserts: the batches were split",
+        2 * toggles
+    );
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_unique_clash_is_parked_on_every_node_and_replication_goes_on() {
     let cluster = TestCluster::start(2, SHOP).await;

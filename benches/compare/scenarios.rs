@@ -20,10 +20,10 @@ const IDLE: Duration = Duration::from_secs(2);
 pub const HOT_ROWS: i64 = 100;
 
 /// A small xorshift generator: the rows a client updates need no quality, only speed.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn below(&mut self, n: i64) -> i64 {
+    pub fn below(&mut self, n: i64) -> i64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -32,7 +32,7 @@ impl Rng {
 }
 
 /// A connection to node `i` whose own commits use `synchronous_commit = sync`.
-async fn session(dep: &Deployment, i: usize, sync: bool) -> Result<Client> {
+pub async fn session(dep: &Deployment, i: usize, sync: bool) -> Result<Client> {
     let db = dep.client(i).await?;
     db.batch_execute(if sync {
         "SET synchronous_commit = on"
@@ -189,7 +189,7 @@ fn lags(markers: &[(i64, Instant)], origin: usize, seen: &[(i32, i64, Instant)])
         .collect()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -197,7 +197,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -425,6 +425,15 @@ pub async fn conflicts(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
         Better::Zero,
     ));
     rows.push(Row::text(dep, "3 conflicts", "rows differing", &differing.to_string()));
+    let write_rate = total as f64 / write.as_secs_f64();
+    rows.push(Row::figure(
+        dep,
+        "3 conflicts",
+        "users' write tx/s",
+        write_rate,
+        format!("{write_rate:.0}"),
+        Better::Higher,
+    ));
     rows.push(Row::text(
         dep,
         "3 conflicts",
@@ -488,10 +497,13 @@ pub async fn mesh(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
             if identical { "yes" } else { "NO" },
         ),
     ];
+    let (mut worst_p50, mut worst_p99) = (Duration::ZERO, Duration::ZERO);
     for (origin, markers) in written.iter().enumerate() {
         for r in (0..n).filter(|&r| r != origin) {
             let mut l = lags(markers, origin, &seen[r]);
             l.sort();
+            worst_p50 = worst_p50.max(percentile(&l, 0.5));
+            worst_p99 = worst_p99.max(percentile(&l, 0.99));
             rows.push(Row::text(
                 dep,
                 "4 mesh 3 nodes",
@@ -504,6 +516,16 @@ pub async fn mesh(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
                 ),
             ));
         }
+    }
+    for (name, v) in [("p50", worst_p50), ("p99", worst_p99)] {
+        rows.push(Row::figure(
+            dep,
+            "4 mesh 3 nodes",
+            &format!("lag {name} of the worst pair, ms"),
+            ms(v),
+            format!("{:.2}", ms(v)),
+            Better::Lower,
+        ));
     }
     Ok(rows)
 }

@@ -161,6 +161,11 @@ pub enum RowWrite {
     Update(BTreeMap<usize, Value>),
     Insert(Vec<Value>),
     Delete,
+    /// Delete the row, then insert these values under its key: a row deleted and inserted again
+    /// in one part (a key changed away and back, a delete and a re-insert). Written as a delete
+    /// and an insert, in that order, so that the database sees what the source did; never as an
+    /// update, which would fire other triggers and foreign-key actions than the source's.
+    Replace(Vec<Value>),
 }
 
 /// A row the driver must write.
@@ -580,10 +585,16 @@ pub fn judge(
     }
 }
 
-/// Folds the next merge's action into a row's write. `false` when the sequence has no
-/// single-statement equivalent (a row deleted and inserted again, or inserted and deleted): the
-/// part is then applied in smaller parts, so that every intermediate row version meets the
-/// database's constraints exactly as it would alone.
+/// Folds the next merge's action into a row's write: the row's state at the end of the part,
+/// reached from its state at the start with at most a delete and an insert. A row inserted and
+/// deleted in the part was missing at its start and is missing at its end: no write. `false`
+/// when the sequence has no such equivalent (an update of columns an insert does not name): the
+/// part is then applied in smaller parts. A part the database refuses is split too, so every
+/// write still meets the database's constraints as it would alone, or is parked alone.
+///
+/// Before deletes and re-inserts folded, a part whose rows changed key away and back was split
+/// in halves down to single transactions, a round of statements each, while holding the rows
+/// locked: local writers of those rows waited a third of a second (docs/benchmarks.md).
 pub fn fold(write: &mut Option<RowWrite>, action: &RowAction) -> bool {
     match (write, action) {
         (_, RowAction::Nothing) => {}
@@ -595,7 +606,7 @@ pub fn fold(write: &mut Option<RowWrite>, action: &RowAction) -> bool {
         (Some(RowWrite::Update(columns)), RowAction::Update(writes)) => {
             columns.extend(writes.iter().map(|c| (c.column, c.value.clone())));
         }
-        (Some(RowWrite::Insert(values)), RowAction::Update(writes)) => {
+        (Some(RowWrite::Insert(values) | RowWrite::Replace(values)), RowAction::Update(writes)) => {
             if writes.iter().any(|c| c.column >= values.len()) {
                 return false;
             }
@@ -604,7 +615,11 @@ pub fn fold(write: &mut Option<RowWrite>, action: &RowAction) -> bool {
             }
         }
         (w @ None, RowAction::Insert(values)) => *w = Some(RowWrite::Insert(values.clone())),
-        (w @ (None | Some(RowWrite::Update(_))), RowAction::Delete) => *w = Some(RowWrite::Delete),
+        (w @ Some(RowWrite::Delete), RowAction::Insert(values)) => *w = Some(RowWrite::Replace(values.clone())),
+        (w @ (None | Some(RowWrite::Update(_)) | Some(RowWrite::Replace(_))), RowAction::Delete) => {
+            *w = Some(RowWrite::Delete)
+        }
+        (w @ Some(RowWrite::Insert(_)), RowAction::Delete) => *w = None,
         _ => return false,
     }
     true

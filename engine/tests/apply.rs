@@ -318,6 +318,103 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_insert_is_on_its_way() 
     );
 }
 
+/// A's change of row `k` after `prior` (its metadata): a delete (`new` None), or an insert of the
+/// key again after a delete.
+fn after(prior: &RowMeta, seq: u64, k: i64, old: Option<Vec<Cell>>, new: Option<Vec<Cell>>) -> (RowChange, RowMeta) {
+    let kind = match (&old, &new) {
+        (Some(_), None) => ChangeKind::Delete,
+        (None, Some(_)) => ChangeKind::Insert,
+        _ => ChangeKind::Update,
+    };
+    let change = CapturedChange {
+        kind,
+        key: key(k),
+        old,
+        new,
+    };
+    let captured = capture(
+        &tables()[0],
+        Some(prior),
+        &change,
+        Hlc::new(1_000 + seq, 0, A),
+        seq,
+        &[],
+    )
+    .unwrap()
+    .unwrap();
+    (captured.change, captured.meta)
+}
+
+/// Keys changed away and back (a delete and an insert of each key, again and again) in one
+/// batch: each row is written once, as a delete and an insert, and a key inserted and deleted
+/// within the batch is not written at all. Before, such a part had no single write per row and
+/// was halved down to single changes, a round of statements each, with the rows locked.
+#[test]
+fn a_row_deleted_and_inserted_again_in_a_batch_is_written_once() {
+    let (meta, _) = updated_row();
+    // Row 1 moves to key 1001 and back, twice: delete 1, insert 1001, delete 1001, insert 1.
+    let (delete_1, dead_1) = after(&meta, 1, 1, Some(cells("b", 1)), None);
+    let (insert_far, far) = write(A, 2, 1001, None, ChangeKind::Insert, Some(cells("b", 1)));
+    let (delete_far, dead_far) = after(&far, 3, 1001, Some(cells("b", 1)), None);
+    let (insert_1, back_1) = after(&dead_1, 4, 1, None, Some(cells("b", 1)));
+    let (delete_1b, dead_1b) = after(&back_1, 5, 1, Some(cells("b", 1)), None);
+    let (insert_far_b, far_b) = after(&dead_far, 6, 1001, None, Some(cells("b", 1)));
+    let (delete_far_b, _) = after(&far_b, 7, 1001, Some(cells("b", 1)), None);
+    let (insert_1b, _) = after(&dead_1b, 8, 1, None, Some(cells("c", 4)));
+    let changes = vec![
+        delete_1,
+        insert_far,
+        delete_far,
+        insert_1,
+        delete_1b,
+        insert_far_b,
+        delete_far_b,
+        insert_1b,
+    ];
+    let mut m = machine(0, changes);
+    let mut command = m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let mut writes_seen = Vec::new();
+    loop {
+        let input = match &command {
+            ApplyCommand::Load { slots, .. } => ApplyInput::Loaded(
+                slots
+                    .iter()
+                    .map(|&slot| match m.slot(slot).unwrap().1 {
+                        k if *k == key(1) => row_at(&meta, 8),
+                        _ => missing(),
+                    })
+                    .collect(),
+            ),
+            ApplyCommand::LockKeys { .. } => ApplyInput::KeysLocked(settled(3)),
+            ApplyCommand::Write(writes) => {
+                writes_seen.push(writes.clone());
+                ApplyInput::Written(Ok(writes.iter().map(|_| Some(9)).collect()))
+            }
+            ApplyCommand::Record(_) => ApplyInput::Recorded,
+            ApplyCommand::Commit { .. } => ApplyInput::Committed,
+            ApplyCommand::Done { summary, .. } => {
+                assert_eq!((summary.applied, summary.parked, summary.waits), (8, 0, 0));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        command = m.step(input).unwrap();
+    }
+    assert_eq!(writes_seen.len(), 1, "one part, one round of writes: {writes_seen:?}");
+    let writes = &writes_seen[0];
+    assert_eq!(
+        writes.len(),
+        1,
+        "key 1001 came and went: nothing to write for it: {writes:?}"
+    );
+    assert_eq!(m.slot(writes[0].slot).unwrap().1, &key(1));
+    assert_eq!(
+        writes[0].write,
+        RowWrite::Replace(vec![Value::text("c"), Value::Int(4)]),
+        "row 1 was deleted and inserted again: its last values, as a delete and an insert"
+    );
+}
+
 /// The ledger a node's appliers share: a settlement sets the count, even a lower one.
 #[test]
 fn the_insert_ledger_keeps_the_last_settled_count() {

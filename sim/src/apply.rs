@@ -605,17 +605,16 @@ impl Applying {
             let old = self.row(db, key).cloned();
             let row_key = crate::table::row_key(key);
             let (new, kind) = match (write, old.as_ref()) {
-                (RowWrite::Insert(mut values), None) => {
-                    // An applier that read the table before a migration names fewer columns:
-                    // the database fills the others with their defaults.
-                    let table = db.table();
-                    for column in &table.columns[values.len().min(table.columns.len())..] {
-                        match column.name.as_str() {
-                            "sold" => values.push(crate::table::sold_default()),
-                            other => return Err(WriteRefusal::other(format!("column {other} has no default"))),
-                        }
-                    }
-                    (Some(values), ChangeKind::Insert)
+                (RowWrite::Insert(values), None) => (Some(with_defaults(db, values)?), ChangeKind::Insert),
+                (RowWrite::Replace(values), Some(old)) => {
+                    // The delete, then the insert below: decoding sees both, as PostgreSQL's.
+                    wal.push(CapturedChange {
+                        kind: ChangeKind::Delete,
+                        key: row_key.clone(),
+                        old: Some(old.values.clone()).filter(|_| images),
+                        new: None,
+                    });
+                    (Some(with_defaults(db, values)?), ChangeKind::Insert)
                 }
                 (RowWrite::Insert(_), Some(_)) => {
                     return Err(WriteRefusal {
@@ -642,7 +641,8 @@ impl Applying {
             wal.push(CapturedChange {
                 kind,
                 key: row_key,
-                old: old.filter(|_| images).map(|o| o.values),
+                // A replaced row's insert has no old image: its delete carried it.
+                old: old.filter(|_| images && kind != ChangeKind::Insert).map(|o| o.values),
                 new: new
                     .as_ref()
                     .filter(|_| images)
@@ -750,4 +750,17 @@ impl Applying {
         );
         undo
     }
+}
+
+/// The values of an inserted row. An applier that read the table before a migration names fewer
+/// columns: the database fills the others with their defaults.
+fn with_defaults(db: &Db, mut values: Vec<accord_engine::Value>) -> Result<Vec<accord_engine::Value>, WriteRefusal> {
+    let table = db.table();
+    for column in &table.columns[values.len().min(table.columns.len())..] {
+        match column.name.as_str() {
+            "sold" => values.push(crate::table::sold_default()),
+            other => return Err(WriteRefusal::other(format!("column {other} has no default"))),
+        }
+    }
+    Ok(values)
 }

@@ -788,10 +788,11 @@ impl Applier {
         for t in order {
             let which = by_table.get(t.name.as_str()).map(Vec::as_slice).unwrap_or_default();
             let width = t.key.len();
+            // A replaced row is deleted here and inserted below, as its source did.
             let deletes: Vec<usize> = which
                 .iter()
                 .copied()
-                .filter(|&i| matches!(planned[i].write, RowWrite::Delete))
+                .filter(|&i| matches!(planned[i].write, RowWrite::Delete | RowWrite::Replace(_)))
                 .collect();
             if !deletes.is_empty() {
                 writes.push(WriteStatement {
@@ -822,7 +823,7 @@ impl Applier {
             let inserts: Vec<usize> = which
                 .iter()
                 .copied()
-                .filter(|&i| matches!(planned[i].write, RowWrite::Insert(_)))
+                .filter(|&i| matches!(planned[i].write, RowWrite::Insert(_) | RowWrite::Replace(_)))
                 .collect();
             if !inserts.is_empty() {
                 let mut params = key_params(&inserts, width)?;
@@ -982,7 +983,7 @@ fn column_values(planned: &[PlannedWrite], which: &[usize], column: usize) -> Ve
         .iter()
         .map(|&i| match &planned[i].write {
             RowWrite::Update(values) => values.get(&column).and_then(Value::to_pg_text),
-            RowWrite::Insert(values) => values.get(column).and_then(Value::to_pg_text),
+            RowWrite::Insert(values) | RowWrite::Replace(values) => values.get(column).and_then(Value::to_pg_text),
             RowWrite::Delete => None,
         })
         .collect()
