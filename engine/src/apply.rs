@@ -9,8 +9,9 @@
 //!   transaction commits with, and a transaction that rolls back resets that position.
 //! - **The xmin guard** (PRODUCT.md invariant 8, HARD-PARTS §2), in [`judge`]: a row whose
 //!   version accord has not accounted for yet is a local write still on its way through the
-//!   capture. The batch then probes and waits for the capture, holding the rows' locks, a few
-//!   rounds; then it rolls back and starts over after a probe. A missing row needs no probe
+//!   capture. The first time, the batch probes, rolls back and waits with its rows unlocked;
+//!   a row written again meanwhile is waited for holding the rows' locks, a few rounds; then it
+//!   rolls back and starts over after a probe. A missing row needs no probe
 //!   when no local insert was made since the capture last accounted for them ([`InsertCount`]).
 //! - **Joining and splitting.** A batch is merged in memory, each row written once (several
 //!   merges of a row fold into one write). A part the database refuses is split in halves, down
@@ -722,6 +723,9 @@ pub struct BatchApply {
     settled: BTreeMap<usize, Xid>,
     /// The guard rounds taken in this transaction.
     rounds: u32,
+    /// Whether this batch already waited for a local write with its rows unlocked (once per
+    /// batch; see `loaded`).
+    waited_unlocked: bool,
     /// Parts of this attempt still to apply, the next one last.
     ranges: Vec<(usize, usize)>,
     first_part: bool,
@@ -822,6 +826,7 @@ impl BatchApply {
             clear: std::collections::BTreeSet::new(),
             settled: BTreeMap::new(),
             rounds: 0,
+            waited_unlocked: false,
             ranges: Vec::new(),
             first_part: true,
             waits: 0,
@@ -1100,6 +1105,18 @@ impl BatchApply {
                 Verdict::Unaccounted(None) => missing.push((slot, alive)),
                 Verdict::DeleteNotCaptured => return Ok(self.restart(false)),
             }
+        }
+        let first_segment = self.segment.as_ref().is_none_or(|s| s.first);
+        if missing.is_empty() && !suspects.is_empty() && guard && first_segment && !self.waited_unlocked {
+            // A local write the capture may not have read: the first time, wait for the capture
+            // with the rows unlocked, so that the node's users writing those rows do not wait
+            // behind this batch (holding the locks, a user incrementing hot rows waited for
+            // every such batch's probe). The versions seen are settled by the probe: rows still
+            // at them after the restart are accounted for. A row written again meanwhile is
+            // waited for with the locks held, below, so that hot rows cannot starve the batch.
+            self.waited_unlocked = true;
+            self.settled.extend(suspects);
+            return Ok(self.restart(true));
         }
         if !missing.is_empty() || !suspects.is_empty() {
             if guard && self.rounds < self.rules.guard_rounds {

