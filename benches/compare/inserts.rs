@@ -1,10 +1,13 @@
-//! Scenario 6: what accord's key-lock triggers cost a local insert (ARCHITECTURE.md, "Apply").
+//! Scenario 6: what accord's key-lock triggers cost a local insert, and an update that changes no
+//! key (ARCHITECTURE.md, "Apply").
 //!
 //! One scratch cluster, two tables of the same shape; `bench.keyed` has the triggers `accord
 //! init` installs (`accord::node::key_locks`), `bench.plain` none. Rounds alternate between them
 //! so that the machine's noise falls on both: single-row inserts from 2 clients
 //! (`synchronous_commit = off`, as the other scenarios' writers), and one bulk `INSERT ... SELECT`
-//! per round. Figures: inserts per second on each table, and the keyed one's ratio to the plain.
+//! per round, then single-row updates of the rows the clients inserted (no key changed: the
+//! update trigger's `WHEN` is evaluated, and says no). Figures: inserts and updates per second
+//! on each table, and the keyed one's ratio to the plain.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +62,30 @@ async fn single_rows(clients: &[Arc<Client>], table: &str, first: i64, per_clien
     Ok((per_client * clients.len() as i64) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Updates of the rows `single_rows` inserted from `first`, one statement each, no key changed;
+/// updates per second.
+async fn single_updates(clients: &[Arc<Client>], table: &str, first: i64, per_client: i64) -> Result<f64> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, db) in clients.iter().enumerate() {
+        let db = Arc::clone(db);
+        let sql = format!("UPDATE {table} SET v = 'changed' WHERE id = $1");
+        let start = first + c as i64 * per_client;
+        tasks.spawn(async move {
+            let stmt = db.prepare(&sql).await?;
+            for id in start..start + per_client {
+                let n = db.execute(&stmt, &[&id]).await.context("update")?;
+                anyhow::ensure!(n == 1, "row {id} is missing");
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.map_err(|e| anyhow!("an updating client panicked: {e}"))??;
+    }
+    Ok((per_client * clients.len() as i64) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// One `INSERT ... SELECT` of `rows` rows; rows per second.
 async fn bulk(db: &Client, table: &str, first: i64, rows: i64) -> Result<f64> {
     let started = Instant::now();
@@ -98,11 +125,13 @@ pub async fn run(single_per_client: i64, bulk_rows: i64) -> Result<Vec<Row>> {
 
     let mut single: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut bulks: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut updates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut next = 1i64;
     for round in 0..ROUNDS {
         // Which table goes first alternates too.
         for t in [round % 2, 1 - round % 2] {
             single[t].push(single_rows(&clients, TABLES[t], next, single_per_client).await?);
+            updates[t].push(single_updates(&clients, TABLES[t], next, single_per_client).await?);
             next += single_per_client * CLIENTS;
             bulks[t].push(bulk(&db, TABLES[t], next, bulk_rows).await?);
             next += bulk_rows;
@@ -113,6 +142,7 @@ pub async fn run(single_per_client: i64, bulk_rows: i64) -> Result<Vec<Row>> {
     for (what, figures, unit) in [
         ("single-row inserts, 2 clients", single, "inserts/s"),
         ("one INSERT ... SELECT", bulks, "rows/s"),
+        ("single-row updates of no key, 2 clients", updates, "updates/s"),
     ] {
         let [plain, keyed] = figures.map(median);
         rows.push(Row::accord(
