@@ -23,40 +23,40 @@ const KEY_SHIFT: i64 = 1_000_000_000;
 const LOCAL_CLIENTS: u64 = 2;
 const SCENARIO: &str = "8 local writer";
 
-/// What node 1 writes while node 2's users increment the same rows.
+/// What node 1 writes while node 2's users increment the same rows (nothing, in the quiet phase).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Remote {
-    Nothing,
     Increments,
     KeyChanges,
     Reinserts,
 }
 
-impl Remote {
-    fn name(self) -> &'static str {
-        match self {
-            Remote::Nothing => "no remote writes",
-            Remote::Increments => "remote increments",
-            Remote::KeyChanges => "remote key changes",
-            Remote::Reinserts => "remote deletes + re-inserts",
-        }
+/// A phase's name: what node 1 writes in it.
+fn phase_name(remote: Option<Remote>) -> &'static str {
+    match remote {
+        None => "no remote writes",
+        Some(Remote::Increments) => "remote increments",
+        Some(Remote::KeyChanges) => "remote key changes",
+        Some(Remote::Reinserts) => "remote deletes + re-inserts",
     }
+}
 
+impl Remote {
     /// The two statements node 1 alternates on one row: the second undoes or follows the first,
     /// so every row is back in place at the end of a pair.
-    fn statements(self) -> [&'static str; 2] {
+    fn statements(self) -> [String; 2] {
         match self {
-            Remote::Nothing | Remote::Increments => [
-                "UPDATE bench.items SET n = n + 1 WHERE id = $1",
-                "UPDATE bench.items SET n = n + 1 WHERE id = $1",
-            ],
+            Remote::Increments => {
+                let increment = "UPDATE bench.items SET n = n + 1 WHERE id = $1";
+                [increment.into(), increment.into()]
+            }
             Remote::KeyChanges => [
-                "UPDATE bench.items SET id = id + 1000000000 WHERE id = $1",
-                "UPDATE bench.items SET id = id - 1000000000 WHERE id = $1::bigint + 1000000000",
+                format!("UPDATE bench.items SET id = id + {KEY_SHIFT} WHERE id = $1"),
+                format!("UPDATE bench.items SET id = id - {KEY_SHIFT} WHERE id = $1::bigint + {KEY_SHIFT}"),
             ],
             Remote::Reinserts => [
-                "DELETE FROM bench.items WHERE id = $1",
-                "INSERT INTO bench.items (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+                "DELETE FROM bench.items WHERE id = $1".into(),
+                "INSERT INTO bench.items (id) VALUES ($1) ON CONFLICT (id) DO NOTHING".into(),
             ],
         }
     }
@@ -111,7 +111,7 @@ fn spawn_remote(
 ) -> JoinHandle<Result<(u64, u64, u64)>> {
     tokio::spawn(async move {
         let [first, second] = kind.statements();
-        let (first, second) = (db.prepare(first).await?, db.prepare(second).await?);
+        let (first, second) = (db.prepare(&first).await?, db.prepare(&second).await?);
         let mut rng = Rng(0xBB67_AE85_84CA_A73B);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -164,10 +164,10 @@ pub async fn local_writer(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut quiet_p99 = None;
     for (phase, kind) in [
-        Remote::Nothing,
-        Remote::Increments,
-        Remote::KeyChanges,
-        Remote::Reinserts,
+        None,
+        Some(Remote::Increments),
+        Some(Remote::KeyChanges),
+        Some(Remote::Reinserts),
     ]
     .into_iter()
     .enumerate()
@@ -178,8 +178,8 @@ pub async fn local_writer(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
             locals.push(spawn_local(session(dep, 1, true).await?, c, phase, stop.clone()));
         }
         let remote = match kind {
-            Remote::Nothing => None,
-            _ => Some(spawn_remote(session(dep, 0, true).await?, kind, every, stop.clone())),
+            None => None,
+            Some(kind) => Some(spawn_remote(session(dep, 0, true).await?, kind, every, stop.clone())),
         };
         let waits_before = apply_waits(dep);
         let started = Instant::now();
@@ -218,14 +218,14 @@ pub async fn local_writer(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
         } + &waits;
         crate::progress(format!(
             "  {}: p50 {:.2} ms, p99 {:.2} ms, {rate:.0} tx/s{remote_text}, settled in {settle:.1?}",
-            kind.name(),
+            phase_name(kind),
             ms(p50),
             ms(p99)
         ));
         rows.push(Row::text(
             dep,
             SCENARIO,
-            &format!("{}: p50 / p99 ms, tx/s", kind.name()),
+            &format!("{}: p50 / p99 ms, tx/s", phase_name(kind)),
             &format!(
                 "{:.2} / {:.2}, {rate:.0} ({local_retries} deadlock retries{remote_text})",
                 ms(p50),
@@ -239,7 +239,7 @@ pub async fn local_writer(dep: &Deployment, opts: &Opts) -> Result<Vec<Row>> {
                 rows.push(Row::figure(
                     dep,
                     SCENARIO,
-                    &format!("{}: p99 ÷ quiet p99", kind.name()),
+                    &format!("{}: p99 ÷ quiet p99", phase_name(kind)),
                     ratio,
                     format!("{ratio:.2}×"),
                     Better::Lower,

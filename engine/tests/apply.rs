@@ -50,23 +50,30 @@ fn write(
     kind: ChangeKind,
     new: Option<Vec<Cell>>,
 ) -> (RowChange, RowMeta) {
-    let t = &tables()[0];
+    let (meta, old) = prior.map_or((None, None), |(m, v)| (Some(m), Some(v)));
+    captured(origin, seq, k, meta, kind, old, new)
+}
+
+/// [`write`], with the prior metadata and the old values apart (an insert after a delete has
+/// the one without the other).
+fn captured(
+    origin: NodeId,
+    seq: u64,
+    k: i64,
+    prior: Option<&RowMeta>,
+    kind: ChangeKind,
+    old: Option<Vec<Cell>>,
+    new: Option<Vec<Cell>>,
+) -> (RowChange, RowMeta) {
     let change = CapturedChange {
         kind,
         key: key(k),
-        old: prior.as_ref().map(|(_, v)| v.clone()),
+        old,
         new,
     };
-    let captured = capture(
-        t,
-        prior.map(|(m, _)| m),
-        &change,
-        Hlc::new(1_000 + seq, 0, origin),
-        seq,
-        &[],
-    )
-    .unwrap()
-    .unwrap();
+    let captured = capture(&tables()[0], prior, &change, Hlc::new(1_000 + seq, 0, origin), seq, &[])
+        .unwrap()
+        .unwrap();
     (captured.change, captured.meta)
 }
 
@@ -319,30 +326,14 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_insert_is_on_its_way() 
 }
 
 /// A's change of row `k` after `prior` (its metadata): a delete (`new` None), or an insert of the
-/// key again after a delete.
+/// key again after a delete (`old` None).
 fn after(prior: &RowMeta, seq: u64, k: i64, old: Option<Vec<Cell>>, new: Option<Vec<Cell>>) -> (RowChange, RowMeta) {
     let kind = match (&old, &new) {
         (Some(_), None) => ChangeKind::Delete,
         (None, Some(_)) => ChangeKind::Insert,
         _ => ChangeKind::Update,
     };
-    let change = CapturedChange {
-        kind,
-        key: key(k),
-        old,
-        new,
-    };
-    let captured = capture(
-        &tables()[0],
-        Some(prior),
-        &change,
-        Hlc::new(1_000 + seq, 0, A),
-        seq,
-        &[],
-    )
-    .unwrap()
-    .unwrap();
-    (captured.change, captured.meta)
+    captured(A, seq, k, Some(prior), kind, old, new)
 }
 
 /// Keys changed away and back (a delete and an insert of each key, again and again) in one
