@@ -1117,3 +1117,85 @@ async fn an_applier_waits_for_its_origin_held_by_a_dying_session() {
     );
     release.await.unwrap();
 }
+
+/// A merge chosen as a deadlock's victim is tried again, never parked for review. Node 1 renames
+/// a user and increments a product in one transaction. On node 2 a local transaction holds
+/// `shop.products` in SHARE mode, so the merge, having written the user, waits to write the
+/// product; the local transaction then asks for `shop.users` ACCESS EXCLUSIVE (as a migration
+/// does) and PostgreSQL rolls the merge back. (Taken for a refusal of the values, the increment
+/// was parked as an unapplicable review item and node 2 never counted it: the rolling-migration
+/// test met it with a migration's lock.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_rolled_back_as_a_deadlocks_victim_is_tried_again_not_parked() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute(
+        "INSERT INTO shop.products (id, name, stock) VALUES (1, 'start', 100);
+         INSERT INTO shop.users (id, email, name) VALUES (1, 'one@example.com', 'start')",
+    )
+    .await
+    .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    // Once before, so that node 2's applier has its statements prepared: preparing an UPDATE
+    // locks its table too, and the deadlock below is to meet the write itself.
+    let rename_and_increment = |name: &str| {
+        format!(
+            "BEGIN; UPDATE shop.users SET name = '{name}' WHERE id = 1;
+             UPDATE shop.products SET stock = stock + 1 WHERE id = 1; COMMIT"
+        )
+    };
+    a.batch_execute(&rename_and_increment("first")).await.unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    // Node 2's sessions check for deadlocks after 3 s of waiting, so that the local transaction
+    // below asks for its lock well before the merge's check runs, whatever the machine's load.
+    for sql in ["ALTER SYSTEM SET deadlock_timeout = '3s'", "SELECT pg_reload_conf()"] {
+        b.batch_execute(sql).await.unwrap();
+    }
+    let local = cluster.client(1).await;
+    local
+        .batch_execute("SET deadlock_timeout = '60s'; BEGIN; LOCK TABLE shop.products IN SHARE MODE")
+        .await
+        .unwrap();
+    a.batch_execute(&rename_and_increment("renamed")).await.unwrap();
+    let waiting = "SELECT count(*) FROM pg_locks WHERE relation = 'shop.products'::regclass \
+                   AND mode = 'RowExclusiveLock' AND NOT granted";
+    let started = tokio::time::Instant::now();
+    while b.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node 2's applier never waited to write the product"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The merge holds `shop.users`; this closes the cycle, and the merge's check (3 s after it
+    // began to wait, before the local transaction's 60 s) finds it: the merge is the victim.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        local.batch_execute("LOCK TABLE shop.users IN ACCESS EXCLUSIVE MODE"),
+    )
+    .await
+    .expect("the merge holds its locks until its deadlock check")
+    .expect("the local transaction gets the table: the merge is the deadlock's victim");
+    local.batch_execute("COMMIT").await.unwrap();
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let deadlocks: i64 = b
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deadlocks >= 1, "node 2 saw no deadlock: the test did not make one");
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        assert_eq!(sum_stock(&db).await, 102, "node {}\n{snapshot}", node + 1);
+        let items: i64 = db
+            .query_one("SELECT count(*) FROM accord.review_items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(items, 0, "node {}: nothing for review\n{snapshot}", node + 1);
+    }
+    cluster.stop_all().await;
+}

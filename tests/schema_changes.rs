@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use support::nodes::snapshot;
 use support::pg::PgCluster;
-use support::service::{init_cluster, wait_until, RunningNode};
+use support::service::{init_cluster, RunningNode};
 use tokio::sync::RwLock;
 
 const SCHEMA: &str = "
@@ -68,6 +68,32 @@ const ITEMS: &[&str] = &["shop.items"];
 async fn same(dbs: &[tokio_postgres::Client], tables: &[&str]) -> bool {
     let first = snapshot(&dbs[0], tables).await;
     snapshot(&dbs[1], tables).await == first && snapshot(&dbs[2], tables).await == first
+}
+
+/// Every review item of a node, one line each, for failure messages.
+async fn review_items(db: &tokio_postgres::Client) -> Vec<String> {
+    let sql = "SELECT format('%s %s %s %s %s %s', table_name, row_key, column_name, kind, status, \
+               coalesce(error, candidates::text)) FROM accord.review_items";
+    db.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// What every session of a node does, one line each, for failure messages.
+async fn sessions_of(db: &tokio_postgres::Client) -> Vec<String> {
+    let sql = "SELECT format('%s %s %s %s/%s %s', pid, application_name, state, wait_event_type, wait_event, \
+               left(query, 200)) FROM pg_stat_activity WHERE datname IS NOT NULL OR backend_type = 'walsender'";
+    let mut lines: Vec<String> = db.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    for sql in [
+        "SELECT format('orders of node %s: %s', n, c) FROM \
+         (SELECT id / 1000000 AS n, count(*) AS c FROM shop.orders GROUP BY 1) AS o ORDER BY n",
+        "SELECT format('origin %s at %s', external_id, remote_lsn) FROM pg_replication_origin_status",
+        "SELECT format('slot %s confirmed %s, WAL at %s', slot_name, confirmed_flush_lsn, pg_current_wal_lsn()) \
+         FROM pg_replication_slots",
+        "SELECT format('outbound %s..%s', min(seq), max(seq)) FROM accord.outbound",
+        "SELECT format('left %s', table_name) FROM accord.left_tables",
+    ] {
+        lines.extend(db.query(sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
+    }
+    lines
 }
 
 async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -223,16 +249,33 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
                     writes[0].orders.load(Ordering::SeqCst) + writes[1].orders.load(Ordering::SeqCst),
                     writes[0].qty.load(Ordering::SeqCst) + writes[1].qty.load(Ordering::SeqCst),
                 );
-                wait_until(
-                    "node 3 has the orders of nodes 1 and 2",
-                    Duration::from_secs(60),
-                    || async {
-                        let sql = "SELECT count(*) FROM shop.orders WHERE id < 3000000";
-                        let qty = "SELECT coalesce(sum(qty), 0)::bigint FROM shop.orders WHERE id < 3000000";
-                        count(&dbs[2], sql).await == from_others && count(&dbs[2], qty).await == qty_others
-                    },
-                )
-                .await;
+                let started = Instant::now();
+                loop {
+                    let sql = "SELECT count(*) FROM shop.orders WHERE id < 3000000";
+                    let qty = "SELECT coalesce(sum(qty), 0)::bigint FROM shop.orders WHERE id < 3000000";
+                    let (has, has_qty) = (count(&dbs[2], sql).await, count(&dbs[2], qty).await);
+                    if (has, has_qty) == (from_others, qty_others) {
+                        eprintln!("node 3 had the orders of nodes 1 and 2 after {:?}", started.elapsed());
+                        break;
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        let items = review_items(&dbs[2]).await;
+                        let mut sessions = Vec::new();
+                        for db in &dbs {
+                            sessions.extend(sessions_of(db).await);
+                            sessions.push("--".to_owned());
+                        }
+                        let logs: Vec<String> = nodes.into_iter().map(|n| n.terminate().1).collect();
+                        panic!(
+                            "node 3 has {has} orders of nodes 1 and 2 (of {from_others}), qty {has_qty} \
+                             (of {qty_others}); for review:\n{}\nsessions:\n{}\n{}",
+                            items.join("\n"),
+                            sessions.join("\n"),
+                            logs.join("\n----\n")
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             // A crash in the middle: node 3's accord is killed and the DROP COLUMN runs while it
             // is down; it starts again 2 s later, with its stream to decode across the drop.
@@ -364,11 +407,8 @@ async fn a_rolling_migration_under_writes_loses_nothing() {
             count(db, "SELECT max(weight) FROM shop.items").await > i64::from(i32::MAX),
             "the widened column's values reached every node"
         );
-        assert_eq!(
-            count(db, "SELECT count(*) FROM accord.review_items").await,
-            0,
-            "nothing for review"
-        );
+        let items = review_items(db).await;
+        assert!(items.is_empty(), "nothing for review:\n{}", items.join("\n"));
         assert_eq!(
             count(db, "SELECT count(*) FROM accord.deferred").await,
             0,

@@ -850,7 +850,7 @@ impl Applier {
         let db = &self.db;
         let mut prepared = Vec::with_capacity(writes.len());
         for write in &writes {
-            prepared.push(self.statements.get(db, &write.sql).await?);
+            prepared.push(self.statements.get(db, &write.sql).await.context("preparing a write")?);
         }
         // A savepoint, so that a refused write costs only the writes, not the locks.
         let mut queries = vec![pipeline::command(db, "SAVEPOINT accord_batch")];
@@ -864,6 +864,7 @@ impl Applier {
             .and_then(|results| written_xmins(planned.len(), &writes, results.get(1..).unwrap_or_default()));
         match written {
             Ok(xmins) => Ok(Ok(xmins)),
+            Err(error) if is_transient(&error) => Err(error.context("writing a batch's rows")),
             Err(error) => {
                 tracing::debug!(error = format!("{error:#}"), "a write was refused");
                 db.batch_execute("ROLLBACK TO SAVEPOINT accord_batch; RELEASE SAVEPOINT accord_batch")
@@ -1013,16 +1014,32 @@ fn parse_xid(text: &str) -> Result<Xid> {
         .map_err(|_| anyhow!("a row version's xmin {text:?} is not a transaction id"))
 }
 
-/// Whether an apply failed because PostgreSQL chose it as a deadlock's victim: a local
-/// transaction took the same rows in another order. The session is sound; the batch is tried
-/// again on it (`Applier::abandon_attempt`).
-pub fn is_deadlock(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<tokio_postgres::Error>()
-            .and_then(tokio_postgres::Error::code)
-            .is_some_and(|code| *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
-    })
+/// The SQLSTATE of the database error in `error`'s chain, if there is one.
+fn sql_state(error: &anyhow::Error) -> Option<&str> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::code)
+        .map(tokio_postgres::error::SqlState::code)
+}
+
+/// Whether PostgreSQL rolled an apply back for what another transaction did at the same moment:
+/// chosen as a deadlock's victim (a local transaction took the same rows, or a migration the
+/// same table, in another order), a serialization failure, a lock it would not wait for. The
+/// session and the changes are sound; the batch is tried again on it
+/// (`Applier::abandon_attempt`).
+pub fn is_concurrency_rollback(error: &anyhow::Error) -> bool {
+    sql_state(error).is_some_and(|code| code.starts_with("40") || code == "55P03")
+}
+
+/// Whether a write failed for the moment or for the server, not for the values written:
+/// [`is_concurrency_rollback`], a cancelled statement or a server shutting down (class 57),
+/// resources (53), the connection (08), the system (58). Such a failure is never a reason to
+/// park a change for review: parked, a change a deadlock with a migration refused waited for a
+/// reviewer (the rolling-migration test found it). The batch fails and is tried again.
+fn is_transient(error: &anyhow::Error) -> bool {
+    is_concurrency_rollback(error)
+        || sql_state(error).is_some_and(|code| ["57", "53", "08", "58"].iter().any(|c| code.starts_with(c)))
 }
 
 /// Whether `error` is a unique violation of a table's primary key: a row of the key is there

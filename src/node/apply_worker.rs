@@ -13,7 +13,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::apply::{is_deadlock, Applier, ApplySummary};
+use super::apply::{is_concurrency_rollback, Applier, ApplySummary};
 use super::spool::Spool;
 use super::tagging::replicated_policy;
 use crate::pg_connection::connect;
@@ -42,7 +42,8 @@ pub enum SpoolWork {
 pub struct Applied {
     pub peer: NodeId,
     pub result: Result<(u64, ApplySummary)>,
-    /// Attempts of the batch that were a deadlock's victim, and were tried again.
+    /// Attempts of the batch that PostgreSQL rolled back for a concurrent transaction (a
+    /// deadlock's victim, mostly), and were tried again.
     pub deadlocks: u64,
     /// The commit stamp of the batch's last change.
     pub last_stamp: Option<Hlc>,
@@ -316,12 +317,15 @@ impl ApplyWorker {
                     reread = true;
                     reconnect(applier, dsn).await;
                 }
-                Err(error) if is_deadlock(&error) => {
-                    // A local transaction locked the batch's rows in another order, and PostgreSQL
-                    // rolled the batch back to let it through. Nothing is wrong with the session:
-                    // try again on it after a moment, once the local transaction has moved on.
+                Err(error) if is_concurrency_rollback(&error) => {
+                    // A local transaction locked the batch's rows (or a migration its table) in
+                    // another order, and PostgreSQL rolled the batch back to let it through.
+                    // Nothing is wrong with the session: try again on it after a moment, once
+                    // the local transaction has moved on.
                     deadlocks += 1;
-                    tracing::info!(%peer, attempt = deadlocks, "a batch met a local transaction in a deadlock; trying it again");
+                    // The server's message alone: its "ERROR:" prefix would read as accord's.
+                    let why = db_message(&error).unwrap_or_else(|| format!("{error:#}"));
+                    tracing::info!(%peer, attempt = deadlocks, why, "a batch met a local transaction in a deadlock; trying it again");
                     match applier.abandon_attempt().await {
                         Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
                         Err(error) => {

@@ -85,7 +85,11 @@ impl RunningNode {
             .args(["run", "--config", config.to_str().unwrap()])
             .args(extra)
             .env_remove("ACCORD_DSN")
-            .env("ACCORD_LOG", "info")
+            // More detail from the nodes when a failure needs it (`ACCORD_TEST_NODE_LOG=accord=debug`).
+            .env(
+                "ACCORD_LOG",
+                std::env::var("ACCORD_TEST_NODE_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
