@@ -513,7 +513,13 @@ pub enum ApplyError {
     )]
     NoPlace { peer: NodeId, message: String },
     #[error("a transaction from node {peer} waits: {message}")]
-    ShapeWaits { peer: NodeId, message: String },
+    ShapeWaits {
+        peer: NodeId,
+        message: String,
+        /// The batch's change that cannot be read yet (`None`: a change kept here earlier): the
+        /// transactions before its own may be applied meanwhile.
+        seq: Option<u64>,
+    },
 }
 
 /// The guard's verdict on one loaded row.
@@ -771,7 +777,11 @@ impl BatchApply {
                 match schema.shapes.read_under(&c, local) {
                     Reading::AsItIs => Ok(c),
                     Reading::Reshaped(read) => Ok(*read),
-                    Reading::Waits(message) => Err(ApplyError::ShapeWaits { peer, message }),
+                    Reading::Waits(message) => Err(ApplyError::ShapeWaits {
+                        peer,
+                        message,
+                        seq: Some(c.seq),
+                    }),
                 }
             })
             .collect::<Result<_, _>>()?;
@@ -1089,6 +1099,7 @@ impl BatchApply {
                             Reading::Waits(message) => Err(ApplyError::ShapeWaits {
                                 peer: self.peer,
                                 message,
+                                seq: None,
                             }),
                         })
                         .collect::<Result<_, _>>()?;

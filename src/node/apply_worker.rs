@@ -234,29 +234,43 @@ impl ApplyWorker {
             spooled_bytes = spool.bytes(),
             "applying a spooled transaction"
         );
-        self.apply_work(Work::Spooled { spool, tail }, more).await
-    }
-
-    /// `apply_batch` for each of the batch's transactions in turn.
-    async fn apply_by_transaction(&mut self, batch: &[RowChange], more: bool) -> bool {
-        let parts: Vec<&[RowChange]> = batch.split_inclusive(|c| c.ends_transaction()).collect();
-        let last = parts.len().saturating_sub(1);
-        for (i, part) in parts.into_iter().enumerate() {
-            if !Box::pin(self.apply_batch(part, more || i < last)).await {
-                return false;
+        loop {
+            match self.apply_work(Work::Spooled { spool, tail }, more).await {
+                Attempt::Applied => return true,
+                Attempt::Stopping => return false,
+                // One transaction never splits: tried again as it is.
+                Attempt::OneWaits { .. } => continue,
             }
         }
-        true
     }
 
     /// Applies one batch, retrying (on a new connection when needed) until it is applied, and
     /// reports it with what may be acknowledged. `more`: further batches are queued (a busy applier
     /// flushes to learn its durable position less often). `false` when the node is stopping.
+    ///
+    /// When one of its transactions cannot be applied here yet, those before it are applied
+    /// together, it waits alone, and those after it go on together again: applied one at a
+    /// time, the rest of a long batch took a transaction (and a capture wait) each, and a node
+    /// that had waited for a migration fell minutes behind its peer (the rolling-migration test).
     async fn apply_batch(&mut self, batch: &[RowChange], more: bool) -> bool {
-        self.apply_work(Work::Batch(batch), more).await
+        let mut rest = batch;
+        let mut take = rest.len();
+        loop {
+            let (now, after) = rest.split_at(take);
+            match self.apply_work(Work::Batch(now), more || !after.is_empty()).await {
+                Attempt::Applied if after.is_empty() => return true,
+                Attempt::Applied => {
+                    rest = after;
+                    take = rest.len();
+                }
+                Attempt::Stopping => return false,
+                // Only for more than one transaction: `take` shrinks, down to one at worst.
+                Attempt::OneWaits { seq } => take = before_the_one_that_waits(now, seq),
+            }
+        }
     }
 
-    async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> bool {
+    async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> Attempt {
         let ApplyWorker {
             applier,
             dsn,
@@ -304,7 +318,11 @@ impl ApplyWorker {
                         last_stamp: batch.last().map(|c| c.stamp),
                         durable: position.acknowledgeable(),
                     };
-                    return done.send(applied).await.is_ok();
+                    return if done.send(applied).await.is_ok() {
+                        Attempt::Applied
+                    } else {
+                        Attempt::Stopping
+                    };
                 }
                 Err(error)
                     if !reread
@@ -339,14 +357,16 @@ impl ApplyWorker {
                         && matches!(work, Work::Batch(_))
                         && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
                 {
-                    // One of its transactions cannot be applied here yet: apply them one at a time,
-                    // so that what comes before that one is applied and only it, with what
-                    // follows, waits.
+                    // One of its transactions cannot be applied here yet (`apply_batch`).
                     if let Err(error) = applier.abandon_attempt().await {
                         tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
                         reconnect(applier, dsn).await;
                     }
-                    return Box::pin(self.apply_by_transaction(batch, more)).await;
+                    let seq = match no_place(&error) {
+                        Some(ApplyError::ShapeWaits { seq, .. }) => *seq,
+                        _ => None,
+                    };
+                    return Attempt::OneWaits { seq };
                 }
                 Err(error) if no_place(&error).is_some() => {
                     let why = no_place(&error).map(ToString::to_string).unwrap_or_default();
@@ -379,6 +399,42 @@ impl ApplyWorker {
                 }
             }
         }
+    }
+}
+
+/// How an attempt to apply a batch ended.
+enum Attempt {
+    Applied,
+    /// The node is stopping.
+    Stopping,
+    /// One of the batch's transactions cannot be applied here yet: the one holding change
+    /// `seq`, when the engine could tell (a change written under a shape this node cannot read),
+    /// or any (a row with no place here).
+    OneWaits {
+        seq: Option<u64>,
+    },
+}
+
+/// How many of `batch`'s changes to apply next when one of its transactions waits: the whole
+/// transactions before the one holding `seq`, or, when that one is the first (or the engine
+/// could not tell), the first transaction alone. Always fewer than the batch when it holds more
+/// than one transaction, and never part of one.
+fn before_the_one_that_waits(batch: &[RowChange], seq: Option<u64>) -> usize {
+    let first_end = batch
+        .iter()
+        .position(RowChange::ends_transaction)
+        .map_or(batch.len(), |i| i + 1);
+    let Some(at) = seq.and_then(|seq| batch.iter().position(|c| c.seq == seq)) else {
+        return first_end;
+    };
+    let start = batch[..at]
+        .iter()
+        .rposition(RowChange::ends_transaction)
+        .map_or(0, |i| i + 1);
+    if start == 0 {
+        first_end
+    } else {
+        start
     }
 }
 
@@ -486,6 +542,24 @@ mod tests {
 
     fn seqs(batch: &[RowChange]) -> Vec<u64> {
         batch.iter().map(|c| c.seq).collect()
+    }
+
+    #[test]
+    fn a_batch_whose_transaction_waits_applies_those_before_it_together_first() {
+        // Transactions 1-2, 3, 4-6 and 7.
+        let mut changes = batch(1..=7);
+        for (change, last) in changes.iter_mut().zip([2, 2, 3, 6, 6, 6, 7]) {
+            change.tx_last = last;
+        }
+        assert_eq!(before_the_one_that_waits(&changes, Some(5)), 3, "1-2 and 3");
+        assert_eq!(before_the_one_that_waits(&changes, Some(4)), 3);
+        assert_eq!(before_the_one_that_waits(&changes, Some(7)), 6);
+        // The first transaction waits, or which one is unknown: the first alone.
+        assert_eq!(before_the_one_that_waits(&changes, Some(2)), 2);
+        assert_eq!(before_the_one_that_waits(&changes, None), 2);
+        assert_eq!(before_the_one_that_waits(&changes, Some(99)), 2);
+        let rest = &changes[3..];
+        assert_eq!(before_the_one_that_waits(rest, Some(7)), 3, "4-6 before 7");
     }
 
     #[test]
