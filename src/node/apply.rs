@@ -1014,13 +1014,17 @@ fn parse_xid(text: &str) -> Result<Xid> {
         .map_err(|_| anyhow!("a row version's xmin {text:?} is not a transaction id"))
 }
 
-/// The SQLSTATE of the database error in `error`'s chain, if there is one.
-fn sql_state(error: &anyhow::Error) -> Option<&str> {
+/// The error PostgreSQL itself raised, wherever in `error`'s chain the client's error is.
+pub(super) fn db_error(error: &anyhow::Error) -> Option<&tokio_postgres::error::DbError> {
     error
         .chain()
-        .find_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
-        .and_then(tokio_postgres::Error::code)
-        .map(tokio_postgres::error::SqlState::code)
+        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .find_map(tokio_postgres::Error::as_db_error)
+}
+
+/// The SQLSTATE of the database error in `error`'s chain, if there is one.
+fn sql_state(error: &anyhow::Error) -> Option<&str> {
+    db_error(error).map(|db| db.code().code())
 }
 
 /// Whether PostgreSQL rolled an apply back for what another transaction did at the same moment:
@@ -1042,16 +1046,11 @@ fn is_transient(error: &anyhow::Error) -> bool {
         || sql_state(error).is_some_and(|code| ["57", "53", "08", "58"].iter().any(|c| code.starts_with(c)))
 }
 
-/// Whether `error` is a unique violation of a table's primary key: a row of the key is there
-/// (the engine starts over and merges against it), not a refusal to park.
 /// The database error, when it says a row has no partition to go to on this node (range or
 /// list partitions that do not cover it, and no DEFAULT partition): check_violation, raised by
 /// tuple routing with this message (PostgreSQL 11 and later).
 fn no_partition_error(error: &anyhow::Error) -> Option<&tokio_postgres::error::DbError> {
-    let db = error
-        .chain()
-        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())?
-        .as_db_error()?;
+    let db = db_error(error)?;
     (db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
         && db.message().starts_with("no partition of relation"))
     .then_some(db)
@@ -1066,12 +1065,10 @@ fn no_partition_message(error: &anyhow::Error) -> Option<String> {
     no_partition_error(error).map(|db| format!("{}: {}", db.message(), db.detail().unwrap_or_default()))
 }
 
+/// Whether `error` is a unique violation of a table's primary key: a row of the key is there
+/// (the engine starts over and merges against it), not a refusal to park.
 async fn violates_primary_key(db: &Client, error: &anyhow::Error) -> Result<bool> {
-    let Some(db_error) = error
-        .chain()
-        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
-        .and_then(tokio_postgres::Error::as_db_error)
-    else {
+    let Some(db_error) = db_error(error) else {
         return Ok(false);
     };
     if *db_error.code() != tokio_postgres::error::SqlState::UNIQUE_VIOLATION {

@@ -13,7 +13,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::apply::{is_concurrency_rollback, Applier, ApplySummary};
+use super::apply::{db_error, is_concurrency_rollback, Applier, ApplySummary};
 use super::spool::Spool;
 use super::tagging::replicated_policy;
 use crate::pg_connection::connect;
@@ -72,26 +72,19 @@ fn stale_tables(error: &anyhow::Error) -> bool {
         )
     });
     unreadable
-        || error
-            .chain()
-            .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
-            .filter_map(tokio_postgres::Error::code)
-            .any(|code| {
-                [
-                    SqlState::UNDEFINED_COLUMN,
-                    SqlState::UNDEFINED_TABLE,
-                    SqlState::DATATYPE_MISMATCH,
-                ]
-                .contains(code)
-            })
+        || db_error(error).is_some_and(|db| {
+            [
+                SqlState::UNDEFINED_COLUMN,
+                SqlState::UNDEFINED_TABLE,
+                SqlState::DATATYPE_MISMATCH,
+            ]
+            .contains(db.code())
+        })
 }
 
 /// The server's own words, without the client's framing.
 fn db_message(error: &anyhow::Error) -> Option<String> {
-    error
-        .chain()
-        .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
-        .find_map(|e| e.as_db_error().map(|db| db.message().to_owned()))
+    db_error(error).map(|db| db.message().to_owned())
 }
 
 /// What each peer's applier waits for, when it cannot go on until this node's users act.
