@@ -49,6 +49,9 @@ pub struct Opts {
     /// How often the lag pollers look for new markers.
     pub poll: Duration,
     pub fsync: bool,
+    /// `shared_buffers` of the bench clusters (the test clusters' 16MB made every system's
+    /// backends evict dirty pages themselves).
+    pub shared_buffers: String,
     pub quic: bool,
 }
 
@@ -80,6 +83,16 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+/// A `shared_buffers` size as PostgreSQL reads it: digits and a unit (kB, MB, GB).
+fn shared_buffers(size: String) -> Result<String> {
+    let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &size[digits.len()..];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !["kB", "MB", "GB"].contains(&unit) {
+        bail!("ACCORD_CMP_SHARED_BUFFERS: {size:?} is not a size such as 128MB (units kB, MB, GB)");
+    }
+    Ok(size)
 }
 
 impl Opts {
@@ -131,6 +144,7 @@ impl Opts {
             sim_seeds: env_or("ACCORD_CMP_SIM_SEEDS", pick(20, 3))?,
             poll: Duration::from_micros(env_or("ACCORD_CMP_POLL_US", 500)?),
             fsync: env_or::<String>("ACCORD_CMP_FSYNC", "on".into())? != "off",
+            shared_buffers: shared_buffers(env_or::<String>("ACCORD_CMP_SHARED_BUFFERS", "128MB".into())?)?,
             quic: env_or::<String>("ACCORD_CMP_NET", "quic".into())? != "memory",
         })
     }
@@ -462,7 +476,7 @@ async fn main() {
         }
     };
     progress(format!(
-        "rows {}, drain {}, lag load {}, conflict {}/node, mesh {}/node, sim seeds {}, fsync {}, net {}",
+        "rows {}, drain {}, lag load {}, conflict {}/node, mesh {}/node, sim seeds {}, fsync {}, shared_buffers {}, net {}",
         opts.rows,
         opts.drain,
         opts.lag_tx,
@@ -470,6 +484,7 @@ async fn main() {
         opts.mesh_tx,
         opts.sim_seeds,
         if opts.fsync { "on" } else { "off" },
+        opts.shared_buffers,
         if opts.quic { "quic" } else { "memory" },
     ));
     let started = Instant::now();

@@ -119,6 +119,7 @@ impl Deployment {
             let admin = cluster.connect("postgres").await?;
             let mut settings = vec![
                 format!("ALTER SYSTEM SET fsync = {}", if opts.fsync { "on" } else { "off" }),
+                format!("ALTER SYSTEM SET shared_buffers = '{}'", opts.shared_buffers),
                 // The launcher of native subscription workers waits this long after starting one
                 // before it starts another (5 s by default): without this, re-enabling a
                 // subscription in the drain would time that wait, not the replication.
@@ -137,9 +138,10 @@ impl Deployment {
                 admin.batch_execute(s).await.with_context(|| s.clone())?;
             }
             drop(admin);
+            // shared_buffers (and pglogical's library) take effect at a start.
+            cluster.stop(StopMode::Fast)?;
+            cluster.restart()?;
             if system == System::Pglogical {
-                cluster.stop(StopMode::Fast)?;
-                cluster.restart()?;
                 let admin = cluster.connect("postgres").await?;
                 admin
                     .batch_execute("ALTER SYSTEM SET pglogical.conflict_resolution = 'last_update_wins'")
@@ -154,8 +156,6 @@ impl Deployment {
                     .await
                     .context("setting pglogical.synchronous_commit")?;
                 admin.batch_execute("SELECT pg_reload_conf()").await?;
-            } else {
-                admin_reload(cluster).await?;
             }
         }
         for cluster in &pg {
@@ -517,15 +517,6 @@ impl Deployment {
         }
         // The clusters stop (immediately) and go away when dropped.
     }
-}
-
-async fn admin_reload(cluster: &PgCluster) -> Result<()> {
-    cluster
-        .connect("postgres")
-        .await?
-        .batch_execute("SELECT pg_reload_conf()")
-        .await?;
-    Ok(())
 }
 
 pub async fn insert_marker(db: &Client, origin: usize, seq: i64) -> Result<(i64, Instant)> {
