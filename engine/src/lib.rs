@@ -26,9 +26,9 @@ pub mod verify;
 
 pub use acknowledge::AppliedPosition;
 pub use apply::{
-    fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
-    InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Segments, Verdict,
-    WriteRefusal, Xid,
+    fold, judge, transactions_before_waiting, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary,
+    BatchApply, Carried, ConflictCounts, InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records,
+    RowWrite, Segment, Segments, Verdict, WriteRefusal, Xid,
 };
 pub use apply_queue::{ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};

@@ -119,7 +119,10 @@ fn line(report: &SeedReport) -> String {
         String::new()
     };
     let join = if report.config.migrate {
-        format!("{join} migrations={} shape_waits={}", s.migrations, s.shape_waits)
+        format!(
+            "{join} migrations={} shape_waits={} shape_splits={}",
+            s.migrations, s.shape_waits, s.shape_splits
+        )
     } else {
         join
     };

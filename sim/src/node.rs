@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accord_engine::{
-    AppliedPosition, ApplyError, ApplyInput, ApplyQueue, ApplyRules, BatchApply, CapturedChange, Capturer, Cell,
-    ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout, Hello, Hlc, InsertLedger,
-    LocalIdentity, Member, MemberState, Membership, Message, NodeId, NodeSchema, Refusal, Replication,
-    ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, ShapeBook, StableCut, TableDef, Truncate,
-    MAX_APPLY_BATCH, PROTOCOL_VERSION,
+    transactions_before_waiting, AppliedPosition, ApplyError, ApplyInput, ApplyQueue, ApplyRules, BatchApply,
+    CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout,
+    Hello, Hlc, InsertLedger, LocalIdentity, Member, MemberState, Membership, Message, NodeId, NodeSchema, Refusal,
+    Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, ShapeBook, StableCut,
+    TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
 
 use crate::apply::{Applying, Committed, DriverError, Resume, RunEnv, Stop, Waiting};
@@ -1180,27 +1180,39 @@ impl Node {
                         ctx.oracle.waived(self.ix, dependency.node, dependency.through);
                     }
                     if applier.spool.is_empty() {
-                        let machine = match BatchApply::new(
-                            pid,
-                            durable,
-                            batch.clone(),
-                            &schema,
-                            self.db.collection.cut.clone(),
-                            apply_rules(ctx.bug),
-                        ) {
-                            Ok(machine) => machine,
-                            Err(ApplyError::ShapeWaits { .. }) => {
-                                // Written under a shape this node cannot read yet: the batch
-                                // waits whole, and the applier reads its tables again later.
-                                ctx.stats.shape_waits += 1;
-                                applier.schema = None;
-                                applier.queue.push_front(batch);
-                                applier.not_before = ctx.now + SHAPE_RETRY_MICROS;
-                                self.want_apply_of(ctx, peer);
-                                return Ok(());
-                            }
-                            Err(e) => {
-                                return Err(Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))
+                        let mut batch = batch;
+                        let machine = loop {
+                            match BatchApply::new(
+                                pid,
+                                durable,
+                                batch.clone(),
+                                &schema,
+                                self.db.collection.cut.clone(),
+                                apply_rules(ctx.bug),
+                            ) {
+                                Ok(machine) => break machine,
+                                Err(ApplyError::ShapeWaits { seq, .. }) => {
+                                    // Written under a shape this node cannot read yet. As the
+                                    // service: the transactions before the waiting one are
+                                    // applied first, together (the rest goes back to the
+                                    // queue); the waiting one waits alone while the applier
+                                    // reads its tables again later.
+                                    let take = transactions_before_waiting(&batch, seq);
+                                    if take < batch.len() {
+                                        ctx.stats.shape_splits += 1;
+                                        applier.queue.push_front(batch.split_off(take));
+                                        continue;
+                                    }
+                                    ctx.stats.shape_waits += 1;
+                                    applier.schema = None;
+                                    applier.queue.push_front(batch);
+                                    applier.not_before = ctx.now + SHAPE_RETRY_MICROS;
+                                    self.want_apply_of(ctx, peer);
+                                    return Ok(());
+                                }
+                                Err(e) => {
+                                    return Err(Failure::new(Invariant::ExactlyOnce, format!("node {}: {e}", self.id)))
+                                }
                             }
                         };
                         ctx.stats.duplicates_skipped += (batch.len() - machine.changes().len()) as u64;

@@ -140,6 +140,9 @@ pub struct Stats {
     /// node could not read a change's shape yet.
     pub migrations: u64,
     pub shape_waits: u64,
+    /// Batches split so that the transactions before one that waits for a shape are applied
+    /// (as the service splits them).
+    pub shape_splits: u64,
     /// Simulated µs at the end of the run.
     pub sim_time: u64,
     /// Simulated µs the liveness phase took to converge after healing.

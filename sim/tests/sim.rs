@@ -226,7 +226,8 @@ fn a_node_joins_while_every_node_writes() {
 /// alongside a join; the others drop it and converge with the sums of every write, its own too.
 /// Issue 17: every node runs a migration adding a `delta` column at its own time while all
 /// write (crashes and all faults included); migrated nodes write the new column while the others
-/// cannot read it yet. The oracle expects both delta columns exact.
+/// cannot read it yet, and apply the transactions before such a change while it waits. The oracle
+/// expects both delta columns exact.
 #[test]
 fn nodes_migrate_one_by_one_while_every_node_writes() {
     let configs: Vec<SimConfig> = (0..60)
@@ -242,6 +243,10 @@ fn nodes_migrate_one_by_one_while_every_node_writes() {
     assert!(
         total(|s| s.shape_waits) > 0,
         "no node ever waited for its migration to read a peer's changes"
+    );
+    assert!(
+        total(|s| s.shape_splits) > 0,
+        "no batch applied the transactions before one that waited (the service's split)"
     );
 }
 

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use accord_engine::{AppliedPosition, ApplyError, Hlc, NodeId, RowChange, MAX_APPLY_BATCH};
+use accord_engine::{
+    transactions_before_waiting, AppliedPosition, ApplyError, Hlc, NodeId, RowChange, MAX_APPLY_BATCH,
+};
 use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -258,7 +260,7 @@ impl ApplyWorker {
                 }
                 Attempt::Stopping => return false,
                 // Only for more than one transaction: `take` shrinks, down to one at worst.
-                Attempt::OneWaits { seq } => take = before_the_one_that_waits(now, seq),
+                Attempt::OneWaits { seq } => take = transactions_before_waiting(now, seq),
             }
         }
     }
@@ -408,29 +410,6 @@ enum Attempt {
     },
 }
 
-/// How many of `batch`'s changes to apply next when one of its transactions waits: the whole
-/// transactions before the one holding `seq`, or, when that one is the first (or the engine
-/// could not tell), the first transaction alone. Always fewer than the batch when it holds more
-/// than one transaction, and never part of one.
-fn before_the_one_that_waits(batch: &[RowChange], seq: Option<u64>) -> usize {
-    let first_end = batch
-        .iter()
-        .position(RowChange::ends_transaction)
-        .map_or(batch.len(), |i| i + 1);
-    let Some(at) = seq.and_then(|seq| batch.iter().position(|c| c.seq == seq)) else {
-        return first_end;
-    };
-    let start = batch[..at]
-        .iter()
-        .rposition(RowChange::ends_transaction)
-        .map_or(0, |i| i + 1);
-    if start == 0 {
-        first_end
-    } else {
-        start
-    }
-}
-
 /// What an apply worker applies: a batch of whole transactions, or a spooled transaction with
 /// its end.
 enum Work<'a> {
@@ -535,24 +514,6 @@ mod tests {
 
     fn seqs(batch: &[RowChange]) -> Vec<u64> {
         batch.iter().map(|c| c.seq).collect()
-    }
-
-    #[test]
-    fn a_batch_whose_transaction_waits_applies_those_before_it_together_first() {
-        // Transactions 1-2, 3, 4-6 and 7.
-        let mut changes = batch(1..=7);
-        for (change, last) in changes.iter_mut().zip([2, 2, 3, 6, 6, 6, 7]) {
-            change.tx_last = last;
-        }
-        assert_eq!(before_the_one_that_waits(&changes, Some(5)), 3, "1-2 and 3");
-        assert_eq!(before_the_one_that_waits(&changes, Some(4)), 3);
-        assert_eq!(before_the_one_that_waits(&changes, Some(7)), 6);
-        // The first transaction waits, or which one is unknown: the first alone.
-        assert_eq!(before_the_one_that_waits(&changes, Some(2)), 2);
-        assert_eq!(before_the_one_that_waits(&changes, None), 2);
-        assert_eq!(before_the_one_that_waits(&changes, Some(99)), 2);
-        let rest = &changes[3..];
-        assert_eq!(before_the_one_that_waits(rest, Some(7)), 3, "4-6 before 7");
     }
 
     #[test]
