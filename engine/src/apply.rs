@@ -522,32 +522,6 @@ pub enum ApplyError {
     },
 }
 
-/// How many of `batch`'s changes to apply next when one of its transactions must wait
-/// ([`ApplyError::ShapeWaits`], a row with no place here): the whole transactions before the one
-/// holding `waiting`, or, when that one is the first (or which one is unknown), the first
-/// transaction alone. Fewer than the batch when it holds more than one transaction, and never
-/// part of one. The service and the simulator both split a batch so: applied one at a time
-/// instead, the rest of a long batch took a transaction (and a capture wait) each, and a node
-/// that had waited for a migration fell minutes behind its peer.
-pub fn transactions_before_waiting(batch: &[RowChange], waiting: Option<u64>) -> usize {
-    let first_end = batch
-        .iter()
-        .position(RowChange::ends_transaction)
-        .map_or(batch.len(), |i| i + 1);
-    let Some(at) = waiting.and_then(|seq| batch.iter().position(|c| c.seq == seq)) else {
-        return first_end;
-    };
-    let start = batch[..at]
-        .iter()
-        .rposition(RowChange::ends_transaction)
-        .map_or(0, |i| i + 1);
-    if start == 0 {
-        first_end
-    } else {
-        start
-    }
-}
-
 /// The guard's verdict on one loaded row.
 // `Accounted` is the common verdict, for every row of every batch; boxing its state would add an
 // allocation per row to save a few bytes on the rare ones.
@@ -1483,47 +1457,4 @@ fn unapplicable(change: &RowChange, error: String) -> ReviewItem {
         change.seq,
         error,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::change::ChangeKind;
-    use crate::value::Value;
-
-    fn batch(seqs: impl IntoIterator<Item = u64>) -> Vec<RowChange> {
-        seqs.into_iter()
-            .map(|seq| RowChange {
-                shape: None,
-                table: "s.t".into(),
-                key: RowKey(vec![Value::Int(seq as i64)]),
-                kind: ChangeKind::Delete,
-                origin: NodeId(2),
-                stamp: Hlc::new(1_000 + seq, 0, NodeId(2)),
-                seq,
-                tx_last: seq,
-                builds_on: Vec::new(),
-                row: RowState::absent(),
-                closures: Vec::new(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_batch_whose_transaction_waits_applies_those_before_it_together_first() {
-        // Transactions 1-2, 3, 4-6 and 7.
-        let mut changes = batch(1..=7);
-        for (change, last) in changes.iter_mut().zip([2, 2, 3, 6, 6, 6, 7]) {
-            change.tx_last = last;
-        }
-        assert_eq!(transactions_before_waiting(&changes, Some(5)), 3, "1-2 and 3");
-        assert_eq!(transactions_before_waiting(&changes, Some(4)), 3);
-        assert_eq!(transactions_before_waiting(&changes, Some(7)), 6);
-        // The first transaction waits, or which one is unknown: the first alone.
-        assert_eq!(transactions_before_waiting(&changes, Some(2)), 2);
-        assert_eq!(transactions_before_waiting(&changes, None), 2);
-        assert_eq!(transactions_before_waiting(&changes, Some(99)), 2);
-        let rest = &changes[3..];
-        assert_eq!(transactions_before_waiting(rest, Some(7)), 3, "4-6 before 7");
-    }
 }

@@ -335,6 +335,32 @@ fn gate(
     Gate::Waive(missing)
 }
 
+/// How many of `batch`'s changes to apply next when one of its transactions must wait
+/// (`ApplyError::ShapeWaits`, a row with no place here): the whole transactions before the one
+/// holding `waiting`, or, when that one is the first (or which one is unknown), the first
+/// transaction alone. Fewer than the batch when it holds more than one transaction, and never
+/// part of one. The service and the simulator both split a batch so: applied one at a time
+/// instead, the rest of a long batch took a transaction (and a capture wait) each, and a node
+/// that had waited for a migration fell minutes behind its peer.
+pub fn transactions_before_waiting(batch: &[RowChange], waiting: Option<u64>) -> usize {
+    let first_end = batch
+        .iter()
+        .position(RowChange::ends_transaction)
+        .map_or(batch.len(), |i| i + 1);
+    let Some(at) = waiting.and_then(|seq| batch.iter().position(|c| c.seq == seq)) else {
+        return first_end;
+    };
+    let start = batch[..at]
+        .iter()
+        .rposition(RowChange::ends_transaction)
+        .map_or(0, |i| i + 1);
+    if start == 0 {
+        first_end
+    } else {
+        start
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +390,21 @@ mod tests {
             closures: Vec::new(),
         })
         .collect()
+    }
+
+    #[test]
+    fn a_batch_whose_transaction_waits_applies_those_before_it_together_first() {
+        // Transactions 1-2, 3, 4-6 and 7.
+        let changes = [tx(1..=2), tx(3..=3), tx(4..=6), tx(7..=7)].concat();
+        assert_eq!(transactions_before_waiting(&changes, Some(5)), 3, "1-2 and 3");
+        assert_eq!(transactions_before_waiting(&changes, Some(4)), 3);
+        assert_eq!(transactions_before_waiting(&changes, Some(7)), 6);
+        // The first transaction waits, or which one is unknown: the first alone.
+        assert_eq!(transactions_before_waiting(&changes, Some(2)), 2);
+        assert_eq!(transactions_before_waiting(&changes, None), 2);
+        assert_eq!(transactions_before_waiting(&changes, Some(99)), 2);
+        let rest = &changes[3..];
+        assert_eq!(transactions_before_waiting(rest, Some(7)), 3, "4-6 before 7");
     }
 
     impl ApplyQueue {

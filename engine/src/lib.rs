@@ -26,11 +26,11 @@ pub mod verify;
 
 pub use acknowledge::AppliedPosition;
 pub use apply::{
-    fold, judge, transactions_before_waiting, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary,
-    BatchApply, Carried, ConflictCounts, InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records,
-    RowWrite, Segment, Segments, Verdict, WriteRefusal, Xid,
+    fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
+    InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Segments, Verdict,
+    WriteRefusal, Xid,
 };
-pub use apply_queue::{ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
+pub use apply_queue::{transactions_before_waiting, ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};
 pub use capture_group::{
     CaptureStop, CapturedRow, DecodedRow, DecodedTransaction, GroupWrite, MetaWrite, TransactionPart, Truncate,
