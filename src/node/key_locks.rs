@@ -180,11 +180,15 @@ COMMENT ON FUNCTION accord.key_lock_taken() IS
 /// `WHEN` from its stored text once for every statement that fires it, and the lock and the
 /// count there cost every update a third of its rate (pgbench, prepared single-row updates of
 /// no key on a scratch cluster: 0.66× the bare table; with only the key comparison in the
-/// `WHEN`, 0.95×). Key changes are rare; the dynamic statement is theirs alone.
+/// `WHEN`, 0.95×). Key changes are rare; the dynamic statement is theirs alone. It runs under
+/// the search path of the session that installs it (`SET search_path FROM CURRENT`), under which
+/// the key types' names were read and a `WHEN` would have been parsed: under the user's own, a
+/// key of a type their path does not show failed every key change ("type ... does not exist").
 fn key_change_function() -> String {
     format!(
         "
-CREATE OR REPLACE FUNCTION accord.key_lock_update() RETURNS trigger LANGUAGE plpgsql AS $accord$
+CREATE OR REPLACE FUNCTION accord.key_lock_update() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $accord$
 DECLARE
     bucket integer;
 BEGIN
@@ -358,6 +362,10 @@ mod tests {
             "updates call the function only when they change the key: {sql}"
         );
         let function = key_change_function();
+        assert!(
+            function.contains("SET search_path FROM CURRENT"),
+            "the bucket's type names resolve as at install, not under the user's path: {function}"
+        );
         let applying = function
             .find("current_setting('accord.applying', true) = 'on'")
             .expect("the function lets appliers by");
