@@ -38,11 +38,11 @@ enum Command {
     ///
     /// Checks the annotations, creates accord's schema (metadata, outbound log, review queue,
     /// conflict log), sets REPLICA IDENTITY FULL on the replicated tables, adds to each the
-    /// triggers through which a local insert waits for a merge into the same key and counts
-    /// itself (`zz_accord_key_lock_insert`, `zz_accord_key_lock_update`,
-    /// `zz_accord_count_inserts`, sequence `accord.local_inserts`) and the one that records what a
-    /// TRUNCATE empties (`zz_accord_record_truncate`), creates the publication and the logical
-    /// slot, and records the rows that are already there. Safe to run again.
+    /// triggers through which a local insert waits for a merge into the same key and a local
+    /// removal counts itself (`zz_accord_key_lock_insert`, `zz_accord_key_lock_update`,
+    /// `zz_accord_count_removals`, sequence `accord.local_removals`) and the one that records
+    /// what a TRUNCATE empties (`zz_accord_record_truncate`), creates the publication and the
+    /// logical slot, and records the rows that are already there. Safe to run again.
     Init {
         #[arg(long, env = "ACCORD_DSN", hide_env_values = true, value_name = "DSN")]
         dsn: String,

@@ -152,7 +152,7 @@ pub fn prometheus_text(status: &NodeStatus) -> Result<String> {
         ),
         (
             "peer_keys_clear",
-            "Missing rows merged without waiting for the capture: no local insert of their keys was on its way",
+            "Missing rows merged without waiting for the capture: no local removal was on its way",
             |p| p.keys_clear,
         ),
         (

@@ -829,26 +829,22 @@ async fn a_merge_waits_for_a_local_write_the_capture_has_not_read() {
     cluster.stop_all().await;
 }
 
-/// Issue 20: a merge into a missing row waits for the capture only when a local insert may be on
-/// its way through it. Node 1's new rows reach node 2, which writes nothing, and after the first
-/// batch probed once (settling the count of local inserts) the next batches merge without a
-/// wait. Then, with node 2's capture held, node 2 inserts and deletes a key and node 1 inserts
-/// the same key: node 2's trigger counted that insert, so the merge must wait for the capture
-/// (the row stays absent meanwhile) and the delete, the later incarnation, wins everywhere.
-/// Taking the key as clear would insert node 1's row at once, over a local insert and delete
+/// Issue 20: a merge into a missing row waits for the capture only when a local removal may be on
+/// its way through it. Node 1's new rows reach node 2, and after the first batch probed once
+/// (settling the count of local removals) the next batches merge without a wait, even while node
+/// 2 inserts rows of its own that its capture (held) has not read: an insert leaves its row
+/// there, where the merge sees it. Then, each time with node 2's capture held, node 2 writes a
+/// key and removes it again (a delete; an update that moves the key away; a TRUNCATE), and node
+/// 1 inserts the same key: node 2's removal counted itself, so the merge must wait for the
+/// capture (the row stays absent meanwhile), and node 2's removal, the later incarnation, wins
+/// everywhere. Taking the key as clear would insert node 1's row at once, over a local history
 /// the capture then reads against the merge's metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_missing_row_waits_for_the_capture_only_after_a_local_insert() {
+async fn a_missing_row_waits_for_the_capture_only_after_a_local_removal() {
     let cluster = TestCluster::start(2, SHOP).await;
     let (a, b) = (cluster.client(0).await, cluster.client(1).await);
-    let insert_range = |from: i64, to: i64| {
-        format!(
-            "INSERT INTO shop.products (id, name, stock, price) \
-             SELECT g, 'new', 1, 1 FROM generate_series({from}, {to}) AS g"
-        )
-    };
     let stats = || cluster.statuses()[1].peers[&id(0)].clone();
-    // The running node's triggers count inserts: a start would not install them again.
+    // The running node's triggers are of this version: a start would not install them again.
     let mut setup = cluster.client(1).await;
     let policy = accord::node::init::load_policy(&mut setup).await.unwrap();
     assert_eq!(
@@ -865,59 +861,113 @@ async fn a_missing_row_waits_for_the_capture_only_after_a_local_insert() {
         before.capture_waits >= 1,
         "the first new keys wait for one probe: {before:?}"
     );
-    for round in 0..3 {
-        let from = 10_000 + round * 300;
-        a.batch_execute(&insert_range(from, from + 299)).await.unwrap();
-        cluster.converge(TABLES, Duration::from_secs(60)).await;
-    }
-    let after = stats();
-    assert!(
-        after.keys_clear >= 900,
-        "rows whose keys no local insert touched merge without a wait: {after:?}"
-    );
-    assert_eq!(
-        after.capture_waits, before.capture_waits,
-        "no wait for the capture once the buckets are settled: {after:?}"
-    );
 
     let hold_b = CaptureHold::start(&b).await;
-    b.batch_execute(
-        "INSERT INTO shop.products (id, name, stock, price) VALUES (50000, 'local', 10, 1); \
-         DELETE FROM shop.products WHERE id = 50000",
-    )
-    .await
-    .unwrap();
-    a.batch_execute("INSERT INTO shop.products (id, name, stock, price) VALUES (50000, 'from node 1', 1, 1)")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let early: i64 = b
-        .query_one("SELECT count(*) FROM shop.products WHERE id = 50000", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let counted = local_removal_count(&b).await;
+    for round in 0..3 {
+        let from = 10_000 + round * 300;
+        b.batch_execute(&insert_range(20_000 + round * 300, 20_000 + round * 300 + 299))
+            .await
+            .unwrap();
+        a.batch_execute(&insert_range(from, from + 299)).await.unwrap();
+    }
+    assert_eq!(local_removal_count(&b).await, counted, "inserts do not count");
+    let waited = tokio::time::Instant::now();
+    while products_between(&b, 10_000, 10_899).await < 900 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "node 1's new rows did not reach node 2 while node 2's capture was held: {:?}",
+            stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The status follows the commits.
+    let mut after = stats();
+    while after.keys_clear < before.keys_clear + 900 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "rows whose keys no local removal touched merge without a wait: {after:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = stats();
+    }
     assert_eq!(
-        early, 0,
-        "the merge waits for node 2's capture to read its local insert and delete of the key"
+        after.capture_waits, before.capture_waits,
+        "no wait for the capture once the count is settled: {after:?}"
     );
     drop(hold_b);
-    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
-    for (node, snapshot) in snapshots.iter().enumerate() {
-        let db = cluster.client(node).await;
-        let rows: i64 = db
-            .query_one("SELECT count(*) FROM shop.products WHERE id = 50000", &[])
-            .await
-            .unwrap()
-            .get(0);
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+
+    let mut waits = stats().capture_waits;
+    for (key, removal) in [
+        (50_000, "DELETE FROM shop.products WHERE id = 50000"),
+        (50_001, "UPDATE shop.products SET id = 50002 WHERE id = 50001"),
+        (50_003, "TRUNCATE shop.products"),
+    ] {
+        let hold_b = CaptureHold::start(&b).await;
+        let counted = local_removal_count(&b).await;
+        b.batch_execute(&format!(
+            "INSERT INTO shop.products (id, name, stock, price) VALUES ({key}, 'local', 10, 1); {removal}"
+        ))
+        .await
+        .unwrap();
         assert_eq!(
-            rows,
+            local_removal_count(&b).await,
+            counted + 1,
+            "{removal}: the removal counts once"
+        );
+        a.batch_execute(&format!(
+            "INSERT INTO shop.products (id, name, stock, price) VALUES ({key}, 'from node 1', 1, 1)"
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            products_between(&b, key, key).await,
             0,
-            "node {}: node 2's delete ends the incarnation node 1's insert began too\n{snapshot}",
+            "{removal}: the merge waits for node 2's capture to read its local insert and removal of the key"
+        );
+        drop(hold_b);
+        let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+        for (node, snapshot) in snapshots.iter().enumerate() {
+            let db = cluster.client(node).await;
+            assert_eq!(
+                products_between(&db, key, key).await,
+                0,
+                "{removal}, node {}: node 2's removal ends the incarnation node 1's insert began too\n{snapshot}",
+                node + 1
+            );
+        }
+        assert!(stats().capture_waits > waits, "{removal}: {:?}", stats());
+        waits = stats().capture_waits;
+    }
+    for node in 0..2 {
+        let db = cluster.client(node).await;
+        assert_eq!(
+            products_between(&db, 0, i64::MAX).await,
+            0,
+            "node {}: the TRUNCATE emptied the table everywhere",
             node + 1
         );
     }
-    assert!(stats().capture_waits > after.capture_waits, "{:?}", stats());
     cluster.stop_all().await;
+}
+
+fn insert_range(from: i64, to: i64) -> String {
+    format!(
+        "INSERT INTO shop.products (id, name, stock, price) \
+         SELECT g, 'new', 1, 1 FROM generate_series({from}, {to}) AS g"
+    )
+}
+
+async fn products_between(db: &tokio_postgres::Client, from: i64, to: i64) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM shop.products WHERE id BETWEEN $1 AND $2",
+        &[&from, &to],
+    )
+    .await
+    .expect("products are readable")
+    .get(0)
 }
 
 /// A local change the capture cannot replicate (here an update without its old row image, after
@@ -1069,14 +1119,14 @@ async fn a_local_write_waits_for_the_merged_key(cluster: &TestCluster, local: &'
     }
 }
 
-/// The count of local inserts and key changes on `db` (`accord.local_inserts`).
-async fn local_insert_count(db: &tokio_postgres::Client) -> i64 {
+/// The count of local transactions that removed rows on `db` (`accord.local_removals`).
+async fn local_removal_count(db: &tokio_postgres::Client) -> i64 {
     db.query_one(
-        "SELECT COALESCE(pg_sequence_last_value('accord.local_inserts'::regclass), 0)",
+        "SELECT COALESCE(pg_sequence_last_value('accord.local_removals'::regclass), 0)",
         &[],
     )
     .await
-    .expect("the count of local inserts is readable")
+    .expect("the count of local removals is readable")
     .get(0)
 }
 
@@ -1111,22 +1161,35 @@ async fn a_local_key_change_waits_while_a_merge_holds_the_new_key() {
         .await
         .unwrap();
     cluster.converge(TABLES, Duration::from_secs(60)).await;
-    let counted = local_insert_count(&b).await;
+    let counted = local_removal_count(&b).await;
     b.batch_execute("UPDATE shop.products SET stock = stock + 1 WHERE id = 49")
         .await
         .unwrap();
     assert_eq!(
-        local_insert_count(&b).await,
+        local_removal_count(&b).await,
         counted,
         "an update that keeps its key does not count itself"
     );
-    b.batch_execute("UPDATE shop.products SET id = 48 WHERE id = 49; UPDATE shop.products SET id = 49 WHERE id = 48")
-        .await
-        .unwrap();
+    for move_key in [
+        "UPDATE shop.products SET id = 48 WHERE id = 49",
+        "UPDATE shop.products SET id = 49 WHERE id = 48",
+    ] {
+        b.batch_execute(move_key).await.unwrap();
+    }
     assert_eq!(
-        local_insert_count(&b).await,
+        local_removal_count(&b).await,
         counted + 2,
-        "each update that changes a key counts itself"
+        "each transaction that changes a key counts itself"
+    );
+    b.batch_execute(
+        "BEGIN; UPDATE shop.products SET id = 48 WHERE id = 49; UPDATE shop.products SET id = 49 WHERE id = 48; COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        local_removal_count(&b).await,
+        counted + 3,
+        "a transaction counts once, however many keys it changes"
     );
     cluster.converge(TABLES, Duration::from_secs(60)).await;
 

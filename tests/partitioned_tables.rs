@@ -54,6 +54,17 @@ async fn sum_and_count(db: &tokio_postgres::Client) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// The count of local transactions that removed rows (`accord.local_removals`).
+async fn removal_count(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT COALESCE(pg_sequence_last_value('accord.local_removals'::regclass), 0)",
+        &[],
+    )
+    .await
+    .expect("the count of local removals is readable")
+    .get(0)
+}
+
 /// Waits until both nodes hold the same rows; on failure, the nodes' logs say why.
 async fn converge(dbs: &[tokio_postgres::Client], nodes: &mut Vec<RunningNode>, limit: Duration) {
     let started = Instant::now();
@@ -101,6 +112,25 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
             .unwrap()
             .get(0);
         assert_eq!(not_full, 0, "every partition has REPLICA IDENTITY FULL");
+        // A statement trigger on the parent would not see a DELETE that names a partition (one
+        // level down, or two): a removal counts in every partition (key_locks.rs).
+        let partition = if id == 1 {
+            "shop.events_2026_04"
+        } else {
+            "shop.events_2026"
+        };
+        let removals = removal_count(&db).await;
+        db.batch_execute(&format!(
+            "BEGIN; INSERT INTO shop.events (id, at) VALUES (999999, '2026-04-02');
+             DELETE FROM {partition} WHERE id = 999999; COMMIT"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            removal_count(&db).await,
+            removals + 1,
+            "a delete naming {partition} counts a removal"
+        );
         files.push(write_node(dir.path(), id, &dsn, &quic, ""));
         dbs.push(db);
     }
@@ -201,6 +231,21 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
     ] {
         dbs[0].batch_execute(sql).await.unwrap();
     }
+    // A DELETE naming a partition made later counts a removal too (a merge of a key missing on
+    // node 1 waits for the capture after it): the parent's row trigger was cloned onto it.
+    let removals = removal_count(&dbs[0]).await;
+    dbs[0]
+        .batch_execute(
+            "BEGIN; INSERT INTO shop.events (id, at) VALUES (7999, '2026-07-20');
+             DELETE FROM shop.events_2026_07 WHERE id = 7999; COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        removal_count(&dbs[0]).await,
+        removals + 1,
+        "a delete naming a partition made later counts"
+    );
     let identities: Vec<String> = dbs[0]
         .query(
             "SELECT relname::text || '=' || relreplident::text FROM pg_class

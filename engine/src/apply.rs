@@ -12,7 +12,9 @@
 //!   capture. The first time, the batch probes, rolls back and waits with its rows unlocked;
 //!   a row written again meanwhile is waited for holding the rows' locks, a few rounds; then it
 //!   rolls back and starts over after a probe. A missing row needs no probe
-//!   when no local insert was made since the capture last accounted for them ([`InsertCount`]).
+//!   when no local removal (a delete, a key changed away, a TRUNCATE) was made since the capture
+//!   last accounted for them ([`RemovalCount`]): a local history of the key that the capture has
+//!   not read, and that leaves the row missing, ends with one.
 //! - **Joining and splitting.** A batch is merged in memory, each row written once (several
 //!   merges of a row fold into one write). A part the database refuses is split in halves, down
 //!   to single changes, so that exactly the refused change is parked.
@@ -48,9 +50,9 @@ pub enum PlantedBug {
     /// Take a missing row as missing without locking its key and waiting for the capture to
     /// read past a probe.
     NoMissingRowWait,
-    /// Take the keys of missing rows as clear of local inserts on the way through the capture
-    /// whatever the insert count says ([`InsertCount`]): lock them, but wait for no probe.
-    IgnoreInsertCounts,
+    /// Take the keys of missing rows as clear of local writes on the way through the capture
+    /// whatever the removal count says ([`RemovalCount`]): lock them, but wait for no probe.
+    IgnoreRemovalCounts,
     /// Forget a deferred change instead of keeping it.
     DropDeferred,
     /// Do not tell the capture the greatest stamp a merge transaction merged.
@@ -110,43 +112,48 @@ pub struct LoadedRow {
     pub deferred: Vec<RowChange>,
 }
 
-/// The node's count of local inserts, for missing rows whose keys the apply has locked
-/// ([`ApplyCommand::LockKeys`]). Every local insert of a key, and every update that changes a key,
-/// takes its key's lock shared and then counts itself in one counter, which a rollback does not
-/// undo (a PostgreSQL sequence).
+/// The node's count of local transactions that removed rows, for missing rows whose keys the
+/// apply has locked ([`ApplyCommand::LockKeys`]). A missing row's key may have a local history the
+/// capture has not read yet (an insert and a delete, committed while the capture was behind);
+/// such a history leaves the row missing only if it ends with a removal: a delete, an update
+/// that changed the key away, a TRUNCATE. Every local transaction that removes a row counts
+/// itself once, before its first removal and after taking the node's removal lock shared (held
+/// until it ends), in one counter a rollback does not undo (a PostgreSQL sequence). Inserts do
+/// not count: a node that only inserts (new keys of its own) leaves merges of its peers' new
+/// keys nothing to wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InsertCount {
-    /// The counter, read with the missing rows' keys locked: a local insert of one of them that
-    /// committed before the lock counted itself before that, and none can until the apply ends.
+pub struct RemovalCount {
+    /// The counter, read after the load found the rows missing: a removal of one of them had
+    /// committed by then, and had counted itself before it committed.
     pub issued: u64,
-    /// What the node's [`InsertLedger`] holds.
+    /// What the node's [`RemovalLedger`] holds.
     pub accounted: Option<u64>,
 }
 
-impl InsertCount {
-    /// Whether every local insert counted so far is known to be accounted for by the capture:
+impl RemovalCount {
+    /// Whether every local removal counted so far is known to be accounted for by the capture:
     /// none counted since the ledger's count was read.
     pub fn settled(&self) -> bool {
         self.accounted == Some(self.issued)
     }
 }
 
-/// What a node's capture is known to have accounted for of local inserts: the count read while
-/// every key lock was held for a moment (so every transaction that had counted itself had
-/// ended), before a probe the capture then read past. Each insert it counts committed before
-/// that probe, so the capture has decoded it and recorded its metadata. Held in memory for all of
-/// a node's appliers (a restart forgets it: the first probe settles it again).
+/// What a node's capture is known to have accounted for of local removals: the count read while
+/// the removal lock was held exclusively for a moment (so every transaction that had counted
+/// itself had ended), before a probe the capture then read past. Each removal it counts
+/// committed before that probe, so the capture has decoded it and recorded its metadata. Held in
+/// memory for all of a node's appliers (a restart forgets it: the first probe settles it again).
 #[derive(Debug, Clone, Default)]
-pub struct InsertLedger {
+pub struct RemovalLedger {
     accounted: Option<u64>,
 }
 
-impl InsertLedger {
+impl RemovalLedger {
     pub fn accounted(&self) -> Option<u64> {
         self.accounted
     }
 
-    /// The capture read past a probe written after `issued` was read with every key lock held.
+    /// The capture read past a probe written after `issued` was read with the removal lock held.
     /// Set, not raised: two appliers' settlements may arrive out of order, and an older count
     /// only makes the next apply wait once more; a count that went down (the counter made anew)
     /// must not be hidden behind a higher one.
@@ -314,7 +321,7 @@ pub enum ApplyCommand {
     /// may need to write that metadata); lock the keys of the `missing` slots, whose rows the
     /// load did not find, exclusively until the transaction ends (local inserts and key updates
     /// take the same locks shared, and other appliers take them too); then read the node's
-    /// [`InsertCount`] and answer [`ApplyInput::KeysLocked`]. The locks are only tried: if
+    /// [`RemovalCount`] and answer [`ApplyInput::KeysLocked`]. The locks are only tried: if
     /// another transaction holds one, release them all and answer [`ApplyInput::KeysBusy`] (the
     /// batch starts over after a pause, its row locks released). Waiting for them instead closed
     /// deadlocks with local transactions that insert many rows, taking the same locks in their
@@ -325,14 +332,14 @@ pub enum ApplyCommand {
     /// would reach the capture after this merge's metadata, and be read against it; and two
     /// appliers merging into one missing row would both find no metadata, the later commit
     /// overwriting the earlier's. With them, every local write of the key committed before the
-    /// lock (and counted itself, if it inserted), and none can commit after it until this
+    /// lock (and counted itself, if it removed the row), and none can commit after it until this
     /// transaction ends.
     LockKeys { missing: Vec<usize> },
     /// Roll back to the guard savepoint (the metadata's locks go, the rows' and keys' stay); take
-    /// every key lock for a moment, only trying them (some may be this transaction's already),
-    /// and if none is busy read the node's count of local inserts and let them go again; write a
+    /// the node's removal lock exclusively for a moment, only trying it, and if it is free read
+    /// the node's count of local removals and let it go again; write a
     /// probe; once the capture has read past it, settle the count read (if any) in the node's
-    /// [`InsertLedger`], and answer [`ApplyInput::CaptureReached`].
+    /// [`RemovalLedger`], and answer [`ApplyInput::CaptureReached`].
     ProbeAndWait,
     /// Roll back the transaction and reset the session's origin position (PostgreSQL keeps it
     /// after a rollback, and a later commit of the session would record it); then, with
@@ -379,8 +386,8 @@ pub enum ApplyInput {
     CaptureReached {
         now: u64,
     },
-    /// The keys [`ApplyCommand::LockKeys`] named are locked; the node's insert count.
-    KeysLocked(InsertCount),
+    /// The keys [`ApplyCommand::LockKeys`] named are locked; the node's removal count.
+    KeysLocked(RemovalCount),
     /// Another transaction holds a key lock [`ApplyCommand::LockKeys`] tried; none is held.
     KeysBusy {
         now: u64,
@@ -432,8 +439,8 @@ pub struct ApplySummary {
     pub conflicts: ConflictCounts,
     /// Times the batch waited for the capture (a local write raced the merge).
     pub waits: u64,
-    /// Missing rows merged without that wait: their keys locked, no local insert was on its way
-    /// through the capture ([`InsertCount`]).
+    /// Missing rows merged without that wait: their keys locked, no local removal was on its way
+    /// through the capture ([`RemovalCount`]).
     #[serde(default)]
     pub keys_clear: u64,
     /// Changes to tables this node left (`NodeSchema::left`), not applied.
@@ -722,7 +729,7 @@ pub struct BatchApply {
     /// Whether the capture has read past a probe written after this attempt's rows were read
     /// and its missing rows' keys were locked.
     probed: bool,
-    /// Missing rows whose keys this attempt locked and found clear of local inserts the capture
+    /// Missing rows whose keys this attempt locked and found clear of local removals the capture
     /// has not accounted for: as good as probed.
     clear: std::collections::BTreeSet<usize>,
     /// Rows whose current xmin the capture is known to have read past.
@@ -1155,11 +1162,12 @@ impl BatchApply {
     }
 
     /// The missing rows' keys are locked. When nothing but missing rows held the part back, all
-    /// of them are recorded as absent or deleted, and no local insert was counted since the
+    /// of them are recorded as absent or deleted, and no local removal was counted since the
     /// capture last accounted for them all (the count is settled), the part is loaded again and
     /// goes on without a probe: no local write of those keys is left for the capture to account
-    /// for (a local write of a row recorded as absent or deleted begins with an insert), and none
-    /// can commit until this transaction ends. (A row whose metadata says it lives was deleted
+    /// for (a local history of a row recorded as absent or deleted that leaves it missing begins
+    /// with an insert and ends with a removal, which counted itself before it committed), and
+    /// none can commit until this transaction ends. (A row whose metadata says it lives was deleted
     /// here by a write the capture may not have read: it waits for a probe.) Otherwise the part
     /// probes.
     fn keys_locked(
@@ -1168,9 +1176,9 @@ impl BatchApply {
         slots: Vec<usize>,
         suspects: Vec<(usize, Xid)>,
         missing: Vec<(usize, bool)>,
-        count: InsertCount,
+        count: RemovalCount,
     ) -> ApplyCommand {
-        let trust_any = self.rules.planted == Some(PlantedBug::IgnoreInsertCounts);
+        let trust_any = self.rules.planted == Some(PlantedBug::IgnoreRemovalCounts);
         let clear = suspects.is_empty() && missing.iter().all(|&(_, alive)| !alive) && (count.settled() || trust_any);
         if clear {
             self.attempt.keys_clear += missing.len() as u64;

@@ -27,7 +27,7 @@ pub mod verify;
 pub use acknowledge::AppliedPosition;
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
-    InsertCount, InsertLedger, LoadedRow, PlannedWrite, PlantedBug, Records, RowWrite, Segment, Segments, Verdict,
+    LoadedRow, PlannedWrite, PlantedBug, Records, RemovalCount, RemovalLedger, RowWrite, Segment, Segments, Verdict,
     WriteRefusal, Xid,
 };
 pub use apply_queue::{transactions_before_waiting, ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use accord_engine::{
     capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Carried, Cell, ChangeKind,
-    ColumnDef, ColumnPolicy, ColumnType, Hlc, InsertCount, KeyColumn, LoadedRow, NodeId, NodeSchema, RowChange, RowKey,
-    RowMeta, RowWrite, Segment, TableDef, Value, WriteRefusal,
+    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, NodeSchema, RemovalCount, RowChange,
+    RowKey, RowMeta, RowWrite, Segment, TableDef, Value, WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -120,16 +120,16 @@ fn missing() -> LoadedRow {
     LoadedRow::default()
 }
 
-/// An insert count that local inserts moved since the capture last accounted for them.
-fn unsettled(issued: u64) -> InsertCount {
-    InsertCount {
+/// A removal count that local removals moved since the capture last accounted for them.
+fn unsettled(issued: u64) -> RemovalCount {
+    RemovalCount {
         issued,
         accounted: issued.checked_sub(1),
     }
 }
 
-fn settled(issued: u64) -> InsertCount {
-    InsertCount {
+fn settled(issued: u64) -> RemovalCount {
+    RemovalCount {
         issued,
         accounted: Some(issued),
     }
@@ -199,7 +199,7 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
         busy.step(ApplyInput::KeysBusy { now: 5 }).unwrap(),
         ApplyCommand::Restart { probe: false, .. }
     ));
-    // A local insert counted since the capture last accounted for the count: the probe.
+    // A local removal counted since the capture last accounted for the count: the probe.
     let probe = m.step(ApplyInput::KeysLocked(unsettled(3))).unwrap();
     assert!(
         matches!(probe, ApplyCommand::ProbeAndWait),
@@ -238,10 +238,10 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
 }
 
 /// Issue 20: the wait for the capture is the lag. A missing row recorded as absent or deleted,
-/// when no local insert was counted since the capture last accounted for the count (it is
+/// when no local removal was counted since the capture last accounted for the count (it is
 /// settled), is loaded again under its key lock and merged without a probe.
 #[test]
-fn a_missing_row_is_merged_without_a_probe_when_no_local_insert_is_on_its_way() {
+fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way() {
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     assert!(matches!(
@@ -409,7 +409,7 @@ fn a_row_deleted_and_inserted_again_in_a_batch_is_written_once() {
 /// The ledger a node's appliers share: a settlement sets the count, even a lower one.
 #[test]
 fn the_insert_ledger_keeps_the_last_settled_count() {
-    let mut ledger = accord_engine::InsertLedger::default();
+    let mut ledger = accord_engine::RemovalLedger::default();
     assert_eq!(ledger.accounted(), None);
     ledger.settle(10);
     ledger.settle(8);

@@ -25,8 +25,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, InsertCount, InsertLedger, LoadedRow,
-    NodeId, PlannedWrite, Records, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
+    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, LoadedRow, NodeId, PlannedWrite,
+    Records, RemovalCount, RemovalLedger, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
 };
 
 use crate::db::{Db, MetaRow, Undo, UserRow};
@@ -59,8 +59,8 @@ pub struct Applying {
     pending: Option<ApplyCommand>,
     /// The input to feed after a round trip.
     ready: Option<ApplyInput>,
-    /// The insert count to settle in the node's ledger once the capture has read past the probe
-    /// this machine waits for (read while no key lock was held by another transaction).
+    /// The removal count to settle in the node's ledger once the capture has read past the probe
+    /// this machine waits for (read while no transaction that counted itself was open).
     settle: Option<u64>,
     /// The WAL position of the last probe, the keys locked then, and the rows as they were.
     last_probe: Option<(u64, u64, BTreeSet<i64>, Vec<RowPicture>)>,
@@ -251,7 +251,7 @@ impl Applying {
         &mut self,
         db: &mut Db,
         others: &[&Applying],
-        ledger: &mut InsertLedger,
+        ledger: &mut RemovalLedger,
         input: Option<ApplyInput>,
         env: RunEnv,
     ) -> Result<Stop, DriverError> {
@@ -308,17 +308,18 @@ impl Applying {
                     if !self.lock_keys(others, &missing)? {
                         ApplyInput::KeysBusy { now }
                     } else {
-                        ApplyInput::KeysLocked(InsertCount {
-                            issued: db.insert_count,
+                        ApplyInput::KeysLocked(RemovalCount {
+                            issued: db.removal_count,
                             accounted: ledger.accounted(),
                         })
                     }
                 }
                 ApplyCommand::ProbeAndWait => {
                     self.meta_locks.clear();
-                    // Every key lock taken for a moment: only if no other transaction holds one
-                    // (local writers hold none between the simulator's steps).
-                    self.settle = others.iter().all(|o| o.key_locks.is_empty()).then_some(db.insert_count);
+                    // The removal lock taken for a moment: local transactions hold it from their
+                    // count to their end, and they are not open between the simulator's steps;
+                    // appliers never take it.
+                    self.settle = Some(db.removal_count);
                     self.probing(db, capture_read)?;
                     // The probe is followed by a synchronous commit on another session, which
                     // flushes the WAL (the walsender sends only flushed WAL).

@@ -175,10 +175,10 @@ pub enum PlantedBug {
     /// Only the row check HARD-PARTS §2 describes (xmin vs known xmin): a local insert and delete
     /// of a key, both not yet captured, leave no row to compare, and a merge overwrites them unseen.
     NoMissingRowWait,
-    /// A missing row's key is taken as clear of local inserts on their way through the capture
-    /// once it is locked, whatever its insert count says: a local insert and delete of it, both
+    /// A missing row's key is taken as clear of local writes on their way through the capture
+    /// once it is locked, whatever the removal count says: a local insert and delete of it, both
     /// not yet captured, are overwritten unseen, as without the missing-row wait.
-    IgnoreInsertCounts,
+    IgnoreRemovalCounts,
     /// A change that lacks a TOASTed value the row does not have here yet is forgotten instead of
     /// kept until the value arrives.
     DropDeferred,
@@ -232,7 +232,7 @@ impl PlantedBug {
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
         PlantedBug::NoMissingRowWait,
-        PlantedBug::IgnoreInsertCounts,
+        PlantedBug::IgnoreRemovalCounts,
         PlantedBug::DropDeferred,
         PlantedBug::NoKeyLockTrigger,
         PlantedBug::SplitTransactions,
@@ -256,7 +256,7 @@ impl PlantedBug {
             PlantedBug::ForgetFromPeer => "forget-from-peer",
             PlantedBug::NoMergedStamp => "no-merged-stamp",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
-            PlantedBug::IgnoreInsertCounts => "ignore-insert-counts",
+            PlantedBug::IgnoreRemovalCounts => "ignore-removal-counts",
             PlantedBug::DropDeferred => "drop-deferred",
             PlantedBug::NoKeyLockTrigger => "no-key-lock-trigger",
             PlantedBug::SplitTransactions => "split-transactions",
@@ -282,7 +282,7 @@ impl PlantedBug {
             PlantedBug::SkipXminCheck => Some(Engine::SkipGuard),
             PlantedBug::NoMergedStamp => Some(Engine::NoMergedStamp),
             PlantedBug::NoMissingRowWait => Some(Engine::NoMissingRowWait),
-            PlantedBug::IgnoreInsertCounts => Some(Engine::IgnoreInsertCounts),
+            PlantedBug::IgnoreRemovalCounts => Some(Engine::IgnoreRemovalCounts),
             PlantedBug::DropDeferred => Some(Engine::DropDeferred),
             PlantedBug::SplitTransactions => Some(Engine::SplitTransactions),
             PlantedBug::AckBeforeDurable => Some(Engine::AckBeforeDurable),

@@ -152,10 +152,10 @@ pub struct Db {
     /// The WAL is on disk up to here; decoding reads no further (the walsender sends only
     /// flushed WAL).
     pub flushed_lsn: u64,
-    /// The local inserts that counted themselves (the service's trigger bumps a sequence after
-    /// taking the key's lock): `engine::InsertCount::issued`. A sequence is not transactional,
-    /// and survives crashes.
-    pub insert_count: u64,
+    /// The local transactions that removed a row and counted themselves (the service's triggers
+    /// bump a sequence once per such transaction, after taking the removal lock):
+    /// `engine::RemovalCount::issued`. A sequence is not transactional, and survives crashes.
+    pub removal_count: u64,
     /// Asynchronous commits after `flushed_lsn`, oldest first, with what undoes each.
     unflushed: Vec<AsyncCommit>,
     /// Apply transactions that became durable and that the oracle has not heard of yet.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use accord_engine::{
     transactions_before_waiting, AppliedPosition, ApplyError, ApplyInput, ApplyQueue, ApplyRules, BatchApply,
     CapturedChange, Capturer, Cell, ChangeKind, CollectionState, Collector, DecodedRow, DecodedTransaction, Handout,
-    Hello, Hlc, InsertLedger, LocalIdentity, Member, MemberState, Membership, Message, NodeId, NodeSchema, Refusal,
+    Hello, Hlc, LocalIdentity, Member, MemberState, Membership, Message, NodeId, NodeSchema, Refusal, RemovalLedger,
     Replication, ReplicationConfig, ReplicationError, ReviewAction, RowChange, Segments, ShapeBook, StableCut,
     TableDef, Truncate, MAX_APPLY_BATCH, PROTOCOL_VERSION,
 };
@@ -183,9 +183,9 @@ pub struct Volatile {
     /// This node's part in the tombstone-collection rounds; its state is durable in `db`.
     collector: Collector,
     round_scheduled: bool,
-    /// What the capture is known to have accounted for of local inserts, for every applier
-    /// (`engine::InsertLedger`, in the service's memory: a restart forgets it).
-    ledger: InsertLedger,
+    /// What the capture is known to have accounted for of local removals, for every applier
+    /// (`engine::RemovalLedger`, in the service's memory: a restart forgets it).
+    ledger: RemovalLedger,
 }
 
 impl Volatile {
@@ -349,7 +349,7 @@ impl Node {
             prune_scheduled: false,
             collector: Collector::new(self.id, self.round_members(ctx.bug), self.db.collection.clone()),
             round_scheduled: false,
-            ledger: InsertLedger::default(),
+            ledger: RemovalLedger::default(),
         });
         self.want_capture(ctx);
         self.want_round(ctx);
@@ -751,6 +751,13 @@ impl Node {
         self.db.flush();
         self.deliver_durable(ctx)?;
         let xid = self.db.new_xid();
+        // The triggers count a transaction that removes a row (a delete, a key changed away: a
+        // delete and an insert here, a TRUNCATE) once, after taking the removal lock. Without
+        // the triggers, nothing counts.
+        let removes = plan.truncate || plan.rows.iter().any(|row| row.kind == ChangeKind::Delete);
+        if removes && ctx.bug != Some(PlantedBug::NoKeyLockTrigger) {
+            self.db.removal_count += 1;
+        }
         if plan.truncate {
             // Every row goes, each a delete of the workload's; decoding will deliver only the
             // table's name.
@@ -781,12 +788,6 @@ impl Node {
         }
         let mut rows = Vec::with_capacity(plan.rows.len());
         for row in plan.rows {
-            // The triggers count an insert (a key-changing update is a delete and an insert
-            // here) after taking its key's lock; the service counts once per statement, this
-            // once per row: the count moves either way. Without the triggers, nothing counts.
-            if row.kind == ChangeKind::Insert && ctx.bug != Some(PlantedBug::NoKeyLockTrigger) {
-                self.db.insert_count += 1;
-            }
             match &row.new {
                 Some(values) => {
                     // A row written inside a subtransaction (a SAVEPOINT, a PL/pgSQL EXCEPTION

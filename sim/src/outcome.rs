@@ -87,7 +87,7 @@ pub struct Stats {
     pub apply_txs: u64,
     /// Apply transactions rolled back to wait for the capture (HARD-PARTS §2).
     pub apply_waits: u64,
-    /// Missing rows merged without waiting for the capture (`engine::InsertCount`).
+    /// Missing rows merged without waiting for the capture (`engine::RemovalCount`).
     pub keys_clear: u64,
     /// Times an applier waited for a lock another held, and deadlocks among appliers (each
     /// costs a rolled-back batch, tried again after a pause).

@@ -152,15 +152,15 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // (seed 22 is the first; before the first wait for a local write released the rows,
         // the guard probed for ever first, a breach of the engine's contract).
         (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 0..80),
-        // The same loss with the keys locked, when the counts of local inserts are not
+        // The same loss with the keys locked, when the count of local removals is not
         // consulted: a local insert and delete of the key, counted but not yet captured, are
         // overwritten unseen, and the capture then drops the local write (seed 58 is the first).
-        (PlantedBug::IgnoreInsertCounts, Invariant::NothingDropped, 400, 0..120),
+        (PlantedBug::IgnoreRemovalCounts, Invariant::NothingDropped, 400, 0..120),
         // Planted in the simulator's local writers (the service's trigger missing), beside the
         // engine's key locks. Without spooling it was rare (seed 522 was the first: the capture
         // records the lost local writes against the merge's metadata, and the causal lengths
         // disagree); with spooled transactions it showed as a capture waiting for metadata an
-        // earlier segment held (seed 136). Without the trigger local inserts do not count
+        // earlier segment held (seed 136). Without the triggers local removals do not count
         // themselves either, so merges of new rows skip the wait for the capture, and the lost
         // writes show at once (seed 64: the causal lengths disagree).
         (PlantedBug::NoKeyLockTrigger, Invariant::Convergence, 400, 0..200),
@@ -168,9 +168,10 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         (PlantedBug::SplitTransactions, Invariant::Atomicity, 400, 0..80),
         // Deferral needs a relayed change to overtake its origin's: rare, and moved by every
         // change of the apply's timing, so the range starts near a seed known to catch it. Since
-        // the first wait for a local write releases the rows, seed 105 at 4,000 operations is
-        // the first of 0..200 (none of 0..800 catches it at 2,000); before, 105 at 2,000.
-        (PlantedBug::DropDeferred, Invariant::Convergence, 4000, 100..120),
+        // local inserts no longer make merges of new rows wait, seed 471 at 4,000 operations is
+        // the first of 100..700 (it was 105 since the first wait for a local write releases the
+        // rows; 105 at 2,000 before that).
+        (PlantedBug::DropDeferred, Invariant::Convergence, 4000, 465..485),
         // Gaps come from batches lost inside a connection (the ghost fault).
         (PlantedBug::ApplyPastGap, Invariant::ExactlyOnce, 400, 0..80),
         // A transaction applied before what it built on shows, through its relayed row
@@ -182,8 +183,9 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         // A segment of a spooled transaction that restarts alone after the rollback took the
         // segments before it: the receiver commits the transaction without them. Needs a
         // restart inside a spooled transaction, so longer runs, from near a seed known to catch
-        // it: 244 is the first since the first wait for a local write releases the rows (it was
-        // 93, and 21 before merges of new rows skipped the wait for the capture).
+        // it: 238 is the first since local inserts no longer make merges of new rows wait (244
+        // since the first wait for a local write releases the rows, 93 before that, and 21
+        // before merges of new rows skipped the wait for the capture).
         (PlantedBug::RestartSegmentAlone, Invariant::Atomicity, 2000, 230..260),
     ] {
         let cfg = caught(bug, expected, ops, seeds);

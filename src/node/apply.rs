@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, InsertCount, InsertLedger, LoadedRow, NodeId, NodeSchema,
-    PlannedWrite, Records, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value, WriteRefusal,
-    Xid, MAX_APPLY_BATCH,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records,
+    RemovalCount, RemovalLedger, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value,
+    WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -39,8 +39,8 @@ const ORIGIN_BIND_ATTEMPTS: u32 = 600;
 /// How long a batch waits for the capture to read past one probe before the applier gives up.
 const CAPTURE_WAIT_LIMIT: Duration = Duration::from_secs(120);
 
-/// A node's [`InsertLedger`], which all its appliers share.
-pub type SharedLedger = Arc<std::sync::Mutex<InsertLedger>>;
+/// A node's [`RemovalLedger`], which all its appliers share.
+pub type SharedLedger = Arc<std::sync::Mutex<RemovalLedger>>;
 
 pub struct Applier {
     db: Client,
@@ -260,7 +260,7 @@ impl Applier {
         Arc::clone(&self.ledger)
     }
 
-    fn ledger_mut(&self) -> Result<std::sync::MutexGuard<'_, InsertLedger>> {
+    fn ledger_mut(&self) -> Result<std::sync::MutexGuard<'_, RemovalLedger>> {
         self.ledger
             .lock()
             .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))
@@ -437,7 +437,7 @@ impl Applier {
                 }
                 ApplyCommand::LockKeys { missing } => match self.lock_keys(machine, &keys, &missing).await? {
                     None => ApplyInput::KeysBusy { now: now() },
-                    Some(issued) => ApplyInput::KeysLocked(InsertCount {
+                    Some(issued) => ApplyInput::KeysLocked(RemovalCount {
                         issued,
                         accounted: self.ledger_mut()?.accounted(),
                     }),
@@ -651,8 +651,8 @@ impl Applier {
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and tries
     /// the locks of the keys of `missing` slots (`key_locks::lock_keys_sql`), then reads the
-    /// count of local inserts (`key_locks::INSERT_COUNT_SQL`). `None`: a lock was busy, and none
-    /// is held.
+    /// count of local removals (`key_locks::REMOVAL_COUNT_SQL`). `None`: a lock was busy, and
+    /// none is held.
     async fn lock_keys(
         &mut self,
         machine: &BatchApply,
@@ -670,7 +670,7 @@ impl Applier {
             bail!("the engine asked to lock the keys of no rows");
         }
         let lock = self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
-        let count = self.statements.get(db, key_locks::INSERT_COUNT_SQL).await?;
+        let count = self.statements.get(db, key_locks::REMOVAL_COUNT_SQL).await?;
         let none: Params = Vec::new();
         let queries = vec![
             pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
@@ -696,18 +696,19 @@ impl Applier {
         }
         let issued: i64 = counted
             .first()
-            .context("the insert count came back empty")?
+            .context("the removal count came back empty")?
             .try_get(0)?;
-        Ok(Some(u64::try_from(issued).context("a negative insert count")?))
+        Ok(Some(u64::try_from(issued).context("a negative removal count")?))
     }
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' and keys' stay),
-    /// reads the count of local inserts at rest (`key_locks::INSERT_COUNT_AT_REST_SQL`: `None`
-    /// when a bucket was busy) and writes a probe; returns the probe's WAL position and the count.
+    /// reads the count of local removals at rest (`key_locks::REMOVAL_COUNT_AT_REST_SQL`: `None`
+    /// when a transaction that counted itself was open) and writes a probe; returns the probe's
+    /// WAL position and the count.
     async fn probe(&mut self) -> Result<(u64, Option<u64>)> {
         let db = &self.db;
         let probe = self.statements.get(db, PROBE_SQL).await?;
-        let at_rest = self.statements.get(db, key_locks::INSERT_COUNT_AT_REST_SQL).await?;
+        let at_rest = self.statements.get(db, key_locks::REMOVAL_COUNT_AT_REST_SQL).await?;
         let params: Params = vec![Box::new(PROBE_MESSAGE_PREFIX)];
         let none: Params = Vec::new();
         let results = pipeline::run_all(vec![
@@ -720,7 +721,7 @@ impl Applier {
         let at_rest: Option<i64> = results
             .get(1)
             .and_then(|rows| rows.first())
-            .context("the insert count at rest returned no row")?
+            .context("the removal count at rest returned no row")?
             .try_get(0)?;
         let lsn: PgLsn = results
             .get(2)
@@ -730,7 +731,7 @@ impl Applier {
         let at_rest = at_rest
             .map(u64::try_from)
             .transpose()
-            .context("a negative insert count")?;
+            .context("a negative removal count")?;
         Ok((u64::from(lsn), at_rest))
     }
 

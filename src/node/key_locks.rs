@@ -19,15 +19,23 @@
 //! accord's advisory-lock class. Two keys in one bucket only make their writers wait for each
 //! other.
 //!
-//! After their locks, a local insert statement (or key update) counts itself in a sequence
-//! (`accord.local_inserts`), which a rollback does not undo. An applier that holds its missing
-//! rows' keys reads the count ([`INSERT_COUNT_SQL`]): if it is the count an apply read while it
-//! held every bucket for a moment, before a probe the capture has since read past
-//! ([`INSERT_COUNT_AT_REST_SQL`], `engine::InsertLedger`), no local insert can be on its way
-//! through the capture, and a missing row needs no probe (`engine::InsertCount`). That wait was
-//! most of the lag of new rows. One sequence, not one per bucket: a row trigger touching one of
-//! 256 sequences made a 200,000-row `INSERT ... SELECT` 1.5 times slower than the lock alone, one
-//! sequence 1.15 times (on a scratch cluster, `fsync` off); once per statement, less still.
+//! A missing row's key may still have a local history the capture has not read: an insert and
+//! a delete, committed while the capture was behind. Such a history leaves the row missing only
+//! if it ends with a removal (a delete, an update that changed the key away, a TRUNCATE), so a
+//! local transaction that removes rows counts itself, once, in a sequence
+//! (`accord.local_removals`, which a rollback does not undo), after taking the node's removal
+//! lock shared until it ends. An applier that holds its missing rows' keys reads the count
+//! ([`REMOVAL_COUNT_SQL`]): if it is the count an apply read while it held the removal lock for a
+//! moment, before a probe the capture has since read past ([`REMOVAL_COUNT_AT_REST_SQL`],
+//! `engine::RemovalLedger`), no such history can be on its way through the capture, and a
+//! missing row needs no probe (`engine::RemovalCount`). That wait was most of the lag of new
+//! rows. Inserts counted themselves until 2026-12-07: then every local insert made the merges
+//! of peers' new rows probe, and a node inserting its own rows all the time (every node of the
+//! bench's mesh) probed for nearly every batch. Deletes count once per statement (a row trigger
+//! made a 300,000-row `DELETE` 1.9 to 2.7 times slower, a statement trigger costs nothing to
+//! speak of), except on a partitioned table: a statement trigger on it does not fire for a
+//! `DELETE` that names a partition, and a row trigger is cloned onto every partition, those
+//! made later too.
 //!
 //! The appliers' own writes skip the triggers (`accord.applying`, set on their sessions): they
 //! lock what they insert into themselves, and a shared lock taken on the way would only add
@@ -50,62 +58,81 @@ pub const BUCKETS: u32 = 256;
 /// Set to `on` on the appliers' sessions: their writes skip the key-lock trigger.
 pub const APPLYING_SETTING: &str = "accord.applying";
 
-/// The sequence local inserts count themselves in.
-const COUNTER: &str = "accord.local_inserts";
+/// The sequence local removals count themselves in.
+const COUNTER: &str = "accord.local_removals";
 
-/// Creates the counter, and the function that reads it at rest. `CACHE 1` (the default), so that
-/// every count reaches the sequence at once, where the apply reads it, and none waits in a
-/// session's cache.
+/// The sequence local inserts counted themselves in before 2026-12-07: dropped once no trigger
+/// names it.
+const OLD_COUNTER: &str = "accord.local_inserts";
+
+/// The lock a local transaction that counted a removal holds shared until it ends: beside the
+/// buckets (`0..BUCKETS`) in accord's class.
+const REMOVAL_LOCK: u32 = BUCKETS;
+
+/// Set, for the rest of a local transaction, once it counted a removal: it counts once.
+const COUNTED_SETTING: &str = "accord.removal_counted";
+
+/// Creates the counter, the function through which a transaction counts a removal, and the one
+/// that reads the count at rest. `CACHE 1` (the default), so that every count reaches the
+/// sequence at once, where the apply reads it, and none waits in a session's cache.
 fn counter_sql() -> String {
     format!(
         "
-CREATE SEQUENCE IF NOT EXISTS accord.local_inserts CACHE 1;
-COMMENT ON SEQUENCE accord.local_inserts IS
-    'accord: local inserts into replicated tables, counted by the key-lock triggers, for the apply';
-CREATE OR REPLACE FUNCTION accord.insert_count_at_rest() RETURNS bigint
+CREATE SEQUENCE IF NOT EXISTS {COUNTER} CACHE 1;
+COMMENT ON SEQUENCE {COUNTER} IS
+    'accord: local transactions that removed rows of replicated tables, counted by accord''s triggers, for the apply';
+CREATE OR REPLACE FUNCTION accord.count_removal() RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog AS $accord$
+BEGIN
+    IF current_setting('{APPLYING_SETTING}', true) = 'on'
+       OR current_setting('{COUNTED_SETTING}', true) = 'on' THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared({CLASS}, {REMOVAL_LOCK});
+    PERFORM nextval({counter});
+    PERFORM set_config('{COUNTED_SETTING}', 'on', true);
+    RETURN false;
+END
+$accord$;
+COMMENT ON FUNCTION accord.count_removal() IS
+    'accord: a local transaction that removes rows of replicated tables counts itself once, holding the removal lock shared, for the apply';
+CREATE OR REPLACE FUNCTION accord.removal_count_at_rest() RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog AS $accord$
 DECLARE
-    taken int[] := '{{}}';
     counted bigint;
 BEGIN
-    FOR bucket IN 0..{last} LOOP
-        IF NOT pg_try_advisory_lock({CLASS}, bucket) THEN
-            PERFORM pg_advisory_unlock({CLASS}, t) FROM unnest(taken) AS t;
-            RETURN NULL;
-        END IF;
-        taken := taken || bucket;
-    END LOOP;
-    counted := COALESCE(pg_sequence_last_value('accord.local_inserts'::regclass), 0);
-    PERFORM pg_advisory_unlock({CLASS}, t) FROM unnest(taken) AS t;
+    IF NOT pg_try_advisory_lock({CLASS}, {REMOVAL_LOCK}) THEN
+        RETURN NULL;
+    END IF;
+    counted := COALESCE(pg_sequence_last_value({counter}::regclass), 0);
+    PERFORM pg_advisory_unlock({CLASS}, {REMOVAL_LOCK});
     RETURN counted;
 END
 $accord$;
-COMMENT ON FUNCTION accord.insert_count_at_rest() IS
-    'accord: the count of local inserts, read while every key-lock bucket is free (else NULL), for the apply';
+COMMENT ON FUNCTION accord.removal_count_at_rest() IS
+    'accord: the count of local removals, read while no transaction that counted itself is open (else NULL), for the apply';
 ",
-        last = BUCKETS - 1
+        counter = literal(COUNTER),
     )
 }
 
-/// The count of local inserts, as an apply holding its missing rows' keys reads it.
-pub const INSERT_COUNT_SQL: &str =
-    "SELECT COALESCE(pg_catalog.pg_sequence_last_value('accord.local_inserts'::regclass), 0)";
+/// The count of local removals, as an apply holding its missing rows' keys reads it.
+pub const REMOVAL_COUNT_SQL: &str =
+    "SELECT COALESCE(pg_catalog.pg_sequence_last_value('accord.local_removals'::regclass), 0)";
 
-/// The count of local inserts read while this session holds every bucket for a moment (tried,
-/// each one let go again, and the ones it held before still held: advisory locks count), so that
-/// every transaction that counted itself has ended; NULL if another transaction holds one.
-pub const INSERT_COUNT_AT_REST_SQL: &str = "SELECT accord.insert_count_at_rest()";
+/// The count of local removals read while this session holds the removal lock for a moment, so
+/// that every transaction that counted itself has ended; NULL if one is still open.
+pub const REMOVAL_COUNT_AT_REST_SQL: &str = "SELECT accord.removal_count_at_rest()";
 
 /// The triggers, named to fire after the table's other `BEFORE` triggers (PostgreSQL fires them
 /// in name order), so that they lock the key those settled on.
 const INSERT_TRIGGER: &str = "zz_accord_key_lock_insert";
 const UPDATE_TRIGGER: &str = "zz_accord_key_lock_update";
-/// Counts an `INSERT` (or `COPY`) statement once, after its rows took their keys' locks: once per
-/// statement, not per row (a count per row made a 200,000-row `INSERT ... SELECT` 1.15 times
-/// slower than the lock alone; after the statement, not before it, so that a transaction that
-/// counted holds its buckets until it ends). An update that changes a key counts in its own
-/// row trigger, after the lock: a statement trigger would count every update.
-const COUNT_TRIGGER: &str = "zz_accord_count_inserts";
+/// Counts a `DELETE` (see the module's documentation for why per statement, or per row on a
+/// partitioned table).
+const REMOVAL_TRIGGER: &str = "zz_accord_count_removals";
+/// Counted each `INSERT` statement before 2026-12-07: dropped where found.
+const OLD_COUNT_TRIGGER: &str = "zz_accord_count_inserts";
 
 pub(super) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
@@ -197,25 +224,25 @@ BEGIN
     END IF;
     EXECUTE 'SELECT ' || TG_ARGV[0] INTO bucket USING NEW;
     PERFORM pg_catalog.pg_advisory_xact_lock_shared({CLASS}, bucket);
-    PERFORM pg_catalog.nextval({counter});
+    -- The old key is removed.
+    PERFORM accord.count_removal();
     RETURN NEW;
 END
 $accord$;
 COMMENT ON FUNCTION accord.key_lock_update() IS
-    'accord: a local update that changes a replicated key takes the key''s lock shared and counts itself, for the apply';
-",
-        counter = literal(COUNTER),
+    'accord: a local update that changes a replicated key takes the new key''s lock shared and counts the old key''s removal, for the apply';
+"
     )
 }
 
 /// The triggers of one table: every insert, and updates that change the key, take their key's
-/// bucket shared, and count themselves ([`COUNTER`]) after that, unless an applier writes.
-/// `CASE` evaluates its branches lazily and in order (an `AND` may be reordered or folded), and
-/// nothing in it is constant: the count comes after the lock, so that an apply holding the
-/// bucket reads a count no running transaction can still add to. An update's `WHEN` only
-/// compares the keys; the function it calls does the rest, in the same order
-/// ([`key_change_function`]).
-fn triggers_sql(table: &TableDef) -> String {
+/// bucket shared, unless an applier writes; a transaction that deletes rows, or changes a key,
+/// counts a removal ([`COUNTER`], through `accord.count_removal()`). `CASE` evaluates its branches
+/// lazily and in order (an `AND` may be reordered or folded), and nothing in it is constant.
+/// An update's `WHEN` only compares the keys; the function it calls does the rest
+/// ([`key_change_function`]). `partitioned`: the table is partitioned, and its deletes count in
+/// a row trigger.
+fn triggers_sql(table: &TableDef, partitioned: bool) -> String {
     let target = quote_table(&table.name);
     let row_key = |row: &str| -> String {
         let columns: Vec<String> = table
@@ -230,14 +257,20 @@ fn triggers_sql(table: &TableDef) -> String {
         bucket(table, |_, name| format!("NEW.{}", quote_ident(name))),
     );
     let changed_bucket = bucket(table, |_, name| format!("($1).{}", quote_ident(name)));
-    let count = format!("pg_catalog.nextval({}) IS NULL", literal(COUNTER));
     let applying = format!("pg_catalog.current_setting('{APPLYING_SETTING}', true) = 'on'");
+    let counted = format!("pg_catalog.current_setting('{COUNTED_SETTING}', true) = 'on'");
+    let removal_timing = match partitioned {
+        true => "AFTER DELETE ON {target} FOR EACH ROW",
+        false => "BEFORE DELETE ON {target} FOR EACH STATEMENT",
+    }
+    .replace("{target}", &target);
     format!(
-        "CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target} FOR EACH ROW
+        "DROP TRIGGER IF EXISTS {OLD_COUNT_TRIGGER} ON {target};
+CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target} FOR EACH ROW
     WHEN (CASE WHEN {applying} THEN false ELSE {lock} END)
     EXECUTE FUNCTION accord.key_lock_taken();
-CREATE OR REPLACE TRIGGER {COUNT_TRIGGER} AFTER INSERT ON {target} FOR EACH STATEMENT
-    WHEN (CASE WHEN {applying} THEN false ELSE {count} END)
+CREATE OR REPLACE TRIGGER {REMOVAL_TRIGGER} {removal_timing}
+    WHEN (CASE WHEN {counted} THEN false ELSE accord.count_removal() END)
     EXECUTE FUNCTION accord.key_lock_taken();
 CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH ROW
     WHEN ({} IS DISTINCT FROM {})
@@ -251,49 +284,63 @@ CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH RO
 
 /// Installs the key-lock triggers on the replicated tables: all of them (`accord init`, whose
 /// policy may have changed a key), or only where they are missing or older (a node starting on a
-/// database initialised by an earlier version, whose triggers' inserts the apply would take as
-/// never made, or whose update trigger costs every update its lock's expression; creating a
-/// trigger waits for the table's writers, so a restart does not do it needlessly).
+/// database initialised by an earlier version, whose removals the apply would take as never
+/// made, or whose update trigger costs every update its lock's expression; creating a trigger
+/// waits for the table's writers, so a restart does not do it needlessly). The functions are
+/// made anew every time (TRUNCATE's trigger counts through `accord.count_removal()` too).
 pub async fn install_triggers(db: &impl GenericClient, tables: &[TableDef], replace: bool) -> Result<usize> {
+    db.batch_execute(NOTHING_FUNCTION)
+        .await
+        .context("cannot create accord.key_lock_taken()")?;
+    db.batch_execute(&counter_sql())
+        .await
+        .with_context(|| format!("cannot create the sequence that counts local removals ({COUNTER})"))?;
+    db.batch_execute(&key_change_function())
+        .await
+        .context("cannot create accord.key_lock_update()")?;
     let mut installed = 0;
     for table in tables {
-        let present: i64 = db
+        let found = db
             .query_one(
-                "SELECT count(*) FROM pg_catalog.pg_trigger
-                  WHERE tgrelid = $1::text::regclass
-                    AND (tgname = $2
-                         OR (tgname = $3 AND pg_catalog.pg_get_triggerdef(oid) LIKE '%accord.key_lock_update(%')
-                         OR (tgname = $4 AND pg_catalog.pg_get_triggerdef(oid) LIKE '%' || $5 || '%'))",
+                "SELECT count(*) FILTER (WHERE tgname = $2
+                                            OR tgname = $4
+                                            OR (tgname = $3 AND pg_catalog.pg_get_triggerdef(oid) LIKE '%accord.key_lock_update(%')),
+                        count(*) FILTER (WHERE tgname = $5),
+                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1::text::regclass)
+                   FROM pg_catalog.pg_trigger
+                  WHERE tgrelid = $1::text::regclass",
                 &[
                     &quote_table(&table.name),
                     &INSERT_TRIGGER,
                     &UPDATE_TRIGGER,
-                    &COUNT_TRIGGER,
-                    &COUNTER,
+                    &REMOVAL_TRIGGER,
+                    &OLD_COUNT_TRIGGER,
                 ],
             )
             .await
-            .with_context(|| format!("cannot find table {}", table.name))?
-            .try_get(0)?;
-        if present == 3 && !replace {
+            .with_context(|| format!("cannot find table {}", table.name))?;
+        let (present, old, partitioned): (i64, i64, Option<bool>) =
+            (found.try_get(0)?, found.try_get(1)?, found.try_get(2)?);
+        if present == 3 && old == 0 && !replace {
             continue;
         }
-        if installed == 0 {
-            db.batch_execute(NOTHING_FUNCTION)
-                .await
-                .context("cannot create accord.key_lock_taken()")?;
-            db.batch_execute(&counter_sql())
-                .await
-                .context("cannot create the sequence that counts local inserts (accord.local_inserts)")?;
-            db.batch_execute(&key_change_function())
-                .await
-                .context("cannot create accord.key_lock_update()")?;
-        }
-        db.batch_execute(&triggers_sql(table))
+        db.batch_execute(&triggers_sql(table, partitioned == Some(true)))
             .await
             .with_context(|| format!("cannot install accord's key-lock triggers on {}", table.name))?;
         installed += 1;
     }
+    // The old counter goes once no trigger counts in it: a table that left replication without
+    // accord's event trigger may keep its old triggers (the update function they call is this
+    // version's now).
+    db.batch_execute(&format!(
+        "DO $accord$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgname = '{OLD_COUNT_TRIGGER}') THEN
+                 DROP SEQUENCE IF EXISTS {OLD_COUNTER};
+             END IF;
+         END $accord$"
+    ))
+    .await
+    .with_context(|| format!("cannot drop the sequence that counted local inserts ({OLD_COUNTER})"))?;
     Ok(installed)
 }
 
@@ -324,7 +371,7 @@ mod tests {
     #[test]
     fn the_triggers_take_the_bucket_the_apply_locks_shared_unless_an_applier_writes() {
         let table = crate::node::rows::tests::table();
-        let sql = triggers_sql(&table);
+        let sql = triggers_sql(&table, false);
         let bucket = "(pg_catalog.hashtext('s.t') # pg_catalog.hash_record(ROW((NEW.\"region\")::text, (NEW.\"id\")::bigint))) & 255";
         let lock = format!("pg_advisory_xact_lock_shared(1633907300, {bucket}) IS NULL");
         assert_eq!(
@@ -339,20 +386,30 @@ mod tests {
             sql.contains(&format!("EXECUTE FUNCTION accord.key_lock_update('{changed}');")),
             "{sql}"
         );
-        assert_eq!(
-            sql.matches("CASE WHEN pg_catalog.current_setting('accord.applying', true) = 'on' THEN false")
-                .count(),
-            2,
-            "{sql}"
-        );
-        assert!(sql.contains("BEFORE INSERT ON \"s\".\"t\" FOR EACH ROW"), "{sql}");
         assert!(
-            sql.contains("AFTER INSERT ON \"s\".\"t\" FOR EACH STATEMENT"),
-            "inserts count once per statement, after their rows' locks: {sql}"
+            sql.contains(
+                "BEFORE INSERT ON \"s\".\"t\" FOR EACH ROW\n    \
+                 WHEN (CASE WHEN pg_catalog.current_setting('accord.applying', true) = 'on' THEN false ELSE"
+            ),
+            "appliers' inserts take no lock: {sql}"
         );
         assert!(
-            sql.contains("ELSE pg_catalog.nextval('accord.local_inserts') IS NULL END"),
-            "an insert statement counts itself: {sql}"
+            sql.contains(
+                "BEFORE DELETE ON \"s\".\"t\" FOR EACH STATEMENT\n    \
+                 WHEN (CASE WHEN pg_catalog.current_setting('accord.removal_counted', true) = 'on' THEN false \
+                 ELSE accord.count_removal() END)"
+            ),
+            "a delete statement counts a removal, once per transaction: {sql}"
+        );
+        assert!(
+            sql.starts_with("DROP TRIGGER IF EXISTS zz_accord_count_inserts ON \"s\".\"t\";"),
+            "the older insert count goes: {sql}"
+        );
+        assert!(!sql.contains("nextval"), "inserts do not count: {sql}");
+        let partitioned = triggers_sql(&table, true);
+        assert!(
+            partitioned.contains("AFTER DELETE ON \"s\".\"t\" FOR EACH ROW\n"),
+            "a partitioned table counts in a row trigger, which its partitions get too: {partitioned}"
         );
         assert!(
             sql.contains(
@@ -373,11 +430,27 @@ mod tests {
             .find("pg_advisory_xact_lock_shared(1633907300, bucket)")
             .expect("the function takes the bucket shared");
         let counts = function
-            .find("nextval('accord.local_inserts')")
-            .expect("the function counts the key change");
+            .find("PERFORM accord.count_removal()")
+            .expect("the function counts the old key's removal");
         assert!(
             applying < locks && locks < counts,
             "skip appliers, lock, then count: {function}"
+        );
+        let counter = counter_sql();
+        let skips = counter
+            .find("current_setting('accord.removal_counted', true) = 'on'")
+            .expect("a transaction counts once");
+        let shared = counter
+            .find("pg_advisory_xact_lock_shared(1633907300, 256)")
+            .expect("a counting transaction holds the removal lock until it ends");
+        let bumps = counter.find("nextval('accord.local_removals')").expect("the count");
+        let marks = counter
+            .find("set_config('accord.removal_counted', 'on', true)")
+            .expect("counted, for the rest of the transaction");
+        assert!(skips < shared && shared < bumps && bumps < marks, "{counter}");
+        assert!(
+            counter.contains("pg_try_advisory_lock(1633907300, 256)"),
+            "the count at rest only tries the lock: {counter}"
         );
     }
 }

@@ -106,8 +106,8 @@ pub struct PeerStatus {
     pub conflicts: ConflictCounts,
     /// Times an apply waited for the capture (a local write raced a merge).
     pub capture_waits: u64,
-    /// Missing rows merged without waiting for the capture: no local insert of their keys was
-    /// on its way through it.
+    /// Missing rows merged without waiting for the capture: no local removal was on its way
+    /// through it.
     #[serde(default)]
     pub keys_clear: u64,
     /// The peer's changes received and held in memory until the rest of their transaction
@@ -430,7 +430,8 @@ where
              with `accord join`"
         );
     }
-    // Nor the triggers that make local inserts wait for an apply that locked their key.
+    // Nor the triggers that make local inserts wait for an apply that locked their key, and
+    // count local removals.
     let installed = key_locks::install_triggers(&db, policy.tables(), false).await?;
     if installed > 0 {
         tracing::info!(tables = installed, "installed accord's key-lock triggers");
@@ -672,7 +673,7 @@ struct PeerSpawner {
     dsn: String,
     policy: Arc<SchemaPolicy>,
     capture: watch::Receiver<CaptureProgress>,
-    /// What the capture is known to have accounted for of local inserts, for all appliers.
+    /// What the capture is known to have accounted for of local removals, for all appliers.
     ledger: SharedLedger,
     cut: watch::Receiver<Option<StableCut>>,
     shapes: watch::Receiver<Arc<ShapeBook>>,

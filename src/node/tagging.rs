@@ -88,6 +88,7 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_key_lock_insert ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_key_lock_update ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_count_inserts ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_count_removals ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS zz_accord_record_truncate ON %s', target);
     DELETE FROM accord.row_meta WHERE table_name = name;
     DELETE FROM accord.existing_rows WHERE table_name = name;

@@ -41,6 +41,9 @@ BEGIN
     EXECUTE format('INSERT INTO accord.truncated (xid, table_name, statement, key) SELECT $1, $2, $3, %s FROM %s',
                    TG_ARGV[1], TG_RELID::regclass)
         USING this_xid, TG_ARGV[0], this_statement;
+    -- It removes rows: a missing row's key may now have a local history the capture has not
+    -- read (key_locks.rs).
+    PERFORM accord.count_removal();
     -- Its partitions' guards let this TRUNCATE through (they fire after it, in this statement).
     PERFORM pg_catalog.set_config('accord.truncating', TG_RELID::oid::text || ' ' || pg_catalog.statement_timestamp()::text, true);
     RETURN NULL;
