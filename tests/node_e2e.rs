@@ -1143,11 +1143,16 @@ async fn local_removal_count(db: &tokio_postgres::Client) -> i64 {
 async fn a_local_key_change_waits_while_a_merge_holds_the_new_key() {
     let cluster = TestCluster::start(2, SHOP).await;
     let b = cluster.client(1).await;
-    // A database initialised by an earlier version has an update trigger of another form: a
-    // start replaces it.
+    // A database initialised by an earlier version has an update trigger of another form on
+    // one table, and on the other the count of inserts that came before the count of removals
+    // (its sequence too): a start replaces both tables' triggers.
     b.batch_execute(
         "CREATE OR REPLACE TRIGGER zz_accord_key_lock_update BEFORE UPDATE ON shop.products \
-         FOR EACH ROW WHEN (false) EXECUTE FUNCTION accord.key_lock_taken()",
+         FOR EACH ROW WHEN (false) EXECUTE FUNCTION accord.key_lock_taken(); \
+         CREATE SEQUENCE accord.local_inserts; \
+         DROP TRIGGER zz_accord_count_removals ON shop.users; \
+         CREATE TRIGGER zz_accord_count_inserts AFTER INSERT ON shop.users FOR EACH STATEMENT \
+         WHEN (nextval('accord.local_inserts') IS NULL) EXECUTE FUNCTION accord.key_lock_taken()",
     )
     .await
     .unwrap();
@@ -1156,7 +1161,28 @@ async fn a_local_key_change_waits_while_a_merge_holds_the_new_key() {
     let installed = accord::node::key_locks::install_triggers(&setup, policy.tables(), false)
         .await
         .unwrap();
-    assert_eq!(installed, 1, "the older update trigger is replaced, the others kept");
+    assert_eq!(installed, 2, "the older triggers are replaced");
+    let leftovers: i64 = b
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'zz_accord_count_inserts') \
+                  + (SELECT count(*) FROM pg_class WHERE oid = to_regclass('accord.local_inserts')) \
+                  + 2 - (SELECT count(*) FROM pg_trigger WHERE tgname = 'zz_accord_count_removals')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        leftovers, 0,
+        "the count of inserts and its sequence are gone, both tables count removals"
+    );
+    assert_eq!(
+        accord::node::key_locks::install_triggers(&setup, policy.tables(), false)
+            .await
+            .unwrap(),
+        0,
+        "a second start finds them all"
+    );
     b.batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (49, 'on node 2', 3)")
         .await
         .unwrap();
