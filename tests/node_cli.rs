@@ -107,10 +107,21 @@ async fn init_installs_triggers_that_lock_inserted_keys_the_way_the_apply_does()
             .is_empty(),
         "an update that keeps the key takes nothing"
     );
+    // The removal lock, beside the buckets: a transaction that removed a key holds it shared
+    // until it ends, for the apply's count at rest (key_locks.rs).
+    let removal = (256, "ShareLock".to_owned());
+    let mut moved = shared(bucket_of("shop.products", 8).await);
+    moved.push(removal.clone());
     assert_eq!(
         held_after("UPDATE shop.products SET id = 8 WHERE id = 7").await,
-        shared(bucket_of("shop.products", 8).await),
-        "an update to a new key holds the new key's bucket"
+        moved,
+        "an update to a new key holds the new key's bucket, and the removal lock for the old key"
+    );
+    assert_eq!(
+        held_after("DELETE FROM shop.products WHERE id = 8; INSERT INTO shop.products (id, name) VALUES (8, 'eight')")
+            .await,
+        vec![(bucket_of("shop.products", 8).await, "ShareLock".to_owned()), removal],
+        "a delete holds the removal lock, an insert its key's bucket"
     );
     assert_eq!(
         held_after("INSERT INTO shop.users (id, email) VALUES (1, 'a@example.com')").await,
