@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::nodes::{id, TestCluster, SHOP};
+use support::nodes::{id, local_removal_count, TestCluster, SHOP};
 
 const TABLES: &[&str] = &["shop.products", "shop.users"];
 
@@ -1117,17 +1117,6 @@ async fn a_local_write_waits_for_the_merged_key(cluster: &TestCluster, local: &'
             node + 1
         );
     }
-}
-
-/// The count of local transactions that removed rows on `db` (`accord.local_removals`).
-async fn local_removal_count(db: &tokio_postgres::Client) -> i64 {
-    db.query_one(
-        "SELECT COALESCE(pg_sequence_last_value('accord.local_removals'::regclass), 0)",
-        &[],
-    )
-    .await
-    .expect("the count of local removals is readable")
-    .get(0)
 }
 
 /// A local update that moves a row to a missing key is an insert of that key: while node 2's merge

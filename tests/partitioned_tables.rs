@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::cli::accord;
-use support::nodes::{free_udp_port, snapshot};
+use support::nodes::{free_udp_port, local_removal_count, snapshot};
 use support::pg::PgCluster;
 use support::service::{write_node, RunningNode};
 
@@ -52,17 +52,6 @@ async fn sum_and_count(db: &tokio_postgres::Client) -> (i64, i64) {
         .await
         .unwrap();
     (row.get(0), row.get(1))
-}
-
-/// The count of local transactions that removed rows (`accord.local_removals`).
-async fn removal_count(db: &tokio_postgres::Client) -> i64 {
-    db.query_one(
-        "SELECT COALESCE(pg_sequence_last_value('accord.local_removals'::regclass), 0)",
-        &[],
-    )
-    .await
-    .expect("the count of local removals is readable")
-    .get(0)
 }
 
 /// Waits until both nodes hold the same rows; on failure, the nodes' logs say why.
@@ -119,7 +108,7 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
         } else {
             "shop.events_2026"
         };
-        let removals = removal_count(&db).await;
+        let removals = local_removal_count(&db).await;
         db.batch_execute(&format!(
             "BEGIN; INSERT INTO shop.events (id, at) VALUES (999999, '2026-04-02');
              DELETE FROM {partition} WHERE id = 999999; COMMIT"
@@ -127,7 +116,7 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
         .await
         .unwrap();
         assert_eq!(
-            removal_count(&db).await,
+            local_removal_count(&db).await,
             removals + 1,
             "a delete naming {partition} counts a removal"
         );
@@ -233,7 +222,7 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
     }
     // A DELETE naming a partition made later counts a removal too (a merge of a key missing on
     // node 1 waits for the capture after it): the parent's row trigger was cloned onto it.
-    let removals = removal_count(&dbs[0]).await;
+    let removals = local_removal_count(&dbs[0]).await;
     dbs[0]
         .batch_execute(
             "BEGIN; INSERT INTO shop.events (id, at) VALUES (7999, '2026-07-20');
@@ -242,7 +231,7 @@ async fn a_table_partitioned_differently_on_each_node_replicates_as_one_table() 
         .await
         .unwrap();
     assert_eq!(
-        removal_count(&dbs[0]).await,
+        local_removal_count(&dbs[0]).await,
         removals + 1,
         "a delete naming a partition made later counts"
     );

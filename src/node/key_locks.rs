@@ -368,6 +368,17 @@ mod tests {
         assert!(BUCKETS.is_power_of_two(), "the mask needs a power of two");
     }
 
+    /// Asserts that `sql` holds each of `parts`, in this order.
+    fn in_order(sql: &str, parts: &[&str]) {
+        let mut from = 0;
+        for part in parts {
+            let at = sql[from..]
+                .find(part)
+                .unwrap_or_else(|| panic!("{part:?} is missing or out of order in {sql}"));
+            from += at + part.len();
+        }
+    }
+
     #[test]
     fn the_triggers_take_the_bucket_the_apply_locks_shared_unless_an_applier_writes() {
         let table = crate::node::rows::tests::table();
@@ -423,31 +434,26 @@ mod tests {
             function.contains("SET search_path FROM CURRENT"),
             "the bucket's type names resolve as at install, not under the user's path: {function}"
         );
-        let applying = function
-            .find("current_setting('accord.applying', true) = 'on'")
-            .expect("the function lets appliers by");
-        let locks = function
-            .find("pg_advisory_xact_lock_shared(1633907300, bucket)")
-            .expect("the function takes the bucket shared");
-        let counts = function
-            .find("PERFORM accord.count_removal()")
-            .expect("the function counts the old key's removal");
-        assert!(
-            applying < locks && locks < counts,
-            "skip appliers, lock, then count: {function}"
+        // Skip appliers, lock the new key's bucket, then count the old key's removal.
+        in_order(
+            &function,
+            &[
+                "current_setting('accord.applying', true) = 'on'",
+                "pg_advisory_xact_lock_shared(1633907300, bucket)",
+                "PERFORM accord.count_removal()",
+            ],
         );
+        // A transaction counts once, holding the removal lock until it ends, and is marked.
         let counter = counter_sql();
-        let skips = counter
-            .find("current_setting('accord.removal_counted', true) = 'on'")
-            .expect("a transaction counts once");
-        let shared = counter
-            .find("pg_advisory_xact_lock_shared(1633907300, 256)")
-            .expect("a counting transaction holds the removal lock until it ends");
-        let bumps = counter.find("nextval('accord.local_removals')").expect("the count");
-        let marks = counter
-            .find("set_config('accord.removal_counted', 'on', true)")
-            .expect("counted, for the rest of the transaction");
-        assert!(skips < shared && shared < bumps && bumps < marks, "{counter}");
+        in_order(
+            &counter,
+            &[
+                "current_setting('accord.removal_counted', true) = 'on'",
+                "pg_advisory_xact_lock_shared(1633907300, 256)",
+                "nextval('accord.local_removals')",
+                "set_config('accord.removal_counted', 'on', true)",
+            ],
+        );
         assert!(
             counter.contains("pg_try_advisory_lock(1633907300, 256)"),
             "the count at rest only tries the lock: {counter}"

@@ -291,6 +291,18 @@ pub fn free_udp_port() -> u16 {
     panic!("no free UDP port on loopback between 20000 and 32000")
 }
 
+/// The count of local transactions that removed rows of replicated tables on `db`
+/// (`accord.local_removals`).
+pub async fn local_removal_count(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT COALESCE(pg_sequence_last_value('accord.local_removals'::regclass), 0)",
+        &[],
+    )
+    .await
+    .expect("the count of local removals is readable")
+    .get(0)
+}
+
 /// Everything a node holds in `tables` and its review queue, as text, in a stable order.
 pub async fn snapshot(db: &tokio_postgres::Client, tables: &[&str]) -> String {
     let mut out = String::new();
