@@ -123,6 +123,25 @@ async fn init_installs_triggers_that_lock_inserted_keys_the_way_the_apply_does()
         vec![(bucket_of("shop.products", 8).await, "ShareLock".to_owned()), removal],
         "a delete holds the removal lock, an insert its key's bucket"
     );
+    // An application's role with rights on its tables only: its inserts and deletes go through
+    // accord's triggers, and its delete counts (as the function's owner).
+    let counted = || async {
+        db.query_one("SELECT last_value FROM accord.local_removals", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = counted().await;
+    db.batch_execute(
+        "CREATE ROLE shop_app; GRANT USAGE ON SCHEMA shop TO shop_app; \
+         GRANT SELECT, INSERT, DELETE ON shop.products TO shop_app; \
+         BEGIN; SET LOCAL ROLE shop_app; \
+         INSERT INTO shop.products (id, name) VALUES (10, 'ten'); DELETE FROM shop.products WHERE id = 10; \
+         COMMIT",
+    )
+    .await
+    .expect("an application's role writes without rights on accord's schema");
+    assert_eq!(counted().await, before + 1, "the application's delete counted");
     assert_eq!(
         held_after("INSERT INTO shop.users (id, email) VALUES (1, 'a@example.com')").await,
         shared(bucket_of("shop.users", 1001).await),

@@ -39,8 +39,9 @@
 //!
 //! The appliers' own writes skip the triggers (`accord.applying`, set on their sessions): they
 //! lock what they insert into themselves, and a shared lock taken on the way would only add
-//! waits between them. (A user who sets it, or writes with `session_replication_role =
-//! replica`, which fires no triggers, skips them too, and gives up what they protect.)
+//! waits between them. (A user who sets it, or `accord.removal_counted`, or writes with
+//! `session_replication_role = replica`, which fires no triggers, skips them too, and gives up
+//! what they protect.)
 
 use accord_engine::TableDef;
 use anyhow::{Context, Result};
@@ -74,7 +75,9 @@ const COUNTED_SETTING: &str = "accord.removal_counted";
 
 /// Creates the counter, the function through which a transaction counts a removal, and the one
 /// that reads the count at rest. `CACHE 1` (the default), so that every count reaches the
-/// sequence at once, where the apply reads it, and none waits in a session's cache.
+/// sequence at once, where the apply reads it, and none waits in a session's cache. The count
+/// runs as its owner (`SECURITY DEFINER`, under a fixed search path): an application's role
+/// that may delete rows needs no right on accord's sequence for it.
 fn counter_sql() -> String {
     format!(
         "
@@ -82,7 +85,7 @@ CREATE SEQUENCE IF NOT EXISTS {COUNTER} CACHE 1;
 COMMENT ON SEQUENCE {COUNTER} IS
     'accord: local transactions that removed rows of replicated tables, counted by accord''s triggers, for the apply';
 CREATE OR REPLACE FUNCTION accord.count_removal() RETURNS boolean
-LANGUAGE plpgsql SET search_path = pg_catalog AS $accord$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $accord$
 BEGIN
     IF current_setting('{APPLYING_SETTING}', true) = 'on'
        OR current_setting('{COUNTED_SETTING}', true) = 'on' THEN
