@@ -263,7 +263,7 @@ impl Applier {
     fn ledger_mut(&self) -> Result<std::sync::MutexGuard<'_, RemovalLedger>> {
         self.ledger
             .lock()
-            .map_err(|_| anyhow!("the insert ledger's lock is poisoned"))
+            .map_err(|_| anyhow!("the removal ledger's lock is poisoned"))
     }
 
     /// Follows the node's tombstone collection: tombstones the latest cut covers read as absent.

@@ -240,7 +240,9 @@ COMMENT ON FUNCTION accord.key_lock_update() IS
 
 /// The triggers of one table: every insert, and updates that change the key, take their key's
 /// bucket shared, unless an applier writes; a transaction that deletes rows, or changes a key,
-/// counts a removal ([`COUNTER`], through `accord.count_removal()`). `CASE` evaluates its branches
+/// counts a removal ([`COUNTER`], through `accord.count_removal()`; an applier's deletes call
+/// nothing, as a partitioned table's row trigger would otherwise call it for every row they
+/// delete). `CASE` evaluates its branches
 /// lazily and in order (an `AND` may be reordered or folded), and nothing in it is constant.
 /// An update's `WHEN` only compares the keys; the function it calls does the rest
 /// ([`key_change_function`]). `partitioned`: the table is partitioned, and its deletes count in
@@ -273,7 +275,7 @@ CREATE OR REPLACE TRIGGER {INSERT_TRIGGER} BEFORE INSERT ON {target} FOR EACH RO
     WHEN (CASE WHEN {applying} THEN false ELSE {lock} END)
     EXECUTE FUNCTION accord.key_lock_taken();
 CREATE OR REPLACE TRIGGER {REMOVAL_TRIGGER} {removal_timing}
-    WHEN (CASE WHEN {counted} THEN false ELSE accord.count_removal() END)
+    WHEN (CASE WHEN {counted} THEN false WHEN {applying} THEN false ELSE accord.count_removal() END)
     EXECUTE FUNCTION accord.key_lock_taken();
 CREATE OR REPLACE TRIGGER {UPDATE_TRIGGER} BEFORE UPDATE ON {target} FOR EACH ROW
     WHEN ({} IS DISTINCT FROM {})
@@ -411,6 +413,7 @@ mod tests {
             sql.contains(
                 "BEFORE DELETE ON \"s\".\"t\" FOR EACH STATEMENT\n    \
                  WHEN (CASE WHEN pg_catalog.current_setting('accord.removal_counted', true) = 'on' THEN false \
+                 WHEN pg_catalog.current_setting('accord.applying', true) = 'on' THEN false \
                  ELSE accord.count_removal() END)"
             ),
             "a delete statement counts a removal, once per transaction: {sql}"
