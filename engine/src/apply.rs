@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::change::{RowChange, RowKey};
+use crate::change::{ChangeKind, RowChange, RowKey};
 use crate::collection::StableCut;
 use crate::hlc::{Hlc, NodeId};
 use crate::merge::{merge, Conflict, ConflictKind, MergeOutcome, RowAction};
@@ -312,10 +312,17 @@ pub enum ApplyCommand {
     /// after a savepoint when `guard` is set, load their metadata (locked) and kept changes, and
     /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
     /// first open a transaction that commits with this origin position.
+    ///
+    /// `lock_keys`: before the rows, try the locks of these slots' keys and read the node's
+    /// [`RemovalCount`], as [`ApplyCommand::LockKeys`] does (answered in
+    /// [`ApplyInput::Loaded`]'s `keys`). These are the rows the batch's source inserted, which
+    /// are usually missing here: locked before the load, a missing one needs no second lock
+    /// and load (two round trips of a batch of new rows).
     Load {
         begin: Option<u64>,
         guard: bool,
         slots: Vec<usize>,
+        lock_keys: Vec<usize>,
     },
     /// Roll back to the guard savepoint (the row locks stay; the metadata's go, since the capture
     /// may need to write that metadata); lock the keys of the `missing` slots, whose rows the
@@ -382,7 +389,11 @@ pub enum ApplyInput {
     Start {
         now: u64,
     },
-    Loaded(Vec<LoadedRow>),
+    /// What [`ApplyCommand::Load`] found: one row per slot, and its key locks.
+    Loaded {
+        rows: Vec<LoadedRow>,
+        keys: KeyLocks,
+    },
     CaptureReached {
         now: u64,
     },
@@ -398,6 +409,28 @@ pub enum ApplyInput {
     Written(Result<Vec<Option<Xid>>, WriteRefusal>),
     Recorded,
     Committed,
+}
+
+impl ApplyInput {
+    /// What a [`ApplyCommand::Load`] that asked for no key locks found.
+    pub fn loaded(rows: Vec<LoadedRow>) -> ApplyInput {
+        ApplyInput::Loaded {
+            rows,
+            keys: KeyLocks::NotAsked,
+        }
+    }
+}
+
+/// The key locks a [`ApplyCommand::Load`] tried before its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLocks {
+    /// It named none.
+    NotAsked,
+    /// All taken (they stay held until the transaction ends); the node's removal count, read
+    /// after them.
+    Locked(RemovalCount),
+    /// Another transaction holds one; none is held (as [`ApplyInput::KeysBusy`]).
+    Busy { now: u64 },
 }
 
 /// Why the database refused a part's writes.
@@ -682,6 +715,8 @@ enum Phase {
         part: (usize, usize),
         slots: Vec<usize>,
         guard: bool,
+        /// The slots whose keys the load locks first.
+        lock_keys: Vec<usize>,
     },
     /// The keys of the part's missing rows are being locked (`missing`: with whether their
     /// metadata says they live); these xmins were seen.
@@ -732,6 +767,9 @@ pub struct BatchApply {
     /// Missing rows whose keys this attempt locked and found clear of local removals the capture
     /// has not accounted for: as good as probed.
     clear: std::collections::BTreeSet<usize>,
+    /// Rows whose first change in the batch is its source's insert: the guard's load locks their
+    /// keys first (`ApplyCommand::Load`).
+    new_rows: std::collections::BTreeSet<usize>,
     /// Rows whose current xmin the capture is known to have read past.
     settled: BTreeMap<usize, Xid>,
     /// The guard rounds taken in this transaction.
@@ -806,6 +844,8 @@ impl BatchApply {
         let mut index: BTreeMap<(usize, &RowKey), usize> = BTreeMap::new();
         let mut slots = Vec::new();
         let mut change_slots = Vec::with_capacity(changes.len());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut new_rows = std::collections::BTreeSet::new();
         for change in &changes {
             let table = tables
                 .iter()
@@ -822,6 +862,10 @@ impl BatchApply {
                 });
                 slots.len() - 1
             });
+            if change.kind == ChangeKind::Insert && !seen.contains(&slot) {
+                new_rows.insert(slot);
+            }
+            seen.insert(slot);
             change_slots.push(Some(slot));
         }
         let work = slots.iter().map(|_| Work::default()).collect();
@@ -841,6 +885,7 @@ impl BatchApply {
             pause: rules.backoff_micros.0,
             probed: false,
             clear: std::collections::BTreeSet::new(),
+            new_rows,
             settled: BTreeMap::new(),
             rounds: 0,
             waited_unlocked: false,
@@ -919,7 +964,33 @@ impl BatchApply {
                 self.check_time(now)?;
                 Ok(self.begin_attempt())
             }
-            (Phase::Loading { part, slots, guard }, ApplyInput::Loaded(rows)) => self.loaded(part, slots, guard, rows),
+            (
+                Phase::Loading {
+                    part,
+                    slots,
+                    guard,
+                    lock_keys,
+                },
+                ApplyInput::Loaded { rows, keys },
+            ) => match (lock_keys.is_empty(), keys) {
+                (true, KeyLocks::NotAsked) => self.loaded(part, slots, guard, rows, None),
+                (false, KeyLocks::Locked(count)) => self.loaded(part, slots, guard, rows, Some((lock_keys, count))),
+                (false, KeyLocks::Busy { now }) => {
+                    self.check_time(now)?;
+                    Ok(self.restart(false))
+                }
+                (none_asked, _) => Err(ApplyError::Unexpected {
+                    peer: self.peer,
+                    input: match none_asked {
+                        true => "Loaded with key locks",
+                        false => "Loaded without key locks",
+                    },
+                    expected: match none_asked {
+                        true => "Loaded without key locks",
+                        false => "Loaded with key locks",
+                    },
+                }),
+            },
             (Phase::LockingKeys { .. }, ApplyInput::KeysBusy { now }) => {
                 self.check_time(now)?;
                 Ok(self.restart(false))
@@ -1017,7 +1088,12 @@ impl BatchApply {
             self.first_part = false;
             let slots = self.part_slots(part);
             let begin = if guard { self.begin_position() } else { None };
-            return self.load(part, slots, begin, guard);
+            // The guard's load locks the keys of rows the source inserted before it reads them.
+            let lock_keys = match guard {
+                true => slots.iter().copied().filter(|s| self.new_rows.contains(s)).collect(),
+                false => Vec::new(),
+            };
+            return self.load_locking(part, slots, begin, guard, lock_keys);
         }
         if self.segment.as_ref().is_some_and(|s| !s.last) {
             let mut summary = self.attempt;
@@ -1034,12 +1110,29 @@ impl BatchApply {
     }
 
     fn load(&mut self, part: (usize, usize), slots: Vec<usize>, begin: Option<u64>, guard: bool) -> ApplyCommand {
+        self.load_locking(part, slots, begin, guard, Vec::new())
+    }
+
+    fn load_locking(
+        &mut self,
+        part: (usize, usize),
+        slots: Vec<usize>,
+        begin: Option<u64>,
+        guard: bool,
+        lock_keys: Vec<usize>,
+    ) -> ApplyCommand {
         self.phase = Phase::Loading {
             part,
             slots: slots.clone(),
             guard,
+            lock_keys: lock_keys.clone(),
         };
-        ApplyCommand::Load { begin, guard, slots }
+        ApplyCommand::Load {
+            begin,
+            guard,
+            slots,
+            lock_keys,
+        }
     }
 
     /// Rolls the attempt back; the next starts over, after a probe or a pause.
@@ -1070,12 +1163,14 @@ impl BatchApply {
         ApplyCommand::Restart { probe, pause_micros }
     }
 
+    /// `locked`: the slots whose keys the load locked first, and the removal count read after.
     fn loaded(
         &mut self,
         part: (usize, usize),
         slots: Vec<usize>,
         guard: bool,
         rows: Vec<LoadedRow>,
+        locked: Option<(Vec<usize>, RemovalCount)>,
     ) -> Result<ApplyCommand, ApplyError> {
         if rows.len() != slots.len() {
             return Err(ApplyError::LoadedCount {
@@ -1087,6 +1182,21 @@ impl BatchApply {
         // merged. Rows of later parts were checked with it and stay locked; a missing row among
         // them passed only after a probe.
         let probed = self.probed || !guard;
+        if let Some((locked, count)) = &locked {
+            // Missing rows whose keys were locked before the load read them: as after
+            // `LockKeys` and a second load (`keys_locked`), with the same rule, so they pass now
+            // or the part probes.
+            let (suspects, missing) = self.unaccounted(&slots, &rows, probed);
+            if !missing.is_empty() && missing.iter().all(|(slot, _)| locked.contains(slot)) {
+                if self.keys_clear(&suspects, &missing, *count) {
+                    self.attempt.keys_clear += missing.len() as u64;
+                    self.clear.extend(missing.iter().map(|&(slot, _)| slot));
+                } else if guard && self.rounds < self.rules.guard_rounds {
+                    self.phase = Phase::Probing { part, slots, suspects };
+                    return Ok(ApplyCommand::ProbeAndWait);
+                }
+            }
+        }
         let mut suspects = Vec::new();
         let mut missing = Vec::new();
         for (&slot, row) in slots.iter().zip(rows) {
@@ -1178,9 +1288,7 @@ impl BatchApply {
         missing: Vec<(usize, bool)>,
         count: RemovalCount,
     ) -> ApplyCommand {
-        let trust_any = self.rules.planted == Some(PlantedBug::IgnoreRemovalCounts);
-        let clear = suspects.is_empty() && missing.iter().all(|&(_, alive)| !alive) && (count.settled() || trust_any);
-        if clear {
+        if self.keys_clear(&suspects, &missing, count) {
             self.attempt.keys_clear += missing.len() as u64;
             self.clear.extend(missing.iter().map(|&(slot, _)| slot));
             self.rounds += 1;
@@ -1188,6 +1296,42 @@ impl BatchApply {
         }
         self.phase = Phase::Probing { part, slots, suspects };
         ApplyCommand::ProbeAndWait
+    }
+
+    /// Whether missing rows whose keys are locked pass without a probe (see `keys_locked`).
+    fn keys_clear(&self, suspects: &[(usize, Xid)], missing: &[(usize, bool)], count: RemovalCount) -> bool {
+        let trust_any = self.rules.planted == Some(PlantedBug::IgnoreRemovalCounts);
+        suspects.is_empty() && missing.iter().all(|&(_, alive)| !alive) && (count.settled() || trust_any)
+    }
+
+    /// The rows the guard would wait for: versions not accounted for, and missing rows (with
+    /// whether their metadata says they live).
+    #[allow(clippy::type_complexity)]
+    fn unaccounted(
+        &self,
+        slots: &[usize],
+        rows: &[LoadedRow],
+        probed: bool,
+    ) -> (Vec<(usize, Xid)>, Vec<(usize, bool)>) {
+        let mut suspects = Vec::new();
+        let mut missing = Vec::new();
+        for (&slot, row) in slots.iter().zip(rows) {
+            let probed = probed || self.clear.contains(&slot);
+            match judge(
+                row,
+                probed,
+                self.settled.get(&slot).copied(),
+                self.cut.as_ref(),
+                self.rules.planted,
+            ) {
+                Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
+                Verdict::Unaccounted(None) => {
+                    missing.push((slot, row.meta.as_ref().is_some_and(|(m, _)| m.is_alive())))
+                }
+                Verdict::Accounted { .. } | Verdict::DeleteNotCaptured => {}
+            }
+        }
+        (suspects, missing)
     }
 
     /// Merges the part in memory, in order, each change against the state the earlier ones
@@ -1360,11 +1504,28 @@ impl Phase {
     }
 }
 
+impl ApplyCommand {
+    /// The command's kind, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ApplyCommand::Load { .. } => "Load",
+            ApplyCommand::LockKeys { .. } => "LockKeys",
+            ApplyCommand::ProbeAndWait => "ProbeAndWait",
+            ApplyCommand::Restart { .. } => "Restart",
+            ApplyCommand::StartOver { .. } => "StartOver",
+            ApplyCommand::Write(_) => "Write",
+            ApplyCommand::Record(_) => "Record",
+            ApplyCommand::Commit { .. } => "Commit",
+            ApplyCommand::Done { .. } => "Done",
+        }
+    }
+}
+
 impl ApplyInput {
     fn name(&self) -> &'static str {
         match self {
             ApplyInput::Start { .. } => "Start",
-            ApplyInput::Loaded(_) => "Loaded",
+            ApplyInput::Loaded { .. } => "Loaded",
             ApplyInput::CaptureReached { .. } => "CaptureReached",
             ApplyInput::KeysLocked(_) => "KeysLocked",
             ApplyInput::KeysBusy { .. } => "KeysBusy",

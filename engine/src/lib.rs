@@ -27,8 +27,8 @@ pub mod verify;
 pub use acknowledge::AppliedPosition;
 pub use apply::{
     fold, judge, ApplyCommand, ApplyError, ApplyInput, ApplyRules, ApplySummary, BatchApply, Carried, ConflictCounts,
-    LoadedRow, PlannedWrite, PlantedBug, Records, RemovalCount, RemovalLedger, RowWrite, Segment, Segments, Verdict,
-    WriteRefusal, Xid,
+    KeyLocks, LoadedRow, PlannedWrite, PlantedBug, Records, RemovalCount, RemovalLedger, RowWrite, Segment, Segments,
+    Verdict, WriteRefusal, Xid,
 };
 pub use apply_queue::{transactions_before_waiting, ApplyQueue, Handout, InFlight, MAX_APPLY_BATCH};
 pub use capture::{capture, CaptureError, Captured};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use accord_engine::{
     capture, ApplyCommand, ApplyError, ApplyInput, ApplyRules, BatchApply, CapturedChange, Carried, Cell, ChangeKind,
-    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, LoadedRow, NodeId, NodeSchema, RemovalCount, RowChange,
-    RowKey, RowMeta, RowWrite, Segment, TableDef, Value, WriteRefusal,
+    ColumnDef, ColumnPolicy, ColumnType, Hlc, KeyColumn, KeyLocks, LoadedRow, NodeId, NodeSchema, RemovalCount,
+    RowChange, RowKey, RowMeta, RowWrite, Segment, TableDef, Value, WriteRefusal,
 };
 
 const A: NodeId = NodeId(1);
@@ -135,6 +135,23 @@ fn settled(issued: u64) -> RemovalCount {
     }
 }
 
+/// What a load that locked the keys it named first found, and the removal count it read.
+fn locked(rows: Vec<LoadedRow>, count: RemovalCount) -> ApplyInput {
+    ApplyInput::Loaded {
+        rows,
+        keys: KeyLocks::Locked(count),
+    }
+}
+
+/// What `command`, a load, found: with the key locks it named taken, if any, and `count`.
+fn found(command: &ApplyCommand, rows: Vec<LoadedRow>, count: RemovalCount) -> ApplyInput {
+    match command {
+        ApplyCommand::Load { lock_keys, .. } if lock_keys.is_empty() => ApplyInput::loaded(rows),
+        ApplyCommand::Load { .. } => locked(rows, count),
+        other => panic!("expected a load, got {other:?}"),
+    }
+}
+
 fn loaded_slots(command: &ApplyCommand) -> usize {
     match command {
         ApplyCommand::Load { slots, .. } => slots.len(),
@@ -176,31 +193,44 @@ fn what_was_applied_is_skipped_and_a_gap_is_refused() {
 fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_position() {
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     let load = m.step(ApplyInput::Start { now: 0 }).unwrap();
-    assert!(matches!(
-        load,
-        ApplyCommand::Load {
-            begin: Some(1),
-            guard: true,
-            ..
-        }
-    ));
-    // The row is missing: a local insert and delete may both be on their way through the capture.
-    let lock = m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    let ApplyCommand::LockKeys { missing: locked } = lock else {
-        panic!("expected the key locks, got {lock:?}");
+    // The source inserted the row: its key is locked before the load reads it.
+    let ApplyCommand::Load {
+        begin: Some(1),
+        guard: true,
+        lock_keys,
+        ..
+    } = load
+    else {
+        panic!("expected the guard's load, got {load:?}");
     };
-    assert_eq!(locked, vec![0], "the missing row's key is locked before anything else");
+    assert_eq!(
+        lock_keys,
+        vec![0],
+        "the new row's key is locked before the rows are read"
+    );
     // Another transaction holds the key's lock: the batch lets go of everything and starts
     // over after a pause, rather than wait holding its row locks.
     let mut busy = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     busy.step(ApplyInput::Start { now: 0 }).unwrap();
-    busy.step(ApplyInput::Loaded(vec![missing()])).unwrap();
+    let busy_keys = ApplyInput::Loaded {
+        rows: Vec::new(),
+        keys: KeyLocks::Busy { now: 5 },
+    };
     assert!(matches!(
-        busy.step(ApplyInput::KeysBusy { now: 5 }).unwrap(),
+        busy.step(busy_keys).unwrap(),
         ApplyCommand::Restart { probe: false, .. }
     ));
-    // A local removal counted since the capture last accounted for the count: the probe.
-    let probe = m.step(ApplyInput::KeysLocked(unsettled(3))).unwrap();
+    // An answer that leaves out the key locks the load named is refused.
+    let mut wrong = machine(0, vec![insert(A, 1, 1, "a", 5)]);
+    wrong.step(ApplyInput::Start { now: 0 }).unwrap();
+    assert!(matches!(
+        wrong.step(ApplyInput::loaded(vec![missing()])),
+        Err(ApplyError::Unexpected { .. })
+    ));
+    // The row is missing: a local insert and delete may both be on their way through the
+    // capture. A local removal counted since the capture last accounted for the count: the
+    // probe.
+    let probe = m.step(locked(vec![missing()], unsettled(3))).unwrap();
     assert!(
         matches!(probe, ApplyCommand::ProbeAndWait),
         "expected a probe, got {probe:?}"
@@ -214,7 +244,7 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
             ..
         }
     ));
-    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+    let ApplyCommand::Write(writes) = m.step(ApplyInput::loaded(vec![missing()])).unwrap() else {
         panic!("expected the insert");
     };
     assert!(matches!(&writes[0].write, RowWrite::Insert(v) if v[1] == Value::Int(5)));
@@ -242,10 +272,35 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
 /// settled), is loaded again under its key lock and merged without a probe.
 #[test]
 fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way() {
+    // A row the source inserted: its key was locked before the load read it, which is then
+    // all the guard needs (no second load).
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let ApplyCommand::Write(writes) = m.step(locked(vec![missing()], settled(7))).unwrap() else {
+        panic!("expected the insert");
+    };
+    assert!(matches!(&writes[0].write, RowWrite::Insert(_)));
+    m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap();
+    m.step(ApplyInput::Recorded).unwrap();
+    let ApplyCommand::Done { summary, .. } = m.step(ApplyInput::Committed).unwrap() else {
+        panic!("expected the end");
+    };
+    assert_eq!(
+        (summary.applied, summary.waits, summary.keys_clear),
+        (1, 0, 1),
+        "no wait for the capture"
+    );
+
+    // A row the source updated, missing here (its key was not locked before the load): the
+    // key is locked after the load, and the row read again under it.
+    let (_, update) = updated_row();
+    let mut m = machine(0, vec![update]);
+    let ApplyCommand::Load { lock_keys, .. } = m.step(ApplyInput::Start { now: 0 }).unwrap() else {
+        panic!("expected the load");
+    };
+    assert!(lock_keys.is_empty(), "an update's row is expected here");
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![missing()])).unwrap(),
+        m.step(ApplyInput::loaded(vec![missing()])).unwrap(),
         ApplyCommand::LockKeys { .. }
     ));
     let reload = m.step(ApplyInput::KeysLocked(settled(7))).unwrap();
@@ -260,16 +315,11 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way()
         ),
         "the metadata is read again under the key lock: {reload:?}"
     );
-    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
-        panic!("expected the insert");
-    };
-    assert!(matches!(&writes[0].write, RowWrite::Insert(_)));
-    m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap();
-    m.step(ApplyInput::Recorded).unwrap();
-    let ApplyCommand::Done { summary, .. } = m.step(ApplyInput::Committed).unwrap() else {
-        panic!("expected the end");
-    };
-    assert_eq!((summary.applied, summary.waits), (1, 0), "no wait for the capture");
+    let merged = m.step(ApplyInput::loaded(vec![missing()])).unwrap();
+    assert!(
+        matches!(merged, ApplyCommand::Write(_) | ApplyCommand::Record(_)),
+        "merged without a probe: {merged:?}"
+    );
 
     // A tombstone too: the row was deleted, and the capture accounted for it.
     let (meta, _) = updated_row();
@@ -282,13 +332,8 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way()
     };
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 5)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![tombstone.clone()])).unwrap();
-    assert!(matches!(
-        m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
-        ApplyCommand::Load { .. }
-    ));
     // The tombstone is newer than the insert: nothing to write, only the merge to record.
-    let merged = m.step(ApplyInput::Loaded(vec![tombstone])).unwrap();
+    let merged = m.step(locked(vec![tombstone], settled(7))).unwrap();
     assert!(matches!(merged, ApplyCommand::Record(_)), "{merged:?}");
 
     // Metadata that says the row lives although it is missing: a local delete the capture may
@@ -301,7 +346,7 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way()
     let (_, update) = updated_row();
     let mut m = machine(0, vec![update]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![alive])).unwrap();
+    m.step(ApplyInput::loaded(vec![alive])).unwrap();
     assert!(matches!(
         m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
         ApplyCommand::ProbeAndWait
@@ -312,13 +357,9 @@ fn a_missing_row_is_merged_without_a_probe_when_no_local_removal_is_on_its_way()
     let (_, update) = updated_row();
     let mut m = machine(0, vec![update, insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![row_at(&meta, 9), missing()])).unwrap(),
-        ApplyCommand::LockKeys { .. }
-    ));
     assert!(
         matches!(
-            m.step(ApplyInput::KeysLocked(settled(7))).unwrap(),
+            m.step(locked(vec![row_at(&meta, 9), missing()], settled(7))).unwrap(),
             ApplyCommand::ProbeAndWait
         ),
         "a suspect row needs the probe"
@@ -367,7 +408,8 @@ fn a_row_deleted_and_inserted_again_in_a_batch_is_written_once() {
     let mut writes_seen = Vec::new();
     loop {
         let input = match &command {
-            ApplyCommand::Load { slots, .. } => ApplyInput::Loaded(
+            ApplyCommand::Load { slots, .. } => found(
+                &command,
                 slots
                     .iter()
                     .map(|&slot| match m.slot(slot).unwrap().1 {
@@ -375,6 +417,7 @@ fn a_row_deleted_and_inserted_again_in_a_batch_is_written_once() {
                         _ => missing(),
                     })
                     .collect(),
+                settled(3),
             ),
             ApplyCommand::LockKeys { .. } => ApplyInput::KeysLocked(settled(3)),
             ApplyCommand::Write(writes) => {
@@ -429,7 +472,7 @@ fn a_row_version_accord_has_not_accounted_for_is_waited_for_unlocked_first_then_
     let mut m = machine(0, vec![update.clone()]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![row(9)])).unwrap(),
+        m.step(ApplyInput::loaded(vec![row(9)])).unwrap(),
         ApplyCommand::Restart { probe: true, .. }
     ));
     assert!(matches!(
@@ -438,27 +481,27 @@ fn a_row_version_accord_has_not_accounted_for_is_waited_for_unlocked_first_then_
     ));
     // Still the version seen before the probe: the capture has read past it, the metadata
     // describes it (a row written in a subtransaction is never named by its xid).
-    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![row(9)])).unwrap() else {
+    let ApplyCommand::Write(_) = m.step(ApplyInput::loaded(vec![row(9)])).unwrap() else {
         panic!("expected the write");
     };
 
     let mut m = machine(0, vec![update]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![row(9)])).unwrap();
+    m.step(ApplyInput::loaded(vec![row(9)])).unwrap();
     m.step(ApplyInput::Restarted { now: 1 }).unwrap();
     // Written again while the batch waited: now it waits holding the row.
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![row(10)])).unwrap(),
+        m.step(ApplyInput::loaded(vec![row(10)])).unwrap(),
         ApplyCommand::ProbeAndWait
     ));
     m.step(ApplyInput::CaptureReached { now: 2 }).unwrap();
     // A different version again: another round.
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![row(11)])).unwrap(),
+        m.step(ApplyInput::loaded(vec![row(11)])).unwrap(),
         ApplyCommand::ProbeAndWait
     ));
     m.step(ApplyInput::CaptureReached { now: 3 }).unwrap();
-    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![row(11)])).unwrap() else {
+    let ApplyCommand::Write(_) = m.step(ApplyInput::loaded(vec![row(11)])).unwrap() else {
         panic!("expected the write");
     };
 }
@@ -472,27 +515,27 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     // the one with the rows unlocked.
     let mut xmin = 100;
     assert!(matches!(
-        m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap(),
+        m.step(ApplyInput::loaded(vec![row_at(&meta, xmin)])).unwrap(),
         ApplyCommand::Restart { probe: true, .. }
     ));
     m.step(ApplyInput::Restarted { now: 1 }).unwrap();
     xmin += 1;
-    let mut command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
+    let mut command = m.step(ApplyInput::loaded(vec![row_at(&meta, xmin)])).unwrap();
     for _ in 0..ApplyRules::default().guard_rounds {
         assert!(matches!(command, ApplyCommand::ProbeAndWait));
         m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
         xmin += 1;
-        command = m.step(ApplyInput::Loaded(vec![row_at(&meta, xmin)])).unwrap();
+        command = m.step(ApplyInput::loaded(vec![row_at(&meta, xmin)])).unwrap();
     }
     assert!(matches!(command, ApplyCommand::Restart { probe: true, .. }));
     let restarted = m.step(ApplyInput::Restarted { now: 2 }).unwrap();
     assert!(matches!(restarted, ApplyCommand::Load { begin: Some(1), .. }));
     // The restart's probe settled versions, but a row missing now still waits for a probe
     // written after its key is locked: a local insert and delete of it may have committed since.
-    let ApplyCommand::LockKeys { missing: locked } = m.step(ApplyInput::Loaded(vec![missing()])).unwrap() else {
+    let ApplyCommand::LockKeys { missing: keys } = m.step(ApplyInput::loaded(vec![missing()])).unwrap() else {
         panic!("a missing row after a restart must lock its key");
     };
-    assert_eq!(locked, vec![0]);
+    assert_eq!(keys, vec![0]);
     assert!(matches!(
         m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap(),
         ApplyCommand::ProbeAndWait
@@ -500,8 +543,7 @@ fn the_guard_gives_up_its_rounds_and_starts_over_after_a_probe() {
     // Past the wait limit the batch fails instead of waiting on.
     let mut late = machine(0, vec![insert(A, 1, 1, "a", 1)]);
     late.step(ApplyInput::Start { now: 0 }).unwrap();
-    late.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    late.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
+    late.step(locked(vec![missing()], unsettled(1))).unwrap();
     let error = late.step(ApplyInput::CaptureReached { now: 121_000_000 }).unwrap_err();
     assert!(matches!(error, ApplyError::CaptureTimeout { .. }));
 }
@@ -514,7 +556,11 @@ fn run_refusing(m: &mut BatchApply, refuse: impl Fn(&[accord_engine::PlannedWrit
     let mut probed = false;
     loop {
         let input = match &command {
-            ApplyCommand::Load { .. } => ApplyInput::Loaded((0..loaded_slots(&command)).map(|_| missing()).collect()),
+            ApplyCommand::Load { .. } => found(
+                &command,
+                (0..loaded_slots(&command)).map(|_| missing()).collect(),
+                unsettled(1),
+            ),
             ApplyCommand::LockKeys { .. } => ApplyInput::KeysLocked(unsettled(1)),
             ApplyCommand::ProbeAndWait if !probed => {
                 probed = true;
@@ -568,10 +614,9 @@ fn an_insert_refused_because_its_key_appeared_meanwhile_starts_over_instead_of_p
     // Two changes, so that a refusal for another reason would split the part, not restart.
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
+    m.step(locked(vec![missing(), missing()], unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
-    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
+    let ApplyCommand::Write(_) = m.step(ApplyInput::loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
     };
     // Whether the row is still there when the engine hears of the refusal does not matter: a
@@ -595,10 +640,9 @@ fn a_row_with_no_place_here_fails_the_batch_instead_of_parking_any_change() {
     // Two changes: a refusal for another reason would split the part and park one.
     let mut m = machine(0, vec![insert(A, 1, 1, "a", 1), insert(A, 2, 2, "b", 1)]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
+    m.step(locked(vec![missing(), missing()], unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
-    let ApplyCommand::Write(_) = m.step(ApplyInput::Loaded(vec![missing(), missing()])).unwrap() else {
+    let ApplyCommand::Write(_) = m.step(ApplyInput::loaded(vec![missing(), missing()])).unwrap() else {
         panic!("expected the inserts");
     };
     let refusal = WriteRefusal {
@@ -649,14 +693,13 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
     // A's insert arrives; the load finds B's change kept for the row, and both merge.
     let mut m = machine(0, vec![from_a]);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap();
+    m.step(locked(vec![missing()], unsettled(1))).unwrap();
     m.step(ApplyInput::CaptureReached { now: 1 }).unwrap();
     let with_kept = LoadedRow {
         deferred: vec![from_b.clone()],
         ..LoadedRow::default()
     };
-    let ApplyCommand::Write(writes) = m.step(ApplyInput::Loaded(vec![with_kept])).unwrap() else {
+    let ApplyCommand::Write(writes) = m.step(ApplyInput::loaded(vec![with_kept])).unwrap() else {
         panic!("expected the insert");
     };
     assert_eq!(
@@ -674,10 +717,11 @@ fn a_change_missing_a_value_is_kept_and_merged_once_its_row_arrives() {
 /// Drives a segment whose one row is missing through the probe to its end.
 fn run_segment(m: &mut BatchApply) -> Vec<ApplyCommand> {
     let mut commands = vec![m.step(ApplyInput::Start { now: 0 }).unwrap()];
-    commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
-    commands.push(m.step(ApplyInput::KeysLocked(unsettled(1))).unwrap());
+    let load = commands.last().expect("the start's command");
+    let found = found(load, vec![missing()], unsettled(1));
+    commands.push(m.step(found).unwrap());
     commands.push(m.step(ApplyInput::CaptureReached { now: 1 }).unwrap());
-    commands.push(m.step(ApplyInput::Loaded(vec![missing()])).unwrap());
+    commands.push(m.step(ApplyInput::loaded(vec![missing()])).unwrap());
     commands.push(m.step(ApplyInput::Written(Ok(vec![Some(9)]))).unwrap());
     let next = m.step(ApplyInput::Recorded).unwrap();
     let ends_with_commit = matches!(next, ApplyCommand::Commit { .. });
@@ -773,8 +817,11 @@ fn a_later_segment_that_must_restart_starts_the_whole_transaction_over() {
     .unwrap()
     .in_segment(segment);
     m.step(ApplyInput::Start { now: 0 }).unwrap();
-    m.step(ApplyInput::Loaded(vec![missing()])).unwrap();
-    let ApplyCommand::StartOver { probe, pause_micros } = m.step(ApplyInput::KeysBusy { now: 5 }).unwrap() else {
+    let busy = ApplyInput::Loaded {
+        rows: Vec::new(),
+        keys: KeyLocks::Busy { now: 5 },
+    };
+    let ApplyCommand::StartOver { probe, pause_micros } = m.step(busy).unwrap() else {
         panic!("a segment after the first cannot restart alone: the segments before were rolled back too");
     };
     assert!(!probe);

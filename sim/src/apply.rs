@@ -25,8 +25,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, LoadedRow, NodeId, PlannedWrite,
-    Records, RemovalCount, RemovalLedger, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef, WriteRefusal,
+    ApplyCommand, ApplyInput, BatchApply, CapturedChange, ChangeKind, Conflict, KeyLocks, LoadedRow, NodeId,
+    PlannedWrite, Records, RemovalCount, RemovalLedger, ReviewAction, ReviewItem, RowChange, RowWrite, TableDef,
+    WriteRefusal,
 };
 
 use crate::db::{Db, MetaRow, Undo, UserRow};
@@ -55,6 +56,9 @@ pub struct Applying {
     meta_locks: BTreeSet<i64>,
     /// The keys whose rows the blocked load's statement saw when it began (its snapshot).
     load_seen: Option<BTreeSet<i64>>,
+    /// The removal count a load read after taking its key locks, while the load waits for a
+    /// row lock.
+    load_keys: Option<RemovalCount>,
     /// A command that waits for a lock, carried out again once it is released.
     pending: Option<ApplyCommand>,
     /// The input to feed after a round trip.
@@ -175,6 +179,7 @@ impl Applying {
             row_locks: BTreeSet::new(),
             meta_locks: BTreeSet::new(),
             load_seen: None,
+            load_keys: None,
             pending: None,
             ready: None,
             settle: None,
@@ -228,6 +233,7 @@ impl Applying {
         self.settle = None;
         self.release_locks();
         self.load_seen = None;
+        self.load_keys = None;
     }
 
     fn release_locks(&mut self) {
@@ -282,25 +288,57 @@ impl Applying {
         } = env;
         loop {
             let input = match command {
-                ApplyCommand::Load { begin, guard, slots } => {
-                    if begin.is_some() && self.load_seen.is_none() {
+                ApplyCommand::Load {
+                    begin,
+                    guard,
+                    slots,
+                    lock_keys,
+                } => {
+                    if begin.is_some() && self.load_seen.is_none() && self.load_keys.is_none() {
                         self.roll_back();
                     }
-                    if let Some(holder) = self.lock_for_load(db, others, &slots, guard)? {
-                        return Ok(self.block(ApplyCommand::Load { begin, guard, slots }, holder));
+                    // The key locks and the count come first, as in the service's statements:
+                    // once (a load that waits for a row lock runs again without them).
+                    let keys = match (lock_keys.is_empty(), self.load_keys) {
+                        (true, _) => KeyLocks::NotAsked,
+                        (false, Some(count)) => KeyLocks::Locked(count),
+                        (false, None) if !self.lock_keys(others, &lock_keys)? => KeyLocks::Busy { now },
+                        (false, None) => {
+                            let count = RemovalCount {
+                                issued: db.removal_count,
+                                accounted: ledger.accounted(),
+                            };
+                            self.load_keys = Some(count);
+                            KeyLocks::Locked(count)
+                        }
+                    };
+                    if let KeyLocks::Busy { .. } = keys {
+                        // The machine starts over without looking at rows.
+                        ApplyInput::Loaded { rows: Vec::new(), keys }
+                    } else {
+                        if let Some(holder) = self.lock_for_load(db, others, &slots, guard)? {
+                            let command = ApplyCommand::Load {
+                                begin,
+                                guard,
+                                slots,
+                                lock_keys,
+                            };
+                            return Ok(self.block(command, holder));
+                        }
+                        self.load_keys = None;
+                        let seen = self.load_seen.take();
+                        let rows = self.load(db, &slots, seen.as_ref())?;
+                        self.loaded_picture = rows
+                            .iter()
+                            .map(|r| {
+                                (
+                                    r.row.as_ref().map(|(xmin, _)| *xmin),
+                                    r.meta.as_ref().map(|(m, known)| (m.causal_length, *known)),
+                                )
+                            })
+                            .collect();
+                        ApplyInput::Loaded { rows, keys }
                     }
-                    let seen = self.load_seen.take();
-                    let rows = self.load(db, &slots, seen.as_ref())?;
-                    self.loaded_picture = rows
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.row.as_ref().map(|(xmin, _)| *xmin),
-                                r.meta.as_ref().map(|(m, known)| (m.causal_length, *known)),
-                            )
-                        })
-                        .collect();
-                    ApplyInput::Loaded(rows)
                 }
                 ApplyCommand::LockKeys { missing } => {
                     // Rolling back to the guard's savepoint releases the metadata locks.

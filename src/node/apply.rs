@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, KeyLocks, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records,
     RemovalCount, RemovalLedger, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value,
     WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
@@ -424,16 +424,46 @@ impl Applier {
         let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut keys: BTreeMap<usize, SlotKey> = BTreeMap::new();
         let mut input = ApplyInput::Start { now: now() };
+        // Per command, for `RUST_LOG=accord=trace`: where a batch's time goes.
+        let mut steps = 0u32;
+        let mut deferred = DeferredRecords::new();
+        let mut step_started = tokio::time::Instant::now();
         loop {
-            input = match machine.step(input)? {
-                ApplyCommand::Load { begin, guard, slots } => {
+            let command = machine.step(input)?;
+            tracing::trace!(
+                micros = step_started.elapsed().as_micros() as u64,
+                step = steps,
+                "apply step done"
+            );
+            steps += 1;
+            step_started = tokio::time::Instant::now();
+            tracing::trace!(command = command.name(), "apply step");
+            if !matches!(command, ApplyCommand::Commit { .. }) {
+                run_deferred(&self.db, &mut deferred).await?;
+            }
+            input = match command {
+                ApplyCommand::Load {
+                    begin,
+                    guard,
+                    slots,
+                    lock_keys,
+                } => {
                     for &slot in &slots {
                         if let std::collections::btree_map::Entry::Vacant(entry) = keys.entry(slot) {
                             let (table, key) = machine.slot(slot).context("the engine named an unknown slot")?;
                             entry.insert((key_text(key), key_texts(table, key)?));
                         }
                     }
-                    ApplyInput::Loaded(self.load(machine, &keys, begin, guard, &slots).await?)
+                    let (rows, locked) = self.load(machine, &keys, begin, guard, &slots, &lock_keys).await?;
+                    let keys = match locked {
+                        None => KeyLocks::NotAsked,
+                        Some(None) => KeyLocks::Busy { now: now() },
+                        Some(Some(issued)) => KeyLocks::Locked(RemovalCount {
+                            issued,
+                            accounted: self.ledger_mut()?.accounted(),
+                        }),
+                    };
+                    ApplyInput::Loaded { rows, keys }
                 }
                 ApplyCommand::LockKeys { missing } => match self.lock_keys(machine, &keys, &missing).await? {
                     None => ApplyInput::KeysBusy { now: now() },
@@ -465,7 +495,7 @@ impl Applier {
                 }
                 ApplyCommand::Write(planned) => ApplyInput::Written(self.write(machine, &keys, &planned).await?),
                 ApplyCommand::Record(records) => {
-                    self.record(machine, &keys, records).await?;
+                    deferred = self.record(machine, &keys, records).await?;
                     ApplyInput::Recorded
                 }
                 ApplyCommand::Commit {
@@ -476,7 +506,10 @@ impl Applier {
                     let params: Option<Params> = merged_stamp.map(|stamp| -> Params {
                         vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))]
                     });
-                    let mut queries = Vec::new();
+                    let mut queries: Vec<pipeline::Query<'_>> = deferred
+                        .iter()
+                        .map(|(statement, params)| pipeline::query(&self.db, statement, params))
+                        .collect();
                     if let Some(params) = &params {
                         queries.push(pipeline::query(&self.db, &emit, params));
                     }
@@ -485,6 +518,7 @@ impl Applier {
                         queries.push(pipeline::command(&self.db, key_locks::UNLOCK_SQL));
                     }
                     pipeline::run_all(queries).await?;
+                    deferred.clear();
                     self.keys_locked = false;
                     ApplyInput::Committed
                 }
@@ -492,6 +526,7 @@ impl Applier {
                     tracing::debug!(
                         changes = machine.changes().len(),
                         waits = summary.waits,
+                        steps,
                         millis = started.elapsed().as_millis() as u64,
                         "batch applied"
                     );
@@ -520,7 +555,10 @@ impl Applier {
     }
 
     /// Locks the slots' rows (per table, tables in name order, keys in order), then after the
-    /// guard's savepoint their metadata and kept changes, in one round trip.
+    /// guard's savepoint their metadata and kept changes, in one round trip; first, with
+    /// `lock_keys`, tries the locks of those slots' keys and reads the count of local removals
+    /// (`Some(None)`: a lock was busy, and none is held).
+    #[allow(clippy::type_complexity)]
     async fn load(
         &mut self,
         machine: &BatchApply,
@@ -528,7 +566,8 @@ impl Applier {
         begin: Option<u64>,
         guard: bool,
         slots: &[usize],
-    ) -> Result<Vec<LoadedRow>> {
+        lock_keys: &[usize],
+    ) -> Result<(Vec<LoadedRow>, Option<Option<u64>>)> {
         let key = |slot: usize| keys.get(&slot).context("a slot without its key");
         let table = |slot: usize| machine.slot(slot).map(|(t, _)| t).context("an unknown slot");
         let groups = table_groups(machine, slots)?;
@@ -565,6 +604,11 @@ impl Applier {
             texts.push(key(slot)?.0.clone());
         }
         let load_params: Params = vec![Box::new(ords_param(&all)), Box::new(names), Box::new(texts)];
+        let key_locks = match lock_keys.is_empty() {
+            true => None,
+            false => Some(self.key_locks_statements(machine, keys, lock_keys).await?),
+        };
+        let db = &self.db;
 
         let mut queries = Vec::new();
         if begin.is_some() {
@@ -583,6 +627,15 @@ impl Applier {
             // where a snapshot can read it with them.
             queries.push(pipeline::query(db, &setup, &setup_params));
             queries.push(pipeline::query(db, &record, &record_params));
+        }
+        // Before the rows: a local insert of one of these keys committed before the lock is
+        // among the rows read, and none can commit after it until this transaction ends.
+        let first_key_lock = queries.len();
+        if let Some((lock, count, params)) = &key_locks {
+            // Set before the statement runs: it may take some of them and then fail.
+            self.keys_locked = true;
+            queries.push(pipeline::query(db, lock, params));
+            queries.push(pipeline::query(db, count, &NO_PARAMS));
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {
@@ -646,7 +699,51 @@ impl Applier {
             let change: RowChange = store::decode("kept change", row.try_get::<_, &[u8]>(1)?)?;
             loaded[ord].deferred.push(change);
         }
-        Ok(loaded)
+        let locked = match key_locks {
+            None => None,
+            Some(_) => {
+                let taken = results
+                    .get(first_key_lock)
+                    .context("the key locks' statement returned nothing")?;
+                let counted = results
+                    .get(first_key_lock + 1)
+                    .context("the removal count returned nothing")?;
+                match key_locks_outcome(taken, counted)? {
+                    Some(issued) => Some(Some(issued)),
+                    None => {
+                        self.unlock_keys().await?;
+                        Some(None)
+                    }
+                }
+            }
+        };
+        Ok((loaded, locked))
+    }
+
+    /// The statements that try the locks of the keys of `slots` (`key_locks::lock_keys_sql`)
+    /// and read the count of local removals (`key_locks::REMOVAL_COUNT_SQL`), and the former's
+    /// parameters.
+    async fn key_locks_statements(
+        &mut self,
+        machine: &BatchApply,
+        keys: &BTreeMap<usize, SlotKey>,
+        slots: &[usize],
+    ) -> Result<(tokio_postgres::Statement, tokio_postgres::Statement, Params)> {
+        let groups = table_groups(machine, slots)?;
+        let mut params: Params = Vec::new();
+        for (t, rows) in &groups {
+            params.extend(key_arrays(keys, rows, t.key.len())?);
+        }
+        let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
+        if tables.is_empty() {
+            bail!("the engine asked to lock the keys of no rows");
+        }
+        let lock = self
+            .statements
+            .get(&self.db, &key_locks::lock_keys_sql(&tables))
+            .await?;
+        let count = self.statements.get(&self.db, key_locks::REMOVAL_COUNT_SQL).await?;
+        Ok((lock, count, params))
     }
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' stay) and tries
@@ -659,24 +756,13 @@ impl Applier {
         keys: &BTreeMap<usize, SlotKey>,
         missing: &[usize],
     ) -> Result<Option<u64>> {
+        let (lock, count, params) = self.key_locks_statements(machine, keys, missing).await?;
         let db = &self.db;
-        let groups = table_groups(machine, missing)?;
-        let mut params: Params = Vec::new();
-        for (t, rows) in &groups {
-            params.extend(key_arrays(keys, rows, t.key.len())?);
-        }
-        let tables: Vec<&TableDef> = groups.iter().map(|(t, _)| *t).collect();
-        if tables.is_empty() {
-            bail!("the engine asked to lock the keys of no rows");
-        }
-        let lock = self.statements.get(db, &key_locks::lock_keys_sql(&tables)).await?;
-        let count = self.statements.get(db, key_locks::REMOVAL_COUNT_SQL).await?;
-        let none: Params = Vec::new();
         let queries = vec![
             pipeline::command(db, "ROLLBACK TO SAVEPOINT accord_guard"),
             pipeline::query(db, &lock, &params),
             // Read whether or not every lock was taken; only used if they all were.
-            pipeline::query(db, &count, &none),
+            pipeline::query(db, &count, &NO_PARAMS),
         ];
         // Set before the statement runs: it may take some of them and then fail.
         self.keys_locked = true;
@@ -686,19 +772,11 @@ impl Applier {
         let (Some(taken), Some(counted)) = (results.get(1), results.get(2)) else {
             bail!("the key locks' statements returned nothing");
         };
-        let taken: Option<bool> = taken
-            .first()
-            .context("the key locks' statement returned no row")?
-            .try_get(0)?;
-        if taken != Some(true) {
+        let issued = key_locks_outcome(taken, counted)?;
+        if issued.is_none() {
             self.unlock_keys().await?;
-            return Ok(None);
         }
-        let issued: i64 = counted
-            .first()
-            .context("the removal count came back empty")?
-            .try_get(0)?;
-        Ok(Some(u64::try_from(issued).context("a negative removal count")?))
+        Ok(issued)
     }
 
     /// Rolls back to the guard's savepoint (the metadata's locks go, the rows' and keys' stay),
@@ -881,8 +959,14 @@ impl Applier {
     }
 
     /// The metadata (with the xmin of the row version it accounts for), the conflict log, the
-    /// review queue, parked and kept changes.
-    async fn record(&mut self, machine: &BatchApply, keys: &BTreeMap<usize, SlotKey>, records: Records) -> Result<()> {
+    /// review queue, parked and kept changes. The metadata and the conflict log alone, the
+    /// common case, are returned unsent, for the caller to send with its next command.
+    async fn record(
+        &mut self,
+        machine: &BatchApply,
+        keys: &BTreeMap<usize, SlotKey>,
+        records: Records,
+    ) -> Result<DeferredRecords> {
         let name = |slot: usize| -> Result<(&TableDef, &str)> {
             let (t, _) = machine.slot(slot).context("an unknown slot")?;
             let (text, _) = keys.get(&slot).context("a slot without its key")?;
@@ -901,20 +985,27 @@ impl Applier {
             conflicts.push(&table.name, key, conflict);
         }
         let db = &self.db;
-        let save = self.statements.get(db, store::SAVE_METAS_SQL).await?;
-        let log = self.statements.get(db, store::LOG_CONFLICTS_SQL).await?;
-        let has_metas = !metas.is_empty();
-        let save_params = metas.into_params();
-        let has_conflicts = !conflicts.is_empty();
-        let log_params = conflicts.into_params();
-        let mut queries = Vec::new();
-        if has_metas {
-            queries.push(pipeline::query(db, &save, &save_params));
+        let mut deferred = Vec::new();
+        if !metas.is_empty() {
+            deferred.push((
+                self.statements.get(db, store::SAVE_METAS_SQL).await?,
+                metas.into_params(),
+            ));
         }
-        if has_conflicts {
-            queries.push(pipeline::query(db, &log, &log_params));
+        if !conflicts.is_empty() {
+            deferred.push((
+                self.statements.get(db, store::LOG_CONFLICTS_SQL).await?,
+                conflicts.into_params(),
+            ));
         }
-        pipeline::run_all(queries).await?;
+        let rare = !records.review.is_empty()
+            || !records.parked.is_empty()
+            || !records.defer.is_empty()
+            || !records.undefer.is_empty();
+        if !rare {
+            return Ok(deferred);
+        }
+        run_deferred(db, &mut deferred).await?;
         store::apply_review(db, &records.review).await?;
         for (item, change) in &records.parked {
             let error = match &item.kind {
@@ -932,8 +1023,49 @@ impl Applier {
         for (table, key, origin, seq) in &records.undefer {
             store::drop_kept_change(db, table, &key_text(key), *origin, *seq).await?;
         }
-        Ok(())
+        Ok(Vec::new())
     }
+}
+
+/// Statements of a batch's records held back to be sent with its next command (the commit, in
+/// the common case): they need no answer the engine waits for, and a failed one fails the commit
+/// sent after it in the same transaction (PostgreSQL rolls back a transaction whose statement
+/// failed, and the pipeline reports that statement's error), as it failed the batch before.
+type DeferredRecords = Vec<(tokio_postgres::Statement, Params)>;
+
+/// Sends held-back records now (before a command that is not the commit).
+async fn run_deferred(db: &Client, deferred: &mut DeferredRecords) -> Result<()> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let queries = deferred
+        .iter()
+        .map(|(statement, params)| pipeline::query(db, statement, params))
+        .collect();
+    pipeline::run_all(queries)
+        .await
+        .context("cannot record a batch's metadata")?;
+    deferred.clear();
+    Ok(())
+}
+
+/// No parameters.
+static NO_PARAMS: Params = Vec::new();
+
+/// The count of local removals read after the key locks were tried, if they were all taken.
+fn key_locks_outcome(taken: &[Row], counted: &[Row]) -> Result<Option<u64>> {
+    let taken: Option<bool> = taken
+        .first()
+        .context("the key locks' statement returned no row")?
+        .try_get(0)?;
+    if taken != Some(true) {
+        return Ok(None);
+    }
+    let issued: i64 = counted
+        .first()
+        .context("the removal count came back empty")?
+        .try_get(0)?;
+    Ok(Some(u64::try_from(issued).context("a negative removal count")?))
 }
 
 /// A statement of a part's writes, and the planned writes it makes.

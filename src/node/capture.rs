@@ -164,6 +164,13 @@ struct OpenParts {
     captured: u64,
 }
 
+/// Where `Capture::write_open` begins and commits its own transaction: whether it has sent the
+/// `BEGIN` yet.
+#[derive(Debug, Clone, Copy, Default)]
+struct Edges {
+    begun: bool,
+}
+
 /// Decoded transactions written to the database together, in one transaction: the changes of
 /// many small transactions cost one round trip per statement kind, not per row.
 #[derive(Default)]
@@ -625,7 +632,9 @@ impl Capture {
         }
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         let held = parts.held.take();
-        let (checkpoint, captured, held) = self.write_open(&decoded, Some((held, part.continues)), false).await?;
+        let (checkpoint, captured, held) = self
+            .write_open(&decoded, Some((held, part.continues)), false, None)
+            .await?;
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         parts.held = held;
         parts.captured += captured;
@@ -726,21 +735,18 @@ impl Capture {
                     .capture_group(|name| policy.table(name), transactions, Vec::new(), cut.as_ref())?;
             return Ok((write.checkpoint, 0));
         }
-        self.db
-            .batch_execute("BEGIN")
-            .await
-            .context("cannot begin the capture's transaction")?;
+        // Begun and committed by `write_open`, each with its neighbouring statements (two round
+        // trips fewer than on their own). Set first: a failure rolls back whatever it began.
         self.in_transaction = true;
-        let (checkpoint, captured, _) = self.write_open(transactions, None, marked).await?;
-        self.db
-            .batch_execute("COMMIT")
-            .await
-            .context("cannot commit the capture's transaction")?;
+        let (checkpoint, captured, _) = self
+            .write_open(transactions, None, marked, Some(Edges::default()))
+            .await?;
         self.in_transaction = false;
         Ok((checkpoint, captured))
     }
 
-    /// `write`'s statements, in the database transaction open on `db`. `part`, for a part of a
+    /// `write`'s statements, in the database transaction open on `db`, or with `edges`, in one
+    /// they begin and commit (sent with the first and last statements). `part`, for a part of a
     /// transaction captured in parts: the change held from the part before, and whether more
     /// parts follow; the change to hold for the next part is returned.
     async fn write_open(
@@ -748,6 +754,7 @@ impl Capture {
         transactions: &[DecodedTransaction],
         part: Option<(Option<CapturedRow>, bool)>,
         marked: bool,
+        mut edges: Option<Edges>,
     ) -> Result<(CaptureCheckpoint, u64, Option<CapturedRow>)> {
         let slots = self.capturer.rows_to_load(transactions);
         // Local transactions that truncated: what their triggers recorded is forgotten with the
@@ -772,9 +779,19 @@ impl Capture {
         if !slots.is_empty() {
             let load = statements.get(db, store::LOAD_METAS_SQL).await?;
             let ords: Vec<i32> = (0..slots.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
-            let tables: Vec<&str> = slots.iter().map(|(t, _)| t.as_str()).collect();
+            let tables: Vec<String> = slots.iter().map(|(t, _)| t.clone()).collect();
             let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
-            let rows = db.query(&load, &[&ords, &tables, &keys]).await?;
+            let params: Params = vec![Box::new(ords), Box::new(tables), Box::new(keys)];
+            let mut queries = Vec::new();
+            if let Some(edges) = edges.as_mut().filter(|e| !e.begun) {
+                queries.push(pipeline::command(db, "BEGIN"));
+                edges.begun = true;
+            }
+            queries.push(pipeline::query(db, &load, &params));
+            let mut results = pipeline::run_all(queries)
+                .await
+                .context("cannot load the metadata of the captured rows")?;
+            let rows = results.pop().unwrap_or_default();
             let table_of = |ord: usize| slots.get(ord).and_then(|(t, _)| policy.table(t));
             for (ord, meta, _) in store::loaded_metas_fresh(&*db, &rows, &self_shapes, |_| {}, table_of).await? {
                 let slot = loaded
@@ -785,6 +802,10 @@ impl Capture {
         }
         let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, cut.as_ref())?;
         if !truncating.is_empty() {
+            if let Some(edges) = edges.as_mut().filter(|e| !e.begun) {
+                db.batch_execute("BEGIN").await?;
+                edges.begun = true;
+            }
             db.execute(truncate::FORGET_SQL, &[&truncating]).await?;
         }
         let mut changes = write.changes;
@@ -802,6 +823,9 @@ impl Capture {
             }
         }
         if !write.needs_write && changes.is_empty() && !marked {
+            if edges.is_some_and(|e| e.begun) {
+                db.batch_execute("COMMIT").await?;
+            }
             return Ok((write.checkpoint, 0, held));
         }
 
@@ -843,7 +867,11 @@ impl Capture {
             .await?;
         // Synchronous whatever the server's default: the slot moves past this group once it
         // committed, and a commit lost in a crash would take the group's changes with it.
-        let mut queries = vec![pipeline::command(db, "SET LOCAL synchronous_commit = on")];
+        let mut queries = Vec::new();
+        if edges.is_some_and(|e| !e.begun) {
+            queries.push(pipeline::command(db, "BEGIN"));
+        }
+        queries.push(pipeline::command(db, "SET LOCAL synchronous_commit = on"));
         if has_changes {
             queries.push(pipeline::query(db, &append, &outbound_params));
         }
@@ -852,8 +880,17 @@ impl Capture {
         }
         // The checkpoint, in the same transaction as the changes it covers.
         queries.push(pipeline::query(db, &check, &checkpoint_params));
+        // A statement that fails makes the COMMIT after it a rollback, and the pipeline reports
+        // that statement's error.
+        let commit_now = edges.is_some() && write.review.is_empty();
+        if commit_now {
+            queries.push(pipeline::command(db, "COMMIT"));
+        }
         pipeline::run_all(queries).await?;
         store::apply_review(db, &write.review).await?;
+        if edges.is_some() && !commit_now {
+            db.batch_execute("COMMIT").await?;
+        }
         Ok((checkpoint, changes.len() as u64, held))
     }
 
