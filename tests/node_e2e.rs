@@ -1057,6 +1057,108 @@ async fn key_locks(db: &tokio_postgres::Client, mode: &str, granted: bool) -> i6
 /// before it waits, and the local insert's trigger waits for that lock, then meets the merged
 /// row. (With the trigger dropped on node 2, the pair commits during the wait, and both nodes
 /// end without the row node 1 inserted.)
+/// The deadlocks a node's database has broken so far (its statistics, read afresh).
+async fn deadlocks(db: &tokio_postgres::Client) -> i64 {
+    db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+    db.query_one(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A merge that waits for a row a local transaction holds holds no key lock meanwhile: the local
+/// transaction may insert a key of the same bucket next (an order taken after updating its
+/// product). The guard's load once locked the keys of the batch's new rows before its rows, and
+/// then waited for the row holding the bucket the local insert needed: PostgreSQL broke the
+/// deadlock after a second by failing one of them (`accord demo` met it, the local transaction
+/// failing). Now the keys are locked after the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_waiting_for_a_local_row_holds_no_key_a_local_insert_needs() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute("INSERT INTO shop.products (id, name, stock) VALUES (1, 'hot', 0)")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    // A key in the bucket of key 500, which node 1 inserts (the buckets of `key_locks`).
+    let bucket = |key: &str| {
+        format!("(pg_catalog.hashtext('shop.products') # pg_catalog.hash_record(ROW(({key})::bigint))) & 255")
+    };
+    let twin: i64 = b
+        .query_one(
+            &format!(
+                "SELECT k::bigint FROM generate_series(501, 1000000) AS k WHERE {} = {} LIMIT 1",
+                bucket("k"),
+                bucket("500")
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let deadlocks_before = deadlocks(&b).await;
+    // Node 2's user holds row 1.
+    let local = cluster.client(1).await;
+    local
+        .batch_execute("BEGIN; UPDATE shop.products SET stock = stock + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    // Node 1 updates row 1 and inserts row 500 in one transaction: one batch on node 2, whose
+    // load waits for row 1.
+    a.batch_execute(
+        "BEGIN; UPDATE shop.products SET stock = stock + 10 WHERE id = 1; \
+         INSERT INTO shop.products (id, name, stock) VALUES (500, 'from node 1', 5); COMMIT",
+    )
+    .await
+    .unwrap();
+    let waiting = tokio::time::Instant::now();
+    loop {
+        let waits: i64 = b
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waits > 0 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "node 2's applier never waited for the row its user holds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The user goes on: an insert in key 500's bucket, then the commit. It must not wait for the
+    // merge (PostgreSQL looks for a deadlock after a second of waiting).
+    let started = tokio::time::Instant::now();
+    local
+        .batch_execute(&format!(
+            "INSERT INTO shop.products (id, name, stock) VALUES ({twin}, 'local on node 2', 3); COMMIT"
+        ))
+        .await
+        .expect("the user's transaction commits");
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "the user's insert waited {:?} for the merge, which waits for the user's row",
+        started.elapsed()
+    );
+    let snapshots = cluster.converge(TABLES, Duration::from_secs(60)).await;
+    for (node, snapshot) in snapshots.iter().enumerate() {
+        let db = cluster.client(node).await;
+        let at = |id: i64| row_of(&db, id);
+        assert_eq!(at(1).await, ("hot".to_owned(), 11), "node {}\n{snapshot}", node + 1);
+        assert_eq!(at(500).await, ("from node 1".to_owned(), 5), "node {}", node + 1);
+        assert_eq!(at(twin).await, ("local on node 2".to_owned(), 3), "node {}", node + 1);
+    }
+    assert_eq!(deadlocks(&b).await, deadlocks_before, "no deadlock on node 2");
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_local_insert_waits_while_a_merge_holds_its_missing_key() {
     let cluster = TestCluster::start(2, SHOP).await;

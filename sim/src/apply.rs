@@ -294,11 +294,21 @@ impl Applying {
                     slots,
                     lock_keys,
                 } => {
-                    if begin.is_some() && self.load_seen.is_none() && self.load_keys.is_none() {
+                    if begin.is_some() && self.load_seen.is_none() {
                         self.roll_back();
                     }
-                    // The key locks and the count come first, as in the service's statements:
-                    // once (a load that waits for a row lock runs again without them).
+                    // The rows first, holding no key lock while one waits (the service's order).
+                    if let Some(holder) = self.lock_for_load(db, others, &slots, guard)? {
+                        let command = ApplyCommand::Load {
+                            begin,
+                            guard,
+                            slots,
+                            lock_keys,
+                        };
+                        return Ok(self.block(command, holder));
+                    }
+                    // Then the key locks and the count: once (a load that waits for a row that
+                    // appeared meanwhile runs again without them).
                     let keys = match (lock_keys.is_empty(), self.load_keys) {
                         (true, _) => KeyLocks::NotAsked,
                         (false, Some(count)) => KeyLocks::Locked(count),
@@ -314,9 +324,11 @@ impl Applying {
                     };
                     if let KeyLocks::Busy { .. } = keys {
                         // The machine starts over without looking at rows.
+                        self.load_seen = None;
                         ApplyInput::Loaded { rows: Vec::new(), keys }
                     } else {
-                        if let Some(holder) = self.lock_for_load(db, others, &slots, guard)? {
+                        // Then the rows of those keys again, as they are now.
+                        if let Some(holder) = self.read_again(db, others, &lock_keys)? {
                             let command = ApplyCommand::Load {
                                 begin,
                                 guard,
@@ -513,6 +525,25 @@ impl Applying {
                 return Ok(Some(other.peer));
             }
             self.meta_locks.insert(key);
+        }
+        Ok(None)
+    }
+
+    /// Reads the rows of `slots` again after their keys were locked (the service's second
+    /// statement): a row that appeared since the load's first statement began is locked and
+    /// seen. `Some(holder)`: another applier holds it, and the load waits.
+    fn read_again(&mut self, db: &Db, others: &[&Applying], slots: &[usize]) -> Result<Option<usize>, DriverError> {
+        let keys = slots.iter().map(|&s| self.key(s)).collect::<Result<Vec<_>, _>>()?;
+        for key in keys {
+            let seen = self.load_seen.get_or_insert_with(BTreeSet::new);
+            if seen.contains(&key) || self.tx.rows.contains_key(&key) || !db.rows.contains_key(&key) {
+                continue;
+            }
+            if let Some(other) = others.iter().find(|o| o.holds_row(key)) {
+                return Ok(Some(other.peer));
+            }
+            self.row_locks.insert(key);
+            seen.insert(key);
         }
         Ok(None)
     }

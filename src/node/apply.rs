@@ -555,9 +555,9 @@ impl Applier {
     }
 
     /// Locks the slots' rows (per table, tables in name order, keys in order), then after the
-    /// guard's savepoint their metadata and kept changes, in one round trip; first, with
-    /// `lock_keys`, tries the locks of those slots' keys and reads the count of local removals
-    /// (`Some(None)`: a lock was busy, and none is held).
+    /// guard's savepoint their metadata and kept changes, in one round trip; with `lock_keys`,
+    /// after the rows, tries the locks of those slots' keys, reads the count of local removals
+    /// (`Some(None)`: a lock was busy, and none is held) and reads those slots' rows again.
     #[allow(clippy::type_complexity)]
     async fn load(
         &mut self,
@@ -586,6 +586,24 @@ impl Applier {
         for (t, rows) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
             locks.push((statement, key_arrays(keys, rows, t.key.len())?));
+        }
+        // The rows of `lock_keys` are read again once their keys are locked (numbered by their
+        // place among `slots`, as the first reading numbers them).
+        let place: BTreeMap<usize, usize> = slots.iter().enumerate().map(|(i, &slot)| (slot, i)).collect();
+        let mut relocks = Vec::new();
+        for (t, rows) in table_groups(machine, lock_keys)? {
+            let rows = rows
+                .iter()
+                .map(|&(_, slot)| {
+                    Ok((
+                        *place.get(&slot).context("a key to lock that the load does not read")?,
+                        slot,
+                    ))
+                })
+                .collect::<Result<Vec<(usize, usize)>>>()?;
+            let statement = statements.get(db, &lock_rows_sql(t)).await?;
+            let params = key_arrays(keys, &rows, t.key.len())?;
+            relocks.push((t, statement, params));
         }
         // A guard load must not wait for a metadata lock while it holds others: the capture may
         // need one of those (a local write of the row it has not read, which the guard would
@@ -628,8 +646,15 @@ impl Applier {
             queries.push(pipeline::query(db, &setup, &setup_params));
             queries.push(pipeline::query(db, &record, &record_params));
         }
-        // Before the rows: a local insert of one of these keys committed before the lock is
-        // among the rows read, and none can commit after it until this transaction ends.
+        let first_lock = queries.len();
+        for (statement, params) in &locks {
+            queries.push(pipeline::query(db, statement, params));
+        }
+        // After the rows: a wait for a row's lock holds no key lock, which a local transaction
+        // holding that row could be waiting for (a deadlock; `accord demo` met it when the keys
+        // were locked first). The rows of those keys are then read again: a local insert of one
+        // committed before its lock is among them, and none can commit after it until this
+        // transaction ends.
         let first_key_lock = queries.len();
         if let Some((lock, count, params)) = &key_locks {
             // Set before the statement runs: it may take some of them and then fail.
@@ -637,8 +662,8 @@ impl Applier {
             queries.push(pipeline::query(db, lock, params));
             queries.push(pipeline::query(db, count, &NO_PARAMS));
         }
-        let first_lock = queries.len();
-        for (statement, params) in &locks {
+        let first_relock = queries.len();
+        for (_, statement, params) in &relocks {
             queries.push(pipeline::query(db, statement, params));
         }
         if guard {
@@ -673,6 +698,24 @@ impl Applier {
             for row in rows {
                 let ord = slot_of(row.try_get(0)?)
                     .with_context(|| format!("{}: a locked row came back with an unknown ord", t.name))?;
+                let (xmin, values) = locked_row(t, row)?;
+                loaded[ord].row = Some((parse_xid(&xmin)?, values));
+            }
+        }
+        for &slot in lock_keys {
+            if let Some(&ord) = place.get(&slot) {
+                loaded[ord].row = None;
+            }
+        }
+        for (rows, (t, _, _)) in results
+            .get(first_relock..first_relock + relocks.len())
+            .unwrap_or_default()
+            .iter()
+            .zip(&relocks)
+        {
+            for row in rows {
+                let ord = slot_of(row.try_get(0)?)
+                    .with_context(|| format!("{}: a row read again came back with an unknown ord", t.name))?;
                 let (xmin, values) = locked_row(t, row)?;
                 loaded[ord].row = Some((parse_xid(&xmin)?, values));
             }

@@ -30,6 +30,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
+use super::recent_changes::{RecentChanges, SharedRecentChanges};
 use super::rows::parse_cell;
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
 use super::tagging::published_policy;
@@ -223,6 +224,8 @@ pub struct Capture {
     /// the run ends before it commits.
     in_transaction: bool,
     parts: Option<OpenParts>,
+    /// What it committed last, for the sender (`recent_changes`).
+    recent: SharedRecentChanges,
 }
 
 /// The capture checkpoint the database holds.
@@ -268,9 +271,15 @@ impl Capture {
                 shapes: watch::channel(Arc::new(ShapeBook::default())).1,
                 in_transaction: false,
                 parts: None,
+                recent: RecentChanges::shared(0),
             },
             rx,
         ))
+    }
+
+    /// Keeps the changes it commits in `recent` for the sender.
+    pub fn keep_recent(&mut self, recent: SharedRecentChanges) {
+        self.recent = recent;
     }
 
     /// Follows the node's tombstone collection (see the `cut` field).
@@ -890,6 +899,12 @@ impl Capture {
         store::apply_review(db, &write.review).await?;
         if edges.is_some() && !commit_now {
             db.batch_execute("COMMIT").await?;
+        }
+        if edges.is_some() {
+            // Committed: what the outbound log holds for good. (Parts of a large transaction
+            // are not kept: the next changes then do not follow the last ones kept.)
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.committed(changes.iter().map(|c| &c.change));
         }
         Ok((checkpoint, changes.len() as u64, held))
     }

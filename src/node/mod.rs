@@ -15,6 +15,7 @@ pub mod net;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod quic;
+mod recent_changes;
 pub mod repair;
 pub mod review;
 pub mod rows;

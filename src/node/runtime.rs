@@ -26,6 +26,7 @@ use super::capture::{Capture, CaptureProgress};
 use super::key_locks;
 use super::members;
 use super::net::{HelloSource, NetworkPort, Outgoing, PeerDirectory, PeerEvent};
+use super::recent_changes::{RecentChanges, SharedRecentChanges, RECENT_CHANGES};
 use super::shapes;
 use super::store::{self, decode, StoreError};
 use super::tagging;
@@ -470,6 +471,8 @@ where
     .await?;
     capture.follow_collection(cut_rx.clone());
     capture.follow_shapes(shapes_rx.clone());
+    let recent = RecentChanges::shared(RECENT_CHANGES);
+    capture.keep_recent(Arc::clone(&recent));
     let dsn = config.dsn.clone();
     let capture_error: CaptureError = Arc::default();
     let capture_failed = Arc::clone(&capture_error);
@@ -581,6 +584,7 @@ where
         verify: verify.clone(),
         verify_peers,
         db,
+        recent,
         replication,
         identity,
         port,
@@ -753,6 +757,8 @@ struct Loop {
     /// The nodes a verification compares besides this one (the live peers).
     verify_peers: watch::Sender<Vec<NodeId>>,
     db: Client,
+    /// The changes the capture committed last: batches are read from here when it holds them.
+    recent: SharedRecentChanges,
     /// What appliers wait for (see `PeerStatus::apply_waiting`).
     apply_waits: ApplyWaits,
     replication: Replication,
@@ -1174,6 +1180,10 @@ impl Loop {
     }
 
     async fn read_outbound(&self, first: u64, last: u64) -> Result<Vec<RowChange>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner()).range(first, last);
+        if let Some(changes) = recent {
+            return Ok(changes);
+        }
         let rows = self
             .db
             .query(
@@ -1359,6 +1369,10 @@ impl Loop {
         self.db
             .execute("DELETE FROM accord.outbound WHERE seq <= $1", &[&(prune as i64)])
             .await?;
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget_through(prune);
         self.replication.pruned(prune);
         if slow {
             self.last_slow = Some(Instant::now());
