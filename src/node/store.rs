@@ -405,17 +405,6 @@ fn candidates_json(candidates: &[Candidate]) -> serde_json::Value {
         .collect()
 }
 
-pub async fn append_outbound(db: &impl GenericClient, change: &RowChange) -> Result<(), StoreError> {
-    let bytes = encode("change", change)?;
-    let seq = i64::try_from(change.seq).unwrap_or(i64::MAX);
-    db.execute(
-        "INSERT INTO accord.outbound (seq, change) VALUES ($1, $2)",
-        &[&seq, &bytes],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Carries out a merge's or a capture's review-queue actions.
 pub async fn apply_review(db: &impl GenericClient, actions: &[ReviewAction]) -> Result<(), StoreError> {
     for action in actions {
