@@ -313,11 +313,13 @@ pub enum ApplyCommand {
     /// answer with [`ApplyInput::Loaded`], one [`LoadedRow`] per slot in this order. `begin`:
     /// first open a transaction that commits with this origin position.
     ///
-    /// `lock_keys`: before the rows, try the locks of these slots' keys and read the node's
-    /// [`RemovalCount`], as [`ApplyCommand::LockKeys`] does (answered in
-    /// [`ApplyInput::Loaded`]'s `keys`). These are the rows the batch's source inserted, which
-    /// are usually missing here: locked before the load, a missing one needs no second lock
-    /// and load (two round trips of a batch of new rows).
+    /// `lock_keys`: once the rows are locked, try the locks of these slots' keys and read the
+    /// node's [`RemovalCount`], as [`ApplyCommand::LockKeys`] does (answered in
+    /// [`ApplyInput::Loaded`]'s `keys`), then read those slots' rows again, so that what is
+    /// answered for them was read under their key locks. These are the rows the batch's source
+    /// inserted, which are usually missing here: a missing one then needs no second lock and
+    /// load (two round trips of a batch of new rows). After the rows, so that a wait for a row a
+    /// local transaction holds holds no key lock it may need next.
     Load {
         begin: Option<u64>,
         guard: bool,
@@ -421,7 +423,7 @@ impl ApplyInput {
     }
 }
 
-/// The key locks a [`ApplyCommand::Load`] tried before its rows.
+/// The key locks a [`ApplyCommand::Load`] tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyLocks {
     /// It named none.
@@ -715,7 +717,7 @@ enum Phase {
         part: (usize, usize),
         slots: Vec<usize>,
         guard: bool,
-        /// The slots whose keys the load locks first.
+        /// The slots whose keys the load locks (and whose rows it reads again).
         lock_keys: Vec<usize>,
     },
     /// The keys of the part's missing rows are being locked (`missing`: with whether their
@@ -768,7 +770,7 @@ pub struct BatchApply {
     /// has not accounted for: as good as probed.
     clear: std::collections::BTreeSet<usize>,
     /// Rows whose first change in the batch is its source's insert: the guard's load locks their
-    /// keys first (`ApplyCommand::Load`).
+    /// keys itself (`ApplyCommand::Load`).
     new_rows: std::collections::BTreeSet<usize>,
     /// Rows whose current xmin the capture is known to have read past.
     settled: BTreeMap<usize, Xid>,
@@ -1088,7 +1090,7 @@ impl BatchApply {
             self.first_part = false;
             let slots = self.part_slots(part);
             let begin = if guard { self.begin_position() } else { None };
-            // The guard's load locks the keys of rows the source inserted before it reads them.
+            // The guard's load locks the keys of the rows the source inserted itself.
             let lock_keys = match guard {
                 true => slots.iter().copied().filter(|s| self.new_rows.contains(s)).collect(),
                 false => Vec::new(),
@@ -1163,7 +1165,8 @@ impl BatchApply {
         ApplyCommand::Restart { probe, pause_micros }
     }
 
-    /// `locked`: the slots whose keys the load locked first, and the removal count read after.
+    /// `locked`: the slots whose keys the load locked (reading their rows again), and the removal
+    /// count read after the locks.
     fn loaded(
         &mut self,
         part: (usize, usize),
@@ -1182,56 +1185,53 @@ impl BatchApply {
         // merged. Rows of later parts were checked with it and stay locked; a missing row among
         // them passed only after a probe.
         let probed = self.probed || !guard;
-        if let Some((locked, count)) = &locked {
-            // Missing rows whose keys were locked before the load read them: as after
-            // `LockKeys` and a second load (`keys_locked`), with the same rule, so they pass now
-            // or the part probes.
-            let (suspects, missing) = self.unaccounted(&slots, &rows, probed);
-            if !missing.is_empty() && missing.iter().all(|(slot, _)| locked.contains(slot)) {
-                if self.keys_clear(&suspects, &missing, *count) {
-                    self.attempt.keys_clear += missing.len() as u64;
-                    self.clear.extend(missing.iter().map(|&(slot, _)| slot));
-                } else if guard && self.rounds < self.rules.guard_rounds {
-                    self.phase = Phase::Probing { part, slots, suspects };
-                    return Ok(ApplyCommand::ProbeAndWait);
-                }
-            }
-        }
         let mut suspects = Vec::new();
         let mut missing = Vec::new();
+        // Missing rows, kept for the key locks the load took (below).
+        let mut missing_rows = Vec::new();
         for (&slot, row) in slots.iter().zip(rows) {
             let settled = self.settled.get(&slot).copied();
             let alive = row.meta.as_ref().is_some_and(|(m, _)| m.is_alive());
             let probed = probed || self.clear.contains(&slot);
             match judge(&row, probed, settled, self.cut.as_ref(), self.rules.planted) {
-                Verdict::Accounted { state, settled } => {
-                    let table = &self.tables[self.slots[slot].table];
-                    // Kept under the node's shape of the day they were kept: read as it is now.
-                    let kept = row
-                        .deferred
-                        .into_iter()
-                        .map(|c| match self.shapes.read(&c, Some(table)) {
-                            Reading::AsItIs => Ok((c, true)),
-                            Reading::Reshaped(read) => Ok((*read, true)),
-                            Reading::Waits(message) => Err(ApplyError::ShapeWaits {
-                                peer: self.peer,
-                                message,
-                                seq: None,
-                            }),
-                        })
-                        .collect::<Result<_, _>>()?;
-                    self.work[slot] = Work {
-                        state,
-                        known: settled.or_else(|| row.meta.as_ref().and_then(|(_, k)| *k)),
-                        // A settled xmin is recorded even if no merge of the row stands.
-                        merged: settled.is_some(),
-                        write: None,
-                        kept,
-                    };
-                }
+                Verdict::Accounted { state, settled } => self.account(slot, row, state, settled)?,
                 Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
-                Verdict::Unaccounted(None) => missing.push((slot, alive)),
+                Verdict::Unaccounted(None) => {
+                    missing.push((slot, alive));
+                    missing_rows.push((slot, row));
+                }
                 Verdict::DeleteNotCaptured => return Ok(self.restart(false)),
+            }
+        }
+        let all_locked = |(locked, _): &(Vec<usize>, RemovalCount)| {
+            !missing.is_empty() && missing.iter().all(|(slot, _)| locked.contains(slot))
+        };
+        if let Some((_, count)) = locked.filter(all_locked) {
+            // Every missing row's key was locked by the load, which then read the row again: as
+            // after `LockKeys` and a second load (`keys_locked`), by the same rule, the rows pass
+            // now, or the part probes.
+            if self.keys_clear(&suspects, &missing, count) {
+                self.attempt.keys_clear += missing.len() as u64;
+                for (slot, row) in missing_rows {
+                    self.clear.insert(slot);
+                    let settled = self.settled.get(&slot).copied();
+                    match judge(&row, true, settled, self.cut.as_ref(), self.rules.planted) {
+                        Verdict::Accounted { state, settled } => self.account(slot, row, state, settled)?,
+                        // A missing row recorded as absent or deleted is accounted for once
+                        // probed; `keys_clear` passed no other.
+                        _ => {
+                            return Err(ApplyError::Unexpected {
+                                peer: self.peer,
+                                input: "a missing row the key locks cleared",
+                                expected: "a row recorded as absent or deleted",
+                            })
+                        }
+                    }
+                }
+                missing.clear();
+            } else if guard && self.rounds < self.rules.guard_rounds {
+                self.phase = Phase::Probing { part, slots, suspects };
+                return Ok(ApplyCommand::ProbeAndWait);
             }
         }
         let first_segment = self.segment.as_ref().is_none_or(|s| s.first);
@@ -1304,34 +1304,38 @@ impl BatchApply {
         suspects.is_empty() && missing.iter().all(|&(_, alive)| !alive) && (count.settled() || trust_any)
     }
 
-    /// The rows the guard would wait for: versions not accounted for, and missing rows (with
-    /// whether their metadata says they live).
-    #[allow(clippy::type_complexity)]
-    fn unaccounted(
-        &self,
-        slots: &[usize],
-        rows: &[LoadedRow],
-        probed: bool,
-    ) -> (Vec<(usize, Xid)>, Vec<(usize, bool)>) {
-        let mut suspects = Vec::new();
-        let mut missing = Vec::new();
-        for (&slot, row) in slots.iter().zip(rows) {
-            let probed = probed || self.clear.contains(&slot);
-            match judge(
-                row,
-                probed,
-                self.settled.get(&slot).copied(),
-                self.cut.as_ref(),
-                self.rules.planted,
-            ) {
-                Verdict::Unaccounted(Some(xmin)) => suspects.push((slot, xmin)),
-                Verdict::Unaccounted(None) => {
-                    missing.push((slot, row.meta.as_ref().is_some_and(|(m, _)| m.is_alive())))
-                }
-                Verdict::Accounted { .. } | Verdict::DeleteNotCaptured => {}
-            }
-        }
-        (suspects, missing)
+    /// A row the guard passed: the state the part's merges start from.
+    fn account(
+        &mut self,
+        slot: usize,
+        row: LoadedRow,
+        state: Option<RowState>,
+        settled: Option<Xid>,
+    ) -> Result<(), ApplyError> {
+        let table = &self.tables[self.slots[slot].table];
+        // Kept under the node's shape of the day they were kept: read as it is now.
+        let kept = row
+            .deferred
+            .into_iter()
+            .map(|c| match self.shapes.read(&c, Some(table)) {
+                Reading::AsItIs => Ok((c, true)),
+                Reading::Reshaped(read) => Ok((*read, true)),
+                Reading::Waits(message) => Err(ApplyError::ShapeWaits {
+                    peer: self.peer,
+                    message,
+                    seq: None,
+                }),
+            })
+            .collect::<Result<_, _>>()?;
+        self.work[slot] = Work {
+            state,
+            known: settled.or_else(|| row.meta.as_ref().and_then(|(_, k)| *k)),
+            // A settled xmin is recorded even if no merge of the row stands.
+            merged: settled.is_some(),
+            write: None,
+            kept,
+        };
+        Ok(())
     }
 
     /// Merges the part in memory, in order, each change against the state the earlier ones

@@ -689,37 +689,18 @@ impl Applier {
 
         let mut loaded: Vec<LoadedRow> = slots.iter().map(|_| LoadedRow::default()).collect();
         let slot_of = |ord: i32| usize::try_from(ord).ok().filter(|&o| o < slots.len());
-        for (rows, (t, _)) in results
-            .get(first_lock..first_lock + groups.len())
-            .unwrap_or_default()
-            .iter()
-            .zip(&groups)
-        {
-            for row in rows {
-                let ord = slot_of(row.try_get(0)?)
-                    .with_context(|| format!("{}: a locked row came back with an unknown ord", t.name))?;
-                let (xmin, values) = locked_row(t, row)?;
-                loaded[ord].row = Some((parse_xid(&xmin)?, values));
-            }
-        }
+        let read = results.get(first_lock..first_lock + groups.len()).unwrap_or_default();
+        fill_rows(&mut loaded, read, groups.iter().map(|(t, _)| *t))?;
+        // The rows of the locked keys as read under their locks.
         for &slot in lock_keys {
             if let Some(&ord) = place.get(&slot) {
                 loaded[ord].row = None;
             }
         }
-        for (rows, (t, _, _)) in results
+        let read_again = results
             .get(first_relock..first_relock + relocks.len())
-            .unwrap_or_default()
-            .iter()
-            .zip(&relocks)
-        {
-            for row in rows {
-                let ord = slot_of(row.try_get(0)?)
-                    .with_context(|| format!("{}: a row read again came back with an unknown ord", t.name))?;
-                let (xmin, values) = locked_row(t, row)?;
-                loaded[ord].row = Some((parse_xid(&xmin)?, values));
-            }
-        }
+            .unwrap_or_default();
+        fill_rows(&mut loaded, read_again, relocks.iter().map(|(t, _, _)| *t))?;
         let [metas, kept] = results.get(results.len().saturating_sub(2)..).unwrap_or_default() else {
             bail!("the load of a batch's rows gave too few results");
         };
@@ -1094,6 +1075,27 @@ async fn run_deferred(db: &Client, deferred: &mut DeferredRecords) -> Result<()>
 
 /// No parameters.
 static NO_PARAMS: Params = Vec::new();
+
+/// Sets the rows `lock_rows_sql` statements returned (one result per table, in `tables`' order;
+/// each row numbered by its place in `loaded`).
+fn fill_rows<'t>(
+    loaded: &mut [LoadedRow],
+    results: &[Vec<Row>],
+    tables: impl Iterator<Item = &'t TableDef>,
+) -> Result<()> {
+    let count = loaded.len();
+    for (rows, t) in results.iter().zip(tables) {
+        for row in rows {
+            let ord = usize::try_from(row.try_get::<_, i32>(0)?)
+                .ok()
+                .filter(|&o| o < count)
+                .with_context(|| format!("{}: a locked row came back with an unknown ord", t.name))?;
+            let (xmin, values) = locked_row(t, row)?;
+            loaded[ord].row = Some((parse_xid(&xmin)?, values));
+        }
+    }
+    Ok(())
+}
 
 /// The count of local removals read after the key locks were tried, if they were all taken.
 fn key_locks_outcome(taken: &[Row], counted: &[Row]) -> Result<Option<u64>> {

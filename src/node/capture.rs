@@ -30,7 +30,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{decode, PgOutput, Relation, TupleValue};
 use super::pipeline::{self, Params, Statements};
-use super::recent_changes::{RecentChanges, SharedRecentChanges};
+use super::recent_changes::SharedRecentChanges;
 use super::rows::parse_cell;
 use super::store::{self, decode as decode_stored, encode, key_text, MetaRows, HLC_MESSAGE_PREFIX, PUBLICATION, SLOT};
 use super::tagging::published_policy;
@@ -165,13 +165,6 @@ struct OpenParts {
     captured: u64,
 }
 
-/// Where `Capture::write_open` begins and commits its own transaction: whether it has sent the
-/// `BEGIN` yet.
-#[derive(Debug, Clone, Copy, Default)]
-struct Edges {
-    begun: bool,
-}
-
 /// Decoded transactions written to the database together, in one transaction: the changes of
 /// many small transactions cost one round trip per statement kind, not per row.
 #[derive(Default)]
@@ -224,8 +217,8 @@ pub struct Capture {
     /// the run ends before it commits.
     in_transaction: bool,
     parts: Option<OpenParts>,
-    /// What it committed last, for the sender (`recent_changes`).
-    recent: SharedRecentChanges,
+    /// What it committed last, for the sender (`recent_changes`), if one reads it.
+    recent: Option<SharedRecentChanges>,
 }
 
 /// The capture checkpoint the database holds.
@@ -271,7 +264,7 @@ impl Capture {
                 shapes: watch::channel(Arc::new(ShapeBook::default())).1,
                 in_transaction: false,
                 parts: None,
-                recent: RecentChanges::shared(0),
+                recent: None,
             },
             rx,
         ))
@@ -279,7 +272,7 @@ impl Capture {
 
     /// Keeps the changes it commits in `recent` for the sender.
     pub fn keep_recent(&mut self, recent: SharedRecentChanges) {
-        self.recent = recent;
+        self.recent = Some(recent);
     }
 
     /// Follows the node's tombstone collection (see the `cut` field).
@@ -642,7 +635,7 @@ impl Capture {
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         let held = parts.held.take();
         let (checkpoint, captured, held) = self
-            .write_open(&decoded, Some((held, part.continues)), false, None)
+            .write_open(&decoded, Some((held, part.continues)), false, false)
             .await?;
         let parts = self.parts.get_or_insert_with(OpenParts::default);
         parts.held = held;
@@ -747,14 +740,12 @@ impl Capture {
         // Begun and committed by `write_open`, each with its neighbouring statements (two round
         // trips fewer than on their own). Set first: a failure rolls back whatever it began.
         self.in_transaction = true;
-        let (checkpoint, captured, _) = self
-            .write_open(transactions, None, marked, Some(Edges::default()))
-            .await?;
+        let (checkpoint, captured, _) = self.write_open(transactions, None, marked, true).await?;
         self.in_transaction = false;
         Ok((checkpoint, captured))
     }
 
-    /// `write`'s statements, in the database transaction open on `db`, or with `edges`, in one
+    /// `write`'s statements, in the database transaction open on `db`, or with `own`, in one
     /// they begin and commit (sent with the first and last statements). `part`, for a part of a
     /// transaction captured in parts: the change held from the part before, and whether more
     /// parts follow; the change to hold for the next part is returned.
@@ -763,8 +754,10 @@ impl Capture {
         transactions: &[DecodedTransaction],
         part: Option<(Option<CapturedRow>, bool)>,
         marked: bool,
-        mut edges: Option<Edges>,
+        own: bool,
     ) -> Result<(CaptureCheckpoint, u64, Option<CapturedRow>)> {
+        // Whether the `BEGIN` of its own transaction was sent.
+        let mut begun = false;
         let slots = self.capturer.rows_to_load(transactions);
         // Local transactions that truncated: what their triggers recorded is forgotten with the
         // deletes written.
@@ -792,9 +785,9 @@ impl Capture {
             let keys: Vec<String> = slots.iter().map(|(_, k)| key_text(k)).collect();
             let params: Params = vec![Box::new(ords), Box::new(tables), Box::new(keys)];
             let mut queries = Vec::new();
-            if let Some(edges) = edges.as_mut().filter(|e| !e.begun) {
+            if own && !begun {
                 queries.push(pipeline::command(db, "BEGIN"));
-                edges.begun = true;
+                begun = true;
             }
             queries.push(pipeline::query(db, &load, &params));
             let mut results = pipeline::run_all(queries)
@@ -811,9 +804,9 @@ impl Capture {
         }
         let write = capturer.capture_group(|name| policy.table(name), transactions, loaded, cut.as_ref())?;
         if !truncating.is_empty() {
-            if let Some(edges) = edges.as_mut().filter(|e| !e.begun) {
+            if own && !begun {
                 db.batch_execute("BEGIN").await?;
-                edges.begun = true;
+                begun = true;
             }
             db.execute(truncate::FORGET_SQL, &[&truncating]).await?;
         }
@@ -832,7 +825,7 @@ impl Capture {
             }
         }
         if !write.needs_write && changes.is_empty() && !marked {
-            if edges.is_some_and(|e| e.begun) {
+            if begun {
                 db.batch_execute("COMMIT").await?;
             }
             return Ok((write.checkpoint, 0, held));
@@ -877,7 +870,7 @@ impl Capture {
         // Synchronous whatever the server's default: the slot moves past this group once it
         // committed, and a commit lost in a crash would take the group's changes with it.
         let mut queries = Vec::new();
-        if edges.is_some_and(|e| !e.begun) {
+        if own && !begun {
             queries.push(pipeline::command(db, "BEGIN"));
         }
         queries.push(pipeline::command(db, "SET LOCAL synchronous_commit = on"));
@@ -891,19 +884,19 @@ impl Capture {
         queries.push(pipeline::query(db, &check, &checkpoint_params));
         // A statement that fails makes the COMMIT after it a rollback, and the pipeline reports
         // that statement's error.
-        let commit_now = edges.is_some() && write.review.is_empty();
+        let commit_now = own && write.review.is_empty();
         if commit_now {
             queries.push(pipeline::command(db, "COMMIT"));
         }
         pipeline::run_all(queries).await?;
         store::apply_review(db, &write.review).await?;
-        if edges.is_some() && !commit_now {
+        if own && !commit_now {
             db.batch_execute("COMMIT").await?;
         }
-        if edges.is_some() {
+        if let Some(recent) = self.recent.as_ref().filter(|_| own) {
             // Committed: what the outbound log holds for good. (Parts of a large transaction
             // are not kept: the next changes then do not follow the last ones kept.)
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
             recent.committed(changes.iter().map(|c| &c.change));
         }
         Ok((checkpoint, changes.len() as u64, held))
