@@ -1455,3 +1455,109 @@ async fn a_merge_rolled_back_as_a_deadlocks_victim_is_tried_again_not_parked() {
     }
     cluster.stop_all().await;
 }
+
+/// The stamp in node 2's metadata of a `shop.products` row, once its capture or a merge wrote it.
+async fn stamp_of(db: &tokio_postgres::Client, id: i64) -> accord_engine::Hlc {
+    let started = std::time::Instant::now();
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT meta FROM accord.row_meta WHERE table_name = 'shop.products' AND row_key = $1",
+                &[&format!("[{id}]")],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            let meta: accord_engine::RowMeta = accord::node::store::decode("meta", row.get(0)).unwrap();
+            if let Some(stamp) = meta.stamp {
+                return stamp;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no metadata of product {id} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node that only merges commits no capture checkpoint for its merges (before, one synchronous
+/// commit per merged batch); each merge records the greatest stamp it merged in `accord.applied`
+/// instead, and a restarted capture's clock passes what is recorded there, so that local writes
+/// after the restart are stamped above every change merged before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merges_record_their_stamps_and_a_restarted_capture_passes_them() {
+    let mut cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    a.batch_execute("INSERT INTO shop.products (id, name) SELECT g, 'p' || g FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let checkpoint = "SELECT xmin::text, last_seq FROM accord.capture_state";
+    let row = b.query_one(checkpoint, &[]).await.unwrap();
+    let before: (String, i64) = (row.get(0), row.get(1));
+    for i in 0..40 {
+        a.batch_execute(&format!(
+            "UPDATE shop.products SET stock = stock + 1 WHERE id = {}",
+            1 + i % 4
+        ))
+        .await
+        .unwrap();
+    }
+    cluster.converge(TABLES, Duration::from_secs(60)).await;
+    let row = b.query_one(checkpoint, &[]).await.unwrap();
+    let after: (String, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        before, after,
+        "node 2 only merged, yet its capture committed its checkpoint"
+    );
+
+    let origin = i32::try_from(id(0).0).unwrap();
+    let row = b
+        .query_one(
+            "SELECT merged_physical, merged_logical FROM accord.applied WHERE origin = $1",
+            &[&origin],
+        )
+        .await
+        .unwrap();
+    let recorded: (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+    let mut greatest = stamp_of(&b, 1).await;
+    for product in 2..=4 {
+        greatest = greatest.max(stamp_of(&b, product).await);
+    }
+    assert_eq!(
+        recorded,
+        (Some(greatest.physical as i64), Some(i64::from(greatest.logical))),
+        "node 2 records the greatest stamp it merged from node 1"
+    );
+
+    // Node 2 restarts with a merged stamp an hour ahead of this machine's clock on record (as if
+    // node 1's clock ran ahead): its next local write must be stamped above it. Node 1 is
+    // stopped, so that nothing stamped so far ahead leaves node 2.
+    cluster.kill_node(0).await;
+    cluster.kill_node(1).await;
+    let ahead: i64 = b
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint + 3600000000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    b.execute(
+        "UPDATE accord.applied SET merged_physical = $1, merged_logical = 7 WHERE origin = $2",
+        &[&ahead, &origin],
+    )
+    .await
+    .unwrap();
+    cluster.start_node(1).await;
+    b.batch_execute("INSERT INTO shop.products (id, name) VALUES (100, 'after the restart')")
+        .await
+        .unwrap();
+    let stamp = stamp_of(&b, 100).await;
+    assert!(
+        (stamp.physical, stamp.logical) > (ahead as u64, 7),
+        "node 2's local write after the restart is stamped {stamp}, not above the merged stamp {ahead}.7 on record"
+    );
+    cluster.stop_all().await;
+}

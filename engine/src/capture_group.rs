@@ -126,9 +126,11 @@ pub struct GroupWrite {
     pub review: Vec<ReviewAction>,
     /// Covers the group's last transaction.
     pub checkpoint: CaptureCheckpoint,
-    /// False when the group changes nothing persisted but the checkpoint, and the clock did not
-    /// move: peers' merges without a stamp, replays. The driver may skip the write; a restart
-    /// then reads those transactions again and skips them again.
+    /// False when the group changes nothing persisted but the checkpoint: peers' merges,
+    /// replays. The driver may skip the write, and a restart, from an older checkpoint, skips
+    /// those transactions again. A merge's stamp moves the clock without a write: each merge
+    /// records it with its commit, and the restarted capture passes those records
+    /// (`Capturer::merged_before`), so a synchronous commit per merged batch is not needed.
     pub needs_write: bool,
 }
 
@@ -288,11 +290,8 @@ impl Capturer {
                 })
             })
             .collect();
-        let needs_write = !changes.is_empty()
-            || !metas.is_empty()
-            || !review.is_empty()
-            || checkpoint.high_water != before.high_water
-            || checkpoint.last_seq != before.last_seq;
+        let needs_write =
+            !changes.is_empty() || !metas.is_empty() || !review.is_empty() || checkpoint.last_seq != before.last_seq;
         *self = next;
         Ok(GroupWrite {
             changes,
@@ -491,16 +490,21 @@ mod tests {
     }
 
     #[test]
-    fn peers_and_covered_transactions_load_nothing_and_a_stampless_group_needs_no_write() {
+    fn peers_and_covered_transactions_load_nothing_and_a_group_of_merges_needs_no_write() {
         let t = table();
         let mut c = Capturer::new(NodeId(1), 500);
         let mut peer = tx(10, 100, vec![row(ChangeKind::Insert, 1, None, Some(1))]);
         peer.from_peer = true;
-        let group = vec![peer];
+        let mut stamped = tx(20, 101, vec![row(ChangeKind::Insert, 2, None, Some(1))]);
+        stamped.from_peer = true;
+        stamped.merged = Some(Hlc::new(9_000, 4, NodeId(2)));
+        let group = vec![peer, stamped];
         assert!(c.rows_to_load(&group).is_empty());
         let write = c.capture_group(|_| Some(&t), &group, Vec::new(), None).unwrap();
+        // The merge recorded its stamp with its commit: the clock moved, nothing to write.
         assert!(write.changes.is_empty() && !write.needs_write);
-        assert_eq!(write.checkpoint.covered_lsn, 10);
+        assert_eq!(write.checkpoint.covered_lsn, 20);
+        assert_eq!(write.checkpoint.high_water, Hlc::new(9_000, 4, NodeId(1)));
     }
 
     #[test]

@@ -147,6 +147,17 @@ impl Capturer {
         matches!(self.tx, Transaction::Local { .. })
     }
 
+    /// Where the stream starts, the greatest stamps this node's merges (and a join's copy)
+    /// recorded with their commits (`accord.applied`): the clock passes them. The checkpoint's
+    /// high-water mark is not written for a group that only merged (`GroupWrite::needs_write`),
+    /// and the slot moves past such a group, so after a restart these records are what keeps
+    /// the clock above every stamp merged here.
+    pub fn merged_before(&mut self, stamps: impl IntoIterator<Item = Hlc>) {
+        for stamp in stamps {
+            self.merged(stamp);
+        }
+    }
+
     /// A merge committed changes stamped up to `stamp` (the `accord.hlc` message a merge writes
     /// into the WAL). Local writes committed after it are stamped above it.
     pub fn merged(&mut self, stamp: Hlc) {
@@ -245,6 +256,24 @@ pub(crate) mod tests {
         assert!(captured.change.stamp > Hlc::new(5_000, 3, NodeId(2)));
         assert_eq!(captured.change.seq, 1);
         assert_eq!(c.commit().covered_lsn, 200);
+    }
+
+    #[test]
+    fn a_restart_passes_the_stamps_merges_recorded_since_the_checkpoint() {
+        let t = table();
+        let mut c = Capturer::new(NodeId(1), 500);
+        let checkpoint = c.commit();
+        let merged = Hlc::new(9_000, 2, NodeId(3));
+        let mut again = Capturer::restore(checkpoint, 500);
+        again.merged_before([Hlc::new(8_000, 0, NodeId(2)), merged]);
+        again.begin(100, 1_000);
+        let stamp = again.row(&t, None, &insert(1), &[]).unwrap().unwrap().change.stamp;
+        assert!(stamp > merged, "{stamp} must pass {merged}");
+        // Without the records the clock starts from the checkpoint alone.
+        let mut forgetful = Capturer::restore(checkpoint, 500);
+        forgetful.begin(100, 1_000);
+        let stamp = forgetful.row(&t, None, &insert(1), &[]).unwrap().unwrap().change.stamp;
+        assert!(stamp < merged);
     }
 
     #[test]

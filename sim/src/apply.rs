@@ -805,6 +805,10 @@ impl Applying {
             undo.progress = Some((peer, *progress));
             progress.applied = progress.applied.max(self.machine.last());
         }
+        if let Some(stamp) = merged_stamp {
+            // As the service records it in `accord.applied`, in the same transaction.
+            undo.merged = Some(db.record_merged(peer, stamp));
+        }
         let xid = tx.xid.unwrap_or_else(|| db.new_xid());
         db.append_wal(
             xid,

@@ -172,6 +172,10 @@ pub enum PlantedBug {
     /// The merge does not write its `accord.hlc` stamp into the WAL: later local writes may be
     /// stamped below changes merged before them.
     NoMergedStamp,
+    /// A restarted capture's clock starts from its checkpoint alone, not passing the stamps
+    /// merges recorded with their commits: a group that only merged writes no checkpoint, so
+    /// local writes after a restart may be stamped below changes merged before it.
+    ForgetMergedStamps,
     /// Only the row check HARD-PARTS §2 describes (xmin vs known xmin): a local insert and delete
     /// of a key, both not yet captured, leave no row to compare, and a merge overwrites them unseen.
     NoMissingRowWait,
@@ -226,11 +230,12 @@ pub enum PlantedBug {
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 20] = [
+    pub const ALL: [PlantedBug; 21] = [
         PlantedBug::DoubleApply,
         PlantedBug::SkipXminCheck,
         PlantedBug::ForgetFromPeer,
         PlantedBug::NoMergedStamp,
+        PlantedBug::ForgetMergedStamps,
         PlantedBug::NoMissingRowWait,
         PlantedBug::IgnoreRemovalCounts,
         PlantedBug::DropDeferred,
@@ -255,6 +260,7 @@ impl PlantedBug {
             PlantedBug::SkipXminCheck => "skip-xmin-check",
             PlantedBug::ForgetFromPeer => "forget-from-peer",
             PlantedBug::NoMergedStamp => "no-merged-stamp",
+            PlantedBug::ForgetMergedStamps => "forget-merged-stamps",
             PlantedBug::NoMissingRowWait => "no-missing-row-wait",
             PlantedBug::IgnoreRemovalCounts => "ignore-removal-counts",
             PlantedBug::DropDeferred => "drop-deferred",
@@ -290,6 +296,7 @@ impl PlantedBug {
             PlantedBug::IgnoreBuildsOn => Some(Engine::IgnoreBuildsOn),
             PlantedBug::RestartSegmentAlone => Some(Engine::RestartSegmentAlone),
             PlantedBug::ForgetFromPeer
+            | PlantedBug::ForgetMergedStamps
             | PlantedBug::NoKeyLockTrigger
             | PlantedBug::TruncateFromMetadata
             | PlantedBug::JoinCopiesUnsettled

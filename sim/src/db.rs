@@ -135,6 +135,9 @@ pub struct Db {
     pub outbound: VecDeque<RowChange>,
     pub outbound_pruned: u64,
     pub progress: BTreeMap<NodeId, PeerProgress>,
+    /// Per peer, the greatest stamp its merges recorded with their commits (a join's copy under
+    /// its donor): `accord.applied`'s merged stamp, which a restarted capture's clock passes.
+    pub merged: BTreeMap<NodeId, Hlc>,
     pub queue: BTreeMap<ReviewItemId, QueueEntry>,
     pub conflicts: Vec<(i64, Conflict)>,
     /// Changes kept for a later merge (unchanged TOAST values not here yet), by (key, origin,
@@ -178,6 +181,7 @@ pub struct Undo {
     pub queue: Vec<(ReviewItemId, Option<QueueEntry>)>,
     pub conflicts: usize,
     pub progress: Option<(NodeId, PeerProgress)>,
+    pub merged: Option<(NodeId, Option<Hlc>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,11 +257,30 @@ impl Db {
             if let Some((peer, progress)) = undo.progress {
                 self.progress.insert(peer, progress);
             }
+            match undo.merged {
+                Some((peer, Some(stamp))) => {
+                    self.merged.insert(peer, stamp);
+                }
+                Some((peer, None)) => {
+                    self.merged.remove(&peer);
+                }
+                None => {}
+            }
         }
         while self.wal.back().is_some_and(|tx| tx.lsn > self.flushed_lsn) {
             self.wal.pop_back();
         }
         self.next_lsn = self.flushed_lsn + 1;
+    }
+
+    /// Records with a commit that `peer`'s merges (or a join's copy from it) merged up to
+    /// `stamp`; returns what it replaced, for the commit's undo.
+    pub fn record_merged(&mut self, peer: NodeId, stamp: Hlc) -> (NodeId, Option<Hlc>) {
+        let before = self.merged.get(&peer).copied();
+        if before.is_none_or(|b| b < stamp) {
+            self.merged.insert(peer, stamp);
+        }
+        (peer, before)
     }
 
     /// WAL up to the slot's confirmed position is no longer needed.

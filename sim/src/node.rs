@@ -299,6 +299,9 @@ impl Node {
         // As the service reads its replication origins' positions.
         capturer.applied_before(self.db.progress.iter().map(|(p, progress)| (*p, progress.applied)));
         capturer.applied_before(self.db.join_claims.iter().copied());
+        if ctx.bug != Some(PlantedBug::ForgetMergedStamps) {
+            capturer.merged_before(self.db.merged.values().copied());
+        }
         let config = ReplicationConfig {
             max_batch: ctx.params.max_batch,
             window: ctx.params.window,

@@ -425,6 +425,16 @@ fn planted_missing_merged_stamp_breaks_clocks() {
     caught(PlantedBug::NoMergedStamp, Invariant::Clocks, 300, 0..40);
 }
 
+/// A group of the capture that only merged writes no checkpoint; a restarted capture's clock
+/// passes the stamps merges recorded with their commits instead. Without that, a local write
+/// after a crash is stamped below a change merged before it (seed 83 is the first to show it).
+#[test]
+fn a_restarted_clock_that_forgets_recorded_merges_breaks_clocks() {
+    let cfg = caught(PlantedBug::ForgetMergedStamps, Invariant::Clocks, 600, 80..100);
+    let honest = SimConfig { bug: None, ..cfg };
+    assert!(run_seed(&honest).passed(), "{}", honest.command());
+}
+
 #[test]
 fn without_faults_runs_pass_too() {
     let cfg = SimConfig {

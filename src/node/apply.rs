@@ -503,15 +503,23 @@ impl Applier {
                     builds_on,
                 } => {
                     let emit = self.statements.get(&self.db, EMIT_HLC_SQL).await?;
-                    let params: Option<Params> = merged_stamp.map(|stamp| -> Params {
-                        vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))]
-                    });
+                    let record_merged = self.statements.get(&self.db, store::RECORD_MERGED_SQL).await?;
+                    let params: Option<(Params, Params)> = match merged_stamp {
+                        Some(stamp) => Some((
+                            vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))],
+                            store::merged_params(self.peer, stamp)?,
+                        )),
+                        None => None,
+                    };
                     let mut queries: Vec<pipeline::Query<'_>> = deferred
                         .iter()
                         .map(|(statement, params)| pipeline::query(&self.db, statement, params))
                         .collect();
-                    if let Some(params) = &params {
-                        queries.push(pipeline::query(&self.db, &emit, params));
+                    if let Some((message, merged)) = &params {
+                        // The message tells the running capture; the record, a restarted one
+                        // (it writes no checkpoint for a group of merges).
+                        queries.push(pipeline::query(&self.db, &emit, message));
+                        queries.push(pipeline::query(&self.db, &record_merged, merged));
                     }
                     queries.push(pipeline::command(&self.db, "COMMIT"));
                     if self.keys_locked {

@@ -419,6 +419,8 @@ impl Capture {
         let checkpoint = load_checkpoint(&self.db).await?;
         self.capturer = Capturer::restore(checkpoint, self.max_offset_micros);
         self.capturer.applied_before(store::applied_positions(&self.db).await?);
+        // The checkpoint is not written for a group that only merged: the merges' own records.
+        self.capturer.merged_before(store::recorded_merges(&self.db).await?);
         // A joined node's rows may hold more than its origins' positions: what the copy read.
         self.capturer
             .applied_before(super::join::copied_claims(&self.db).await?);
@@ -727,9 +729,10 @@ impl Capture {
     async fn write(&mut self, transactions: &[DecodedTransaction], marked: bool) -> Result<(CaptureCheckpoint, u64)> {
         let slots = self.capturer.rows_to_load(transactions);
         let truncating = transactions.iter().any(|t| !t.from_peer && !t.truncates.is_empty());
-        let needs_db = marked || !slots.is_empty() || truncating || transactions.iter().any(|t| t.merged.is_some());
+        // A merge's stamp moves the clock, but needs no write: the merge recorded it.
+        let needs_db = marked || !slots.is_empty() || truncating;
         if !needs_db {
-            // Nothing to capture and no clock to persist: no database round trip.
+            // Nothing to capture: no database round trip.
             let policy = Arc::clone(&self.policy);
             let cut = self.cut.borrow().clone();
             let write =

@@ -166,6 +166,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    tx.batch_execute(store::APPLIED_MERGED_DDL)
+        .await
+        .context("cannot add accord.applied's merged stamp")?;
     tx.batch_execute(store::REPAIRED_DDL)
         .await
         .context("cannot create accord.repaired")?;

@@ -291,6 +291,11 @@ pub async fn join(request: &JoinRequest, progress: &mut dyn FnMut(&JoinProgress)
     if !node_initialised(&target).await? {
         init::init(&mut target, request.node).await?;
     }
+    // A join resumed on a database an earlier version initialised: the chunks record stamps.
+    target
+        .batch_execute(store::APPLIED_MERGED_DDL)
+        .await
+        .context("cannot add accord.applied's merged stamp")?;
 
     let mut writers = Vec::with_capacity(JOIN_WRITERS);
     for origin in JOIN_ORIGINS {
@@ -659,6 +664,8 @@ struct ChunkCommit {
     /// `JoinPositions::claims` once the chunk is in.
     claims: Vec<(NodeId, u64)>,
     rows_copied: u64,
+    /// Whose copy it is: the greatest stamp copied is recorded as merged from it.
+    donor: NodeId,
 }
 
 /// Writes the chunks as they arrive, several at once (one per writer), each in one transaction
@@ -692,6 +699,7 @@ async fn write_chunks(
                     order,
                     claims: state.positions.claims.clone(),
                     rows_copied: state.rows_copied,
+                    donor: state.donor,
                 };
                 order += 1;
                 let mut writer = idle.pop().context("a chunk is taken only by an idle writer")?;
@@ -1270,6 +1278,17 @@ async fn write_chunk(
         .wait_for(|next| *next == commit.order)
         .await
         .context("the join's writers stopped")?;
+    if let Some(stamp) = greatest {
+        // After the turn: the chunks' writers take this row one after the other, in order.
+        let params = store::merged_params(commit.donor, stamp)?;
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        tx.execute(store::RECORD_MERGED_SQL, &params)
+            .await
+            .context("cannot record the copy's greatest stamp")?;
+    }
     tx.execute(
         "UPDATE accord.join_state SET table_name = $1, after_key = $2, claims = $3, rows_copied = $4",
         &[

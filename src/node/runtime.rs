@@ -365,6 +365,9 @@ where
     db.batch_execute(store::APPLIED_DDL)
         .await
         .context("cannot create accord.applied")?;
+    db.batch_execute(store::APPLIED_MERGED_DDL)
+        .await
+        .context("cannot add accord.applied's merged stamp")?;
     db.batch_execute(store::REPAIRED_DDL)
         .await
         .context("cannot create accord.repaired")?;

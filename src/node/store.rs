@@ -5,8 +5,8 @@
 //! plain SQL beside them.
 
 use accord_engine::{
-    Candidate, ClosureKind, CollectionState, Conflict, NodeId, ReviewAction, ReviewItem, ReviewKind, RowChange, RowKey,
-    RowMeta, ShapeBook, ShapeId, StableCut, TableDef, Value,
+    Candidate, ClosureKind, CollectionState, Conflict, Hlc, NodeId, ReviewAction, ReviewItem, ReviewKind, RowChange,
+    RowKey, RowMeta, ShapeBook, ShapeId, StableCut, TableDef, Value,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -110,6 +110,57 @@ CREATE TABLE IF NOT EXISTS accord.applied (
 COMMENT ON TABLE accord.applied IS 'accord: the last change of each peer applied here, written with the apply';
 ";
 
+/// The greatest stamp each peer's merges merged here (a join's copy, under its donor), written
+/// with the merge: a restarted capture's clock passes them (`Capturer::merged_before`), so the
+/// capture need not commit its checkpoint for a group that only merged. Created by `accord
+/// init`, and by a node starting on a database initialised before they existed.
+pub const APPLIED_MERGED_DDL: &str = "ALTER TABLE accord.applied
+    ADD COLUMN IF NOT EXISTS merged_physical bigint,
+    ADD COLUMN IF NOT EXISTS merged_logical bigint;";
+
+/// Raises the greatest stamp merged from a peer. Parameters: peer, physical, logical. A peer
+/// not recorded yet (a join's first chunk) gets its row with no position applied.
+pub const RECORD_MERGED_SQL: &str = "INSERT INTO accord.applied AS a (origin, seq, merged_physical, merged_logical)
+     VALUES ($1, 0, $2, $3)
+     ON CONFLICT (origin) DO UPDATE SET merged_physical = EXCLUDED.merged_physical, merged_logical = EXCLUDED.merged_logical
+     WHERE a.merged_physical IS NULL
+        OR (a.merged_physical, a.merged_logical) < (EXCLUDED.merged_physical, EXCLUDED.merged_logical)";
+
+/// The parameters of [`RECORD_MERGED_SQL`].
+pub fn merged_params(peer: NodeId, stamp: Hlc) -> Result<super::pipeline::Params, StoreError> {
+    let overflow = |what: &str| StoreError::Corrupt(format!("{what} of merged stamp {stamp} is out of range"));
+    Ok(vec![
+        Box::new(i32::try_from(peer.0).map_err(|_| overflow("the node id"))?),
+        Box::new(i64::try_from(stamp.physical).map_err(|_| overflow("the physical time"))?),
+        Box::new(i64::from(stamp.logical)),
+    ])
+}
+
+/// The greatest stamps merged here, per peer, as `accord.applied` holds them.
+pub async fn recorded_merges(db: &impl GenericClient) -> Result<Vec<Hlc>, StoreError> {
+    let rows = db
+        .query(
+            "SELECT origin, merged_physical, merged_logical FROM accord.applied WHERE merged_physical IS NOT NULL",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let (origin, physical, logical): (i32, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let bad = || {
+                StoreError::Corrupt(format!(
+                    "accord.applied holds merged stamp {physical}.{logical} of node {origin}, out of range"
+                ))
+            };
+            Ok(Hlc::new(
+                u64::try_from(physical).map_err(|_| bad())?,
+                u32::try_from(logical).map_err(|_| bad())?,
+                NodeId(u32::try_from(origin).map_err(|_| bad())?),
+            ))
+        })
+        .collect()
+}
+
 /// The shape of its table each row's metadata was stored under (`engine::shape`; NULL: before
 /// metadata named it). Created by `accord init`, and by a node starting on a database initialised
 /// before it existed (adding a nullable column rewrites nothing).
@@ -149,10 +200,7 @@ pub async fn recorded_applied(db: &impl GenericClient) -> Result<Vec<(accord_eng
         .filter_map(|row| {
             let origin: i32 = row.get(0);
             let seq: i64 = row.get(1);
-            Some((
-                accord_engine::NodeId(u32::try_from(origin).ok()?),
-                u64::try_from(seq).ok()?,
-            ))
+            Some((NodeId(u32::try_from(origin).ok()?), u64::try_from(seq).ok()?))
         })
         .collect())
 }

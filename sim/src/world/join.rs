@@ -490,6 +490,10 @@ impl World {
                 }
             }
         }
+        if let Some(stamp) = greatest {
+            // As the service's copy records it, under the donor, in the chunk's transaction.
+            db.record_merged(peer_id(run.donor), stamp);
+        }
         db.append_wal(
             xid,
             physical,
