@@ -72,6 +72,8 @@ pub struct Applier {
     keys_locked: bool,
     /// Tables partitioned on this node (`schema.table`), whose inserts cannot return xmins.
     partitioned: BTreeSet<String>,
+    /// The position the open transaction commits with (the engine's first `Load` of it says).
+    commits_at: Option<u64>,
 }
 
 /// How a machine's run ended.
@@ -200,6 +202,7 @@ impl Applier {
             cut: watch::channel(None).1,
             keys_locked: false,
             partitioned,
+            commits_at: None,
         })
     }
 
@@ -503,24 +506,25 @@ impl Applier {
                     builds_on,
                 } => {
                     let emit = self.statements.get(&self.db, EMIT_HLC_SQL).await?;
-                    let record_merged = self.statements.get(&self.db, store::RECORD_MERGED_SQL).await?;
-                    let params: Option<(Params, Params)> = match merged_stamp {
-                        Some(stamp) => Some((
-                            vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))],
-                            store::merged_params(self.peer, stamp)?,
-                        )),
-                        None => None,
-                    };
+                    let record = self.statements.get(&self.db, store::RECORD_APPLIED_SQL).await?;
+                    let position = self
+                        .commits_at
+                        .take()
+                        .context("the engine committed a transaction no load began")?;
+                    // The stamp goes to the running capture in the message, and to a restarted
+                    // one in the record (it writes no checkpoint for a group of merges).
+                    let message: Option<Params> = merged_stamp.map(|stamp| -> Params {
+                        vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))]
+                    });
+                    let record_params = store::applied_params(self.peer, position, merged_stamp)?;
                     let mut queries: Vec<pipeline::Query<'_>> = deferred
                         .iter()
                         .map(|(statement, params)| pipeline::query(&self.db, statement, params))
                         .collect();
-                    if let Some((message, merged)) = &params {
-                        // The message tells the running capture; the record, a restarted one
-                        // (it writes no checkpoint for a group of merges).
+                    if let Some(message) = &message {
                         queries.push(pipeline::query(&self.db, &emit, message));
-                        queries.push(pipeline::query(&self.db, &record_merged, merged));
                     }
+                    queries.push(pipeline::query(&self.db, &record, &record_params));
                     queries.push(pipeline::command(&self.db, "COMMIT"));
                     if self.keys_locked {
                         queries.push(pipeline::command(&self.db, key_locks::UNLOCK_SQL));
@@ -585,11 +589,6 @@ impl Applier {
             .get(db, "SELECT pg_replication_origin_xact_setup($1, now())")
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
-        let record = statements.get(db, store::RECORD_APPLIED_SQL).await?;
-        let record_params: Params = vec![
-            Box::new(peer_param(self.peer)?),
-            Box::new(i64::try_from(begin.unwrap_or(0)).context("an applied position beyond i64")?),
-        ];
         let mut locks = Vec::with_capacity(groups.len());
         for (t, rows) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
@@ -649,10 +648,12 @@ impl Applier {
                     "SET LOCAL synchronous_commit = off"
                 },
             ));
-            // The batch's position is committed with its changes (exactly once), and recorded
-            // where a snapshot can read it with them.
+            // The batch's position is committed with its changes (exactly once); recorded
+            // where a snapshot can read it with them by the commit (`store::RECORD_APPLIED_SQL`).
             queries.push(pipeline::query(db, &setup, &setup_params));
-            queries.push(pipeline::query(db, &record, &record_params));
+        }
+        if let Some(position) = begin {
+            self.commits_at = Some(position);
         }
         let first_lock = queries.len();
         for (statement, params) in &locks {

@@ -1362,6 +1362,8 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
             &[
                 &i32::try_from(peer.0).context("node ids must fit in a 32-bit signed integer")?,
                 &i64::try_from(seq).context("a position beyond i64")?,
+                &None::<i64>,
+                &None::<i64>,
             ],
         )
         .await?;

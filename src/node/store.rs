@@ -118,8 +118,8 @@ pub const APPLIED_MERGED_DDL: &str = "ALTER TABLE accord.applied
     ADD COLUMN IF NOT EXISTS merged_physical bigint,
     ADD COLUMN IF NOT EXISTS merged_logical bigint;";
 
-/// Raises the greatest stamp merged from a peer. Parameters: peer, physical, logical. A peer
-/// not recorded yet (a join's first chunk) gets its row with no position applied.
+/// Raises the greatest stamp merged from a peer, in a join's chunk. Parameters: peer,
+/// physical, logical. A peer not recorded yet gets its row with no position applied.
 pub const RECORD_MERGED_SQL: &str = "INSERT INTO accord.applied AS a (origin, seq, merged_physical, merged_logical)
      VALUES ($1, 0, $2, $3)
      ON CONFLICT (origin) DO UPDATE SET merged_physical = EXCLUDED.merged_physical, merged_logical = EXCLUDED.merged_logical
@@ -128,12 +128,18 @@ pub const RECORD_MERGED_SQL: &str = "INSERT INTO accord.applied AS a (origin, se
 
 /// The parameters of [`RECORD_MERGED_SQL`].
 pub fn merged_params(peer: NodeId, stamp: Hlc) -> Result<super::pipeline::Params, StoreError> {
-    let overflow = |what: &str| StoreError::Corrupt(format!("{what} of merged stamp {stamp} is out of range"));
-    Ok(vec![
-        Box::new(i32::try_from(peer.0).map_err(|_| overflow("the node id"))?),
-        Box::new(i64::try_from(stamp.physical).map_err(|_| overflow("the physical time"))?),
-        Box::new(i64::from(stamp.logical)),
-    ])
+    let (physical, logical) = stamp_params(stamp)?;
+    Ok(vec![Box::new(node_param(peer)?), Box::new(physical), Box::new(logical)])
+}
+
+fn node_param(node: NodeId) -> Result<i32, StoreError> {
+    i32::try_from(node.0).map_err(|_| StoreError::Corrupt(format!("node id {node} is beyond a 32-bit integer")))
+}
+
+fn stamp_params(stamp: Hlc) -> Result<(i64, i64), StoreError> {
+    let physical = i64::try_from(stamp.physical)
+        .map_err(|_| StoreError::Corrupt(format!("the physical time of stamp {stamp} is beyond a 64-bit integer")))?;
+    Ok((physical, i64::from(stamp.logical)))
 }
 
 /// The greatest stamps merged here, per peer, as `accord.applied` holds them.
@@ -185,9 +191,37 @@ COMMENT ON TABLE accord.repaired IS 'accord: rows accord repair replaced on this
 pub const REVIEW_ROWS_DDL: &str =
     "CREATE INDEX IF NOT EXISTS review_items_row ON accord.review_items (table_name, row_key);";
 
-/// Records a peer's applied position in the apply's transaction. Parameters: peer, position.
-pub const RECORD_APPLIED_SQL: &str = "INSERT INTO accord.applied (origin, seq) VALUES ($1, $2)
-     ON CONFLICT (origin) DO UPDATE SET seq = EXCLUDED.seq";
+/// Records a peer's applied position, and the greatest stamp the transaction merged if it is
+/// greater than the one on record, in the apply's transaction (one row version per commit).
+/// Parameters: peer, position, physical and logical time of the stamp (NULL: none merged).
+pub const RECORD_APPLIED_SQL: &str = "INSERT INTO accord.applied AS a (origin, seq, merged_physical, merged_logical)
+     VALUES ($1, $2, $3, $4)
+     ON CONFLICT (origin) DO UPDATE SET seq = EXCLUDED.seq,
+       merged_physical = CASE WHEN (a.merged_physical, a.merged_logical)
+           < (EXCLUDED.merged_physical, EXCLUDED.merged_logical) OR a.merged_physical IS NULL
+         THEN coalesce(EXCLUDED.merged_physical, a.merged_physical) ELSE a.merged_physical END,
+       merged_logical = CASE WHEN (a.merged_physical, a.merged_logical)
+           < (EXCLUDED.merged_physical, EXCLUDED.merged_logical) OR a.merged_physical IS NULL
+         THEN coalesce(EXCLUDED.merged_logical, a.merged_logical) ELSE a.merged_logical END";
+
+/// The parameters of [`RECORD_APPLIED_SQL`].
+pub fn applied_params(peer: NodeId, position: u64, merged: Option<Hlc>) -> Result<super::pipeline::Params, StoreError> {
+    let position = i64::try_from(position)
+        .map_err(|_| StoreError::Corrupt(format!("applied position {position} is beyond a 64-bit integer")))?;
+    let (physical, logical) = match merged {
+        Some(stamp) => {
+            let (physical, logical) = stamp_params(stamp)?;
+            (Some(physical), Some(logical))
+        }
+        None => (None, None),
+    };
+    Ok(vec![
+        Box::new(node_param(peer)?),
+        Box::new(position),
+        Box::new(physical),
+        Box::new(logical),
+    ])
+}
 
 /// Every peer's applied position as `accord.applied` holds it in the reading transaction's
 /// snapshot.
