@@ -1050,13 +1050,6 @@ async fn key_locks(db: &tokio_postgres::Client, mode: &str, granted: bool) -> i6
     .get(0)
 }
 
-/// A missing row cannot be locked: while node 2's merge of node 1's insert waits for its capture
-/// (held), a local insert and delete of the same key on node 2 could commit unseen, and the
-/// capture would read them after the merge's metadata, with causal lengths their writer never
-/// saw (the simulator's `no-key-lock-trigger` bug shows where that ends). The merge locks the key
-/// before it waits, and the local insert's trigger waits for that lock, then meets the merged
-/// row. (With the trigger dropped on node 2, the pair commits during the wait, and both nodes
-/// end without the row node 1 inserted.)
 /// The deadlocks a node's database has broken so far (its statistics, read afresh).
 async fn deadlocks(db: &tokio_postgres::Client) -> i64 {
     db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
@@ -1159,6 +1152,13 @@ async fn a_merge_waiting_for_a_local_row_holds_no_key_a_local_insert_needs() {
     cluster.stop_all().await;
 }
 
+/// A missing row cannot be locked: while node 2's merge of node 1's insert waits for its capture
+/// (held), a local insert and delete of the same key on node 2 could commit unseen, and the
+/// capture would read them after the merge's metadata, with causal lengths their writer never
+/// saw (the simulator's `no-key-lock-trigger` bug shows where that ends). The merge locks the key
+/// before it waits, and the local insert's trigger waits for that lock, then meets the merged
+/// row. (With the trigger dropped on node 2, the pair commits during the wait, and both nodes
+/// end without the row node 1 inserted.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_local_insert_waits_while_a_merge_holds_its_missing_key() {
     let cluster = TestCluster::start(2, SHOP).await;

@@ -42,18 +42,19 @@ use accord_engine::{
 use anyhow::{bail, Context, Result};
 use futures_util::SinkExt;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{PgLsn, ToSql, Type};
+use tokio_postgres::types::{PgLsn, Type};
 use tokio_postgres::{Client, Row};
 
 use super::capture::{hlc_message, wait_until_captured};
 use super::init::{self, load_policy};
+use super::key_locks;
 use super::members;
+use super::pipeline::{self, Params};
 use super::rows::{cast, copy_rows_sql, push_copy_line, quote_ident, quote_table, read_expr_in, read_rows_sql};
 use super::runtime::wall_micros;
 use super::schema_copy;
 use super::shapes;
 use super::store::{self, decode, encode, origin_name};
-use super::{key_locks, pipeline::Params};
 use crate::pg_connection::{connect, redact};
 
 /// The replication origins of the join's own transactions on the new node, one per writer (a
@@ -1089,7 +1090,7 @@ impl RangeFacts {
 /// Takes `FOR SHARE` locks on the donor's rows of `keys` (in key order, as the appliers lock).
 async fn lock_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<()> {
     let params = key_params(table, keys)?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let refs = pipeline::param_refs(&params);
     donor
         .query(&format!("{} FOR SHARE OF t", read_rows_sql(table)), &refs)
         .await
@@ -1116,7 +1117,7 @@ async fn wait_for_donor_capture(donor: &Client, node: NodeId) -> Result<()> {
 /// The donor's rows of `keys` (row keys as `store::key_text` writes them), in the order given.
 async fn read_rows(donor: &Client, table: &TableDef, keys: &[&str]) -> Result<Vec<Option<DonorRow>>> {
     let params = key_params(table, keys)?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let refs = pipeline::param_refs(&params);
     let found = donor
         .query(&read_rows_sql(table), &refs)
         .await
@@ -1281,11 +1282,7 @@ async fn write_chunk(
     if let Some(stamp) = greatest {
         // After the turn: the chunks' writers take this row one after the other, in order.
         let params = store::merged_params(commit.donor, stamp)?;
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        tx.execute(store::RECORD_MERGED_SQL, &params)
+        tx.execute(store::RECORD_MERGED_SQL, &pipeline::param_refs(&params))
             .await
             .context("cannot record the copy's greatest stamp")?;
     }

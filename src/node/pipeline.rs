@@ -19,12 +19,14 @@ pub type Query<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, Error>> + Send
 /// Owned parameters of a statement, kept alive while its query is in flight.
 pub type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
+/// Owned parameters as tokio-postgres's query methods take them.
+pub fn param_refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
+}
+
 /// A query of a prepared statement with owned parameters.
 pub fn query<'a, C: GenericClient + Sync>(db: &'a C, statement: &'a Statement, params: &'a Params) -> Query<'a> {
-    Box::pin(async move {
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-        db.query(statement, &refs).await
-    })
+    Box::pin(async move { db.query(statement, &param_refs(params)).await })
 }
 
 /// A simple-protocol command (no parameters, no rows), such as `SAVEPOINT`.
