@@ -52,6 +52,9 @@ pub struct Opts {
     /// `shared_buffers` of the bench clusters (the test clusters' 16MB made every system's
     /// backends evict dirty pages themselves).
     pub shared_buffers: String,
+    /// More settings of every bench cluster, `name = value` each (for profiling: say
+    /// `log_min_duration_statement = 0`), set after the bench's own.
+    pub pg_settings: Vec<(String, String)>,
     pub quic: bool,
 }
 
@@ -93,6 +96,23 @@ fn shared_buffers(size: String) -> Result<String> {
         bail!("ACCORD_CMP_SHARED_BUFFERS: {size:?} is not a size such as 128MB (units kB, MB, GB)");
     }
     Ok(size)
+}
+
+/// `name = value; name = value` as `ALTER SYSTEM` takes them: a name of letters, digits, `_`
+/// and `.`; the value quoted as a literal when it is set.
+fn pg_settings(list: &str) -> Result<Vec<(String, String)>> {
+    let mut settings = Vec::new();
+    for item in list.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((name, value)) = item.split_once('=') else {
+            bail!("ACCORD_CMP_PG_SETTINGS: {item:?} is not name = value");
+        };
+        let (name, value) = (name.trim(), value.trim().trim_matches('\''));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            bail!("ACCORD_CMP_PG_SETTINGS: {name:?} is not a setting's name");
+        }
+        settings.push((name.to_string(), value.replace('\'', "''")));
+    }
+    Ok(settings)
 }
 
 impl Opts {
@@ -145,6 +165,7 @@ impl Opts {
             poll: Duration::from_micros(env_or("ACCORD_CMP_POLL_US", 500)?),
             fsync: env_or::<String>("ACCORD_CMP_FSYNC", "on".into())? != "off",
             shared_buffers: shared_buffers(env_or::<String>("ACCORD_CMP_SHARED_BUFFERS", "128MB".into())?)?,
+            pg_settings: pg_settings(&std::env::var("ACCORD_CMP_PG_SETTINGS").unwrap_or_default())?,
             quic: env_or::<String>("ACCORD_CMP_NET", "quic".into())? != "memory",
         })
     }

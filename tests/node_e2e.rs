@@ -1561,3 +1561,30 @@ async fn merges_record_their_stamps_and_a_restarted_capture_passes_them() {
     );
     cluster.stop_all().await;
 }
+
+/// An applier learns what is on disk with a flush beside its next batches, not before them; an
+/// idle one still acknowledges its last batch once the flush reports, with no batch after it.
+/// (`converge` waits until every peer acknowledged everything: without that report the last
+/// batch of each round stays unacknowledged, and the peer's outbound log unpruned, for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_node_acknowledges_its_last_batch_once_it_is_on_disk() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let a = cluster.client(0).await;
+    for round in 0..3 {
+        for i in 0..20 {
+            let id = round * 20 + i + 1;
+            a.batch_execute(&format!("INSERT INTO shop.products (id, name) VALUES ({id}, 'p{id}')"))
+                .await
+                .unwrap();
+        }
+        // Nothing arrives after the round's last batch: only its flush moves the position.
+        cluster.converge(TABLES, Duration::from_secs(30)).await;
+    }
+    let outbound: i64 = a
+        .query_one("SELECT count(*) FROM accord.outbound", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbound, 0, "node 1 pruned every change node 2 acknowledged");
+    cluster.stop_all().await;
+}

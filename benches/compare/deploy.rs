@@ -125,6 +125,11 @@ impl Deployment {
                 // subscription in the drain would time that wait, not the replication.
                 "ALTER SYSTEM SET wal_retrieve_retry_interval = '100ms'".into(),
             ];
+            settings.extend(
+                opts.pg_settings
+                    .iter()
+                    .map(|(name, value)| format!("ALTER SYSTEM SET {name} = '{value}'")),
+            );
             if system == System::Pglogical {
                 settings.push("ALTER SYSTEM SET shared_preload_libraries = 'pglogical'".into());
                 settings.push("ALTER SYSTEM SET max_worker_processes = 16".into());

@@ -16,6 +16,11 @@ pub struct AppliedPosition {
     last_flush: Option<u64>,
     flush_every_micros: u64,
     ack_committed: bool,
+    /// A flush is under way (the driver runs it beside the next batches).
+    flushing: bool,
+    /// A batch that called for a flush committed while one was under way: the next one starts
+    /// as that one reports.
+    flush_wanted: bool,
 }
 
 /// How often a busy applier flushes to learn its durable position (an idle one does after every
@@ -31,23 +36,50 @@ impl AppliedPosition {
             last_flush: None,
             flush_every_micros: FLUSH_EVERY_MICROS,
             ack_committed: planted == Some(PlantedBug::AckBeforeDurable),
+            flushing: false,
+            flush_wanted: false,
         }
     }
 
     /// A batch committed up to `applied` at `now` (µs, the driver's clock); `busy`: more
-    /// batches wait. Whether the driver should flush now and report [`AppliedPosition::flushed`].
+    /// batches wait. Whether the driver should start a flush now and report it with
+    /// [`AppliedPosition::flushed`]. One flush runs at a time: a batch that calls for one while
+    /// one is under way has it started when that one reports.
     pub fn committed(&mut self, applied: u64, busy: bool, now: u64) -> bool {
         self.committed = self.committed.max(applied);
-        !busy
+        let due = !busy
             || self
                 .last_flush
-                .is_none_or(|at| now.saturating_sub(at) >= self.flush_every_micros)
+                .is_none_or(|at| now.saturating_sub(at) >= self.flush_every_micros);
+        if !due {
+            return false;
+        }
+        if self.flushing {
+            self.flush_wanted = true;
+            return false;
+        }
+        self.flushing = true;
+        true
     }
 
-    /// The database's WAL is flushed past the peer's changes up to `durable`.
-    pub fn flushed(&mut self, durable: u64, now: u64) {
+    /// The database's WAL is flushed past the peer's changes up to `durable` (what the flush
+    /// read of the position is on disk). Whether the driver should start another flush now: a
+    /// batch committed since that one started called for it.
+    pub fn flushed(&mut self, durable: u64, now: u64) -> bool {
         self.durable = self.durable.max(durable.min(self.committed));
         self.last_flush = Some(now);
+        self.flushing = false;
+        self.flush_wanted && {
+            self.flush_wanted = false;
+            self.flushing = true;
+            true
+        }
+    }
+
+    /// The flush under way failed: none is now; the next batch that calls for one starts it.
+    pub fn flush_failed(&mut self) {
+        self.flushing = false;
+        self.flush_wanted = false;
     }
 
     /// What acknowledgements, hellos and collection rounds may say is applied: what is on disk.
@@ -75,6 +107,23 @@ mod tests {
         p.flushed(14, 60_000);
         assert_eq!(p.acknowledgeable(), 14);
         assert!(p.committed(20, true, 160_000), "busy, but 100 ms since the last flush");
+    }
+
+    #[test]
+    fn one_flush_runs_at_a_time_and_a_batch_during_it_calls_for_the_next() {
+        let mut p = AppliedPosition::new(0, None);
+        assert!(p.committed(4, false, 0), "idle: flush");
+        assert!(!p.committed(7, false, 10), "a flush is under way: no second one");
+        assert!(!p.committed(9, false, 20));
+        // The first flush read the position at 4: only that is on disk.
+        assert!(p.flushed(4, 30), "batches committed during it called for another");
+        assert_eq!(p.acknowledgeable(), 4);
+        assert!(!p.flushed(9, 40), "nothing committed during the second");
+        assert_eq!(p.acknowledgeable(), 9);
+        assert!(p.committed(11, false, 50), "none under way: flush");
+        p.flush_failed();
+        assert_eq!(p.acknowledgeable(), 9, "a failed flush acknowledges nothing more");
+        assert!(p.committed(12, false, 60), "after a failure the next batch flushes");
     }
 
     #[test]

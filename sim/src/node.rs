@@ -1361,9 +1361,11 @@ impl Node {
         // What may be acknowledged is what is on disk; an idle applier flushes to learn it.
         let busy = vol.appliers.get(&peer).is_some_and(|a| a.queue.has_batch());
         if let Some(position) = vol.positions.get_mut(&pid) {
-            if position.committed(last, busy, ctx.now) {
+            // The flush is instant here: none is under way when the next batch commits.
+            let mut flush = position.committed(last, busy, ctx.now);
+            while flush {
                 self.db.flush();
-                position.flushed(last, ctx.now);
+                flush = position.flushed(last, ctx.now);
             }
         }
         let applied = vol.positions.get(&pid).map_or(0, AppliedPosition::acknowledgeable);

@@ -45,8 +45,8 @@ pub type SharedLedger = Arc<std::sync::Mutex<RemovalLedger>>;
 pub struct Applier {
     db: Client,
     /// A second session, without the origin, that flushes the WAL after a probe while `db` holds
-    /// its batch's row locks.
-    flusher: Client,
+    /// its batch's row locks, and to learn the durable position (`durable_flush`).
+    flusher: Arc<Client>,
     capture: watch::Receiver<CaptureProgress>,
     ledger: SharedLedger,
     peer: NodeId,
@@ -189,7 +189,7 @@ impl Applier {
             extras,
             origin_released: false,
             db,
-            flusher,
+            flusher: Arc::new(flusher),
             capture,
             ledger,
             peer,
@@ -319,24 +319,29 @@ impl Applier {
         self.cut.clone()
     }
 
-    /// The last of the peer's changes whose apply is on disk. With `synchronous_commit` off a
-    /// committed batch may still be lost in a crash of the server (its origin position with it),
-    /// so peers must only be told, and prune their logs by, what this returns: it flushes the WAL
-    /// up to this origin's last commit first.
-    pub async fn durable(&mut self) -> Result<u64> {
+    /// A flush that learns the last of the peer's changes whose apply is on disk, to run beside
+    /// the next batches (on the second session: the peer's origin is read by name, and this
+    /// session stays free for them). With `synchronous_commit` off a committed batch may still
+    /// be lost in a crash of the server (its origin position with it), so peers must only be
+    /// told, and prune their logs by, what it returns: it flushes the WAL up to this origin's
+    /// last commit first. With `synchronous_commit` on every commit is on disk: `None`.
+    pub fn durable_flush(&self) -> Option<impl std::future::Future<Output = Result<u64>> + Send + 'static> {
         if self.synchronous_commit {
-            return Ok(self.applied);
+            return None;
         }
-        let position: Option<PgLsn> = self
-            .db
-            .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
-            .await
-            .context("cannot read the durable applied position")?
-            .get(0);
-        Ok(position.map(u64::from).unwrap_or(0).min(self.applied))
+        let flusher = Arc::clone(&self.flusher);
+        let origin = origin_name(self.peer);
+        Some(async move {
+            let position: Option<PgLsn> = flusher
+                .query_one("SELECT pg_replication_origin_progress($1, true)", &[&origin])
+                .await
+                .context("cannot read the durable applied position")?
+                .get(0);
+            Ok(position.map(u64::from).unwrap_or(0))
+        })
     }
 
-    /// The last of the peer's changes applied here (committed; see `durable`).
+    /// The last of the peer's changes applied here (committed; see `durable_flush`).
     pub fn applied(&self) -> u64 {
         self.applied
     }
@@ -638,7 +643,7 @@ impl Applier {
         let mut queries = Vec::new();
         if begin.is_some() {
             queries.push(pipeline::command(db, "BEGIN"));
-            // Said either way: the server's default may be either, and `durable` trusts a
+            // Said either way: the server's default may be either, and `durable_flush` trusts a
             // synchronous commit to be on disk.
             queries.push(pipeline::command(
                 db,

@@ -13,6 +13,7 @@ use accord_engine::{
 };
 use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinError, JoinHandle};
 use tracing::Instrument;
 
 use super::apply::{db_error, is_concurrency_rollback, Applier, ApplySummary};
@@ -51,6 +52,15 @@ pub struct Applied {
     pub last_stamp: Option<Hlc>,
     /// How far the peer's changes are applied on disk (see `Applier::durable`).
     pub durable: u64,
+}
+
+/// What an applier reports to the node's loop.
+pub enum ApplyReport {
+    /// A batch was applied (or failed for good).
+    Batch(Applied),
+    /// A flush that ran beside the batches learned that the peer's changes are on disk up to
+    /// `durable`: what may be acknowledged moved without a batch.
+    Durable { peer: NodeId, durable: u64 },
 }
 
 /// The engine's refusal of a batch that cannot be applied until this node's users act: a row
@@ -99,8 +109,12 @@ struct ApplyWorker {
     /// What may be acknowledged, and when to flush to learn it: `engine::AppliedPosition`.
     position: AppliedPosition,
     started: Instant,
-    done: mpsc::Sender<Applied>,
+    done: mpsc::Sender<ApplyReport>,
     waits: ApplyWaits,
+    /// The flush under way (`AppliedPosition`): it runs beside the next batches, on the
+    /// applier's second session, so that a batch never waits for the WAL flush of the one
+    /// before (which took about as long as an idle batch's own statements).
+    flushing: Option<JoinHandle<Result<u64>>>,
 }
 
 /// Applies a peer's work as it comes, in order, until the node stops.
@@ -108,7 +122,7 @@ pub async fn apply_worker(
     applier: Applier,
     dsn: String,
     mut work: mpsc::Receiver<ApplyWork>,
-    done: mpsc::Sender<Applied>,
+    done: mpsc::Sender<ApplyReport>,
     waits: ApplyWaits,
 ) {
     let mut worker = ApplyWorker {
@@ -118,12 +132,13 @@ pub async fn apply_worker(
         started: Instant::now(),
         done,
         waits,
+        flushing: None,
     };
     let mut next: Option<ApplyWork> = None;
     loop {
         let item = match next.take() {
             Some(item) => item,
-            None => match work.recv().await {
+            None => match worker.next_work(&mut work).await {
                 Some(item) => item,
                 None => return,
             },
@@ -221,6 +236,70 @@ fn join_batches(batch: &mut Vec<RowChange>, next: Vec<RowChange>) -> std::result
 }
 
 impl ApplyWorker {
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The next work, reporting what the flush under way learns while none arrives; `None`
+    /// when the node is stopping.
+    async fn next_work(&mut self, work: &mut mpsc::Receiver<ApplyWork>) -> Option<ApplyWork> {
+        loop {
+            let Some(flushing) = self.flushing.as_mut() else {
+                return work.recv().await;
+            };
+            tokio::select! {
+                item = work.recv() => return item,
+                outcome = flushing => {
+                    self.flushing = None;
+                    self.flush_ended(outcome);
+                    let report = ApplyReport::Durable {
+                        peer: self.applier.peer(),
+                        durable: self.position.acknowledgeable(),
+                    };
+                    if self.done.send(report).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the flush `AppliedPosition::committed` called for.
+    fn start_flush(&mut self) {
+        match self.applier.durable_flush() {
+            Some(flush) => self.flushing = Some(tokio::spawn(flush)),
+            None => {
+                // Synchronous commits: what committed is on disk. (No flush was under way, so
+                // none is called for again.)
+                let (applied, now) = (self.applier.applied(), self.now());
+                self.position.flushed(applied, now);
+            }
+        }
+    }
+
+    /// Takes what the flush under way learned, and starts the next one if a batch called for it.
+    fn flush_ended(&mut self, outcome: std::result::Result<Result<u64>, JoinError>) {
+        let peer = self.applier.peer();
+        match outcome.map_err(anyhow::Error::new).and_then(|flushed| flushed) {
+            Ok(durable) => {
+                if self.position.flushed(durable, self.now()) {
+                    self.start_flush();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush");
+                self.position.flush_failed();
+            }
+        }
+    }
+
+    /// Takes the flush under way if it has ended (while a batch was applied).
+    async fn flush_if_ended(&mut self) {
+        if let Some(flushing) = self.flushing.take_if(|f| f.is_finished()) {
+            self.flush_ended(flushing.await);
+        }
+    }
+
     /// Applies the spooled transaction that `tail` ends.
     async fn apply_spooled(&mut self, spool: &mut Spool, tail: &[RowChange], more: bool) -> bool {
         tracing::info!(
@@ -266,18 +345,9 @@ impl ApplyWorker {
     }
 
     async fn apply_work(&mut self, mut work: Work<'_>, more: bool) -> Attempt {
-        let ApplyWorker {
-            applier,
-            dsn,
-            position,
-            started,
-            done,
-            waits,
-            ..
-        } = self;
         let batch = work.changes();
-        let (dsn, started) = (dsn.as_str(), *started);
-        let peer = applier.peer();
+        let dsn = self.dsn.clone();
+        let peer = self.applier.peer();
         let mut deadlocks = 0;
         let mut waiting_since: Option<Instant> = None;
         // The applier read the tables again for this batch: what fails now is not its stale view.
@@ -290,30 +360,27 @@ impl ApplyWorker {
                 changes = batch.len()
             );
             let result = match &mut work {
-                Work::Batch(batch) => applier.apply(batch).instrument(span).await,
-                Work::Spooled { spool, tail } => applier.apply_spooled(spool, tail).instrument(span).await,
+                Work::Batch(batch) => self.applier.apply(batch).instrument(span).await,
+                Work::Spooled { spool, tail } => self.applier.apply_spooled(spool, tail).instrument(span).await,
             };
             match result {
                 Ok(ok) => {
                     if waiting_since.is_some() {
-                        waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+                        self.waits.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
                         tracing::info!(%peer, "the transaction that waited is applied");
                     }
-                    let now = || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    if position.committed(ok.0, more, now()) {
-                        match applier.durable().await {
-                            Ok(durable) => position.flushed(durable, now()),
-                            Err(error) => tracing::warn!(%peer, error = format!("{error:#}"), "cannot flush"),
-                        }
+                    self.flush_if_ended().await;
+                    if self.position.committed(ok.0, more, self.now()) {
+                        self.start_flush();
                     }
-                    let applied = Applied {
+                    let applied = ApplyReport::Batch(Applied {
                         peer,
                         result: Ok(ok),
                         deadlocks,
                         last_stamp: batch.last().map(|c| c.stamp),
-                        durable: position.acknowledgeable(),
-                    };
-                    return if done.send(applied).await.is_ok() {
+                        durable: self.position.acknowledgeable(),
+                    });
+                    return if self.done.send(applied).await.is_ok() {
                         Attempt::Applied
                     } else {
                         Attempt::Stopping
@@ -328,7 +395,7 @@ impl ApplyWorker {
                     let why = db_message(&error).unwrap_or_else(|| format!("{error:#}"));
                     tracing::info!(%peer, why, "a replicated table changed here; reading the tables again");
                     reread = true;
-                    reconnect(applier, dsn).await;
+                    reconnect(&mut self.applier, &dsn).await;
                 }
                 Err(error) if is_concurrency_rollback(&error) => {
                     // A local transaction locked the batch's rows (or a migration its table) in
@@ -339,11 +406,11 @@ impl ApplyWorker {
                     // The server's message alone: its "ERROR:" prefix would read as accord's.
                     let why = db_message(&error).unwrap_or_else(|| format!("{error:#}"));
                     tracing::info!(%peer, attempt = deadlocks, why, "a batch met a local transaction in a deadlock; trying it again");
-                    match applier.abandon_attempt().await {
+                    match self.applier.abandon_attempt().await {
                         Ok(()) => tokio::time::sleep(Duration::from_millis(20 * deadlocks.min(25))).await,
                         Err(error) => {
                             tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                            reconnect(applier, dsn).await;
+                            reconnect(&mut self.applier, &dsn).await;
                         }
                     }
                 }
@@ -353,9 +420,9 @@ impl ApplyWorker {
                         && batch.iter().filter(|c| c.ends_transaction()).count() > 1 =>
                 {
                     // One of its transactions cannot be applied here yet (`apply_batch`).
-                    if let Err(error) = applier.abandon_attempt().await {
+                    if let Err(error) = self.applier.abandon_attempt().await {
                         tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                        reconnect(applier, dsn).await;
+                        reconnect(&mut self.applier, &dsn).await;
                     }
                     let seq = match no_place(&error) {
                         Some(ApplyError::ShapeWaits { seq, .. }) => *seq,
@@ -370,19 +437,19 @@ impl ApplyWorker {
                         tracing::warn!(%peer, why, "a transaction from the peer waits on this node");
                         waiting_since = Some(Instant::now());
                     }
-                    waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
+                    self.waits.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, why);
                     if matches!(no_place(&error), Some(ApplyError::ShapeWaits { .. })) {
                         // Until this node's tables are migrated too: the applier reads them
                         // again each time, on a new session that takes the origin over.
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        reconnect(applier, dsn).await;
+                        reconnect(&mut self.applier, &dsn).await;
                         continue;
                     }
-                    match applier.abandon_attempt().await {
+                    match self.applier.abandon_attempt().await {
                         Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
                         Err(error) => {
                             tracing::warn!(%peer, error = format!("{error:#}"), "reconnecting the applier");
-                            reconnect(applier, dsn).await;
+                            reconnect(&mut self.applier, &dsn).await;
                         }
                     }
                 }
@@ -390,7 +457,7 @@ impl ApplyWorker {
                     tracing::error!(%peer, error = format!("{error:#}"), "applying a batch failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     // The connection may be what failed: start over on a new one.
-                    reconnect(applier, dsn).await;
+                    reconnect(&mut self.applier, &dsn).await;
                 }
             }
         }

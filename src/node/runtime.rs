@@ -21,7 +21,7 @@ use tokio_postgres::Client;
 use tracing::Instrument;
 
 use super::apply::{Applier, ConflictCounts, SharedLedger};
-use super::apply_worker::{apply_worker, spooler, Applied, ApplyWaits, ApplyWork, SpoolWork};
+use super::apply_worker::{apply_worker, spooler, Applied, ApplyReport, ApplyWaits, ApplyWork, SpoolWork};
 use super::capture::{Capture, CaptureProgress};
 use super::key_locks;
 use super::members;
@@ -504,7 +504,7 @@ where
     });
     workers.lock().unwrap_or_else(|p| p.into_inner()).push(capture_task);
 
-    let (applied_tx, applied_rx) = mpsc::channel::<Applied>(64);
+    let (applied_tx, applied_rx) = mpsc::channel::<ApplyReport>(64);
     let spawner = PeerSpawner {
         node,
         dsn: config.dsn.clone(),
@@ -686,7 +686,7 @@ struct PeerSpawner {
     shapes: watch::Receiver<Arc<ShapeBook>>,
     left: watch::Receiver<Arc<BTreeSet<String>>>,
     synchronous_commit: bool,
-    applied: mpsc::Sender<Applied>,
+    applied: mpsc::Sender<ApplyReport>,
     waits: ApplyWaits,
     spool_dir: Option<PathBuf>,
     workers: Workers,
@@ -862,7 +862,7 @@ impl Loop {
     async fn run(
         mut self,
         mut capture: watch::Receiver<CaptureProgress>,
-        mut applied: mpsc::Receiver<Applied>,
+        mut applied: mpsc::Receiver<ApplyReport>,
         mut verify_out: mpsc::UnboundedReceiver<(NodeId, VerifyMessage)>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Ended> {
@@ -898,7 +898,10 @@ impl Loop {
                     self.replication.logged(p.head);
                     self.captured = p.captured;
                 }
-                Some(done) = applied.recv() => self.on_applied(done).await?,
+                Some(report) = applied.recv() => match report {
+                    ApplyReport::Batch(done) => self.on_applied(done).await?,
+                    ApplyReport::Durable { peer, durable } => self.on_durable(peer, durable),
+                },
                 Some((peer, message)) = verify_out.recv() => match self.links.get(&peer) {
                     Some(&link) => self.pending_refusals.push((peer, link, Message::Verify(message))),
                     None => self.verify.undeliverable(peer, message),
@@ -1026,15 +1029,10 @@ impl Loop {
         let peer = done.peer;
         let (upto, summary) = done.result?;
         // Peers resume from, acknowledge and prune by the durable position only.
-        let durable = done.durable.min(upto);
-        self.durable.insert(peer, durable);
+        self.durable.insert(peer, done.durable.min(upto));
         if let Some(stamp) = done.last_stamp {
             self.stats.entry(peer).or_default().last_applied_micros = Some(stamp.physical);
         }
-        self.applied_positions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, durable);
         let stats = self.stats.entry(peer).or_default();
         stats.applied_changes += summary.applied;
         stats.parked += summary.parked;
@@ -1043,12 +1041,33 @@ impl Loop {
         stats.keys_clear += summary.keys_clear;
         stats.apply_deadlocks += done.deadlocks;
         self.replication.applied(peer, upto)?;
-        let ack = Message::Ack { applied: durable };
+        self.acknowledge(peer);
+        Ok(())
+    }
+
+    /// A flush beside the peer's batches learned that its changes are on disk up to `durable`
+    /// (never beyond what its batches reported applied: the applier's `AppliedPosition`).
+    fn on_durable(&mut self, peer: NodeId, durable: u64) {
+        // A peer that left has no entry, and gets none back.
+        if let Some(known) = self.durable.get_mut(&peer) {
+            *known = (*known).max(durable);
+            self.acknowledge(peer);
+        }
+    }
+
+    /// Publishes the peer's durable position, and acknowledges it to the peer.
+    fn acknowledge(&mut self, peer: NodeId) {
+        let Some(&durable) = self.durable.get(&peer) else {
+            return;
+        };
+        self.applied_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, durable);
         if self.replication.is_connected(peer) {
             // Acknowledgements are cumulative: only the latest one needs to go out.
-            self.pending_acks.insert(peer, ack);
+            self.pending_acks.insert(peer, Message::Ack { applied: durable });
         }
-        Ok(())
     }
 
     fn has_pending(&self) -> bool {
