@@ -140,9 +140,13 @@ impl Applier {
         }
         // The key-lock triggers leave this session's writes alone: it locks the keys it
         // merges into itself (`key_locks`).
-        db.batch_execute(&format!("SET {} = on", key_locks::APPLYING_SETTING))
-            .await
-            .context("cannot mark the applier's session")?;
+        db.batch_execute(&format!(
+            "SET {} = on; {}",
+            key_locks::APPLYING_SETTING,
+            pipeline::PLAN_ONCE_SQL
+        ))
+        .await
+        .context("cannot mark the applier's session")?;
         let position: Option<PgLsn> = db
             .query_one("SELECT pg_replication_origin_session_progress(true)", &[])
             .await?

@@ -237,6 +237,9 @@ impl Capture {
         node: NodeId,
         max_offset_micros: u64,
     ) -> Result<(Capture, watch::Receiver<CaptureProgress>)> {
+        db.batch_execute(pipeline::PLAN_ONCE_SQL)
+            .await
+            .context("cannot set the capture session's plan cache mode")?;
         let checkpoint = load_checkpoint(&db).await?;
         if checkpoint.high_water.node != node {
             bail!(

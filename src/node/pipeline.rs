@@ -78,6 +78,15 @@ pub async fn run_each(queries: Vec<Query<'_>>) -> Vec<Result<Vec<Row>, Error>> {
 /// columns each have their own).
 const MAX_PREPARED: usize = 256;
 
+/// Makes a session plan each prepared statement once, for sessions that run the same
+/// statements on every batch (the capture's, the appliers'). Their statements join arrays of
+/// keys (`unnest`) to tables by primary key, and PostgreSQL kept planning them anew at every
+/// execution (a custom plan per batch): about 0.2 ms a statement, several statements a batch;
+/// planned once, an idle change's lag fell from 5.8 to 5.0 ms (docs/benchmarks.md, 2026-12-07
+/// evening). The one plan is an index lookup per key whatever the batch's size, which the drain
+/// measured as fast as the plans made per batch.
+pub const PLAN_ONCE_SQL: &str = "SET plan_cache_mode = force_generic_plan";
+
 /// Prepared statements by SQL text, for one connection.
 #[derive(Default)]
 pub struct Statements {
