@@ -157,7 +157,7 @@ impl Applier {
         db.execute(
             "INSERT INTO accord.applied (origin, seq) VALUES ($1, $2)
              ON CONFLICT (origin) DO UPDATE SET seq = GREATEST(accord.applied.seq, EXCLUDED.seq)",
-            &[&peer_param(peer)?, &recorded],
+            &[&store::node_param(peer)?, &recorded],
         )
         .await
         .context("cannot record the applied position in accord.applied")?;
@@ -1193,11 +1193,6 @@ fn origin_in_use(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|e| {
         *e.code() == tokio_postgres::error::SqlState::OBJECT_IN_USE || e.message().contains("is already active")
     })
-}
-
-/// A node id as `accord.applied.origin` stores it.
-fn peer_param(peer: NodeId) -> Result<i32> {
-    i32::try_from(peer.0).context("node ids must fit in a 32-bit signed integer")
 }
 
 fn ords_param(which: &[usize]) -> Vec<i32> {

@@ -1354,16 +1354,9 @@ async fn finish(donor: &Client, target: &mut Client, node: NodeId, state: &mut J
             &[&origin, &PgLsn::from(seq)],
         )
         .await?;
-        tx.execute(
-            store::RECORD_APPLIED_SQL,
-            &[
-                &i32::try_from(peer.0).context("node ids must fit in a 32-bit signed integer")?,
-                &i64::try_from(seq).context("a position beyond i64")?,
-                &None::<i64>,
-                &None::<i64>,
-            ],
-        )
-        .await?;
+        let params = store::applied_params(peer, seq, None)?;
+        tx.execute(store::RECORD_APPLIED_SQL, &pipeline::param_refs(&params))
+            .await?;
     }
     tx.execute(
         "SELECT pg_logical_emit_message(true, $1, $2)",

@@ -132,7 +132,8 @@ pub fn merged_params(peer: NodeId, stamp: Hlc) -> Result<super::pipeline::Params
     Ok(vec![Box::new(node_param(peer)?), Box::new(physical), Box::new(logical)])
 }
 
-fn node_param(node: NodeId) -> Result<i32, StoreError> {
+/// A node id as `accord.applied.origin` stores it (`integer`).
+pub fn node_param(node: NodeId) -> Result<i32, StoreError> {
     i32::try_from(node.0).map_err(|_| StoreError::Corrupt(format!("node id {node} is beyond a 32-bit integer")))
 }
 
