@@ -367,6 +367,23 @@ pub enum ApplyCommand {
     /// Record these (metadata, conflict log, review queue, parked and kept changes) and answer
     /// [`ApplyInput::Recorded`].
     Record(Records),
+    /// The batch's last part in one round trip: write these rows in the transaction itself, under
+    /// no savepoint (the guard's released first), so that each written row's xmin is the
+    /// transaction's own id, which `records`' metadata already names; record `records`; then
+    /// commit as [`ApplyCommand::Commit`] does. Answer [`ApplyInput::Committed`]; or, when the
+    /// database refused the write (the transaction is then rolled back whole, its locks gone),
+    /// [`ApplyInput::Written`] with the refusal: the batch starts over and writes under
+    /// savepoints from then on, where a refusal costs only the refused part.
+    ///
+    /// Asked only for a batch that is not a segment, once the transaction's id is known
+    /// ([`ApplyInput::Loaded`]'s `xid`), and for records the commit can carry (no review
+    /// actions, parked or kept changes).
+    WriteAndCommit {
+        writes: Vec<PlannedWrite>,
+        records: Records,
+        merged_stamp: Option<Hlc>,
+        builds_on: Vec<(NodeId, u64)>,
+    },
     /// Write the greatest stamp merged into the WAL for the capture (`accord.hlc`), when there is
     /// one, with `builds_on`, commit, and answer [`ApplyInput::Committed`].
     ///
@@ -391,10 +408,14 @@ pub enum ApplyInput {
     Start {
         now: u64,
     },
-    /// What [`ApplyCommand::Load`] found: one row per slot, and its key locks.
+    /// What [`ApplyCommand::Load`] found: one row per slot, and its key locks. `xid`: the id of
+    /// the transaction a load with `begin` opened, if the driver read it (the xmin of a row
+    /// written in that transaction under no savepoint); `None` keeps every write under a
+    /// savepoint.
     Loaded {
         rows: Vec<LoadedRow>,
         keys: KeyLocks,
+        xid: Option<Xid>,
     },
     CaptureReached {
         now: u64,
@@ -419,6 +440,7 @@ impl ApplyInput {
         ApplyInput::Loaded {
             rows,
             keys: KeyLocks::NotAsked,
+            xid: None,
         }
     }
 }
@@ -736,6 +758,8 @@ enum Phase {
     },
     /// A `Write` is out.
     Writing(Box<Pending>),
+    /// A `WriteAndCommit` is out; what the part did, once it commits.
+    Finishing(ApplySummary),
     Recording,
     Committing,
     Restarting,
@@ -789,6 +813,10 @@ pub struct BatchApply {
     greatest: Option<Hlc>,
     work: Vec<Work>,
     segment: Option<Segment>,
+    /// The id of this attempt's transaction, once a load read it.
+    xid: Option<Xid>,
+    /// A write in one go with the commit was refused: write under savepoints from then on.
+    careful: bool,
 }
 
 impl BatchApply {
@@ -898,6 +926,8 @@ impl BatchApply {
             greatest: None,
             work,
             segment: None,
+            xid: None,
+            careful: false,
         })
     }
 
@@ -973,26 +1003,15 @@ impl BatchApply {
                     guard,
                     lock_keys,
                 },
-                ApplyInput::Loaded { rows, keys },
-            ) => match (lock_keys.is_empty(), keys) {
-                (true, KeyLocks::NotAsked) => self.loaded(part, slots, guard, rows, None),
-                (false, KeyLocks::Locked(count)) => self.loaded(part, slots, guard, rows, Some((lock_keys, count))),
-                (false, KeyLocks::Busy { now }) => {
-                    self.check_time(now)?;
-                    Ok(self.restart(false))
+                ApplyInput::Loaded { rows, keys, xid },
+            ) => {
+                // Read by the load that began the transaction; the attempt keeps it until it
+                // rolls back.
+                if xid.is_some() {
+                    self.xid = xid;
                 }
-                (none_asked, _) => Err(ApplyError::Unexpected {
-                    peer: self.peer,
-                    input: match none_asked {
-                        true => "Loaded with key locks",
-                        false => "Loaded without key locks",
-                    },
-                    expected: match none_asked {
-                        true => "Loaded without key locks",
-                        false => "Loaded with key locks",
-                    },
-                }),
-            },
+                self.loaded_with_keys(part, slots, guard, lock_keys, rows, keys)
+            }
             (Phase::LockingKeys { .. }, ApplyInput::KeysBusy { now }) => {
                 self.check_time(now)?;
                 Ok(self.restart(false))
@@ -1022,6 +1041,22 @@ impl BatchApply {
                 }),
                 Err(refusal) => Ok(self.refused(*pending, refusal)),
             },
+            (Phase::Finishing(done), ApplyInput::Committed) => {
+                self.attempt.add(&done);
+                let mut summary = self.attempt;
+                summary.waits += self.waits;
+                Ok(self.done(summary))
+            }
+            (Phase::Finishing(_), ApplyInput::Written(Err(refusal))) if refusal.no_place => Err(ApplyError::NoPlace {
+                peer: self.peer,
+                message: refusal.message,
+            }),
+            // Rolled back whole: the careful way tells a racing insert from a refusal to park,
+            // and parks only the refused change.
+            (Phase::Finishing(_), ApplyInput::Written(Err(_))) => {
+                self.careful = true;
+                Ok(self.restart_now())
+            }
             (Phase::Recording, ApplyInput::Recorded) => Ok(self.next_part()),
             (Phase::Committing, ApplyInput::Committed) => {
                 let mut summary = self.attempt;
@@ -1076,6 +1111,7 @@ impl BatchApply {
 
     fn begin_attempt(&mut self) -> ApplyCommand {
         self.rounds = 0;
+        self.xid = None;
         self.attempt = ApplySummary::default();
         self.greatest = None;
         self.ranges = vec![(0, self.changes.len())];
@@ -1139,6 +1175,19 @@ impl BatchApply {
 
     /// Rolls the attempt back; the next starts over, after a probe or a pause.
     fn restart(&mut self, probe: bool) -> ApplyCommand {
+        let pause_micros = if probe { 0 } else { self.pause };
+        if !probe {
+            self.pause = (self.pause * 2).min(self.rules.backoff_micros.1);
+        }
+        self.restart_after(probe, pause_micros)
+    }
+
+    /// Rolls the attempt back; the next starts over at once (no wait made it start over).
+    fn restart_now(&mut self) -> ApplyCommand {
+        self.restart_after(false, 0)
+    }
+
+    fn restart_after(&mut self, probe: bool, pause_micros: u64) -> ApplyCommand {
         let alone = self.rules.planted == Some(PlantedBug::RestartSegmentAlone);
         if let Some(segment) = self.segment.as_ref().filter(|s| !s.first && !alone) {
             self.phase = Phase::Done;
@@ -1158,11 +1207,38 @@ impl BatchApply {
         for work in &mut self.work {
             *work = Work::default();
         }
-        let pause_micros = if probe { 0 } else { self.pause };
-        if !probe {
-            self.pause = (self.pause * 2).min(self.rules.backoff_micros.1);
-        }
         ApplyCommand::Restart { probe, pause_micros }
+    }
+
+    /// A load's answer, with the key locks it was asked to take.
+    fn loaded_with_keys(
+        &mut self,
+        part: (usize, usize),
+        slots: Vec<usize>,
+        guard: bool,
+        lock_keys: Vec<usize>,
+        rows: Vec<LoadedRow>,
+        keys: KeyLocks,
+    ) -> Result<ApplyCommand, ApplyError> {
+        match (lock_keys.is_empty(), keys) {
+            (true, KeyLocks::NotAsked) => self.loaded(part, slots, guard, rows, None),
+            (false, KeyLocks::Locked(count)) => self.loaded(part, slots, guard, rows, Some((lock_keys, count))),
+            (false, KeyLocks::Busy { now }) => {
+                self.check_time(now)?;
+                Ok(self.restart(false))
+            }
+            (none_asked, _) => Err(ApplyError::Unexpected {
+                peer: self.peer,
+                input: match none_asked {
+                    true => "Loaded with key locks",
+                    false => "Loaded without key locks",
+                },
+                expected: match none_asked {
+                    true => "Loaded without key locks",
+                    false => "Loaded with key locks",
+                },
+            }),
+        }
     }
 
     /// `locked`: the slots whose keys the load locked (reading their rows again), and the removal
@@ -1409,6 +1485,9 @@ impl BatchApply {
             .iter()
             .filter_map(|&slot| self.work[slot].write.take().map(|write| PlannedWrite { slot, write }))
             .collect();
+        if let Some(xid) = self.xid.filter(|_| self.in_one_go(&records)) {
+            return self.write_and_commit(planned, records, done, greatest, xid);
+        }
         self.phase = Phase::Writing(Box::new(Pending {
             part,
             writes,
@@ -1417,6 +1496,55 @@ impl BatchApply {
             greatest,
         }));
         ApplyCommand::Write(planned)
+    }
+
+    /// Whether the part's writes, records and the commit go in one round trip: the part is the
+    /// batch's last, the batch is not a segment (whose refused write would take the segments
+    /// before it along), no write of it was refused so far, and its records are the metadata and
+    /// conflict log alone.
+    fn in_one_go(&self, records: &Records) -> bool {
+        !self.careful
+            && self.ranges.is_empty()
+            && self.segment.is_none()
+            && records.review.is_empty()
+            && records.parked.is_empty()
+            && records.defer.is_empty()
+            && records.undefer.is_empty()
+    }
+
+    /// `WriteAndCommit`: each written row's metadata accounts for the version this write makes,
+    /// whose xmin is the transaction's id (none after a delete), as `written` sets it from the
+    /// xmins a `Write` returns.
+    fn write_and_commit(
+        &mut self,
+        planned: Vec<PlannedWrite>,
+        mut records: Records,
+        done: ApplySummary,
+        greatest: Option<Hlc>,
+        xid: Xid,
+    ) -> ApplyCommand {
+        let made: BTreeMap<usize, Option<Xid>> = planned
+            .iter()
+            .map(|p| (p.slot, (!matches!(p.write, RowWrite::Delete)).then_some(xid)))
+            .collect();
+        for (slot, _, known) in &mut records.metas {
+            if let Some(xmin) = made.get(slot) {
+                *known = *xmin;
+            }
+        }
+        for work in &mut self.work {
+            *work = Work::default();
+        }
+        self.greatest = greatest;
+        let Carried { greatest, builds_on } = self.carried();
+        let merged_stamp = greatest.filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
+        self.phase = Phase::Finishing(done);
+        ApplyCommand::WriteAndCommit {
+            writes: planned,
+            records,
+            merged_stamp,
+            builds_on: builds_on.into_iter().collect(),
+        }
     }
 
     /// Applies the part in halves. A part of one change always folds (one action into no write),
@@ -1501,6 +1629,7 @@ impl Phase {
             Phase::Probing { .. } => "CaptureReached",
             Phase::Restarting => "Restarted",
             Phase::Writing(_) => "Written",
+            Phase::Finishing(_) => "Committed or Written",
             Phase::Recording => "Recorded",
             Phase::Committing => "Committed",
             Phase::Done => "nothing (the batch is done)",
@@ -1519,6 +1648,7 @@ impl ApplyCommand {
             ApplyCommand::StartOver { .. } => "StartOver",
             ApplyCommand::Write(_) => "Write",
             ApplyCommand::Record(_) => "Record",
+            ApplyCommand::WriteAndCommit { .. } => "WriteAndCommit",
             ApplyCommand::Commit { .. } => "Commit",
             ApplyCommand::Done { .. } => "Done",
         }

@@ -140,6 +140,7 @@ fn locked(rows: Vec<LoadedRow>, count: RemovalCount) -> ApplyInput {
     ApplyInput::Loaded {
         rows,
         keys: KeyLocks::Locked(count),
+        xid: None,
     }
 }
 
@@ -215,6 +216,7 @@ fn a_missing_row_waits_for_a_probe_then_is_inserted_and_committed_with_its_posit
     let busy_keys = ApplyInput::Loaded {
         rows: Vec::new(),
         keys: KeyLocks::Busy { now: 5 },
+        xid: None,
     };
     assert!(matches!(
         busy.step(busy_keys).unwrap(),
@@ -820,6 +822,7 @@ fn a_later_segment_that_must_restart_starts_the_whole_transaction_over() {
     let busy = ApplyInput::Loaded {
         rows: Vec::new(),
         keys: KeyLocks::Busy { now: 5 },
+        xid: None,
     };
     let ApplyCommand::StartOver { probe, pause_micros } = m.step(busy).unwrap() else {
         panic!("a segment after the first cannot restart alone: the segments before were rolled back too");
@@ -940,4 +943,108 @@ fn changes_to_a_table_this_node_left_are_passed_over() {
     assert_eq!(run(&["shop.gone"]), (2, 1, 1, 0));
     let waits = BatchApply::new(A, 0, batch.clone(), &schema(&[]), None, ApplyRules::default());
     assert!(matches!(waits, Err(ApplyError::ShapeWaits { .. })), "{waits:?}");
+}
+
+/// What a load that began the transaction found, with the transaction's id.
+fn loaded_in(rows: Vec<LoadedRow>, xid: u64) -> ApplyInput {
+    ApplyInput::Loaded {
+        rows,
+        keys: KeyLocks::NotAsked,
+        xid: Some(xid),
+    }
+}
+
+#[test]
+fn a_batch_whose_transaction_id_is_known_writes_records_and_commits_in_one_go() {
+    let (meta, update) = updated_row();
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let ApplyCommand::WriteAndCommit {
+        writes,
+        records,
+        merged_stamp,
+        ..
+    } = m.step(loaded_in(vec![row_at(&meta, 8)], 77)).unwrap()
+    else {
+        panic!("expected the write and the commit in one command");
+    };
+    assert_eq!(writes.len(), 1);
+    // The row's new version carries the transaction's id: its metadata says so before the
+    // write, as a `Written` answer would have made it.
+    assert_eq!(records.metas.len(), 1);
+    assert_eq!(records.metas[0].2, Some(77));
+    assert!(merged_stamp.is_some());
+    let ApplyCommand::Done { applied, summary } = m.step(ApplyInput::Committed).unwrap() else {
+        panic!("expected the batch done");
+    };
+    assert_eq!(applied, 1);
+    assert_eq!(summary.applied, 1);
+}
+
+#[test]
+fn a_delete_in_one_go_accounts_for_no_version() {
+    let (meta, _) = updated_row();
+    let (delete, _) = write(A, 1, 1, Some((&meta, cells("b", 1))), ChangeKind::Delete, None);
+    let mut m = machine(0, vec![delete]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let ApplyCommand::WriteAndCommit { writes, records, .. } = m.step(loaded_in(vec![row_at(&meta, 8)], 77)).unwrap()
+    else {
+        panic!("expected the write and the commit in one command");
+    };
+    assert!(matches!(writes[0].write, RowWrite::Delete));
+    assert_eq!(records.metas[0].2, None);
+}
+
+#[test]
+fn a_write_refused_in_one_go_starts_over_at_once_and_writes_under_savepoints_after() {
+    let (meta, update) = updated_row();
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    let ApplyCommand::WriteAndCommit { .. } = m.step(loaded_in(vec![row_at(&meta, 8)], 77)).unwrap() else {
+        panic!("expected the write and the commit in one command");
+    };
+    // The whole transaction rolled back with the refused write: nothing of it stands, so the
+    // batch starts over, at once (it waited for nothing).
+    let refused = ApplyInput::Written(Err(WriteRefusal::other("violates check constraint")));
+    assert!(matches!(
+        m.step(refused).unwrap(),
+        ApplyCommand::Restart {
+            probe: false,
+            pause_micros: 0
+        }
+    ));
+    assert!(matches!(
+        m.step(ApplyInput::Restarted { now: 1 }).unwrap(),
+        ApplyCommand::Load { begin: Some(1), .. }
+    ));
+    // Now under a savepoint, where the refusal parks the one change and keeps the rest.
+    let ApplyCommand::Write(_) = m.step(loaded_in(vec![row_at(&meta, 8)], 78)).unwrap() else {
+        panic!("expected a write under a savepoint");
+    };
+    let parked = m
+        .step(ApplyInput::Written(Err(WriteRefusal::other(
+            "violates check constraint",
+        ))))
+        .unwrap();
+    let ApplyCommand::Record(records) = parked else {
+        panic!("expected the refused change parked, got {parked:?}");
+    };
+    assert_eq!(records.parked.len(), 1);
+}
+
+#[test]
+fn a_write_without_room_in_one_go_fails_the_batch() {
+    let (meta, update) = updated_row();
+    let mut m = machine(0, vec![update]);
+    m.step(ApplyInput::Start { now: 0 }).unwrap();
+    m.step(loaded_in(vec![row_at(&meta, 8)], 77)).unwrap();
+    let no_place = WriteRefusal {
+        key_exists: false,
+        no_place: true,
+        message: "no partition of relation found for row".into(),
+    };
+    assert!(matches!(
+        m.step(ApplyInput::Written(Err(no_place))),
+        Err(ApplyError::NoPlace { .. })
+    ));
 }

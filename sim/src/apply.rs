@@ -242,6 +242,14 @@ impl Applying {
         self.meta_locks.clear();
     }
 
+    /// The applier holding the metadata lock of a row `records` writes the metadata of.
+    fn meta_holder(&self, others: &[&Applying], records: &Records) -> Option<usize> {
+        records.metas.iter().find_map(|(slot, _, _)| {
+            let key = self.key(*slot).ok()?;
+            others.iter().find(|o| o.holds_meta(key)).map(|o| o.peer)
+        })
+    }
+
     /// `command` waits for a lock `holder` holds; it runs again once that is released.
     fn block(&mut self, command: ApplyCommand, holder: usize) -> Stop {
         self.pending = Some(command);
@@ -325,7 +333,11 @@ impl Applying {
                     if let KeyLocks::Busy { .. } = keys {
                         // The machine starts over without looking at rows.
                         self.load_seen = None;
-                        ApplyInput::Loaded { rows: Vec::new(), keys }
+                        ApplyInput::Loaded {
+                            rows: Vec::new(),
+                            keys,
+                            xid: None,
+                        }
                     } else {
                         // Then the rows of those keys again, as they are now.
                         if let Some(holder) = self.read_again(db, others, &lock_keys)? {
@@ -349,7 +361,9 @@ impl Applying {
                                 )
                             })
                             .collect();
-                        ApplyInput::Loaded { rows, keys }
+                        // The service reads the transaction's id with the load that begins it.
+                        let xid = begin.map(|_| *self.tx.xid.get_or_insert_with(|| db.new_xid()));
+                        ApplyInput::Loaded { rows, keys, xid }
                     }
                 }
                 ApplyCommand::LockKeys { missing } => {
@@ -403,15 +417,51 @@ impl Applying {
                     ApplyInput::Written(self.write(db, planned, images))
                 }
                 ApplyCommand::Record(records) => {
-                    let holder = records.metas.iter().find_map(|(slot, _, _)| {
-                        let key = self.key(*slot).ok()?;
-                        others.iter().find(|o| o.holds_meta(key)).map(|o| o.peer)
-                    });
-                    if let Some(holder) = holder {
+                    if let Some(holder) = self.meta_holder(others, &records) {
                         return Ok(self.block(ApplyCommand::Record(records), holder));
                     }
                     self.record(records)?;
                     ApplyInput::Recorded
+                }
+                ApplyCommand::WriteAndCommit {
+                    writes,
+                    records,
+                    merged_stamp,
+                    builds_on,
+                } => {
+                    // One round trip: whatever it waits for, it waits before doing anything.
+                    if let Some(holder) = self.insert_blocked(others, &writes)? {
+                        let command = ApplyCommand::WriteAndCommit {
+                            writes,
+                            records,
+                            merged_stamp,
+                            builds_on,
+                        };
+                        return Ok(self.block(command, holder));
+                    }
+                    if let Some(holder) = self.meta_holder(others, &records) {
+                        let command = ApplyCommand::WriteAndCommit {
+                            writes,
+                            records,
+                            merged_stamp,
+                            builds_on,
+                        };
+                        return Ok(self.block(command, holder));
+                    }
+                    match self.write(db, writes, images) {
+                        Err(refusal) => {
+                            // No savepoint: the whole transaction rolls back.
+                            self.roll_back();
+                            ApplyInput::Written(Err(refusal))
+                        }
+                        Ok(_) => {
+                            self.record(records)?;
+                            self.undo = self.commit(db, merged_stamp, builds_on, physical);
+                            self.release_locks();
+                            command = self.step(ApplyInput::Committed)?;
+                            continue;
+                        }
+                    }
                 }
                 ApplyCommand::Commit {
                     merged_stamp,

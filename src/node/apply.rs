@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{
-    ApplyCommand, ApplyInput, ApplyRules, BatchApply, KeyLocks, LoadedRow, NodeId, NodeSchema, PlannedWrite, Records,
-    RemovalCount, RemovalLedger, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef, Value,
-    WriteRefusal, Xid, MAX_APPLY_BATCH,
+    ApplyCommand, ApplyInput, ApplyRules, BatchApply, Hlc, KeyLocks, LoadedRow, NodeId, NodeSchema, PlannedWrite,
+    Records, RemovalCount, RemovalLedger, RowChange, RowWrite, Segments, ShapeBook, ShapeId, StableCut, TableDef,
+    Value, WriteRefusal, Xid, MAX_APPLY_BATCH,
 };
 pub use accord_engine::{ApplySummary, ConflictCounts};
 use accord_schema_annotations::SchemaPolicy;
@@ -28,7 +28,8 @@ use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
 use super::key_locks;
 use super::pipeline::{self, Params, Statements};
 use super::rows::{
-    delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table, update_rows_sql, xmins_sql,
+    counted_write_sql, delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table,
+    update_rows_sql, xmins_sql, CountedWrite,
 };
 use super::spool::Spool;
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
@@ -74,6 +75,8 @@ pub struct Applier {
     partitioned: BTreeSet<String>,
     /// The position the open transaction commits with (the engine's first `Load` of it says).
     commits_at: Option<u64>,
+    /// The open transaction has the guard's savepoint (a write in it gets the savepoint's xid).
+    guard_savepoint: bool,
 }
 
 /// How a machine's run ended.
@@ -207,6 +210,7 @@ impl Applier {
             keys_locked: false,
             partitioned,
             commits_at: None,
+            guard_savepoint: false,
         })
     }
 
@@ -466,7 +470,7 @@ impl Applier {
                             entry.insert((key_text(key), key_texts(table, key)?));
                         }
                     }
-                    let (rows, locked) = self.load(machine, &keys, begin, guard, &slots, &lock_keys).await?;
+                    let (rows, locked, xid) = self.load(machine, &keys, begin, guard, &slots, &lock_keys).await?;
                     let keys = match locked {
                         None => KeyLocks::NotAsked,
                         Some(None) => KeyLocks::Busy { now: now() },
@@ -475,7 +479,7 @@ impl Applier {
                             accounted: self.ledger_mut()?.accounted(),
                         }),
                     };
-                    ApplyInput::Loaded { rows, keys }
+                    ApplyInput::Loaded { rows, keys, xid }
                 }
                 ApplyCommand::LockKeys { missing } => match self.lock_keys(machine, &keys, &missing).await? {
                     None => ApplyInput::KeysBusy { now: now() },
@@ -510,37 +514,63 @@ impl Applier {
                     deferred = self.record(machine, &keys, records).await?;
                     ApplyInput::Recorded
                 }
+                ApplyCommand::WriteAndCommit {
+                    writes,
+                    records,
+                    merged_stamp,
+                    builds_on,
+                } => {
+                    let statements = self.write_statements(machine, &keys, &writes, true)?;
+                    let mut prepared = Vec::with_capacity(statements.len());
+                    for write in &statements {
+                        prepared.push(
+                            self.statements
+                                .get(&self.db, &write.sql)
+                                .await
+                                .context("preparing a write")?,
+                        );
+                    }
+                    let recorded = self.record(machine, &keys, records).await?;
+                    let ending = self.ending(recorded, merged_stamp, &builds_on).await?;
+                    let db = &self.db;
+                    let mut queries = Vec::new();
+                    if self.guard_savepoint {
+                        // Written in the transaction itself, the rows' xmin is its id, which the
+                        // engine recorded in their metadata.
+                        queries.push(pipeline::command(db, "RELEASE SAVEPOINT accord_guard"));
+                    }
+                    let first_write = queries.len();
+                    for (write, statement) in statements.iter().zip(&prepared) {
+                        queries.push(pipeline::query(db, statement, &write.params));
+                    }
+                    let after_writes = queries.len();
+                    queries.extend(ending.queries(db));
+                    let outcomes = pipeline::run_each(queries).await;
+                    self.transaction_ended();
+                    match first_failure(outcomes) {
+                        None => ApplyInput::Committed,
+                        Some((at, error)) if (first_write..after_writes).contains(&at) && !is_transient(&error) => {
+                            // Every statement after it failed too, and the commit rolled back.
+                            tracing::debug!(error = format!("{error:#}"), "a write sent with its commit was refused");
+                            ApplyInput::Written(Err(WriteRefusal {
+                                key_exists: false,
+                                no_place: has_no_partition(&error),
+                                message: no_partition_message(&error).unwrap_or_else(|| format!("{error:#}")),
+                            }))
+                        }
+                        Some((_, error)) => return Err(error.context("writing and committing a batch")),
+                    }
+                }
                 ApplyCommand::Commit {
                     merged_stamp,
                     builds_on,
                 } => {
-                    let emit = self.statements.get(&self.db, EMIT_HLC_SQL).await?;
-                    let record = self.statements.get(&self.db, store::RECORD_APPLIED_SQL).await?;
-                    let position = self
-                        .commits_at
-                        .take()
-                        .context("the engine committed a transaction no load began")?;
-                    // The stamp goes to the running capture in the message, and to a restarted
-                    // one in the record (it writes no checkpoint for a group of merges).
-                    let message: Option<Params> = merged_stamp.map(|stamp| -> Params {
-                        vec![Box::new(HLC_MESSAGE_PREFIX), Box::new(hlc_message(stamp, &builds_on))]
-                    });
-                    let record_params = store::applied_params(self.peer, position, merged_stamp)?;
-                    let mut queries: Vec<pipeline::Query<'_>> = deferred
-                        .iter()
-                        .map(|(statement, params)| pipeline::query(&self.db, statement, params))
-                        .collect();
-                    if let Some(message) = &message {
-                        queries.push(pipeline::query(&self.db, &emit, message));
-                    }
-                    queries.push(pipeline::query(&self.db, &record, &record_params));
-                    queries.push(pipeline::command(&self.db, "COMMIT"));
-                    if self.keys_locked {
-                        queries.push(pipeline::command(&self.db, key_locks::UNLOCK_SQL));
-                    }
-                    pipeline::run_all(queries).await?;
-                    deferred.clear();
-                    self.keys_locked = false;
+                    let ending = self
+                        .ending(std::mem::take(&mut deferred), merged_stamp, &builds_on)
+                        .await?;
+                    let outcome = pipeline::run_all(ending.queries(&self.db)).await;
+                    self.transaction_ended();
+                    outcome?;
                     ApplyInput::Committed
                 }
                 ApplyCommand::Done { applied, summary } => {
@@ -555,6 +585,47 @@ impl Applier {
                 }
             };
         }
+    }
+
+    /// What commits a batch's transaction: `recorded` (held back), the merged stamp's message,
+    /// the applied position, the commit, and the key locks' release.
+    async fn ending(
+        &mut self,
+        recorded: DeferredRecords,
+        merged_stamp: Option<Hlc>,
+        builds_on: &[(NodeId, u64)],
+    ) -> Result<Ending> {
+        let position = self
+            .commits_at
+            .take()
+            .context("the engine committed a transaction no load began")?;
+        // The stamp goes to the running capture in the message, and to a restarted one in the
+        // record (it writes no checkpoint for a group of merges).
+        let emit = match merged_stamp {
+            Some(stamp) => Some((
+                self.statements.get(&self.db, EMIT_HLC_SQL).await?,
+                vec![
+                    Box::new(HLC_MESSAGE_PREFIX) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>,
+                    Box::new(hlc_message(stamp, builds_on)),
+                ],
+            )),
+            None => None,
+        };
+        Ok(Ending {
+            recorded,
+            emit,
+            applied: (
+                self.statements.get(&self.db, store::RECORD_APPLIED_SQL).await?,
+                store::applied_params(self.peer, position, merged_stamp)?,
+            ),
+            unlock: self.keys_locked,
+        })
+    }
+
+    /// The transaction committed or rolled back, its key locks released after it.
+    fn transaction_ended(&mut self) {
+        self.keys_locked = false;
+        self.guard_savepoint = false;
     }
 
     /// Rolls the attempt back for the engine's `Restart` or `StartOver`.
@@ -588,7 +659,7 @@ impl Applier {
         guard: bool,
         slots: &[usize],
         lock_keys: &[usize],
-    ) -> Result<(Vec<LoadedRow>, Option<Option<u64>>)> {
+    ) -> Result<(Vec<LoadedRow>, Option<Option<u64>>, Option<Xid>)> {
         let key = |slot: usize| keys.get(&slot).context("a slot without its key");
         let table = |slot: usize| machine.slot(slot).map(|(t, _)| t).context("an unknown slot");
         let groups = table_groups(machine, slots)?;
@@ -598,6 +669,7 @@ impl Applier {
             .get(db, "SELECT pg_replication_origin_xact_setup($1, now())")
             .await?;
         let setup_params: Params = vec![Box::new(PgLsn::from(begin.unwrap_or(0)))];
+        let read_xid = statements.get(db, TRANSACTION_ID_SQL).await?;
         let mut locks = Vec::with_capacity(groups.len());
         for (t, rows) in &groups {
             let statement = statements.get(db, &lock_rows_sql(t)).await?;
@@ -645,6 +717,7 @@ impl Applier {
         let db = &self.db;
 
         let mut queries = Vec::new();
+        let mut xid_at = None;
         if begin.is_some() {
             queries.push(pipeline::command(db, "BEGIN"));
             // Said either way: the server's default may be either, and `durable_flush` trusts a
@@ -660,6 +733,9 @@ impl Applier {
             // The batch's position is committed with its changes (exactly once); recorded
             // where a snapshot can read it with them by the commit (`store::RECORD_APPLIED_SQL`).
             queries.push(pipeline::query(db, &setup, &setup_params));
+            // The xmin of what it writes under no savepoint (`ApplyCommand::WriteAndCommit`).
+            xid_at = Some(queries.len());
+            queries.push(pipeline::query(db, &read_xid, &NO_PARAMS));
         }
         if let Some(position) = begin {
             self.commits_at = Some(position);
@@ -688,6 +764,7 @@ impl Applier {
             // Rolling back to it releases the metadata locks but keeps the rows': the capture
             // may need to write metadata while this transaction waits for it.
             queries.push(pipeline::command(db, "SAVEPOINT accord_guard"));
+            self.guard_savepoint = true;
         }
         queries.push(pipeline::query(db, &load_metas, &load_params));
         queries.push(pipeline::query(db, &load_kept, &load_params));
@@ -705,6 +782,12 @@ impl Applier {
             results.extend(metas_again(db, &load_metas, &load_kept, &load_params).await?);
         }
 
+        let xid = match xid_at {
+            None => None,
+            Some(at) => Some(transaction_id(
+                results.get(at).context("the load read no transaction id")?,
+            )?),
+        };
         let mut loaded: Vec<LoadedRow> = slots.iter().map(|_| LoadedRow::default()).collect();
         let slot_of = |ord: i32| usize::try_from(ord).ok().filter(|&o| o < slots.len());
         let read = results.get(first_lock..first_lock + groups.len()).unwrap_or_default();
@@ -759,7 +842,7 @@ impl Applier {
                 }
             }
         };
-        Ok((loaded, locked))
+        Ok((loaded, locked, xid))
     }
 
     /// The statements that try the locks of the keys of `slots` (`key_locks::lock_keys_sql`)
@@ -869,7 +952,7 @@ impl Applier {
             ))
             .await
             .context("cannot roll back a failed batch on its session")?;
-        self.keys_locked = false;
+        self.transaction_ended();
         Ok(())
     }
 
@@ -886,12 +969,15 @@ impl Applier {
 
     /// Writes a part's rows under a savepoint: per table (in the order the part first wrote it)
     /// deletes, updates by the set of columns they write, then inserts. A refusal rolls them back.
-    async fn write(
-        &mut self,
+    /// The statements writing `planned`, grouped per table and kind. `counted`: each returns only
+    /// a checked count (`rows::counted_write_sql`), for a write sent with the commit.
+    fn write_statements(
+        &self,
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         planned: &[PlannedWrite],
-    ) -> Result<std::result::Result<Vec<Option<Xid>>, WriteRefusal>> {
+        counted: bool,
+    ) -> Result<Vec<WriteStatement>> {
         let mut order: Vec<&TableDef> = Vec::new();
         let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, write) in planned.iter().enumerate() {
@@ -917,7 +1003,10 @@ impl Applier {
                 .collect();
             if !deletes.is_empty() {
                 writes.push(WriteStatement {
-                    sql: delete_rows_sql(t),
+                    sql: match counted {
+                        true => counted_write_sql(CountedWrite::Delete(t)),
+                        false => delete_rows_sql(t),
+                    },
                     params: key_params(&deletes, width)?,
                     writes: deletes,
                     returns_xmin: false,
@@ -935,7 +1024,10 @@ impl Applier {
                     params.push(Box::new(column_values(planned, &rows, column)));
                 }
                 writes.push(WriteStatement {
-                    sql: update_rows_sql(t, &columns),
+                    sql: match counted {
+                        true => counted_write_sql(CountedWrite::Update(t, &columns)),
+                        false => update_rows_sql(t, &columns),
+                    },
                     params,
                     writes: rows,
                     returns_xmin: true,
@@ -950,6 +1042,15 @@ impl Applier {
                 let mut params = key_params(&inserts, width)?;
                 for column in 0..t.columns.len() {
                     params.push(Box::new(column_values(planned, &inserts, column)));
+                }
+                if counted {
+                    writes.push(WriteStatement {
+                        sql: counted_write_sql(CountedWrite::Insert(t)),
+                        params,
+                        writes: inserts,
+                        returns_xmin: false,
+                    });
+                    continue;
                 }
                 let partitioned = self.partitioned.contains(&t.name);
                 writes.push(WriteStatement {
@@ -968,6 +1069,16 @@ impl Applier {
                 }
             }
         }
+        Ok(writes)
+    }
+
+    async fn write(
+        &mut self,
+        machine: &BatchApply,
+        keys: &BTreeMap<usize, SlotKey>,
+        planned: &[PlannedWrite],
+    ) -> Result<std::result::Result<Vec<Option<Xid>>, WriteRefusal>> {
+        let writes = self.write_statements(machine, keys, planned, false)?;
         let db = &self.db;
         let mut prepared = Vec::with_capacity(writes.len());
         for write in &writes {
@@ -1094,6 +1205,41 @@ async fn run_deferred(db: &Client, deferred: &mut DeferredRecords) -> Result<()>
 /// No parameters.
 static NO_PARAMS: Params = Vec::new();
 
+/// A batch's last statements, sent together ([`Applier::ending`]).
+struct Ending {
+    recorded: DeferredRecords,
+    emit: Option<(tokio_postgres::Statement, Params)>,
+    applied: (tokio_postgres::Statement, Params),
+    unlock: bool,
+}
+
+impl Ending {
+    fn queries<'a>(&'a self, db: &'a Client) -> Vec<pipeline::Query<'a>> {
+        let mut queries: Vec<pipeline::Query<'a>> = self
+            .recorded
+            .iter()
+            .chain(&self.emit)
+            .chain(std::iter::once(&self.applied))
+            .map(|(statement, params)| pipeline::query(db, statement, params))
+            .collect();
+        queries.push(pipeline::command(db, "COMMIT"));
+        if self.unlock {
+            queries.push(pipeline::command(db, key_locks::UNLOCK_SQL));
+        }
+        queries
+    }
+}
+
+/// The first failed statement of a pipeline, and where it stands in it.
+fn first_failure(
+    outcomes: Vec<std::result::Result<Vec<Row>, tokio_postgres::Error>>,
+) -> Option<(usize, anyhow::Error)> {
+    outcomes
+        .into_iter()
+        .enumerate()
+        .find_map(|(at, outcome)| outcome.err().map(|error| (at, anyhow::Error::new(error))))
+}
+
 /// Sets the rows `lock_rows_sql` statements returned (one result per table, in `tables`' order;
 /// each row numbered by its place in `loaded`).
 fn fill_rows<'t>(
@@ -1198,6 +1344,20 @@ fn origin_in_use(error: &tokio_postgres::Error) -> bool {
 fn ords_param(which: &[usize]) -> Vec<i32> {
     // A batch has far fewer rows than i32::MAX.
     which.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect()
+}
+
+/// The open transaction's id (assigning one: the batch writes anyway), as `xid8`'s text.
+const TRANSACTION_ID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id()::text";
+
+/// The xmin a row written by the transaction `TRANSACTION_ID_SQL` read carries: a row's `xmin`
+/// is the `xid8` without its epoch (the low 32 bits).
+fn transaction_id(rows: &[Row]) -> Result<Xid> {
+    let row = rows.first().context("the transaction's id came back empty")?;
+    let full: u64 = row
+        .try_get::<_, &str>(0)?
+        .parse()
+        .context("the transaction's id is not a number")?;
+    Ok(full & 0xFFFF_FFFF)
 }
 
 fn parse_xid(text: &str) -> Result<Xid> {

@@ -169,6 +169,9 @@ pub async fn init(client: &mut Client, node: NodeId) -> Result<Initialized> {
     tx.batch_execute(store::APPLIED_MERGED_DDL)
         .await
         .context("cannot add accord.applied's merged stamp")?;
+    tx.batch_execute(super::rows::ROWS_WRITTEN_DDL)
+        .await
+        .context("cannot create accord.rows_written")?;
     tx.batch_execute(store::REPAIRED_DDL)
         .await
         .context("cannot create accord.repaired")?;

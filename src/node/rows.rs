@@ -362,13 +362,7 @@ fn insert_columns(table: &TableDef) -> (Vec<String>, Vec<String>) {
 /// `ord, xmin` of every row inserted, or only `ord` without `returns_xmin`: PostgreSQL cannot
 /// return a system column from an insert into a partitioned table ([`xmins_sql`] reads them).
 pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
-    let keys = table.key.len();
-    let (names, values) = insert_columns(table);
     let returned: Vec<String> = table.key.iter().map(|k| quote_ident(&k.name)).collect();
-    // In key order, like the locks: two appliers inserting the same new keys wait for each other
-    // instead of deadlocking.
-    // (The select list begins with the key columns.)
-    let order: Vec<String> = (1..=keys).map(|i| i.to_string()).collect();
     // INSERT's RETURNING cannot name the input rows: join what was inserted back to them by key.
     let (xmin, xmin_out) = if returns_xmin {
         ("xmin::text AS accord_xmin, ", ", t.accord_xmin")
@@ -376,18 +370,64 @@ pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
         ("", "")
     };
     format!(
-        "WITH i AS (INSERT INTO {table} ({names}) SELECT {values} FROM {unnest} ORDER BY {order} \
-         RETURNING {xmin}{returned}) \
-         SELECT u.ord{xmin_out} FROM {unnest} JOIN i AS t ON {join}",
-        table = quote_table(&table.name),
-        names = names.join(", "),
-        values = values.join(", "),
-        unnest = unnest(1, keys + table.columns.len()),
-        returned = returned.join(", "),
-        order = order.join(", "),
+        "WITH i AS ({insert}) SELECT u.ord{xmin_out} FROM {unnest} JOIN i AS t ON {join}",
+        insert = insert_dml(table, &format!("{xmin}{}", returned.join(", "))),
+        unnest = unnest(1, table.key.len() + table.columns.len()),
         join = key_join(table),
     )
 }
+
+/// The `INSERT` of [`insert_rows_sql`], returning `returning`.
+fn insert_dml(table: &TableDef, returning: &str) -> String {
+    let (names, values) = insert_columns(table);
+    // In key order, like the locks: two appliers inserting the same new keys wait for each other
+    // instead of deadlocking.
+    // (The select list begins with the key columns.)
+    let order: Vec<String> = (1..=table.key.len()).map(|i| i.to_string()).collect();
+    format!(
+        "INSERT INTO {table} ({names}) SELECT {values} FROM {unnest} ORDER BY {order} RETURNING {returning}",
+        table = quote_table(&table.name),
+        names = names.join(", "),
+        values = values.join(", "),
+        unnest = unnest(1, table.key.len() + table.columns.len()),
+        order = order.join(", "),
+    )
+}
+
+/// The statements of [`insert_rows_sql`], [`update_rows_sql`] and [`delete_rows_sql`] (same
+/// parameters), returning instead one row: how many rows they wrote, after
+/// [`ROWS_WRITTEN_DDL`]'s function checked that it is one per ord given; else the statement fails.
+/// For a write sent with its transaction's commit, whose answer comes too late to look at.
+pub fn counted_write_sql(write: CountedWrite<'_>) -> String {
+    let dml = match write {
+        CountedWrite::Insert(table) => insert_dml(table, "1"),
+        CountedWrite::Update(table, columns) => update_rows_sql(table, columns),
+        CountedWrite::Delete(table) => delete_rows_sql(table),
+    };
+    format!("WITH w AS ({dml}) SELECT accord.rows_written(cardinality($1::int4[]), count(*)) FROM w")
+}
+
+/// Which write [`counted_write_sql`] checks.
+#[derive(Debug, Clone, Copy)]
+pub enum CountedWrite<'t> {
+    Insert(&'t TableDef),
+    /// The table and the columns set (indexes into its columns).
+    Update(&'t TableDef, &'t [usize]),
+    Delete(&'t TableDef),
+}
+
+/// The check of [`counted_write_sql`]: a write that touched another number of rows than it was
+/// given (a user's trigger that skipped one, say) fails, and its transaction with it.
+pub const ROWS_WRITTEN_DDL: &str = "
+CREATE OR REPLACE FUNCTION accord.rows_written(expected integer, written bigint) RETURNS bigint
+LANGUAGE plpgsql AS $accord$
+BEGIN
+    IF written IS DISTINCT FROM expected THEN
+        RAISE EXCEPTION 'a batched write touched % rows instead of %', written, expected;
+    END IF;
+    RETURN written;
+END $accord$;
+";
 
 /// `COPY ... FROM STDIN` of whole rows (a join's copy: its rows' xmin is its transaction's), in
 /// COPY's text format, the key columns first, then the columns (with `lc_monetary` set to `C`,

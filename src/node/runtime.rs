@@ -368,6 +368,9 @@ where
     db.batch_execute(store::APPLIED_MERGED_DDL)
         .await
         .context("cannot add accord.applied's merged stamp")?;
+    db.batch_execute(super::rows::ROWS_WRITTEN_DDL)
+        .await
+        .context("cannot create accord.rows_written")?;
     db.batch_execute(store::REPAIRED_DDL)
         .await
         .context("cannot create accord.repaired")?;
