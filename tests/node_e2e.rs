@@ -1588,3 +1588,72 @@ async fn an_idle_node_acknowledges_its_last_batch_once_it_is_on_disk() {
     assert_eq!(outbound, 0, "node 1 pruned every change node 2 acknowledged");
     cluster.stop_all().await;
 }
+
+/// A user's trigger on node 2 that silently skips one row of node 1's transaction (a `BEFORE
+/// INSERT` trigger returning NULL): the batch's write, sent with its commit in one round trip,
+/// must not commit metadata claiming a row that was never written. The write counts the rows it
+/// touched and fails when one is missing; the batch starts over under savepoints, parks the
+/// skipped change for review, and applies the rest, and replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_a_users_trigger_skipped_is_parked_not_claimed() {
+    let cluster = TestCluster::start(2, SHOP).await;
+    let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+    b.batch_execute(
+        "CREATE FUNCTION public.skip_some() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.name = 'skip me' THEN RETURN NULL; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER skip_some BEFORE INSERT ON shop.products FOR EACH ROW
+           EXECUTE FUNCTION public.skip_some();",
+    )
+    .await
+    .unwrap();
+    a.batch_execute(
+        "BEGIN;
+         INSERT INTO shop.products (id, name, stock) VALUES (1, 'kept', 1), (2, 'skip me', 2), (3, 'kept', 3);
+         COMMIT;
+         INSERT INTO shop.products (id, name, stock) VALUES (4, 'after', 4);",
+    )
+    .await
+    .unwrap();
+    let mut seen = (0i64, 0i64, String::new());
+    for _ in 0..300 {
+        let parked: Vec<String> = b
+            .query(
+                "SELECT error FROM accord.review_items WHERE kind = 'unapplicable' AND status = 'open'
+                   AND table_name = 'shop.products'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let rows: i64 = b
+            .query_one("SELECT count(*) FROM shop.products WHERE id IN (1, 3, 4)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        seen = (parked.len() as i64, rows, parked.join("; "));
+        if seen.0 == 1 && seen.1 == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (seen.0, seen.1),
+        (1, 3),
+        "node 2 parks the skipped row and applies the others and what came after (parked: {})",
+        seen.2
+    );
+    assert!(seen.2.contains("touched 0 rows instead of 1"), "parked for: {}", seen.2);
+    // Nothing claims the row that is not there.
+    let claimed: i64 = b
+        .query_one(
+            "SELECT count(*) FROM accord.row_meta WHERE table_name = 'shop.products' AND row_key = '[2]' AND alive",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claimed, 0, "node 2 recorded metadata for a row it does not have");
+    cluster.stop_all().await;
+}

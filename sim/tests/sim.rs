@@ -149,10 +149,13 @@ fn bugs_planted_in_the_engines_apply_are_caught_and_shrunk() {
         (PlantedBug::SkipXminCheck, Invariant::LocalWrites, 400, 0..80),
         // A merge into a missing row whose local insert and delete are still on their way
         // leaves metadata the capture then never accounts for: the causal lengths disagree
-        // (seed 48 is the first; before the first wait for a local write released the rows,
+        // (seed 91 is the first; before the first wait for a local write released the rows,
         // the guard probed for ever first, a breach of the engine's contract, and since the
-        // guard's load locks new rows' keys first, seed 29 still ends that way).
-        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 30..80),
+        // guard's load locks new rows' keys first, seed 29 still ends that way; since a batch's
+        // last part writes and commits in one round trip, which moved every run's timing,
+        // seeds 48 and 64 end that way too, probing for ever at a row its metadata calls
+        // deleted, where seed 48 showed the disagreement before).
+        (PlantedBug::NoMissingRowWait, Invariant::Convergence, 400, 65..120),
         // The same loss with the keys locked, when the count of local removals is not
         // consulted: a local insert and delete of the key, counted but not yet captured, are
         // overwritten unseen: the merged row's causal length then disagrees with what its
@@ -427,10 +430,11 @@ fn planted_missing_merged_stamp_breaks_clocks() {
 
 /// A group of the capture that only merged writes no checkpoint; a restarted capture's clock
 /// passes the stamps merges recorded with their commits instead. Without that, a local write
-/// after a crash is stamped below a change merged before it (seed 83 is the first to show it).
+/// after a crash is stamped below a change merged before it (seed 110 is the first to show it
+/// of 0..300; seed 83 was, before a batch's last part wrote and committed in one round trip).
 #[test]
 fn a_restarted_clock_that_forgets_recorded_merges_breaks_clocks() {
-    let cfg = caught(PlantedBug::ForgetMergedStamps, Invariant::Clocks, 600, 80..100);
+    let cfg = caught(PlantedBug::ForgetMergedStamps, Invariant::Clocks, 600, 100..120);
     let honest = SimConfig { bug: None, ..cfg };
     assert!(run_seed(&honest).passed(), "{}", honest.command());
 }

@@ -28,8 +28,7 @@ use super::capture::{hlc_message, CaptureProgress, PROBE_MESSAGE_PREFIX};
 use super::key_locks;
 use super::pipeline::{self, Params, Statements};
 use super::rows::{
-    counted_write_sql, delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table,
-    update_rows_sql, xmins_sql, CountedWrite,
+    delete_rows_sql, insert_rows_sql, key_texts, lock_rows_sql, locked_row, quote_table, update_rows_sql, xmins_sql,
 };
 use super::spool::Spool;
 use super::store::{self, key_text, origin_name, ConflictRows, MetaRows, HLC_MESSAGE_PREFIX};
@@ -969,14 +968,14 @@ impl Applier {
 
     /// Writes a part's rows under a savepoint: per table (in the order the part first wrote it)
     /// deletes, updates by the set of columns they write, then inserts. A refusal rolls them back.
-    /// The statements writing `planned`, grouped per table and kind. `counted`: each returns only
-    /// a checked count (`rows::counted_write_sql`), for a write sent with the commit.
+    /// The statements writing `planned`, grouped per table and kind. `one_go`: sent with the
+    /// commit, they need not read the xmins a partitioned table's insert cannot return.
     fn write_statements(
         &self,
         machine: &BatchApply,
         keys: &BTreeMap<usize, SlotKey>,
         planned: &[PlannedWrite],
-        counted: bool,
+        one_go: bool,
     ) -> Result<Vec<WriteStatement>> {
         let mut order: Vec<&TableDef> = Vec::new();
         let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -1003,10 +1002,7 @@ impl Applier {
                 .collect();
             if !deletes.is_empty() {
                 writes.push(WriteStatement {
-                    sql: match counted {
-                        true => counted_write_sql(CountedWrite::Delete(t)),
-                        false => delete_rows_sql(t),
-                    },
+                    sql: delete_rows_sql(t),
                     params: key_params(&deletes, width)?,
                     writes: deletes,
                     returns_xmin: false,
@@ -1024,10 +1020,7 @@ impl Applier {
                     params.push(Box::new(column_values(planned, &rows, column)));
                 }
                 writes.push(WriteStatement {
-                    sql: match counted {
-                        true => counted_write_sql(CountedWrite::Update(t, &columns)),
-                        false => update_rows_sql(t, &columns),
-                    },
+                    sql: update_rows_sql(t, &columns),
                     params,
                     writes: rows,
                     returns_xmin: true,
@@ -1043,15 +1036,6 @@ impl Applier {
                 for column in 0..t.columns.len() {
                     params.push(Box::new(column_values(planned, &inserts, column)));
                 }
-                if counted {
-                    writes.push(WriteStatement {
-                        sql: counted_write_sql(CountedWrite::Insert(t)),
-                        params,
-                        writes: inserts,
-                        returns_xmin: false,
-                    });
-                    continue;
-                }
                 let partitioned = self.partitioned.contains(&t.name);
                 writes.push(WriteStatement {
                     sql: insert_rows_sql(t, !partitioned),
@@ -1059,7 +1043,7 @@ impl Applier {
                     writes: inserts.clone(),
                     returns_xmin: !partitioned,
                 });
-                if partitioned {
+                if partitioned && !one_go {
                     writes.push(WriteStatement {
                         sql: xmins_sql(t),
                         params: key_params(&inserts, width)?,

@@ -323,8 +323,13 @@ pub fn locked_row(table: &TableDef, row: &tokio_postgres::Row) -> Result<(String
 }
 
 /// Sets `columns` (indexes into the table's columns) of many rows. Parameters: ords, one text
-/// array per key column, one per written column. Returns `ord, xmin` of every row written.
+/// array per key column, one per written column. Returns `ord, xmin` of every row written;
+/// fails unless it wrote one row per ord ([`checked`]).
 pub fn update_rows_sql(table: &TableDef, columns: &[usize]) -> String {
+    checked("", &update_dml(table, columns))
+}
+
+fn update_dml(table: &TableDef, columns: &[usize]) -> String {
     let keys = table.key.len();
     let sets: Vec<String> = columns
         .iter()
@@ -369,11 +374,16 @@ pub fn insert_rows_sql(table: &TableDef, returns_xmin: bool) -> String {
     } else {
         ("", "")
     };
-    format!(
-        "WITH i AS ({insert}) SELECT u.ord{xmin_out} FROM {unnest} JOIN i AS t ON {join}",
-        insert = insert_dml(table, &format!("{xmin}{}", returned.join(", "))),
-        unnest = unnest(1, table.key.len() + table.columns.len()),
-        join = key_join(table),
+    checked(
+        &format!(
+            "i AS ({}), ",
+            insert_dml(table, &format!("{xmin}{}", returned.join(", ")))
+        ),
+        &format!(
+            "SELECT u.ord{xmin_out} FROM {} JOIN i AS t ON {}",
+            unnest(1, table.key.len() + table.columns.len()),
+            key_join(table),
+        ),
     )
 }
 
@@ -394,30 +404,21 @@ fn insert_dml(table: &TableDef, returning: &str) -> String {
     )
 }
 
-/// The statements of [`insert_rows_sql`], [`update_rows_sql`] and [`delete_rows_sql`] (same
-/// parameters), returning instead one row: how many rows they wrote, after
-/// [`ROWS_WRITTEN_DDL`]'s function checked that it is one per ord given; else the statement fails.
-/// For a write sent with its transaction's commit, whose answer comes too late to look at.
-pub fn counted_write_sql(write: CountedWrite<'_>) -> String {
-    let dml = match write {
-        CountedWrite::Insert(table) => insert_dml(table, "1"),
-        CountedWrite::Update(table, columns) => update_rows_sql(table, columns),
-        CountedWrite::Delete(table) => delete_rows_sql(table),
-    };
-    format!("WITH w AS ({dml}) SELECT accord.rows_written(cardinality($1::int4[]), count(*)) FROM w")
+/// A batched write (`rows`, returning `ord` first, after the common table expressions `with`)
+/// that fails unless it wrote one row per ord in its first parameter: a user's trigger that
+/// skipped a row (a `BEFORE` trigger returning NULL), say, would otherwise leave a row accord
+/// records as written. A failed statement rolls back to the write's savepoint, or, for a write
+/// sent with its transaction's commit, whose answer comes too late to look at, makes that commit
+/// a rollback. The check is [`ROWS_WRITTEN_DDL`]'s function, called once whatever was written
+/// (from a one-row subquery, so also when nothing was).
+fn checked(with: &str, rows: &str) -> String {
+    format!(
+        "WITH {with}w AS ({rows}) SELECT w.* FROM (SELECT accord.rows_written(cardinality($1::int4[]), \
+         (SELECT count(*) FROM w))) AS c LEFT JOIN w ON true"
+    )
 }
 
-/// Which write [`counted_write_sql`] checks.
-#[derive(Debug, Clone, Copy)]
-pub enum CountedWrite<'t> {
-    Insert(&'t TableDef),
-    /// The table and the columns set (indexes into its columns).
-    Update(&'t TableDef, &'t [usize]),
-    Delete(&'t TableDef),
-}
-
-/// The check of [`counted_write_sql`]: a write that touched another number of rows than it was
-/// given (a user's trigger that skipped one, say) fails, and its transaction with it.
+/// The check of [`checked`].
 pub const ROWS_WRITTEN_DDL: &str = "
 CREATE OR REPLACE FUNCTION accord.rows_written(expected integer, written bigint) RETURNS bigint
 LANGUAGE plpgsql AS $accord$
@@ -479,8 +480,12 @@ pub fn xmins_sql(table: &TableDef) -> String {
 }
 
 /// Deletes many rows. Parameters: ords, one text array per key column. Returns the ord of every
-/// row deleted.
+/// row deleted; fails unless it deleted one row per ord ([`checked`]).
 pub fn delete_rows_sql(table: &TableDef) -> String {
+    checked("", &delete_dml(table))
+}
+
+fn delete_dml(table: &TableDef) -> String {
     format!(
         "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
         quote_table(&table.name),
@@ -540,13 +545,13 @@ pub(crate) mod tests {
     fn multi_row_statements_number_their_parameters_in_order() {
         let t = table();
         assert_eq!(
-            update_rows_sql(&t, &[0, 1]),
+            update_dml(&t, &[0, 1]),
             "UPDATE \"s\".\"t\" AS t SET \"price\" = (u.c2)::numeric::money, \"n\" = (u.c3)::integer \
              FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(ord, c0, c1, c2, c3) \
              WHERE t.\"region\" = (u.c0)::text AND t.\"id\" = (u.c1)::bigint RETURNING u.ord, t.xmin::text"
         );
         assert_eq!(
-            delete_rows_sql(&t),
+            delete_dml(&t),
             "DELETE FROM \"s\".\"t\" AS t USING unnest($1::int4[], $2::text[], $3::text[]) AS u(ord, c0, c1) \
              WHERE t.\"region\" = (u.c0)::text AND t.\"id\" = (u.c1)::bigint RETURNING u.ord"
         );
@@ -561,5 +566,8 @@ pub(crate) mod tests {
             "{insert}"
         );
         assert!(insert.contains("ORDER BY 1, 2 RETURNING"), "{insert}");
+        for write in [insert, update_rows_sql(&t, &[0]), delete_rows_sql(&t)] {
+            assert!(write.contains("accord.rows_written(cardinality($1::int4[])"), "{write}");
+        }
     }
 }
