@@ -242,6 +242,20 @@ impl Applying {
         self.meta_locks.clear();
     }
 
+    /// Commits, releasing the locks (what it did is reported at `Done`), and tells the machine at
+    /// once: the commit is the round trip's end.
+    fn commit_and_step(
+        &mut self,
+        db: &mut Db,
+        merged_stamp: Option<accord_engine::Hlc>,
+        builds_on: Vec<(NodeId, u64)>,
+        physical: u64,
+    ) -> Result<ApplyCommand, DriverError> {
+        self.undo = self.commit(db, merged_stamp, builds_on, physical);
+        self.release_locks();
+        self.step(ApplyInput::Committed)
+    }
+
     /// The applier holding the metadata lock of a row `records` writes the metadata of.
     fn meta_holder(&self, others: &[&Applying], records: &Records) -> Option<usize> {
         records.metas.iter().find_map(|(slot, _, _)| {
@@ -430,16 +444,11 @@ impl Applying {
                     builds_on,
                 } => {
                     // One round trip: whatever it waits for, it waits before doing anything.
-                    if let Some(holder) = self.insert_blocked(others, &writes)? {
-                        let command = ApplyCommand::WriteAndCommit {
-                            writes,
-                            records,
-                            merged_stamp,
-                            builds_on,
-                        };
-                        return Ok(self.block(command, holder));
-                    }
-                    if let Some(holder) = self.meta_holder(others, &records) {
+                    let holder = match self.insert_blocked(others, &writes)? {
+                        Some(holder) => Some(holder),
+                        None => self.meta_holder(others, &records),
+                    };
+                    if let Some(holder) = holder {
                         let command = ApplyCommand::WriteAndCommit {
                             writes,
                             records,
@@ -456,9 +465,7 @@ impl Applying {
                         }
                         Ok(_) => {
                             self.record(records)?;
-                            self.undo = self.commit(db, merged_stamp, builds_on, physical);
-                            self.release_locks();
-                            command = self.step(ApplyInput::Committed)?;
+                            command = self.commit_and_step(db, merged_stamp, builds_on, physical)?;
                             continue;
                         }
                     }
@@ -467,11 +474,7 @@ impl Applying {
                     merged_stamp,
                     builds_on,
                 } => {
-                    self.undo = self.commit(db, merged_stamp, builds_on, physical);
-                    // The commit releases the locks; what it did is reported at `Done`.
-                    self.release_locks();
-                    // The commit is the round trip's end: the machine answers at once.
-                    command = self.step(ApplyInput::Committed)?;
+                    command = self.commit_and_step(db, merged_stamp, builds_on, physical)?;
                     continue;
                 }
                 ApplyCommand::Done { summary, .. } if self.machine.segment().is_some_and(|s| !s.last) => {
