@@ -74,8 +74,9 @@ pub struct Applier {
     partitioned: BTreeSet<String>,
     /// The position the open transaction commits with (the engine's first `Load` of it says).
     commits_at: Option<u64>,
-    /// The open transaction has the guard's savepoint (a write in it gets the savepoint's xid).
-    guard_savepoint: bool,
+    /// How many guard savepoints the open transaction holds, one within the other (each load of
+    /// a guard round takes one): a row written inside any of them gets a subtransaction's xid.
+    guard_savepoints: u32,
 }
 
 /// How a machine's run ended.
@@ -209,7 +210,7 @@ impl Applier {
             keys_locked: false,
             partitioned,
             commits_at: None,
-            guard_savepoint: false,
+            guard_savepoints: 0,
         })
     }
 
@@ -533,9 +534,10 @@ impl Applier {
                     let ending = self.ending(recorded, merged_stamp, &builds_on).await?;
                     let db = &self.db;
                     let mut queries = Vec::new();
-                    if self.guard_savepoint {
-                        // Written in the transaction itself, the rows' xmin is its id, which the
-                        // engine recorded in their metadata.
+                    // Written in the transaction itself, the rows' xmin is its id, which the engine
+                    // recorded in their metadata. Each release ends the newest savepoint of the
+                    // name; a guard round's loads nest theirs.
+                    for _ in 0..self.guard_savepoints {
                         queries.push(pipeline::command(db, "RELEASE SAVEPOINT accord_guard"));
                     }
                     let first_write = queries.len();
@@ -624,7 +626,7 @@ impl Applier {
     /// The transaction committed or rolled back, its key locks released after it.
     fn transaction_ended(&mut self) {
         self.keys_locked = false;
-        self.guard_savepoint = false;
+        self.guard_savepoints = 0;
     }
 
     /// Rolls the attempt back for the engine's `Restart` or `StartOver`.
@@ -763,7 +765,7 @@ impl Applier {
             // Rolling back to it releases the metadata locks but keeps the rows': the capture
             // may need to write metadata while this transaction waits for it.
             queries.push(pipeline::command(db, "SAVEPOINT accord_guard"));
-            self.guard_savepoint = true;
+            self.guard_savepoints += 1;
         }
         queries.push(pipeline::query(db, &load_metas, &load_params));
         queries.push(pipeline::query(db, &load_kept, &load_params));
