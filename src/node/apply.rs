@@ -521,15 +521,7 @@ impl Applier {
                     builds_on,
                 } => {
                     let statements = self.write_statements(machine, &keys, &writes, true)?;
-                    let mut prepared = Vec::with_capacity(statements.len());
-                    for write in &statements {
-                        prepared.push(
-                            self.statements
-                                .get(&self.db, &write.sql)
-                                .await
-                                .context("preparing a write")?,
-                        );
-                    }
+                    let prepared = self.prepare(&statements).await?;
                     let recorded = self.record(machine, &keys, records).await?;
                     let ending = self.ending(recorded, merged_stamp, &builds_on).await?;
                     let db = &self.db;
@@ -968,9 +960,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Writes a part's rows under a savepoint: per table (in the order the part first wrote it)
-    /// deletes, updates by the set of columns they write, then inserts. A refusal rolls them back.
-    /// The statements writing `planned`, grouped per table and kind. `one_go`: sent with the
+    /// The statements writing `planned`: per table (in the order the part first wrote it)
+    /// deletes, updates by the set of columns they write, then inserts. `one_go`: sent with the
     /// commit, they need not read the xmins a partitioned table's insert cannot return.
     fn write_statements(
         &self,
@@ -1058,6 +1049,21 @@ impl Applier {
         Ok(writes)
     }
 
+    /// Prepares `writes`' statements (once per session: `Statements` keeps them).
+    async fn prepare(&mut self, writes: &[WriteStatement]) -> Result<Vec<tokio_postgres::Statement>> {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for write in writes {
+            prepared.push(
+                self.statements
+                    .get(&self.db, &write.sql)
+                    .await
+                    .context("preparing a write")?,
+            );
+        }
+        Ok(prepared)
+    }
+
+    /// Writes a part's rows under a savepoint (`write_statements`); a refusal rolls them back.
     async fn write(
         &mut self,
         machine: &BatchApply,
@@ -1065,11 +1071,8 @@ impl Applier {
         planned: &[PlannedWrite],
     ) -> Result<std::result::Result<Vec<Option<Xid>>, WriteRefusal>> {
         let writes = self.write_statements(machine, keys, planned, false)?;
+        let prepared = self.prepare(&writes).await?;
         let db = &self.db;
-        let mut prepared = Vec::with_capacity(writes.len());
-        for write in &writes {
-            prepared.push(self.statements.get(db, &write.sql).await.context("preparing a write")?);
-        }
         // A savepoint, so that a refused write costs only the writes, not the locks.
         let mut queries = vec![pipeline::command(db, "SAVEPOINT accord_batch")];
         for (write, statement) in writes.iter().zip(&prepared) {
