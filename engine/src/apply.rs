@@ -368,7 +368,7 @@ pub enum ApplyCommand {
     /// [`ApplyInput::Recorded`].
     Record(Records),
     /// The batch's last part in one round trip: write these rows in the transaction itself, under
-    /// no savepoint (the guard's released first), so that each written row's xmin is the
+    /// no savepoint (every guard savepoint released first), so that each written row's xmin is the
     /// transaction's own id, which `records`' metadata already names; record `records`; then
     /// commit as [`ApplyCommand::Commit`] does. Answer [`ApplyInput::Committed`]; or, when the
     /// database refused the write (the transaction is then rolled back whole, its locks gone),
@@ -1139,12 +1139,19 @@ impl BatchApply {
             return self.done(summary);
         }
         self.phase = Phase::Committing;
-        let Carried { greatest, builds_on } = self.carried();
-        let merged_stamp = greatest.filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
+        let (merged_stamp, builds_on) = self.commit_carries();
         ApplyCommand::Commit {
             merged_stamp,
-            builds_on: builds_on.into_iter().collect(),
+            builds_on,
         }
+    }
+
+    /// What the commit tells the capture: the greatest stamp merged, and what the merged rows
+    /// build on.
+    fn commit_carries(&self) -> (Option<Hlc>, Vec<(NodeId, u64)>) {
+        let Carried { greatest, builds_on } = self.carried();
+        let merged_stamp = greatest.filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
+        (merged_stamp, builds_on.into_iter().collect())
     }
 
     fn load(&mut self, part: (usize, usize), slots: Vec<usize>, begin: Option<u64>, guard: bool) -> ApplyCommand {
@@ -1527,23 +1534,18 @@ impl BatchApply {
             .iter()
             .map(|p| (p.slot, (!matches!(p.write, RowWrite::Delete)).then_some(xid)))
             .collect();
-        for (slot, _, known) in &mut records.metas {
-            if let Some(xmin) = made.get(slot) {
-                *known = *xmin;
-            }
-        }
+        account_written(&mut records, &made);
         for work in &mut self.work {
             *work = Work::default();
         }
         self.greatest = greatest;
-        let Carried { greatest, builds_on } = self.carried();
-        let merged_stamp = greatest.filter(|_| self.rules.planted != Some(PlantedBug::NoMergedStamp));
+        let (merged_stamp, builds_on) = self.commit_carries();
         self.phase = Phase::Finishing(done);
         ApplyCommand::WriteAndCommit {
             writes: planned,
             records,
             merged_stamp,
-            builds_on: builds_on.into_iter().collect(),
+            builds_on,
         }
     }
 
@@ -1574,12 +1576,7 @@ impl BatchApply {
         }
         let written: BTreeMap<usize, Option<Xid>> = pending.writes.into_iter().zip(xmins).collect();
         let mut records = pending.records;
-        for (slot, _, known) in &mut records.metas {
-            if let Some(xmin) = written.get(slot) {
-                // The metadata accounts for the version this write made (none after a delete).
-                *known = *xmin;
-            }
-        }
+        account_written(&mut records, &written);
         self.attempt.add(&pending.done);
         self.greatest = pending.greatest;
         Ok(self.record(records))
@@ -1667,6 +1664,16 @@ impl ApplyInput {
             ApplyInput::Written(_) => "Written",
             ApplyInput::Recorded => "Recorded",
             ApplyInput::Committed => "Committed",
+        }
+    }
+}
+
+/// The metadata of each row written accounts for the version that write made (`written`: its
+/// xmin per slot, none after a delete).
+fn account_written(records: &mut Records, written: &BTreeMap<usize, Option<Xid>>) {
+    for (slot, _, known) in &mut records.metas {
+        if let Some(xmin) = written.get(slot) {
+            *known = *xmin;
         }
     }
 }
